@@ -1,0 +1,140 @@
+//! The daemon: starts the engine, mounts the tree, and stops cleanly on SIGTERM, SIGINT
+//! or `umount` (jobs cancelled and cleaned up, mount detached, process gone), even with
+//! files open on the mount. It never waits for the kernel to let go of an open file.
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineError};
+use crate::fs::BackupFs;
+use fuser::{MountOption, SessionACL};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("mount {path}: {source}")]
+    Mount {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("signals: {0}")]
+    Signals(std::io::Error),
+}
+
+const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+fn stop_signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise a set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in STOP_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
+        set
+    }
+}
+
+/// Blocks the stop signals in the calling thread; threads spawned afterwards inherit the
+/// mask, so only `sigtimedwait` below ever sees them.
+pub fn block_stop_signals() -> Result<(), DaemonError> {
+    let set = stop_signal_set();
+    // SAFETY: pthread_sigmask with a valid set.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(DaemonError::Signals(std::io::Error::from_raw_os_error(rc)));
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for a stop signal.
+fn wait_stop_signal(timeout: Duration) -> Option<libc::c_int> {
+    let set = stop_signal_set();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: sigtimedwait with a valid set and timespec; siginfo may be null.
+    let signal = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    (signal > 0).then_some(signal)
+}
+
+fn detach(mountpoint: &Path) {
+    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: umount2 with a valid C string.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            warn!("umount {}: {err}", mountpoint.display());
+        }
+    }
+}
+
+/// A mountpoint left by a daemon that died reads "Transport endpoint is not connected";
+/// detach it so the new mount can take its place.
+fn clear_stale_mount(mountpoint: &Path) {
+    if let Err(e) = std::fs::metadata(mountpoint)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        warn!("{} is a stale mount of a dead daemon: detaching it", mountpoint.display());
+        detach(mountpoint);
+    }
+}
+
+/// Mounts and serves until a stop signal or an unmount. Call `block_stop_signals` first,
+/// before any thread exists.
+pub fn serve(config: Config, mountpoint: &Path) -> Result<(), DaemonError> {
+    clear_stale_mount(mountpoint);
+    let allow_other = config.allow_other;
+    let engine = Arc::new(Engine::start(config)?);
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        MountOption::FSName("backupfs".to_string()),
+        MountOption::Subtype("backupfs".to_string()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoExec,
+    ];
+    options.acl = if allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    options.n_threads = Some(4);
+    options.clone_fd = true;
+    let session = match fuser::Session::new(BackupFs::new(engine.clone()), mountpoint, &options)
+        .and_then(|s| s.spawn())
+    {
+        Ok(session) => session,
+        Err(source) => {
+            engine.shutdown();
+            return Err(DaemonError::Mount {
+                path: mountpoint.display().to_string(),
+                source,
+            });
+        }
+    };
+    info!(mountpoint = %mountpoint.display(), "backupfs mounted");
+    let reason = loop {
+        if let Some(signal) = wait_stop_signal(Duration::from_millis(200)) {
+            break format!("signal {signal}");
+        }
+        if session.guard.is_finished() {
+            break "unmounted".to_string();
+        }
+    };
+    info!("stopping ({reason}): cancelling jobs");
+    engine.shutdown();
+    detach(mountpoint);
+    // Joining would wait for the last open file on the mount; the process exits instead
+    // and the kernel ends the connection.
+    std::mem::forget(session);
+    info!("backupfs stopped");
+    Ok(())
+}

@@ -1,0 +1,1101 @@
+//! The engine: the job queue, the generic attach-and-copy backup pipeline (written once,
+//! against the `VolumeDriver` primitives), restores, and crash recovery at start-up.
+//! It knows nothing of FUSE; it never leaves a partial backup or a snapshot behind.
+
+pub mod request;
+
+use crate::config::{Config, DriverKind};
+use crate::copy::{self, CopyError, CopyOptions, Progress, Range};
+use crate::target::record::{Record, Status, rfc3339};
+use crate::target::{BackupTarget, TargetError, VolumeTarget};
+use crate::volume::file::FileDriver;
+use crate::volume::{Access, Attachment, VolumeDriver, VolumeError, VolumeInfo, is_valid_id};
+use parking_lot::{Condvar, Mutex};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+use tracing::{error, info, warn};
+
+pub use request::BackupRequest;
+
+/// How long ended jobs stay listed in `jobs`.
+const ENDED_JOB_TTL: Duration = Duration::from_secs(2 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    NotPermitted(String),
+    /// A job ended in error; `errno` is the OS error behind it (EIO when there was none).
+    #[error("backup {backup_id} failed: {reason}")]
+    JobFailed {
+        backup_id: String,
+        errno: i32,
+        reason: String,
+    },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Queued,
+    Snapshotting,
+    Copying,
+    Finishing,
+    Available,
+    Error,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Snapshotting => "snapshotting",
+            Phase::Copying => "copying",
+            Phase::Finishing => "finishing",
+            Phase::Available => "available",
+            Phase::Error => "error",
+        }
+    }
+
+    fn ended(self) -> bool {
+        matches!(self, Phase::Available | Phase::Error)
+    }
+}
+
+#[derive(Debug)]
+struct JobState {
+    phase: Phase,
+    /// (errno, reason) of a failed job.
+    error: Option<(i32, String)>,
+    ended_at: Option<Instant>,
+}
+
+/// One backup job, shared by the queue, its worker and whoever waits for it.
+#[derive(Debug)]
+pub struct Job {
+    pub backup_id: String,
+    pub volume_id: String,
+    pub backend: String,
+    pub pool: String,
+    pub target: String,
+    pub name: Option<String>,
+    pub size: u64,
+    state: Mutex<JobState>,
+    ended: Condvar,
+    progress: Progress,
+    cancel: AtomicBool,
+}
+
+/// A line of `jobs`.
+#[derive(Debug, Clone)]
+pub struct JobStatus {
+    pub backup_id: String,
+    pub volume_id: String,
+    pub target: String,
+    pub phase: Phase,
+    pub done: u64,
+    pub total: u64,
+    pub error: Option<String>,
+}
+
+impl JobStatus {
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "{} {} {} {}/{}",
+            self.backup_id,
+            self.volume_id,
+            self.phase.as_str(),
+            self.done,
+            self.total
+        );
+        if let Some(error) = &self.error {
+            line.push(' ');
+            line.push_str(error);
+        }
+        line
+    }
+}
+
+struct Backend {
+    driver: Arc<dyn VolumeDriver>,
+    /// Pools that serve volumes (not those a target holds backups in).
+    volume_pools: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Busy {
+    Backup,
+    Restore(usize),
+}
+
+#[derive(Default)]
+struct State {
+    jobs: Vec<Arc<Job>>,
+    queue: VecDeque<Arc<Job>>,
+    busy: HashMap<(String, String), Busy>,
+    stopping: bool,
+}
+
+struct Inner {
+    config: Config,
+    backends: BTreeMap<String, Backend>,
+    targets: BTreeMap<String, Arc<dyn BackupTarget>>,
+    state: Mutex<State>,
+    work: Condvar,
+}
+
+/// The engine; cheap to share (`Arc` inside).
+pub struct Engine {
+    inner: Arc<Inner>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn snapshot_name(backup_id: &str) -> String {
+    format!("snapshot-backupfs-{backup_id}")
+}
+
+fn now() -> String {
+    rfc3339(SystemTime::now())
+}
+
+impl Engine {
+    /// Opens every backend and target, recovers what a crash left, starts the workers.
+    pub fn start(config: Config) -> Result<Engine> {
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| EngineError::Io {
+            op: format!("create state_dir {}", config.state_dir.display()),
+            source,
+        })?;
+        let mut backends = BTreeMap::new();
+        for (name, backend) in &config.backends {
+            let driver: Arc<dyn VolumeDriver> = match backend.driver {
+                DriverKind::File => Arc::new(FileDriver::new(name, backend.pools.clone())),
+            };
+            let volume_pools = backend
+                .pools
+                .keys()
+                .filter(|pool| !config.is_target_pool(name, pool))
+                .cloned()
+                .collect();
+            backends.insert(
+                name.clone(),
+                Backend {
+                    driver,
+                    volume_pools,
+                },
+            );
+        }
+        let mut targets: BTreeMap<String, Arc<dyn BackupTarget>> = BTreeMap::new();
+        for (name, target) in &config.targets {
+            let backend = &backends[&target.backend];
+            let dir = &config.backends[&target.backend].pools[&target.pool];
+            let opened =
+                VolumeTarget::open(name, backend.driver.clone(), &target.pool, dir)?;
+            targets.insert(name.clone(), Arc::new(opened));
+        }
+        let inner = Arc::new(Inner {
+            backends,
+            targets,
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            config,
+        });
+        inner.recover();
+        let workers = (0..inner.config.max_parallel_jobs)
+            .map(|i| {
+                let inner = inner.clone();
+                std::thread::Builder::new()
+                    .name(format!("backup-worker-{i}"))
+                    .spawn(move || inner.worker())
+                    .map_err(|source| EngineError::Io {
+                        op: "start worker".to_string(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Engine {
+            inner,
+            workers: Mutex::new(workers),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn target_names(&self) -> Vec<String> {
+        self.inner.targets.keys().cloned().collect()
+    }
+
+    pub fn backend_names(&self) -> Vec<String> {
+        self.inner.backends.keys().cloned().collect()
+    }
+
+    /// Accepts a backup request: validates it, writes the `creating` record and queues
+    /// the job. Refusals change nothing.
+    pub fn start_backup(&self, target: &str, request: &BackupRequest) -> Result<Arc<Job>> {
+        self.inner.start_backup(target, request)
+    }
+
+    /// Blocks until the job has ended; the job's failure as an error.
+    pub fn wait(&self, job: &Job) -> Result<()> {
+        let mut state = job.state.lock();
+        while !state.phase.ended() {
+            job.ended.wait(&mut state);
+        }
+        match &state.error {
+            None => Ok(()),
+            Some((errno, reason)) => Err(EngineError::JobFailed {
+                backup_id: job.backup_id.clone(),
+                errno: *errno,
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    pub fn jobs(&self, target: Option<&str>) -> Vec<JobStatus> {
+        let mut state = self.inner.state.lock();
+        state.jobs.retain(|job| {
+            job.state
+                .lock()
+                .ended_at
+                .is_none_or(|t| t.elapsed() < ENDED_JOB_TTL)
+        });
+        state
+            .jobs
+            .iter()
+            .filter(|job| target.is_none_or(|t| t == job.target))
+            .map(|job| {
+                let s = job.state.lock();
+                let (done, total) = job.progress.get();
+                JobStatus {
+                    backup_id: job.backup_id.clone(),
+                    volume_id: job.volume_id.clone(),
+                    target: job.target.clone(),
+                    phase: s.phase,
+                    done: if s.phase == Phase::Available { job.size } else { done },
+                    total: if total == 0 { job.size } else { total },
+                    error: s.error.as_ref().map(|(_, reason)| reason.clone()),
+                }
+            })
+            .collect()
+    }
+
+    fn target(&self, target: &str) -> Result<&Arc<dyn BackupTarget>> {
+        self.inner.target(target)
+    }
+
+    pub fn records(&self, target: &str) -> Result<Vec<Record>> {
+        Ok(self.target(target)?.records()?)
+    }
+
+    pub fn record(&self, target: &str, backup_id: &str) -> Result<Record> {
+        Ok(self.target(target)?.record(backup_id)?)
+    }
+
+    /// The data of an available backup, for reading.
+    pub fn open_image(&self, target: &str, backup_id: &str) -> Result<Attachment> {
+        let target = self.target(target)?;
+        let record = target.record(backup_id)?;
+        if record.status != Status::Available {
+            return Err(EngineError::NotFound(format!(
+                "backup {backup_id} is {}",
+                record.status.as_str()
+            )));
+        }
+        Ok(target.open_data(backup_id)?)
+    }
+
+    pub fn image_allocated(&self, target: &str, backup_id: &str) -> Result<u64> {
+        Ok(self.target(target)?.allocated(backup_id)?)
+    }
+
+    pub fn checksums(&self, target: &str, record: &Record) -> Result<Vec<u64>> {
+        Ok(self.target(target)?.read_checksums(record)?)
+    }
+
+    /// Deletes an available or failed backup: its data, checksums and record.
+    pub fn delete_backup(&self, target_name: &str, backup_id: &str) -> Result<()> {
+        let target = self.target(target_name)?;
+        let mut record = target.record(backup_id)?;
+        if record.status == Status::Creating {
+            return Err(EngineError::Busy(format!(
+                "backup {backup_id} is still being made"
+            )));
+        }
+        let children: Vec<String> = target
+            .records()?
+            .into_iter()
+            .filter(|r| r.parent_id.as_deref() == Some(backup_id))
+            .map(|r| r.id)
+            .collect();
+        if !children.is_empty() {
+            return Err(EngineError::Busy(format!(
+                "backup {backup_id} is the parent of {}",
+                children.join(", ")
+            )));
+        }
+        // Mark first: a crash from here on finishes the deletion at the next start.
+        record.status = Status::Deleting;
+        target.write_record(&record)?;
+        target.delete_data(backup_id)?;
+        target.remove_record(backup_id)?;
+        info!(target = target_name, backup_id, "backup deleted");
+        Ok(())
+    }
+
+    /// Removes the record of a failed backup.
+    pub fn delete_record(&self, target_name: &str, backup_id: &str) -> Result<()> {
+        let target = self.target(target_name)?;
+        let record = target.record(backup_id)?;
+        if record.status != Status::Error {
+            return Err(EngineError::NotPermitted(format!(
+                "backup {backup_id} is {}: only records of failed backups are removed this way (rm the .img to delete a backup)",
+                record.status.as_str()
+            )));
+        }
+        target.delete_data(backup_id)?;
+        target.remove_record(backup_id)?;
+        info!(target = target_name, backup_id, "record of failed backup removed");
+        Ok(())
+    }
+
+    pub fn volumes(&self, backend: &str) -> Result<Vec<VolumeInfo>> {
+        let backend = self.inner.backend(backend)?;
+        let mut all: Vec<VolumeInfo> = Vec::new();
+        for pool in &backend.volume_pools {
+            for volume in backend.driver.list(pool)? {
+                if !all.iter().any(|v| v.id == volume.id) {
+                    all.push(volume);
+                }
+            }
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+
+    pub fn volume(&self, backend: &str, volume_id: &str) -> Result<VolumeInfo> {
+        self.inner.find_on(backend, volume_id)
+    }
+
+    pub fn open_volume_read(&self, backend_name: &str, volume_id: &str) -> Result<File> {
+        let backend = self.inner.backend(backend_name)?;
+        let info = self.inner.find_on(backend_name, volume_id)?;
+        let path = backend
+            .driver
+            .attach(&info.pool, volume_id, Access::Read)?;
+        // Reads through the mount come in small pieces; use the page cache.
+        File::open(&path.path).map_err(|source| EngineError::Io {
+            op: format!("open {}", path.path.display()),
+            source,
+        })
+    }
+
+    /// Opens an existing volume for a restore. Refused while it is in-use or has a backup
+    /// queued or running. `truncate` zeroes it first (O_TRUNC: volumes never shrink).
+    pub fn open_restore(
+        &self,
+        backend: &str,
+        volume_id: &str,
+        truncate: bool,
+    ) -> Result<Arc<VolumeWriter>> {
+        let info = self.inner.find_on(backend, volume_id)?;
+        let writer = claim_restore(&self.inner, backend, &info)?;
+        if truncate {
+            writer.set_size(0)?;
+        }
+        Ok(writer)
+    }
+
+    /// Creates a new, empty volume to restore into (in the backend's first volume pool).
+    pub fn create_volume(&self, backend_name: &str, volume_id: &str) -> Result<Arc<VolumeWriter>> {
+        if !is_valid_id(volume_id) {
+            return Err(EngineError::Invalid(format!(
+                "{volume_id:?} is not a valid volume id"
+            )));
+        }
+        let backend = self.inner.backend(backend_name)?;
+        if self.inner.find_on(backend_name, volume_id).is_ok() {
+            return Err(EngineError::Exists(format!(
+                "volume {volume_id} already exists on {backend_name}"
+            )));
+        }
+        let pool = backend.volume_pools.first().ok_or_else(|| {
+            EngineError::NotPermitted(format!("backend {backend_name} has no volume pool"))
+        })?;
+        let info = backend.driver.create(pool, volume_id, 0).map_err(|e| match e {
+            VolumeError::Exists(_) => EngineError::Exists(format!(
+                "volume {volume_id} already exists on {backend_name}"
+            )),
+            other => other.into(),
+        })?;
+        info!(backend = backend_name, pool, volume_id, "volume created for a restore");
+        claim_restore(&self.inner, backend_name, &info)
+    }
+
+    /// Restores a whole backup onto a volume of any backend (creating it when missing).
+    pub fn restore(
+        &self,
+        target: &str,
+        backup_id: &str,
+        backend: &str,
+        volume_id: &str,
+    ) -> Result<()> {
+        let record = self.record(target, backup_id)?;
+        let writer = match self.open_restore(backend, volume_id, false) {
+            Ok(writer) => writer,
+            Err(EngineError::NotFound(_)) => self.create_volume(backend, volume_id)?,
+            Err(e) => return Err(e),
+        };
+        let copied = writer.copy_from_backup(self, target, backup_id, 0, 0, record.size)?;
+        if copied != record.size {
+            return Err(EngineError::Io {
+                op: format!("restore of {backup_id}"),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        writer.sync()
+    }
+
+    /// Cancels every job, waits until each one is cleaned up as after a crash, and stops
+    /// the workers.
+    pub fn shutdown(&self) {
+        {
+            let mut state = self.inner.state.lock();
+            state.stopping = true;
+            for job in &state.jobs {
+                job.cancel.store(true, Ordering::Relaxed);
+            }
+            self.inner.work.notify_all();
+        }
+        for worker in self.workers.lock().drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Inner {
+    fn target(&self, target: &str) -> Result<&Arc<dyn BackupTarget>> {
+        self.targets
+            .get(target)
+            .ok_or_else(|| EngineError::NotFound(format!("no target {target}")))
+    }
+
+    fn backend(&self, backend: &str) -> Result<&Backend> {
+        self.backends
+            .get(backend)
+            .ok_or_else(|| EngineError::NotFound(format!("no backend {backend}")))
+    }
+
+    fn find_on(&self, backend_name: &str, volume_id: &str) -> Result<VolumeInfo> {
+        if !is_valid_id(volume_id) {
+            return Err(EngineError::Invalid(format!(
+                "{volume_id:?} is not a valid volume id"
+            )));
+        }
+        let backend = self.backend(backend_name)?;
+        backend
+            .driver
+            .find(&backend.volume_pools, volume_id)
+            .map_err(|e| match e {
+                VolumeError::NotFound(_) => EngineError::NotFound(format!(
+                    "no volume {volume_id} on backend {backend_name}"
+                )),
+                other => other.into(),
+            })
+    }
+
+    /// The backend holding a volume, searched in name order.
+    fn find_anywhere(&self, volume_id: &str) -> Result<(String, VolumeInfo)> {
+        for name in self.backends.keys() {
+            match self.find_on(name, volume_id) {
+                Ok(info) => return Ok((name.clone(), info)),
+                Err(EngineError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(EngineError::NotFound(format!(
+            "no volume {volume_id} on any backend"
+        )))
+    }
+
+    fn start_backup(&self, target_name: &str, request: &BackupRequest) -> Result<Arc<Job>> {
+        let target = self.target(target_name)?;
+        let (backend_name, info) = self.find_anywhere(&request.volume_id)?;
+        let backend = self.backend(&backend_name)?;
+        let key = (backend_name.clone(), info.id.clone());
+        if let Some(busy) = self.state.lock().busy.get(&key) {
+            return Err(EngineError::Busy(match busy {
+                Busy::Backup => format!("volume {} already has a backup queued or running", info.id),
+                Busy::Restore(_) => format!("volume {} is being restored", info.id),
+            }));
+        }
+        if let Some(why) = backend.driver.in_use(&info.pool, &info.id)? {
+            if let Err(reason) = backend.driver.snapshot_support(&info.pool) {
+                return Err(EngineError::Busy(format!(
+                    "volume {} is in-use ({why}) and cannot be snapshotted: {reason}",
+                    info.id
+                )));
+            }
+        }
+        let free = target.free_space()?;
+        if info.allocated > free {
+            return Err(EngineError::NoSpace(format!(
+                "target {target_name} has {free} bytes free, volume {} holds {} bytes",
+                info.id, info.allocated
+            )));
+        }
+        let backup_id = uuid::Uuid::new_v4().to_string();
+        let record = Record {
+            format: crate::target::record::FORMAT_VERSION,
+            id: backup_id.clone(),
+            volume_id: info.id.clone(),
+            backend: backend_name.clone(),
+            pool: info.pool.clone(),
+            target: target_name.to_string(),
+            status: Status::Creating,
+            size: info.size,
+            created_at: now(),
+            completed_at: None,
+            name: request.name.clone(),
+            snapshot_used: false,
+            parent_id: None,
+            checksums: None,
+            error: None,
+            stored_bytes: 0,
+        };
+        let job = Arc::new(Job {
+            backup_id,
+            volume_id: info.id.clone(),
+            backend: backend_name,
+            pool: info.pool.clone(),
+            target: target_name.to_string(),
+            name: request.name.clone(),
+            size: info.size,
+            state: Mutex::new(JobState {
+                phase: Phase::Queued,
+                error: None,
+                ended_at: None,
+            }),
+            ended: Condvar::new(),
+            progress: Progress::default(),
+            cancel: AtomicBool::new(false),
+        });
+        let mut state = self.state.lock();
+        if state.stopping {
+            return Err(EngineError::Busy("backupfs is stopping".to_string()));
+        }
+        // Checked again under the lock: two requests may race past the first check.
+        if state.busy.contains_key(&key) {
+            return Err(EngineError::Busy(format!(
+                "volume {} already has a backup queued or running",
+                info.id
+            )));
+        }
+        // The record comes first, so a crash from here on is found and cleaned at start-up.
+        target.write_record(&record)?;
+        state.busy.insert(key, Busy::Backup);
+        state.jobs.push(job.clone());
+        state.queue.push_back(job.clone());
+        self.work.notify_one();
+        info!(
+            backup_id = job.backup_id,
+            volume_id = job.volume_id,
+            backend = job.backend,
+            target = target_name,
+            size = job.size,
+            "backup queued"
+        );
+        Ok(job)
+    }
+
+    fn worker(&self) {
+        loop {
+            let job = {
+                let mut state = self.state.lock();
+                loop {
+                    if let Some(job) = state.queue.pop_front() {
+                        break job;
+                    }
+                    if state.stopping {
+                        return;
+                    }
+                    self.work.wait(&mut state);
+                }
+            };
+            self.run(&job);
+        }
+    }
+
+    fn set_phase(job: &Job, phase: Phase) {
+        job.state.lock().phase = phase;
+    }
+
+    /// Runs one job to its end and records the outcome.
+    fn run(&self, job: &Job) {
+        let started = Instant::now();
+        info!(
+            backup_id = job.backup_id,
+            volume_id = job.volume_id,
+            target = job.target,
+            size = job.size,
+            "backup started"
+        );
+        let outcome = if job.cancel.load(Ordering::Relaxed) {
+            Err(EngineError::Io {
+                op: "interrupted".to_string(),
+                source: std::io::Error::from_raw_os_error(libc::ECANCELED),
+            })
+        } else {
+            self.backup(job)
+        };
+        let (phase, error) = match outcome {
+            Ok(stored) => {
+                let secs = started.elapsed().as_secs_f64();
+                info!(
+                    backup_id = job.backup_id,
+                    volume_id = job.volume_id,
+                    target = job.target,
+                    bytes = job.size,
+                    stored_bytes = stored,
+                    seconds = format!("{secs:.2}"),
+                    mib_per_s = format!("{:.1}", job.size as f64 / secs.max(1e-6) / 1048576.0),
+                    "backup available"
+                );
+                (Phase::Available, None)
+            }
+            Err(e) => {
+                let errno = errno_of(&e);
+                let reason = if errno == libc::ECANCELED {
+                    "interrupted: backupfs stopped during the backup".to_string()
+                } else {
+                    e.to_string()
+                };
+                error!(
+                    backup_id = job.backup_id,
+                    volume_id = job.volume_id,
+                    target = job.target,
+                    "backup failed: {reason}; the source volume is untouched, request a new backup once the cause is fixed"
+                );
+                (Phase::Error, Some((errno, reason)))
+            }
+        };
+        {
+            let mut state = self.state.lock();
+            state
+                .busy
+                .remove(&(job.backend.clone(), job.volume_id.clone()));
+        }
+        let mut state = job.state.lock();
+        state.phase = phase;
+        state.error = error;
+        state.ended_at = Some(Instant::now());
+        job.ended.notify_all();
+    }
+
+    /// The generic pipeline: snapshot if in-use → create the destination → attach both →
+    /// copy → detach → record `available` → delete the snapshot. Any failure removes the
+    /// partial destination and the snapshot and records `error`.
+    fn backup(&self, job: &Job) -> Result<u64> {
+        let target = self.target(&job.target)?;
+        let backend = self.backend(&job.backend)?;
+        let mut record = target.record(&job.backup_id)?;
+        let result = self.backup_steps(job, target.as_ref(), backend, &mut record);
+        if result.is_err() {
+            cleanup(target.as_ref(), backend.driver.as_ref(), &record);
+            record.status = Status::Error;
+            record.completed_at = Some(now());
+            record.error = Some(match &result {
+                Err(e) if errno_of(e) == libc::ECANCELED => {
+                    "interrupted: backupfs stopped during the backup".to_string()
+                }
+                Err(e) => e.to_string(),
+                Ok(_) => String::new(),
+            });
+            if let Err(e) = target.write_record(&record) {
+                error!(backup_id = job.backup_id, "cannot record the failure: {e}");
+            }
+        }
+        result
+    }
+
+    fn backup_steps(
+        &self,
+        job: &Job,
+        target: &dyn BackupTarget,
+        backend: &Backend,
+        record: &mut Record,
+    ) -> Result<u64> {
+        let driver = backend.driver.as_ref();
+        let snapshot = snapshot_name(&job.backup_id);
+        let in_use = driver.in_use(&job.pool, &job.volume_id)?;
+        let source = if let Some(why) = &in_use {
+            Self::set_phase(job, Phase::Snapshotting);
+            record.snapshot_used = true;
+            // Recorded before the snapshot exists, so recovery knows to look for it.
+            target.write_record(record)?;
+            info!(backup_id = job.backup_id, volume_id = job.volume_id, "volume is in-use ({why}): backing up from a temporary snapshot");
+            driver
+                .snapshot(&job.pool, &job.volume_id, &snapshot)
+                .map_err(|e| match e {
+                    VolumeError::SnapshotUnsupported(reason) => EngineError::Busy(format!(
+                        "volume {} is in-use ({why}) and cannot be snapshotted: {reason}",
+                        job.volume_id
+                    )),
+                    other => other.into(),
+                })?;
+            driver.attach_snapshot(&job.pool, &snapshot)?
+        } else {
+            driver.attach(&job.pool, &job.volume_id, Access::Read)?
+        };
+        Self::set_phase(job, Phase::Copying);
+        let size = source
+            .file
+            .metadata()
+            .map_err(|source| EngineError::Io {
+                op: "stat source".to_string(),
+                source,
+            })?
+            .len();
+        let destination = target.create_data(&job.backup_id, size)?;
+        let options = CopyOptions {
+            dest_is_zero: true,
+            bps_limit: self.config.copy_bps_limit,
+        };
+        let outcome = copy::copy(
+            &source.file,
+            &destination.file,
+            Range::whole(size),
+            options,
+            &job.progress,
+            &job.cancel,
+            &|_, _| Ok(()),
+        )
+        ?;
+        driver.detach(source)?;
+        drop(destination);
+        if in_use.is_none()
+            && let Some(why) = driver.in_use(&job.pool, &job.volume_id)?
+        {
+            return Err(EngineError::Busy(format!(
+                "volume {} was attached during the copy ({why}); the copy may be inconsistent, request the backup again",
+                job.volume_id
+            )));
+        }
+        Self::set_phase(job, Phase::Finishing);
+        record.checksums = Some(target.write_checksums(&job.backup_id, &outcome.checksums)?);
+        record.size = size;
+        record.stored_bytes = outcome.bytes_written;
+        record.status = Status::Available;
+        record.completed_at = Some(now());
+        target.write_record(record)?;
+        if record.snapshot_used
+            && let Err(e) = driver.delete_snapshot(&job.pool, &snapshot)
+        {
+            // The backup is good; the snapshot is removed at the next start.
+            warn!(backup_id = job.backup_id, "cannot delete temporary snapshot {snapshot}: {e}");
+        }
+        Ok(outcome.bytes_written)
+    }
+
+    /// Start-up: records left `creating` become `error` and lose their partial data and
+    /// snapshot; `deleting` ones are finished; stray snapshots of ended backups go.
+    fn recover(&self) {
+        for (name, target) in &self.targets {
+            let records = match target.records() {
+                Ok(records) => records,
+                Err(e) => {
+                    error!(target = name, "cannot read the catalogue: {e}");
+                    continue;
+                }
+            };
+            for mut record in records {
+                let driver = self.backends.get(&record.backend).map(|b| b.driver.as_ref());
+                match record.status {
+                    Status::Creating => {
+                        if let Some(driver) = driver {
+                            cleanup(target.as_ref(), driver, &record);
+                        } else if let Err(e) = target.delete_data(&record.id) {
+                            error!(backup_id = record.id, "cannot remove partial data: {e}");
+                        }
+                        record.status = Status::Error;
+                        record.completed_at = Some(now());
+                        record.error = Some(
+                            "interrupted: backupfs stopped while the backup was being made"
+                                .to_string(),
+                        );
+                        match target.write_record(&record) {
+                            Ok(()) => warn!(
+                                target = name,
+                                backup_id = record.id,
+                                volume_id = record.volume_id,
+                                "interrupted backup recorded as error; its partial data is removed"
+                            ),
+                            Err(e) => error!(backup_id = record.id, "cannot record interruption: {e}"),
+                        }
+                    }
+                    Status::Deleting => {
+                        let done = target
+                            .delete_data(&record.id)
+                            .and_then(|()| target.remove_record(&record.id));
+                        match done {
+                            Ok(()) => info!(target = name, backup_id = record.id, "finished an interrupted deletion"),
+                            Err(e) => error!(backup_id = record.id, "cannot finish deletion: {e}"),
+                        }
+                    }
+                    Status::Available | Status::Error => {
+                        if record.snapshot_used
+                            && let Some(driver) = driver
+                            && let Err(e) =
+                                driver.delete_snapshot(&record.pool, &snapshot_name(&record.id))
+                        {
+                            error!(backup_id = record.id, "cannot delete temporary snapshot: {e}");
+                        }
+                    }
+                }
+            }
+            // Data no record owns can only be a leftover; nothing can read it.
+            if let (Ok(ids), Ok(records)) = (target.data_ids(), target.records()) {
+                for id in ids {
+                    if !records.iter().any(|r| r.id == id) {
+                        warn!(target = name, "removing stray data volume-{id} that has no record");
+                        if let Err(e) = target.delete_data(&id) {
+                            error!(target = name, "cannot remove stray data {id}: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn release_restore(&self, key: &(String, String)) {
+        let mut state = self.state.lock();
+        match state.busy.get(key).copied() {
+            Some(Busy::Restore(n)) if n > 1 => {
+                state.busy.insert(key.clone(), Busy::Restore(n - 1));
+            }
+            Some(Busy::Restore(_)) => {
+                state.busy.remove(key);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Marks a volume as being restored and attaches it for writing; refused while a backup of
+/// it is queued or running, or while something outside backupfs uses it.
+fn claim_restore(inner: &Arc<Inner>, backend_name: &str, info: &VolumeInfo) -> Result<Arc<VolumeWriter>> {
+    let backend = inner.backend(backend_name)?;
+    let key = (backend_name.to_string(), info.id.clone());
+    {
+        let mut state = inner.state.lock();
+        let claimed = match state.busy.get(&key).copied() {
+            Some(Busy::Backup) => {
+                return Err(EngineError::Busy(format!(
+                    "volume {} has a backup queued or running",
+                    info.id
+                )));
+            }
+            Some(Busy::Restore(n)) => Busy::Restore(n + 1),
+            None => Busy::Restore(1),
+        };
+        state.busy.insert(key.clone(), claimed);
+    }
+    // From here the claim is released by the writer's Drop, also on the error paths.
+    let mut writer = VolumeWriter {
+        inner: inner.clone(),
+        driver: backend.driver.clone(),
+        key,
+        pool: info.pool.clone(),
+        size: AtomicU64::new(info.size),
+        attachment: None,
+        resize: Mutex::new(()),
+    };
+    if let Some(why) = backend.driver.in_use(&info.pool, &info.id)? {
+        return Err(EngineError::Busy(format!(
+            "volume {} is in-use ({why})",
+            info.id
+        )));
+    }
+    writer.attachment = Some(backend.driver.attach(&info.pool, &info.id, Access::Write)?);
+    Ok(Arc::new(writer))
+}
+
+/// A volume open for a restore. While it lives, the volume refuses backups.
+pub struct VolumeWriter {
+    inner: Arc<Inner>,
+    driver: Arc<dyn VolumeDriver>,
+    key: (String, String),
+    pool: String,
+    size: AtomicU64,
+    attachment: Option<Attachment>,
+    /// Serialises size changes (writes past the end, truncates).
+    resize: Mutex<()>,
+}
+
+impl Drop for VolumeWriter {
+    fn drop(&mut self) {
+        self.inner.release_restore(&self.key);
+    }
+}
+
+impl VolumeWriter {
+    pub fn volume_id(&self) -> &str {
+        &self.key.1
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// The attached volume, for reads through the same handle.
+    pub fn file(&self) -> Result<&File> {
+        Ok(&self.attachment()?.file)
+    }
+
+    fn attachment(&self) -> Result<&Attachment> {
+        self.attachment.as_ref().ok_or_else(|| EngineError::Io {
+            op: "restore".to_string(),
+            source: std::io::Error::from_raw_os_error(libc::EBADF),
+        })
+    }
+
+    fn grow_to(&self, end: u64) -> Result<()> {
+        if end <= self.size() {
+            return Ok(());
+        }
+        let _guard = self.resize.lock();
+        if end > self.size() {
+            self.driver.extend(&self.pool, self.volume_id(), end)?;
+            self.size.fetch_max(end, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
+        self.grow_to(offset + data.len() as u64)?;
+        let attachment = self.attachment()?;
+        attachment
+            .file
+            .write_all_at(data, offset)
+            .map_err(|source| EngineError::Io {
+                op: format!("write {}", attachment.path.display()),
+                source,
+            })?;
+        Ok(data.len())
+    }
+
+    /// Volumes never shrink: a smaller size zeroes everything past it and keeps the size;
+    /// a larger one extends the volume.
+    pub fn set_size(&self, size: u64) -> Result<()> {
+        let current = self.size();
+        if size >= current {
+            return self.grow_to(size);
+        }
+        let _guard = self.resize.lock();
+        self.driver
+            .discard(self.attachment()?, size, current - size)?;
+        Ok(())
+    }
+
+    /// Zeroes a range inside the volume (a hole where the storage can).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let end = (offset + len).min(self.size());
+        if end > offset {
+            self.driver.discard(self.attachment()?, offset, end - offset)?;
+        }
+        Ok(())
+    }
+
+    /// Server-side copy of `len` bytes of a backup image into this volume: the kernel's
+    /// copy_file_range for data (a reflink where both sit on one filesystem), discards
+    /// for holes. Returns the bytes copied (short at the image's end).
+    pub fn copy_from_backup(
+        &self,
+        engine: &Engine,
+        target: &str,
+        backup_id: &str,
+        offset_in: u64,
+        offset_out: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let image = engine.open_image(target, backup_id)?;
+        let image_size = engine.record(target, backup_id)?.size;
+        let len = len.min(image_size.saturating_sub(offset_in));
+        if len == 0 {
+            return Ok(0);
+        }
+        self.grow_to(offset_out + len)?;
+        let attachment = self.attachment()?;
+        let range = Range {
+            src_offset: offset_in,
+            dst_offset: offset_out,
+            len,
+        };
+        let discard = |offset, len| crate::volume::file::zero_range(&attachment.file, offset, len);
+        copy::copy_kernel(&image.file, &attachment.file, range, &discard)?;
+        Ok(len)
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        let attachment = self.attachment()?;
+        attachment.file.sync_data().map_err(|source| EngineError::Io {
+            op: format!("fsync {}", attachment.path.display()),
+            source,
+        })
+    }
+}
+
+/// Removes what a failed or interrupted backup left: its partial data and its snapshot.
+fn cleanup(target: &dyn BackupTarget, driver: &dyn VolumeDriver, record: &Record) {
+    if let Err(e) = target.delete_data(&record.id) {
+        error!(backup_id = record.id, "cannot remove partial backup data: {e}");
+    }
+    if record.snapshot_used
+        && let Err(e) = driver.delete_snapshot(&record.pool, &snapshot_name(&record.id))
+    {
+        error!(backup_id = record.id, "cannot delete temporary snapshot: {e}");
+    }
+}
+
+/// The OS error behind an engine error, for jobs that fail; EIO when there is none.
+pub fn errno_of(e: &EngineError) -> i32 {
+    match e {
+        EngineError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        EngineError::Copy(c) => c.raw_os_error().unwrap_or(libc::EIO),
+        EngineError::Volume(v) => v.raw_os_error().unwrap_or(match v {
+            VolumeError::SnapshotUnsupported(_) => libc::EOPNOTSUPP,
+            _ => libc::EIO,
+        }),
+        EngineError::Target(t) => t.raw_os_error().unwrap_or(libc::EIO),
+        EngineError::Busy(_) => libc::EBUSY,
+        EngineError::NoSpace(_) => libc::ENOSPC,
+        EngineError::JobFailed { errno, .. } => *errno,
+        _ => libc::EIO,
+    }
+}

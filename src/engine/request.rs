@@ -1,0 +1,115 @@
+//! The grammar of one write to `backups/<target>/request`:
+//! `<volume-id> [wait] [name=<label>]`, one line, at most one trailing newline.
+//! Pure parsing: it never looks a volume up.
+
+use crate::volume::is_valid_id;
+
+pub const MAX_LINE: usize = 4096;
+pub const MAX_LABEL: usize = 255;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupRequest {
+    pub volume_id: String,
+    pub wait: bool,
+    pub name: Option<String>,
+}
+
+pub const USAGE: &str = "\
+usage: echo \"<volume-id> [wait] [name=<label>]\" > request
+  wait          the write returns when the backup has ended (fails with its errno)
+  name=<label>  a label kept in the backup's record
+After a write, reading the same open file gives the new backup's id.
+";
+
+/// Parses one request; the error says what is wrong, for the log.
+pub fn parse(bytes: &[u8]) -> Result<BackupRequest, String> {
+    if bytes.len() > MAX_LINE {
+        return Err(format!("request longer than {MAX_LINE} bytes"));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| "request is not UTF-8".to_string())?;
+    let line = text
+        .strip_suffix('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .unwrap_or(text);
+    if let Some(c) = line.chars().find(|c| c.is_control()) {
+        return Err(if c == '\n' {
+            "one request per write: found a second line".to_string()
+        } else {
+            format!("control character {c:?} in request")
+        });
+    }
+    let mut words = line.split(' ').filter(|w| !w.is_empty());
+    let volume_id = words.next().ok_or("empty request")?;
+    if !is_valid_id(volume_id) {
+        return Err(format!("{volume_id:?} is not a valid volume id"));
+    }
+    let mut request = BackupRequest {
+        volume_id: volume_id.to_string(),
+        wait: false,
+        name: None,
+    };
+    for word in words {
+        if word == "wait" {
+            if request.wait {
+                return Err("option wait given twice".to_string());
+            }
+            request.wait = true;
+        } else if let Some(label) = word.strip_prefix("name=") {
+            if request.name.is_some() {
+                return Err("option name given twice".to_string());
+            }
+            if label.is_empty() || label.len() > MAX_LABEL {
+                return Err(format!("name must be 1 to {MAX_LABEL} bytes"));
+            }
+            request.name = Some(label.to_string());
+        } else if word == "incremental" {
+            return Err("incremental backups are not supported yet".to_string());
+        } else {
+            return Err(format!("unknown option {word:?}"));
+        }
+    }
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_documented_forms() {
+        assert_eq!(
+            parse(b"vol-1\n").unwrap(),
+            BackupRequest {
+                volume_id: "vol-1".into(),
+                wait: false,
+                name: None
+            }
+        );
+        let r = parse(b"vol-1 wait name=nightly").unwrap();
+        assert!(r.wait);
+        assert_eq!(r.name.as_deref(), Some("nightly"));
+        assert!(parse(b"vol-1  name=x\r\n").is_ok());
+    }
+
+    #[test]
+    fn refuses_malformed_lines() {
+        for bad in [
+            &b""[..],
+            b"\n",
+            b" \n",
+            b"../etc\n",
+            b"vol wait wait\n",
+            b"vol name=\n",
+            b"vol name=a name=b\n",
+            b"vol frobnicate\n",
+            b"vol\nvol2\n",
+            b"vol\tawait\n",
+            b"\xff\xfe\n",
+            b"vol incremental\n",
+            b"v\0l\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(parse(&vec![b'a'; MAX_LINE + 1]).is_err());
+    }
+}

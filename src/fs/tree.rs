@@ -1,0 +1,294 @@
+//! The mounted tree of DESIGN.md §1 as data: which node a path is, its stable inode
+//! number, its attributes and its children. Asks the engine; never touches a pool itself.
+
+use crate::engine::{Engine, EngineError};
+use crate::target::record::{Record, Status};
+use fuser::{FileAttr, FileType, INodeNo};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub const ROOT: u64 = 1;
+const BACKUPS: u64 = 2;
+const VOLUMES: u64 = 3;
+
+pub const REQUEST: &str = "request";
+pub const JOBS: &str = "jobs";
+pub const BY_VOLUME: &str = "by-volume";
+pub const LATEST: &str = "latest.img";
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Node {
+    Root,
+    Backups,
+    Volumes,
+    Target(String),
+    Request(String),
+    Jobs(String),
+    /// (target, backup id)
+    Image(String, String),
+    Record(String, String),
+    ByVolume(String),
+    /// (target, volume id)
+    ByVolumeDir(String, String),
+    Latest(String, String),
+    Backend(String),
+    /// (backend, volume id)
+    Volume(String, String),
+}
+
+impl Node {
+    /// Stable across restarts: fixed numbers for the top, a hash of the path below.
+    pub fn ino(&self) -> u64 {
+        let key = match self {
+            Node::Root => return ROOT,
+            Node::Backups => return BACKUPS,
+            Node::Volumes => return VOLUMES,
+            Node::Target(t) => format!("t/{t}"),
+            Node::Request(t) => format!("t/{t}/request"),
+            Node::Jobs(t) => format!("t/{t}/jobs"),
+            Node::Image(t, id) => format!("t/{t}/{id}.img"),
+            Node::Record(t, id) => format!("t/{t}/{id}.json"),
+            Node::ByVolume(t) => format!("t/{t}/by-volume"),
+            Node::ByVolumeDir(t, v) => format!("t/{t}/by-volume/{v}"),
+            Node::Latest(t, v) => format!("t/{t}/by-volume/{v}/latest.img"),
+            Node::Backend(b) => format!("v/{b}"),
+            Node::Volume(b, v) => format!("v/{b}/{v}"),
+        };
+        // The top bit keeps hashed numbers clear of the fixed ones.
+        xxhash_rust::xxh3::xxh3_64(key.as_bytes()) | (1 << 63)
+    }
+
+    pub fn kind(&self) -> FileType {
+        match self {
+            Node::Root
+            | Node::Backups
+            | Node::Volumes
+            | Node::Target(_)
+            | Node::ByVolume(_)
+            | Node::ByVolumeDir(..)
+            | Node::Backend(_) => FileType::Directory,
+            Node::Latest(..) => FileType::Symlink,
+            _ => FileType::RegularFile,
+        }
+    }
+}
+
+/// Who may see what: root always; the admin group reads images, records and jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Modes {
+    pub gid: u32,
+    pub group_read: bool,
+}
+
+impl Modes {
+    fn perm(&self, node: &Node) -> u16 {
+        let group_read = if self.group_read { 0o040 } else { 0 };
+        let group_dir = if self.group_read { 0o050 } else { 0 };
+        match node {
+            Node::Root | Node::Backups | Node::Volumes => 0o755,
+            Node::Target(_) | Node::ByVolume(_) | Node::ByVolumeDir(..) => 0o700 | group_dir,
+            Node::Backend(_) => 0o700,
+            Node::Request(_) => 0o600,
+            Node::Jobs(_) | Node::Image(..) | Node::Record(..) => 0o400 | group_read,
+            Node::Latest(..) => 0o777,
+            Node::Volume(..) => 0o600,
+        }
+    }
+}
+
+/// How long the kernel may trust what we said about a node.
+pub fn ttl(node: &Node) -> Duration {
+    match node {
+        // Immutable once it exists.
+        Node::Image(..) => Duration::from_secs(3600),
+        Node::Root | Node::Backups | Node::Volumes => Duration::from_secs(60),
+        _ => Duration::from_secs(1),
+    }
+}
+
+pub fn attr(node: &Node, modes: &Modes, size: u64, blocks: u64, mtime: SystemTime) -> FileAttr {
+    let kind = node.kind();
+    FileAttr {
+        ino: INodeNo(node.ino()),
+        size,
+        blocks,
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind,
+        perm: modes.perm(node),
+        nlink: if kind == FileType::Directory { 2 } else { 1 },
+        uid: 0,
+        gid: match node {
+            Node::Volume(..) | Node::Backend(_) | Node::Request(_) => 0,
+            _ => modes.gid,
+        },
+        rdev: 0,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+pub fn record_json(record: &Record) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+/// The newest available backup of a volume in a target.
+pub fn latest_backup(records: &[Record], volume_id: &str) -> Option<String> {
+    records
+        .iter()
+        .filter(|r| r.status == Status::Available && r.volume_id == volume_id)
+        .max_by(|a, b| {
+            (a.completed_at.as_deref(), &a.created_at).cmp(&(b.completed_at.as_deref(), &b.created_at))
+        })
+        .map(|r| r.id.clone())
+}
+
+/// Finds the child `name` of `parent`, asking the engine whether it exists.
+pub fn child(engine: &Engine, parent: &Node, name: &str) -> Result<Node, EngineError> {
+    let missing = || EngineError::NotFound(format!("no {name}"));
+    Ok(match parent {
+        Node::Root => match name {
+            "backups" => Node::Backups,
+            "volumes" => Node::Volumes,
+            _ => return Err(missing()),
+        },
+        Node::Backups => {
+            if !engine.target_names().iter().any(|t| t == name) {
+                return Err(missing());
+            }
+            Node::Target(name.to_string())
+        }
+        Node::Volumes => {
+            if !engine.backend_names().iter().any(|b| b == name) {
+                return Err(missing());
+            }
+            Node::Backend(name.to_string())
+        }
+        Node::Target(t) => match name {
+            REQUEST => Node::Request(t.clone()),
+            JOBS => Node::Jobs(t.clone()),
+            BY_VOLUME => Node::ByVolume(t.clone()),
+            _ => {
+                if let Some(id) = name.strip_suffix(".img") {
+                    let record = engine.record(t, id).map_err(|_| missing())?;
+                    if record.status != Status::Available {
+                        return Err(missing());
+                    }
+                    Node::Image(t.clone(), id.to_string())
+                } else if let Some(id) = name.strip_suffix(".json") {
+                    engine.record(t, id).map_err(|_| missing())?;
+                    Node::Record(t.clone(), id.to_string())
+                } else {
+                    return Err(missing());
+                }
+            }
+        },
+        Node::ByVolume(t) => {
+            let records = engine.records(t)?;
+            latest_backup(&records, name).ok_or_else(missing)?;
+            Node::ByVolumeDir(t.clone(), name.to_string())
+        }
+        Node::ByVolumeDir(t, v) if name == LATEST => {
+            latest_backup(&engine.records(t)?, v).ok_or_else(missing)?;
+            Node::Latest(t.clone(), v.clone())
+        }
+        Node::Backend(b) => {
+            if !crate::volume::is_valid_id(name) {
+                return Err(EngineError::Invalid(format!(
+                    "{name:?} is not a valid volume id"
+                )));
+            }
+            engine.volume(b, name)?;
+            Node::Volume(b.clone(), name.to_string())
+        }
+        _ => return Err(missing()),
+    })
+}
+
+pub fn parent(node: &Node) -> Node {
+    match node {
+        Node::Root | Node::Backups | Node::Volumes => Node::Root,
+        Node::Target(_) => Node::Backups,
+        Node::Backend(_) => Node::Volumes,
+        Node::ByVolume(t) => Node::Target(t.clone()),
+        Node::ByVolumeDir(t, _) => Node::ByVolume(t.clone()),
+        Node::Latest(t, v) => Node::ByVolumeDir(t.clone(), v.clone()),
+        Node::Volume(b, _) => Node::Backend(b.clone()),
+        Node::Request(t) | Node::Jobs(t) | Node::Image(t, _) | Node::Record(t, _) => {
+            Node::Target(t.clone())
+        }
+    }
+}
+
+/// The entries of a directory, `.` and `..` included.
+pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, EngineError> {
+    let mut out = vec![
+        (dir.clone(), ".".to_string()),
+        (parent(dir), "..".to_string()),
+    ];
+    match dir {
+        Node::Root => {
+            out.push((Node::Backups, "backups".into()));
+            out.push((Node::Volumes, "volumes".into()));
+        }
+        Node::Backups => {
+            for t in engine.target_names() {
+                out.push((Node::Target(t.clone()), t));
+            }
+        }
+        Node::Volumes => {
+            for b in engine.backend_names() {
+                out.push((Node::Backend(b.clone()), b));
+            }
+        }
+        Node::Target(t) => {
+            out.push((Node::Request(t.clone()), REQUEST.into()));
+            out.push((Node::Jobs(t.clone()), JOBS.into()));
+            out.push((Node::ByVolume(t.clone()), BY_VOLUME.into()));
+            for record in engine.records(t)? {
+                if record.status == Status::Available {
+                    out.push((
+                        Node::Image(t.clone(), record.id.clone()),
+                        format!("{}.img", record.id),
+                    ));
+                }
+                out.push((
+                    Node::Record(t.clone(), record.id.clone()),
+                    format!("{}.json", record.id),
+                ));
+            }
+        }
+        Node::ByVolume(t) => {
+            let mut volumes: Vec<String> = engine
+                .records(t)?
+                .into_iter()
+                .filter(|r| r.status == Status::Available)
+                .map(|r| r.volume_id)
+                .collect();
+            volumes.sort();
+            volumes.dedup();
+            for v in volumes {
+                out.push((Node::ByVolumeDir(t.clone(), v.clone()), v));
+            }
+        }
+        Node::ByVolumeDir(t, v) => {
+            out.push((Node::Latest(t.clone(), v.clone()), LATEST.into()));
+        }
+        Node::Backend(b) => {
+            for volume in engine.volumes(b)? {
+                out.push((Node::Volume(b.clone(), volume.id.clone()), volume.id));
+            }
+        }
+        _ => {
+            return Err(EngineError::Invalid("not a directory".into()));
+        }
+    }
+    Ok(out)
+}
+
+pub fn epoch() -> SystemTime {
+    UNIX_EPOCH
+}

@@ -1,0 +1,163 @@
+//! The backup record: one JSON object per backup, kept on the target beside its data.
+//! Format version 1; a reader refuses versions it does not know instead of guessing.
+
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Creating,
+    Available,
+    Error,
+    Deleting,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Available => "available",
+            Status::Error => "error",
+            Status::Deleting => "deleting",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checksums {
+    /// `xxh3-64`; an all-zero block is recorded as 0.
+    pub algorithm: String,
+    pub block_size: u64,
+    pub blocks: u64,
+    /// The file beside the record holding one little-endian u64 per block.
+    pub file: String,
+    /// xxh3-64 of that file, so a damaged checksum file is told from damaged data.
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub format: u32,
+    pub id: String,
+    pub volume_id: String,
+    /// The source volume's backend and pool.
+    pub backend: String,
+    pub pool: String,
+    pub target: String,
+    pub status: Status,
+    pub size: u64,
+    pub created_at: String,
+    pub completed_at: Option<String>,
+    pub name: Option<String>,
+    pub snapshot_used: bool,
+    pub parent_id: Option<String>,
+    pub checksums: Option<Checksums>,
+    pub error: Option<String>,
+    /// Bytes of data really stored (the rest are holes).
+    #[serde(default)]
+    pub stored_bytes: u64,
+}
+
+impl Record {
+    /// The scalar fields, as `getfattr` shows them (`user.backupfs.<field>`).
+    pub fn scalar_fields(&self) -> Vec<(&'static str, String)> {
+        let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+        vec![
+            ("id", self.id.clone()),
+            ("volume_id", self.volume_id.clone()),
+            ("backend", self.backend.clone()),
+            ("pool", self.pool.clone()),
+            ("target", self.target.clone()),
+            ("status", self.status.as_str().to_string()),
+            ("size", self.size.to_string()),
+            ("created_at", self.created_at.clone()),
+            ("completed_at", opt(&self.completed_at)),
+            ("name", opt(&self.name)),
+            ("snapshot_used", self.snapshot_used.to_string()),
+            ("parent_id", opt(&self.parent_id)),
+            ("error", opt(&self.error)),
+            ("stored_bytes", self.stored_bytes.to_string()),
+        ]
+    }
+
+    pub fn completed_time(&self) -> SystemTime {
+        self.completed_at
+            .as_deref()
+            .or(Some(&self.created_at))
+            .and_then(parse_rfc3339)
+            .unwrap_or(UNIX_EPOCH)
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` in UTC.
+pub fn rfc3339(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let b = text.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| text.get(r)?.parse::<i64>().ok();
+    let days = days_from_civil(num(0..4)?, num(5..7)?, num(8..10)?);
+    let secs = days * 86_400 + num(11..13)? * 3600 + num(14..16)? * 60 + num(17..19)?;
+    Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
+// Howard Hinnant's civil calendar algorithms.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = year - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_round_trips() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let text = rfc3339(t);
+        assert_eq!(text, "2026-11-18T07:06:40Z");
+        assert_eq!(parse_rfc3339(&text), Some(t));
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            parse_rfc3339("2000-02-29T23:59:59Z"),
+            Some(UNIX_EPOCH + Duration::from_secs(951_868_799))
+        );
+        assert_eq!(parse_rfc3339("2000-02-29 23:59:59"), None);
+    }
+}

@@ -1,0 +1,372 @@
+//! The `file` driver: a volume is the sparse raw file `volume-<id>` in a pool directory
+//! (Cinder's RemoteFS naming); snapshots are reflinks (`FICLONE`) beside it.
+//! It never writes to a volume file except through an attachment the engine asked for.
+
+use super::{Access, Attachment, Result, VolumeDriver, VolumeError, VolumeInfo, is_valid_id};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const VOLUME_PREFIX: &str = "volume-";
+
+pub struct FileDriver {
+    backend: String,
+    pools: BTreeMap<String, PathBuf>,
+}
+
+impl FileDriver {
+    pub fn new(backend: &str, pools: BTreeMap<String, PathBuf>) -> FileDriver {
+        FileDriver {
+            backend: backend.to_string(),
+            pools,
+        }
+    }
+
+    fn pool_dir(&self, pool: &str) -> Result<&Path> {
+        self.pools
+            .get(pool)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| VolumeError::NoPool(format!("{}/{pool}", self.backend)))
+    }
+
+    fn volume_path(&self, pool: &str, volume_id: &str) -> Result<PathBuf> {
+        // Callers validate IDs; this is the last guard before a path is built.
+        if !is_valid_id(volume_id) {
+            return Err(VolumeError::NotFound(volume_id.to_string()));
+        }
+        Ok(self.pool_dir(pool)?.join(format!("{VOLUME_PREFIX}{volume_id}")))
+    }
+
+    fn snapshot_path(&self, pool: &str, snapshot_name: &str) -> Result<PathBuf> {
+        if !is_valid_id(snapshot_name) {
+            return Err(VolumeError::NotFound(snapshot_name.to_string()));
+        }
+        Ok(self.pool_dir(pool)?.join(snapshot_name))
+    }
+
+    fn info(pool: &str, volume_id: &str, meta: &std::fs::Metadata) -> VolumeInfo {
+        VolumeInfo {
+            id: volume_id.to_string(),
+            pool: pool.to_string(),
+            size: meta.len(),
+            allocated: meta.blocks() * 512,
+            mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+        }
+    }
+}
+
+/// Opens for reading with O_DIRECT where the filesystem takes it, so a backup does not
+/// push the node's page cache out; falls back to buffered I/O (tmpfs, some FUSE).
+fn open_for_copy(path: &Path, access: Access) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    if access == Access::Write {
+        options.write(true);
+        return options.open(path);
+    }
+    match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+        Ok(file) => Ok(file),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => options.open(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every loop device's backing file, as the kernel names it.
+fn loop_backing_files() -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+        .map(|s| PathBuf::from(s.trim_end().trim_end_matches(" (deleted)")))
+        .collect()
+}
+
+/// The first process holding a POSIX or OFD lock that conflicts with a write lock on the
+/// whole file (QEMU's image locks are OFD locks on single bytes), or a flock.
+fn lock_holder(path: &Path) -> std::io::Result<Option<String>> {
+    let file = File::open(path)?;
+    let mut lock = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_GETLK reads and writes the flock struct we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lock.l_type != libc::F_UNLCK as i16 {
+        let who = if lock.l_pid > 0 {
+            format!("pid {}", lock.l_pid)
+        } else {
+            "another process".to_string()
+        };
+        return Ok(Some(format!("locked by {who} (fcntl lock)")));
+    }
+    // flock locks are invisible to F_OFD_GETLK; probing takes the lock for an instant
+    // and lets it go when the descriptor closes.
+    // SAFETY: plain syscall on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(Some("locked by another process (flock)".to_string()));
+        }
+        return Err(err);
+    }
+    Ok(None)
+}
+
+fn reflink(from: &File, to: &File) -> std::io::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its argument.
+    let rc = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: plain syscall on a descriptor we own.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes zeros where a hole cannot be punched.
+pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    match punch_hole(file, offset, len) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+        Err(e) => return Err(e),
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+impl VolumeDriver for FileDriver {
+    fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    fn pools(&self) -> Vec<String> {
+        self.pools.keys().cloned().collect()
+    }
+
+    fn list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
+        let dir = self.pool_dir(pool)?;
+        let entries = std::fs::read_dir(dir).map_err(|e| VolumeError::io("list", dir, e))?;
+        let mut volumes = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(volume_id) = name.to_str().and_then(|n| n.strip_prefix(VOLUME_PREFIX))
+            else {
+                continue;
+            };
+            if !is_valid_id(volume_id) {
+                continue;
+            }
+            // A volume deleted between readdir and stat simply is not listed.
+            if let Ok(meta) = entry.metadata()
+                && meta.is_file()
+            {
+                volumes.push(Self::info(pool, volume_id, &meta));
+            }
+        }
+        volumes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(volumes)
+    }
+
+    fn stat(&self, pool: &str, volume_id: &str) -> Result<VolumeInfo> {
+        let path = self.volume_path(pool, volume_id)?;
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => Ok(Self::info(pool, volume_id, &meta)),
+            Ok(_) => Err(VolumeError::NotFound(volume_id.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(VolumeError::NotFound(volume_id.to_string()))
+            }
+            Err(e) => Err(VolumeError::io("stat", path, e)),
+        }
+    }
+
+    fn create(&self, pool: &str, volume_id: &str, size: u64) -> Result<VolumeInfo> {
+        let path = self.volume_path(pool, volume_id)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    VolumeError::Exists(volume_id.to_string())
+                } else {
+                    VolumeError::io("create", &path, e)
+                }
+            })?;
+        if let Err(e) = file.set_len(size) {
+            let _ = std::fs::remove_file(&path);
+            return Err(VolumeError::io("create", path, e));
+        }
+        let meta = file
+            .metadata()
+            .map_err(|e| VolumeError::io("create", &path, e))?;
+        Ok(Self::info(pool, volume_id, &meta))
+    }
+
+    fn extend(&self, pool: &str, volume_id: &str, size: u64) -> Result<()> {
+        let path = self.volume_path(pool, volume_id)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| VolumeError::io("extend", &path, e))?;
+        let current = file
+            .metadata()
+            .map_err(|e| VolumeError::io("extend", &path, e))?
+            .len();
+        if size > current {
+            file.set_len(size)
+                .map_err(|e| VolumeError::io("extend", &path, e))?;
+        }
+        Ok(())
+    }
+
+    fn delete(&self, pool: &str, volume_id: &str) -> Result<()> {
+        let path = self.volume_path(pool, volume_id)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VolumeError::io("delete", path, e)),
+        }
+    }
+
+    fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
+        let source_path = self.volume_path(pool, volume_id)?;
+        let snapshot_path = self.snapshot_path(pool, snapshot_name)?;
+        let source =
+            File::open(&source_path).map_err(|e| VolumeError::io("snapshot", &source_path, e))?;
+        let snapshot = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&snapshot_path)
+            .map_err(|e| VolumeError::io("snapshot", &snapshot_path, e))?;
+        if let Err(e) = reflink(&source, &snapshot) {
+            drop(snapshot);
+            let _ = std::fs::remove_file(&snapshot_path);
+            return Err(match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL)
+                | Some(libc::ENOTTY) => VolumeError::SnapshotUnsupported(format!(
+                    "pool {}/{pool} ({}) has no reflinks: {e}",
+                    self.backend,
+                    self.pool_dir(pool)?.display()
+                )),
+                _ => VolumeError::io("snapshot", snapshot_path, e),
+            });
+        }
+        snapshot
+            .sync_all()
+            .map_err(|e| VolumeError::io("snapshot", &snapshot_path, e))?;
+        Ok(())
+    }
+
+    fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
+        let path = self.snapshot_path(pool, snapshot_name)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VolumeError::io("delete snapshot", path, e)),
+        }
+    }
+
+    fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String> {
+        let dir = self.pool_dir(pool).map_err(|e| e.to_string())?;
+        let probe = |suffix: &str| dir.join(format!(".backupfs-reflink-probe-{}{suffix}", std::process::id()));
+        let (a, b) = (probe("a"), probe("b"));
+        let result = (|| -> std::io::Result<()> {
+            let source = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&a)?;
+            std::io::Write::write_all(&mut &source, &[0u8; 4096])?;
+            let dest = OpenOptions::new().write(true).create(true).truncate(true).open(&b)?;
+            reflink(&source, &dest)
+        })();
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
+        result.map_err(|e| {
+            format!(
+                "pool {}/{pool} ({}) cannot make reflink snapshots: {e}",
+                self.backend,
+                dir.display()
+            )
+        })
+    }
+
+    fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
+        let path = self.volume_path(pool, volume_id)?;
+        let file = open_for_copy(&path, access).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                VolumeError::NotFound(volume_id.to_string())
+            } else {
+                VolumeError::io("attach", &path, e)
+            }
+        })?;
+        Ok(Attachment { file, path })
+    }
+
+    fn attach_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<Attachment> {
+        let path = self.snapshot_path(pool, snapshot_name)?;
+        let file =
+            open_for_copy(&path, Access::Read).map_err(|e| VolumeError::io("attach", &path, e))?;
+        Ok(Attachment { file, path })
+    }
+
+    fn in_use(&self, pool: &str, volume_id: &str) -> Result<Option<String>> {
+        let path = self.volume_path(pool, volume_id)?;
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| VolumeError::io("check in-use", &path, e))?;
+        if loop_backing_files().iter().any(|b| *b == canonical) {
+            return Ok(Some("bound to a loop device".to_string()));
+        }
+        lock_holder(&path).map_err(|e| VolumeError::io("check in-use", &path, e))
+    }
+
+    fn free_space(&self, pool: &str) -> Result<u64> {
+        let dir = self.pool_dir(pool)?;
+        let stat = nix::sys::statvfs::statvfs(dir)
+            .map_err(|e| VolumeError::io("statvfs", dir, e.into()))?;
+        Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+    }
+
+    fn discard(&self, attachment: &Attachment, offset: u64, len: u64) -> Result<()> {
+        zero_range(&attachment.file, offset, len)
+            .map_err(|e| VolumeError::io("discard", &attachment.path, e))
+    }
+
+    fn pool_identity(&self, pool: &str) -> Result<(u64, u64)> {
+        let dir = self.pool_dir(pool)?;
+        let meta = std::fs::metadata(dir).map_err(|e| VolumeError::io("stat", dir, e))?;
+        Ok((meta.dev(), meta.ino()))
+    }
+}
