@@ -101,6 +101,11 @@ pub fn ttl(node: &Node) -> Duration {
         // Immutable once it exists.
         Node::Image(..) => Duration::from_secs(3600),
         Node::Root | Node::Backups | Node::Volumes => Duration::from_secs(60),
+        // These change with every backup and deletion (a record's status and size, where
+        // latest.img points): always ask.
+        Node::Record(..) | Node::ByVolume(_) | Node::ByVolumeDir(..) | Node::Latest(..) => {
+            Duration::ZERO
+        }
         _ => Duration::from_secs(1),
     }
 }
