@@ -9,3 +9,4 @@ pub mod target;
 pub mod volume;
 pub mod fs;
 pub mod daemon;
+pub mod demo;

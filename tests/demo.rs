@@ -1,0 +1,179 @@
+//! The operator's first hour: `backupfs demo` builds its sandbox, backs up and restores
+//! through a real mount with real shell commands, stops by itself when asked to, and
+//! leaves no mount and no file behind. Also: the shipped example configuration parses.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_backupfs");
+const DEMO_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Mount points at or below `dir`.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/mounts")
+        .expect("/proc/mounts")
+        .lines()
+        .filter_map(|line| line.split(' ').nth(1))
+        .map(PathBuf::from)
+        .filter(|mountpoint| mountpoint.starts_with(dir))
+        .collect()
+}
+
+/// Detaches whatever a failed demo left mounted under the test's directory, deepest
+/// first, so that the temporary directory can go without deleting through a mount.
+struct UnmountGuard(PathBuf);
+
+impl Drop for UnmountGuard {
+    fn drop(&mut self) {
+        let mut mounts = mounts_under(&self.0);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for mountpoint in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&mountpoint).status();
+        }
+    }
+}
+
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
+}
+
+/// Stops a demo that overran: SIGTERM lets it unmount and clean up, SIGKILL if not.
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+}
+
+/// `backupfs demo DIR` with BACKUPFS_DEMO_EXIT=1 and no terminal, as in CI.
+fn run_demo(dir: &Path) -> Run {
+    let mut child = Command::new(BIN)
+        .arg("demo")
+        .arg(dir)
+        .env("BACKUPFS_DEMO_EXIT", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("backupfs starts");
+    let stdout = drain(child.stdout.take().expect("stdout"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > DEMO_TIMEOUT {
+            stop(&mut child);
+            panic!("the demo did not end within {} s", DEMO_TIMEOUT.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Run {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+#[test]
+fn demo_backs_up_and_restores_through_the_mount_and_leaves_nothing_behind() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let _guard = UnmountGuard(temp.path().to_path_buf());
+    let run = run_demo(temp.path());
+    let context = format!("stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(
+        run.status.success(),
+        "demo failed: {:?}\n{context}",
+        run.status
+    );
+    for expected in [
+        "$ echo \"demo-ext4 wait\" > mnt/backups/hdd/request",
+        "$ cat mnt/backups/hdd/jobs",
+        "the image and the volume are identical",
+        "$ cp --sparse=always mnt/backups/hdd/",
+        "mnt/volumes/ssd/demo-ext4-restored",
+        "the restored volume matches the backup",
+        "user.backupfs.volume_id=\"demo-ext4\"",
+        "demo-sparse available 1073741824/1073741824",
+    ] {
+        assert!(
+            run.stdout.contains(expected),
+            "missing {expected:?}\n{context}"
+        );
+    }
+    assert_eq!(
+        mounts_under(temp.path()),
+        Vec::<PathBuf>::new(),
+        "{context}"
+    );
+    // The directory was given, so it stays; everything the demo made inside goes.
+    let left: Vec<_> = std::fs::read_dir(temp.path())
+        .expect("temp dir still there")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "the demo left {left:?}\n{context}");
+}
+
+#[test]
+fn demo_removes_the_directory_it_made() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let _guard = UnmountGuard(temp.path().to_path_buf());
+    let dir = temp.path().join("new-sandbox");
+    let run = run_demo(&dir);
+    assert!(
+        run.status.success(),
+        "demo failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(mounts_under(temp.path()), Vec::<PathBuf>::new());
+    assert!(!dir.exists(), "the demo left {}", dir.display());
+}
+
+#[test]
+fn demo_refuses_a_directory_that_is_not_empty() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let _guard = UnmountGuard(temp.path().to_path_buf());
+    let precious = temp.path().join("precious.txt");
+    std::fs::write(&precious, "keep me").expect("write");
+    let run = run_demo(temp.path());
+    assert_eq!(run.status.code(), Some(1), "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains("not an empty directory"),
+        "stderr:\n{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&precious).expect("read"), "keep me");
+    assert_eq!(mounts_under(temp.path()), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn example_configuration_parses_with_every_key() {
+    let text = include_str!("../contrib/backupfs.toml.example");
+    let config = backupfs::config::Config::parse(text).expect("the example parses");
+    assert!(config.is_target_pool("hdd", "backups"));
+    assert_eq!(config.backends.len(), 2);
+    assert_eq!(config.targets.len(), 1);
+}
