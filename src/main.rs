@@ -3,6 +3,7 @@
 use backupfs::config::{self, Config};
 use backupfs::{daemon, demo};
 use clap::{CommandFactory, Parser, Subcommand};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 attach-and-copy backup, every backup is a raw image `backups/<target>/<id>.img`, and a restore is \
 copying an image onto `volumes/<backend>/<volume-id>`.",
     after_help = "The daemon logs to standard error; BACKUPFS_LOG sets the filter \
-(default `info,fuser=warn`; e.g. BACKUPFS_LOG=debug).\n\
+(default `info,fuser=warn`; e.g. BACKUPFS_LOG=debug).\n\n\
 First steps: `backupfs demo` (as root) builds a sandbox and walks through a backup and a restore."
 )]
 struct Cli {
@@ -33,7 +34,8 @@ detaches the mount. A stale mount left at MOUNTPOINT by a daemon that died (\"Tr
 not connected\") is detached first.\n\n\
 Exit status: 0 after a clean stop, 2 for a configuration error, 1 for any other failure \
 (for instance a target locked by another backupfs).",
-        after_help = "Example: backupfs mount /mnt/backupfs --config /etc/backupfs/backupfs.toml"
+        after_help = "Examples:\n  backupfs mount /mnt/backupfs --config /etc/backupfs/backupfs.toml\n  \
+BACKUPFS_LOG=debug backupfs mount /mnt/backupfs --config ./backupfs.toml"
     )]
     Mount {
         /// Where to mount (an existing empty directory).
@@ -46,7 +48,8 @@ Exit status: 0 after a clean stop, 2 for a configuration error, 1 for any other 
     #[command(
         long_about = "Check a configuration without mounting: parse it, then check it against the \
 disk (pool directories exist and are readable, no target's pool overlaps a volume pool, \
-admin_group exists). Prints `<path>: ok`, or the error naming the key, and exits with status 2."
+admin_group exists). Prints `<path>: ok` and exits with status 0, or prints the error naming the key and exits \
+with status 2."
     )]
     CheckConfig {
         /// The configuration file.
@@ -58,7 +61,7 @@ admin_group exists). Prints `<path>: ok`, or the error naming the key, and exits
         long_about = "Build a throw-away sandbox (two `file` backends, a backup target, three \
 sample volumes and a configuration), mount it at DIR/mnt in this process, and walk through a \
 backup and a restore made through the mount with ordinary shell commands, each printed before it \
-runs. Needs no configuration; runs as root.\n\n\
+runs. Needs no configuration; run it as root.\n\n\
 The demo then stays mounted until Ctrl-C, so you can try the commands it suggests. It stops by \
 itself after the walk-through when standard input is not a terminal or BACKUPFS_DEMO_EXIT=1 is \
 set (for scripts and CI). On the way out it unmounts and removes what it made: DIR itself when \
@@ -74,6 +77,66 @@ Exit status: 0 when the walk-through succeeded and the sandbox is removed, 1 oth
     /// Print the manual page (roff), generated from this command line's definition.
     #[command(hide = true)]
     Man,
+}
+
+/// One manual page for the whole command: the top-level sections, then one section per
+/// subcommand with its synopsis, description, options and examples (clap_mangen's own
+/// page would refer to a page per subcommand, which nobody installs).
+fn render_man() -> std::io::Result<String> {
+    // clap_mangen starts every section with this string definition; once is enough.
+    const PREAMBLE: &str = ".ie \\n(.g .ds Aq \\(aq\n.el .ds Aq '\n";
+    let render = |f: &dyn Fn(&mut Vec<u8>) -> std::io::Result<()>| {
+        let mut roff = Vec::new();
+        f(&mut roff).map(|()| String::from_utf8_lossy(&roff).replace(PREAMBLE, ""))
+    };
+    let mut cli = Cli::command();
+    cli.build();
+    let top = clap_mangen::Man::new(cli.clone());
+    let mut page = PREAMBLE.to_string();
+    page += &render(&|w| top.render_title(w))?;
+    page += &render(&|w| top.render_name_section(w))?;
+    page += &render(&|w| top.render_synopsis_section(w))?;
+    page += &render(&|w| top.render_description_section(w))?;
+    page += &render(&|w| top.render_options_section(w))?;
+    for sub in cli
+        .get_subcommands()
+        .filter(|sub| !sub.is_hide_set() && sub.get_name() != "help")
+    {
+        page += &format!(
+            ".SH \"COMMAND: BACKUPFS {}\"\n",
+            sub.get_name().to_uppercase()
+        );
+        let man = clap_mangen::Man::new(sub.clone());
+        // The command's sections become subsections of its section.
+        let demote = |roff: String| roff.replace(".SH ", ".SS ");
+        page += &demote(render(&|w| man.render_synopsis_section(w))?);
+        page += &demote(render(&|w| man.render_description_section(w))?);
+        if sub.get_arguments().any(|arg| !arg.is_hide_set()) {
+            page += &demote(render(&|w| man.render_options_section(w))?);
+        }
+        if let Some(examples) = sub.get_after_help() {
+            // Command lines, one per line: no filling, no "Examples:" label.
+            page += ".SS EXAMPLES\n.nf\n";
+            for line in examples.to_string().lines().skip(1) {
+                page += &roff_escape(line.trim_start());
+                page += "\n";
+            }
+            page += ".fi\n";
+        }
+    }
+    page += &render(&|w| top.render_extra_section(w))?.replace(".SH EXTRA", ".SH NOTES");
+    page += &render(&|w| top.render_version_section(w))?;
+    Ok(page)
+}
+
+/// Text for a roff line: backslashes and leading control characters made literal.
+fn roff_escape(line: &str) -> String {
+    let line = line.replace('\\', "\\e").replace('-', "\\-");
+    if line.starts_with('.') || line.starts_with('\'') {
+        format!("\\&{line}")
+    } else {
+        line
+    }
 }
 
 fn init_logging(default_filter: &str) {
@@ -138,8 +201,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Man => {
-            let page = clap_mangen::Man::new(Cli::command());
-            match page.render(&mut std::io::stdout()) {
+            match render_man().and_then(|page| std::io::stdout().write_all(page.as_bytes())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("backupfs: {e}");
