@@ -177,3 +177,14 @@ fn example_configuration_parses_with_every_key() {
     assert_eq!(config.backends.len(), 2);
     assert_eq!(config.targets.len(), 1);
 }
+
+#[test]
+fn the_shipped_man_page_is_current() {
+    let output = Command::new(BIN).arg("man").output().expect("backupfs man");
+    assert!(output.status.success());
+    let shipped = include_str!("../contrib/backupfs.1");
+    assert!(
+        String::from_utf8_lossy(&output.stdout) == shipped,
+        "contrib/backupfs.1 is stale: run `backupfs man > contrib/backupfs.1`"
+    );
+}
