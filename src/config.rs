@@ -239,6 +239,19 @@ impl Config {
                         ));
                     }
                 }
+                if let Some(same) = volume_pools
+                    .iter()
+                    .find(|p| p.dev == place.dev && p.ino == place.ino)
+                {
+                    return Err(invalid(
+                        place.key.clone(),
+                        format!(
+                            "{} is the same directory as {}: a directory serves one pool only",
+                            place.path.display(),
+                            same.key
+                        ),
+                    ));
+                }
                 volume_pools.push(place);
             }
         }
@@ -271,8 +284,8 @@ mod tests {
     fn unknown_keys_are_named() {
         let err = Config::parse("state_dir = \"/x\"\nmax_paralel_jobs = 3\n").unwrap_err();
         assert!(err.to_string().contains("max_paralel_jobs"), "{err}");
-        let err = Config::parse("[backends.a]\ndriver = \"file\"\npools = {}\ncolour = 1\n")
-            .unwrap_err();
+        let err =
+            Config::parse("[backends.a]\ndriver = \"file\"\npools = {}\ncolour = 1\n").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
     }
 

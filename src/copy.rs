@@ -27,15 +27,9 @@ pub enum CopyError {
     #[error("cancelled")]
     Cancelled,
     #[error("read at offset {offset}: {source}")]
-    Read {
-        offset: u64,
-        source: std::io::Error,
-    },
+    Read { offset: u64, source: std::io::Error },
     #[error("write at offset {offset}: {source}")]
-    Write {
-        offset: u64,
-        source: std::io::Error,
-    },
+    Write { offset: u64, source: std::io::Error },
     #[error("source ended at {offset}, before the expected size")]
     ShortSource { offset: u64 },
 }
@@ -121,7 +115,8 @@ impl AlignedBuf {
         let layout = std::alloc::Layout::from_size_align(len, ALIGN).expect("constant layout");
         // SAFETY: layout has non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         AlignedBuf { ptr, len }
     }
 }
@@ -448,7 +443,8 @@ impl Writer<'_> {
         if self.options.bps_limit == 0 {
             return;
         }
-        let due = Duration::from_secs_f64(self.outcome.bytes_read as f64 / self.options.bps_limit as f64);
+        let due =
+            Duration::from_secs_f64(self.outcome.bytes_read as f64 / self.options.bps_limit as f64);
         let elapsed = self.started.elapsed();
         if due > elapsed {
             std::thread::sleep(due - elapsed);
@@ -487,10 +483,16 @@ pub fn copy(
         discard,
     };
     let result = std::thread::scope(|scope| {
+        // Moved in, so both are dropped when this closure returns, before the scope joins
+        // the reader: a reader waiting for a free buffer or a send then wakes and ends.
+        let (free_tx, piece_rx) = (free_tx, piece_rx);
         std::thread::Builder::new()
             .name("copy-reader".into())
             .spawn_scoped(scope, || reader(src, range, cancel, free_rx, piece_tx))
-            .map_err(|source| CopyError::Read { offset: range.src_offset, source })?;
+            .map_err(|source| CopyError::Read {
+                offset: range.src_offset,
+                source,
+            })?;
         let mut done = 0u64;
         for piece in piece_rx.iter() {
             if cancel.load(Ordering::Relaxed) {
@@ -589,7 +591,15 @@ pub fn copy_kernel(
                             dest_is_zero: false,
                             bps_limit: 0,
                         };
-                        copy(src, dst, rest, options, &Progress::default(), &AtomicBool::new(false), discard)?;
+                        copy(
+                            src,
+                            dst,
+                            rest,
+                            options,
+                            &Progress::default(),
+                            &AtomicBool::new(false),
+                            discard,
+                        )?;
                         return Ok(());
                     }
                     Some(libc::EINTR) => continue,

@@ -81,7 +81,10 @@ fn clear_stale_mount(mountpoint: &Path) {
     if let Err(e) = std::fs::metadata(mountpoint)
         && e.raw_os_error() == Some(libc::ENOTCONN)
     {
-        warn!("{} is a stale mount of a dead daemon: detaching it", mountpoint.display());
+        warn!(
+            "{} is a stale mount of a dead daemon: detaching it",
+            mountpoint.display()
+        );
         detach(mountpoint);
     }
 }

@@ -4,9 +4,9 @@
 
 pub mod config;
 pub mod copy;
-pub mod engine;
-pub mod target;
-pub mod volume;
-pub mod fs;
 pub mod daemon;
 pub mod demo;
+pub mod engine;
+pub mod fs;
+pub mod target;
+pub mod volume;

@@ -19,7 +19,11 @@ fn backup_with_wait_gives_an_image_identical_to_the_source() {
         .find_map(|l| l.strip_suffix(".img"))
         .expect("an image is listed")
         .to_string();
-    ok(&format!("cmp '{}' '{}'", d.image("hdd", &id).display(), source.display()));
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        source.display()
+    ));
     assert_eq!(sha256(&source), before, "the source must not change");
 
     let record = d.record("hdd", &id);
@@ -38,8 +42,14 @@ fn backup_with_wait_gives_an_image_identical_to_the_source() {
     assert!(record["completed_at"].as_str().unwrap().ends_with('Z'));
 
     let xattrs = ok(&format!("getfattr -d '{}'", d.image("hdd", &id).display()));
-    assert!(xattrs.contains("user.backupfs.volume_id=\"vol-a\""), "{xattrs}");
-    assert!(xattrs.contains("user.backupfs.status=\"available\""), "{xattrs}");
+    assert!(
+        xattrs.contains("user.backupfs.volume_id=\"vol-a\""),
+        "{xattrs}"
+    );
+    assert!(
+        xattrs.contains("user.backupfs.status=\"available\""),
+        "{xattrs}"
+    );
 
     let jobs = d.jobs("hdd");
     let line = format!("{id} vol-a available {0}/{0}", 48 << 20);
@@ -70,13 +80,21 @@ fn backup_without_wait_returns_at_once_and_reads_back_its_id() {
     // Rate-limited to 20 MB/s, so the 40 MiB copy is still running: no image yet.
     let jobs = d.jobs("hdd");
     assert!(
-        jobs.contains(&format!("{id} vol-b copying")) || jobs.contains(&format!("{id} vol-b queued")),
+        jobs.contains(&format!("{id} vol-b copying"))
+            || jobs.contains(&format!("{id} vol-b queued")),
         "jobs:\n{jobs}"
     );
-    assert!(!d.image("hdd", &id).exists(), "no partial image may be visible");
+    assert!(
+        !d.image("hdd", &id).exists(),
+        "no partial image may be visible"
+    );
     assert_eq!(d.record("hdd", &id)["status"], "creating");
     assert_eq!(d.wait_job("hdd", &id), "available");
-    ok(&format!("cmp '{}' '{}/volume-vol-b'", d.image("hdd", &id).display(), l.gold.display()));
+    ok(&format!(
+        "cmp '{}' '{}/volume-vol-b'",
+        d.image("hdd", &id).display(),
+        l.gold.display()
+    ));
     let usage = std::fs::read_to_string(d.target("hdd").join("request")).unwrap();
     assert!(usage.starts_with("usage:"), "{usage}");
 }
@@ -90,21 +108,45 @@ fn sparse_volume_backup_keeps_holes() {
     let id = d.backup("hdd", "thin wait");
     let image = d.image("hdd", &id);
     ok(&format!("cmp '{}' '{}'", image.display(), source.display()));
-    let blocks: u64 = ok(&format!("stat -c %b '{}'", image.display())).trim().parse().unwrap();
-    assert!(blocks * 512 < 16 << 20, "image allocates {} bytes", blocks * 512);
+    let blocks: u64 = ok(&format!("stat -c %b '{}'", image.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        blocks * 512 < 16 << 20,
+        "image allocates {} bytes",
+        blocks * 512
+    );
     // Tools that follow SEEK_DATA/SEEK_HOLE see the holes through the mount.
-    let map = ok(&format!("qemu-img map -f raw --output=json '{}'", image.display()));
+    let map = ok(&format!(
+        "qemu-img map -f raw --output=json '{}'",
+        image.display()
+    ));
     let data: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
     let data_bytes: u64 = data
         .iter()
         .filter(|e| e["data"] == true)
         .map(|e| e["length"].as_u64().unwrap())
         .sum();
-    assert!(data_bytes <= 8 << 20, "qemu-img sees {data_bytes} bytes of data");
+    assert!(
+        data_bytes <= 8 << 20,
+        "qemu-img sees {data_bytes} bytes of data"
+    );
     let copy = sb.path("copy.raw");
-    ok(&format!("cp --sparse=always '{}' '{}'", image.display(), copy.display()));
-    ok(&format!("qemu-img compare -f raw -F raw '{}' '{}'", copy.display(), source.display()));
-    let copy_blocks: u64 = ok(&format!("stat -c %b '{}'", copy.display())).trim().parse().unwrap();
+    ok(&format!(
+        "cp --sparse=always '{}' '{}'",
+        image.display(),
+        copy.display()
+    ));
+    ok(&format!(
+        "qemu-img compare -f raw -F raw '{}' '{}'",
+        copy.display(),
+        source.display()
+    ));
+    let copy_blocks: u64 = ok(&format!("stat -c %b '{}'", copy.display()))
+        .trim()
+        .parse()
+        .unwrap();
     assert!(copy_blocks * 512 < 16 << 20);
 }
 
@@ -117,11 +159,18 @@ fn in_use_volume_is_backed_up_from_a_temporary_snapshot() {
     let holder = sb.hold_lock(&source);
     let d = sb.start_daemon(&l.config);
     assert_eq!(d.request("hdd", "busy-vol wait"), None);
-    let id = ok(&format!("ls '{}' | sed -n 's/\\.img$//p'", d.target("hdd").display()))
-        .trim()
-        .to_string();
+    let id = ok(&format!(
+        "ls '{}' | sed -n 's/\\.img$//p'",
+        d.target("hdd").display()
+    ))
+    .trim()
+    .to_string();
     assert_eq!(d.record("hdd", &id)["snapshot_used"], true);
-    ok(&format!("cmp '{}' '{}'", d.image("hdd", &id).display(), source.display()));
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        source.display()
+    ));
     let left = ok(&format!("ls -A '{}'", l.gold.display()));
     assert_eq!(left.trim(), "volume-busy-vol", "the snapshot must be gone");
     assert_eq!(sha256(&source), before);
@@ -136,9 +185,12 @@ fn volume_bound_to_a_loop_device_is_backed_up_from_a_snapshot() {
     let dev = sb.attach_loop(&source);
     let d = sb.start_daemon(&l.config);
     assert_eq!(d.request("hdd", "attached wait"), None);
-    let id = ok(&format!("ls '{}' | sed -n 's/\\.img$//p'", d.target("hdd").display()))
-        .trim()
-        .to_string();
+    let id = ok(&format!(
+        "ls '{}' | sed -n 's/\\.img$//p'",
+        d.target("hdd").display()
+    ))
+    .trim()
+    .to_string();
     assert_eq!(d.record("hdd", &id)["snapshot_used"], true);
     ok(&format!("cmp '{}' '{dev}'", d.image("hdd", &id).display()));
     let left = ok(&format!("ls -A '{}'", l.main.display()));
@@ -157,7 +209,10 @@ fn in_use_volume_without_reflinks_is_refused_with_ebusy() {
     assert_eq!(d.request("hdd", "pinned wait"), Some(libc::EBUSY));
     assert_eq!(d.request("hdd", "pinned"), Some(libc::EBUSY));
     let listing = ok(&format!("ls '{}'", d.target("hdd").display()));
-    assert_eq!(listing.split_whitespace().collect::<Vec<_>>(), ["by-volume", "jobs", "request"]);
+    assert_eq!(
+        listing.split_whitespace().collect::<Vec<_>>(),
+        ["by-volume", "jobs", "request"]
+    );
     assert!(d.log().contains("cannot be snapshotted"), "{}", d.log());
     sb.release(holder);
     // Once released, the same volume backs up.
@@ -185,15 +240,26 @@ fn request_refusals_have_their_errnos_and_change_nothing() {
     }
     assert_eq!(d.request("hdd", "no-such-volume"), Some(libc::ENOENT));
     let id = d.backup("hdd", "slow");
-    assert_eq!(d.request("hdd", "slow"), Some(libc::EBUSY), "a second backup of a busy volume");
+    assert_eq!(
+        d.request("hdd", "slow"),
+        Some(libc::EBUSY),
+        "a second backup of a busy volume"
+    );
     // Restores into a volume being backed up are refused too.
     assert_eq!(
         write_errno(&d.volume("ssd", "slow"), b"x"),
         Some(libc::EBUSY)
     );
     assert_eq!(d.wait_job("hdd", &id), "available");
-    let records = ok(&format!("ls '{}' | grep -c json", d.target("hdd").display()));
-    assert_eq!(records.trim(), "1", "only the accepted request made a record");
+    let records = ok(&format!(
+        "ls '{}' | grep -c json",
+        d.target("hdd").display()
+    ));
+    assert_eq!(
+        records.trim(),
+        "1",
+        "only the accepted request made a record"
+    );
 }
 
 #[test]
@@ -216,7 +282,14 @@ fn target_too_small_is_refused_with_enospc() {
     random_volume(&ssd, "small", 4);
     let d = sb.start_daemon(&config);
     assert_eq!(d.request("small", "big wait"), Some(libc::ENOSPC));
-    assert_eq!(ok(&format!("ls '{}' | grep -c json || true", d.target("small").display())).trim(), "0");
+    assert_eq!(
+        ok(&format!(
+            "ls '{}' | grep -c json || true",
+            d.target("small").display()
+        ))
+        .trim(),
+        "0"
+    );
     assert_eq!(d.request("small", "small wait"), None);
 }
 
@@ -228,7 +301,10 @@ fn backup_images_are_read_only_and_status_files_refuse_writes() {
     let d = sb.start_daemon(&l.config);
     let id = d.backup("hdd", "v wait");
     assert_eq!(write_errno(&d.image("hdd", &id), b"x"), Some(libc::EROFS));
-    assert_eq!(write_errno(&d.target("hdd").join("jobs"), b"x"), Some(libc::EACCES));
+    assert_eq!(
+        write_errno(&d.target("hdd").join("jobs"), b"x"),
+        Some(libc::EACCES)
+    );
     assert_eq!(
         write_errno(&d.target("hdd").join(format!("{id}.json")), b"x"),
         Some(libc::EACCES)
@@ -257,16 +333,23 @@ fn filesystem_inside_a_backup_can_be_mounted_read_only() {
     let d = sb.start_daemon(&l.config);
     let id = d.backup("hdd", "fsvol wait");
     let look = sb.mkdir("look");
-    let dev = ok(&format!("losetup -r -f --show '{}'", d.image("hdd", &id).display()))
-        .trim()
-        .to_string();
+    let dev = ok(&format!(
+        "losetup -r -f --show '{}'",
+        d.image("hdd", &id).display()
+    ))
+    .trim()
+    .to_string();
     let result = sh(&format!(
         "mount -o ro {dev} '{look}' && diff -r '{files}' '{look}' -x lost+found; rc=$?; umount '{look}'; exit $rc",
         look = look.display(),
         files = files.display()
     ));
     ok(&format!("losetup -d {dev}"));
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 }
 
 #[test]
@@ -284,7 +367,10 @@ fn jobs_beyond_max_parallel_wait_as_queued() {
     let first = d.backup("hdd", "first");
     let second = d.backup("hdd", "second");
     let jobs = d.jobs("hdd");
-    assert!(jobs.contains(&format!("{second} second queued 0/{}", 4 << 20)), "jobs:\n{jobs}");
+    assert!(
+        jobs.contains(&format!("{second} second queued 0/{}", 4 << 20)),
+        "jobs:\n{jobs}"
+    );
     assert_eq!(d.wait_job("hdd", &first), "available");
     assert_eq!(d.wait_job("hdd", &second), "available");
 }
@@ -298,11 +384,18 @@ fn rm_deletes_backups_and_failed_records_only() {
     let id = d.backup("hdd", "v wait");
     let json = d.target("hdd").join(format!("{id}.json"));
     let out = sh(&format!("rm -f '{}'", json.display()));
-    assert!(!out.status.success(), "the record of an available backup is not removed alone");
+    assert!(
+        !out.status.success(),
+        "the record of an available backup is not removed alone"
+    );
     ok(&format!("rm '{}'", d.image("hdd", &id).display()));
     assert!(!json.exists());
     let left = ok(&format!("ls -A '{}'", l.backups.display()));
-    assert_eq!(left.trim(), ".backupfs.lock", "data, checksums and record are gone");
+    assert_eq!(
+        left.trim(),
+        ".backupfs.lock",
+        "data, checksums and record are gone"
+    );
 }
 
 #[test]
@@ -316,5 +409,9 @@ fn backups_and_records_survive_a_restart() {
     assert!(d.stop().success());
     let d = sb.start_daemon(&l.config);
     assert_eq!(d.record("hdd", &id), record);
-    ok(&format!("cmp '{}' '{}'", d.image("hdd", &id).display(), source.display()));
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        source.display()
+    ));
 }

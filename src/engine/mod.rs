@@ -53,10 +53,7 @@ pub enum EngineError {
     #[error(transparent)]
     Copy(#[from] CopyError),
     #[error("{op}: {source}")]
-    Io {
-        op: String,
-        source: std::io::Error,
-    },
+    Io { op: String, source: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
@@ -164,6 +161,8 @@ struct State {
 
 struct Inner {
     config: Config,
+    /// Held for the daemon's lifetime: one daemon per state directory.
+    _state_lock: File,
     backends: BTreeMap<String, Backend>,
     targets: BTreeMap<String, Arc<dyn BackupTarget>>,
     state: Mutex<State>,
@@ -191,6 +190,30 @@ impl Engine {
             op: format!("create state_dir {}", config.state_dir.display()),
             source,
         })?;
+        let lock_path = config.state_dir.join("backupfs.lock");
+        let state_lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| EngineError::Io {
+                op: format!("open {}", lock_path.display()),
+                source,
+            })?;
+        // SAFETY: flock on a descriptor we own; released when it closes.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&state_lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } < 0
+        {
+            return Err(EngineError::Busy(format!(
+                "state_dir {} is in use by another backupfs (lock {})",
+                config.state_dir.display(),
+                lock_path.display()
+            )));
+        }
         let mut backends = BTreeMap::new();
         for (name, backend) in &config.backends {
             let driver: Arc<dyn VolumeDriver> = match backend.driver {
@@ -214,8 +237,7 @@ impl Engine {
         for (name, target) in &config.targets {
             let backend = &backends[&target.backend];
             let dir = &config.backends[&target.backend].pools[&target.pool];
-            let opened =
-                VolumeTarget::open(name, backend.driver.clone(), &target.pool, dir)?;
+            let opened = VolumeTarget::open(name, backend.driver.clone(), &target.pool, dir)?;
             targets.insert(name.clone(), Arc::new(opened));
         }
         let inner = Arc::new(Inner {
@@ -224,8 +246,10 @@ impl Engine {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             config,
+            _state_lock: state_lock,
         });
         inner.recover();
+        inner.list_recent_jobs();
         let workers = (0..inner.config.max_parallel_jobs)
             .map(|i| {
                 let inner = inner.clone();
@@ -298,7 +322,11 @@ impl Engine {
                     volume_id: job.volume_id.clone(),
                     target: job.target.clone(),
                     phase: s.phase,
-                    done: if s.phase == Phase::Available { job.size } else { done },
+                    done: if s.phase == Phase::Available {
+                        job.size
+                    } else {
+                        done
+                    },
                     total: if total == 0 { job.size } else { total },
                     error: s.error.as_ref().map(|(_, reason)| reason.clone()),
                 }
@@ -381,7 +409,10 @@ impl Engine {
         }
         target.delete_data(backup_id)?;
         target.remove_record(backup_id)?;
-        info!(target = target_name, backup_id, "record of failed backup removed");
+        info!(
+            target = target_name,
+            backup_id, "record of failed backup removed"
+        );
         Ok(())
     }
 
@@ -406,9 +437,7 @@ impl Engine {
     pub fn open_volume_read(&self, backend_name: &str, volume_id: &str) -> Result<File> {
         let backend = self.inner.backend(backend_name)?;
         let info = self.inner.find_on(backend_name, volume_id)?;
-        let path = backend
-            .driver
-            .attach(&info.pool, volume_id, Access::Read)?;
+        let path = backend.driver.attach(&info.pool, volume_id, Access::Read)?;
         // Reads through the mount come in small pieces; use the page cache.
         File::open(&path.path).map_err(|source| EngineError::Io {
             op: format!("open {}", path.path.display()),
@@ -448,13 +477,19 @@ impl Engine {
         let pool = backend.volume_pools.first().ok_or_else(|| {
             EngineError::NotPermitted(format!("backend {backend_name} has no volume pool"))
         })?;
-        let info = backend.driver.create(pool, volume_id, 0).map_err(|e| match e {
-            VolumeError::Exists(_) => EngineError::Exists(format!(
-                "volume {volume_id} already exists on {backend_name}"
-            )),
-            other => other.into(),
-        })?;
-        info!(backend = backend_name, pool, volume_id, "volume created for a restore");
+        let info = backend
+            .driver
+            .create(pool, volume_id, 0)
+            .map_err(|e| match e {
+                VolumeError::Exists(_) => EngineError::Exists(format!(
+                    "volume {volume_id} already exists on {backend_name}"
+                )),
+                other => other.into(),
+            })?;
+        info!(
+            backend = backend_name,
+            pool, volume_id, "volume created for a restore"
+        );
         claim_restore(&self.inner, backend_name, &info)
     }
 
@@ -551,17 +586,19 @@ impl Inner {
         let key = (backend_name.clone(), info.id.clone());
         if let Some(busy) = self.state.lock().busy.get(&key) {
             return Err(EngineError::Busy(match busy {
-                Busy::Backup => format!("volume {} already has a backup queued or running", info.id),
+                Busy::Backup => {
+                    format!("volume {} already has a backup queued or running", info.id)
+                }
                 Busy::Restore(_) => format!("volume {} is being restored", info.id),
             }));
         }
-        if let Some(why) = backend.driver.in_use(&info.pool, &info.id)? {
-            if let Err(reason) = backend.driver.snapshot_support(&info.pool) {
-                return Err(EngineError::Busy(format!(
-                    "volume {} is in-use ({why}) and cannot be snapshotted: {reason}",
-                    info.id
-                )));
-            }
+        if let Some(why) = backend.driver.in_use(&info.pool, &info.id)?
+            && let Err(reason) = backend.driver.snapshot_support(&info.pool)
+        {
+            return Err(EngineError::Busy(format!(
+                "volume {} is in-use ({why}) and cannot be snapshotted: {reason}",
+                info.id
+            )));
         }
         let free = target.free_space()?;
         if info.allocated > free {
@@ -759,7 +796,11 @@ impl Inner {
             record.snapshot_used = true;
             // Recorded before the snapshot exists, so recovery knows to look for it.
             target.write_record(record)?;
-            info!(backup_id = job.backup_id, volume_id = job.volume_id, "volume is in-use ({why}): backing up from a temporary snapshot");
+            info!(
+                backup_id = job.backup_id,
+                volume_id = job.volume_id,
+                "volume is in-use ({why}): backing up from a temporary snapshot"
+            );
             driver
                 .snapshot(&job.pool, &job.volume_id, &snapshot)
                 .map_err(|e| match e {
@@ -795,8 +836,7 @@ impl Inner {
             &job.progress,
             &job.cancel,
             &|_, _| Ok(()),
-        )
-        ?;
+        )?;
         driver.detach(source)?;
         drop(destination);
         if in_use.is_none()
@@ -818,7 +858,10 @@ impl Inner {
             && let Err(e) = driver.delete_snapshot(&job.pool, &snapshot)
         {
             // The backup is good; the snapshot is removed at the next start.
-            warn!(backup_id = job.backup_id, "cannot delete temporary snapshot {snapshot}: {e}");
+            warn!(
+                backup_id = job.backup_id,
+                "cannot delete temporary snapshot {snapshot}: {e}"
+            );
         }
         Ok(outcome.bytes_written)
     }
@@ -835,7 +878,10 @@ impl Inner {
                 }
             };
             for mut record in records {
-                let driver = self.backends.get(&record.backend).map(|b| b.driver.as_ref());
+                let driver = self
+                    .backends
+                    .get(&record.backend)
+                    .map(|b| b.driver.as_ref());
                 match record.status {
                     Status::Creating => {
                         if let Some(driver) = driver {
@@ -856,7 +902,9 @@ impl Inner {
                                 volume_id = record.volume_id,
                                 "interrupted backup recorded as error; its partial data is removed"
                             ),
-                            Err(e) => error!(backup_id = record.id, "cannot record interruption: {e}"),
+                            Err(e) => {
+                                error!(backup_id = record.id, "cannot record interruption: {e}")
+                            }
                         }
                     }
                     Status::Deleting => {
@@ -864,7 +912,11 @@ impl Inner {
                             .delete_data(&record.id)
                             .and_then(|()| target.remove_record(&record.id));
                         match done {
-                            Ok(()) => info!(target = name, backup_id = record.id, "finished an interrupted deletion"),
+                            Ok(()) => info!(
+                                target = name,
+                                backup_id = record.id,
+                                "finished an interrupted deletion"
+                            ),
                             Err(e) => error!(backup_id = record.id, "cannot finish deletion: {e}"),
                         }
                     }
@@ -874,7 +926,10 @@ impl Inner {
                             && let Err(e) =
                                 driver.delete_snapshot(&record.pool, &snapshot_name(&record.id))
                         {
-                            error!(backup_id = record.id, "cannot delete temporary snapshot: {e}");
+                            error!(
+                                backup_id = record.id,
+                                "cannot delete temporary snapshot: {e}"
+                            );
                         }
                     }
                 }
@@ -883,7 +938,10 @@ impl Inner {
             if let (Ok(ids), Ok(records)) = (target.data_ids(), target.records()) {
                 for id in ids {
                     if !records.iter().any(|r| r.id == id) {
-                        warn!(target = name, "removing stray data volume-{id} that has no record");
+                        warn!(
+                            target = name,
+                            "removing stray data volume-{id} that has no record"
+                        );
                         if let Err(e) = target.delete_data(&id) {
                             error!(target = name, "cannot remove stray data {id}: {e}");
                         }
@@ -891,6 +949,54 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// After a restart, `jobs` still lists the backups that ended within the last hours,
+    /// rebuilt from the catalogue (the records are the truth; nothing else is kept).
+    fn list_recent_jobs(&self) {
+        let now = SystemTime::now();
+        let mut recent: Vec<Arc<Job>> = Vec::new();
+        for target in self.targets.values() {
+            let Ok(records) = target.records() else {
+                continue;
+            };
+            for record in records {
+                let ended = match record.status {
+                    Status::Available => Phase::Available,
+                    Status::Error => Phase::Error,
+                    _ => continue,
+                };
+                let age = now
+                    .duration_since(record.completed_time())
+                    .unwrap_or(Duration::ZERO);
+                if age >= ENDED_JOB_TTL {
+                    continue;
+                }
+                let progress = Progress::default();
+                progress.total.store(record.size, Ordering::Relaxed);
+                recent.push(Arc::new(Job {
+                    backup_id: record.id.clone(),
+                    volume_id: record.volume_id.clone(),
+                    backend: record.backend.clone(),
+                    pool: record.pool.clone(),
+                    target: record.target.clone(),
+                    name: record.name.clone(),
+                    size: record.size,
+                    state: Mutex::new(JobState {
+                        phase: ended,
+                        error: record.error.clone().map(|reason| (libc::EIO, reason)),
+                        ended_at: Some(
+                            Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+                        ),
+                    }),
+                    ended: Condvar::new(),
+                    progress,
+                    cancel: AtomicBool::new(false),
+                }));
+            }
+        }
+        recent.sort_by_key(|job| job.state.lock().ended_at);
+        self.state.lock().jobs = recent;
     }
 
     fn release_restore(&self, key: &(String, String)) {
@@ -909,7 +1015,11 @@ impl Inner {
 
 /// Marks a volume as being restored and attaches it for writing; refused while a backup of
 /// it is queued or running, or while something outside backupfs uses it.
-fn claim_restore(inner: &Arc<Inner>, backend_name: &str, info: &VolumeInfo) -> Result<Arc<VolumeWriter>> {
+fn claim_restore(
+    inner: &Arc<Inner>,
+    backend_name: &str,
+    info: &VolumeInfo,
+) -> Result<Arc<VolumeWriter>> {
     let backend = inner.backend(backend_name)?;
     let key = (backend_name.to_string(), info.id.clone());
     {
@@ -935,6 +1045,9 @@ fn claim_restore(inner: &Arc<Inner>, backend_name: &str, info: &VolumeInfo) -> R
         size: AtomicU64::new(info.size),
         attachment: None,
         resize: Mutex::new(()),
+        written: AtomicU64::new(0),
+        copied: AtomicU64::new(0),
+        opened: Instant::now(),
     };
     if let Some(why) = backend.driver.in_use(&info.pool, &info.id)? {
         return Err(EngineError::Busy(format!(
@@ -956,11 +1069,29 @@ pub struct VolumeWriter {
     attachment: Option<Attachment>,
     /// Serialises size changes (writes past the end, truncates).
     resize: Mutex<()>,
+    written: AtomicU64,
+    copied: AtomicU64,
+    opened: Instant,
 }
 
 impl Drop for VolumeWriter {
     fn drop(&mut self) {
         self.inner.release_restore(&self.key);
+        let (written, copied) = (
+            self.written.load(Ordering::Relaxed),
+            self.copied.load(Ordering::Relaxed),
+        );
+        if written + copied > 0 {
+            let secs = self.opened.elapsed().as_secs_f64();
+            info!(
+                backend = self.key.0,
+                volume_id = self.key.1,
+                bytes_written = written,
+                bytes_copied_server_side = copied,
+                seconds = format!("{secs:.2}"),
+                "restore into volume ended"
+            );
+        }
     }
 }
 
@@ -1007,6 +1138,7 @@ impl VolumeWriter {
                 op: format!("write {}", attachment.path.display()),
                 source,
             })?;
+        self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data.len())
     }
 
@@ -1027,7 +1159,8 @@ impl VolumeWriter {
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let end = (offset + len).min(self.size());
         if end > offset {
-            self.driver.discard(self.attachment()?, offset, end - offset)?;
+            self.driver
+                .discard(self.attachment()?, offset, end - offset)?;
         }
         Ok(())
     }
@@ -1059,27 +1192,37 @@ impl VolumeWriter {
         };
         let discard = |offset, len| crate::volume::file::zero_range(&attachment.file, offset, len);
         copy::copy_kernel(&image.file, &attachment.file, range, &discard)?;
+        self.copied.fetch_add(len, Ordering::Relaxed);
         Ok(len)
     }
 
     pub fn sync(&self) -> Result<()> {
         let attachment = self.attachment()?;
-        attachment.file.sync_data().map_err(|source| EngineError::Io {
-            op: format!("fsync {}", attachment.path.display()),
-            source,
-        })
+        attachment
+            .file
+            .sync_data()
+            .map_err(|source| EngineError::Io {
+                op: format!("fsync {}", attachment.path.display()),
+                source,
+            })
     }
 }
 
 /// Removes what a failed or interrupted backup left: its partial data and its snapshot.
 fn cleanup(target: &dyn BackupTarget, driver: &dyn VolumeDriver, record: &Record) {
     if let Err(e) = target.delete_data(&record.id) {
-        error!(backup_id = record.id, "cannot remove partial backup data: {e}");
+        error!(
+            backup_id = record.id,
+            "cannot remove partial backup data: {e}"
+        );
     }
     if record.snapshot_used
         && let Err(e) = driver.delete_snapshot(&record.pool, &snapshot_name(&record.id))
     {
-        error!(backup_id = record.id, "cannot delete temporary snapshot: {e}");
+        error!(
+            backup_id = record.id,
+            "cannot delete temporary snapshot: {e}"
+        );
     }
 }
 

@@ -87,7 +87,10 @@ fn guard(op: &str, f: impl FnOnce()) {
 /// Logs a refusal once and returns its errno.
 fn refuse(op: &str, e: &EngineError) -> Errno {
     let code = errno(e);
-    warn!("{op} refused ({}): {e}", std::io::Error::from_raw_os_error(code.code()));
+    warn!(
+        "{op} refused ({}): {e}",
+        std::io::Error::from_raw_os_error(code.code())
+    );
     code
 }
 
@@ -116,7 +119,10 @@ impl BackupFs {
     }
 
     fn remember(&self, node: &Node) {
-        self.nodes.write().entry(node.ino()).or_insert_with(|| node.clone());
+        self.nodes
+            .write()
+            .entry(node.ino())
+            .or_insert_with(|| node.clone());
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
@@ -221,7 +227,12 @@ impl BackupFs {
         }
     }
 
-    fn do_setattr(&self, node: &Node, size: Option<u64>, fh: Option<FileHandle>) -> Result<(), Errno> {
+    fn do_setattr(
+        &self,
+        node: &Node,
+        size: Option<u64>,
+        fh: Option<FileHandle>,
+    ) -> Result<(), Errno> {
         let Some(size) = size else { return Ok(()) };
         match node {
             // `echo x > request` truncates first: nothing to do.
@@ -375,7 +386,15 @@ impl Filesystem for BackupFs {
         })
     }
 
-    fn mkdir(&self, _req: &Request, _p: INodeNo, name: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        name: &OsStr,
+        _m: u32,
+        _u: u32,
+        reply: ReplyEntry,
+    ) {
         warn!("mkdir {name:?} refused (EPERM): the tree is fixed");
         reply.error(Errno::EPERM);
     }
@@ -394,13 +413,17 @@ impl Filesystem for BackupFs {
                     } else if let Some(id) = name.strip_suffix(".json") {
                         self.engine.delete_record(t, id)
                     } else {
-                        Err(EngineError::NotPermitted(format!("{name} cannot be removed")))
+                        Err(EngineError::NotPermitted(format!(
+                            "{name} cannot be removed"
+                        )))
                     }
                 }
                 Node::Backend(b) => Err(EngineError::NotPermitted(format!(
                     "volumes are never deleted through backupfs ({b}/{name})"
                 ))),
-                _ => Err(EngineError::NotPermitted(format!("{name} cannot be removed"))),
+                _ => Err(EngineError::NotPermitted(format!(
+                    "{name} cannot be removed"
+                ))),
             };
             match result {
                 Ok(()) => reply.ok(),
@@ -566,7 +589,10 @@ impl Filesystem for BackupFs {
                 }
                 Handle::VolumeWrite { writer } => match writer.write_at(offset, data) {
                     Ok(n) => reply.written(n as u32),
-                    Err(e) => reply.error(refuse(&format!("write to volume {}", writer.volume_id()), &e)),
+                    Err(e) => reply.error(refuse(
+                        &format!("write to volume {}", writer.volume_id()),
+                        &e,
+                    )),
                 },
                 Handle::Image { .. } => reply.error(Errno::EROFS),
                 _ => reply.error(Errno::EBADF),
@@ -574,7 +600,14 @@ impl Filesystem for BackupFs {
         })
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -593,7 +626,14 @@ impl Filesystem for BackupFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         guard("fsync", || match self.handle(fh).as_deref() {
             Ok(Handle::VolumeWrite { writer }) => {
                 let writer = writer.clone();
@@ -656,7 +696,14 @@ impl Filesystem for BackupFs {
         })
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.handles.lock().remove(&fh.0);
         reply.ok();
     }
@@ -677,7 +724,10 @@ impl Filesystem for BackupFs {
                 Ok(record) => record,
                 Err(e) => return reply.error(errno(&e)),
             };
-            let Some((_, value)) = record.scalar_fields().into_iter().find(|(k, _)| *k == field)
+            let Some((_, value)) = record
+                .scalar_fields()
+                .into_iter()
+                .find(|(k, _)| *k == field)
             else {
                 return reply.error(Errno::NO_XATTR);
             };
@@ -735,6 +785,21 @@ impl Filesystem for BackupFs {
             },
             Err(e) => reply.error(e),
         })
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Shells probe every descriptor for a terminal (TCGETS): not one.
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 
     fn fallocate(
@@ -829,7 +894,9 @@ impl Filesystem for BackupFs {
             let spawned = std::thread::Builder::new()
                 .name("copy-range".into())
                 .spawn(move || {
-                    match writer.copy_from_backup(&engine, &target, &backup_id, offset_in, offset_out, len) {
+                    match writer
+                        .copy_from_backup(&engine, &target, &backup_id, offset_in, offset_out, len)
+                    {
                         Ok(n) => reply.written(n as u32),
                         Err(e) => reply.error(refuse("server-side copy", &e)),
                     }
@@ -842,10 +909,16 @@ impl Filesystem for BackupFs {
 }
 
 impl BackupFs {
-    fn create_volume(&self, parent: INodeNo, name: &OsStr) -> Result<(Node, Arc<VolumeWriter>), Errno> {
+    fn create_volume(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+    ) -> Result<(Node, Arc<VolumeWriter>), Errno> {
         let parent = self.node(parent)?;
         let Node::Backend(backend) = parent else {
-            warn!("create {name:?} refused (EPERM): files are created only under volumes/<backend>/");
+            warn!(
+                "create {name:?} refused (EPERM): files are created only under volumes/<backend>/"
+            );
             return Err(Errno::EPERM);
         };
         let Some(name) = name.to_str().filter(|n| crate::volume::is_valid_id(n)) else {
@@ -871,6 +944,3 @@ fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
         reply.data(value)
     }
 }
-
-
-

@@ -146,7 +146,8 @@ pub fn latest_backup(records: &[Record], volume_id: &str) -> Option<String> {
         .iter()
         .filter(|r| r.status == Status::Available && r.volume_id == volume_id)
         .max_by(|a, b| {
-            (a.completed_at.as_deref(), &a.created_at).cmp(&(b.completed_at.as_deref(), &b.created_at))
+            (a.completed_at.as_deref(), &a.created_at)
+                .cmp(&(b.completed_at.as_deref(), &b.created_at))
         })
         .map(|r| r.id.clone())
 }

@@ -134,11 +134,10 @@ impl VolumeTarget {
 
     fn read_record_file(path: &Path) -> Result<Record> {
         let text = std::fs::read(path).map_err(|e| TargetError::io("read", path, e))?;
-        let record: Record =
-            serde_json::from_slice(&text).map_err(|e| TargetError::BadRecord {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let record: Record = serde_json::from_slice(&text).map_err(|e| TargetError::BadRecord {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         if record.format != FORMAT_VERSION {
             return Err(TargetError::BadRecord {
                 path: path.to_path_buf(),
@@ -219,7 +218,9 @@ impl BackupTarget for VolumeTarget {
             return Err(TargetError::NotFound(backup_id.to_string()));
         }
         match Self::read_record_file(&self.record_path(backup_id)) {
-            Err(TargetError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(TargetError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
                 Err(TargetError::NotFound(backup_id.to_string()))
             }
             other => other,

@@ -36,7 +36,9 @@ impl FileDriver {
         if !is_valid_id(volume_id) {
             return Err(VolumeError::NotFound(volume_id.to_string()));
         }
-        Ok(self.pool_dir(pool)?.join(format!("{VOLUME_PREFIX}{volume_id}")))
+        Ok(self
+            .pool_dir(pool)?
+            .join(format!("{VOLUME_PREFIX}{volume_id}")))
     }
 
     fn snapshot_path(&self, pool: &str, snapshot_name: &str) -> Result<PathBuf> {
@@ -182,8 +184,7 @@ impl VolumeDriver for FileDriver {
         let mut volumes = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(volume_id) = name.to_str().and_then(|n| n.strip_prefix(VOLUME_PREFIX))
-            else {
+            let Some(volume_id) = name.to_str().and_then(|n| n.strip_prefix(VOLUME_PREFIX)) else {
                 continue;
             };
             if !is_valid_id(volume_id) {
@@ -277,7 +278,9 @@ impl VolumeDriver for FileDriver {
             drop(snapshot);
             let _ = std::fs::remove_file(&snapshot_path);
             return Err(match e.raw_os_error() {
-                Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL)
+                Some(libc::EOPNOTSUPP)
+                | Some(libc::EXDEV)
+                | Some(libc::EINVAL)
                 | Some(libc::ENOTTY) => VolumeError::SnapshotUnsupported(format!(
                     "pool {}/{pool} ({}) has no reflinks: {e}",
                     self.backend,
@@ -303,12 +306,26 @@ impl VolumeDriver for FileDriver {
 
     fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String> {
         let dir = self.pool_dir(pool).map_err(|e| e.to_string())?;
-        let probe = |suffix: &str| dir.join(format!(".backupfs-reflink-probe-{}{suffix}", std::process::id()));
+        let probe = |suffix: &str| {
+            dir.join(format!(
+                ".backupfs-reflink-probe-{}{suffix}",
+                std::process::id()
+            ))
+        };
         let (a, b) = (probe("a"), probe("b"));
         let result = (|| -> std::io::Result<()> {
-            let source = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&a)?;
+            let source = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&a)?;
             std::io::Write::write_all(&mut &source, &[0u8; 4096])?;
-            let dest = OpenOptions::new().write(true).create(true).truncate(true).open(&b)?;
+            let dest = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&b)?;
             reflink(&source, &dest)
         })();
         let _ = std::fs::remove_file(&a);
@@ -346,7 +363,7 @@ impl VolumeDriver for FileDriver {
         let canonical = path
             .canonicalize()
             .map_err(|e| VolumeError::io("check in-use", &path, e))?;
-        if loop_backing_files().iter().any(|b| *b == canonical) {
+        if loop_backing_files().contains(&canonical) {
             return Ok(Some("bound to a loop device".to_string()));
         }
         lock_holder(&path).map_err(|e| VolumeError::io("check in-use", &path, e))

@@ -56,8 +56,10 @@ pub fn write_errno(path: &Path, line: &[u8]) -> Option<i32> {
         Ok(file) => file,
         Err(e) => return e.raw_os_error(),
     };
+    // One write(2), exactly as `echo` makes it; a short write would be a failure too.
     match file.write(line) {
-        Ok(_) => None,
+        Ok(n) if n == line.len() => None,
+        Ok(_) => Some(libc::EIO),
         Err(e) => e.raw_os_error(),
     }
 }
@@ -166,7 +168,9 @@ impl Sandbox {
 
     /// Starts `backupfs mount` and waits for the tree to appear.
     pub fn start_daemon(&mut self, config: &Path) -> Daemon {
-        let mnt = self.mkdir("mnt");
+        let mnt = self.path("mnt");
+        // A stale mount of a killed daemon answers ENOTCONN here; the daemon clears it.
+        let _ = std::fs::create_dir_all(&mnt);
         let log = self.path("daemon.log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -210,7 +214,8 @@ pub fn is_fuse_mount(path: &Path) -> bool {
         .any(|l| {
             let mut f = l.split(' ');
             let (_, target, kind) = (f.next(), f.next(), f.next());
-            target == Some(path.to_str().unwrap_or("")) && kind.is_some_and(|k| k.starts_with("fuse"))
+            target == Some(path.to_str().unwrap_or(""))
+                && kind.is_some_and(|k| k.starts_with("fuse"))
         })
 }
 
@@ -277,7 +282,10 @@ impl Daemon {
 
     /// `echo "<line>" > request`, returning the errno of the write if it failed.
     pub fn request(&self, target: &str, line: &str) -> Option<i32> {
-        write_errno(&self.target(target).join("request"), format!("{line}\n").as_bytes())
+        write_errno(
+            &self.target(target).join("request"),
+            format!("{line}\n").as_bytes(),
+        )
     }
 
     /// Starts a backup and returns its id, read back through the same open file.
@@ -333,6 +341,13 @@ impl Daemon {
         self.wait_exit()
     }
 
+    /// kill -9 and leave the mount as a dead daemon leaves it (the sandbox detaches it).
+    pub fn crash(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+
     pub fn kill9(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -345,7 +360,11 @@ impl Daemon {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "daemon did not exit; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -415,7 +434,13 @@ pub fn random_volume(pool: &Path, volume_id: &str, mb: u64) -> PathBuf {
 }
 
 /// A sparse volume of `size_mb` MiB with `data_mb` MiB of random data at `at_mb` MiB.
-pub fn sparse_volume(pool: &Path, volume_id: &str, size_mb: u64, at_mb: u64, data_mb: u64) -> PathBuf {
+pub fn sparse_volume(
+    pool: &Path,
+    volume_id: &str,
+    size_mb: u64,
+    at_mb: u64,
+    data_mb: u64,
+) -> PathBuf {
     let path = pool.join(format!("volume-{volume_id}"));
     ok(&format!(
         "truncate -s {size_mb}M '{p}' && dd if=/dev/urandom of='{p}' bs=1M seek={at_mb} count={data_mb} conv=notrunc status=none",
