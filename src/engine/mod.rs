@@ -434,15 +434,10 @@ impl Engine {
         self.inner.find_on(backend, volume_id)
     }
 
-    pub fn open_volume_read(&self, backend_name: &str, volume_id: &str) -> Result<File> {
+    pub fn open_volume_read(&self, backend_name: &str, volume_id: &str) -> Result<Attachment> {
         let backend = self.inner.backend(backend_name)?;
         let info = self.inner.find_on(backend_name, volume_id)?;
-        let path = backend.driver.attach(&info.pool, volume_id, Access::Read)?;
-        // Reads through the mount come in small pieces; use the page cache.
-        File::open(&path.path).map_err(|source| EngineError::Io {
-            op: format!("open {}", path.path.display()),
-            source,
-        })
+        Ok(backend.driver.attach(&info.pool, volume_id, Access::Read)?)
     }
 
     /// Opens an existing volume for a restore. Refused while it is in-use or has a backup
@@ -812,7 +807,7 @@ impl Inner {
                 })?;
             driver.attach_snapshot(&job.pool, &snapshot)?
         } else {
-            driver.attach(&job.pool, &job.volume_id, Access::Read)?
+            driver.attach(&job.pool, &job.volume_id, Access::Stream)?
         };
         Self::set_phase(job, Phase::Copying);
         let size = source

@@ -7,6 +7,7 @@ pub mod tree;
 
 use crate::engine::request::{self, USAGE};
 use crate::engine::{Engine, EngineError, VolumeWriter};
+use crate::volume::Attachment;
 use errno::errno;
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem,
@@ -42,10 +43,10 @@ enum Handle {
     /// A status file rendered at open (procfs-like, read with direct I/O).
     Text(Vec<u8>),
     Image {
-        file: File,
+        attachment: Attachment,
     },
     VolumeRead {
-        file: File,
+        attachment: Attachment,
     },
     VolumeWrite {
         writer: Arc<VolumeWriter>,
@@ -56,7 +57,9 @@ enum Handle {
 impl Handle {
     fn data_file(&self) -> Option<&File> {
         match self {
-            Handle::Image { file } | Handle::VolumeRead { file } => Some(file),
+            Handle::Image { attachment } | Handle::VolumeRead { attachment } => {
+                Some(&attachment.file)
+            }
             Handle::VolumeWrite { writer } => writer.file().ok(),
             _ => None,
         }
@@ -211,7 +214,7 @@ impl BackupFs {
             OpenAccMode::O_RDONLY => self
                 .engine
                 .open_volume_read(backend, volume_id)
-                .map(|file| Handle::VolumeRead { file }),
+                .map(|attachment| Handle::VolumeRead { attachment }),
             _ => self
                 .engine
                 .open_restore(backend, volume_id, flags.0 & libc::O_TRUNC != 0)
@@ -492,9 +495,7 @@ impl Filesystem for BackupFs {
                 }
                 Node::Image(t, id) => match self.engine.open_image(t, id) {
                     Ok(attachment) => {
-                        let fh = self.open_handle(Handle::Image {
-                            file: attachment.file,
-                        });
+                        let fh = self.open_handle(Handle::Image { attachment });
                         // Images never change: keep their pages across opens.
                         reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
                     }

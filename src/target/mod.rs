@@ -251,17 +251,12 @@ impl BackupTarget for VolumeTarget {
     }
 
     fn open_data(&self, backup_id: &str) -> Result<Attachment> {
-        let path = self.dir.join(format!("volume-{backup_id}"));
         // Image reads are served in small pieces: buffered reads (and readahead) suit
         // them better than O_DIRECT.
-        let file = File::open(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                TargetError::NotFound(backup_id.to_string())
-            } else {
-                TargetError::io("open", &path, e)
-            }
-        })?;
-        Ok(Attachment { file, path })
+        match self.driver.attach(&self.pool, backup_id, Access::Read) {
+            Err(VolumeError::NotFound(_)) => Err(TargetError::NotFound(backup_id.to_string())),
+            other => Ok(other?),
+        }
     }
 
     fn delete_data(&self, backup_id: &str) -> Result<()> {

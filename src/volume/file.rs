@@ -59,14 +59,16 @@ impl FileDriver {
     }
 }
 
-/// Opens for reading with O_DIRECT where the filesystem takes it, so a backup does not
-/// push the node's page cache out; falls back to buffered I/O (tmpfs, some FUSE).
-fn open_for_copy(path: &Path, access: Access) -> std::io::Result<File> {
+/// Opens a volume file. A stream (a backup's one pass) uses O_DIRECT where the
+/// filesystem takes it, so a backup does not push the node's page cache out; it falls
+/// back to buffered I/O (tmpfs, some FUSE).
+fn open_volume_file(path: &Path, access: Access) -> std::io::Result<File> {
     let mut options = OpenOptions::new();
     options.read(true);
-    if access == Access::Write {
-        options.write(true);
-        return options.open(path);
+    match access {
+        Access::Write => return options.write(true).open(path),
+        Access::Read => return options.open(path),
+        Access::Stream => {}
     }
     match options.clone().custom_flags(libc::O_DIRECT).open(path) {
         Ok(file) => Ok(file),
@@ -341,21 +343,21 @@ impl VolumeDriver for FileDriver {
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
         let path = self.volume_path(pool, volume_id)?;
-        let file = open_for_copy(&path, access).map_err(|e| {
+        let file = open_volume_file(&path, access).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 VolumeError::NotFound(volume_id.to_string())
             } else {
                 VolumeError::io("attach", &path, e)
             }
         })?;
-        Ok(Attachment { file, path })
+        Ok(Attachment::plain(file, path))
     }
 
     fn attach_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<Attachment> {
         let path = self.snapshot_path(pool, snapshot_name)?;
-        let file =
-            open_for_copy(&path, Access::Read).map_err(|e| VolumeError::io("attach", &path, e))?;
-        Ok(Attachment { file, path })
+        let file = open_volume_file(&path, Access::Stream)
+            .map_err(|e| VolumeError::io("attach", &path, e))?;
+        Ok(Attachment::plain(file, path))
     }
 
     fn in_use(&self, pool: &str, volume_id: &str) -> Result<Option<String>> {

@@ -72,16 +72,39 @@ pub struct VolumeInfo {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// Small reads served to users: through the page cache.
     Read,
+    /// One sequential pass of a copy: bypassing the page cache where the storage allows.
+    Stream,
     Write,
 }
 
 /// A volume (or snapshot) attached to this node: a descriptor the node reads or writes.
 /// Detaching is dropping it through [`VolumeDriver::detach`].
-#[derive(Debug)]
 pub struct Attachment {
     pub file: File,
     pub path: PathBuf,
+    /// Whatever keeps the attachment alive (an export process, a mapping); dropped last,
+    /// on detach.
+    pub keep_alive: Option<Box<dyn Send + Sync>>,
+}
+
+impl Attachment {
+    pub fn plain(file: File, path: PathBuf) -> Attachment {
+        Attachment {
+            file,
+            path,
+            keep_alive: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 /// The primitives of one volume backend. Pools are named by the configuration; which of
