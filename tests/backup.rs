@@ -211,7 +211,7 @@ fn in_use_volume_without_reflinks_is_refused_with_ebusy() {
     let listing = ok(&format!("ls '{}'", d.target("hdd").display()));
     assert_eq!(
         listing.split_whitespace().collect::<Vec<_>>(),
-        ["by-volume", "jobs", "request"]
+        ["by-volume", "jobs", "request", "verify"]
     );
     assert!(d.log().contains("cannot be snapshotted"), "{}", d.log());
     sb.release(holder);

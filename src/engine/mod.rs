@@ -2,6 +2,7 @@
 //! against the `VolumeDriver` primitives), restores, and crash recovery at start-up.
 //! It knows nothing of FUSE; it never leaves a partial backup or a snapshot behind.
 
+pub mod image;
 pub mod request;
 
 use crate::config::{Config, DriverKind};
@@ -20,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{error, info, warn};
 
+pub use image::Image;
 pub use request::BackupRequest;
 
 /// How long ended jobs stay listed in `jobs`.
@@ -52,6 +54,9 @@ pub enum EngineError {
     Target(#[from] TargetError),
     #[error(transparent)]
     Copy(#[from] CopyError),
+    /// Stored data that does not match its checksums.
+    #[error("backup {backup_id} is damaged: blocks {} (of 1 MiB) do not match their checksums", blocks.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))]
+    Damaged { backup_id: String, blocks: Vec<u64> },
     #[error("{op}: {source}")]
     Io { op: String, source: std::io::Error },
 }
@@ -167,12 +172,26 @@ struct Inner {
     targets: BTreeMap<String, Arc<dyn BackupTarget>>,
     state: Mutex<State>,
     work: Condvar,
+    images: image::ImageCache,
 }
 
 /// The engine; cheap to share (`Arc` inside).
 pub struct Engine {
     inner: Arc<Inner>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A test hook: with `BACKUPFS_TEST_PAUSE=<point>` in the daemon's environment, a job
+/// holds still at that point (until cancelled) so a test can kill the daemon exactly
+/// there. Points: `snapshotting` (snapshot made, copy not started) and `finishing` (data
+/// copied, record not yet available).
+fn pause_point(point: &str, cancel: &AtomicBool) {
+    if std::env::var("BACKUPFS_TEST_PAUSE").is_ok_and(|v| v == point) {
+        warn!("BACKUPFS_TEST_PAUSE: job holding at {point}");
+        while !cancel.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 fn snapshot_name(backup_id: &str) -> String {
@@ -245,6 +264,7 @@ impl Engine {
             targets,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
+            images: image::ImageCache::default(),
             config,
             _state_lock: state_lock,
         });
@@ -347,8 +367,10 @@ impl Engine {
     }
 
     /// The data of an available backup, for reading.
-    pub fn open_image(&self, target: &str, backup_id: &str) -> Result<Attachment> {
-        let target = self.target(target)?;
+    /// An available backup's image, for reading; its blocks are checked against their
+    /// checksums as they are read (unless `verify_reads = false`).
+    pub fn open_image(&self, target_name: &str, backup_id: &str) -> Result<Image> {
+        let target = self.target(target_name)?;
         let record = target.record(backup_id)?;
         if record.status != Status::Available {
             return Err(EngineError::NotFound(format!(
@@ -356,7 +378,53 @@ impl Engine {
                 record.status.as_str()
             )));
         }
-        Ok(target.open_data(backup_id)?)
+        let attachment = target.open_data(backup_id)?;
+        let state = self
+            .inner
+            .images
+            .get(backup_id, || Ok(target.read_checksums(&record)?))?;
+        Ok(Image::new(
+            backup_id,
+            record.size,
+            attachment,
+            state,
+            self.inner.config.verify_reads,
+        ))
+    }
+
+    /// Reads a whole backup and checks every block; the result is kept in the record.
+    /// Fails with `Damaged` naming the bad blocks.
+    pub fn verify_backup(&self, target_name: &str, backup_id: &str) -> Result<()> {
+        let target = self.target(target_name)?;
+        let image = self.open_image(target_name, backup_id)?;
+        if !image.has_checksums() {
+            return Err(EngineError::NotPermitted(format!(
+                "backup {backup_id} has no checksums to verify against"
+            )));
+        }
+        let started = Instant::now();
+        let bad = image.damaged_blocks()?;
+        let mut record = target.record(backup_id)?;
+        record.verified_at = Some(now());
+        record.damaged_blocks = Some(bad.clone());
+        target.write_record(&record)?;
+        if bad.is_empty() {
+            info!(
+                target = target_name,
+                backup_id,
+                seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+                "backup verified: every block matches its checksum"
+            );
+            Ok(())
+        } else {
+            let e = image::damaged(backup_id, &bad);
+            error!(
+                target = target_name,
+                backup_id,
+                "verify: {e}; restore from another backup and check the target's storage"
+            );
+            Err(e)
+        }
     }
 
     pub fn image_allocated(&self, target: &str, backup_id: &str) -> Result<u64> {
@@ -391,6 +459,7 @@ impl Engine {
         // Mark first: a crash from here on finishes the deletion at the next start.
         record.status = Status::Deleting;
         target.write_record(&record)?;
+        self.inner.images.forget(backup_id);
         target.delete_data(backup_id)?;
         target.remove_record(backup_id)?;
         info!(target = target_name, backup_id, "backup deleted");
@@ -620,6 +689,8 @@ impl Inner {
             checksums: None,
             error: None,
             stored_bytes: 0,
+            verified_at: None,
+            damaged_blocks: None,
         };
         let job = Arc::new(Job {
             backup_id,
@@ -805,6 +876,7 @@ impl Inner {
                     )),
                     other => other.into(),
                 })?;
+            pause_point("snapshotting", &job.cancel);
             driver.attach_snapshot(&job.pool, &snapshot)?
         } else {
             driver.attach(&job.pool, &job.volume_id, Access::Stream)?
@@ -843,6 +915,10 @@ impl Inner {
             )));
         }
         Self::set_phase(job, Phase::Finishing);
+        pause_point("finishing", &job.cancel);
+        if job.cancel.load(Ordering::Relaxed) {
+            return Err(CopyError::Cancelled.into());
+        }
         record.checksums = Some(target.write_checksums(&job.backup_id, &outcome.checksums)?);
         record.size = size;
         record.stored_bytes = outcome.bytes_written;
@@ -1173,11 +1249,12 @@ impl VolumeWriter {
         len: u64,
     ) -> Result<u64> {
         let image = engine.open_image(target, backup_id)?;
-        let image_size = engine.record(target, backup_id)?.size;
-        let len = len.min(image_size.saturating_sub(offset_in));
+        let len = len.min(image.size.saturating_sub(offset_in));
         if len == 0 {
             return Ok(0);
         }
+        // Damaged data is never restored silently.
+        image.verify_range(offset_in, len)?;
         self.grow_to(offset_out + len)?;
         let attachment = self.attachment()?;
         let range = Range {
@@ -1186,7 +1263,7 @@ impl VolumeWriter {
             len,
         };
         let discard = |offset, len| crate::volume::file::zero_range(&attachment.file, offset, len);
-        copy::copy_kernel(&image.file, &attachment.file, range, &discard)?;
+        copy::copy_kernel(image.file(), &attachment.file, range, &discard)?;
         self.copied.fetch_add(len, Ordering::Relaxed);
         Ok(len)
     }

@@ -33,6 +33,7 @@ pub fn errno(e: &EngineError) -> Errno {
                 source.raw_os_error().map_or(Errno::EIO, Errno::from_i32)
             }
         },
+        EngineError::Damaged { .. } => Errno::EIO,
         EngineError::Copy(c) => c.raw_os_error().map_or(Errno::EIO, Errno::from_i32),
         EngineError::Io { source, .. } => source.raw_os_error().map_or(Errno::EIO, Errno::from_i32),
     }

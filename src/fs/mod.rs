@@ -6,7 +6,7 @@ mod errno;
 pub mod tree;
 
 use crate::engine::request::{self, USAGE};
-use crate::engine::{Engine, EngineError, VolumeWriter};
+use crate::engine::{Engine, EngineError, Image, VolumeWriter};
 use crate::volume::Attachment;
 use errno::errno;
 use fuser::{
@@ -34,16 +34,16 @@ const XATTR_PREFIX: &str = "user.backupfs.";
 
 /// What an open file handle is.
 enum Handle {
-    Request {
+    /// `request` or `verify`: a write starts work, a read gives its answer.
+    Control {
+        kind: Control,
         target: String,
-        /// The backup started by the last write through this handle, and the file offset
-        /// that write ended at: the shared position a following read starts from.
-        last: Mutex<Option<(String, u64)>>,
+        answer: Arc<Mutex<Option<Answer>>>,
     },
     /// A status file rendered at open (procfs-like, read with direct I/O).
     Text(Vec<u8>),
     Image {
-        attachment: Attachment,
+        image: Image,
     },
     VolumeRead {
         attachment: Attachment,
@@ -54,12 +54,46 @@ enum Handle {
     Dir(Vec<(Node, String)>),
 }
 
+/// The answer to the last write through a control file. It is read from the offset of
+/// the first read after it (`exec 3<>request; echo id >&3; read -r id <&3` reads at the
+/// position the write left), so any shared file position works.
+struct Answer {
+    text: String,
+    base: Option<u64>,
+}
+
+impl Answer {
+    fn new(text: String) -> Option<Answer> {
+        Some(Answer { text, base: None })
+    }
+
+    fn read(&mut self, offset: u64, size: u32) -> &[u8] {
+        let base = *self.base.get_or_insert(offset);
+        let start = (offset.saturating_sub(base) as usize).min(self.text.len());
+        let end = start.saturating_add(size as usize).min(self.text.len());
+        &self.text.as_bytes()[start..end]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Request,
+    Verify,
+}
+
+const VERIFY_USAGE: &str = "\
+usage: echo <backup-id> > verify
+  reads the whole backup and checks every block against its checksum; the write
+  fails with EIO if any block is damaged. Reading the same open file then gives
+  \"ok <backup-id>\" or \"damaged <backup-id> <block,...>\"; the result is also kept
+  in the record (verified_at, damaged_blocks).
+";
+
 impl Handle {
     fn data_file(&self) -> Option<&File> {
         match self {
-            Handle::Image { attachment } | Handle::VolumeRead { attachment } => {
-                Some(&attachment.file)
-            }
+            Handle::Image { image } => Some(image.file()),
+            Handle::VolumeRead { attachment } => Some(&attachment.file),
             Handle::VolumeWrite { writer } => writer.file().ok(),
             _ => None,
         }
@@ -171,11 +205,53 @@ impl BackupFs {
         }
     }
 
+    fn write_verify(
+        &self,
+        target: &str,
+        answer: &Arc<Mutex<Option<Answer>>>,
+        data: &[u8],
+        reply: ReplyWrite,
+    ) {
+        let line = std::str::from_utf8(data).unwrap_or("");
+        let backup_id = line
+            .strip_suffix('\n')
+            .unwrap_or(line)
+            .trim_end_matches(' ')
+            .to_string();
+        if !crate::volume::is_valid_id(&backup_id) {
+            warn!(
+                target,
+                "verify refused (EINVAL): {line:?} is not a backup id"
+            );
+            return reply.error(Errno::EINVAL);
+        }
+        let (engine, target, answer) = (self.engine.clone(), target.to_string(), answer.clone());
+        let written = data.len() as u32;
+        let spawned = std::thread::Builder::new()
+            .name("verify".into())
+            .spawn(move || match engine.verify_backup(&target, &backup_id) {
+                Ok(()) => {
+                    *answer.lock() = Answer::new(format!("ok {backup_id}\n"));
+                    reply.written(written)
+                }
+                Err(e) => {
+                    if let EngineError::Damaged { blocks, .. } = &e {
+                        let list: Vec<String> = blocks.iter().map(u64::to_string).collect();
+                        *answer.lock() =
+                            Answer::new(format!("damaged {backup_id} {}\n", list.join(",")));
+                    }
+                    reply.error(refuse(&format!("verify of {backup_id}"), &e))
+                }
+            });
+        if let Err(e) = spawned {
+            error!("cannot start a thread to verify a backup: {e}");
+        }
+    }
+
     fn write_request(
         &self,
         target: &str,
-        handle: &Arc<Handle>,
-        offset: u64,
+        answer: &Arc<Mutex<Option<Answer>>>,
         data: &[u8],
         reply: ReplyWrite,
     ) {
@@ -190,9 +266,7 @@ impl BackupFs {
             Ok(job) => job,
             Err(e) => return reply.error(refuse(&format!("backup of {}", parsed.volume_id), &e)),
         };
-        if let Handle::Request { last, .. } = handle.as_ref() {
-            *last.lock() = Some((job.backup_id.clone(), offset + data.len() as u64));
-        }
+        *answer.lock() = Answer::new(format!("{}\n", job.backup_id));
         let written = data.len() as u32;
         if !parsed.wait {
             return reply.written(written);
@@ -239,7 +313,7 @@ impl BackupFs {
         let Some(size) = size else { return Ok(()) };
         match node {
             // `echo x > request` truncates first: nothing to do.
-            Node::Request(_) | Node::Jobs(_) => Ok(()),
+            Node::Request(_) | Node::Verify(_) | Node::Jobs(_) => Ok(()),
             Node::Volume(b, v) => {
                 let open = fh.and_then(|fh| self.handle(fh).ok());
                 let result = match open.as_deref() {
@@ -462,10 +536,15 @@ impl Filesystem for BackupFs {
             };
             let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
             match &node {
-                Node::Request(t) => {
-                    let fh = self.open_handle(Handle::Request {
+                Node::Request(t) | Node::Verify(t) => {
+                    let fh = self.open_handle(Handle::Control {
+                        kind: if matches!(node, Node::Request(_)) {
+                            Control::Request
+                        } else {
+                            Control::Verify
+                        },
                         target: t.clone(),
-                        last: Mutex::new(None),
+                        answer: Arc::new(Mutex::new(None)),
                     });
                     reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                 }
@@ -494,8 +573,8 @@ impl Filesystem for BackupFs {
                     reply.error(Errno::EROFS)
                 }
                 Node::Image(t, id) => match self.engine.open_image(t, id) {
-                    Ok(attachment) => {
-                        let fh = self.open_handle(Handle::Image { attachment });
+                    Ok(image) => {
+                        let fh = self.open_handle(Handle::Image { image });
                         // Images never change: keep their pages across opens.
                         reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
                     }
@@ -529,20 +608,24 @@ impl Filesystem for BackupFs {
                 bytes[start..end].to_vec()
             };
             match handle.as_ref() {
-                Handle::Request { last, .. } => match last.lock().as_ref() {
-                    // `exec 3<>request; echo id >&3; read -r id <&3` reads at the offset the
-                    // write left: the id starts there.
-                    Some((id, base)) => {
-                        let text = format!("{id}\n");
-                        let start = offset.checked_sub(*base).unwrap_or(offset) as usize;
-                        let start = start.min(text.len());
-                        let end = start.saturating_add(size as usize).min(text.len());
-                        reply.data(&text.as_bytes()[start..end])
-                    }
-                    None => reply.data(&slice(USAGE.as_bytes())),
+                Handle::Control { kind, answer, .. } => match answer.lock().as_mut() {
+                    Some(answer) => reply.data(answer.read(offset, size)),
+                    None => reply.data(&slice(match kind {
+                        Control::Request => USAGE.as_bytes(),
+                        Control::Verify => VERIFY_USAGE.as_bytes(),
+                    })),
                 },
                 Handle::Text(bytes) => reply.data(&slice(bytes)),
                 Handle::Dir(_) => reply.error(Errno::EISDIR),
+                Handle::Image { image } => {
+                    let mut buf = vec![0u8; size as usize];
+                    match image.read_at(&mut buf, offset) {
+                        Ok(n) => reply.data(&buf[..n]),
+                        Err(e) => {
+                            reply.error(refuse(&format!("read of backup {}", image.backup_id), &e))
+                        }
+                    }
+                }
                 other => {
                     let Some(file) = other.data_file() else {
                         return reply.error(Errno::EBADF);
@@ -584,10 +667,16 @@ impl Filesystem for BackupFs {
                 Err(e) => return reply.error(e),
             };
             match handle.as_ref() {
-                Handle::Request { target, .. } => {
-                    let target = target.clone();
-                    self.write_request(&target, &handle, offset, data, reply)
-                }
+                Handle::Control {
+                    kind: Control::Request,
+                    target,
+                    answer,
+                } => self.write_request(target, answer, data, reply),
+                Handle::Control {
+                    kind: Control::Verify,
+                    target,
+                    answer,
+                } => self.write_verify(target, answer, data, reply),
                 Handle::VolumeWrite { writer } => match writer.write_at(offset, data) {
                     Ok(n) => reply.written(n as u32),
                     Err(e) => reply.error(refuse(

@@ -11,6 +11,7 @@ const BACKUPS: u64 = 2;
 const VOLUMES: u64 = 3;
 
 pub const REQUEST: &str = "request";
+pub const VERIFY: &str = "verify";
 pub const JOBS: &str = "jobs";
 pub const BY_VOLUME: &str = "by-volume";
 pub const LATEST: &str = "latest.img";
@@ -22,6 +23,7 @@ pub enum Node {
     Volumes,
     Target(String),
     Request(String),
+    Verify(String),
     Jobs(String),
     /// (target, backup id)
     Image(String, String),
@@ -44,6 +46,7 @@ impl Node {
             Node::Volumes => return VOLUMES,
             Node::Target(t) => format!("t/{t}"),
             Node::Request(t) => format!("t/{t}/request"),
+            Node::Verify(t) => format!("t/{t}/verify"),
             Node::Jobs(t) => format!("t/{t}/jobs"),
             Node::Image(t, id) => format!("t/{t}/{id}.img"),
             Node::Record(t, id) => format!("t/{t}/{id}.json"),
@@ -87,7 +90,7 @@ impl Modes {
             Node::Root | Node::Backups | Node::Volumes => 0o755,
             Node::Target(_) | Node::ByVolume(_) | Node::ByVolumeDir(..) => 0o700 | group_dir,
             Node::Backend(_) => 0o700,
-            Node::Request(_) => 0o600,
+            Node::Request(_) | Node::Verify(_) => 0o600,
             Node::Jobs(_) | Node::Image(..) | Node::Record(..) => 0o400 | group_read,
             Node::Latest(..) => 0o777,
             Node::Volume(..) => 0o600,
@@ -125,7 +128,7 @@ pub fn attr(node: &Node, modes: &Modes, size: u64, blocks: u64, mtime: SystemTim
         nlink: if kind == FileType::Directory { 2 } else { 1 },
         uid: 0,
         gid: match node {
-            Node::Volume(..) | Node::Backend(_) | Node::Request(_) => 0,
+            Node::Volume(..) | Node::Backend(_) | Node::Request(_) | Node::Verify(_) => 0,
             _ => modes.gid,
         },
         rdev: 0,
@@ -175,6 +178,7 @@ pub fn child(engine: &Engine, parent: &Node, name: &str) -> Result<Node, EngineE
         }
         Node::Target(t) => match name {
             REQUEST => Node::Request(t.clone()),
+            VERIFY => Node::Verify(t.clone()),
             JOBS => Node::Jobs(t.clone()),
             BY_VOLUME => Node::ByVolume(t.clone()),
             _ => {
@@ -223,9 +227,11 @@ pub fn parent(node: &Node) -> Node {
         Node::ByVolumeDir(t, _) => Node::ByVolume(t.clone()),
         Node::Latest(t, v) => Node::ByVolumeDir(t.clone(), v.clone()),
         Node::Volume(b, _) => Node::Backend(b.clone()),
-        Node::Request(t) | Node::Jobs(t) | Node::Image(t, _) | Node::Record(t, _) => {
-            Node::Target(t.clone())
-        }
+        Node::Request(t)
+        | Node::Verify(t)
+        | Node::Jobs(t)
+        | Node::Image(t, _)
+        | Node::Record(t, _) => Node::Target(t.clone()),
     }
 }
 
@@ -253,6 +259,7 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
         Node::Target(t) => {
             out.push((Node::Request(t.clone()), REQUEST.into()));
             out.push((Node::Jobs(t.clone()), JOBS.into()));
+            out.push((Node::Verify(t.clone()), VERIFY.into()));
             out.push((Node::ByVolume(t.clone()), BY_VOLUME.into()));
             for record in engine.records(t)? {
                 if record.status == Status::Available {

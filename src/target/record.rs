@@ -59,6 +59,12 @@ pub struct Record {
     /// Bytes of data really stored (the rest are holes).
     #[serde(default)]
     pub stored_bytes: u64,
+    /// When the whole backup was last checked against its checksums, and the blocks
+    /// (of `checksums.block_size`) found damaged then.
+    #[serde(default)]
+    pub verified_at: Option<String>,
+    #[serde(default)]
+    pub damaged_blocks: Option<Vec<u64>>,
 }
 
 impl Record {
@@ -80,6 +86,7 @@ impl Record {
             ("parent_id", opt(&self.parent_id)),
             ("error", opt(&self.error)),
             ("stored_bytes", self.stored_bytes.to_string()),
+            ("verified_at", opt(&self.verified_at)),
         ]
     }
 

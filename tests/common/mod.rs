@@ -168,6 +168,11 @@ impl Sandbox {
 
     /// Starts `backupfs mount` and waits for the tree to appear.
     pub fn start_daemon(&mut self, config: &Path) -> Daemon {
+        self.start_daemon_env(config, &[])
+    }
+
+    /// Starts `backupfs mount` with extra environment variables.
+    pub fn start_daemon_env(&mut self, config: &Path, env: &[(&str, &str)]) -> Daemon {
         let mnt = self.path("mnt");
         // A stale mount of a killed daemon answers ENOTCONN here; the daemon clears it.
         let _ = std::fs::create_dir_all(&mnt);
@@ -183,6 +188,7 @@ impl Sandbox {
             .arg(&mnt)
             .arg("--config")
             .arg(config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log"))
             .stderr(log_file)
@@ -195,7 +201,8 @@ impl Sandbox {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_fuse_mount(&mnt) {
+        // A stale mount is a fuse mount too: wait for one that answers.
+        while !(is_fuse_mount(&mnt) && mnt.join("backups").exists()) {
             assert!(
                 Instant::now() < deadline,
                 "backupfs did not mount; log:\n{}",
