@@ -155,23 +155,63 @@ impl Image {
                     source,
                 })?;
             if !good {
-                error!(
-                    backup_id = self.backup_id,
-                    block,
-                    offset = block as u64 * CHECKSUM_BLOCK,
-                    "backup data is damaged: block does not match its checksum; reads of it fail with EIO (check the storage, then restore from another backup)"
-                );
-                return Err(damaged(&self.backup_id, &[block as u64]));
+                return Err(self.report_damage(block));
             }
             self.state.set_verified(block, true);
         }
         Ok(())
     }
 
-    /// Reads like pread, after checking the blocks it covers.
+    /// Reads like pread; every block it returns data of has been checked. Blocks the
+    /// read covers whole are checked from the data just read (no second read); blocks it
+    /// covers in part are read whole once.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         let len = (buf.len() as u64).min(self.size.saturating_sub(offset));
-        self.verify_range(offset, len)?;
+        let done = self.read_raw(&mut buf[..len as usize], offset)?;
+        if !self.verify || done == 0 {
+            return Ok(done);
+        }
+        let end = offset + done as u64;
+        let first = offset.div_ceil(CHECKSUM_BLOCK);
+        let mut whole = first;
+        while whole < self.state.sums.len() as u64 {
+            let start = whole * CHECKSUM_BLOCK;
+            let block_end = start + self.block_len(whole as usize);
+            if block_end > end {
+                break;
+            }
+            let block = whole as usize;
+            if !self.state.is_verified(block) {
+                let data = &buf[(start - offset) as usize..(block_end - offset) as usize];
+                if block_sum(data) != self.state.sums[block] {
+                    return Err(self.report_damage(block));
+                }
+                self.state.set_verified(block, true);
+            }
+            whole += 1;
+        }
+        // The partly covered blocks at either end.
+        if offset < first * CHECKSUM_BLOCK {
+            self.verify_range(offset, 1)?;
+        }
+        if whole * CHECKSUM_BLOCK < end {
+            self.verify_range(end - 1, 1)?;
+        }
+        Ok(done)
+    }
+
+    fn report_damage(&self, block: usize) -> EngineError {
+        error!(
+            backup_id = self.backup_id,
+            block,
+            offset = block as u64 * CHECKSUM_BLOCK,
+            "backup data is damaged: block does not match its checksum; reads of it fail with EIO (check the storage, then restore from another backup)"
+        );
+        damaged(&self.backup_id, &[block as u64])
+    }
+
+    fn read_raw(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let len = buf.len() as u64;
         let mut done = 0;
         while (done as u64) < len {
             match self
