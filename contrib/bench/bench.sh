@@ -1,0 +1,527 @@
+#!/usr/bin/env bash
+# backupfs benchmark (project issue 5): backupfs against the tools an operator would
+# otherwise use, on one machine, in one run, side by side. See contrib/bench/README.md.
+#
+#   contrib/bench/bench.sh [--json FILE] [--runs N] [--fio-runtime S] [--no-build] [--bin PATH]
+#
+# Run as root on a Debian machine: it installs what it lacks, builds the release binary,
+# makes two XFS filesystems on loop devices (source pool, target pool), mounts backupfs,
+# measures, prints a table and writes the same as JSON. Everything it made is removed on
+# exit, also on failure or Ctrl-C. A target that is missed is reported (MISS), never an
+# error: the exit status is non-zero only when the benchmark itself could not run.
+set -euo pipefail
+export LC_ALL=C
+
+JSON=/tmp/backupfs-bench.json
+RUNS=3
+FIO_RUNTIME=10
+BUILD=1
+BIN=
+# Sizes (MiB). The sparse volume holds SPARSE_DATA_PCT % of its size as 1 MiB pieces.
+RAND_MB=1024
+SPARSE_MB=2048
+SPARSE_DATA_PCT=10
+CONC_N=8
+CONC_MB=256
+FS_MB=8192
+RSS_TARGET_MIB=64
+
+usage() {
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    exit "${1:-0}"
+}
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --json) JSON=$2; shift 2 ;;
+    --json=*) JSON=${1#*=}; shift ;;
+    --runs) RUNS=$2; shift 2 ;;
+    --fio-runtime) FIO_RUNTIME=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    --bin) BIN=$2; BUILD=0; shift 2 ;;
+    -h | --help) usage 0 ;;
+    *) echo "bench.sh: unknown argument $1" >&2; usage 2 >&2 ;;
+    esac
+done
+case "$RUNS" in '' | *[!0-9]* | 0) echo "bench.sh: --runs wants a positive number" >&2; exit 2 ;; esac
+
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+STARTED=$EPOCHREALTIME
+
+log() { printf '[%6.1fs] %s\n' "$(awk -v a="$STARTED" -v b="$EPOCHREALTIME" 'BEGIN{print b-a}')" "$*" >&2; }
+die() { echo "bench.sh: $*" >&2; exit 1; }
+
+if [ "$(id -u)" != 0 ]; then
+    die "run as root (it makes loop devices, filesystems and a FUSE mount, and drops caches)"
+fi
+
+# ---------------------------------------------------------------- tools
+declare -A needs=(
+    [fio]=fio [btrfs-progs]=mkfs.btrfs [xfsprogs]=mkfs.xfs [qemu-utils]=qemu-img
+    [jq]=jq [time]=/usr/bin/time [fuse3]=fusermount3 [util-linux]=losetup
+    [coreutils]=shuf
+)
+missing=()
+for package in "${!needs[@]}"; do
+    command -v "${needs[$package]}" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+modprobe -a loop fuse xfs 2>/dev/null || true
+
+if [ -z "$BIN" ]; then
+    BIN=$REPO/target/release/backupfs
+fi
+if [ "$BUILD" = 1 ]; then
+    command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) or pass --bin PATH"
+    log "cargo build --release"
+    (cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
+fi
+[ -x "$BIN" ] || die "$BIN is not an executable (build it, or pass --bin PATH)"
+VERSION=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)
+
+# ---------------------------------------------------------------- sandbox and cleanup
+T=$(mktemp -d "${TMPDIR:-/var/tmp}/backupfs-bench.XXXXXX")
+MNT=$T/mnt
+DAEMON_PID=
+FS_MOUNTS=()
+LOOPS=()
+DAEMON_LOG_KEEP=${JSON%.json}.daemon.log
+
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
+        kill -TERM "$DAEMON_PID"
+        for _ in $(seq 150); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$DAEMON_PID" 2>/dev/null && kill -KILL "$DAEMON_PID"
+        wait "$DAEMON_PID" 2>/dev/null
+    fi
+    if grep -qs " $MNT " /proc/mounts; then umount -l "$MNT"; fi
+    local i
+    for ((i = ${#FS_MOUNTS[@]} - 1; i >= 0; i--)); do
+        umount "${FS_MOUNTS[$i]}" 2>/dev/null || umount -l "${FS_MOUNTS[$i]}"
+    done
+    for ((i = ${#LOOPS[@]} - 1; i >= 0; i--)); do losetup -d "${LOOPS[$i]}" 2>/dev/null; done
+    [ -f "$T/daemon.log" ] && cp "$T/daemon.log" "$DAEMON_LOG_KEEP" 2>/dev/null
+    if ! grep -qs "$T" /proc/mounts; then rm -rf "$T"; else echo "bench.sh: left $T (still mounted)" >&2; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+now() { echo "$EPOCHREALTIME"; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{if(NR%2) print a[(NR+1)/2]; else printf "%.3f\n",(a[NR/2]+a[NR/2+1])/2}'; }
+maxof() { printf '%s\n' "$@" | sort -g | tail -n1; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 == 0) print "0.00"; else printf "%.2f", a/b }'; }
+mibps() { awk -v mb="$1" -v s="$2" 'BEGIN{ if (s+0 == 0) print "-"; else printf "%.0f", mb/s }'; }
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+BACKING=$(df --output=source "$T" | tail -n1)
+log "sandbox $T (on $BACKING)"
+
+# Two XFS filesystems, each on its own loop device over its own image file.
+LOOP_DIO=on
+make_fs() { # name -> mountpoint
+    local img=$T/$1.xfs mnt=$T/$1 dev
+    truncate -s "${FS_MB}M" "$img"
+    mkfs.xfs -q -f "$img" >/dev/null
+    if ! dev=$(losetup -f --show --direct-io=on "$img" 2>/dev/null); then
+        LOOP_DIO=off
+        dev=$(losetup -f --show "$img")
+    fi
+    LOOPS+=("$dev")
+    mkdir -p "$mnt"
+    mount "$dev" "$mnt"
+    FS_MOUNTS+=("$mnt")
+}
+make_fs srcfs
+make_fs dstfs
+SRC_POOL=$T/srcfs/vols
+DST_POOL=$T/dstfs/backups
+PEER_DIR=$T/dstfs/peer
+mkdir -p "$SRC_POOL" "$DST_POOL" "$PEER_DIR" "$T/state" "$MNT"
+
+# ---------------------------------------------------------------- volumes
+log "writing volumes: ${RAND_MB} MiB random, ${SPARSE_MB} MiB with ${SPARSE_DATA_PCT}% data, ${CONC_N} x ${CONC_MB} MiB random"
+head -c "${RAND_MB}M" /dev/urandom >"$SRC_POOL/volume-vol-rand"
+SPARSE=$SRC_POOL/volume-vol-sparse
+truncate -s "${SPARSE_MB}M" "$SPARSE"
+PIECES=$((SPARSE_MB * SPARSE_DATA_PCT / 100))
+# The same spread every run: 1 MiB pieces at distinct random MiB offsets.
+for slot in $(shuf -i 0-$((SPARSE_MB - 1)) -n "$PIECES" --random-source=<(yes backupfs)); do
+    dd if=/dev/urandom of="$SPARSE" bs=1M count=1 seek="$slot" conv=notrunc status=none
+done
+for i in $(seq "$CONC_N"); do
+    head -c "${CONC_MB}M" /dev/urandom >"$SRC_POOL/volume-vol-c$i"
+done
+sync
+
+# ---------------------------------------------------------------- daemon
+cat >"$T/backupfs.toml" <<EOF
+state_dir = "$T/state"
+
+[backends.src]
+driver = "file"
+pools = { vols = "$SRC_POOL" }
+
+[backends.dst]
+driver = "file"
+pools = { backups = "$DST_POOL" }
+
+[targets.t]
+backend = "dst"
+pool = "backups"
+EOF
+BACKUPFS_LOG=${BACKUPFS_LOG:-info,fuser=warn} "$BIN" mount "$MNT" --config "$T/backupfs.toml" \
+    </dev/null >"$T/daemon.log" 2>&1 &
+DAEMON_PID=$!
+is_mounted() { awk -v m="$MNT" '$2 == m && $3 ~ /^fuse/ {f=1} END{exit !f}' /proc/mounts; }
+for _ in $(seq 200); do
+    is_mounted && break
+    kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$T/daemon.log" >&2; die "backupfs exited before mounting"; }
+    sleep 0.1
+done
+is_mounted || { cat "$T/daemon.log" >&2; die "backupfs did not mount $MNT within 20 s"; }
+log "backupfs $VERSION mounted (pid $DAEMON_PID)"
+REQ=$MNT/backups/t/request
+JOBS=$MNT/backups/t/jobs
+
+hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$DAEMON_PID/status"; }
+reset_hwm() { echo 5 >"/proc/$DAEMON_PID/clear_refs"; }
+kib_to_mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
+RSS_IDLE_KIB=$(hwm_kib)
+
+# A backup through the mount; sets BACKUP_ID. With `wait` the write returns once the job
+# has ended (and fails with its errno if it failed); the id is read back from the same file.
+backup_via_mount() { # volume [wait]
+    local fd id line=$1${2:+ $2}
+    exec {fd}<>"$REQ"
+    if ! echo "$line" >&"$fd"; then exec {fd}>&-; die "backup request '$line' failed (log: $DAEMON_LOG_KEEP)"; fi
+    read -r id <&"$fd" || true
+    exec {fd}>&-
+    [ -n "$id" ] || die "no backup id after '$line'"
+    BACKUP_ID=$id
+}
+
+# ---------------------------------------------------------------- results
+ROWS=()             # keys in print order
+declare -A LABEL SECTION UNIT RUNS_OF MED RATE RSS_MIB CMP
+SECTIONS=()
+declare -A SECTION_TITLE
+TARGETS=()          # "name|measured|op|wanted|unit|result|detail"
+
+section() { SECTIONS+=("$1"); SECTION_TITLE[$1]=$2; }
+# row KEY SECTION LABEL UNIT RUNS...; the median lands in MED[KEY].
+row() {
+    local key=$1 sec=$2 label=$3 unit=$4
+    shift 4
+    ROWS+=("$key")
+    SECTION[$key]=$sec LABEL[$key]=$label UNIT[$key]=$unit RUNS_OF[$key]="$*"
+    MED[$key]=$(median "$@")
+}
+target() { # name measured op wanted unit detail
+    local result=MISS
+    if awk -v m="$2" -v w="$4" -v op="$3" 'BEGIN{exit !(op == ">=" ? m >= w : m <= w)}'; then result=PASS; fi
+    TARGETS+=("$1|$2|$3|$4|$5|$result|$6")
+}
+
+# Times one command run by a shell (for the peers); appends to the named arrays.
+PEER_RSS_KIB=0
+time_peer() { # command-string -> LAST_SECS, LAST_RSS_KIB
+    local t0 t1
+    t0=$(now)
+    /usr/bin/time -f %M -o "$T/time.out" bash -c "$1" || die "failed: $1"
+    t1=$(now)
+    LAST_SECS=$(elapsed "$t0" "$t1")
+    LAST_RSS_KIB=$(tail -n1 "$T/time.out")
+}
+q() { printf '%q' "$1"; }
+
+# ================================================================ 1. full backups
+section backup "1. full backup, source pool and target pool on different XFS loop filesystems"
+reset_hwm
+declare -A KEEP_ID
+bench_backup() { # volume-id size-mb tag title
+    local vol=$1 mb=$2 tag=$3 title=$4 src=$SRC_POOL/volume-$1 dst=$PEER_DIR/copy-$1 r prev=
+    local -a t_bfs=() t_dd=() t_cp=() t_qemu=()
+    local rss_dd=0 rss_cp=0 rss_qemu=0
+    for r in $(seq "$RUNS"); do
+        log "backup $vol: run $r/$RUNS"
+        # backupfs: the previous run's backup is deleted through the mount first.
+        if [ -n "$prev" ]; then rm "$MNT/backups/t/$prev.img"; fi
+        drop_caches
+        local t0 t1
+        t0=$(now)
+        backup_via_mount "$vol" wait
+        t1=$(now)
+        t_bfs+=("$(elapsed "$t0" "$t1")")
+        prev=$BACKUP_ID
+        # dd exactly as Cinder's copy_volume runs it (O_DIRECT both ways, no sync needed).
+        rm -f "$dst"; drop_caches
+        time_peer "dd if=$(q "$src") of=$(q "$dst") bs=1M iflag=direct oflag=direct conv=sparse status=none"
+        t_dd+=("$LAST_SECS"); rss_dd=$(maxof "$rss_dd" "$LAST_RSS_KIB")
+        rm -f "$dst"; drop_caches
+        time_peer "cp --sparse=always --reflink=never $(q "$src") $(q "$dst") && sync -f $(q "$dst")"
+        t_cp+=("$LAST_SECS"); rss_cp=$(maxof "$rss_cp" "$LAST_RSS_KIB")
+        rm -f "$dst"; drop_caches
+        time_peer "qemu-img convert -O raw $(q "$src") $(q "$dst") && sync -f $(q "$dst")"
+        t_qemu+=("$LAST_SECS"); rss_qemu=$(maxof "$rss_qemu" "$LAST_RSS_KIB")
+        rm -f "$dst"
+    done
+    KEEP_ID[$tag]=$prev
+    row "backup.$tag.backupfs" backup "$title: backupfs  echo \"$vol wait\" > request" s "${t_bfs[@]}"
+    row "backup.$tag.dd" backup "$title: dd bs=1M iflag=direct oflag=direct conv=sparse" s "${t_dd[@]}"
+    row "backup.$tag.cp" backup "$title: cp --sparse=always --reflink=never; sync -f" s "${t_cp[@]}"
+    row "backup.$tag.qemu" backup "$title: qemu-img convert -O raw; sync -f" s "${t_qemu[@]}"
+    local k
+    for k in backupfs dd cp qemu; do RATE[backup.$tag.$k]=$(mibps "$mb" "${MED[backup.$tag.$k]}"); done
+    RSS_MIB[backup.$tag.dd]=$(kib_to_mib "$rss_dd")
+    RSS_MIB[backup.$tag.cp]=$(kib_to_mib "$rss_cp")
+    RSS_MIB[backup.$tag.qemu]=$(kib_to_mib "$rss_qemu")
+    for k in dd cp qemu; do CMP[backup.$tag.$k]=$(ratio "${MED[backup.$tag.$k]}" "${MED[backup.$tag.backupfs]}"); done
+}
+TAG_RAND=random
+TAG_SPARSE=sparse
+bench_backup vol-rand "$RAND_MB" "$TAG_RAND" "${RAND_MB} MiB random"
+bench_backup vol-sparse "$SPARSE_MB" "$TAG_SPARSE" "${SPARSE_MB} MiB, ${SPARSE_DATA_PCT}% data"
+RSS_BACKUP_KIB=$(hwm_kib)
+# Fast but wrong would not count: the kept backups must equal their sources.
+for tag in "$TAG_RAND" "$TAG_SPARSE"; do
+    vol=vol-rand; [ "$tag" = "$TAG_SPARSE" ] && vol=vol-sparse
+    cmp -s "$DST_POOL/volume-${KEEP_ID[$tag]}" "$SRC_POOL/volume-$vol" || die "backup ${KEEP_ID[$tag]} differs from $vol"
+done
+RSS_MIB[backup.$TAG_RAND.backupfs]=$(kib_to_mib "$RSS_BACKUP_KIB")
+RSS_MIB[backup.$TAG_SPARSE.backupfs]=$(kib_to_mib "$RSS_BACKUP_KIB")
+
+# ================================================================ 2. image reads
+section read "2. reading the backup image of the random volume: through the mount vs its backing file"
+reset_hwm
+IMG_ID=${KEEP_ID[$TAG_RAND]}
+IMG_MNT=$MNT/backups/t/$IMG_ID.img
+IMG_DIRECT=$DST_POOL/volume-$IMG_ID
+IMG_BYTES=$(stat -c %s "$IMG_DIRECT")
+time_cat() { local t0 t1; t0=$(now); cat "$1" >/dev/null; t1=$(now); LAST_SECS=$(elapsed "$t0" "$t1"); }
+declare -a c_m=() c_d=() w_m=() w_d=() f_m=() f_d=()
+for r in $(seq "$RUNS"); do
+    log "cold cat: run $r/$RUNS"
+    drop_caches; time_cat "$IMG_MNT"; c_m+=("$LAST_SECS")
+    drop_caches; time_cat "$IMG_DIRECT"; c_d+=("$LAST_SECS")
+done
+log "warm cat"
+cat "$IMG_MNT" >/dev/null
+for r in $(seq "$RUNS"); do time_cat "$IMG_MNT"; w_m+=("$LAST_SECS"); done
+cat "$IMG_DIRECT" >/dev/null
+for r in $(seq "$RUNS"); do time_cat "$IMG_DIRECT"; w_d+=("$LAST_SECS"); done
+fio_iops() {
+    fio --name=r --filename="$1" --rw=randread --bs=4k --size="$IMG_BYTES" --runtime="$FIO_RUNTIME" \
+        --time_based --ioengine=psync --readonly --output-format=json 2>"$T/fio.err" |
+        jq '.jobs[0].read.iops | floor' || { cat "$T/fio.err" >&2; die "fio on $1 failed"; }
+}
+for r in $(seq "$RUNS"); do
+    log "fio 4k random reads, ${FIO_RUNTIME}s each: run $r/$RUNS"
+    drop_caches; f_m+=("$(fio_iops "$IMG_MNT")")
+    drop_caches; f_d+=("$(fio_iops "$IMG_DIRECT")")
+done
+row read.cold.mnt read "cat image > /dev/null, cold: through the mount" s "${c_m[@]}"
+row read.cold.direct read "cat image > /dev/null, cold: backing file" s "${c_d[@]}"
+row read.warm.mnt read "cat image > /dev/null, warm: through the mount" s "${w_m[@]}"
+row read.warm.direct read "cat image > /dev/null, warm: backing file" s "${w_d[@]}"
+row read.fio.mnt read "fio 4k randread psync ${FIO_RUNTIME}s, cold-ish: through the mount" IOPS "${f_m[@]}"
+row read.fio.direct read "fio 4k randread psync ${FIO_RUNTIME}s, cold-ish: backing file" IOPS "${f_d[@]}"
+IMG_MB=$((IMG_BYTES >> 20))
+for k in read.cold.mnt read.cold.direct read.warm.mnt read.warm.direct; do RATE[$k]=$(mibps "$IMG_MB" "${MED[$k]}"); done
+CMP[read.cold.direct]=$(ratio "${MED[read.cold.direct]}" "${MED[read.cold.mnt]}")
+CMP[read.warm.direct]=$(ratio "${MED[read.warm.direct]}" "${MED[read.warm.mnt]}")
+CMP[read.fio.direct]=$(ratio "${MED[read.fio.mnt]}" "${MED[read.fio.direct]}")
+
+# ================================================================ 3. restore
+section restore "3. restore of the random volume's backup to a new volume (on the source filesystem)"
+declare -a r_m=() r_d=()
+prev_m= prev_d=
+for r in $(seq "$RUNS"); do
+    log "restore: run $r/$RUNS"
+    # A new name each run: the kernel may still cache the previous name's entry.
+    [ -n "$prev_m" ] && rm -f "$SRC_POOL/volume-$prev_m"
+    prev_m=rest-m-$r
+    drop_caches
+    time_peer "cp --sparse=always $(q "$IMG_MNT") $(q "$MNT/volumes/src/$prev_m") && sync -f $(q "$SRC_POOL")"
+    r_m+=("$LAST_SECS")
+    [ -n "$prev_d" ] && rm -f "$SRC_POOL/volume-$prev_d"
+    prev_d=rest-d-$r
+    drop_caches
+    time_peer "cp --sparse=always $(q "$IMG_DIRECT") $(q "$SRC_POOL/volume-$prev_d") && sync -f $(q "$SRC_POOL")"
+    r_d+=("$LAST_SECS")
+done
+cmp -s "$SRC_POOL/volume-$prev_m" "$SRC_POOL/volume-vol-rand" || die "the volume restored through the mount differs from its source"
+row restore.mnt restore "cp --sparse=always image volumes/src/NEW; sync -f: through the mount" s "${r_m[@]}"
+row restore.direct restore "cp --sparse=always backing file to pool; sync -f: direct" s "${r_d[@]}"
+RATE[restore.mnt]=$(mibps "$IMG_MB" "${MED[restore.mnt]}")
+RATE[restore.direct]=$(mibps "$IMG_MB" "${MED[restore.direct]}")
+CMP[restore.direct]=$(ratio "${MED[restore.direct]}" "${MED[restore.mnt]}")
+RSS_READ_RESTORE_KIB=$(hwm_kib)
+RSS_MIB[restore.mnt]=$(kib_to_mib "$RSS_READ_RESTORE_KIB")
+RSS_MIB[read.cold.mnt]=$(kib_to_mib "$RSS_READ_RESTORE_KIB")
+
+# ================================================================ 4. concurrent backups
+section concurrent "4. $CONC_N concurrent backups of ${CONC_MB} MiB volumes (requested without wait; max_parallel_jobs 4)"
+declare -a t_conc=()
+CONC_IDS=()
+MAX_COPYING=0
+RSS_CONC_KIB=0
+for r in $(seq "$RUNS"); do
+    log "$CONC_N concurrent backups: run $r/$RUNS"
+    for id in "${CONC_IDS[@]}"; do rm "$MNT/backups/t/$id.img"; done
+    CONC_IDS=()
+    drop_caches
+    reset_hwm
+    t0=$(now)
+    for i in $(seq "$CONC_N"); do
+        backup_via_mount "vol-c$i"
+        CONC_IDS+=("$BACKUP_ID")
+    done
+    deadline=$((SECONDS + 600))
+    while :; do
+        states=$(cat "$JOBS")
+        avail=0 copying=0
+        for id in "${CONC_IDS[@]}"; do
+            state=$(awk -v id="$id" '$1 == id {print $3}' <<<"$states")
+            case "$state" in
+            available) avail=$((avail + 1)) ;;
+            copying) copying=$((copying + 1)) ;;
+            error) die "backup $id failed: $(grep "^$id " <<<"$states")" ;;
+            esac
+        done
+        [ "$copying" -gt "$MAX_COPYING" ] && MAX_COPYING=$copying
+        [ "$avail" = "$CONC_N" ] && break
+        [ "$SECONDS" -lt "$deadline" ] || die "concurrent backups did not end within 600 s"
+        sleep 0.05
+    done
+    t1=$(now)
+    t_conc+=("$(elapsed "$t0" "$t1")")
+    RSS_CONC_KIB=$(maxof "$RSS_CONC_KIB" "$(hwm_kib)")
+done
+row "concurrent" concurrent "backupfs: $CONC_N x ${CONC_MB} MiB, until all available (max $MAX_COPYING copying at once)" s "${t_conc[@]}"
+RATE[concurrent]=$(mibps $((CONC_N * CONC_MB)) "${MED[concurrent]}")
+RSS_MIB[concurrent]=$(kib_to_mib "$RSS_CONC_KIB")
+
+# ================================================================ targets
+fastest=dd
+for k in cp qemu; do
+    if awk -v a="${MED[backup.$TAG_RAND.$k]}" -v b="${MED[backup.$TAG_RAND.$fastest]}" 'BEGIN{exit !(a < b)}'; then fastest=$k; fi
+done
+declare -A PEER_NAME=([dd]=dd [cp]=cp [qemu]=qemu-img)
+target "backup, random: speed vs fastest peer (${PEER_NAME[$fastest]})" "${CMP[backup.$TAG_RAND.$fastest]}" ">=" 1.0 x \
+    "${MED[backup.$TAG_RAND.$fastest]} s / ${MED[backup.$TAG_RAND.backupfs]} s"
+target "backup, sparse: speed vs dd" "${CMP[backup.$TAG_SPARSE.dd]}" ">=" 5.0 x \
+    "${MED[backup.$TAG_SPARSE.dd]} s / ${MED[backup.$TAG_SPARSE.backupfs]} s"
+target "image read, cold cat: mount vs direct" "${CMP[read.cold.direct]}" ">=" 0.8 x \
+    "${MED[read.cold.direct]} s / ${MED[read.cold.mnt]} s"
+target "image read, warm cat: mount vs direct" "${CMP[read.warm.direct]}" ">=" 0.8 x \
+    "${MED[read.warm.direct]} s / ${MED[read.warm.mnt]} s"
+target "image read, 4k random IOPS: mount vs direct" "${CMP[read.fio.direct]}" ">=" 0.8 x \
+    "${MED[read.fio.mnt]} / ${MED[read.fio.direct]} IOPS"
+target "restore: mount vs direct" "${CMP[restore.direct]}" ">=" 0.9 x \
+    "${MED[restore.direct]} s / ${MED[restore.mnt]} s"
+target "daemon peak RSS during the full backups (1)" "$(kib_to_mib "$RSS_BACKUP_KIB")" "<=" "$RSS_TARGET_MIB" MiB "VmHWM"
+target "daemon peak RSS during $CONC_N concurrent backups (4)" "$(kib_to_mib "$RSS_CONC_KIB")" "<=" "$RSS_TARGET_MIB" MiB "VmHWM"
+
+# ================================================================ stop the daemon
+# What the daemon still holds once every job has ended (memory it did not give back).
+RSS_END_KIB=$(awk '/^VmRSS:/ {print $2}' "/proc/$DAEMON_PID/status")
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+kill -TERM "$DAEMON_PID"
+for _ in $(seq 150); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+DAEMON_STOPPED=yes
+kill -0 "$DAEMON_PID" 2>/dev/null && DAEMON_STOPPED="no (killed by the cleanup)"
+wait "$DAEMON_PID" 2>/dev/null || true
+TOTAL_SECS=$(elapsed "$STARTED" "$(now)")
+
+# ================================================================ report
+CAVEATS=(
+    "Both loop image files live in $T on $BACKING: source and destination are different filesystems but the SAME disk (reads and writes compete for it)."
+    "Loop devices use direct I/O: $LOOP_DIO. Page cache dropped (sync; echo 3 > drop_caches) before every timed run except the warm reads."
+    "cp and qemu-img are followed by 'sync -f DST' (syncfs of the destination filesystem, so their data is on disk like backupfs' fdatasync'ed copy, without waiting for other processes' dirty data elsewhere). dd runs exactly as Cinder runs it (O_DIRECT, no sync)."
+    "Load average before: $LOAD_BEFORE, after: $LOAD_AFTER on $(nproc) CPUs; anything else running on the machine makes the numbers noisy."
+    "Medians of $RUNS runs; 'runs' lists every run."
+)
+
+{
+    printf '\nbackupfs benchmark, %s, backupfs %s, %s CPUs, %s MiB RAM, kernel %s, whole run %.0f s\n' \
+        "$(date -u +%FT%TZ)" "$VERSION" "$(nproc)" "$(awk '/MemTotal/ {printf "%d", $2/1024}' /proc/meminfo)" "$(uname -r)" "$TOTAL_SECS"
+    fmt='  %-76s %10s  %-26s %8s  %-15s %s\n'
+    for sec in "${SECTIONS[@]}"; do
+        printf '\n%s\n' "${SECTION_TITLE[$sec]}"
+        printf "$fmt" "" median "runs" "MiB/s" "backupfs speed" "peak RSS"
+        for key in "${ROWS[@]}"; do
+            [ "${SECTION[$key]}" = "$sec" ] || continue
+            if [ "${UNIT[$key]}" = s ]; then m="${MED[$key]} s"; else m=$(printf '%.0f' "${MED[$key]}"); fi
+            runs=$(for v in ${RUNS_OF[$key]}; do printf '%.2f ' "$v"; done)
+            [ "${UNIT[$key]}" = IOPS ] && runs=$(for v in ${RUNS_OF[$key]}; do printf '%.0f ' "$v"; done)
+            printf "$fmt" "${LABEL[$key]}" "$m" "$runs" "${RATE[$key]:--}" \
+                "${CMP[$key]:+${CMP[$key]}x}" "${RSS_MIB[$key]:+${RSS_MIB[$key]} MiB}"
+        done
+    done
+    printf '\n  "backupfs speed" = backupfs speed / that row'"'"'s speed (> 1: backupfs is faster). Peak RSS of backupfs = the daemon'"'"'s VmHWM\n'
+    printf '  over the section (reset at its start; idle after mount: %s MiB, still resident after the last section: %s MiB);\n' \
+        "$(kib_to_mib "$RSS_IDLE_KIB")" "$(kib_to_mib "$RSS_END_KIB")"
+    printf '  of the others = /usr/bin/time max RSS. Sections 2 and 3 share one backupfs figure.\n'
+    printf '\ntargets\n'
+    for t in "${TARGETS[@]}"; do
+        IFS='|' read -r name measured op wanted unit result detail <<<"$t"
+        printf '  %-58s %8s %-3s  %s %-4s %s   %s\n' "$name" "$measured" "$unit" "$op" "$wanted" "$result" "($detail)"
+    done
+    printf '\ncaveats\n'
+    for c in "${CAVEATS[@]}"; do printf '  - %s\n' "$c"; done
+    printf '\nJSON: %s   daemon log: %s\n' "$JSON" "$DAEMON_LOG_KEEP"
+} | tee "$T/table.txt"
+
+# ---------------------------------------------------------------- JSON
+{
+    for key in "${ROWS[@]}"; do
+        # shellcheck disable=SC2086
+        jq -nc --arg key "$key" --arg section "${SECTION[$key]}" --arg lbl "${LABEL[$key]}" \
+            --arg unit "${UNIT[$key]}" --arg median "${MED[$key]}" --arg runs "${RUNS_OF[$key]}" \
+            --arg rate "${RATE[$key]:-}" --arg cmp "${CMP[$key]:-}" --arg rss "${RSS_MIB[$key]:-}" \
+            '{"key": $key, "section": $section, "label": $lbl, "unit": $unit, "median": ($median | tonumber),
+              "runs": ($runs | split(" ") | map(tonumber)),
+              "mib_per_s": (if $rate == "" or $rate == "-" then null else ($rate | tonumber) end),
+              "backupfs_speed_ratio": (if $cmp == "" then null else ($cmp | tonumber) end),
+              "peak_rss_mib": (if $rss == "" then null else ($rss | tonumber) end)}'
+    done
+} >"$T/rows.jsonl"
+{
+    for t in "${TARGETS[@]}"; do
+        IFS='|' read -r name measured op wanted unit result detail <<<"$t"
+        jq -nc --arg name "$name" --arg measured "$measured" --arg op "$op" --arg wanted "$wanted" \
+            --arg unit "$unit" --arg result "$result" --arg detail "$detail" \
+            '{"name": $name, "measured": ($measured | tonumber), "op": $op, "target": ($wanted | tonumber),
+              "unit": $unit, "result": $result, "detail": $detail}'
+    done
+} >"$T/targets.jsonl"
+printf '%s\n' "${CAVEATS[@]}" | jq -R . | jq -s . >"$T/caveats.json"
+jq -n --slurpfile rows "$T/rows.jsonl" --slurpfile targets "$T/targets.jsonl" \
+    --slurpfile caveats "$T/caveats.json" \
+    --arg date "$(date -u +%FT%TZ)" --arg version "$VERSION" --arg kernel "$(uname -r)" \
+    --argjson cpus "$(nproc)" --argjson runs "$RUNS" --argjson fio_runtime "$FIO_RUNTIME" \
+    --arg load_before "$LOAD_BEFORE" --arg load_after "$LOAD_AFTER" --arg backing "$BACKING" \
+    --arg loop_dio "$LOOP_DIO" --argjson rss_idle "$(kib_to_mib "$RSS_IDLE_KIB")" \
+    --argjson rss_backup "$(kib_to_mib "$RSS_BACKUP_KIB")" --argjson rss_conc "$(kib_to_mib "$RSS_CONC_KIB")" \
+    --argjson rss_rr "$(kib_to_mib "$RSS_READ_RESTORE_KIB")" --argjson rss_end "$(kib_to_mib "$RSS_END_KIB")" --argjson max_copying "$MAX_COPYING" \
+    --arg stopped "$DAEMON_STOPPED" --argjson total "$TOTAL_SECS" \
+    '{date: $date, backupfs_version: $version, kernel: $kernel, cpus: $cpus, runs: $runs,
+      fio_runtime_s: $fio_runtime, total_seconds: $total,
+      load_average_before: $load_before, load_average_after: $load_after,
+      loop_files_device: $backing, loop_direct_io: $loop_dio,
+      daemon: {peak_rss_mib: {idle: $rss_idle, full_backups: $rss_backup, concurrent: $rss_conc,
+                              reads_and_restore: $rss_rr, resident_at_end: $rss_end},
+               max_jobs_copying_at_once: $max_copying, stopped_on_sigterm: $stopped},
+      results: $rows, targets: $targets, caveats: $caveats[0]}' >"$JSON"
+log "wrote $JSON"
