@@ -78,7 +78,7 @@ fn open_volume_file(path: &Path, access: Access) -> std::io::Result<File> {
 }
 
 /// Every loop device's backing file, as the kernel names it.
-fn loop_backing_files() -> Vec<PathBuf> {
+pub(crate) fn loop_backing_files() -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir("/sys/block") else {
         return Vec::new();
     };
@@ -92,7 +92,7 @@ fn loop_backing_files() -> Vec<PathBuf> {
 
 /// The first process holding a POSIX or OFD lock that conflicts with a write lock on the
 /// whole file (QEMU's image locks are OFD locks on single bytes), or a flock.
-fn lock_holder(path: &Path) -> std::io::Result<Option<String>> {
+pub(crate) fn lock_holder(path: &Path) -> std::io::Result<Option<String>> {
     let file = File::open(path)?;
     let mut lock = libc::flock {
         l_type: libc::F_WRLCK as i16,
@@ -137,12 +137,67 @@ fn reflink(from: &File, to: &File) -> std::io::Result<()> {
     Ok(())
 }
 
-pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+/// The errors FICLONE gives where the filesystem has no reflinks (ext4, tmpfs, across
+/// filesystems), as opposed to real I/O errors.
+pub(crate) fn is_no_reflink(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOTTY)
+    )
+}
+
+/// A point-in-time copy of `source` as the new file `dest` (mode 0600), sharing its
+/// blocks; on failure nothing is left at `dest`.
+pub(crate) fn reflink_copy(source: &Path, dest: &Path) -> std::io::Result<()> {
+    let from = File::open(source)?;
+    let to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)?;
+    if let Err(e) = reflink(&from, &to).and_then(|()| to.sync_all()) {
+        drop(to);
+        let _ = std::fs::remove_file(dest);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Whether `dir` can hold reflink snapshots: clones a small probe file there.
+pub(crate) fn probe_reflink(dir: &Path) -> std::io::Result<()> {
+    let probe = |suffix: &str| {
+        dir.join(format!(
+            ".backupfs-reflink-probe-{}{suffix}",
+            std::process::id()
+        ))
+    };
+    let (a, b) = (probe("a"), probe("b"));
+    let result = (|| -> std::io::Result<()> {
+        let source = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&a)?;
+        std::io::Write::write_all(&mut &source, &[0u8; 4096])?;
+        let dest = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&b)?;
+        reflink(&source, &dest)
+    })();
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    result
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
     // SAFETY: plain syscall on a descriptor we own.
     let rc = unsafe {
         libc::fallocate(
             file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            mode,
             offset as libc::off_t,
             len as libc::off_t,
         )
@@ -153,13 +208,36 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<
     Ok(())
 }
 
-/// Writes zeros where a hole cannot be punched.
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+/// Zeroes a range without necessarily freeing it.
+pub(crate) fn zero_fill(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    fallocate(
+        file,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+/// Zeroes a range: a hole where one can be punched, else FALLOC_FL_ZERO_RANGE (a
+/// qemu-storage-daemon export punches only whole clusters but zeroes any range), else
+/// written zeros.
 pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    match punch_hole(file, offset, len) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
-        Err(e) => return Err(e),
+    for zero in [punch_hole, zero_fill] {
+        match zero(file, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            Err(e) => return Err(e),
+        }
     }
     let zeros = vec![0u8; 1 << 20];
     let mut done = 0;
@@ -268,33 +346,17 @@ impl VolumeDriver for FileDriver {
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
         let source_path = self.volume_path(pool, volume_id)?;
         let snapshot_path = self.snapshot_path(pool, snapshot_name)?;
-        let source =
-            File::open(&source_path).map_err(|e| VolumeError::io("snapshot", &source_path, e))?;
-        let snapshot = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&snapshot_path)
-            .map_err(|e| VolumeError::io("snapshot", &snapshot_path, e))?;
-        if let Err(e) = reflink(&source, &snapshot) {
-            drop(snapshot);
-            let _ = std::fs::remove_file(&snapshot_path);
-            return Err(match e.raw_os_error() {
-                Some(libc::EOPNOTSUPP)
-                | Some(libc::EXDEV)
-                | Some(libc::EINVAL)
-                | Some(libc::ENOTTY) => VolumeError::SnapshotUnsupported(format!(
+        reflink_copy(&source_path, &snapshot_path).map_err(|e| {
+            if is_no_reflink(&e) {
+                VolumeError::SnapshotUnsupported(format!(
                     "pool {}/{pool} ({}) has no reflinks: {e}",
                     self.backend,
-                    self.pool_dir(pool)?.display()
-                )),
-                _ => VolumeError::io("snapshot", snapshot_path, e),
-            });
-        }
-        snapshot
-            .sync_all()
-            .map_err(|e| VolumeError::io("snapshot", &snapshot_path, e))?;
-        Ok(())
+                    snapshot_path.parent().unwrap_or(Path::new("")).display()
+                ))
+            } else {
+                VolumeError::io("snapshot", snapshot_path, e)
+            }
+        })
     }
 
     fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
@@ -308,31 +370,7 @@ impl VolumeDriver for FileDriver {
 
     fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String> {
         let dir = self.pool_dir(pool).map_err(|e| e.to_string())?;
-        let probe = |suffix: &str| {
-            dir.join(format!(
-                ".backupfs-reflink-probe-{}{suffix}",
-                std::process::id()
-            ))
-        };
-        let (a, b) = (probe("a"), probe("b"));
-        let result = (|| -> std::io::Result<()> {
-            let source = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&a)?;
-            std::io::Write::write_all(&mut &source, &[0u8; 4096])?;
-            let dest = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&b)?;
-            reflink(&source, &dest)
-        })();
-        let _ = std::fs::remove_file(&a);
-        let _ = std::fs::remove_file(&b);
-        result.map_err(|e| {
+        probe_reflink(dir).map_err(|e| {
             format!(
                 "pool {}/{pool} ({}) cannot make reflink snapshots: {e}",
                 self.backend,
