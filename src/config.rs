@@ -65,6 +65,7 @@ fn default_true() -> bool {
 #[serde(rename_all = "lowercase")]
 pub enum DriverKind {
     File,
+    Qcow2,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -10,6 +10,7 @@ use crate::copy::{self, CopyError, CopyOptions, Progress, Range};
 use crate::target::record::{Record, Status, rfc3339};
 use crate::target::{BackupTarget, TargetError, VolumeTarget};
 use crate::volume::file::FileDriver;
+use crate::volume::qcow2::Qcow2Driver;
 use crate::volume::{Access, Attachment, VolumeDriver, VolumeError, VolumeInfo, is_valid_id};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -237,6 +238,7 @@ impl Engine {
         for (name, backend) in &config.backends {
             let driver: Arc<dyn VolumeDriver> = match backend.driver {
                 DriverKind::File => Arc::new(FileDriver::new(name, backend.pools.clone())),
+                DriverKind::Qcow2 => Arc::new(Qcow2Driver::new(name, backend.pools.clone())?),
             };
             let volume_pools = backend
                 .pools

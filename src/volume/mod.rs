@@ -3,6 +3,7 @@
 //! the engine against these; a driver never calls the engine or the FUSE layer.
 
 pub mod file;
+pub mod qcow2;
 
 use std::fs::File;
 use std::path::PathBuf;

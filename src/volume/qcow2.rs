@@ -1,0 +1,487 @@
+//! The `qcow2` driver: a volume is the qcow2 image `volume-<id>` in a pool directory,
+//! made and grown with `qemu-img`; attaching gives its guest-visible raw contents through
+//! a `qemu-storage-daemon` FUSE export. Snapshots are reflinks of the image file.
+//! It never reads or writes qcow2 structures itself beyond the header's size field.
+
+mod export;
+
+use super::file::{
+    is_no_reflink, lock_holder, loop_backing_files, probe_reflink, reflink_copy, zero_fill,
+    zero_range,
+};
+use super::{Access, Attachment, Result, VolumeDriver, VolumeError, VolumeInfo, is_valid_id};
+use export::{Exports, Mode};
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const VOLUME_PREFIX: &str = "volume-";
+const QEMU_IMG: &str = "qemu-img";
+/// qcow2 sizes are whole sectors.
+const SECTOR: u64 = 512;
+/// The largest qcow2 cluster: a range aligned to it is aligned to whole clusters of any
+/// image, which is what a qsd export can punch as holes.
+const MAX_CLUSTER: u64 = 2 << 20;
+
+/// The guest-visible size from a qcow2 header (version 2 or 3: magic, version, backing
+/// file offset and length, cluster bits, then the size, all big-endian). None when
+/// `header` (at least its first 32 bytes) is not a qcow2 header.
+pub fn virtual_size(header: &[u8]) -> Option<u64> {
+    let field = |at: usize, len: usize| header.get(at..at + len);
+    if field(0, 4)? != b"QFI\xfb" {
+        return None;
+    }
+    let version = u32::from_be_bytes(field(4, 4)?.try_into().ok()?);
+    if !(2..=3).contains(&version) {
+        return None;
+    }
+    Some(u64::from_be_bytes(field(24, 8)?.try_into().ok()?))
+}
+
+pub struct Qcow2Driver {
+    backend: String,
+    pools: BTreeMap<String, PathBuf>,
+    exports: Arc<Exports>,
+    next_temp: AtomicU64,
+}
+
+impl Qcow2Driver {
+    /// Checks that the QEMU tools are there and opens the export directory, cleaning what a
+    /// crashed daemon left in it.
+    pub fn new(backend: &str, pools: BTreeMap<String, PathBuf>) -> Result<Qcow2Driver> {
+        for tool in [QEMU_IMG, export::QSD] {
+            let found = Command::new(tool)
+                .arg("--version")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if let Err(e) = found {
+                return Err(VolumeError::io(
+                    "find the qcow2 driver's tools (Debian: qemu-utils, qemu-system-common)",
+                    tool,
+                    e,
+                ));
+            }
+        }
+        let base = export::runtime_base();
+        let exports =
+            Exports::open(&base).map_err(|e| VolumeError::io("open qcow2 exports", &base, e))?;
+        Ok(Qcow2Driver {
+            backend: backend.to_string(),
+            pools,
+            exports,
+            next_temp: AtomicU64::new(0),
+        })
+    }
+
+    fn pool_dir(&self, pool: &str) -> Result<&Path> {
+        self.pools
+            .get(pool)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| VolumeError::NoPool(format!("{}/{pool}", self.backend)))
+    }
+
+    fn volume_path(&self, pool: &str, volume_id: &str) -> Result<PathBuf> {
+        // Callers validate IDs; this is the last guard before a path is built.
+        if !is_valid_id(volume_id) {
+            return Err(VolumeError::NotFound(volume_id.to_string()));
+        }
+        Ok(self
+            .pool_dir(pool)?
+            .join(format!("{VOLUME_PREFIX}{volume_id}")))
+    }
+
+    fn snapshot_path(&self, pool: &str, snapshot_name: &str) -> Result<PathBuf> {
+        if !is_valid_id(snapshot_name) {
+            return Err(VolumeError::NotFound(snapshot_name.to_string()));
+        }
+        Ok(self.pool_dir(pool)?.join(snapshot_name))
+    }
+
+    /// What a listing shows of one image; `NotFound` when it is not a qcow2 image.
+    fn info(pool: &str, volume_id: &str, path: &Path) -> Result<VolumeInfo> {
+        let not_found = || VolumeError::NotFound(volume_id.to_string());
+        let file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => not_found(),
+            _ => VolumeError::io("stat", path, e),
+        })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| VolumeError::io("stat", path, e))?;
+        if !meta.is_file() {
+            return Err(not_found());
+        }
+        let mut header = [0u8; 32];
+        let size = match file.read_exact_at(&mut header, 0) {
+            Ok(()) => virtual_size(&header),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+            Err(e) => return Err(VolumeError::io("read qcow2 header", path, e)),
+        };
+        // A qcow2 pool holds qcow2 images only: probing another format would let a guest
+        // that wrote a qcow2 header into a raw volume choose what we open.
+        let size = size.ok_or_else(|| {
+            tracing::debug!("{} is not a qcow2 image: not a volume", path.display());
+            not_found()
+        })?;
+        Ok(VolumeInfo {
+            id: volume_id.to_string(),
+            pool: pool.to_string(),
+            size,
+            allocated: meta.blocks() * 512,
+            mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+        })
+    }
+
+    /// Exports an image (a volume or a snapshot) and opens its raw view.
+    fn attach_image(&self, image: &Path, volume_id: &str, access: Access) -> Result<Attachment> {
+        let image = image.canonicalize().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => VolumeError::NotFound(volume_id.to_string()),
+            _ => VolumeError::io("attach", image, e),
+        })?;
+        let mode = Mode {
+            writable: access == Access::Write,
+            direct: access == Access::Stream && takes_o_direct(&image),
+        };
+        let export = self
+            .exports
+            .get(&image, mode)
+            .map_err(|e| VolumeError::io("attach", &image, e))?;
+        let file = open_export(&export.mountpoint, access)
+            .map_err(|e| VolumeError::io("attach", &export.mountpoint, e))?;
+        Ok(Attachment {
+            file,
+            path: export.mountpoint.clone(),
+            keep_alive: Some(Box::new(export)),
+        })
+    }
+}
+
+/// Runs `qemu-img <args>`; its error output becomes the error.
+fn qemu_img(op: &'static str, path: &Path, args: &[&OsStr]) -> Result<()> {
+    let output = Command::new(QEMU_IMG)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| VolumeError::io(op, path, e))?;
+    if !output.status.success() {
+        return Err(VolumeError::io(
+            op,
+            path,
+            std::io::Error::other(format!(
+                "{QEMU_IMG} {}: {}",
+                args.first()
+                    .map(|a| a.to_string_lossy())
+                    .unwrap_or_default(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )),
+        ));
+    }
+    Ok(())
+}
+
+fn round_up(size: u64, to: u64) -> u64 {
+    size.div_ceil(to) * to
+}
+
+/// Whether qsd can read this image with O_DIRECT (not on tmpfs, for one).
+fn takes_o_direct(image: &Path) -> bool {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(image)
+        .is_ok()
+}
+
+/// Opens the raw view. A stream (a backup's one pass) bypasses the page cache where it can.
+fn open_export(path: &Path, access: Access) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    match access {
+        Access::Write => return options.write(true).open(path),
+        Access::Read => return options.open(path),
+        Access::Stream => {}
+    }
+    match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+        Ok(file) => Ok(file),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => options.open(path),
+        Err(e) => Err(e),
+    }
+}
+
+impl VolumeDriver for Qcow2Driver {
+    fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    fn pools(&self) -> Vec<String> {
+        self.pools.keys().cloned().collect()
+    }
+
+    fn list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
+        let dir = self.pool_dir(pool)?;
+        let entries = std::fs::read_dir(dir).map_err(|e| VolumeError::io("list", dir, e))?;
+        let mut volumes = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(volume_id) = name.to_str().and_then(|n| n.strip_prefix(VOLUME_PREFIX)) else {
+                continue;
+            };
+            if !is_valid_id(volume_id) {
+                continue;
+            }
+            // Gone since readdir, or not a qcow2 image: not listed.
+            match Self::info(pool, volume_id, &entry.path()) {
+                Ok(info) => volumes.push(info),
+                Err(VolumeError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        volumes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(volumes)
+    }
+
+    fn stat(&self, pool: &str, volume_id: &str) -> Result<VolumeInfo> {
+        let path = self.volume_path(pool, volume_id)?;
+        Self::info(pool, volume_id, &path)
+    }
+
+    fn create(&self, pool: &str, volume_id: &str, size: u64) -> Result<VolumeInfo> {
+        let path = self.volume_path(pool, volume_id)?;
+        // qemu-img create overwrites: the image is made under a hidden name and linked into
+        // place, which fails rather than replace a volume that exists.
+        let temp = self.pool_dir(pool)?.join(format!(
+            ".{VOLUME_PREFIX}{volume_id}.creating-{}-{}",
+            std::process::id(),
+            self.next_temp.fetch_add(1, Ordering::Relaxed)
+        ));
+        let size_arg = round_up(size, SECTOR).to_string();
+        let made = qemu_img(
+            "create",
+            &path,
+            &[
+                "create".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                temp.as_os_str(),
+                size_arg.as_ref(),
+            ],
+        )
+        .and_then(|()| {
+            std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| VolumeError::io("create", &temp, e))?;
+            std::fs::hard_link(&temp, &path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    VolumeError::Exists(volume_id.to_string())
+                } else {
+                    VolumeError::io("create", &path, e)
+                }
+            })
+        });
+        let _ = std::fs::remove_file(&temp);
+        made?;
+        Self::info(pool, volume_id, &path)
+    }
+
+    fn extend(&self, pool: &str, volume_id: &str, size: u64) -> Result<()> {
+        let path = self.volume_path(pool, volume_id)?;
+        let current = Self::info(pool, volume_id, &path)?.size;
+        let size = round_up(size, SECTOR);
+        if size <= current {
+            return Ok(());
+        }
+        let image = path
+            .canonicalize()
+            .map_err(|e| VolumeError::io("extend", &path, e))?;
+        // While we write into the volume our qsd holds it (and its locks, and its idea of
+        // the size): it must do the resize, through its export.
+        if let Some(export) = self.exports.writable(&image) {
+            let view = OpenOptions::new()
+                .write(true)
+                .open(&export.mountpoint)
+                .map_err(|e| VolumeError::io("extend", &export.mountpoint, e))?;
+            return view
+                .set_len(size)
+                .map_err(|e| VolumeError::io("extend", &path, e));
+        }
+        let size_arg = size.to_string();
+        qemu_img(
+            "extend",
+            &path,
+            &[
+                "resize".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                path.as_os_str(),
+                size_arg.as_ref(),
+            ],
+        )
+    }
+
+    fn delete(&self, pool: &str, volume_id: &str) -> Result<()> {
+        let path = self.volume_path(pool, volume_id)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VolumeError::io("delete", path, e)),
+        }
+    }
+
+    /// A reflink of the image file: an atomic copy of its bytes, made without the
+    /// hypervisor that holds the image. It is what a power cut at that instant would have
+    /// left: everything the guest has flushed is in it (qcow2 orders its metadata writes
+    /// for that). An internal snapshot would need the image lock the hypervisor holds; an
+    /// external overlay would need the hypervisor to switch to it (QMP), which is Nova's.
+    fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
+        let source_path = self.volume_path(pool, volume_id)?;
+        let snapshot_path = self.snapshot_path(pool, snapshot_name)?;
+        reflink_copy(&source_path, &snapshot_path).map_err(|e| {
+            if is_no_reflink(&e) {
+                VolumeError::SnapshotUnsupported(format!(
+                    "pool {}/{pool} ({}) has no reflinks: {e}",
+                    self.backend,
+                    snapshot_path.parent().unwrap_or(Path::new("")).display()
+                ))
+            } else if e.kind() == std::io::ErrorKind::NotFound {
+                VolumeError::NotFound(volume_id.to_string())
+            } else {
+                VolumeError::io("snapshot", snapshot_path, e)
+            }
+        })
+    }
+
+    fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
+        let path = self.snapshot_path(pool, snapshot_name)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VolumeError::io("delete snapshot", path, e)),
+        }
+    }
+
+    fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String> {
+        let dir = self.pool_dir(pool).map_err(|e| e.to_string())?;
+        probe_reflink(dir).map_err(|e| {
+            format!(
+                "pool {}/{pool} ({}) cannot make reflink snapshots: {e}",
+                self.backend,
+                dir.display()
+            )
+        })
+    }
+
+    fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
+        let path = self.volume_path(pool, volume_id)?;
+        // Only what a listing shows is exported (a qcow2 image, never a probed format).
+        Self::info(pool, volume_id, &path)?;
+        self.attach_image(&path, volume_id, access)
+    }
+
+    fn attach_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<Attachment> {
+        let path = self.snapshot_path(pool, snapshot_name)?;
+        Self::info(pool, snapshot_name, &path)?;
+        self.attach_image(&path, snapshot_name, Access::Stream)
+    }
+
+    fn in_use(&self, pool: &str, volume_id: &str) -> Result<Option<String>> {
+        let path = self.volume_path(pool, volume_id)?;
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| VolumeError::io("check in-use", &path, e))?;
+        if loop_backing_files().contains(&canonical) {
+            return Ok(Some("bound to a loop device".to_string()));
+        }
+        // Our own writer holds QEMU's image locks, which are OFD locks that name no pid;
+        // while it does, no hypervisor can hold the image.
+        if self.exports.holds_writable(&canonical) {
+            return Ok(None);
+        }
+        lock_holder(&path)
+            .map(|holder| holder.map(|why| why.replace("fcntl lock", "QEMU image lock")))
+            .map_err(|e| VolumeError::io("check in-use", &path, e))
+    }
+
+    fn free_space(&self, pool: &str) -> Result<u64> {
+        let dir = self.pool_dir(pool)?;
+        let stat = nix::sys::statvfs::statvfs(dir)
+            .map_err(|e| VolumeError::io("statvfs", dir, e.into()))?;
+        Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+    }
+
+    /// qsd punches holes (frees clusters) only for whole clusters: the aligned middle is
+    /// punched, the ends are zeroed.
+    fn discard(&self, attachment: &Attachment, offset: u64, len: u64) -> Result<()> {
+        let file = &attachment.file;
+        let end = offset + len;
+        let (start, stop) = (
+            round_up(offset, MAX_CLUSTER),
+            end / MAX_CLUSTER * MAX_CLUSTER,
+        );
+        let result = if start < stop {
+            zero_range(file, start, stop - start)
+                .and_then(|()| zero_ends(file, offset, start))
+                .and_then(|()| zero_ends(file, stop, end))
+        } else {
+            zero_ends(file, offset, end)
+        };
+        result.map_err(|e| VolumeError::io("discard", &attachment.path, e))
+    }
+
+    fn pool_identity(&self, pool: &str) -> Result<(u64, u64)> {
+        let dir = self.pool_dir(pool)?;
+        let meta = std::fs::metadata(dir).map_err(|e| VolumeError::io("stat", dir, e))?;
+        Ok((meta.dev(), meta.ino()))
+    }
+}
+
+/// Zeroes [from, to) of an export without asking for a hole (partial clusters).
+fn zero_ends(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    if to <= from {
+        return Ok(());
+    }
+    match zero_fill(file, from, to - from) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => zero_range(file, from, to - from),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(version: u32, size: u64) -> Vec<u8> {
+        let mut h = b"QFI\xfb".to_vec();
+        h.extend(version.to_be_bytes());
+        h.extend([0u8; 12]);
+        h.extend(16u32.to_be_bytes());
+        h.extend(size.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn the_size_comes_from_a_qcow2_header_only() {
+        assert_eq!(virtual_size(&header(3, 1 << 30)), Some(1 << 30));
+        assert_eq!(virtual_size(&header(2, 512)), Some(512));
+        assert_eq!(virtual_size(&header(4, 512)), None);
+        assert_eq!(virtual_size(&header(3, 512)[..31]), None);
+        let mut raw = header(3, 512);
+        raw[0] = b'X';
+        assert_eq!(virtual_size(&raw), None);
+        assert_eq!(virtual_size(&[]), None);
+    }
+
+    #[test]
+    fn sizes_round_up_to_sectors() {
+        assert_eq!(round_up(0, SECTOR), 0);
+        assert_eq!(round_up(1, SECTOR), 512);
+        assert_eq!(round_up(512, SECTOR), 512);
+        assert_eq!(round_up(513, SECTOR), 1024);
+    }
+}
