@@ -89,6 +89,8 @@ fn export_dir(pid: u32) -> PathBuf {
 }
 
 /// The export mounts and the qemu-storage-daemon processes of the daemon with `pid`.
+/// (A qsd that has exited but is not yet reaped has no command line: it is not counted,
+/// which is why `assert_no_exports` also waits for the export files to go.)
 fn exports_of(pid: u32) -> (Vec<String>, Vec<u32>) {
     let dir = format!("{}/", export_dir(pid).display());
     let mounts = std::fs::read_to_string("/proc/mounts")
@@ -111,14 +113,28 @@ fn exports_of(pid: u32) -> (Vec<String>, Vec<u32>) {
     (mounts, processes)
 }
 
-/// No export mount and no qemu-storage-daemon of the daemon remain (a closed handle is
-/// released a moment after close returns: that moment is waited for).
+/// The export files (mountpoints, logs, pidfiles) in the daemon's export directory.
+fn export_files(pid: u32) -> Vec<String> {
+    std::fs::read_dir(export_dir(pid))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("export-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// No export mount, no qemu-storage-daemon and no export file of the daemon remain (a
+/// closed handle is released a moment after close returns: that moment is waited for).
 #[track_caller]
 fn assert_no_exports(pid: u32) {
-    let mut left = (Vec::new(), Vec::new());
+    let mut left = (Vec::new(), Vec::new(), Vec::new());
     let gone = (0..200).any(|_| {
-        left = exports_of(pid);
-        let gone = left.0.is_empty() && left.1.is_empty();
+        let (mounts, processes) = exports_of(pid);
+        left = (mounts, processes, export_files(pid));
+        let gone = left.0.is_empty() && left.1.is_empty() && left.2.is_empty();
         if !gone {
             std::thread::sleep(Duration::from_millis(50));
         }
