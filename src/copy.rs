@@ -10,17 +10,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-/// The unit of reading and writing.
-pub const IO_BLOCK: usize = 4 << 20;
+/// The unit of reading and writing: a chunk.
+pub const IO_BLOCK: usize = 2 << 20;
 /// The unit of checksums (a divisor of `IO_BLOCK`).
 pub const CHECKSUM_BLOCK: u64 = 1 << 20;
 /// Runs of zeros at least this long are left as holes instead of written.
 const ZERO_GRAIN: usize = 64 << 10;
-/// Buffers in flight between the reader and the writer.
-const BUFFERS: usize = 3;
+/// Reader threads, so several reads are in flight (one sequential O_DIRECT stream
+/// leaves the disk idle between requests).
+const READERS: usize = 2;
+/// Buffers each reader fills ahead of the writer.
+const BUFFERS_PER_READER: usize = 2;
 /// Dirty data the copier lets the page cache hold for the destination.
 const WRITEBACK_WINDOW: u64 = 32 << 20;
-const ALIGN: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -92,39 +94,54 @@ pub fn block_sum(block: &[u8]) -> u64 {
 }
 
 pub fn is_zero(block: &[u8]) -> bool {
-    let chunks = block.chunks_exact(16);
-    let tail = chunks.remainder();
-    // OR-folding 16-byte words lets the compiler vectorise the loop.
-    let folded = chunks.fold(0u128, |acc, c| {
-        acc | u128::from_ne_bytes(c.try_into().unwrap_or([0xff; 16]))
-    });
-    folded == 0 && tail.iter().all(|&b| b == 0)
+    // 4 KiB at a time, OR-folded so the compiler vectorises it, stopping at the first
+    // piece with data: random data costs one piece, zeros the whole scan.
+    block.chunks(4096).all(|piece| {
+        let words = piece.chunks_exact(16);
+        let tail = words.remainder();
+        let folded = words.fold(0u128, |acc, w| {
+            acc | u128::from_ne_bytes(w.try_into().unwrap_or([0xff; 16]))
+        });
+        folded == 0 && tail.iter().all(|&b| b == 0)
+    })
 }
 
-/// A heap buffer aligned for O_DIRECT.
+/// An anonymous mapping aligned for O_DIRECT. Its pages come zeroed from the kernel and go
+/// back to it when the copy ends, so a finished copy leaves no memory behind.
 struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: the buffer is plain owned memory, moved between threads whole.
+// SAFETY: the mapping is plain owned memory, moved between threads whole.
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, ALIGN).expect("constant layout");
-        // SAFETY: layout has non-zero size.
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr =
-            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+    fn new(len: usize) -> std::io::Result<AlignedBuf> {
+        // SAFETY: a fresh private anonymous mapping; checked for MAP_FAILED below.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(raw.cast::<u8>())
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(AlignedBuf { ptr, len })
     }
 }
 
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len initialised bytes for the buffer's lifetime.
+        // SAFETY: the mapping is valid for len bytes for the buffer's lifetime.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -138,9 +155,8 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, ALIGN).expect("constant layout");
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+        // SAFETY: unmapping exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
@@ -204,19 +220,18 @@ impl<'a> Extents<'a> {
 }
 
 enum Piece {
+    /// A chunk whose bytes are in `buf` (data read, holes between extents zeroed).
     Data {
         offset: u64,
         len: usize,
         buf: AlignedBuf,
     },
-    Hole {
-        offset: u64,
-        len: u64,
-    },
+    /// A chunk with no data at all.
+    Hole { offset: u64, len: u64 },
 }
 
-/// Reads `len` bytes at `offset`, falling back from O_DIRECT when the kernel refuses an
-/// unaligned piece (the tail of an odd-sized file).
+/// Reads `buf.len()` bytes at `offset` (fewer at the end of the file), falling back from
+/// O_DIRECT when the kernel refuses an unaligned piece (the tail of an odd-sized file).
 fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
     let mut retried = false;
@@ -266,73 +281,120 @@ impl Range {
             len,
         }
     }
+
+    fn chunks(&self) -> u64 {
+        self.len.div_ceil(IO_BLOCK as u64)
+    }
+
+    /// Source offset and length of chunk `index`.
+    fn chunk(&self, index: u64) -> (u64, u64) {
+        let start = index * IO_BLOCK as u64;
+        (
+            self.src_offset + start,
+            (self.len - start).min(IO_BLOCK as u64),
+        )
+    }
 }
 
+const PAGE: u64 = 4096;
+
+/// Fills `buf` with chunk `[offset, offset+len)`: only the data extents are read (4 KiB
+/// aligned, as O_DIRECT wants), the holes between them are zeroed in memory.
+fn fill_chunk(
+    src: &File,
+    extents: &mut Extents,
+    buf: &mut [u8],
+    offset: u64,
+    len: u64,
+) -> Result<bool, CopyError> {
+    let end = offset + len;
+    let mut pos = offset;
+    let mut any_data = false;
+    while pos < end {
+        let next = extents.next_data(pos).map_err(|source| CopyError::Read {
+            offset: pos,
+            source,
+        })?;
+        let Some((data_start, data_end)) = next.filter(|(start, _)| *start < end) else {
+            if any_data {
+                buf[(pos - offset) as usize..len as usize].fill(0);
+            }
+            break;
+        };
+        let read_start = (data_start / PAGE * PAGE).max(pos);
+        let read_end = data_end.div_ceil(PAGE).saturating_mul(PAGE).min(end);
+        if !any_data {
+            // Zero what came before the first data only once we know the chunk has data.
+            buf[..(read_start - offset) as usize].fill(0);
+            any_data = true;
+        } else {
+            buf[(pos - offset) as usize..(read_start - offset) as usize].fill(0);
+        }
+        let slot = &mut buf[(read_start - offset) as usize..];
+        let want = ((read_end - read_start).div_ceil(PAGE) * PAGE).min(slot.len() as u64) as usize;
+        let got =
+            read_full(src, &mut slot[..want], read_start).map_err(|source| CopyError::Read {
+                offset: read_start,
+                source,
+            })?;
+        if (got as u64) < data_end.min(end) - read_start {
+            return Err(CopyError::ShortSource {
+                offset: read_start + got as u64,
+            });
+        }
+        if got < want {
+            slot[got..want].fill(0);
+        }
+        pos = read_end;
+    }
+    Ok(any_data)
+}
+
+/// One of `READERS` reader threads: reads chunks `first, first + READERS, ...` into its
+/// own buffers, so several reads are in flight while the writer works.
+#[allow(clippy::too_many_arguments)]
 fn reader(
     src: &File,
     range: Range,
+    first: u64,
     cancel: &AtomicBool,
     free: Receiver<AlignedBuf>,
-    out: SyncSender<std::result::Result<Piece, CopyError>>,
+    out: SyncSender<(u64, Result<Piece, CopyError>)>,
 ) {
-    let end = range.src_offset + range.len;
-    let mut extents = Extents::new(src, end);
-    let mut offset = range.src_offset;
-    while offset < end {
+    let mut extents = Extents::new(src, range.src_offset + range.len);
+    let mut index = first;
+    // A buffer that held only a hole is kept for the next chunk.
+    let mut spare: Option<AlignedBuf> = None;
+    while index < range.chunks() {
         if cancel.load(Ordering::Relaxed) {
-            let _ = out.send(Err(CopyError::Cancelled));
+            let _ = out.send((index, Err(CopyError::Cancelled)));
             return;
         }
-        let chunk_end = (offset + IO_BLOCK as u64).min(end);
-        let next = match extents.next_data(offset) {
-            Ok(next) => next,
-            Err(source) => {
-                let _ = out.send(Err(CopyError::Read { offset, source }));
-                return;
-            }
-        };
-        let piece = match next {
-            // The whole chunk is a hole: skip it, and any chunks up to the data.
-            None => Piece::Hole {
-                offset,
-                len: end - offset,
+        let (offset, len) = range.chunk(index);
+        let mut buf = match spare.take() {
+            Some(buf) => buf,
+            None => match free.recv() {
+                Ok(buf) => buf,
+                Err(_) => return,
             },
-            Some((start, _)) if start >= chunk_end => {
-                // Round down to a chunk boundary so reads stay aligned.
-                let aligned = range.src_offset
-                    + (start - range.src_offset) / IO_BLOCK as u64 * IO_BLOCK as u64;
-                Piece::Hole {
-                    offset,
-                    len: aligned.max(chunk_end) - offset,
-                }
-            }
-            Some(_) => {
-                let Ok(mut buf) = free.recv() else { return };
-                let len = (chunk_end - offset) as usize;
-                let want = len.div_ceil(ALIGN) * ALIGN;
-                match read_full(src, &mut buf[..want.min(IO_BLOCK)], offset) {
-                    Ok(n) if n >= len => {}
-                    Ok(n) => {
-                        let _ = out.send(Err(CopyError::ShortSource {
-                            offset: offset + n as u64,
-                        }));
-                        return;
-                    }
-                    Err(source) => {
-                        let _ = out.send(Err(CopyError::Read { offset, source }));
-                        return;
-                    }
-                }
-                Piece::Data { offset, len, buf }
-            }
         };
-        offset = match &piece {
-            Piece::Data { offset, len, .. } => offset + *len as u64,
-            Piece::Hole { offset, len } => offset + len,
+        let piece = match fill_chunk(src, &mut extents, &mut buf, offset, len) {
+            Ok(true) => Ok(Piece::Data {
+                offset,
+                len: len as usize,
+                buf,
+            }),
+            Ok(false) => {
+                spare = Some(buf);
+                Ok(Piece::Hole { offset, len })
+            }
+            Err(e) => Err(e),
         };
-        if out.send(Ok(piece)).is_err() {
+        let failed = piece.is_err();
+        if out.send((index, piece)).is_err() || failed {
             return;
         }
+        index += READERS as u64;
     }
 }
 
@@ -341,7 +403,6 @@ struct Writer<'a> {
     options: CopyOptions,
     range: Range,
     outcome: CopyOutcome,
-    progress: &'a Progress,
     started: Instant,
     flushed: u64,
     written_since_flush: u64,
@@ -354,53 +415,52 @@ impl Writer<'_> {
     }
 
     fn hole(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
-        if len == 0 {
+        if len == 0 || self.options.dest_is_zero {
             return Ok(());
         }
-        if !self.options.dest_is_zero {
-            let at = self.dst_offset(offset);
-            (self.discard)(at, len).map_err(|source| CopyError::Write { offset: at, source })?;
-        }
+        let at = self.dst_offset(offset);
+        (self.discard)(at, len).map_err(|source| CopyError::Write { offset: at, source })
+    }
+
+    fn write(&mut self, block: &[u8], offset: u64) -> Result<(), CopyError> {
+        let at = self.dst_offset(offset);
+        self.dst
+            .write_all_at(block, at)
+            .map_err(|source| CopyError::Write { offset: at, source })?;
+        self.outcome.bytes_written += block.len() as u64;
+        self.written_since_flush += block.len() as u64;
         Ok(())
     }
 
     fn data(&mut self, offset: u64, block: &[u8]) -> Result<(), CopyError> {
-        for sum_block in block.chunks(CHECKSUM_BLOCK as usize) {
-            self.outcome.checksums.push(block_sum(sum_block));
-        }
         self.outcome.bytes_read += block.len() as u64;
-        // Write runs of non-zero grains; leave zero grains as holes.
-        let mut pos = 0;
-        while pos < block.len() {
-            let grain_end = (pos + ZERO_GRAIN).min(block.len());
-            if is_zero(&block[pos..grain_end]) {
-                let mut zero_end = grain_end;
-                while zero_end < block.len() {
-                    let next = (zero_end + ZERO_GRAIN).min(block.len());
-                    if !is_zero(&block[zero_end..next]) {
-                        break;
-                    }
-                    zero_end = next;
+        // One pass to find the zero grains; the checksums and the writes use it.
+        let grains: Vec<bool> = block.chunks(ZERO_GRAIN).map(is_zero).collect();
+        let per_sum = (CHECKSUM_BLOCK as usize) / ZERO_GRAIN;
+        for (i, sum_block) in block.chunks(CHECKSUM_BLOCK as usize).enumerate() {
+            let zero = grains[i * per_sum..].iter().take(per_sum).all(|&z| z);
+            self.outcome.checksums.push(if zero {
+                0
+            } else {
+                match xxhash_rust::xxh3::xxh3_64(sum_block) {
+                    0 => 1,
+                    sum => sum,
                 }
-                self.hole(offset + pos as u64, (zero_end - pos) as u64)?;
-                pos = zero_end;
-                continue;
+            });
+        }
+        // Write runs of data grains; leave runs of zero grains as holes.
+        let mut grain = 0;
+        while grain < grains.len() {
+            let zero = grains[grain];
+            let run = grains[grain..].iter().take_while(|&&z| z == zero).count();
+            let start = grain * ZERO_GRAIN;
+            let end = ((grain + run) * ZERO_GRAIN).min(block.len());
+            if zero {
+                self.hole(offset + start as u64, (end - start) as u64)?;
+            } else {
+                self.write(&block[start..end], offset + start as u64)?;
             }
-            let mut run_end = grain_end;
-            while run_end < block.len() {
-                let next = (run_end + ZERO_GRAIN).min(block.len());
-                if is_zero(&block[run_end..next]) {
-                    break;
-                }
-                run_end = next;
-            }
-            let at = self.dst_offset(offset + pos as u64);
-            self.dst
-                .write_all_at(&block[pos..run_end], at)
-                .map_err(|source| CopyError::Write { offset: at, source })?;
-            self.outcome.bytes_written += (run_end - pos) as u64;
-            self.written_since_flush += (run_end - pos) as u64;
-            pos = run_end;
+            grain += run;
         }
         if self.written_since_flush >= WRITEBACK_WINDOW {
             self.start_writeback(offset + block.len() as u64);
@@ -423,16 +483,18 @@ impl Writer<'_> {
                 (end - start) as libc::off_t,
                 libc::SYNC_FILE_RANGE_WRITE,
             );
-            if start > 0 {
+            if start > self.range.dst_offset {
+                let from = self.range.dst_offset as libc::off_t;
+                let len = (start - self.range.dst_offset) as libc::off_t;
                 libc::sync_file_range(
                     fd,
-                    0,
-                    start as libc::off_t,
+                    from,
+                    len,
                     libc::SYNC_FILE_RANGE_WAIT_BEFORE
                         | libc::SYNC_FILE_RANGE_WRITE
                         | libc::SYNC_FILE_RANGE_WAIT_AFTER,
                 );
-                libc::posix_fadvise(fd, 0, start as libc::off_t, libc::POSIX_FADV_DONTNEED);
+                libc::posix_fadvise(fd, from, len, libc::POSIX_FADV_DONTNEED);
             }
         }
         self.flushed = end;
@@ -466,65 +528,87 @@ pub fn copy(
 ) -> Result<CopyOutcome, CopyError> {
     progress.total.store(range.len, Ordering::Relaxed);
     progress.done.store(0, Ordering::Relaxed);
-    let (free_tx, free_rx) = sync_channel::<AlignedBuf>(BUFFERS);
-    for _ in 0..BUFFERS {
-        let _ = free_tx.send(AlignedBuf::new(IO_BLOCK));
-    }
-    let (piece_tx, piece_rx) = sync_channel(BUFFERS - 1);
     let mut writer = Writer {
         dst,
         options,
         range,
         outcome: CopyOutcome::default(),
-        progress,
         started: Instant::now(),
         flushed: range.dst_offset,
         written_since_flush: 0,
         discard,
     };
-    let result = std::thread::scope(|scope| {
-        // Moved in, so both are dropped when this closure returns, before the scope joins
-        // the reader: a reader waiting for a free buffer or a send then wakes and ends.
-        let (free_tx, piece_rx) = (free_tx, piece_rx);
-        std::thread::Builder::new()
-            .name("copy-reader".into())
-            .spawn_scoped(scope, || reader(src, range, cancel, free_rx, piece_tx))
-            .map_err(|source| CopyError::Read {
-                offset: range.src_offset,
-                source,
-            })?;
+    let chunks = range.chunks();
+    std::thread::scope(|scope| -> Result<(), CopyError> {
+        let (piece_tx, piece_rx) = sync_channel(READERS * BUFFERS_PER_READER);
+        let mut pools = Vec::new();
+        for first in 0..READERS as u64 {
+            let (free_tx, free_rx) = sync_channel::<AlignedBuf>(BUFFERS_PER_READER);
+            for _ in 0..BUFFERS_PER_READER {
+                let buf = AlignedBuf::new(IO_BLOCK).map_err(|source| CopyError::Read {
+                    offset: range.src_offset,
+                    source,
+                })?;
+                let _ = free_tx.send(buf);
+            }
+            pools.push(free_tx);
+            let out = piece_tx.clone();
+            std::thread::Builder::new()
+                .name("copy-reader".into())
+                .spawn_scoped(scope, move || {
+                    reader(src, range, first, cancel, free_rx, out)
+                })
+                .map_err(|source| CopyError::Read {
+                    offset: range.src_offset,
+                    source,
+                })?;
+        }
+        drop(piece_tx);
+        // Pieces arrive in any order; they are written in order. Returning drops the
+        // channels, which wakes and ends any reader still waiting on them.
+        let mut waiting: std::collections::BTreeMap<u64, Piece> = Default::default();
+        let mut next = 0u64;
         let mut done = 0u64;
-        for piece in piece_rx.iter() {
+        while next < chunks {
+            let piece = match waiting.remove(&next) {
+                Some(piece) => piece,
+                None => {
+                    let Ok((index, piece)) = piece_rx.recv() else {
+                        return Err(CopyError::Cancelled);
+                    };
+                    let piece = piece?;
+                    if index != next {
+                        waiting.insert(index, piece);
+                        continue;
+                    }
+                    piece
+                }
+            };
             if cancel.load(Ordering::Relaxed) {
                 return Err(CopyError::Cancelled);
             }
-            match piece? {
+            match piece {
                 Piece::Data { offset, len, buf } => {
                     writer.data(offset, &buf[..len])?;
                     done += len as u64;
                     // The reader may have stopped; a failed return only drops the buffer.
-                    let _ = free_tx.send(buf);
+                    let _ = pools[(next % READERS as u64) as usize].send(buf);
                 }
                 Piece::Hole { offset, len } => {
                     writer.hole(offset, len)?;
-                    let blocks = (offset + len - range.src_offset).div_ceil(CHECKSUM_BLOCK)
-                        - (offset - range.src_offset) / CHECKSUM_BLOCK;
-                    writer
-                        .outcome
-                        .checksums
-                        .extend(std::iter::repeat_n(0, blocks as usize));
+                    writer.outcome.checksums.extend(std::iter::repeat_n(
+                        0,
+                        len.div_ceil(CHECKSUM_BLOCK) as usize,
+                    ));
                     done += len;
                 }
             }
-            writer.progress.done.store(done, Ordering::Relaxed);
+            progress.done.store(done, Ordering::Relaxed);
             writer.throttle();
-        }
-        if done < range.len {
-            return Err(CopyError::Cancelled);
+            next += 1;
         }
         Ok(())
-    });
-    result?;
+    })?;
     if cancel.load(Ordering::Relaxed) {
         return Err(CopyError::Cancelled);
     }

@@ -78,7 +78,10 @@ fn detach(mountpoint: &Path) {
 /// A mountpoint left by a daemon that died reads "Transport endpoint is not connected";
 /// detach it so the new mount can take its place.
 fn clear_stale_mount(mountpoint: &Path) {
-    if let Err(e) = std::fs::metadata(mountpoint)
+    // stat alone may be answered from attributes the kernel still caches; listing the
+    // directory has to ask the (dead) daemon.
+    let probe = std::fs::metadata(mountpoint).and_then(|_| std::fs::read_dir(mountpoint).map(drop));
+    if let Err(e) = probe
         && e.raw_os_error() == Some(libc::ENOTCONN)
     {
         warn!(

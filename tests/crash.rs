@@ -83,11 +83,13 @@ fn sigterm_with_an_open_image_and_a_running_job_stops_cleanly() {
     let mut reader = Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "exec 4<'{}'; cd '{}' && sleep 300",
+            "exec 4<'{}'; cd '{}' && exec sleep 300",
             d.image("hdd", &done).display(),
             d.target("hdd").display()
         ))
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let id = d.backup("hdd", "slow");
@@ -150,7 +152,7 @@ fn stale_mount_of_a_killed_daemon_is_replaced_at_start() {
     let mnt = d.mnt.clone();
     d.crash();
     // The mountpoint now answers ENOTCONN.
-    let err = std::fs::metadata(&mnt).unwrap_err();
+    let err = std::fs::read_dir(&mnt).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN));
     let d = sb.start_daemon(&l.config);
     assert!(ok(&format!("ls '{}'", d.mnt.join("volumes/ssd").display())).contains('v'));

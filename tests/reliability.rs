@@ -125,6 +125,8 @@ fn kill9_during_a_restore_keeps_the_backup_and_allows_a_new_restore() {
             img = d.image("hdd", &id).display(),
             vol = d.volume("ssd", "target-vol").display()
         ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     wait_for(

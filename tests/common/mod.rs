@@ -183,6 +183,10 @@ impl Sandbox {
             .mode(0o644)
             .open(&log)
             .expect("log");
+        let mounted_before = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("backupfs mounted")
+            .count();
         let child = Command::new(BIN)
             .arg("mount")
             .arg(&mnt)
@@ -201,8 +205,11 @@ impl Sandbox {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        // A stale mount is a fuse mount too: wait for one that answers.
-        while !(is_fuse_mount(&mnt) && mnt.join("backups").exists()) {
+        // A stale mount is a fuse mount too, and may answer from its caches: wait for this
+        // daemon to say it has mounted, and for a listing only a live daemon can give.
+        while !(daemon.log().matches("backupfs mounted").count() > mounted_before
+            && std::fs::read_dir(mnt.join("backups")).is_ok())
+        {
             assert!(
                 Instant::now() < deadline,
                 "backupfs did not mount; log:\n{}",
