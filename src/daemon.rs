@@ -9,7 +9,7 @@ use fuser::{MountOption, SessionACL};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -92,6 +92,21 @@ fn clear_stale_mount(mountpoint: &Path) {
     }
 }
 
+/// The kernel caps a FUSE mount's readahead at its bdi's `read_ahead_kb` (128 KiB), so
+/// image reads would arrive in pieces smaller than a checksum block; 4 MiB lets them
+/// arrive whole. Failing only costs speed.
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, "4096") {
+        debug!("cannot raise readahead ({path}): {e}");
+    }
+}
+
 /// Mounts and serves until a stop signal or an unmount. Call `block_stop_signals` first,
 /// before any thread exists.
 pub fn serve(config: Config, mountpoint: &Path) -> Result<(), DaemonError> {
@@ -126,6 +141,7 @@ pub fn serve(config: Config, mountpoint: &Path) -> Result<(), DaemonError> {
             });
         }
     };
+    raise_readahead(mountpoint);
     info!(mountpoint = %mountpoint.display(), "backupfs mounted");
     let reason = loop {
         if let Some(signal) = wait_stop_signal(Duration::from_millis(200)) {

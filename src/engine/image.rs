@@ -251,6 +251,16 @@ impl Image {
         Ok(bad)
     }
 
+    /// True when reads need no more checks: every block has been found good, or reads
+    /// are not checked at all.
+    pub fn fully_checked(&self) -> bool {
+        if !self.verify {
+            return true;
+        }
+        let blocks = self.state.sums.len();
+        (0..blocks).all(|block| self.state.is_verified(block))
+    }
+
     pub fn has_checksums(&self) -> bool {
         !self.state.sums.is_empty()
     }

@@ -1202,7 +1202,11 @@ impl VolumeWriter {
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
-        self.grow_to(offset + data.len() as u64)?;
+        let end = offset + data.len() as u64;
+        let grows = self.driver.grows_on_write();
+        if !grows {
+            self.grow_to(end)?;
+        }
         let attachment = self.attachment()?;
         attachment
             .file
@@ -1211,6 +1215,10 @@ impl VolumeWriter {
                 op: format!("write {}", attachment.path.display()),
                 source,
             })?;
+        if grows {
+            // A restore of a new volume writes past the end all along: no extend per write.
+            self.size.fetch_max(end, Ordering::Relaxed);
+        }
         self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data.len())
     }

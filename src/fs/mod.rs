@@ -9,6 +9,7 @@ use crate::engine::request::{self, USAGE};
 use crate::engine::{Engine, EngineError, Image, VolumeWriter};
 use crate::volume::Attachment;
 use errno::errno;
+use fuser::BackingId;
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
@@ -44,6 +45,9 @@ enum Handle {
     Text(Vec<u8>),
     Image {
         image: Image,
+        /// Set when the kernel reads this open file straight from the backing file.
+        _backing: Option<Arc<BackingId>>,
+        ino: u64,
     },
     VolumeRead {
         attachment: Attachment,
@@ -92,7 +96,7 @@ usage: echo <backup-id> > verify
 impl Handle {
     fn data_file(&self) -> Option<&File> {
         match self {
-            Handle::Image { image } => Some(image.file()),
+            Handle::Image { image, .. } => Some(image.file()),
             Handle::VolumeRead { attachment } => Some(&attachment.file),
             Handle::VolumeWrite { writer } => writer.file().ok(),
             _ => None,
@@ -100,8 +104,20 @@ impl Handle {
     }
 }
 
+/// How an image inode's open files are read; the kernel does not mix the two on one
+/// inode, so the first open decides until the last one closes.
+enum ImageMode {
+    /// Through the daemon, which checks blocks against their checksums.
+    Checked(usize),
+    /// Straight from the backing file: the image is verified (or verification is off).
+    Passthrough(std::sync::Weak<BackingId>, usize),
+}
+
 pub struct BackupFs {
     engine: Arc<Engine>,
+    /// Whether the kernel agreed to passthrough in `init`.
+    passthrough: bool,
+    image_modes: Mutex<HashMap<u64, ImageMode>>,
     nodes: RwLock<HashMap<u64, Node>>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -143,6 +159,8 @@ impl BackupFs {
         nodes.insert(tree::ROOT, Node::Root);
         BackupFs {
             engine,
+            passthrough: false,
+            image_modes: Mutex::new(HashMap::new()),
             nodes: RwLock::new(nodes),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -343,6 +361,10 @@ impl Filesystem for BackupFs {
                 debug!("kernel lacks {wanted:?}");
             }
         }
+        // Passthrough lets verified images be read at the backing filesystem's speed.
+        self.passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        debug!("passthrough: {}", self.passthrough);
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
@@ -573,11 +595,7 @@ impl Filesystem for BackupFs {
                     reply.error(Errno::EROFS)
                 }
                 Node::Image(t, id) => match self.engine.open_image(t, id) {
-                    Ok(image) => {
-                        let fh = self.open_handle(Handle::Image { image });
-                        // Images never change: keep their pages across opens.
-                        reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
-                    }
+                    Ok(image) => self.open_image(ino.0, image, reply),
                     Err(e) => reply.error(errno(&e)),
                 },
                 Node::Volume(b, v) => self.open_volume(b, v, flags, reply),
@@ -617,7 +635,7 @@ impl Filesystem for BackupFs {
                 },
                 Handle::Text(bytes) => reply.data(&slice(bytes)),
                 Handle::Dir(_) => reply.error(Errno::EISDIR),
-                Handle::Image { image } => {
+                Handle::Image { image, .. } => {
                     let mut buf = vec![0u8; size as usize];
                     match image.read_at(&mut buf, offset) {
                         Ok(n) => reply.data(&buf[..n]),
@@ -712,7 +730,21 @@ impl Filesystem for BackupFs {
         reply: ReplyEmpty,
     ) {
         // Dropping the handle detaches the volume and ends a restore's claim.
-        self.handles.lock().remove(&fh.0);
+        let handle = self.handles.lock().remove(&fh.0);
+        if let Some(Handle::Image { ino, .. }) = handle.as_deref() {
+            let mut modes = self.image_modes.lock();
+            let last = match modes.get_mut(ino) {
+                Some(ImageMode::Checked(n)) | Some(ImageMode::Passthrough(_, n)) => {
+                    *n -= 1;
+                    *n == 0
+                }
+                None => false,
+            };
+            if last {
+                modes.remove(ino);
+            }
+        }
+        drop(handle);
         reply.ok();
     }
 
@@ -999,6 +1031,54 @@ impl Filesystem for BackupFs {
 }
 
 impl BackupFs {
+    /// Opens an image: straight from the backing file when every block is known good
+    /// (or checks are off) and the kernel can, else through the daemon's checked reads.
+    fn open_image(&self, ino: u64, image: Image, reply: ReplyOpen) {
+        let mut modes = self.image_modes.lock();
+        let backing = match modes.get_mut(&ino) {
+            Some(ImageMode::Checked(n)) => {
+                *n += 1;
+                None
+            }
+            Some(ImageMode::Passthrough(weak, n)) => match weak.upgrade() {
+                Some(backing) => {
+                    *n += 1;
+                    Some(backing)
+                }
+                None => None,
+            },
+            None if self.passthrough && image.fully_checked() => {
+                match reply.open_backing(image.file()) {
+                    Ok(backing) => {
+                        let backing = Arc::new(backing);
+                        modes.insert(ino, ImageMode::Passthrough(Arc::downgrade(&backing), 1));
+                        Some(backing)
+                    }
+                    Err(e) => {
+                        debug!("passthrough refused ({e}); reading through the daemon");
+                        modes.insert(ino, ImageMode::Checked(1));
+                        None
+                    }
+                }
+            }
+            None => {
+                modes.insert(ino, ImageMode::Checked(1));
+                None
+            }
+        };
+        drop(modes);
+        let fh = self.open_handle(Handle::Image {
+            image,
+            _backing: backing.clone(),
+            ino,
+        });
+        match backing {
+            Some(backing) => reply.opened_passthrough(fh, FopenFlags::empty(), &backing),
+            // Images never change: keep their pages across opens.
+            None => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+        }
+    }
+
     fn create_volume(
         &self,
         parent: INodeNo,

@@ -416,6 +416,10 @@ impl VolumeDriver for FileDriver {
         Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
     }
 
+    fn grows_on_write(&self) -> bool {
+        true
+    }
+
     fn discard(&self, attachment: &Attachment, offset: u64, len: u64) -> Result<()> {
         zero_range(&attachment.file, offset, len)
             .map_err(|e| VolumeError::io("discard", &attachment.path, e))

@@ -147,6 +147,12 @@ pub trait VolumeDriver: Send + Sync {
     /// Zeroes `len` bytes at `offset` of an attached volume, as holes where possible.
     fn discard(&self, attachment: &Attachment, offset: u64, len: u64) -> Result<()>;
 
+    /// True when a write past the end of an attachment grows the volume by itself (a plain
+    /// file), so writers need not call `extend` first.
+    fn grows_on_write(&self) -> bool {
+        false
+    }
+
     /// A storage identity (device, inode of the pool directory) for the same-storage rule.
     fn pool_identity(&self, pool: &str) -> Result<(u64, u64)>;
 
