@@ -271,19 +271,7 @@ fn request_refusals_have_their_errnos_and_change_nothing() {
 #[test]
 fn target_too_small_is_refused_with_enospc() {
     let mut sb = Sandbox::new("enospc");
-    let hdd = sb.loop_fs("hdd", Fs::Ext4, 24);
-    let ssd = sb.mkdir("ssd");
-    let backups = hdd.join("backups");
-    std::fs::create_dir_all(&backups).unwrap();
-    let state = sb.mkdir("state");
-    let config = sb.write_config(&format!(
-        "state_dir = \"{}\"\n[backends.ssd]\ndriver = \"file\"\npools = {{ gold = \"{}\" }}\n\
-         [backends.hdd]\ndriver = \"file\"\npools = {{ backups = \"{}\" }}\n\
-         [targets.small]\nbackend = \"hdd\"\npool = \"backups\"\n",
-        state.display(),
-        ssd.display(),
-        backups.display()
-    ));
+    let (ssd, _, config) = small_target(&mut sb, "small", 24);
     random_volume(&ssd, "big", 64);
     random_volume(&ssd, "small", 4);
     let d = sb.start_daemon(&config);

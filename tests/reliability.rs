@@ -157,19 +157,7 @@ fn kill9_during_a_restore_keeps_the_backup_and_allows_a_new_restore() {
 #[test]
 fn full_target_fails_the_waiting_write_with_enospc_and_leaves_nothing() {
     let mut sb = Sandbox::new("full");
-    let hdd = sb.loop_fs("hdd", Fs::Ext4, 48);
-    let ssd = sb.mkdir("ssd");
-    let backups = hdd.join("backups");
-    std::fs::create_dir_all(&backups).unwrap();
-    let state = sb.mkdir("state");
-    let config = sb.write_config(&format!(
-        "state_dir = \"{}\"\n[backends.ssd]\ndriver = \"file\"\npools = {{ gold = \"{}\" }}\n\
-         [backends.hdd]\ndriver = \"file\"\npools = {{ backups = \"{}\" }}\n\
-         [targets.hdd]\nbackend = \"hdd\"\npool = \"backups\"\n",
-        state.display(),
-        ssd.display(),
-        backups.display()
-    ));
+    let (ssd, backups, config) = small_target(&mut sb, "hdd", 48);
     // Each fits alone; together they do not: the pool fills during the copies.
     random_volume(&ssd, "one", 30);
     random_volume(&ssd, "two", 30);

@@ -164,6 +164,30 @@ pub(crate) fn reflink_copy(source: &Path, dest: &Path) -> std::io::Result<()> {
 }
 
 /// Whether `dir` can hold reflink snapshots: clones a small probe file there.
+/// Removes a reflinked snapshot file; one that is gone already is fine (recovery calls
+/// this blindly).
+pub(crate) fn remove_snapshot_file(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(VolumeError::io("delete snapshot", path, e)),
+    }
+}
+
+/// Whether a pool directory can hold reflink snapshots, as `snapshot_support` says it.
+pub(crate) fn reflink_support(
+    backend: &str,
+    pool: &str,
+    dir: &Path,
+) -> std::result::Result<(), String> {
+    probe_reflink(dir).map_err(|e| {
+        format!(
+            "pool {backend}/{pool} ({}) cannot make reflink snapshots: {e}",
+            dir.display()
+        )
+    })
+}
+
 pub(crate) fn probe_reflink(dir: &Path) -> std::io::Result<()> {
     let probe = |suffix: &str| {
         dir.join(format!(
@@ -360,23 +384,15 @@ impl VolumeDriver for FileDriver {
     }
 
     fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
-        let path = self.snapshot_path(pool, snapshot_name)?;
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(VolumeError::io("delete snapshot", path, e)),
-        }
+        remove_snapshot_file(&self.snapshot_path(pool, snapshot_name)?)
     }
 
     fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String> {
-        let dir = self.pool_dir(pool).map_err(|e| e.to_string())?;
-        probe_reflink(dir).map_err(|e| {
-            format!(
-                "pool {}/{pool} ({}) cannot make reflink snapshots: {e}",
-                self.backend,
-                dir.display()
-            )
-        })
+        reflink_support(
+            &self.backend,
+            pool,
+            self.pool_dir(pool).map_err(|e| e.to_string())?,
+        )
     }
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {

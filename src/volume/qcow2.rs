@@ -6,8 +6,8 @@
 mod export;
 
 use super::file::{
-    is_no_reflink, lock_holder, loop_backing_files, probe_reflink, reflink_copy, zero_fill,
-    zero_range,
+    is_no_reflink, lock_holder, loop_backing_files, reflink_copy, reflink_support,
+    remove_snapshot_file, zero_fill, zero_range,
 };
 use super::{Access, Attachment, Result, VolumeDriver, VolumeError, VolumeInfo, is_valid_id};
 use export::{Exports, Mode};
@@ -358,23 +358,15 @@ impl VolumeDriver for Qcow2Driver {
     }
 
     fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
-        let path = self.snapshot_path(pool, snapshot_name)?;
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(VolumeError::io("delete snapshot", path, e)),
-        }
+        remove_snapshot_file(&self.snapshot_path(pool, snapshot_name)?)
     }
 
     fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String> {
-        let dir = self.pool_dir(pool).map_err(|e| e.to_string())?;
-        probe_reflink(dir).map_err(|e| {
-            format!(
-                "pool {}/{pool} ({}) cannot make reflink snapshots: {e}",
-                self.backend,
-                dir.display()
-            )
-        })
+        reflink_support(
+            &self.backend,
+            pool,
+            self.pool_dir(pool).map_err(|e| e.to_string())?,
+        )
     }
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {

@@ -462,3 +462,23 @@ pub fn sparse_volume(
     ));
     path
 }
+
+/// Backend `ssd` (pool `gold` on the machine's disk) and a target `target` on a small ext4
+/// loop filesystem of `size_mb` MiB, where ENOSPC is easy to reach. Returns the `gold`
+/// and backup pool directories and the configuration.
+pub fn small_target(sb: &mut Sandbox, target: &str, size_mb: u64) -> (PathBuf, PathBuf, PathBuf) {
+    let hdd = sb.loop_fs("hdd", Fs::Ext4, size_mb);
+    let gold = sb.mkdir("ssd");
+    let backups = hdd.join("backups");
+    std::fs::create_dir_all(&backups).expect("pool dir");
+    let state = sb.mkdir("state");
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\n[backends.ssd]\ndriver = \"file\"\npools = {{ gold = \"{}\" }}\n\
+         [backends.hdd]\ndriver = \"file\"\npools = {{ backups = \"{}\" }}\n\
+         [targets.{target}]\nbackend = \"hdd\"\npool = \"backups\"\n",
+        state.display(),
+        gold.display(),
+        backups.display()
+    ));
+    (gold, backups, config)
+}
