@@ -344,8 +344,8 @@ CMP[read.fio.direct]=$(ratio "${MED[read.fio.mnt]}" "${MED[read.fio.direct]}")
 
 # ================================================================ 3. restore
 section restore "3. restore of the random volume's backup to a new volume (on the source filesystem)"
-declare -a r_m=() r_d=()
-prev_m= prev_d=
+declare -a r_m=() r_d=() r_c=()
+prev_m= prev_d= prev_c=
 for r in $(seq "$RUNS"); do
     log "restore: run $r/$RUNS"
     # A new name each run: the kernel may still cache the previous name's entry.
@@ -359,10 +359,19 @@ for r in $(seq "$RUNS"); do
     drop_caches
     time_peer "cp --sparse=always $(q "$IMG_DIRECT") $(q "$SRC_POOL/volume-$prev_d") && sync -f $(q "$SRC_POOL")"
     r_d+=("$LAST_SECS")
+    # Plain cp calls copy_file_range, which the daemon serves itself (server-side copy).
+    [ -n "$prev_c" ] && rm -f "$SRC_POOL/volume-$prev_c"
+    prev_c=rest-c-$r
+    drop_caches
+    time_peer "cp $(q "$IMG_MNT") $(q "$MNT/volumes/src/$prev_c") && sync -f $(q "$SRC_POOL")"
+    r_c+=("$LAST_SECS")
 done
+cmp -s "$SRC_POOL/volume-$prev_c" "$SRC_POOL/volume-vol-rand" || die "the volume restored by server-side copy differs from its source"
 cmp -s "$SRC_POOL/volume-$prev_m" "$SRC_POOL/volume-vol-rand" || die "the volume restored through the mount differs from its source"
 row restore.mnt restore "cp --sparse=always image volumes/src/NEW; sync -f: through the mount" s "${r_m[@]}"
 row restore.direct restore "cp --sparse=always backing file to pool; sync -f: direct" s "${r_d[@]}"
+row restore.cfr restore "cp (copy_file_range, server-side) image volumes/src/NEW; sync -f: mount" s "${r_c[@]}"
+RATE[restore.cfr]=$(mibps "$IMG_MB" "${MED[restore.cfr]}")
 RATE[restore.mnt]=$(mibps "$IMG_MB" "${MED[restore.mnt]}")
 RATE[restore.direct]=$(mibps "$IMG_MB" "${MED[restore.direct]}")
 CMP[restore.direct]=$(ratio "${MED[restore.direct]}" "${MED[restore.mnt]}")
@@ -430,6 +439,8 @@ target "image read, 4k random IOPS: mount vs direct" "${CMP[read.fio.direct]}" "
     "${MED[read.fio.mnt]} / ${MED[read.fio.direct]} IOPS"
 target "restore: mount vs direct" "${CMP[restore.direct]}" ">=" 0.9 x \
     "${MED[restore.direct]} s / ${MED[restore.mnt]} s"
+target "restore, plain cp (server-side copy): mount vs direct" "$(ratio "${MED[restore.direct]}" "${MED[restore.cfr]}")" ">=" 0.9 x \
+    "${MED[restore.direct]} s / ${MED[restore.cfr]} s"
 target "daemon peak RSS during the full backups (1)" "$(kib_to_mib "$RSS_BACKUP_KIB")" "<=" "$RSS_TARGET_MIB" MiB "VmHWM"
 target "daemon peak RSS during $CONC_N concurrent backups (4)" "$(kib_to_mib "$RSS_CONC_KIB")" "<=" "$RSS_TARGET_MIB" MiB "VmHWM"
 
