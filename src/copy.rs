@@ -501,15 +501,20 @@ impl Writer<'_> {
         self.written_since_flush = 0;
     }
 
-    fn throttle(&self) {
+    /// Sleeps until the rate limit allows the bytes read so far, in short slices so a
+    /// cancel (SIGTERM) is not held up by a low limit.
+    fn throttle(&self, cancel: &AtomicBool) {
         if self.options.bps_limit == 0 {
             return;
         }
         let due =
             Duration::from_secs_f64(self.outcome.bytes_read as f64 / self.options.bps_limit as f64);
-        let elapsed = self.started.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
+        while !cancel.load(Ordering::Relaxed) {
+            let elapsed = self.started.elapsed();
+            if due <= elapsed {
+                break;
+            }
+            std::thread::sleep((due - elapsed).min(Duration::from_millis(100)));
         }
     }
 }
@@ -604,7 +609,7 @@ pub fn copy(
                 }
             }
             progress.done.store(done, Ordering::Relaxed);
-            writer.throttle();
+            writer.throttle(cancel);
             next += 1;
         }
         Ok(())

@@ -157,3 +157,34 @@ fn stale_mount_of_a_killed_daemon_is_replaced_at_start() {
     let d = sb.start_daemon(&l.config);
     assert!(ok(&format!("ls '{}'", d.mnt.join("volumes/ssd").display())).contains('v'));
 }
+
+#[test]
+fn restart_keeps_the_data_of_a_record_it_cannot_read_and_removes_temporaries() {
+    let mut sb = Sandbox::new("badrecord");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    random_volume(&l.gold, "v", 2);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    assert!(d.stop().success());
+    // A record from a newer backupfs (or damaged) is not understood, but still owns data.
+    let record = l.backups.join(format!("backup-{id}.json"));
+    let text = std::fs::read_to_string(&record).unwrap();
+    std::fs::write(&record, text.replace("\"format\": 1", "\"format\": 99")).unwrap();
+    let leftover = l.backups.join(format!(".backup-{id}.json.1234.0.tmp"));
+    std::fs::write(&leftover, b"half a record").unwrap();
+    let d = sb.start_daemon(&l.config);
+    assert!(
+        l.backups.join(format!("volume-{id}")).exists(),
+        "{}",
+        d.log()
+    );
+    assert!(
+        !leftover.exists(),
+        "a crashed write's temporary file is removed"
+    );
+    assert!(
+        d.log().contains("skipping unreadable record"),
+        "{}",
+        d.log()
+    );
+}

@@ -143,7 +143,17 @@ fn volume_nodes_refuse_unlink_and_bad_names() {
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{bad}");
     }
     let err = std::fs::File::create(d.target("hdd").join("x.img")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "not a backup id");
+    let err = std::fs::File::create(
+        d.target("hdd")
+            .join("00000000-0000-4000-8000-000000000000.img"),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EPERM),
+        "images are made by backups only"
+    );
     let only = ok(&format!("ls -A '{}'", l.gold.display()));
     assert_eq!(only.trim(), "volume-keep", "nothing was created");
 }

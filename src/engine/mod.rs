@@ -178,6 +178,9 @@ struct Inner {
     state: Mutex<State>,
     work: Condvar,
     images: image::ImageCache,
+    /// Serialises read-change-write of records outside the job that owns them (verify,
+    /// delete), so neither writes back a record the other has just changed or removed.
+    record_updates: Mutex<()>,
 }
 
 /// The engine; cheap to share (`Arc` inside).
@@ -271,6 +274,7 @@ impl Engine {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             images: image::ImageCache::default(),
+            record_updates: Mutex::new(()),
             config,
             _state_lock: state_lock,
         });
@@ -410,7 +414,14 @@ impl Engine {
         }
         let started = Instant::now();
         let bad = image.damaged_blocks()?;
+        let _updating = self.inner.record_updates.lock();
         let mut record = target.record(backup_id)?;
+        if record.status != Status::Available {
+            return Err(EngineError::NotFound(format!(
+                "backup {backup_id} is {} now",
+                record.status.as_str()
+            )));
+        }
         record.verified_at = Some(now());
         record.damaged_blocks = Some(bad.clone());
         target.write_record(&record)?;
@@ -444,6 +455,7 @@ impl Engine {
     /// Deletes an available or failed backup: its data, checksums and record.
     pub fn delete_backup(&self, target_name: &str, backup_id: &str) -> Result<()> {
         let target = self.target(target_name)?;
+        let _updating = self.inner.record_updates.lock();
         let mut record = target.record(backup_id)?;
         if record.status == Status::Creating {
             return Err(EngineError::Busy(format!(
@@ -475,6 +487,7 @@ impl Engine {
     /// Removes the record of a failed backup.
     pub fn delete_record(&self, target_name: &str, backup_id: &str) -> Result<()> {
         let target = self.target(target_name)?;
+        let _updating = self.inner.record_updates.lock();
         let record = target.record(backup_id)?;
         if record.status != Status::Error {
             return Err(EngineError::NotPermitted(format!(
@@ -577,7 +590,8 @@ impl Engine {
             Err(EngineError::NotFound(_)) => self.create_volume(backend, volume_id)?,
             Err(e) => return Err(e),
         };
-        let copied = writer.copy_from_backup(self, target, backup_id, 0, 0, record.size)?;
+        let image = self.open_image(target, backup_id)?;
+        let copied = writer.copy_from_backup(&image, 0, 0, record.size)?;
         if copied != record.size {
             return Err(EngineError::Io {
                 op: format!("restore of {backup_id}"),

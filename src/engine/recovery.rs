@@ -73,10 +73,14 @@ impl Inner {
                     }
                 }
             }
-            // Data no record owns can only be a leftover; nothing can read it.
-            if let (Ok(ids), Ok(records)) = (target.data_ids(), target.records()) {
+            // Data no record owns can only be a leftover; nothing can read it. A record
+            // that exists but cannot be read (damaged, newer format, EIO) still owns it.
+            if let Err(e) = target.remove_temporaries() {
+                error!(target = name, "cannot remove temporary files: {e}");
+            }
+            if let Ok(ids) = target.data_ids() {
                 for id in ids {
-                    if !records.iter().any(|r| r.id == id) {
+                    if matches!(target.record(&id), Err(TargetError::NotFound(_))) {
                         warn!(
                             target = name,
                             "removing stray data volume-{id} that has no record"

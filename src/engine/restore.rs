@@ -167,16 +167,15 @@ impl VolumeWriter {
     /// Server-side copy of `len` bytes of a backup image into this volume: the kernel's
     /// copy_file_range for data (a reflink where both sit on one filesystem), discards
     /// for holes. Returns the bytes copied (short at the image's end).
+    /// The image is the one the caller has open, so a backup deleted meanwhile stays
+    /// readable to the end of the copy, as any open file does.
     pub fn copy_from_backup(
         &self,
-        engine: &Engine,
-        target: &str,
-        backup_id: &str,
+        image: &Image,
         offset_in: u64,
         offset_out: u64,
         len: u64,
     ) -> Result<u64> {
-        let image = engine.open_image(target, backup_id)?;
         let len = len.min(image.size.saturating_sub(offset_in));
         if len == 0 {
             return Ok(0);

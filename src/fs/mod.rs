@@ -236,7 +236,7 @@ impl BackupFs {
             .unwrap_or(line)
             .trim_end_matches(' ')
             .to_string();
-        if !crate::volume::is_valid_id(&backup_id) {
+        if !crate::target::record::is_backup_id(&backup_id) {
             warn!(
                 target,
                 "verify refused (EINVAL): {line:?} is not a backup id"
@@ -343,8 +343,14 @@ impl BackupFs {
                 };
                 result.map_err(|e| refuse(&format!("truncate of volume {b}/{v}"), &e))
             }
-            Node::Image(..) | Node::Record(..) => Err(Errno::EROFS),
-            _ => Err(Errno::EISDIR),
+            Node::Image(..) | Node::Record(..) => {
+                warn!("truncate refused (EROFS): backups and records are read-only");
+                Err(Errno::EROFS)
+            }
+            _ => {
+                warn!("truncate refused (EISDIR): not a file");
+                Err(Errno::EISDIR)
+            }
         }
     }
 }
@@ -378,11 +384,11 @@ impl Filesystem for BackupFs {
                 Err(e) => return reply.error(e),
             };
             let Some(name) = name.to_str() else {
-                return reply.error(if matches!(parent, Node::Backend(_)) {
-                    Errno::EINVAL
-                } else {
-                    Errno::ENOENT
-                });
+                if matches!(parent, Node::Backend(_)) {
+                    warn!("lookup refused (EINVAL): {name:?} is not a valid volume id");
+                    return reply.error(Errno::EINVAL);
+                }
+                return reply.error(Errno::ENOENT);
             };
             let node = match tree::child(&self.engine, &parent, name) {
                 Ok(node) => node,
@@ -470,6 +476,7 @@ impl Filesystem for BackupFs {
     ) {
         guard("mknod", || {
             if mode & libc::S_IFMT != libc::S_IFREG {
+                warn!("mknod {name:?} refused (EPERM): only regular files (new volumes)");
                 return reply.error(Errno::EPERM);
             }
             match self.create_volume(parent, name) {
@@ -506,6 +513,16 @@ impl Filesystem for BackupFs {
             };
             let name = name.to_string_lossy();
             let result = match &parent {
+                Node::Target(_)
+                    if name
+                        .strip_suffix(".img")
+                        .or_else(|| name.strip_suffix(".json"))
+                        .is_some_and(|id| !crate::target::record::is_backup_id(id)) =>
+                {
+                    Err(EngineError::Invalid(format!(
+                        "{name} is not a backup's file"
+                    )))
+                }
                 Node::Target(t) => {
                     if let Some(id) = name.strip_suffix(".img") {
                         self.engine.delete_backup(t, id)
@@ -940,6 +957,7 @@ impl Filesystem for BackupFs {
                 Err(e) => return reply.error(e),
             };
             let Handle::VolumeWrite { writer } = handle.as_ref() else {
+                warn!("fallocate refused (EBADF): only volumes open for writing");
                 return reply.error(Errno::EBADF);
             };
             let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -951,6 +969,7 @@ impl Filesystem for BackupFs {
             } else if mode == libc::FALLOC_FL_KEEP_SIZE {
                 Ok(())
             } else {
+                warn!("fallocate mode {mode:#x} refused (EOPNOTSUPP)");
                 return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
             };
             match result {
@@ -990,7 +1009,7 @@ impl Filesystem for BackupFs {
     fn copy_file_range(
         &self,
         _req: &Request,
-        ino_in: INodeNo,
+        _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
         _ino_out: INodeNo,
@@ -1001,24 +1020,25 @@ impl Filesystem for BackupFs {
         reply: ReplyWrite,
     ) {
         guard("copy_file_range", || {
-            let (Ok(Node::Image(target, backup_id)), Ok(out)) =
-                (self.node(ino_in), self.handle(fh_out))
-            else {
-                // Not image → volume: the kernel falls back to reading and writing.
-                return reply.error(Errno::EXDEV);
+            let (Ok(input), Ok(out)) = (self.handle(fh_in), self.handle(fh_out)) else {
+                return reply.error(Errno::EBADF);
             };
-            let (Ok(_), Handle::VolumeWrite { writer }) = (self.handle(fh_in), out.as_ref()) else {
+            // Only image → volume is ours; otherwise the kernel falls back to reading and
+            // writing.
+            let (Handle::Image { .. }, Handle::VolumeWrite { writer }) =
+                (input.as_ref(), out.as_ref())
+            else {
                 return reply.error(Errno::EXDEV);
             };
             let writer = writer.clone();
-            let engine = self.engine.clone();
             let len = len.min(COPY_RANGE_MAX);
             let spawned = std::thread::Builder::new()
                 .name("copy-range".into())
                 .spawn(move || {
-                    match writer
-                        .copy_from_backup(&engine, &target, &backup_id, offset_in, offset_out, len)
-                    {
+                    let Handle::Image { image, .. } = input.as_ref() else {
+                        return reply.error(Errno::EXDEV);
+                    };
+                    match writer.copy_from_backup(image, offset_in, offset_out, len) {
                         Ok(n) => reply.written(n as u32),
                         Err(e) => reply.error(refuse("server-side copy", &e)),
                     }

@@ -182,6 +182,16 @@ pub fn child(engine: &Engine, parent: &Node, name: &str) -> Result<Node, EngineE
             JOBS => Node::Jobs(t.clone()),
             BY_VOLUME => Node::ByVolume(t.clone()),
             _ => {
+                let stem = name
+                    .strip_suffix(".img")
+                    .or_else(|| name.strip_suffix(".json"));
+                if let Some(stem) = stem
+                    && !crate::target::record::is_backup_id(stem)
+                {
+                    return Err(EngineError::Invalid(format!(
+                        "{stem:?} is not a backup id (a UUID)"
+                    )));
+                }
                 if let Some(id) = name.strip_suffix(".img") {
                     let record = engine.record(t, id).map_err(|_| missing())?;
                     if record.status != Status::Available {

@@ -63,6 +63,8 @@ pub trait BackupTarget: Send + Sync {
     /// Durably replaces the record (temporary file, fsync, rename, fsync of the directory).
     fn write_record(&self, record: &Record) -> Result<()>;
     fn remove_record(&self, backup_id: &str) -> Result<()>;
+    /// Removes temporary files a crash left in the middle of a record write.
+    fn remove_temporaries(&self) -> Result<()>;
 
     /// A new, all-zero data volume for a backup, attached for writing.
     fn create_data(&self, backup_id: &str, size: u64) -> Result<Attachment>;
@@ -157,7 +159,12 @@ impl VolumeTarget {
     /// fsync of the directory. A crash leaves the old file or the new one, never half.
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.dir.join(name);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
+        // Unique per write: two writers of one record never share a temporary file.
+        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!(".{name}.{}.{n}.tmp", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut file = OpenOptions::new()
                 .write(true)
@@ -243,6 +250,23 @@ impl BackupTarget for VolumeTarget {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(TargetError::io("remove", &path, e)),
         }
+    }
+
+    fn remove_temporaries(&self) -> Result<()> {
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|e| TargetError::io("list", &self.dir, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".backup-") && name.ends_with(".tmp") {
+                tracing::warn!(
+                    target = self.name,
+                    "removing {name} left by an interrupted write"
+                );
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 
     fn create_data(&self, backup_id: &str, size: u64) -> Result<Attachment> {

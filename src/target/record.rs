@@ -99,6 +99,12 @@ impl Record {
     }
 }
 
+/// A backup ID is a UUID the daemon made, in its lowercase hyphenated form; anything else
+/// never reaches a path.
+pub fn is_backup_id(text: &str) -> bool {
+    uuid::Uuid::try_parse(text).is_ok_and(|id| id.hyphenated().to_string() == text)
+}
+
 /// `YYYY-MM-DDTHH:MM:SSZ` in UTC.
 pub fn rfc3339(time: SystemTime) -> String {
     let secs = time

@@ -189,9 +189,11 @@ pub(crate) fn reflink_support(
 }
 
 pub(crate) fn probe_reflink(dir: &Path) -> std::io::Result<()> {
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let probe = |suffix: &str| {
         dir.join(format!(
-            ".backupfs-reflink-probe-{}{suffix}",
+            ".backupfs-reflink-probe-{}-{n}{suffix}",
             std::process::id()
         ))
     };
