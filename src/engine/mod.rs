@@ -740,12 +740,20 @@ impl Inner {
                 info.id
             )));
         }
+        // Reserve the volume, then write the record without holding the engine's lock
+        // (two fsyncs: `jobs` and restores must not wait for them).
+        state.busy.insert(key.clone(), Busy::Backup);
+        drop(state);
         // The record comes first, so a crash from here on is found and cleaned at start-up.
-        target.write_record(&record)?;
-        state.busy.insert(key, Busy::Backup);
+        if let Err(e) = target.write_record(&record) {
+            self.state.lock().busy.remove(&key);
+            return Err(e.into());
+        }
+        let mut state = self.state.lock();
         state.jobs.push(job.clone());
         state.queue.push_back(job.clone());
         self.work.notify_one();
+        drop(state);
         info!(
             backup_id = job.backup_id,
             volume_id = job.volume_id,
