@@ -122,7 +122,7 @@ impl Image {
     }
 
     /// Checks one block against its checksum; true if good.
-    fn check_block(&self, block: usize, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    fn check_block(&self, block: usize, buf: &mut Vec<u8>) -> Result<bool> {
         let start = block as u64 * CHECKSUM_BLOCK;
         let len = self.block_len(block);
         let expected = self.state.sums[block];
@@ -130,7 +130,12 @@ impl Image {
             0
         } else {
             buf.resize(len as usize, 0);
-            self.file().read_exact_at(buf, start)?;
+            self.file()
+                .read_exact_at(buf, start)
+                .map_err(|source| EngineError::Io {
+                    op: format!("read backup {} block {block}", self.backup_id),
+                    source,
+                })?;
             block_sum(buf)
         };
         Ok(actual == expected)
@@ -148,12 +153,7 @@ impl Image {
             if self.state.is_verified(block) {
                 continue;
             }
-            let good = self
-                .check_block(block, &mut buf)
-                .map_err(|source| EngineError::Io {
-                    op: format!("read backup {} block {block}", self.backup_id),
-                    source,
-                })?;
+            let good = self.check_block(block, &mut buf)?;
             if !good {
                 return Err(self.report_damage(block));
             }
@@ -237,12 +237,7 @@ impl Image {
         let mut bad = Vec::new();
         let mut buf = Vec::new();
         for block in 0..self.state.sums.len() {
-            let good = self
-                .check_block(block, &mut buf)
-                .map_err(|source| EngineError::Io {
-                    op: format!("read backup {} block {block}", self.backup_id),
-                    source,
-                })?;
+            let good = self.check_block(block, &mut buf)?;
             self.state.set_verified(block, good);
             if !good {
                 bad.push(block as u64);

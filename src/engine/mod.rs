@@ -448,10 +448,6 @@ impl Engine {
         Ok(self.target(target)?.allocated(backup_id)?)
     }
 
-    pub fn checksums(&self, target: &str, record: &Record) -> Result<Vec<u64>> {
-        Ok(self.target(target)?.read_checksums(record)?)
-    }
-
     /// Deletes an available or failed backup: its data, checksums and record.
     pub fn delete_backup(&self, target_name: &str, backup_id: &str) -> Result<()> {
         let target = self.target(target_name)?;
@@ -822,11 +818,7 @@ impl Inner {
             }
             Err(e) => {
                 let errno = errno_of(&e);
-                let reason = if errno == libc::ECANCELED {
-                    "interrupted: backupfs stopped during the backup".to_string()
-                } else {
-                    e.to_string()
-                };
+                let reason = failure_reason(&e);
                 error!(
                     backup_id = job.backup_id,
                     volume_id = job.volume_id,
@@ -861,13 +853,7 @@ impl Inner {
             cleanup(target.as_ref(), backend.driver.as_ref(), &record);
             record.status = Status::Error;
             record.completed_at = Some(now());
-            record.error = Some(match &result {
-                Err(e) if errno_of(e) == libc::ECANCELED => {
-                    "interrupted: backupfs stopped during the backup".to_string()
-                }
-                Err(e) => e.to_string(),
-                Ok(_) => String::new(),
-            });
+            record.error = result.as_ref().err().map(failure_reason);
             if let Err(e) = target.write_record(&record) {
                 error!(backup_id = job.backup_id, "cannot record the failure: {e}");
             }
@@ -997,8 +983,17 @@ fn cleanup(target: &dyn BackupTarget, driver: &dyn VolumeDriver, record: &Record
     }
 }
 
+/// What a failed job's record and `jobs` line say.
+fn failure_reason(e: &EngineError) -> String {
+    if errno_of(e) == libc::ECANCELED {
+        "interrupted: backupfs stopped during the backup".to_string()
+    } else {
+        e.to_string()
+    }
+}
+
 /// The OS error behind an engine error, for jobs that fail; EIO when there is none.
-pub fn errno_of(e: &EngineError) -> i32 {
+fn errno_of(e: &EngineError) -> i32 {
     match e {
         EngineError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         EngineError::Copy(c) => c.raw_os_error().unwrap_or(libc::EIO),

@@ -4,7 +4,7 @@
 use crate::engine::{Engine, EngineError};
 use crate::target::record::{Record, Status};
 use fuser::{FileAttr, FileType, INodeNo};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 pub const ROOT: u64 = 1;
 const BACKUPS: u64 = 2;
@@ -310,8 +310,4 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
         }
     }
     Ok(out)
-}
-
-pub fn epoch() -> SystemTime {
-    UNIX_EPOCH
 }

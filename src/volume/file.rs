@@ -164,6 +164,37 @@ pub(crate) fn reflink_copy(source: &Path, dest: &Path) -> std::io::Result<()> {
 }
 
 /// Whether `dir` can hold reflink snapshots: clones a small probe file there.
+/// Snapshots a volume file as a reflink beside it (both drivers keep volumes as files).
+pub(crate) fn reflink_snapshot(
+    backend: &str,
+    pool: &str,
+    volume_id: &str,
+    source_path: &Path,
+    snapshot_path: &Path,
+) -> Result<()> {
+    reflink_copy(source_path, snapshot_path).map_err(|e| {
+        if is_no_reflink(&e) {
+            VolumeError::SnapshotUnsupported(format!(
+                "pool {backend}/{pool} ({}) has no reflinks: {e}",
+                snapshot_path.parent().unwrap_or(Path::new("")).display()
+            ))
+        } else if e.kind() == std::io::ErrorKind::NotFound {
+            VolumeError::NotFound(volume_id.to_string())
+        } else {
+            VolumeError::io("snapshot", snapshot_path, e)
+        }
+    })
+}
+
+/// Deletes a volume file; one that is gone already is fine.
+pub(crate) fn remove_volume_file(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(VolumeError::io("delete", path, e)),
+    }
+}
+
 /// Removes a reflinked snapshot file; one that is gone already is fine (recovery calls
 /// this blindly).
 pub(crate) fn remove_snapshot_file(path: &Path) -> Result<()> {
@@ -361,28 +392,13 @@ impl VolumeDriver for FileDriver {
     }
 
     fn delete(&self, pool: &str, volume_id: &str) -> Result<()> {
-        let path = self.volume_path(pool, volume_id)?;
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(VolumeError::io("delete", path, e)),
-        }
+        remove_volume_file(&self.volume_path(pool, volume_id)?)
     }
 
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
         let source_path = self.volume_path(pool, volume_id)?;
         let snapshot_path = self.snapshot_path(pool, snapshot_name)?;
-        reflink_copy(&source_path, &snapshot_path).map_err(|e| {
-            if is_no_reflink(&e) {
-                VolumeError::SnapshotUnsupported(format!(
-                    "pool {}/{pool} ({}) has no reflinks: {e}",
-                    self.backend,
-                    snapshot_path.parent().unwrap_or(Path::new("")).display()
-                ))
-            } else {
-                VolumeError::io("snapshot", snapshot_path, e)
-            }
-        })
+        reflink_snapshot(&self.backend, pool, volume_id, &source_path, &snapshot_path)
     }
 
     fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
@@ -441,11 +457,5 @@ impl VolumeDriver for FileDriver {
     fn discard(&self, attachment: &Attachment, offset: u64, len: u64) -> Result<()> {
         zero_range(&attachment.file, offset, len)
             .map_err(|e| VolumeError::io("discard", &attachment.path, e))
-    }
-
-    fn pool_identity(&self, pool: &str) -> Result<(u64, u64)> {
-        let dir = self.pool_dir(pool)?;
-        let meta = std::fs::metadata(dir).map_err(|e| VolumeError::io("stat", dir, e))?;
-        Ok((meta.dev(), meta.ino()))
     }
 }

@@ -153,9 +153,6 @@ pub trait VolumeDriver: Send + Sync {
         false
     }
 
-    /// A storage identity (device, inode of the pool directory) for the same-storage rule.
-    fn pool_identity(&self, pool: &str) -> Result<(u64, u64)>;
-
     /// Finds a volume in any of `pools`.
     fn find(&self, pools: &[String], volume_id: &str) -> Result<VolumeInfo> {
         for pool in pools {

@@ -6,8 +6,8 @@
 mod export;
 
 use super::file::{
-    is_no_reflink, lock_holder, loop_backing_files, reflink_copy, reflink_support,
-    remove_snapshot_file, zero_fill, zero_range,
+    lock_holder, loop_backing_files, reflink_snapshot, reflink_support, remove_snapshot_file,
+    remove_volume_file, zero_fill, zero_range,
 };
 use super::{Access, Attachment, Result, VolumeDriver, VolumeError, VolumeInfo, is_valid_id};
 use export::{Exports, Mode};
@@ -326,12 +326,7 @@ impl VolumeDriver for Qcow2Driver {
     }
 
     fn delete(&self, pool: &str, volume_id: &str) -> Result<()> {
-        let path = self.volume_path(pool, volume_id)?;
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(VolumeError::io("delete", path, e)),
-        }
+        remove_volume_file(&self.volume_path(pool, volume_id)?)
     }
 
     /// A reflink of the image file: an atomic copy of its bytes, made without the
@@ -342,19 +337,7 @@ impl VolumeDriver for Qcow2Driver {
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
         let source_path = self.volume_path(pool, volume_id)?;
         let snapshot_path = self.snapshot_path(pool, snapshot_name)?;
-        reflink_copy(&source_path, &snapshot_path).map_err(|e| {
-            if is_no_reflink(&e) {
-                VolumeError::SnapshotUnsupported(format!(
-                    "pool {}/{pool} ({}) has no reflinks: {e}",
-                    self.backend,
-                    snapshot_path.parent().unwrap_or(Path::new("")).display()
-                ))
-            } else if e.kind() == std::io::ErrorKind::NotFound {
-                VolumeError::NotFound(volume_id.to_string())
-            } else {
-                VolumeError::io("snapshot", snapshot_path, e)
-            }
-        })
+        reflink_snapshot(&self.backend, pool, volume_id, &source_path, &snapshot_path)
     }
 
     fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
@@ -424,12 +407,6 @@ impl VolumeDriver for Qcow2Driver {
             zero_ends(file, offset, end)
         };
         result.map_err(|e| VolumeError::io("discard", &attachment.path, e))
-    }
-
-    fn pool_identity(&self, pool: &str) -> Result<(u64, u64)> {
-        let dir = self.pool_dir(pool)?;
-        let meta = std::fs::metadata(dir).map_err(|e| VolumeError::io("stat", dir, e))?;
-        Ok((meta.dev(), meta.ino()))
     }
 }
 
