@@ -192,11 +192,17 @@ pub struct Engine {
 /// A test hook: with `BACKUPFS_TEST_PAUSE=<point>` in the daemon's environment, a job
 /// holds still at that point (until cancelled) so a test can kill the daemon exactly
 /// there. Points: `snapshotting` (snapshot made, copy not started) and `finishing` (data
-/// copied, record not yet available).
+/// copied, record not yet available). With `BACKUPFS_TEST_RELEASE=<file>` as well, it
+/// holds until that file exists instead, cancelled or not: a test can then see jobs queued
+/// behind it, and the daemon while it is stopping, for as long as it needs.
 fn pause_point(point: &str, cancel: &AtomicBool) {
     if std::env::var("BACKUPFS_TEST_PAUSE").is_ok_and(|v| v == point) {
         warn!("BACKUPFS_TEST_PAUSE: job holding at {point}");
-        while !cancel.load(Ordering::Relaxed) {
+        let release = std::env::var_os("BACKUPFS_TEST_RELEASE").map(std::path::PathBuf::from);
+        while !release
+            .as_ref()
+            .map_or_else(|| cancel.load(Ordering::Relaxed), |file| file.exists())
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
