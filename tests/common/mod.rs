@@ -825,8 +825,31 @@ impl Sandbox {
     #[track_caller]
     pub fn start_daemon_env(&mut self, config: &Path, env: &[(&str, &str)]) -> Daemon {
         let mnt = self.path("mnt");
+        let runtime_dir = self.path("run");
+        let mut command = Command::new(BIN);
+        command
+            .arg("mount")
+            .arg(&mnt)
+            .arg("--config")
+            .arg(config)
+            .env_remove("BACKUPFS_TEST_PAUSE")
+            .env_remove("BACKUPFS_TEST_RELEASE")
+            .env("RUNTIME_DIRECTORY", &runtime_dir)
+            .envs(env.iter().copied());
+        self.start_daemon_command(command, &mnt, &runtime_dir)
+    }
+
+    /// Starts a daemon from `command` (a `backupfs mount` of `mnt` whose qcow2 exports
+    /// go to `runtime_dir`), logging to a file of its own, and waits for the tree.
+    #[track_caller]
+    pub fn start_daemon_command(
+        &mut self,
+        mut command: Command,
+        mnt: &Path,
+        runtime_dir: &Path,
+    ) -> Daemon {
         // A stale mount of a killed daemon answers ENOTCONN here; the daemon clears it.
-        let _ = std::fs::create_dir_all(&mnt);
+        let _ = std::fs::create_dir_all(mnt);
         self.daemons += 1;
         let log = self.path(&format!("daemon-{}.log", self.daemons));
         let log_file = std::fs::OpenOptions::new()
@@ -835,16 +858,7 @@ impl Sandbox {
             .mode(0o644)
             .open(&log)
             .expect("log");
-        let runtime_dir = self.path("run");
-        let child = Command::new(BIN)
-            .arg("mount")
-            .arg(&mnt)
-            .arg("--config")
-            .arg(config)
-            .env_remove("BACKUPFS_TEST_PAUSE")
-            .env_remove("BACKUPFS_TEST_RELEASE")
-            .env("RUNTIME_DIRECTORY", &runtime_dir)
-            .envs(env.iter().copied())
+        let child = command
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log"))
             .stderr(log_file)
@@ -852,9 +866,9 @@ impl Sandbox {
             .expect("backupfs starts");
         let mut daemon = Daemon {
             child,
-            mnt: mnt.clone(),
+            mnt: mnt.to_path_buf(),
             log,
-            runtime_dir,
+            runtime_dir: runtime_dir.to_path_buf(),
         };
         // A stale mount is a fuse mount too, and may answer from its caches: wait for this
         // daemon to say it has mounted, and for a listing only a live daemon can give.
