@@ -385,3 +385,67 @@ fn restart_keeps_the_data_of_a_record_it_cannot_read_and_removes_temporaries() {
         d.log()
     );
 }
+
+#[test]
+fn a_wedged_daemon_fails_the_test_instead_of_hanging_the_suite() {
+    // The suite's own safety net: a request the daemon never answers would block the
+    // test forever. The watchdog kills what the test started, and the call returns.
+    let mut sb = Sandbox::with_deadline("wedged", std::time::Duration::from_secs(5));
+    let l = layout(&mut sb, None, None, "");
+    random_volume(&l.gold, "v", 1);
+    let d = sb.start_daemon(&l.config);
+    let started = std::time::Instant::now();
+    d.signal(libc::SIGSTOP);
+    let result = std::fs::read_to_string(d.volume("ssd", "v"));
+    // The request in flight is aborted (ECONNABORTED); a later one finds no daemon.
+    let errno = errno_of(result);
+    assert!(
+        errno == Some(libc::ECONNABORTED) || errno == Some(libc::ENOTCONN),
+        "a read from a wedged daemon: {errno:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "returned after {:?}",
+        started.elapsed()
+    );
+    // And a shell command that hangs is stopped by its timeout.
+    let out = sh_limit(std::time::Duration::from_secs(1), "sleep 30");
+    assert!(describe(out.status).starts_with("timed out"), "{out:?}");
+}
+
+#[test]
+fn what_a_dead_run_left_is_swept_by_the_next() {
+    // A run that died (here: a pid that has exited) left a sandbox with a mounted loop
+    // filesystem, a process inside it and an account.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let dead_pid = gone.id();
+    let left = sandboxes_root().join(format!("leftover-{dead_pid}-0"));
+    std::fs::create_dir_all(left.join("fs")).unwrap();
+    ok(&format!(
+        "truncate -s 64M '{l}/fs.img' && mkfs.ext4 -q -F '{l}/fs.img' && mount -o loop '{l}/fs.img' '{l}/fs'",
+        l = left.display()
+    ));
+    let mut stray = std::process::Command::new("sleep")
+        .arg("600")
+        .arg(left.join("fs"))
+        .spawn()
+        .unwrap();
+    let account = format!("{}{dead_pid}zg", account_prefix());
+    ok(&format!("groupadd {account}"));
+    assert_eq!(loops_under(&left).len(), 1);
+
+    sweep_dead_runs();
+
+    assert!(
+        stray.try_wait().unwrap().is_some(),
+        "the process it left is killed"
+    );
+    assert_eq!(mounts_under(&left), Vec::<PathBuf>::new());
+    assert_eq!(loops_under(&left), Vec::<String>::new());
+    assert!(!left.exists(), "its directory is removed");
+    assert!(
+        !sh(&format!("getent group {account}")).status.success(),
+        "its account is removed"
+    );
+}

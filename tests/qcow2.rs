@@ -132,17 +132,20 @@ fn export_files(export_dir: &ExportDir) -> Vec<String> {
 /// closed handle is released a moment after close returns: that moment is waited for).
 #[track_caller]
 fn assert_no_exports(export_dir: &ExportDir) {
-    let mut left = (Vec::new(), Vec::new(), Vec::new());
-    let gone = (0..200).any(|_| {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
         let (mounts, processes) = exports_of(export_dir);
-        left = (mounts, processes, export_files(export_dir));
-        let gone = left.0.is_empty() && left.1.is_empty() && left.2.is_empty();
-        if !gone {
-            std::thread::sleep(Duration::from_millis(50));
+        let files = export_files(export_dir);
+        if mounts.is_empty() && processes.is_empty() && files.is_empty() {
+            return;
         }
-        gone
-    });
-    assert!(gone, "exports left behind: {left:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exports left behind: {:?}",
+            (mounts, processes, files)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Ends the daemon with SIGTERM and checks it left nothing: no exports, no directory.

@@ -577,7 +577,7 @@ fn owner_pid(sandbox: &Path) -> Option<i32> {
 
 /// Removes what runs of this suite that are gone left behind: their sandboxes (processes,
 /// mounts, loop devices, files) and their accounts. Sandboxes of live runs are left alone.
-fn sweep_dead_runs() {
+pub fn sweep_dead_runs() {
     let root = sandboxes_root();
     if let Ok(entries) = std::fs::read_dir(&root) {
         for entry in entries.flatten() {
@@ -651,6 +651,11 @@ fn watchdog(dir: PathBuf, deadline: Duration) -> (mpsc::Sender<()>, std::thread:
 
 impl Sandbox {
     pub fn new(name: &str) -> Sandbox {
+        Sandbox::with_deadline(name, TEST_DEADLINE)
+    }
+
+    /// A sandbox whose watchdog fires after `deadline` instead of TEST_DEADLINE.
+    pub fn with_deadline(name: &str, deadline: Duration) -> Sandbox {
         SWEEP.call_once(sweep_dead_runs);
         let root = sandboxes_root();
         std::fs::create_dir_all(&root).expect("sandboxes root");
@@ -660,7 +665,7 @@ impl Sandbox {
         undo_everything_under(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("sandbox dir");
-        let watchdog = Some(watchdog(dir.clone(), TEST_DEADLINE));
+        let watchdog = Some(watchdog(dir.clone(), deadline));
         Sandbox {
             dir,
             mounts: Vec::new(),
