@@ -50,6 +50,18 @@ fn backup_with_wait_gives_an_image_identical_to_the_source() {
 
     let meta = std::fs::metadata(&image).unwrap();
     assert_eq!(meta.len(), 48 << 20, "size = the source volume's size");
+    let completed: i64 = ok(&format!(
+        "date -u -d '{}' +%s",
+        record["completed_at"].as_str().unwrap()
+    ))
+    .trim()
+    .parse()
+    .unwrap();
+    assert_eq!(meta.mtime(), completed, "mtime = when the backup completed");
+    assert!(
+        meta.blocks() * 512 >= 48 << 20,
+        "st_blocks = what is allocated"
+    );
     let latest = ok(&format!(
         "readlink '{}/by-volume/vol-a/latest.img'",
         d.target("hdd").display()
@@ -109,8 +121,8 @@ fn sparse_volume_backup_keeps_holes() {
     let image = d.image("hdd", &id);
     ok(&format!("cmp '{}' '{}'", image.display(), source.display()));
     assert!(
-        allocated(&image) < 16 << 20,
-        "image allocates {} bytes",
+        (4 << 20..16 << 20).contains(&allocated(&image)),
+        "image allocates {} bytes for 4 MiB of data",
         allocated(&image)
     );
     assert_eq!(d.record("hdd", &id)["stored_bytes"], 4 << 20);
@@ -179,6 +191,48 @@ fn volume_bound_to_a_loop_device_is_backed_up_from_a_snapshot() {
     ok(&format!("cmp '{}' '{dev}'", d.image("hdd", &id).display()));
     assert_eq!(names_in(&l.main), ["volume-attached"]);
     sb.detach_loop(&dev);
+}
+
+#[test]
+fn volume_attached_during_the_copy_fails_that_backup() {
+    let mut sb = Sandbox::new("attached-late");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "copy_bps_limit = 4000000");
+    let source = random_volume(&l.gold, "v", 64);
+    let before = sha256(&source);
+    let d = sb.start_daemon(&l.config);
+    let stored = allocated_under(&l.backups);
+    let id = d.backup("hdd", "v");
+    // 16 s of copying at 4 MB/s: attached as soon as the copy has begun.
+    wait_for(
+        || {
+            d.jobs("hdd").lines().any(|l| {
+                l.starts_with(&id) && l.contains(" copying ") && !l.contains(" copying 0/")
+            })
+        },
+        "the copy to begin",
+    );
+    let dev = sb.attach_loop(&source);
+    assert_eq!(d.wait_job("hdd", &id), "error");
+    let record = d.record("hdd", &id);
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("attached during the copy"),
+        "{record}"
+    );
+    assert_errno(
+        std::fs::metadata(d.image("hdd", &id)),
+        libc::ENOENT,
+        "the image of a failed backup",
+    );
+    assert_eq!(
+        files_mentioning(&l.backups, &id),
+        [record_file(&l.backups, &id)]
+    );
+    assert!(allocated_under(&l.backups) < stored + (256 << 10));
+    sb.detach_loop(&dev);
+    assert_eq!(sha256(&source), before);
 }
 
 #[test]
@@ -635,6 +689,13 @@ fn jobs_beyond_max_parallel_wait_as_queued() {
     assert!(
         jobs.find(&first) < jobs.find(&second),
         "oldest first:\n{jobs}"
+    );
+    // A queued backup makes its volume busy too.
+    assert_eq!(d.request("hdd", "second"), Some(libc::EBUSY));
+    assert_eq!(
+        write_errno(&d.volume("ssd", "second"), b"x"),
+        Some(libc::EBUSY),
+        "a restore into a volume whose backup is queued"
     );
     release_jobs(&release);
     assert_eq!(d.wait_job("hdd", &first), "available");
