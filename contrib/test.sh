@@ -29,4 +29,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 modprobe -a loop fuse btrfs xfs overlay 2>/dev/null || true
 
-cargo test --all-targets -- --test-threads=4
+# --no-fail-fast: a failing test file must not hide the results of the others.
+cargo test --all-targets --no-fail-fast -- --test-threads=4
