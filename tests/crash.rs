@@ -390,7 +390,8 @@ fn restart_keeps_the_data_of_a_record_it_cannot_read_and_removes_temporaries() {
 fn a_wedged_daemon_fails_the_test_instead_of_hanging_the_suite() {
     // The suite's own safety net: a request the daemon never answers would block the
     // test forever. The watchdog kills what the test started, and the call returns.
-    let mut sb = Sandbox::with_deadline("wedged", std::time::Duration::from_secs(5));
+    // (The deadline counts from here: set-up must fit in it, even on a loaded machine.)
+    let mut sb = Sandbox::with_deadline("wedged", std::time::Duration::from_secs(15));
     let l = layout(&mut sb, None, None, "");
     random_volume(&l.gold, "v", 1);
     let d = sb.start_daemon(&l.config);
@@ -415,6 +416,8 @@ fn a_wedged_daemon_fails_the_test_instead_of_hanging_the_suite() {
 
 #[test]
 fn what_a_dead_run_left_is_swept_by_the_next() {
+    // This process's own sweep has run (and is not running) once a sandbox exists.
+    let _sb = Sandbox::new("sweeper");
     // A run that died (here: a pid that has exited) left a sandbox with a mounted loop
     // filesystem, a process inside it and an account.
     let mut gone = std::process::Command::new("true").spawn().unwrap();

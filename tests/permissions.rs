@@ -103,7 +103,11 @@ impl Drop for Accounts {
             ("userdel", &self.other),
             ("groupdel", &self.group),
         ] {
-            let _ = sh(&format!("{tool} {name} 2>/dev/null"));
+            // Never a panic in Drop: it would abort the rest of the cleanup.
+            let _ = timed(Duration::from_secs(30), tool)
+                .arg(name)
+                .stderr(std::process::Stdio::null())
+                .status();
         }
     }
 }
