@@ -633,7 +633,8 @@ pub struct Sandbox {
 }
 
 /// Kills what the test started under `dir` if it is still running at `deadline`: a hung
-/// syscall on the mount then returns (ENOTCONN) and the test fails instead of hanging.
+/// syscall on the mount then returns (ECONNABORTED, ENOTCONN) and the test fails
+/// instead of hanging.
 fn watchdog(dir: PathBuf, deadline: Duration) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
     let (done, finished) = mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
