@@ -9,11 +9,13 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-# Package -> a command it provides.
+# Package -> a command it provides (python3: the system one, which the tests run as
+# other users too).
 declare -A needs=(
     [btrfs-progs]=mkfs.btrfs [xfsprogs]=mkfs.xfs [e2fsprogs]=mkfs.ext4
     [fuse3]=fusermount3 [attr]=getfattr [qemu-utils]=qemu-img
-    [util-linux]=losetup [jq]=jq [fio]=fio [python3]=python3
+    [util-linux]=losetup [jq]=jq [fio]=fio [python3]=/usr/bin/python3
+    [passwd]=useradd [coreutils]=timeout [mount]=mount
 )
 missing=()
 for package in "${!needs[@]}"; do
@@ -25,6 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-modprobe -a loop fuse btrfs xfs 2>/dev/null || true
+modprobe -a loop fuse btrfs xfs overlay 2>/dev/null || true
 
-cargo test --all-targets -- --test-threads=4
+# --no-fail-fast: a failing test file must not hide the results of the others.
+cargo test --all-targets --no-fail-fast -- --test-threads=4

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 #[test]
 fn backup_with_wait_gives_an_image_identical_to_the_source() {
@@ -13,26 +14,21 @@ fn backup_with_wait_gives_an_image_identical_to_the_source() {
     let d = sb.start_daemon(&l.config);
 
     assert_eq!(d.request("hdd", "vol-a wait name=nightly"), None);
-    let listing = ok(&format!("ls '{}'", d.target("hdd").display()));
-    let id = listing
-        .lines()
-        .find_map(|l| l.strip_suffix(".img"))
-        .expect("an image is listed")
-        .to_string();
-    ok(&format!(
-        "cmp '{}' '{}'",
-        d.image("hdd", &id).display(),
-        source.display()
-    ));
-    // Read again from storage (caches dropped): checked again on the way out.
-    ok(&format!(
-        "sync; echo 3 > /proc/sys/vm/drop_caches; cmp '{}' '{}'",
-        d.image("hdd", &id).display(),
-        source.display()
-    ));
+    let ids: Vec<String> = names_in(&d.target("hdd"))
+        .iter()
+        .filter_map(|name| name.strip_suffix(".img").map(str::to_string))
+        .collect();
+    assert_eq!(ids.len(), 1, "one image is listed: {ids:?}");
+    let id = &ids[0];
+    let image = d.image("hdd", id);
+    ok(&format!("cmp '{}' '{}'", image.display(), source.display()));
+    // Read again once the page cache of the image is gone: the data comes from the
+    // target again, not from what the first read cached.
+    evict(&image);
+    ok(&format!("cmp '{}' '{}'", image.display(), source.display()));
     assert_eq!(sha256(&source), before, "the source must not change");
 
-    let record = d.record("hdd", &id);
+    let record = d.record("hdd", id);
     assert_eq!(record["status"], "available");
     assert_eq!(record["volume_id"], "vol-a");
     assert_eq!(record["backend"], "ssd");
@@ -40,6 +36,7 @@ fn backup_with_wait_gives_an_image_identical_to_the_source() {
     assert_eq!(record["target"], "hdd");
     assert_eq!(record["name"], "nightly");
     assert_eq!(record["size"], 48 << 20);
+    assert_eq!(record["stored_bytes"], 48 << 20);
     assert_eq!(record["snapshot_used"], false);
     assert!(record["parent_id"].is_null());
     assert!(record["error"].is_null());
@@ -47,22 +44,24 @@ fn backup_with_wait_gives_an_image_identical_to_the_source() {
     assert!(record["created_at"].as_str().unwrap().ends_with('Z'));
     assert!(record["completed_at"].as_str().unwrap().ends_with('Z'));
 
-    let xattrs = ok(&format!("getfattr -d '{}'", d.image("hdd", &id).display()));
-    assert!(
-        xattrs.contains("user.backupfs.volume_id=\"vol-a\""),
-        "{xattrs}"
-    );
-    assert!(
-        xattrs.contains("user.backupfs.status=\"available\""),
-        "{xattrs}"
-    );
-
     let jobs = d.jobs("hdd");
     let line = format!("{id} vol-a available {0}/{0}", 48 << 20);
     assert!(jobs.lines().any(|l| l == line), "jobs:\n{jobs}");
 
-    let mode = ok(&format!("stat -c %a '{}'", d.image("hdd", &id).display()));
-    assert_eq!(mode.trim(), "400");
+    let meta = std::fs::metadata(&image).unwrap();
+    assert_eq!(meta.len(), 48 << 20, "size = the source volume's size");
+    let completed: i64 = ok(&format!(
+        "date -u -d '{}' +%s",
+        record["completed_at"].as_str().unwrap()
+    ))
+    .trim()
+    .parse()
+    .unwrap();
+    assert_eq!(meta.mtime(), completed, "mtime = when the backup completed");
+    assert!(
+        meta.blocks() * 512 >= 48 << 20,
+        "st_blocks = what is allocated"
+    );
     let latest = ok(&format!(
         "readlink '{}/by-volume/vol-a/latest.img'",
         d.target("hdd").display()
@@ -76,30 +75,37 @@ fn backup_with_wait_gives_an_image_identical_to_the_source() {
 }
 
 #[test]
-fn backup_without_wait_returns_at_once_and_reads_back_its_id() {
+fn backup_without_wait_returns_at_once_and_no_partial_image_is_ever_visible() {
     let mut sb = Sandbox::new("nowait");
-    let l = layout(&mut sb, None, Some(Fs::Xfs), "copy_bps_limit = 20000000");
-    random_volume(&l.gold, "vol-b", 40);
-    let d = sb.start_daemon(&l.config);
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    let source = random_volume(&l.gold, "vol-b", 40);
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&l.config, &pause_env("finishing", &release));
+    // The job holds before it is recorded available: the write returned without it.
     let id = d.backup("hdd", "vol-b");
-    assert_eq!(id.len(), 36, "a UUID: {id:?}");
-    // Rate-limited to 20 MB/s, so the 40 MiB copy is still running: no image yet.
+    d.wait_state("hdd", &id, "finishing");
     let jobs = d.jobs("hdd");
     assert!(
-        jobs.contains(&format!("{id} vol-b copying"))
-            || jobs.contains(&format!("{id} vol-b queued")),
+        jobs.lines()
+            .any(|l| l.starts_with(&format!("{id} vol-b finishing "))),
         "jobs:\n{jobs}"
     );
     assert!(
-        !d.image("hdd", &id).exists(),
-        "no partial image may be visible"
+        !names_in(&d.target("hdd")).contains(&format!("{id}.img")),
+        "no partial image may be listed"
+    );
+    assert_errno(
+        std::fs::metadata(d.image("hdd", &id)),
+        libc::ENOENT,
+        "lookup of a partial image",
     );
     assert_eq!(d.record("hdd", &id)["status"], "creating");
+    release_jobs(&release);
     assert_eq!(d.wait_job("hdd", &id), "available");
     ok(&format!(
-        "cmp '{}' '{}/volume-vol-b'",
+        "cmp '{}' '{}'",
         d.image("hdd", &id).display(),
-        l.gold.display()
+        source.display()
     ));
     let usage = std::fs::read_to_string(d.target("hdd").join("request")).unwrap();
     assert!(usage.starts_with("usage:"), "{usage}");
@@ -114,15 +120,12 @@ fn sparse_volume_backup_keeps_holes() {
     let id = d.backup("hdd", "thin wait");
     let image = d.image("hdd", &id);
     ok(&format!("cmp '{}' '{}'", image.display(), source.display()));
-    let blocks: u64 = ok(&format!("stat -c %b '{}'", image.display()))
-        .trim()
-        .parse()
-        .unwrap();
     assert!(
-        blocks * 512 < 16 << 20,
-        "image allocates {} bytes",
-        blocks * 512
+        (4 << 20..16 << 20).contains(&allocated(&image)),
+        "image allocates {} bytes for 4 MiB of data",
+        allocated(&image)
     );
+    assert_eq!(d.record("hdd", &id)["stored_bytes"], 4 << 20);
     // Tools that follow SEEK_DATA/SEEK_HOLE see the holes through the mount.
     let map = ok(&format!(
         "qemu-img map -f raw --output=json '{}'",
@@ -149,11 +152,7 @@ fn sparse_volume_backup_keeps_holes() {
         copy.display(),
         source.display()
     ));
-    let copy_blocks: u64 = ok(&format!("stat -c %b '{}'", copy.display()))
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(copy_blocks * 512 < 16 << 20);
+    assert!(allocated(&copy) < 16 << 20);
 }
 
 #[test]
@@ -164,21 +163,18 @@ fn in_use_volume_is_backed_up_from_a_temporary_snapshot() {
     let before = sha256(&source);
     let holder = sb.hold_lock(&source);
     let d = sb.start_daemon(&l.config);
-    assert_eq!(d.request("hdd", "busy-vol wait"), None);
-    let id = ok(&format!(
-        "ls '{}' | sed -n 's/\\.img$//p'",
-        d.target("hdd").display()
-    ))
-    .trim()
-    .to_string();
+    let id = d.backup("hdd", "busy-vol wait");
     assert_eq!(d.record("hdd", &id)["snapshot_used"], true);
     ok(&format!(
         "cmp '{}' '{}'",
         d.image("hdd", &id).display(),
         source.display()
     ));
-    let left = ok(&format!("ls -A '{}'", l.gold.display()));
-    assert_eq!(left.trim(), "volume-busy-vol", "the snapshot must be gone");
+    assert_eq!(
+        names_in(&l.gold),
+        ["volume-busy-vol"],
+        "the snapshot must be gone"
+    );
     assert_eq!(sha256(&source), before);
     sb.release(holder);
 }
@@ -190,33 +186,68 @@ fn volume_bound_to_a_loop_device_is_backed_up_from_a_snapshot() {
     let source = random_volume(&l.main, "attached", 16);
     let dev = sb.attach_loop(&source);
     let d = sb.start_daemon(&l.config);
-    assert_eq!(d.request("hdd", "attached wait"), None);
-    let id = ok(&format!(
-        "ls '{}' | sed -n 's/\\.img$//p'",
-        d.target("hdd").display()
-    ))
-    .trim()
-    .to_string();
+    let id = d.backup("hdd", "attached wait");
     assert_eq!(d.record("hdd", &id)["snapshot_used"], true);
     ok(&format!("cmp '{}' '{dev}'", d.image("hdd", &id).display()));
-    let left = ok(&format!("ls -A '{}'", l.main.display()));
-    assert_eq!(left.trim(), "volume-attached");
+    assert_eq!(names_in(&l.main), ["volume-attached"]);
     sb.detach_loop(&dev);
+}
+
+#[test]
+fn volume_attached_during_the_copy_fails_that_backup() {
+    let mut sb = Sandbox::new("attached-late");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "copy_bps_limit = 4000000");
+    let source = random_volume(&l.gold, "v", 32);
+    let before = sha256(&source);
+    let d = sb.start_daemon(&l.config);
+    let stored = allocated_under(&l.backups);
+    let id = d.backup("hdd", "v");
+    // 8 s of copying at 4 MB/s (the check comes when it ends): attached as soon as the
+    // copy has begun.
+    wait_for(
+        || {
+            d.jobs("hdd").lines().any(|l| {
+                l.starts_with(&id) && l.contains(" copying ") && !l.contains(" copying 0/")
+            })
+        },
+        "the copy to begin",
+    );
+    let dev = sb.attach_loop(&source);
+    assert_eq!(d.wait_job("hdd", &id), "error");
+    let record = d.record("hdd", &id);
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("attached during the copy"),
+        "{record}"
+    );
+    assert_errno(
+        std::fs::metadata(d.image("hdd", &id)),
+        libc::ENOENT,
+        "the image of a failed backup",
+    );
+    assert_eq!(
+        files_mentioning(&l.backups, &id),
+        [record_file(&l.backups, &id)]
+    );
+    assert!(allocated_under(&l.backups) < stored + (256 << 10));
+    sb.detach_loop(&dev);
+    assert_eq!(sha256(&source), before);
 }
 
 #[test]
 fn in_use_volume_without_reflinks_is_refused_with_ebusy() {
     let mut sb = Sandbox::new("noreflink");
-    // gold lives on the machine's own ext4: no reflinks, so no snapshots.
+    // gold is on ext4: no reflinks, so no snapshots.
     let l = layout(&mut sb, Some(Fs::Ext4), Some(Fs::Btrfs), "");
     let source = random_volume(&l.gold, "pinned", 8);
     let holder = sb.hold_lock(&source);
     let d = sb.start_daemon(&l.config);
     assert_eq!(d.request("hdd", "pinned wait"), Some(libc::EBUSY));
     assert_eq!(d.request("hdd", "pinned"), Some(libc::EBUSY));
-    let listing = ok(&format!("ls '{}'", d.target("hdd").display()));
     assert_eq!(
-        listing.split_whitespace().collect::<Vec<_>>(),
+        names_in(&d.target("hdd")),
         ["by-volume", "jobs", "request", "verify"]
     );
     assert!(d.log().contains("cannot be snapshotted"), "{}", d.log());
@@ -228,9 +259,11 @@ fn in_use_volume_without_reflinks_is_refused_with_ebusy() {
 #[test]
 fn request_refusals_have_their_errnos_and_change_nothing() {
     let mut sb = Sandbox::new("errnos");
-    let l = layout(&mut sb, None, Some(Fs::Btrfs), "copy_bps_limit = 10000000");
-    random_volume(&l.gold, "slow", 40);
-    let d = sb.start_daemon(&l.config);
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    let source = random_volume(&l.gold, "slow", 8);
+    let before = sha256(&source);
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&l.config, &pause_env("finishing", &release));
     let request = d.target("hdd").join("request");
     for bad in [
         &b"\n"[..],
@@ -246,25 +279,70 @@ fn request_refusals_have_their_errnos_and_change_nothing() {
     }
     assert_eq!(d.request("hdd", "no-such-volume"), Some(libc::ENOENT));
     let id = d.backup("hdd", "slow");
+    // Held before it ends: the backup is running for as long as this test needs.
+    d.wait_state("hdd", &id, "finishing");
     assert_eq!(
         d.request("hdd", "slow"),
         Some(libc::EBUSY),
         "a second backup of a busy volume"
     );
-    // Restores into a volume being backed up are refused too.
+    // Restores into a volume being backed up are refused too, and write nothing.
     assert_eq!(
         write_errno(&d.volume("ssd", "slow"), b"x"),
         Some(libc::EBUSY)
     );
+    assert_errno(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(d.volume("ssd", "slow")),
+        libc::EBUSY,
+        "O_TRUNC open of a volume being backed up",
+    );
+    release_jobs(&release);
     assert_eq!(d.wait_job("hdd", &id), "available");
-    let records = ok(&format!(
-        "ls '{}' | grep -c json",
-        d.target("hdd").display()
-    ));
+    assert_eq!(sha256(&source), before);
+    let records: Vec<String> = names_in(&d.target("hdd"))
+        .into_iter()
+        .filter(|n| n.ends_with(".json"))
+        .collect();
     assert_eq!(
-        records.trim(),
-        "1",
+        records,
+        [format!("{id}.json")],
         "only the accepted request made a record"
+    );
+}
+
+#[test]
+fn backup_of_a_volume_open_for_writing_is_refused_with_ebusy() {
+    let mut sb = Sandbox::new("busy-restore");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    random_volume(&l.gold, "restoring", 4);
+    let d = sb.start_daemon(&l.config);
+    // A restore in progress: the volume is open for writing through the mount.
+    let restore = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.volume("ssd", "restoring"))
+        .unwrap();
+    assert_eq!(d.request("hdd", "restoring"), Some(libc::EBUSY));
+    assert_eq!(d.request("hdd", "restoring wait"), Some(libc::EBUSY));
+    assert!(
+        !names_in(&d.target("hdd"))
+            .iter()
+            .any(|n| n.ends_with(".json")),
+        "a refusal makes no record"
+    );
+    drop(restore);
+    // The restore ended: the volume backs up again (the kernel releases the file a moment
+    // after close returns).
+    wait_for(
+        || d.request("hdd", "restoring wait") != Some(libc::EBUSY),
+        "the restore to end",
+    );
+    assert!(
+        names_in(&d.target("hdd"))
+            .iter()
+            .any(|n| n.ends_with(".img"))
     );
 }
 
@@ -276,13 +354,11 @@ fn target_too_small_is_refused_with_enospc() {
     random_volume(&ssd, "small", 4);
     let d = sb.start_daemon(&config);
     assert_eq!(d.request("small", "big wait"), Some(libc::ENOSPC));
+    assert_eq!(d.request("small", "big"), Some(libc::ENOSPC));
     assert_eq!(
-        ok(&format!(
-            "ls '{}' | grep -c json || true",
-            d.target("small").display()
-        ))
-        .trim(),
-        "0"
+        names_in(&d.target("small")),
+        ["by-volume", "jobs", "request", "verify"],
+        "a refusal makes no record"
     );
     assert_eq!(d.request("small", "small wait"), None);
 }
@@ -294,19 +370,300 @@ fn backup_images_are_read_only_and_status_files_refuse_writes() {
     random_volume(&l.gold, "v", 4);
     let d = sb.start_daemon(&l.config);
     let id = d.backup("hdd", "v wait");
-    assert_eq!(write_errno(&d.image("hdd", &id), b"x"), Some(libc::EROFS));
+    let image = d.image("hdd", &id);
+    let record = d.target("hdd").join(format!("{id}.json"));
+    assert_eq!(write_errno(&image, b"x"), Some(libc::EROFS));
+    assert_errno(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&image),
+        libc::EROFS,
+        "O_TRUNC open of an image",
+    );
+    assert_errno(truncate(&image, 0), libc::EROFS, "truncate of an image");
+    assert_errno(truncate(&image, 1 << 30), libc::EROFS, "extending an image");
     assert_eq!(
         write_errno(&d.target("hdd").join("jobs"), b"x"),
         Some(libc::EACCES)
     );
+    assert_eq!(write_errno(&record, b"x"), Some(libc::EACCES));
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 4 << 20);
+    ok(&format!(
+        "cmp '{}' '{}/volume-v'",
+        image.display(),
+        l.gold.display()
+    ));
+}
+
+#[test]
+fn chmod_chown_mkdir_rmdir_and_rename_fail_with_eperm_everywhere() {
+    let mut sb = Sandbox::new("eperm");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    random_volume(&l.gold, "v", 2);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let t = d.target("hdd");
+    let nodes = [
+        d.mnt.clone(),
+        d.mnt.join("backups"),
+        d.mnt.join("volumes"),
+        t.clone(),
+        t.join("by-volume"),
+        t.join("by-volume/v"),
+        t.join("request"),
+        t.join("jobs"),
+        t.join("verify"),
+        d.image("hdd", &id),
+        t.join(format!("{id}.json")),
+        d.mnt.join("volumes/ssd"),
+        d.volume("ssd", "v"),
+    ];
+    for node in &nodes {
+        let what = node.display();
+        assert_errno(
+            std::fs::set_permissions(node, std::fs::Permissions::from_mode(0o777)),
+            libc::EPERM,
+            &format!("chmod {what}"),
+        );
+        assert_errno(
+            lchown(node, 1, u32::MAX),
+            libc::EPERM,
+            &format!("chown {what}"),
+        );
+        assert_errno(
+            lchown(node, u32::MAX, 1),
+            libc::EPERM,
+            &format!("chgrp {what}"),
+        );
+    }
+    for dir in [
+        &d.mnt,
+        &d.mnt.join("backups"),
+        &t,
+        &d.mnt.join("volumes/ssd"),
+    ] {
+        assert_errno(
+            std::fs::create_dir(dir.join("new-dir")),
+            libc::EPERM,
+            &format!("mkdir in {}", dir.display()),
+        );
+    }
+    for dir in [
+        t.join("by-volume/v"),
+        t.join("by-volume"),
+        t.clone(),
+        d.mnt.join("volumes/ssd"),
+        d.mnt.join("backups"),
+    ] {
+        assert_errno(
+            std::fs::remove_dir(&dir),
+            libc::EPERM,
+            &format!("rmdir {}", dir.display()),
+        );
+    }
+    let renames = [
+        (
+            d.image("hdd", &id),
+            t.join("00000000-0000-4000-8000-000000000001.img"),
+        ),
+        (
+            t.join(format!("{id}.json")),
+            t.join("00000000-0000-4000-8000-000000000001.json"),
+        ),
+        (d.volume("ssd", "v"), d.volume("ssd", "w")),
+        (d.volume("ssd", "v"), d.volume("hdd", "v")),
+        (t.join("by-volume"), t.join("by-vol")),
+        (t.join("request"), t.join("request2")),
+    ];
+    for (from, to) in &renames {
+        assert_errno(
+            std::fs::rename(from, to),
+            libc::EPERM,
+            &format!("rename {} {}", from.display(), to.display()),
+        );
+    }
+    // Nothing changed.
+    for node in &nodes {
+        assert_eq!(std::fs::symlink_metadata(node).unwrap().uid(), 0);
+    }
+    assert_eq!(names_in(&l.gold), ["volume-v"]);
+    assert_eq!(names_in(&l.main), Vec::<String>::new());
+    assert!(d.image("hdd", &id).exists());
+}
+
+#[test]
+fn tree_modes_are_the_documented_ones() {
+    let mut sb = Sandbox::new("modes");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    random_volume(&l.gold, "v", 1);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let t = d.target("hdd");
+    let expected = [
+        (d.mnt.join("backups"), 0o040755),
+        (d.mnt.join("volumes"), 0o040755),
+        (t.clone(), 0o040700),
+        (t.join("by-volume"), 0o040700),
+        (d.mnt.join("volumes/ssd"), 0o040700),
+        (d.mnt.join("volumes/hdd"), 0o040700),
+        (d.volume("ssd", "v"), 0o100600),
+        (t.join("request"), 0o100600),
+        (d.image("hdd", &id), 0o100400),
+        (t.join(format!("{id}.json")), 0o100400),
+        (t.join("jobs"), 0o100400),
+    ];
+    for (path, mode) in expected {
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            meta.mode(),
+            mode,
+            "{}: {:o}, expected {mode:o}",
+            path.display(),
+            meta.mode()
+        );
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (0, 0),
+            "{} is root's",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn every_record_field_is_an_extended_attribute_of_the_image() {
+    let mut sb = Sandbox::new("xattr");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    random_volume(&l.gold, "v", 3);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait name=weekly");
+    let image = d.image("hdd", &id);
+    let fields = [
+        "id",
+        "volume_id",
+        "backend",
+        "pool",
+        "target",
+        "status",
+        "size",
+        "created_at",
+        "completed_at",
+        "name",
+        "snapshot_used",
+        "parent_id",
+        "error",
+        "stored_bytes",
+        "verified_at",
+    ];
+    // As the record says, with null as empty: before and after a verify.
+    let check_all = |record: &serde_json::Value| {
+        for field in fields {
+            let value = getxattr(&image, &format!("user.backupfs.{field}"))
+                .unwrap_or_else(|e| panic!("user.backupfs.{field}: {e}"));
+            let expected = match &record[field] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            assert_eq!(
+                String::from_utf8_lossy(&value),
+                expected,
+                "user.backupfs.{field}"
+            );
+        }
+    };
+    let record = d.record("hdd", &id);
+    assert!(record["verified_at"].is_null());
+    check_all(&record);
+    assert_eq!(getxattr(&image, "user.backupfs.name").unwrap(), b"weekly");
+    assert_eq!(getxattr(&image, "user.backupfs.size").unwrap(), b"3145728");
+    assert_eq!(getxattr(&image, "user.backupfs.verified_at").unwrap(), b"");
     assert_eq!(
-        write_errno(&d.target("hdd").join(format!("{id}.json")), b"x"),
-        Some(libc::EACCES)
+        write_errno(
+            &d.target("hdd").join("verify"),
+            format!("{id}\n").as_bytes()
+        ),
+        None
     );
-    let out = sh(&format!("chmod 644 '{}'", d.image("hdd", &id).display()));
-    assert!(!out.status.success());
-    let out = sh(&format!("mkdir '{}/x'", d.target("hdd").display()));
-    assert!(!out.status.success());
+    let verified = d.record("hdd", &id);
+    assert!(verified["verified_at"].is_string(), "{verified}");
+    check_all(&verified);
+
+    let mut listed = listxattr(&image).unwrap();
+    listed.sort();
+    let mut wanted: Vec<String> = fields
+        .iter()
+        .map(|f| format!("user.backupfs.{f}"))
+        .collect();
+    wanted.sort();
+    assert_eq!(
+        listed, wanted,
+        "listxattr names every field and nothing else"
+    );
+    let dump = ok(&format!("getfattr -d '{}'", image.display()));
+    assert!(
+        dump.contains(&format!("user.backupfs.id=\"{id}\"")),
+        "{dump}"
+    );
+
+    for other in [
+        "user.backupfs.checksums",
+        "user.backupfs.damaged_blocks",
+        "user.backupfs.format",
+        "user.backupfs.",
+        "user.backupfs.nope",
+        "user.other",
+        "trusted.backupfs.id",
+    ] {
+        assert_errno(getxattr(&image, other), libc::ENODATA, other);
+    }
+    // Other nodes have no attributes.
+    assert_errno(
+        getxattr(
+            &d.target("hdd").join(format!("{id}.json")),
+            "user.backupfs.id",
+        ),
+        libc::ENODATA,
+        "an attribute of a record",
+    );
+    assert_errno(
+        setxattr(&image, "user.backupfs.name", b"changed"),
+        libc::EPERM,
+        "setting one of the record's own attributes",
+    );
+    assert_eq!(getxattr(&image, "user.backupfs.name").unwrap(), b"weekly");
+    // An operator's note: kept in the record, listed, read back, removed.
+    ok(&format!(
+        "setfattr -n user.note -v 'checked by ops' '{}'",
+        image.display()
+    ));
+    assert_eq!(getxattr(&image, "user.note").unwrap(), b"checked by ops");
+    assert_eq!(
+        d.record("hdd", &id)["xattrs"]["user.note"],
+        "checked by ops"
+    );
+    let listed = ok(&format!(
+        "getfattr --absolute-names -d '{}'",
+        image.display()
+    ));
+    assert!(listed.contains("user.note=\"checked by ops\""), "{listed}");
+    ok(&format!("setfattr -x user.note '{}'", image.display()));
+    assert_errno(
+        getxattr(&image, "user.note"),
+        libc::ENODATA,
+        "a removed note",
+    );
+    let out = sh(&format!("setfattr -x user.note '{}'", image.display()));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No such attribute"),
+        "{out:?}"
+    );
+    assert_errno(
+        setxattr(&image, "trusted.mine", b"x"),
+        libc::EOPNOTSUPP,
+        "an attribute outside user.*",
+    );
 }
 
 #[test]
@@ -327,44 +684,47 @@ fn filesystem_inside_a_backup_can_be_mounted_read_only() {
     let d = sb.start_daemon(&l.config);
     let id = d.backup("hdd", "fsvol wait");
     let look = sb.mkdir("look");
-    let dev = ok(&format!(
-        "losetup -r -f --show '{}'",
-        d.image("hdd", &id).display()
-    ))
-    .trim()
-    .to_string();
-    let result = sh(&format!(
-        "mount -o ro {dev} '{look}' && diff -r '{files}' '{look}' -x lost+found; rc=$?; umount '{look}'; exit $rc",
-        look = look.display(),
-        files = files.display()
+    let dev = sb.losetup(&d.image("hdd", &id), true);
+    sb.mount(&dev, &look, "ro");
+    ok(&format!(
+        "diff -r '{}' '{}' -x lost+found",
+        files.display(),
+        look.display()
     ));
-    ok(&format!("losetup -d {dev}"));
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    sb.umount(&look);
+    sb.detach_loop(&dev);
 }
 
 #[test]
 fn jobs_beyond_max_parallel_wait_as_queued() {
     let mut sb = Sandbox::new("queue");
-    let l = layout(
-        &mut sb,
-        None,
-        Some(Fs::Btrfs),
-        "max_parallel_jobs = 1\ncopy_bps_limit = 20000000",
-    );
-    random_volume(&l.gold, "first", 24);
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "max_parallel_jobs = 1");
+    random_volume(&l.gold, "first", 6);
     random_volume(&l.gold, "second", 4);
-    let d = sb.start_daemon(&l.config);
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&l.config, &pause_env("finishing", &release));
     let first = d.backup("hdd", "first");
+    d.wait_state("hdd", &first, "finishing");
+    // The one worker holds the first job: the second waits, whatever the timing.
     let second = d.backup("hdd", "second");
     let jobs = d.jobs("hdd");
     assert!(
-        jobs.contains(&format!("{second} second queued 0/{}", 4 << 20)),
+        jobs.lines()
+            .any(|l| l == format!("{second} second queued 0/{}", 4 << 20)),
         "jobs:\n{jobs}"
     );
+    assert!(
+        jobs.find(&first) < jobs.find(&second),
+        "oldest first:\n{jobs}"
+    );
+    // A queued backup makes its volume busy too.
+    assert_eq!(d.request("hdd", "second"), Some(libc::EBUSY));
+    assert_eq!(
+        write_errno(&d.volume("ssd", "second"), b"x"),
+        Some(libc::EBUSY),
+        "a restore into a volume whose backup is queued"
+    );
+    release_jobs(&release);
     assert_eq!(d.wait_job("hdd", &first), "available");
     assert_eq!(d.wait_job("hdd", &second), "available");
 }
@@ -374,22 +734,174 @@ fn rm_deletes_backups_and_failed_records_only() {
     let mut sb = Sandbox::new("rm");
     let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
     random_volume(&l.gold, "v", 4);
+    random_volume(&l.gold, "w", 4);
     let d = sb.start_daemon(&l.config);
+    let empty = allocated_under(&l.backups);
     let id = d.backup("hdd", "v wait");
     let json = d.target("hdd").join(format!("{id}.json"));
-    let out = sh(&format!("rm -f '{}'", json.display()));
-    assert!(
-        !out.status.success(),
-        "the record of an available backup is not removed alone"
+    assert_errno(
+        std::fs::remove_file(&json),
+        libc::EPERM,
+        "rm of the record of an available backup",
     );
-    ok(&format!("rm '{}'", d.image("hdd", &id).display()));
-    assert!(!json.exists());
-    let left = ok(&format!("ls -A '{}'", l.backups.display()));
+    assert_eq!(d.record("hdd", &id)["status"], "available");
+    assert!(allocated_under(&l.backups) >= empty + (4 << 20));
+    std::fs::remove_file(d.image("hdd", &id)).unwrap();
+    assert_errno(
+        std::fs::metadata(&json),
+        libc::ENOENT,
+        "the record after rm",
+    );
+    // Data, checksums and record are gone, whatever the files were called.
     assert_eq!(
-        left.trim(),
-        ".backupfs-target\n.backupfs.lock",
-        "data, checksums and record are gone"
+        files_mentioning(&l.backups, &id),
+        Vec::<std::path::PathBuf>::new()
     );
+    assert!(
+        allocated_under(&l.backups) < empty + (256 << 10),
+        "{} bytes still allocated",
+        allocated_under(&l.backups)
+    );
+    assert_eq!(
+        names_in(&d.target("hdd")),
+        ["by-volume", "jobs", "request", "verify"]
+    );
+    d.stop_clean();
+
+    // A failed backup: interrupted by a stop.
+    let d = sb.start_daemon_env(&l.config, &hold_env("finishing"));
+    let failed = d.backup("hdd", "w");
+    d.wait_state("hdd", &failed, "finishing");
+    d.stop_clean();
+    let d = sb.start_daemon(&l.config);
+    assert_eq!(d.record("hdd", &failed)["status"], "error");
+    assert_errno(
+        std::fs::remove_file(d.image("hdd", &failed)),
+        libc::ENOENT,
+        "rm of the image of a failed backup",
+    );
+    std::fs::remove_file(d.target("hdd").join(format!("{failed}.json"))).unwrap();
+    assert_eq!(
+        names_in(&d.target("hdd")),
+        ["by-volume", "jobs", "request", "verify"]
+    );
+    assert_eq!(
+        files_mentioning(&l.backups, &failed),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
+
+#[test]
+fn by_volume_latest_is_the_newest_of_several_backups() {
+    let mut sb = Sandbox::new("latest");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    let source = random_volume(&l.gold, "v", 1);
+    random_volume(&l.gold, "other", 1);
+    let d = sb.start_daemon(&l.config);
+    let by_volume = d.target("hdd").join("by-volume");
+    let latest = by_volume.join("v/latest.img");
+    let link = || {
+        std::fs::read_link(&latest)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    assert_eq!(names_in(&by_volume), Vec::<String>::new());
+    // Backups of small volumes made quickly: several end within the same second, and the
+    // newest must still be the one made last. Each has different data.
+    let mut ids = Vec::new();
+    for round in 0..6 {
+        ok(&format!(
+            "printf 'round {round}' | dd of='{}' conv=notrunc status=none",
+            source.display()
+        ));
+        let id = d.backup("hdd", "v wait");
+        let pointed = link();
+        let completed = |link: &str| {
+            let id = link.trim_start_matches("../../").trim_end_matches(".img");
+            d.record("hdd", id)["completed_at"].clone()
+        };
+        assert_eq!(
+            pointed,
+            format!("../../{id}.img"),
+            "after backup {round}: latest.img is not the backup just made (that one completed at {}, the one it points to at {})",
+            completed(&format!("../../{id}.img")),
+            completed(&pointed)
+        );
+        ok(&format!(
+            "cmp '{}' '{}'",
+            latest.display(),
+            source.display()
+        ));
+        ids.push(id);
+    }
+    // Another volume's backups do not change it; only volumes with a backup are listed.
+    d.backup("hdd", "other wait");
+    assert_eq!(link(), format!("../../{}.img", ids[5]));
+    assert_eq!(names_in(&by_volume), ["other", "v"]);
+    // Deleting the newest makes the one before it the newest.
+    std::fs::remove_file(d.image("hdd", &ids[5])).unwrap();
+    assert_eq!(link(), format!("../../{}.img", ids[4]));
+    for id in &ids[..5] {
+        std::fs::remove_file(d.image("hdd", id)).unwrap();
+    }
+    assert_eq!(names_in(&by_volume), ["other"]);
+    assert_errno(
+        std::fs::symlink_metadata(&latest),
+        libc::ENOENT,
+        "latest.img of a volume without backups",
+    );
+}
+
+#[test]
+fn verify_refuses_malformed_unknown_and_unavailable_backups() {
+    let mut sb = Sandbox::new("verify");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    random_volume(&l.gold, "v", 2);
+    random_volume(&l.gold, "w", 2);
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&l.config, &pause_env("finishing", &release));
+    let verify = d.target("hdd").join("verify");
+    let running = d.backup("hdd", "w");
+    d.wait_state("hdd", &running, "finishing");
+    for bad in [
+        &b"\n"[..],
+        b"not-a-uuid\n",
+        b"../../etc/passwd\n",
+        b"0000000-0000-4000-8000-000000000000\n",
+        b"\xff\n",
+    ] {
+        assert_eq!(write_errno(&verify, bad), Some(libc::EINVAL), "{bad:?}");
+    }
+    assert_eq!(
+        write_errno(&verify, b"00000000-0000-4000-8000-000000000000\n"),
+        Some(libc::ENOENT),
+        "an unknown backup"
+    );
+    assert_eq!(
+        write_errno(&verify, format!("{running}\n").as_bytes()),
+        Some(libc::ENOENT),
+        "a backup still being made"
+    );
+    release_jobs(&release);
+    assert_eq!(d.wait_job("hdd", &running), "available");
+    let id = d.backup("hdd", "v wait");
+    assert_eq!(write_errno(&verify, format!("{id}\n").as_bytes()), None);
+    d.stop_clean();
+
+    // A failed backup has nothing to verify.
+    let d = sb.start_daemon_env(&l.config, &hold_env("finishing"));
+    let failed = d.backup("hdd", "w");
+    d.wait_state("hdd", &failed, "finishing");
+    d.stop_clean();
+    let d = sb.start_daemon(&l.config);
+    assert_eq!(d.record("hdd", &failed)["status"], "error");
+    assert_eq!(
+        write_errno(&verify, format!("{failed}\n").as_bytes()),
+        Some(libc::ENOENT),
+        "a failed backup"
+    );
+    assert!(d.record("hdd", &failed)["verified_at"].is_null());
 }
 
 #[test]
@@ -400,7 +912,7 @@ fn backups_and_records_survive_a_restart() {
     let d = sb.start_daemon(&l.config);
     let id = d.backup("hdd", "v wait name=keep");
     let record = d.record("hdd", &id);
-    assert!(d.stop().success());
+    d.stop_clean();
     let d = sb.start_daemon(&l.config);
     assert_eq!(d.record("hdd", &id), record);
     ok(&format!(
@@ -408,4 +920,10 @@ fn backups_and_records_survive_a_restart() {
         d.image("hdd", &id).display(),
         source.display()
     ));
+    let jobs = d.jobs("hdd");
+    assert!(
+        jobs.lines()
+            .any(|l| l.starts_with(&format!("{id} v available "))),
+        "ended jobs are listed again after a restart:\n{jobs}"
+    );
 }

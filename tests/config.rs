@@ -4,19 +4,24 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
 
+/// `backupfs check-config`: whether it passed, and its standard error. A refusal must
+/// exit with status 2, as `backupfs mount` does for the same configuration.
+#[track_caller]
 fn check(config: &Path) -> (bool, String) {
-    let out = Command::new(BIN)
+    let out = timed(Duration::from_secs(60), BIN)
         .arg("check-config")
         .arg("--config")
         .arg(config)
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        assert_eq!(out.status.code(), Some(2), "check-config: {stderr}");
+    }
+    (out.status.success(), stderr)
 }
 
 /// Backend `a` with pools as given, backend `b` with pool `vol`, and a target `t` on `tpool`
@@ -175,11 +180,7 @@ fn bind_mount_of_a_volume_pool_is_the_same_storage() {
     let vols = sb.mkdir("vols");
     let other = sb.mkdir("other");
     let bind = sb.mkdir("bind");
-    ok(&format!(
-        "mount --bind '{}' '{}'",
-        other.display(),
-        bind.display()
-    ));
+    sb.bind(&other, &bind);
     let cfg = config(
         &sb,
         &format!(
@@ -191,8 +192,7 @@ fn bind_mount_of_a_volume_pool_is_the_same_storage() {
         "[targets.t]\nbackend = \"a\"\npool = \"backups\"\n",
     );
     let (passed, stderr) = check(&cfg);
-    ok(&format!("umount '{}'", bind.display()));
-    let _ = &mut sb;
+    sb.umount(&bind);
     assert!(!passed, "a bind mount of b's volume pool");
     assert!(stderr.contains("backends.b.pools.vol"), "{stderr}");
 }
@@ -214,4 +214,100 @@ fn two_targets_on_one_pool_are_refused() {
     let (passed, stderr) = check(&cfg);
     assert!(!passed);
     assert!(stderr.contains("targets.u"), "{stderr}");
+}
+
+/// `backupfs mount` in the foreground: its exit code and standard error.
+fn mount(config: &Path, mountpoint: &Path) -> (Option<i32>, String) {
+    let out = timed(Duration::from_secs(60), BIN)
+        .arg("mount")
+        .arg(mountpoint)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn mount_with_a_bad_configuration_exits_2_naming_the_key_and_mounts_nothing() {
+    let sb = Sandbox::new("cfg-mount");
+    let (vols, backups, other) = (sb.mkdir("vols"), sb.mkdir("backups"), sb.mkdir("other"));
+    let mnt = sb.mkdir("mnt");
+    let good = format!(
+        "main = \"{}\", backups = \"{}\"",
+        vols.display(),
+        backups.display()
+    );
+    let target = "[targets.t]\nbackend = \"a\"\npool = \"backups\"\n";
+    // Each configuration is written over the one before it: keep each in its own file.
+    let kept = std::cell::Cell::new(0);
+    let keep = |cfg: std::path::PathBuf| {
+        kept.set(kept.get() + 1);
+        let own = sb.path(&format!("case-{}.toml", kept.get()));
+        std::fs::copy(&cfg, &own).unwrap();
+        own
+    };
+    let cases = [
+        (
+            "max_paralel_jobs",
+            keep(sb.write_config("max_paralel_jobs = 2\n")),
+        ),
+        (
+            "backends.a.pools.main",
+            keep(config(
+                &sb,
+                &format!("main = \"{}\"", sb.path("nope").display()),
+                &other,
+                "",
+            )),
+        ),
+        (
+            "backends.b.pools.vol",
+            keep(config(
+                &sb,
+                &format!(
+                    "main = \"{}\", backups = \"{}\"",
+                    vols.display(),
+                    other.display()
+                ),
+                &other,
+                target,
+            )),
+        ),
+        (
+            "targets.t.pool",
+            keep(config(
+                &sb,
+                &format!("main = \"{}\"", vols.display()),
+                &other,
+                target,
+            )),
+        ),
+        ("max_parallel_jobs", {
+            let path = config(&sb, &good, &other, target);
+            let text = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, format!("max_parallel_jobs = 0\n{text}")).unwrap();
+            keep(path)
+        }),
+        ("", keep(sb.write_config("this is not toml [\n"))),
+    ];
+    for (key, cfg) in cases {
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let (code, stderr) = mount(&cfg, &mnt);
+        assert_eq!(code, Some(2), "{text}\n{stderr}");
+        assert!(stderr.contains(key), "{key} is named: {stderr}");
+        assert!(!is_fuse_mount(&mnt), "nothing is mounted");
+    }
+    // No configuration file at all is a configuration error too.
+    let (code, stderr) = mount(&sb.path("missing.toml"), &mnt);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("missing.toml"), "{stderr}");
+    // A good configuration that cannot be mounted is another failure: 1.
+    let cfg = config(&sb, &good, &other, target);
+    let (code, stderr) = mount(&cfg, &sb.path("no-such-mountpoint"));
+    assert_eq!(code, Some(1), "{stderr}");
 }

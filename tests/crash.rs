@@ -1,10 +1,12 @@
-//! Crashes and stops: `kill -9` mid-copy, SIGTERM with open files, umount, a second
-//! daemon on the same target. Nothing half-made may survive; the source never changes.
+//! Crashes and stops: `kill -9` mid-copy, SIGTERM, SIGINT, SIGHUP and SIGQUIT with open
+//! files, umount, requests while stopping, a second daemon on the same target. Nothing
+//! half-made may survive; the source never changes.
 
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
 /// Waits until the job has copied something; the jobs line.
 fn wait_copying(d: &Daemon, id: &str) -> String {
@@ -24,6 +26,40 @@ fn wait_copying(d: &Daemon, id: &str) -> String {
     line
 }
 
+/// An interrupted backup as a restarted daemon shows it: an `error` record saying
+/// "interrupted", no image, and nothing of it left in the target's pool but its record
+/// (`stored` is what the pool held before the backup started).
+#[track_caller]
+fn assert_interrupted(d: &Daemon, pool: &Path, id: &str, stored: u64) {
+    let record = d.record("hdd", id);
+    assert_eq!(record["status"], "error", "{record}");
+    assert!(
+        record["error"].as_str().unwrap().contains("interrupted"),
+        "{record}"
+    );
+    assert_errno(
+        std::fs::metadata(d.image("hdd", id)),
+        libc::ENOENT,
+        "the image of an interrupted backup",
+    );
+    assert_eq!(
+        files_mentioning(pool, id),
+        [record_file(pool, id)],
+        "partial data left"
+    );
+    assert!(
+        allocated_under(pool) < stored + (256 << 10),
+        "partial data left: {} bytes allocated, {stored} before",
+        allocated_under(pool)
+    );
+    let jobs = d.jobs("hdd");
+    assert!(
+        jobs.lines()
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains(" error ")),
+        "restarted jobs list the failure:\n{jobs}"
+    );
+}
+
 #[test]
 fn kill9_mid_copy_leaves_nothing_half_made_and_restart_records_the_error() {
     let mut sb = Sandbox::new("kill9");
@@ -31,7 +67,7 @@ fn kill9_mid_copy_leaves_nothing_half_made_and_restart_records_the_error() {
         &mut sb,
         Some(Fs::Btrfs),
         Some(Fs::Xfs),
-        "copy_bps_limit = 8000000",
+        "copy_bps_limit = 4000000",
     );
     let source = random_volume(&l.gold, "victim", 64);
     let earlier_source = random_volume(&l.gold, "earlier", 4);
@@ -40,26 +76,25 @@ fn kill9_mid_copy_leaves_nothing_half_made_and_restart_records_the_error() {
     let holder = sb.hold_lock(&source);
     let d = sb.start_daemon(&l.config);
     let earlier = d.backup("hdd", "earlier wait");
+    let stored = allocated_under(&l.backups);
     let id = d.backup("hdd", "victim");
+    // The copy runs at 4 MB/s: 16 s for 64 MiB, and it is killed as soon as it has begun.
     wait_copying(&d, &id);
-    assert!(l.gold.join(format!("snapshot-backupfs-{id}")).exists());
+    assert_eq!(
+        names_in(&l.gold).len(),
+        3,
+        "a temporary snapshot beside the two volumes: {:?}",
+        names_in(&l.gold)
+    );
     d.kill9();
 
     let d = sb.start_daemon(&l.config);
-    let record = d.record("hdd", &id);
-    assert_eq!(record["status"], "error");
-    assert!(
-        record["error"].as_str().unwrap().contains("interrupted"),
-        "{record}"
+    assert_interrupted(&d, &l.backups, &id, stored);
+    assert_eq!(
+        names_in(&l.gold),
+        ["volume-earlier", "volume-victim"],
+        "the snapshot is gone"
     );
-    assert!(!d.image("hdd", &id).exists());
-    let pool = ok(&format!("ls -A '{}'", l.backups.display()));
-    assert!(
-        !pool.contains(&format!("backup-{id}.img")),
-        "partial data left: {pool}"
-    );
-    let gold = ok(&format!("ls -A '{}'", l.gold.display()));
-    assert!(!gold.contains("snapshot-backupfs"), "snapshot left: {gold}");
     sb.release(holder);
     assert_eq!(sha256(&source), before, "the source must be untouched");
     ok(&format!(
@@ -68,46 +103,89 @@ fn kill9_mid_copy_leaves_nothing_half_made_and_restart_records_the_error() {
         earlier_source.display()
     ));
     // The failed record can be removed by the operator.
-    ok(&format!("rm '{}/{id}.json'", d.target("hdd").display()));
+    std::fs::remove_file(d.target("hdd").join(format!("{id}.json"))).unwrap();
+    assert_eq!(files_mentioning(&l.backups, &id), Vec::<PathBuf>::new());
 }
 
 #[test]
 fn sigterm_with_an_open_image_and_a_running_job_stops_cleanly() {
     let mut sb = Sandbox::new("sigterm");
-    let l = layout(&mut sb, None, Some(Fs::Btrfs), "copy_bps_limit = 8000000");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
     random_volume(&l.gold, "small", 4);
-    random_volume(&l.gold, "slow", 64);
+    random_volume(&l.gold, "slow", 16);
     let d = sb.start_daemon(&l.config);
     let done = d.backup("hdd", "small wait");
-    // A reader holding the image open and a shell sitting inside the mount.
-    let mut reader = Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "exec 4<'{}'; cd '{}' && exec sleep 300",
-            d.image("hdd", &done).display(),
-            d.target("hdd").display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let id = d.backup("hdd", "slow");
-    wait_copying(&d, &id);
-    let mnt = d.mnt.clone();
-    let status = d.stop();
-    let _ = reader.kill();
-    let _ = reader.wait();
-    assert!(status.success(), "exit status {status}");
-    assert!(!is_fuse_mount(&mnt), "the mount must be gone");
-    let left = ok(&format!("ls -A '{}'", l.backups.display()));
-    assert!(
-        !left.contains(&format!("backup-{id}.img")),
-        "partial data left: {left}"
+    d.stop_clean();
+    let stored = allocated_under(&l.backups);
+    let mut d = sb.start_daemon_env(&l.config, &hold_env("finishing"));
+    // A reader holding the image open, sitting inside the mount.
+    let image = d.image("hdd", &done);
+    let reader = sb.spawn_sh(&format!(
+        "exec 4<'{}'; cd '{}' && exec sleep 300",
+        image.display(),
+        d.target("hdd").display()
+    ));
+    let reader_pid = sb.child_pid(reader);
+    wait_for(
+        || {
+            std::fs::read_link(format!("/proc/{reader_pid}/cwd"))
+                .is_ok_and(|c| c == d.target("hdd"))
+                && std::fs::read_link(format!("/proc/{reader_pid}/fd/4")).is_ok_and(|f| f == image)
+        },
+        "the reader to be inside the mount with the image open",
     );
-    let record = std::fs::read_to_string(l.backups.join(format!("backup-{id}.json"))).unwrap();
-    assert!(record.contains("\"status\": \"error\""), "{record}");
-    assert!(record.contains("interrupted"), "{record}");
+    let id = d.backup("hdd", "slow");
+    d.wait_state("hdd", &id, "finishing");
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit();
+    assert!(status.success(), "exit status {status}; log:\n{}", d.log());
+    assert!(!is_fuse_mount(&d.mnt), "the mount must be gone");
+    assert!(
+        std::fs::read_link(format!("/proc/{reader_pid}/cwd")).is_ok(),
+        "the reader was still inside when the daemon stopped"
+    );
+    sb.release(reader);
+    drop(d);
+
+    let d = sb.start_daemon(&l.config);
+    assert_interrupted(&d, &l.backups, &id, stored);
+    ok(&format!(
+        "cmp '{}' '{}/volume-small'",
+        d.image("hdd", &done).display(),
+        l.gold.display()
+    ));
+}
+
+#[test]
+fn sigint_sighup_and_sigquit_stop_the_daemon_and_interrupt_its_jobs() {
+    let mut sb = Sandbox::new("signals");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    random_volume(&l.gold, "v", 4);
+    let stored = allocated_under(&l.backups);
+    let mut interrupted = Vec::new();
+    for signal in [libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+        let mut d = sb.start_daemon_env(&l.config, &hold_env("finishing"));
+        let id = d.backup("hdd", "v");
+        d.wait_state("hdd", &id, "finishing");
+        d.signal(signal);
+        let status = d.wait_exit();
+        assert!(
+            status.success(),
+            "signal {signal}: exit status {status}; log:\n{}",
+            d.log()
+        );
+        assert!(!is_fuse_mount(&d.mnt), "signal {signal}: the mount is gone");
+        assert!(
+            d.log().contains(&format!("stopping (signal {signal})")),
+            "{}",
+            d.log()
+        );
+        interrupted.push(id);
+    }
+    let d = sb.start_daemon(&l.config);
+    for id in &interrupted {
+        assert_interrupted(&d, &l.backups, id, stored);
+    }
 }
 
 #[test]
@@ -116,31 +194,142 @@ fn umount_stops_the_daemon() {
     let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
     let mut d = sb.start_daemon(&l.config);
     ok(&format!("umount '{}'", d.mnt.display()));
+    let status = d.wait_exit();
+    assert!(status.success(), "exit status {status}; log:\n{}", d.log());
+}
+
+#[test]
+fn umount_with_a_job_running_stops_the_daemon_and_interrupts_the_job() {
+    let mut sb = Sandbox::new("umount-job");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    let source = random_volume(&l.gold, "v", 8);
+    let before = sha256(&source);
+    let stored = allocated_under(&l.backups);
+    let mut d = sb.start_daemon_env(&l.config, &hold_env("finishing"));
+    let id = d.backup("hdd", "v");
+    d.wait_state("hdd", &id, "finishing");
+    ok(&format!("umount '{}'", d.mnt.display()));
+    let status = d.wait_exit();
+    assert!(status.success(), "exit status {status}; log:\n{}", d.log());
+    assert!(!is_fuse_mount(&d.mnt));
+    drop(d);
+    let d = sb.start_daemon(&l.config);
+    assert_interrupted(&d, &l.backups, &id, stored);
+    assert_eq!(sha256(&source), before);
+}
+
+#[test]
+fn requests_while_the_daemon_is_stopping_are_refused_with_ebusy() {
+    let mut sb = Sandbox::new("stopping");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    random_volume(&l.gold, "held", 4);
+    for i in 0..8 {
+        random_volume(&l.gold, &format!("late-{i}"), 1);
+    }
+    let release = sb.path("release");
+    let mut d = sb.start_daemon_env(&l.config, &pause_env("finishing", &release));
+    let held = d.backup("hdd", "held");
+    d.wait_state("hdd", &held, "finishing");
+    // The held job keeps the daemon stopping (not stopped) until it is released.
+    d.signal(libc::SIGTERM);
     wait_for(
-        || matches!(d.child.try_wait(), Ok(Some(_))),
-        "the daemon to exit",
+        || d.log().contains("stopping ("),
+        "the daemon to begin stopping",
     );
-    assert!(d.child.try_wait().unwrap().unwrap().success());
+    // Each volume is asked for once and is not in use: EBUSY can only mean "stopping".
+    // (One asked for in the instant between the log line and the stop is still taken.)
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..8 {
+        let volume_id = format!("late-{i}");
+        match d.request("hdd", &volume_id) {
+            None => accepted.push(volume_id),
+            Some(libc::EBUSY) => {
+                refused = Some(volume_id);
+                break;
+            }
+            Some(other) => panic!("request of {volume_id}: {}", errno_name(other)),
+        }
+    }
+    let refused = refused.expect("a request while stopping is refused");
+    assert!(accepted.len() <= 1, "accepted while stopping: {accepted:?}");
+    assert_eq!(d.request("hdd", "late-7 wait"), Some(libc::EBUSY));
+    assert!(
+        d.log()
+            .lines()
+            .any(|l| l.contains(&format!("backup of {refused} refused")) && l.contains("stopping")),
+        "the refusal is logged with its reason:\n{}",
+        d.log()
+    );
+    assert!(is_fuse_mount(&d.mnt), "still serving while stopping");
+    release_jobs(&release);
+    let status = d.wait_exit();
+    assert!(status.success(), "exit status {status}; log:\n{}", d.log());
+    drop(d);
+    let d = sb.start_daemon(&l.config);
+    assert_eq!(d.record("hdd", &held)["status"], "error");
+    let records = names_in(&d.target("hdd"))
+        .into_iter()
+        .filter(|n| n.ends_with(".json"))
+        .count();
+    assert_eq!(records, 1 + accepted.len(), "refusals made no record");
+}
+
+/// `backupfs mount` of `config` on `mountpoint`, in the foreground; its output.
+fn second_daemon(config: &Path, mountpoint: &Path) -> std::process::Output {
+    timed(std::time::Duration::from_secs(60), BIN)
+        .arg("mount")
+        .arg(mountpoint)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 #[test]
 fn second_daemon_on_the_same_target_is_refused() {
     let mut sb = Sandbox::new("twice");
     let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
-    let _d = sb.start_daemon(&l.config);
+    random_volume(&l.gold, "v", 1);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    // The same configuration: the same state directory and the same target.
     let other = sb.mkdir("mnt2");
-    let out = Command::new(BIN)
-        .arg("mount")
-        .arg(&other)
-        .arg("--config")
-        .arg(&l.config)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let out = second_daemon(&l.config, &other);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("in use by another backupfs"), "{stderr}");
     assert!(!is_fuse_mount(&other));
+    // Another state directory, the same target: the target's own lock refuses it.
+    let text = std::fs::read_to_string(&l.config).unwrap();
+    let state2 = sb.mkdir("state2");
+    let config2 = sb.path("second.toml");
+    let first_state = text
+        .lines()
+        .next()
+        .unwrap()
+        .split('"')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &config2,
+        text.replacen(&first_state, state2.to_str().unwrap(), 1),
+    )
+    .unwrap();
+    let out = second_daemon(&config2, &other);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("target hdd is in use by another backupfs")
+            && stderr.contains(".backupfs.lock"),
+        "{stderr}"
+    );
+    assert!(!is_fuse_mount(&other));
+    // The first daemon goes on serving, untouched.
+    assert_eq!(d.record("hdd", &id)["status"], "available");
+    d.stop_clean();
 }
 
 #[test]
@@ -152,10 +341,15 @@ fn stale_mount_of_a_killed_daemon_is_replaced_at_start() {
     let mnt = d.mnt.clone();
     d.crash();
     // The mountpoint now answers ENOTCONN.
-    let err = std::fs::read_dir(&mnt).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN));
+    assert_errno(std::fs::read_dir(&mnt), libc::ENOTCONN, "the stale mount");
     let d = sb.start_daemon(&l.config);
-    assert!(ok(&format!("ls '{}'", d.mnt.join("volumes/ssd").display())).contains('v'));
+    assert!(
+        d.log().contains("is a stale mount of a dead daemon"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(names_in(&d.mnt.join("volumes/ssd")), ["v"]);
+    d.stop_clean();
 }
 
 #[test]
@@ -165,19 +359,22 @@ fn restart_keeps_the_data_of_a_record_it_cannot_read_and_removes_temporaries() {
     random_volume(&l.gold, "v", 2);
     let d = sb.start_daemon(&l.config);
     let id = d.backup("hdd", "v wait");
-    assert!(d.stop().success());
+    let data = stored_data(&l.backups, &d.image("hdd", &id));
+    let sum = sha256(&data);
+    d.stop_clean();
     // A record from a newer backupfs (or damaged) is not understood, but still owns data.
-    let record = l.backups.join(format!("backup-{id}.json"));
+    let record = record_file(&l.backups, &id);
     let text = std::fs::read_to_string(&record).unwrap();
+    assert!(text.contains("\"format\": 1"), "{text}");
     std::fs::write(&record, text.replace("\"format\": 1", "\"format\": 99")).unwrap();
-    let leftover = l.backups.join(format!(".backup-{id}.json.1234.0.tmp"));
+    // What a crash in the middle of a record write leaves (the daemon's temporary name).
+    let leftover = record.with_file_name(format!(
+        ".{}.1234.0.tmp",
+        record.file_name().unwrap().to_string_lossy()
+    ));
     std::fs::write(&leftover, b"half a record").unwrap();
     let d = sb.start_daemon(&l.config);
-    assert!(
-        l.backups.join(format!("backup-{id}.img")).exists(),
-        "{}",
-        d.log()
-    );
+    assert_eq!(sha256(&data), sum, "the data is kept; log:\n{}", d.log());
     assert!(
         !leftover.exists(),
         "a crashed write's temporary file is removed"
@@ -186,5 +383,72 @@ fn restart_keeps_the_data_of_a_record_it_cannot_read_and_removes_temporaries() {
         d.log().contains("skipping unreadable record"),
         "{}",
         d.log()
+    );
+}
+
+#[test]
+fn a_wedged_daemon_fails_the_test_instead_of_hanging_the_suite() {
+    // The suite's own safety net: a request the daemon never answers would block the
+    // test forever. The watchdog kills what the test started, and the call returns.
+    // (The deadline counts from here: set-up must fit in it, even on a loaded machine.)
+    let mut sb = Sandbox::with_deadline("wedged", std::time::Duration::from_secs(15));
+    let l = layout(&mut sb, None, None, "");
+    random_volume(&l.gold, "v", 1);
+    let d = sb.start_daemon(&l.config);
+    let started = std::time::Instant::now();
+    d.signal(libc::SIGSTOP);
+    let result = std::fs::read_to_string(d.volume("ssd", "v"));
+    // The request in flight is aborted (ECONNABORTED); a later one finds no daemon.
+    let errno = errno_of(result);
+    assert!(
+        errno == Some(libc::ECONNABORTED) || errno == Some(libc::ENOTCONN),
+        "a read from a wedged daemon: {errno:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "returned after {:?}",
+        started.elapsed()
+    );
+    // And a shell command that hangs is stopped by its timeout.
+    let out = sh_limit(std::time::Duration::from_secs(1), "sleep 30");
+    assert!(describe(out.status).starts_with("timed out"), "{out:?}");
+}
+
+#[test]
+fn what_a_dead_run_left_is_swept_by_the_next() {
+    // This process's own sweep has run (and is not running) once a sandbox exists.
+    let _sb = Sandbox::new("sweeper");
+    // A run that died (here: a pid that has exited) left a sandbox with a mounted loop
+    // filesystem, a process inside it and an account.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let dead_pid = gone.id();
+    let left = sandboxes_root().join(format!("leftover-{dead_pid}-0"));
+    std::fs::create_dir_all(left.join("fs")).unwrap();
+    ok(&format!(
+        "truncate -s 64M '{l}/fs.img' && mkfs.ext4 -q -F '{l}/fs.img' && mount -o loop '{l}/fs.img' '{l}/fs'",
+        l = left.display()
+    ));
+    let mut stray = std::process::Command::new("sleep")
+        .arg("600")
+        .arg(left.join("fs"))
+        .spawn()
+        .unwrap();
+    let account = format!("{}{dead_pid}zg", account_prefix());
+    ok(&format!("groupadd {account}"));
+    assert_eq!(loops_under(&left).len(), 1);
+
+    sweep_dead_runs();
+
+    assert!(
+        stray.try_wait().unwrap().is_some(),
+        "the process it left is killed"
+    );
+    assert_eq!(mounts_under(&left), Vec::<PathBuf>::new());
+    assert_eq!(loops_under(&left), Vec::<String>::new());
+    assert!(!left.exists(), "its directory is removed");
+    assert!(
+        !sh(&format!("getent group {account}")).status.success(),
+        "its account is removed"
     );
 }

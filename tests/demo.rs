@@ -2,38 +2,15 @@
 //! through a real mount with real shell commands, stops by itself when asked to, and
 //! leaves no mount and no file behind. Also: the shipped example configuration parses.
 
+mod common;
+
+use common::{BIN, Sandbox, mounts_under};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_backupfs");
 const DEMO_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Mount points at or below `dir`.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/mounts")
-        .expect("/proc/mounts")
-        .lines()
-        .filter_map(|line| line.split(' ').nth(1))
-        .map(PathBuf::from)
-        .filter(|mountpoint| mountpoint.starts_with(dir))
-        .collect()
-}
-
-/// Detaches whatever a failed demo left mounted under the test's directory, deepest
-/// first, so that the temporary directory can go without deleting through a mount.
-struct UnmountGuard(PathBuf);
-
-impl Drop for UnmountGuard {
-    fn drop(&mut self) {
-        let mut mounts = mounts_under(&self.0);
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-        for mountpoint in mounts {
-            let _ = Command::new("umount").arg("-l").arg(&mountpoint).status();
-        }
-    }
-}
 
 struct Run {
     status: ExitStatus,
@@ -51,10 +28,8 @@ fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String
 
 /// Stops a demo that overran: SIGTERM lets it unmount and clean up, SIGKILL if not.
 fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -63,6 +38,7 @@ fn stop(child: &mut Child) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// `backupfs demo DIR` with BACKUPFS_DEMO_EXIT=1 and no terminal, as in CI.
@@ -98,9 +74,9 @@ fn run_demo(dir: &Path) -> Run {
 
 #[test]
 fn demo_backs_up_and_restores_through_the_mount_and_leaves_nothing_behind() {
-    let temp = tempfile::tempdir().expect("temp dir");
-    let _guard = UnmountGuard(temp.path().to_path_buf());
-    let run = run_demo(temp.path());
+    // The sandbox (an empty directory) undoes whatever a failed demo left.
+    let temp = Sandbox::new("demo-given");
+    let run = run_demo(&temp.dir);
     let context = format!("stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
     assert!(
         run.status.success(),
@@ -122,13 +98,9 @@ fn demo_backs_up_and_restores_through_the_mount_and_leaves_nothing_behind() {
             "missing {expected:?}\n{context}"
         );
     }
-    assert_eq!(
-        mounts_under(temp.path()),
-        Vec::<PathBuf>::new(),
-        "{context}"
-    );
+    assert_eq!(mounts_under(&temp.dir), Vec::<PathBuf>::new(), "{context}");
     // The directory was given, so it stays; everything the demo made inside goes.
-    let left: Vec<_> = std::fs::read_dir(temp.path())
+    let left: Vec<_> = std::fs::read_dir(&temp.dir)
         .expect("temp dir still there")
         .map(|e| e.expect("entry").file_name())
         .collect();
@@ -137,9 +109,8 @@ fn demo_backs_up_and_restores_through_the_mount_and_leaves_nothing_behind() {
 
 #[test]
 fn demo_removes_the_directory_it_made() {
-    let temp = tempfile::tempdir().expect("temp dir");
-    let _guard = UnmountGuard(temp.path().to_path_buf());
-    let dir = temp.path().join("new-sandbox");
+    let temp = Sandbox::new("demo-new");
+    let dir = temp.path("new-sandbox");
     let run = run_demo(&dir);
     assert!(
         run.status.success(),
@@ -148,17 +119,16 @@ fn demo_removes_the_directory_it_made() {
         run.stdout,
         run.stderr
     );
-    assert_eq!(mounts_under(temp.path()), Vec::<PathBuf>::new());
+    assert_eq!(mounts_under(&temp.dir), Vec::<PathBuf>::new());
     assert!(!dir.exists(), "the demo left {}", dir.display());
 }
 
 #[test]
 fn demo_refuses_a_directory_that_is_not_empty() {
-    let temp = tempfile::tempdir().expect("temp dir");
-    let _guard = UnmountGuard(temp.path().to_path_buf());
-    let precious = temp.path().join("precious.txt");
+    let temp = Sandbox::new("demo-full");
+    let precious = temp.path("precious.txt");
     std::fs::write(&precious, "keep me").expect("write");
-    let run = run_demo(temp.path());
+    let run = run_demo(&temp.dir);
     assert_eq!(run.status.code(), Some(1), "stderr:\n{}", run.stderr);
     assert!(
         run.stderr.contains("not an empty directory"),
@@ -166,7 +136,7 @@ fn demo_refuses_a_directory_that_is_not_empty() {
         run.stderr
     );
     assert_eq!(std::fs::read_to_string(&precious).expect("read"), "keep me");
-    assert_eq!(mounts_under(temp.path()), Vec::<PathBuf>::new());
+    assert_eq!(mounts_under(&temp.dir), Vec::<PathBuf>::new());
 }
 
 #[test]
@@ -180,7 +150,10 @@ fn example_configuration_parses_with_every_key() {
 
 #[test]
 fn the_shipped_man_page_is_current() {
-    let output = Command::new(BIN).arg("man").output().expect("backupfs man");
+    let output = common::timed(Duration::from_secs(60), BIN)
+        .arg("man")
+        .output()
+        .expect("backupfs man");
     assert!(output.status.success());
     let shipped = include_str!("../contrib/backupfs.1");
     assert!(

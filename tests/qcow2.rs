@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Backend `qc` (qcow2: volume pool `vols`, pool `qbackups` for target `q`) on one loop
@@ -63,14 +63,6 @@ fn qcow2_volume(pool: &Path, volume_id: &str, size: &str) -> PathBuf {
     path
 }
 
-fn allocated(path: &Path) -> u64 {
-    ok(&format!("stat -c %b '{}'", path.display()))
-        .trim()
-        .parse::<u64>()
-        .expect("st_blocks")
-        * 512
-}
-
 fn qcow2_compare(qcow2: &Path, raw: &Path) {
     ok(&format!(
         "qemu-img compare -U -f qcow2 -F raw '{}' '{}'",
@@ -79,20 +71,30 @@ fn qcow2_compare(qcow2: &Path, raw: &Path) {
     ));
 }
 
-/// Where the daemon with `pid` mounts its exports.
-fn export_dir(pid: u32) -> PathBuf {
-    std::env::var_os("RUNTIME_DIRECTORY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/backupfs"))
-        .join("qcow2-exports")
-        .join(pid.to_string())
+/// Where a daemon mounts its exports: `qcow2-exports/<pid>` in its RUNTIME_DIRECTORY
+/// (each test's daemons have their own, so no other test's daemon cleans it up).
+#[derive(Clone)]
+struct ExportDir(PathBuf);
+
+impl ExportDir {
+    fn of(d: &Daemon) -> ExportDir {
+        ExportDir(
+            d.runtime_dir
+                .join("qcow2-exports")
+                .join(d.pid().to_string()),
+        )
+    }
+
+    fn exists(&self) -> bool {
+        self.0.exists()
+    }
 }
 
-/// The export mounts and the qemu-storage-daemon processes of the daemon with `pid`.
+/// The export mounts and the qemu-storage-daemon processes of a daemon.
 /// (A qsd that has exited but is not yet reaped has no command line: it is not counted,
 /// which is why `assert_no_exports` also waits for the export files to go.)
-fn exports_of(pid: u32) -> (Vec<String>, Vec<u32>) {
-    let dir = format!("{}/", export_dir(pid).display());
+fn exports_of(export_dir: &ExportDir) -> (Vec<String>, Vec<u32>) {
+    let dir = format!("{}/", export_dir.0.display());
     let mounts = std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
         .lines()
@@ -114,8 +116,8 @@ fn exports_of(pid: u32) -> (Vec<String>, Vec<u32>) {
 }
 
 /// The export files (mountpoints, logs, pidfiles) in the daemon's export directory.
-fn export_files(pid: u32) -> Vec<String> {
-    std::fs::read_dir(export_dir(pid))
+fn export_files(export_dir: &ExportDir) -> Vec<String> {
+    std::fs::read_dir(&export_dir.0)
         .map(|entries| {
             entries
                 .flatten()
@@ -129,60 +131,57 @@ fn export_files(pid: u32) -> Vec<String> {
 /// No export mount, no qemu-storage-daemon and no export file of the daemon remain (a
 /// closed handle is released a moment after close returns: that moment is waited for).
 #[track_caller]
-fn assert_no_exports(pid: u32) {
-    let mut left = (Vec::new(), Vec::new(), Vec::new());
-    let gone = (0..200).any(|_| {
-        let (mounts, processes) = exports_of(pid);
-        left = (mounts, processes, export_files(pid));
-        let gone = left.0.is_empty() && left.1.is_empty() && left.2.is_empty();
-        if !gone {
-            std::thread::sleep(Duration::from_millis(50));
+fn assert_no_exports(export_dir: &ExportDir) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (mounts, processes) = exports_of(export_dir);
+        let files = export_files(export_dir);
+        if mounts.is_empty() && processes.is_empty() && files.is_empty() {
+            return;
         }
-        gone
-    });
-    assert!(gone, "exports left behind: {left:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exports left behind: {:?}",
+            (mounts, processes, files)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Ends the daemon with SIGTERM and checks it left nothing: no exports, no directory.
 #[track_caller]
 fn stop_clean(d: Daemon) {
-    let pid = d.child.id();
-    assert_no_exports(pid);
-    let log = d.log.clone();
-    let status = d.stop();
-    assert!(
-        status.success(),
-        "{status:?}; log:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
-    assert_no_exports(pid);
-    assert!(!export_dir(pid).exists(), "the export directory is removed");
+    let export_dir = ExportDir::of(&d);
+    assert_no_exports(&export_dir);
+    d.stop_clean();
+    assert_no_exports(&export_dir);
+    assert!(!export_dir.exists(), "the export directory is removed");
 }
 
 /// A qemu-storage-daemon of the test's own holding `image` writable (as a hypervisor
-/// would) and serving it over NBD at `socket`; killed on Drop.
+/// would) and serving it over NBD at `socket`; owned by the sandbox.
 struct Holder {
-    child: Child,
+    child: usize,
     socket: PathBuf,
 }
 
 impl Holder {
-    fn start(image: &Path, socket: &Path) -> Holder {
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,filename={},node-name=f",
-                image.display()
-            ))
-            .arg("--blockdev")
-            .arg("driver=qcow2,file=f,node-name=q")
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", socket.display()))
-            .arg("--export")
-            .arg("type=nbd,id=e,node-name=q,name=q,writable=on")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon runs");
+    fn start(sb: &mut Sandbox, image: &Path, socket: &Path) -> Holder {
+        let child = sb.spawn(
+            Command::new("qemu-storage-daemon")
+                .arg("--blockdev")
+                .arg(format!(
+                    "driver=file,filename={},node-name=f",
+                    image.display()
+                ))
+                .arg("--blockdev")
+                .arg("driver=qcow2,file=f,node-name=q")
+                .arg("--nbd-server")
+                .arg(format!("addr.type=unix,addr.path={}", socket.display()))
+                .arg("--export")
+                .arg("type=nbd,id=e,node-name=q,name=q,writable=on")
+                .stdin(Stdio::null()),
+        );
         wait_for(|| socket.exists(), "the holder's NBD socket");
         Holder {
             child,
@@ -196,13 +195,6 @@ impl Holder {
             "qemu-io -f raw -c '{command}' 'nbd+unix:///q?socket={}' >/dev/null",
             self.socket.display()
         ));
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -227,7 +219,7 @@ fn backup_of_a_qcow2_volume_is_its_raw_contents_with_holes_kept() {
     assert_eq!(record["backend"], "qc");
     assert_eq!(record["snapshot_used"], false);
     qcow2_compare(&volume, &image);
-    let stored = l.backups.join(format!("backup-{id}.img"));
+    let stored = stored_data(&l.backups, &image);
     assert_eq!(std::fs::metadata(&stored).unwrap().len(), 1 << 30);
     assert!(
         allocated(&stored) < 8 << 20,
@@ -286,16 +278,10 @@ fn cp_of_a_raw_backup_into_a_new_qcow2_volume_makes_a_thin_qcow2_image() {
             256 << 20
         );
     }
-    let listing = ok(&format!("ls '{}'", d.mnt.join("volumes/qc").display()));
+    assert_eq!(names_in(&d.mnt.join("volumes/qc")), ["plain", "sparse"]);
     assert_eq!(
-        listing.split_whitespace().collect::<Vec<_>>(),
-        ["plain", "sparse"]
-    );
-    assert_eq!(
-        ok(&format!("ls -A '{}'", l.vols.display()))
-            .split_whitespace()
-            .count(),
-        2,
+        names_in(&l.vols),
+        ["volume-plain", "volume-sparse"],
         "no temporary file is left in the pool"
     );
     stop_clean(d);
@@ -325,7 +311,7 @@ fn writes_past_the_end_extend_an_attached_qcow2_volume_and_truncate_zeroes_the_t
     assert_eq!(std::fs::metadata(&node).unwrap().len(), 101 << 20);
     // The restore has ended once its export is gone (the kernel releases the handle a
     // moment after close); until then our qsd holds the image.
-    assert_no_exports(d.child.id());
+    assert_no_exports(&ExportDir::of(&d));
     ok(&format!(
         "qemu-io -f qcow2 -c 'read -P 0x33 100M 1M' -c 'read -P 0x22 60M 4M' -c 'read -P 0 64M 36M' '{}' | grep -v -q Pattern",
         volume.display()
@@ -334,7 +320,7 @@ fn writes_past_the_end_extend_an_attached_qcow2_volume_and_truncate_zeroes_the_t
     // Truncating keeps the size and zeroes the tail, also from an unaligned offset.
     ok(&format!("truncate -s 5000000 '{}'", node.display()));
     assert_eq!(std::fs::metadata(&node).unwrap().len(), 101 << 20);
-    assert_no_exports(d.child.id());
+    assert_no_exports(&ExportDir::of(&d));
     let expected = sb.path("expected");
     ok(&format!(
         "head -c 5000000 /dev/zero | tr '\\0' '\\021' > '{e}' && truncate -s 101M '{e}'",
@@ -360,7 +346,8 @@ fn in_use_qcow2_volume_is_backed_up_from_a_reflink_snapshot_that_is_then_gone() 
     let mut sb = Sandbox::new("q-inuse");
     let l = qlayout(&mut sb, Some(Fs::Btrfs));
     let volume = qcow2_volume(&l.vols, "busy", "512M");
-    let holder = Holder::start(&volume, &sb.path("nbd.sock"));
+    let socket = sb.path("nbd.sock");
+    let holder = Holder::start(&mut sb, &volume, &socket);
     // The guest writes while it runs: what it flushed must be in the backup.
     holder.write("write -P 0xcd 200M 1M");
     let before = sb.path("before.raw");
@@ -385,8 +372,8 @@ fn in_use_qcow2_volume_is_backed_up_from_a_reflink_snapshot_that_is_then_gone() 
     );
 
     assert_eq!(
-        ok(&format!("ls -A '{}'", l.vols.display())).trim(),
-        "volume-busy",
+        names_in(&l.vols),
+        ["volume-busy"],
         "no snapshot lingers beside the image"
     );
     let snapshots = ok(&format!("qemu-img snapshot -U -l '{}'", volume.display()));
@@ -401,7 +388,7 @@ fn in_use_qcow2_volume_is_backed_up_from_a_reflink_snapshot_that_is_then_gone() 
         Some(libc::EBUSY)
     );
     stop_clean(d);
-    drop(holder);
+    sb.release(holder.child);
 }
 
 #[test]
@@ -409,11 +396,12 @@ fn in_use_qcow2_volume_without_reflinks_is_refused() {
     let mut sb = Sandbox::new("q-inuse-ext4");
     let l = qlayout(&mut sb, Some(Fs::Ext4));
     let volume = qcow2_volume(&l.vols, "busy", "256M");
-    let holder = Holder::start(&volume, &sb.path("nbd.sock"));
+    let socket = sb.path("nbd.sock");
+    let holder = Holder::start(&mut sb, &volume, &socket);
     let d = sb.start_daemon(&l.config);
     assert_eq!(d.request("raw", "busy"), Some(libc::EBUSY));
     assert!(d.log().contains("cannot be snapshotted"), "{}", d.log());
-    drop(holder);
+    sb.release(holder.child);
     // Once the hypervisor let go, the volume is backed up directly.
     let id = d.backup("raw", "busy wait");
     assert_eq!(d.record("raw", &id)["snapshot_used"], false);
@@ -429,7 +417,8 @@ fn backups_can_be_stored_as_qcow2_images() {
     let d = sb.start_daemon(&l.config);
 
     let id = d.backup("q", "src wait");
-    let stored = l.qbackups.join(format!("backup-{id}.img"));
+    let image = d.image("q", &id);
+    let stored = stored_data(&l.qbackups, &image);
     let info: serde_json::Value = serde_json::from_str(&ok(&format!(
         "qemu-img info --output=json '{}'",
         stored.display()
@@ -442,7 +431,6 @@ fn backups_can_be_stored_as_qcow2_images() {
     qcow2_compare(&stored, &source);
 
     // Its image reads back as raw, and restores onto a raw volume.
-    let image = d.image("q", &id);
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 200 << 20);
     ok(&format!("cmp '{}' '{}'", image.display(), source.display()));
     ok(&format!(
@@ -458,14 +446,36 @@ fn backups_can_be_stored_as_qcow2_images() {
     // A qcow2 volume backed up to the qcow2 target.
     let qvolume = qcow2_volume(&l.vols, "qv", "300M");
     let qid = d.backup("q", "qv wait");
+    let qstored = stored_data(&l.qbackups, &d.image("q", &qid));
     ok(&format!(
         "qemu-img compare -f qcow2 -F qcow2 '{}' '{}'",
         qvolume.display(),
-        l.qbackups.join(format!("backup-{qid}.img")).display()
+        qstored.display()
     ));
 
-    ok(&format!("rm '{}'", image.display()));
+    // With backups stored in it, the target's pool is still no volume pool of backend qc.
+    assert_eq!(names_in(&d.mnt.join("volumes/qc")), ["qv"]);
+    for backup_id in [&id, &qid] {
+        assert_errno(
+            std::fs::metadata(d.volume("qc", backup_id)),
+            libc::ENOENT,
+            "a backup looked up as a volume",
+        );
+        assert_eq!(d.request("q", backup_id), Some(libc::ENOENT));
+    }
+    let files_before = files_under(&l.qbackups);
+    ok(&format!(
+        "cp '{}' '{}'",
+        image.display(),
+        d.volume("qc", "fresh").display()
+    ));
+    assert_eq!(names_in(&l.vols), ["volume-fresh", "volume-qv"]);
+    assert_eq!(files_under(&l.qbackups), files_before);
+    assert_eq!(names_in(&d.mnt.join("volumes/qc")), ["fresh", "qv"]);
+
+    std::fs::remove_file(&image).unwrap();
     assert!(!stored.exists(), "deleting the backup removes its image");
+    assert_eq!(files_mentioning(&l.qbackups, &id), Vec::<PathBuf>::new());
     stop_clean(d);
 }
 
@@ -476,35 +486,39 @@ fn a_crashed_daemons_exports_are_stopped_and_removed() {
     qcow2_volume(&l.vols, "a", "200M");
     qcow2_volume(&l.vols, "b", "200M");
     let d = sb.start_daemon(&l.config);
-    let pid = d.child.id();
+    let crashed = ExportDir::of(&d);
     // Two volumes open through the mount: two exports.
     let a = std::fs::File::open(d.volume("qc", "a")).unwrap();
     let b = std::fs::File::open(d.volume("qc", "b")).unwrap();
-    let (mounts, processes) = exports_of(pid);
+    let (mounts, processes) = exports_of(&crashed);
     assert_eq!((mounts.len(), processes.len()), (2, 2), "{mounts:?}");
     // One qsd is killed outright (its export mount stays, dead), then the daemon.
     ok(&format!("kill -9 {}", processes[0]));
     wait_for(
-        || exports_of(pid).1.len() == 1,
+        || exports_of(&crashed).1.len() == 1,
         "the killed qemu-storage-daemon to go",
     );
     d.crash();
     // What the unit's ExecStopPost does; a quick restart could otherwise still see the
     // dead mount's cached attributes and not know it is dead.
-    sh(&format!("umount -l '{}'", sb.path("mnt").display()));
+    ok(&format!("umount -l '{}'", sb.path("mnt").display()));
     // The other one is told by the kernel that its daemon died, and stops.
-    wait_for(|| exports_of(pid).1.is_empty(), "the orphaned qsd to stop");
+    wait_for(
+        || exports_of(&crashed).1.is_empty(),
+        "the orphaned qsd to stop",
+    );
     drop((a, b));
-    assert!(export_dir(pid).exists(), "a crash leaves the directory");
+    assert!(crashed.exists(), "a crash leaves the directory");
 
     let d = sb.start_daemon(&l.config);
-    wait_for(
-        || !export_dir(pid).exists(),
-        "the stale exports to be removed",
-    );
-    assert_no_exports(pid);
+    wait_for(|| !crashed.exists(), "the stale exports to be removed");
+    assert_no_exports(&crashed);
+    // This daemon, and no other test's, cleaned the crashed daemon's directory.
     assert!(
-        d.log().contains("left by a backupfs that is gone"),
+        d.log().contains(&format!(
+            "removed {} left by a backupfs that is gone",
+            crashed.0.display()
+        )),
         "{}",
         d.log()
     );

@@ -7,44 +7,43 @@ use common::*;
 use std::path::Path;
 
 /// After a crash and a restart: the interrupted backup is an `error` record with a
-/// reason, has no image, no data and no snapshot left, and its source is unchanged.
-fn assert_cleaned_up(d: &Daemon, l: &Layout, id: &str, source: &Path, before: &str) {
+/// reason, has no image, nothing of it is left in the target's pool but its record
+/// (`stored`: what the pool held before it started), no snapshot is left, and its source
+/// is unchanged.
+#[track_caller]
+fn assert_cleaned_up(d: &Daemon, l: &Layout, id: &str, stored: u64, source: &Path, before: &str) {
     let record = d.record("hdd", id);
     assert_eq!(record["status"], "error", "{record}");
     assert!(
         record["error"].as_str().unwrap().contains("interrupted"),
         "{record}"
     );
-    assert!(!d.image("hdd", id).exists());
-    let pool = ok(&format!("ls -A '{}'", l.backups.display()));
-    assert!(
-        !pool.contains(&format!("backup-{id}.img")),
-        "partial data left: {pool}"
+    assert_errno(
+        std::fs::metadata(d.image("hdd", id)),
+        libc::ENOENT,
+        "the image of an interrupted backup",
     );
-    assert!(!pool.contains(".tmp"), "temporary files left: {pool}");
-    for dir in [&l.gold, &l.main] {
-        let listing = ok(&format!("ls -A '{}'", dir.display()));
-        assert!(
-            !listing.contains("snapshot-backupfs"),
-            "snapshot left: {listing}"
-        );
-    }
+    assert_eq!(
+        files_mentioning(&l.backups, id),
+        [record_file(&l.backups, id)],
+        "partial data left"
+    );
+    assert!(
+        allocated_under(&l.backups) < stored + (256 << 10),
+        "partial data left: {} bytes allocated, {stored} before",
+        allocated_under(&l.backups)
+    );
+    let volumes: Vec<String> = names_in(&l.gold)
+        .into_iter()
+        .filter(|n| !n.starts_with("volume-"))
+        .collect();
+    assert_eq!(volumes, Vec::<String>::new(), "snapshot left");
     assert_eq!(sha256(source), before, "the source must be untouched");
     let jobs = d.jobs("hdd");
     assert!(
-        jobs.contains(&format!("{id} ")),
+        jobs.lines()
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains(" error ")),
         "restarted jobs list the failure:\n{jobs}"
-    );
-}
-
-fn wait_state(d: &Daemon, id: &str, state: &str) {
-    wait_for(
-        || {
-            d.jobs("hdd")
-                .lines()
-                .any(|l| l.starts_with(id) && l.split(' ').nth(2) == Some(state))
-        },
-        state,
     );
 }
 
@@ -56,52 +55,61 @@ fn kill9_while_queued_snapshotting_and_finishing_leaves_nothing_half_made() {
             &mut sb,
             Some(Fs::Btrfs),
             Some(Fs::Xfs),
-            "max_parallel_jobs = 1\ncopy_bps_limit = 4000000",
+            "max_parallel_jobs = 1",
         );
         let earlier_source = random_volume(&l.gold, "earlier", 2);
         let source = random_volume(&l.gold, "victim", 16);
-        let blocker = random_volume(&l.gold, "blocker", 64);
+        let blocker_source = random_volume(&l.gold, "blocker", 4);
         let before = sha256(&source);
+        let blocker_before = sha256(&blocker_source);
         // In-use, so every point has a snapshot to clean up.
         let holder = sb.hold_lock(&source);
-        let env: Vec<(&str, &str)> = if point == "queued" {
-            vec![]
+        let release = sb.path("release");
+        let hold_at = if point == "queued" {
+            "finishing"
         } else {
-            vec![("BACKUPFS_TEST_PAUSE", point)]
+            point
         };
-        let d = sb.start_daemon_env(&l.config, &env);
-        let earlier = if point == "queued" {
-            Some(d.backup("hdd", "earlier wait"))
-        } else {
-            None
-        };
-        if point == "queued" {
-            // A slow job ahead keeps ours queued.
-            let _ = d.backup("hdd", "blocker");
-        }
+        let d = sb.start_daemon_env(&l.config, &pause_env(hold_at, &release));
+        // An earlier backup goes through (released), then jobs hold again.
+        release_jobs(&release);
+        let earlier = d.backup("hdd", "earlier wait");
+        std::fs::remove_file(&release).unwrap();
+        let stored = allocated_under(&l.backups);
+        let blocker = (point == "queued").then(|| {
+            // Held by the one worker: ours stays queued behind it.
+            let blocker = d.backup("hdd", "blocker");
+            d.wait_state("hdd", &blocker, "finishing");
+            blocker
+        });
         let id = d.backup("hdd", "victim");
-        wait_state(&d, &id, point);
-        if point != "queued" {
+        d.wait_state("hdd", &id, point);
+        if point == "snapshotting" {
+            // Held once the snapshot is made.
             wait_for(
-                || d.log().contains(&format!("holding at {point}")),
+                || d.log().contains("holding at snapshotting"),
                 "the pause point",
             );
-        }
-        if point == "snapshotting" {
-            assert!(l.gold.join(format!("snapshot-backupfs-{id}")).exists());
+            assert_eq!(
+                names_in(&l.gold).len(),
+                4,
+                "a snapshot beside the three volumes: {:?}",
+                names_in(&l.gold)
+            );
         }
         d.kill9();
         let d = sb.start_daemon(&l.config);
-        assert_cleaned_up(&d, &l, &id, &source, &before);
-        if let Some(earlier) = earlier {
-            ok(&format!(
-                "cmp '{}' '{}'",
-                d.image("hdd", &earlier).display(),
-                earlier_source.display()
-            ));
+        assert_cleaned_up(&d, &l, &id, stored, &source, &before);
+        if let Some(blocker) = blocker {
+            assert_cleaned_up(&d, &l, &blocker, stored, &blocker_source, &blocker_before);
         }
-        let _ = sha256(&blocker);
+        ok(&format!(
+            "cmp '{}' '{}'",
+            d.image("hdd", &earlier).display(),
+            earlier_source.display()
+        ));
         sb.release(holder);
+        d.stop_clean();
     }
 }
 
@@ -118,24 +126,17 @@ fn kill9_during_a_restore_keeps_the_backup_and_allows_a_new_restore() {
         l.gold.display()
     ));
     // A restore in progress: 1 MiB at a time into the volume node.
-    let mut writer = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "for i in $(seq 0 200); do dd if='{img}' of='{vol}' bs=1M skip=$i seek=$i count=1 conv=notrunc status=none; done",
-            img = d.image("hdd", &id).display(),
-            vol = d.volume("ssd", "target-vol").display()
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let writer = sb.spawn_sh(&format!(
+        "for i in $(seq 0 200); do dd if='{img}' of='{vol}' bs=1M skip=$i seek=$i count=1 conv=notrunc status=none; done",
+        img = d.image("hdd", &id).display(),
+        vol = d.volume("ssd", "target-vol").display()
+    ));
     wait_for(
         || d.log().contains("restore into volume ended"),
         "the first pieces of the restore",
     );
     d.kill9();
-    let _ = writer.kill();
-    let _ = writer.wait();
+    sb.release(writer);
     let d = sb.start_daemon(&l.config);
     assert_eq!(
         sha256(&d.image("hdd", &id)),
@@ -157,28 +158,80 @@ fn kill9_during_a_restore_keeps_the_backup_and_allows_a_new_restore() {
 #[test]
 fn full_target_fails_the_waiting_write_with_enospc_and_leaves_nothing() {
     let mut sb = Sandbox::new("full");
-    let (ssd, backups, config) = small_target(&mut sb, "hdd", 48);
-    // Each fits alone; together they do not: the pool fills during the copies.
-    random_volume(&ssd, "one", 30);
+    let (ssd, backups, config) = small_target_with(&mut sb, "hdd", 48, "max_parallel_jobs = 1");
+    // Each fits alone; together they do not: the pool fills during the second copy.
+    random_volume(&ssd, "blocker", 1);
+    let one = random_volume(&ssd, "one", 30);
     random_volume(&ssd, "two", 30);
     random_volume(&ssd, "small", 2);
-    let d = sb.start_daemon(&config);
-    let results: Vec<Option<i32>> = std::thread::scope(|s| {
-        let a = s.spawn(|| d.request("hdd", "one wait"));
-        let b = s.spawn(|| d.request("hdd", "two wait"));
-        vec![a.join().unwrap(), b.join().unwrap()]
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&config, &pause_env("finishing", &release));
+    let empty = allocated_under(&backups);
+    // Both are accepted while the pool is still empty: a job held by the one worker keeps
+    // them queued, so neither copy has begun when the other is checked for space.
+    let blocker = d.backup("hdd", "blocker");
+    d.wait_state("hdd", &blocker, "finishing");
+    let one_id = d.backup("hdd", "one");
+    let two_result = std::thread::scope(|s| {
+        let two = s.spawn(|| d.request("hdd", "two wait"));
+        wait_for(
+            || d.jobs("hdd").lines().any(|l| l.contains(" two queued ")),
+            "the second request to be queued",
+        );
+        release_jobs(&release);
+        two.join().unwrap()
     });
-    assert!(results.contains(&Some(libc::ENOSPC)), "{results:?}");
-    let listing = ok(&format!("ls '{}'", d.target("hdd").display()));
-    let images = listing.lines().filter(|l| l.ends_with(".img")).count();
-    assert_eq!(images, results.iter().filter(|r| r.is_none()).count());
-    let pool = ok(&format!("ls -A '{}'", backups.display()));
-    let data = pool.lines().filter(|l| l.starts_with("volume-")).count();
-    assert_eq!(data, images, "no partial data: {pool}");
-    // Deleting what was made frees space; a smaller backup then works.
-    for img in listing.lines().filter(|l| l.ends_with(".img")) {
-        ok(&format!("rm '{}/{img}'", d.target("hdd").display()));
+    assert_eq!(two_result.map(errno_name), Some(errno_name(libc::ENOSPC)));
+    let two_id = d
+        .jobs("hdd")
+        .lines()
+        .find(|l| l.contains(" two "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .to_string();
+    // The failure happened during the copy, not at the door: a record says so.
+    let record = d.record("hdd", &two_id);
+    assert_eq!(record["status"], "error", "{record}");
+    let reason = record["error"].as_str().unwrap_or("");
+    assert!(
+        reason.to_lowercase().contains("no space"),
+        "the record names the reason: {record}"
+    );
+    assert!(
+        d.jobs("hdd")
+            .lines()
+            .any(|l| l.starts_with(&format!("{two_id} two error ")) && l.contains(reason)),
+        "{}",
+        d.jobs("hdd")
+    );
+    assert_errno(
+        std::fs::metadata(d.image("hdd", &two_id)),
+        libc::ENOENT,
+        "the image of a failed backup",
+    );
+    assert!(d.log().contains(&two_id), "{}", d.log());
+    // The first is whole.
+    assert_eq!(d.wait_job("hdd", &one_id), "available");
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &one_id).display(),
+        one.display()
+    ));
+    // Nothing of the failed copy is left: only its record mentions it, and once the
+    // good backups are deleted the pool holds no more than records.
+    assert_eq!(
+        files_mentioning(&backups, &two_id),
+        [record_file(&backups, &two_id)]
+    );
+    for id in [&blocker, &one_id] {
+        std::fs::remove_file(d.image("hdd", id)).unwrap();
     }
+    assert!(
+        allocated_under(&backups) < empty + (256 << 10),
+        "{} bytes allocated, {empty} when empty",
+        allocated_under(&backups)
+    );
+    // A smaller backup then works.
     assert_eq!(d.request("hdd", "small wait"), None);
 }
 
@@ -192,9 +245,19 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[(self.next() as usize) % items.len()]
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[(self.next() as usize) % items.len()]
     }
+}
+
+/// The README's rule, written down here: "1 to 128 characters of ASCII letters, digits,
+/// `-`, `_` and `.`, starting with a letter or digit".
+fn readme_volume_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[test]
@@ -204,6 +267,7 @@ fn hundreds_of_malformed_requests_are_refused_and_change_nothing() {
     random_volume(&l.gold, "real", 1);
     let d = sb.start_daemon(&l.config);
     let request = d.target("hdd").join("request");
+    let long_label = format!("real name={}\n", "n".repeat(256));
     let mut lines: Vec<(Vec<u8>, i32)> = vec![
         (b"\n".to_vec(), libc::EINVAL),
         (b"   \n".to_vec(), libc::EINVAL),
@@ -212,76 +276,110 @@ fn hundreds_of_malformed_requests_are_refused_and_change_nothing() {
         (b"real\nreal\n".to_vec(), libc::EINVAL),
         (b"real name\n".to_vec(), libc::EINVAL),
         (b"real name=\n".to_vec(), libc::EINVAL),
+        (long_label.into_bytes(), libc::EINVAL),
         (b"real wait=1\n".to_vec(), libc::EINVAL),
+        (b"real WAIT\n".to_vec(), libc::EINVAL),
+        (b"real incremental\n".to_vec(), libc::EINVAL),
+        (b"real wait wait\n".to_vec(), libc::EINVAL),
+        (b"real name=a name=b\n".to_vec(), libc::EINVAL),
         (b"\0\0\0".to_vec(), libc::EINVAL),
+        (b"re\0al\n".to_vec(), libc::EINVAL),
+        (b"\treal\n".to_vec(), libc::EINVAL),
+        (b"_real\n".to_vec(), libc::EINVAL),
+        (b"-real\n".to_vec(), libc::EINVAL),
+        (b".real\n".to_vec(), libc::EINVAL),
+        (b"re/al\n".to_vec(), libc::EINVAL),
         ("r\u{e9}al\n".as_bytes().to_vec(), libc::EINVAL),
         ("\u{202e}real\n".as_bytes().to_vec(), libc::EINVAL),
+        (b"\xff\xfe\n".to_vec(), libc::EINVAL),
         (b"no-such-volume\n".to_vec(), libc::ENOENT),
         (b"no-such-volume wait\n".to_vec(), libc::ENOENT),
+        (b"no-such-volume name=x wait\n".to_vec(), libc::ENOENT),
+        (b"No_Such.Volume-1\n".to_vec(), libc::ENOENT),
+        (vec![b'a'; 128], libc::ENOENT),
+        (
+            format!("9real name={}\n", "n".repeat(255)).into_bytes(),
+            libc::ENOENT,
+        ),
     ];
-    let mut rng = Lcg(0x5eed);
-    let prefixes = ["", " ", "../", "/", ".", "-", "\t", "\u{ff}", "real/", "~"];
+    // Random lines from pieces whose effect the README states: the volume ID part is
+    // judged by the README's rule above, each option piece says whether it is valid.
+    let prefixes = [
+        "", "", "a", "a", "9", "Vol_", "../", "/", ".", "-", "_", "\t", "\u{ff}", "real/", "~",
+    ];
     let bodies = [
         "real",
         "x",
+        "vol-1.b_c",
         "../etc/passwd",
-        "a b",
-        "vol\u{0}x",
         "..",
+        "v\u{0}x",
         "v\u{1b}[31m",
         "%s%n",
+        "a\\b",
     ];
-    let options = [
-        "",
-        " wait",
-        " name=",
-        " nam=x",
-        " incremental",
-        " wait wait",
-        " \u{7f}",
-        " name=a name=b",
+    let options: [(&str, bool); 12] = [
+        ("", true),
+        (" wait", true),
+        (" name=x", true),
+        (" wait name=nightly", true),
+        (" name=", false),
+        (" nam=x", false),
+        (" incremental", false),
+        (" wait wait", false),
+        (" \u{7f}", false),
+        (" name=a name=b", false),
+        (" WAIT", false),
+        (" b", false),
     ];
-    while lines.len() < 220 {
-        let line = format!(
-            "{}{}{}\n",
-            rng.pick(&prefixes),
-            rng.pick(&bodies),
-            rng.pick(&options)
-        );
-        // Only lines the grammar refuses belong here; an unknown but well-formed id is ENOENT.
-        let expected = match backupfs::engine::request::parse(line.as_bytes()) {
-            Err(_) => libc::EINVAL,
-            Ok(r) if r.volume_id == "real" => continue,
-            Ok(_) => libc::ENOENT,
+    let mut rng = Lcg(0x5eed);
+    while lines.len() < 250 {
+        let (prefix, body) = (*rng.pick(&prefixes), *rng.pick(&bodies));
+        let &(option, option_valid) = rng.pick(&options);
+        let volume_id = format!("{prefix}{body}");
+        let expected = if !(readme_volume_id(&volume_id) && option_valid) {
+            libc::EINVAL
+        } else if volume_id == "real" {
+            continue; // a valid request for a real volume: it would start a backup
+        } else {
+            libc::ENOENT
         };
-        lines.push((line.into_bytes(), expected));
+        lines.push((format!("{volume_id}{option}\n").into_bytes(), expected));
     }
+    let count = |errno| lines.iter().filter(|(_, e)| *e == errno).count();
+    assert!(
+        count(libc::EINVAL) > 100 && count(libc::ENOENT) > 15,
+        "EINVAL {}, ENOENT {}",
+        count(libc::EINVAL),
+        count(libc::ENOENT)
+    );
     for (i, (line, expected)) in lines.iter().enumerate() {
         let mut bytes = line.clone();
+        // A second line that is not even UTF-8: malformed whatever came before.
         if i % 7 == 3 {
             bytes.extend_from_slice(&[0xc3, 0x28]);
         }
         let expected = if i % 7 == 3 { libc::EINVAL } else { *expected };
         assert_eq!(
-            write_errno(&request, &bytes),
-            Some(expected),
-            "line {i}: {bytes:?}"
+            write_errno(&request, &bytes).map(errno_name),
+            Some(errno_name(expected)),
+            "line {i}: {:?}",
+            String::from_utf8_lossy(&bytes)
         );
     }
     // Bad names under volumes/ are refused too.
     for name in ["-x", ".x", "a b", "\u{e9}", "x\\y", &"n".repeat(200)] {
-        let err = std::fs::File::create(d.volume("ssd", name)).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{name:?}");
+        assert_errno(
+            std::fs::File::create(d.volume("ssd", name)),
+            libc::EINVAL,
+            &format!("{name:?}"),
+        );
     }
-    let listing = ok(&format!("ls -A '{}'", d.target("hdd").display()));
     assert_eq!(
-        listing.split_whitespace().collect::<Vec<_>>(),
+        names_in(&d.target("hdd")),
         ["by-volume", "jobs", "request", "verify"]
     );
-    assert_eq!(
-        ok(&format!("ls -A '{}'", l.gold.display())).trim(),
-        "volume-real"
-    );
+    assert_eq!(names_in(&l.gold), ["volume-real"]);
     // Still up and working.
     assert_eq!(d.request("hdd", "real wait"), None);
     let refusals = d.log().matches("refused").count();
@@ -292,10 +390,11 @@ fn hundreds_of_malformed_requests_are_refused_and_change_nothing() {
 }
 
 #[test]
-fn damaged_backup_data_reads_as_eio_and_verify_names_the_blocks() {
+fn damaged_backup_data_reads_as_eio_is_never_restored_and_verify_names_the_blocks() {
     let mut sb = Sandbox::new("corrupt");
     let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
-    random_volume(&l.gold, "v", 8);
+    let source = random_volume(&l.gold, "v", 8);
+    random_volume(&l.gold, "old", 8);
     let d = sb.start_daemon(&l.config);
     let id = d.backup("hdd", "v wait");
     let verify = d.target("hdd").join("verify");
@@ -306,13 +405,19 @@ fn damaged_backup_data_reads_as_eio_and_verify_names_the_blocks() {
     assert_eq!(answer.trim(), format!("ok {id}"));
     assert!(d.record("hdd", &id)["verified_at"].is_string());
     // Flip bytes in block 5 of the stored data, behind the daemon's back.
-    let data = l.backups.join(format!("backup-{id}.img"));
+    let data = stored_data(&l.backups, &d.image("hdd", &id));
+    d.stop_clean();
     ok(&format!(
-        "printf '\\xde\\xad' | dd of='{}' bs=1 seek=$((5*1048576+1234)) conv=notrunc status=none && sync && echo 3 > /proc/sys/vm/drop_caches",
+        "printf '\\xde\\xad' | dd of='{}' bs=1 seek=$((5*1048576+1234)) conv=notrunc status=none && sync",
         data.display()
     ));
+    let damaged_block = sb.path("damaged-block");
+    ok(&format!(
+        "dd if='{}' of='{}' bs=1M skip=5 count=1 status=none",
+        data.display(),
+        damaged_block.display()
+    ));
     // A fresh daemon, so no block is known good yet.
-    d.stop();
     let d = sb.start_daemon(&l.config);
     let image = d.image("hdd", &id);
     let out = sh(&format!("cat '{}' > /dev/null", image.display()));
@@ -325,7 +430,7 @@ fn damaged_backup_data_reads_as_eio_and_verify_names_the_blocks() {
     ok(&format!(
         "dd if='{}' bs=1M count=5 status=none | cmp - <(head -c 5M '{}')",
         image.display(),
-        data.display()
+        source.display()
     ));
     assert_eq!(
         write_errno(&verify, format!("{id}\n").as_bytes()),
@@ -340,14 +445,52 @@ fn damaged_backup_data_reads_as_eio_and_verify_names_the_blocks() {
         d.record("hdd", &id)["damaged_blocks"],
         serde_json::json!([5])
     );
-    assert!(d.log().contains("damaged"), "{}", d.log());
-    // A restore of damaged data is refused rather than done silently.
-    let out = sh(&format!(
-        "cp '{}' '{}'",
-        image.display(),
-        d.volume("ssd", "restored").display()
-    ));
-    assert!(!out.status.success());
+    assert!(
+        d.log()
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("damaged")),
+        "{}",
+        d.log()
+    );
+    // A restore of damaged data fails rather than writing it: by cp (the daemon's own
+    // copy), into a new volume and over an existing one, and by dd (reads).
+    for (volume_id, how) in [
+        ("restored", "cp"),
+        ("old", "cp"),
+        ("old", "dd bs=1M conv=notrunc"),
+    ] {
+        let node = d.volume("ssd", volume_id);
+        let out = if how == "cp" {
+            sh(&format!("cp '{}' '{}'", image.display(), node.display()))
+        } else {
+            sh(&format!(
+                "{how} if='{}' of='{}' status=none",
+                image.display(),
+                node.display()
+            ))
+        };
+        assert!(!out.status.success(), "{how} into {volume_id}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+            "{how} into {volume_id}: {out:?}"
+        );
+        let volume = l.gold.join(format!("volume-{volume_id}"));
+        let block5 = sh(&format!(
+            "dd if='{}' bs=1M skip=5 count=1 status=none | cmp -s - '{}'",
+            volume.display(),
+            damaged_block.display()
+        ));
+        assert_eq!(
+            block5.status.code(),
+            Some(1),
+            "{how} into {volume_id}: the damaged block must not reach the volume"
+        );
+    }
+    assert_eq!(
+        d.record("hdd", &id)["status"],
+        "available",
+        "a damaged backup is still listed, for the operator to decide"
+    );
 }
 
 #[test]
@@ -363,15 +506,21 @@ fn many_backups_restores_and_readers_at_once_are_byte_exact() {
         .map(|i| random_volume(&l.gold, &format!("c{i}"), 12))
         .collect();
     let seed = random_volume(&l.main, "seed", 16);
-    let d = sb.start_daemon(&l.config);
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&l.config, &pause_env("finishing", &release));
+    release_jobs(&release);
     let seed_id = d.backup("hdd", "seed wait");
+    std::fs::remove_file(&release).unwrap();
     let ids: Vec<String> = (0..8).map(|i| d.backup("hdd", &format!("c{i}"))).collect();
-    let jobs = d.jobs("hdd");
-    assert!(
-        jobs.contains(" queued "),
-        "with 2 workers, most of 8 wait:\n{jobs}"
+    // Two workers, each holding a job: the other six wait.
+    wait_for(
+        || d.jobs("hdd").matches(" finishing ").count() == 2,
+        "two jobs running",
     );
+    let jobs = d.jobs("hdd");
+    assert_eq!(jobs.matches(" queued ").count(), 6, "jobs:\n{jobs}");
     std::thread::scope(|s| {
+        s.spawn(|| release_jobs(&release));
         for r in 0..4 {
             let (d, seed_id) = (&d, &seed_id);
             s.spawn(move || {

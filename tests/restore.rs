@@ -104,25 +104,65 @@ fn dd_conv_notrunc_restores_in_place() {
 fn restore_into_in_use_volume_is_refused() {
     let mut sb = Sandbox::new("restore-inuse");
     let (l, d, id) = with_backup(&mut sb);
-    let dest = random_volume(&l.gold, "running", 8);
-    let before = sha256(&dest);
-    let holder = sb.hold_lock(&dest);
-    assert_eq!(
-        write_errno(&d.volume("ssd", "running"), b"x"),
-        Some(libc::EBUSY)
-    );
-    let out = sh(&format!(
-        "cp '{}' '{}'",
-        d.image("hdd", &id).display(),
-        d.volume("ssd", "running").display()
-    ));
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("busy"),
-        "{out:?}"
-    );
-    assert_eq!(sha256(&dest), before, "an in-use volume is never written");
-    sb.release(holder);
+    let image = d.image("hdd", &id);
+    // Each way a hypervisor holds a volume: a loop device, fcntl, OFD and flock locks.
+    for how in ["loop", "posix", "ofd", "flock"] {
+        let volume_id = format!("running-{how}");
+        let dest = random_volume(&l.gold, &volume_id, 8);
+        let before = sha256(&dest);
+        let node = d.volume("ssd", &volume_id);
+        let (holder, dev) = match how {
+            "loop" => (None, Some(sb.attach_loop(&dest))),
+            "posix" => (Some(sb.hold(&dest, Lock::Posix)), None),
+            "ofd" => (Some(sb.hold(&dest, Lock::Ofd)), None),
+            _ => (Some(sb.hold(&dest, Lock::Flock)), None),
+        };
+        assert_eq!(write_errno(&node, b"x"), Some(libc::EBUSY), "{how}");
+        assert_errno(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&node),
+            libc::EBUSY,
+            &format!("O_TRUNC open of a volume held by {how}"),
+        );
+        assert_errno(
+            truncate(&node, 0),
+            libc::EBUSY,
+            &format!("truncate of a volume held by {how}"),
+        );
+        let out = sh(&format!("cp '{}' '{}'", image.display(), node.display()));
+        assert!(!out.status.success(), "{how}: cp succeeded");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Device or resource busy"),
+            "{how}: {out:?}"
+        );
+        assert_eq!(
+            sha256(&dest),
+            before,
+            "{how}: an in-use volume is never written"
+        );
+        assert!(
+            d.log()
+                .contains(&format!("open of volume ssd/{volume_id} refused")),
+            "{how}: the refusal is logged:\n{}",
+            d.log()
+        );
+        if let Some(holder) = holder {
+            sb.release(holder);
+        }
+        if let Some(dev) = dev {
+            sb.detach_loop(&dev);
+        }
+        // Let go of, the same volume restores.
+        ok(&format!("cp '{}' '{}'", image.display(), node.display()));
+        ok(&format!(
+            "cmp -n {} '{}' '{}'",
+            256 << 20,
+            image.display(),
+            dest.display()
+        ));
+    }
 }
 
 #[test]
@@ -131,31 +171,104 @@ fn volume_nodes_refuse_unlink_and_bad_names() {
     let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
     random_volume(&l.gold, "keep", 1);
     let d = sb.start_daemon(&l.config);
-    let out = sh(&format!("rm -f '{}'", d.volume("ssd", "keep").display()));
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not permitted"),
-        "{out:?}"
+    assert_errno(
+        std::fs::remove_file(d.volume("ssd", "keep")),
+        libc::EPERM,
+        "rm of a volume",
     );
     assert!(l.gold.join("volume-keep").exists());
-    for bad in ["-dash", ".dot", "sp ace", "x".repeat(129).as_str()] {
-        let err = std::fs::File::create(d.volume("ssd", bad)).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{bad}");
+    for bad in [
+        "-dash",
+        ".dot",
+        "_under",
+        "sp ace",
+        "x".repeat(129).as_str(),
+    ] {
+        assert_errno(
+            std::fs::File::create(d.volume("ssd", bad)),
+            libc::EINVAL,
+            &format!("create of {bad:?}"),
+        );
+        assert_errno(
+            std::fs::metadata(d.volume("ssd", bad)),
+            libc::EINVAL,
+            &format!("lookup of {bad:?}"),
+        );
     }
-    let err = std::fs::File::create(d.target("hdd").join("x.img")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "not a backup id");
-    let err = std::fs::File::create(
-        d.target("hdd")
-            .join("00000000-0000-4000-8000-000000000000.img"),
-    )
-    .unwrap_err();
-    assert_eq!(
-        err.raw_os_error(),
-        Some(libc::EPERM),
-        "images are made by backups only"
+    assert_errno(
+        std::fs::File::create(d.target("hdd").join("x.img")),
+        libc::EINVAL,
+        "not a backup id",
     );
-    let only = ok(&format!("ls -A '{}'", l.gold.display()));
-    assert_eq!(only.trim(), "volume-keep", "nothing was created");
+    assert_errno(
+        std::fs::metadata(d.target("hdd").join("x.json")),
+        libc::EINVAL,
+        "lookup of a record that is not a backup id",
+    );
+    assert_errno(
+        std::fs::File::create(
+            d.target("hdd")
+                .join("00000000-0000-4000-8000-000000000000.img"),
+        ),
+        libc::EPERM,
+        "images are made by backups only",
+    );
+    assert_eq!(names_in(&l.gold), ["volume-keep"], "nothing was created");
+}
+
+#[test]
+fn creating_files_makes_volumes_only_under_a_backend() {
+    let mut sb = Sandbox::new("create");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    let keep = random_volume(&l.gold, "keep", 1);
+    let before = sha256(&keep);
+    let d = sb.start_daemon(&l.config);
+    // O_EXCL on an existing volume.
+    assert_errno(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(d.volume("ssd", "keep")),
+        libc::EEXIST,
+        "O_EXCL create of an existing volume",
+    );
+    assert_eq!(sha256(&keep), before);
+    // Anywhere else than volumes/<backend>/: EPERM.
+    for elsewhere in [
+        d.mnt.join("notes.txt"),
+        d.mnt.join("backups/notes.txt"),
+        d.mnt.join("volumes/notes.txt"),
+        d.target("hdd").join("notes.txt"),
+        d.target("hdd").join("by-volume/notes.txt"),
+    ] {
+        assert_errno(
+            std::fs::File::create(&elsewhere),
+            libc::EPERM,
+            &format!("create of {}", elsewhere.display()),
+        );
+        assert_errno(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&elsewhere),
+            libc::EPERM,
+            &format!("O_EXCL create of {}", elsewhere.display()),
+        );
+    }
+    // A new volume, made empty in the backend's first volume pool.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(d.volume("ssd", "fresh"))
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(l.gold.join("volume-fresh"))
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(names_in(&l.gold), ["volume-fresh", "volume-keep"]);
+    assert_eq!(names_in(&d.mnt.join("volumes/ssd")), ["fresh", "keep"]);
 }
 
 #[test]
@@ -163,20 +276,61 @@ fn volumes_created_outside_backupfs_are_listed() {
     let mut sb = Sandbox::new("outside");
     let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
     let d = sb.start_daemon(&l.config);
-    assert_eq!(
-        ok(&format!("ls '{}'", d.mnt.join("volumes/hdd").display())).trim(),
-        ""
-    );
+    assert_eq!(names_in(&d.mnt.join("volumes/hdd")), Vec::<String>::new());
     random_volume(&l.main, "late", 1);
-    let listing = ok(&format!("ls '{}'", d.mnt.join("volumes/hdd").display()));
-    assert_eq!(listing.trim(), "late");
-    // The backups pool serves no volumes.
-    assert!(!ok(&format!("ls '{}'", d.mnt.join("volumes/hdd").display())).contains("backups"));
+    assert_eq!(names_in(&d.mnt.join("volumes/hdd")), ["late"]);
     ok(&format!(
         "cmp '{}' '{}/volume-late'",
         d.volume("hdd", "late").display(),
         l.main.display()
     ));
+}
+
+#[test]
+fn target_pool_is_never_served_as_volumes_even_with_backups_stored() {
+    let mut sb = Sandbox::new("hidden");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    random_volume(&l.main, "in-main", 2);
+    random_volume(&l.gold, "in-gold", 2);
+    let d = sb.start_daemon(&l.config);
+    // Backups stored in backend hdd's target pool, of volumes of both backends.
+    let ids = [
+        d.backup("hdd", "in-main wait"),
+        d.backup("hdd", "in-gold wait"),
+        d.backup("hdd", "in-main wait"),
+    ];
+    assert!(
+        allocated_under(&l.backups) >= 6 << 20,
+        "the target pool holds the backups"
+    );
+    assert_eq!(names_in(&d.mnt.join("volumes/hdd")), ["in-main"]);
+    assert_eq!(names_in(&d.mnt.join("volumes/ssd")), ["in-gold"]);
+    for id in &ids {
+        assert_errno(
+            std::fs::metadata(d.volume("hdd", id)),
+            libc::ENOENT,
+            "a backup looked up as a volume",
+        );
+        assert_eq!(
+            d.request("hdd", id),
+            Some(libc::ENOENT),
+            "a backup's data requested as a volume"
+        );
+    }
+    // A new volume of backend hdd goes to its volume pool, never to the target's pool,
+    // though "backups" sorts before "main".
+    let stored_before = files_under(&l.backups);
+    ok(&format!(
+        "cp '{}' '{}'",
+        d.image("hdd", &ids[1]).display(),
+        d.volume("hdd", "restored").display()
+    ));
+    assert_eq!(names_in(&l.main), ["volume-in-main", "volume-restored"]);
+    assert_eq!(files_under(&l.backups), stored_before);
+    assert_eq!(
+        names_in(&d.mnt.join("volumes/hdd")),
+        ["in-main", "restored"]
+    );
 }
 
 #[test]

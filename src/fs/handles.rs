@@ -41,17 +41,44 @@ pub(super) struct VolumeHandle {
     pub backend: String,
     pub volume_id: String,
     pub writable: bool,
+    /// The process that opened the file: its close lets the volume go. (A child that
+    /// inherited the descriptor closes it too, at exec or exit: that is not the end.)
+    opener: u32,
     attached: Mutex<Option<Attached>>,
 }
 
+/// The process (thread group) of a thread the kernel names in a request.
+pub(super) fn process_of(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Tgid:"))
+                .and_then(|tgid| tgid.trim().parse().ok())
+        })
+        .unwrap_or(pid)
+}
+
 impl VolumeHandle {
-    pub(super) fn new(backend: &str, volume_id: &str, attached: Attached) -> VolumeHandle {
+    pub(super) fn new(
+        backend: &str,
+        volume_id: &str,
+        attached: Attached,
+        opener: u32,
+    ) -> VolumeHandle {
         VolumeHandle {
             backend: backend.to_string(),
             volume_id: volume_id.to_string(),
             writable: matches!(attached, Attached::Write(_)),
+            opener,
             attached: Mutex::new(Some(attached)),
         }
+    }
+
+    /// Whether a close by `process` is the opener's.
+    pub(super) fn closed_by_opener(&self, process: u32) -> bool {
+        process == self.opener
     }
 
     /// The attachment, attaching again if a close let it go.

@@ -19,7 +19,7 @@ use fuser::{
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use handles::{Attached, Handle, VolumeHandle};
+use handles::{Attached, Handle, VolumeHandle, process_of};
 use inodes::Inodes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -160,7 +160,14 @@ impl Core {
         }
     }
 
-    fn open_volume(&self, backend: &str, volume_id: &str, flags: OpenFlags, reply: ReplyOpen) {
+    fn open_volume(
+        &self,
+        backend: &str,
+        volume_id: &str,
+        flags: OpenFlags,
+        opener: u32,
+        reply: ReplyOpen,
+    ) {
         let result = match flags.acc_mode() {
             OpenAccMode::O_RDONLY => self
                 .engine
@@ -174,7 +181,7 @@ impl Core {
         match result {
             Ok(attached) => {
                 let fh = self.open_handle(Handle::Volume(VolumeHandle::new(
-                    backend, volume_id, attached,
+                    backend, volume_id, attached, opener,
                 )));
                 // Volumes change behind our back (a hypervisor may write them): no caching.
                 reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
@@ -479,7 +486,8 @@ impl Filesystem for BackupFs {
         reply.error(Errno::EPERM);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let pid = req.pid();
         guard("open", || {
             let core = &self.core;
             let node = match core.node(ino) {
@@ -539,7 +547,9 @@ impl Filesystem for BackupFs {
                 // Attaching can take long (a qcow2 export starts a process).
                 Node::Volume(b, v) => {
                     let (b, v) = (b.clone(), v.clone());
-                    self.slow("open", move |core| core.open_volume(&b, &v, flags, reply))
+                    self.slow("open", move |core| {
+                        core.open_volume(&b, &v, flags, process_of(pid), reply)
+                    })
                 }
                 _ => reply.error(Errno::EISDIR),
             }
@@ -651,7 +661,7 @@ impl Filesystem for BackupFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _lo: LockOwner,
@@ -663,12 +673,16 @@ impl Filesystem for BackupFs {
         if !matches!(handle.as_ref(), Handle::Volume(_)) {
             return reply.ok();
         }
-        // close(2) waits for this: once it returns, the volume is free (no lock, no
-        // export) for a hypervisor that starts right away.
+        let pid = req.pid();
+        // close(2) waits for this: once the opener's close returns, the volume is free
+        // (no lock, no export) for a hypervisor that starts right away.
         self.slow("flush", move |_| {
             let Handle::Volume(volume) = handle.as_ref() else {
                 return reply.ok();
             };
+            if !volume.closed_by_opener(process_of(pid)) {
+                return reply.ok();
+            }
             let synced = match volume.detach() {
                 Some(Attached::Write(writer)) => writer.sync(),
                 _ => Ok(()),
@@ -878,7 +892,7 @@ impl Filesystem for BackupFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
@@ -887,6 +901,7 @@ impl Filesystem for BackupFs {
         reply: ReplyCreate,
     ) {
         let name = name.to_owned();
+        let pid = req.pid();
         self.slow("create", move |core| {
             match core.create_volume(parent, &name) {
                 Ok((backend, volume_id, writer)) => {
@@ -898,6 +913,7 @@ impl Filesystem for BackupFs {
                                 &backend,
                                 &volume_id,
                                 Attached::Write(writer),
+                                process_of(pid),
                             )));
                             reply.created(
                                 &tree::ttl(&node),

@@ -159,9 +159,11 @@ pub fn latest_backup(records: &[Record], volume_id: &str) -> Option<String> {
     records
         .iter()
         .filter(|r| r.status == Status::Available && r.volume_id == volume_id)
-        .max_by(|a, b| {
-            (a.completed_at.as_deref(), &a.created_at)
-                .cmp(&(b.completed_at.as_deref(), &b.created_at))
+        .max_by_key(|r| {
+            (
+                r.completed_time(),
+                crate::target::record::parse_rfc3339(&r.created_at),
+            )
         })
         .map(|r| r.id.clone())
 }

@@ -113,31 +113,45 @@ pub fn is_backup_id(text: &str) -> bool {
     uuid::Uuid::try_parse(text).is_ok_and(|id| id.hyphenated().to_string() == text)
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` in UTC.
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC. Milliseconds, so that two backups made within one
+/// second are still told apart by when they completed (`latest.img` is the newest).
 pub fn rfc3339(time: SystemTime) -> String {
-    let secs = time
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs() as i64;
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let secs = since.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (year, month, day) = civil_from_days(days);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         rem / 3600,
         rem / 60 % 60,
-        rem % 60
+        rem % 60,
+        since.subsec_millis()
     )
 }
 
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction]Z`.
 pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let b = text.as_bytes();
-    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'Z' {
+    let (whole, fraction) = match text.strip_suffix('Z')?.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (text.strip_suffix('Z')?, None),
+    };
+    let b = whole.as_bytes();
+    if b.len() != 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| text.get(r)?.parse::<i64>().ok();
+    let num = |r: std::ops::Range<usize>| whole.get(r)?.parse::<i64>().ok();
     let days = days_from_civil(num(0..4)?, num(5..7)?, num(8..10)?);
     let secs = days * 86_400 + num(11..13)? * 3600 + num(14..16)? * 60 + num(17..19)?;
-    Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+    let mut time = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?);
+    if let Some(fraction) = fraction {
+        if fraction.is_empty() || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let digits = &fraction[..fraction.len().min(9)];
+        let nanos: u32 = format!("{digits:0<9}").parse().ok()?;
+        time += Duration::from_nanos(u64::from(nanos));
+    }
+    Some(time)
 }
 
 // Howard Hinnant's civil calendar algorithms.
@@ -170,11 +184,17 @@ mod tests {
 
     #[test]
     fn rfc3339_round_trips() {
-        let t = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_000_000_250);
         let text = rfc3339(t);
-        assert_eq!(text, "2026-11-18T11:06:40Z");
+        assert_eq!(text, "2026-11-18T11:06:40.250Z");
         assert_eq!(parse_rfc3339(&text), Some(t));
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            parse_rfc3339("2026-11-18T11:06:40Z"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
+            "records of earlier versions have whole seconds"
+        );
+        assert_eq!(parse_rfc3339("2026-11-18T11:06:40.Z"), None);
         assert_eq!(
             parse_rfc3339("2000-02-29T23:59:59Z"),
             Some(UNIX_EPOCH + Duration::from_secs(951_868_799))

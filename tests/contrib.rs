@@ -1,0 +1,403 @@
+//! The shipped ways to run backupfs, run for real: the systemd unit (its ExecStartPre,
+//! ExecStart, Environment, KillSignal, ExecStopPost and RestartPreventExitStatus lines,
+//! run as systemd runs them, with the installed paths mapped into the sandbox), and
+//! `mount.backupfs`, called exactly as mount(8) calls it and also through mount(8) itself
+//! (`mount -t backupfs` and an fstab line), installed as /sbin/mount.backupfs in a
+//! private mount namespace so that nothing outside the test sees it.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const UNIT: &str = include_str!("../contrib/backupfs.service");
+const HELPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/mount.backupfs");
+
+/// Where the README installs things, which the unit names.
+const INSTALLED_BIN: &str = "/usr/local/bin/backupfs";
+const INSTALLED_CONFIG: &str = "/etc/backupfs/backupfs.toml";
+const INSTALLED_MNT: &str = "/mnt/backupfs";
+
+/// The values of `key` in `section` of the unit, in order.
+fn unit_values(section: &str, key: &str) -> Vec<String> {
+    let mut current = "";
+    let mut values = Vec::new();
+    for line in UNIT.lines().map(str::trim) {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = name;
+        } else if current == section
+            && let Some((k, v)) = line.split_once('=')
+            && k.trim() == key
+        {
+            values.push(v.trim().to_string());
+        }
+    }
+    values
+}
+
+#[track_caller]
+fn unit_value(section: &str, key: &str) -> String {
+    let values = unit_values(section, key);
+    assert_eq!(
+        values.len(),
+        1,
+        "one {section}.{key} in the unit: {values:?}"
+    );
+    values[0].clone()
+}
+
+/// The unit run in a sandbox: the installed paths mapped to the sandbox's.
+struct UnitRun {
+    mnt: PathBuf,
+    config: PathBuf,
+}
+
+impl UnitRun {
+    /// An Exec line as systemd runs it: no shell, the unit's environment only, a leading
+    /// `-` means its failure is ignored. Paths mapped. Under `timeout` when `limit` is
+    /// given (the main process is bounded by the sandbox's watchdog instead).
+    fn command(&self, line: &str, limit: Option<Duration>) -> (Command, bool) {
+        let (line, may_fail) = match line.strip_prefix('-') {
+            Some(rest) => (rest, true),
+            None => (line, false),
+        };
+        let words: Vec<String> = line
+            .split_whitespace()
+            .map(|w| {
+                w.replace(INSTALLED_BIN, BIN)
+                    .replace(INSTALLED_CONFIG, self.config.to_str().unwrap())
+                    .replace(INSTALLED_MNT, self.mnt.to_str().unwrap())
+            })
+            .collect();
+        let mut command = match limit {
+            Some(limit) => timed(limit, &words[0]),
+            None => Command::new(&words[0]),
+        };
+        command
+            .args(&words[1..])
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .stdin(Stdio::null());
+        for environment in unit_values("Service", "Environment") {
+            let (key, value) = environment.split_once('=').expect("KEY=VALUE");
+            command.env(key, value.trim_matches('"'));
+        }
+        (command, may_fail)
+    }
+
+    /// Runs the Exec lines of `key` to their end, as systemd does for ExecStartPre and
+    /// ExecStopPost.
+    #[track_caller]
+    fn run_all(&self, key: &str) {
+        for line in unit_values("Service", key) {
+            let (mut command, may_fail) = self.command(&line, Some(Duration::from_secs(60)));
+            let out = command.output().unwrap();
+            assert!(out.status.success() || may_fail, "{key}={line}: {out:?}");
+        }
+    }
+
+    /// ExecStartPre, then ExecStart as the main process (Type=simple).
+    #[track_caller]
+    fn start(&self, sb: &mut Sandbox) -> Daemon {
+        assert_eq!(unit_value("Service", "Type"), "simple");
+        self.run_all("ExecStartPre");
+        let (command, _) = self.command(&unit_value("Service", "ExecStart"), None);
+        sb.start_daemon_command(command, &self.mnt, Path::new("/run/backupfs"))
+    }
+}
+
+fn signal_number(name: &str) -> libc::c_int {
+    match name {
+        "SIGTERM" => libc::SIGTERM,
+        "SIGINT" => libc::SIGINT,
+        "SIGHUP" => libc::SIGHUP,
+        "SIGQUIT" => libc::SIGQUIT,
+        other => panic!("KillSignal={other}: not a signal backupfs stops on"),
+    }
+}
+
+#[test]
+fn systemd_unit_starts_serves_stops_and_recovers_the_daemon() {
+    // The unit names the paths the README installs to.
+    let exec_start = unit_value("Service", "ExecStart");
+    for path in [INSTALLED_BIN, INSTALLED_CONFIG, INSTALLED_MNT] {
+        assert!(exec_start.contains(path), "ExecStart={exec_start}");
+    }
+    assert_eq!(
+        exec_start,
+        format!("{INSTALLED_BIN} mount {INSTALLED_MNT} --config {INSTALLED_CONFIG}")
+    );
+
+    let mut sb = Sandbox::new("unit");
+    let l = layout(&mut sb, None, None, "");
+    let source = random_volume(&l.gold, "v", 2);
+    let run = UnitRun {
+        mnt: sb.path("unit-mnt"),
+        config: l.config.clone(),
+    };
+    assert!(!run.mnt.exists());
+
+    // systemctl start: ExecStartPre makes the mountpoint, ExecStart serves it.
+    let mut d = run.start(&mut sb);
+    let id = d.backup("hdd", "v wait");
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        source.display()
+    ));
+    assert!(
+        d.log().contains("backupfs mounted"),
+        "the unit's BACKUPFS_LOG filter keeps info lines:\n{}",
+        d.log()
+    );
+    // systemctl stop: KillSignal, then the main process must exit successfully (no
+    // restart), and ExecStopPost runs (its failure to find a mount is ignored).
+    d.signal(signal_number(&unit_value("Service", "KillSignal")));
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(0), "log:\n{}", d.log());
+    assert!(!is_fuse_mount(&run.mnt));
+    run.run_all("ExecStopPost");
+    drop(d);
+
+    // A crash (the unit restarts on failure): ExecStopPost clears the dead mount, and the
+    // restarted daemon serves the same backups.
+    assert_eq!(unit_value("Service", "Restart"), "on-failure");
+    let d = run.start(&mut sb);
+    d.crash();
+    assert_errno(
+        std::fs::read_dir(&run.mnt),
+        libc::ENOTCONN,
+        "the mount of a killed daemon",
+    );
+    run.run_all("ExecStopPost");
+    assert!(
+        !is_fuse_mount(&run.mnt),
+        "ExecStopPost detached the dead mount"
+    );
+    let mut d = run.start(&mut sb);
+    assert_eq!(d.record("hdd", &id)["status"], "available");
+    d.signal(signal_number(&unit_value("Service", "KillSignal")));
+    assert_eq!(d.wait_exit().code(), Some(0));
+    run.run_all("ExecStopPost");
+    drop(d);
+
+    // A configuration error ends with a status the unit does not restart on.
+    std::fs::write(&run.config, "max_paralel_jobs = 2\n").unwrap();
+    run.run_all("ExecStartPre");
+    let (mut command, _) = run.command(&exec_start, Some(Duration::from_secs(60)));
+    let out = command.output().unwrap();
+    let prevent = unit_value("Service", "RestartPreventExitStatus");
+    let code = out.status.code().expect("an exit status").to_string();
+    assert!(
+        prevent.split_whitespace().any(|c| c == code),
+        "exit status {code} is not in RestartPreventExitStatus={prevent}: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_paralel_jobs"),
+        "{out:?}"
+    );
+    assert!(!is_fuse_mount(&run.mnt));
+}
+
+/// `mount.backupfs <config> <mountpoint> -o <options>`, as mount(8) runs it.
+fn helper(sb: &Sandbox, args: &[&str], cwd: &Path) -> Output {
+    timed(Duration::from_secs(90), HELPER)
+        .args(args)
+        .current_dir(cwd)
+        .env("BACKUPFS", BIN)
+        .env("BACKUPFS_MOUNT_LOG", sb.path("mount.log"))
+        .env("BACKUPFS_MOUNT_WAIT", "60")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The backupfs processes serving `mnt` (the helper detaches them from the test).
+fn daemons_of(mnt: &Path) -> Vec<i32> {
+    processes_under(mnt)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == Path::new(BIN))
+        })
+        .collect()
+}
+
+#[test]
+fn mount_helper_starts_the_daemon_in_the_background_and_umount_stops_it() {
+    let mut sb = Sandbox::new("helper");
+    let l = layout(&mut sb, None, None, "");
+    random_volume(&l.gold, "v", 2);
+    let mnt = sb.mkdir("mnt");
+    let (config, mnt_arg) = (l.config.to_str().unwrap(), mnt.to_str().unwrap());
+
+    // -f (fake) checks and mounts nothing.
+    let out = helper(&sb, &[config, mnt_arg, "-f", "-o", "rw"], &sb.dir);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!is_fuse_mount(&mnt));
+
+    // It returns once the mount is there; mount options are accepted and ignored.
+    let out = helper(&sb, &[config, mnt_arg, "-o", "rw,noatime,_netdev"], &sb.dir);
+    assert!(out.status.success(), "{out:?}");
+    assert!(is_fuse_mount(&mnt), "mounted when the helper returns");
+    let daemons = daemons_of(&mnt);
+    assert_eq!(
+        daemons.len(),
+        1,
+        "one daemon in the background: {daemons:?}"
+    );
+    assert_eq!(
+        names_in(&mnt.join("backups/hdd")),
+        ["by-volume", "jobs", "request", "verify"]
+    );
+    assert_eq!(
+        write_errno(&mnt.join("backups/hdd/request"), b"v wait\n"),
+        None
+    );
+    let log = std::fs::read_to_string(sb.path("mount.log")).unwrap();
+    assert!(
+        log.contains("backupfs mounted"),
+        "the daemon logs there:\n{log}"
+    );
+
+    // A second mount of the same mountpoint is refused with mount(8)'s failure status.
+    let out = helper(&sb, &[config, mnt_arg, "-o", "rw"], &sb.dir);
+    assert_eq!(out.status.code(), Some(32), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already mounted"),
+        "{out:?}"
+    );
+    assert_eq!(daemons_of(&mnt), daemons);
+
+    // umount stops the daemon.
+    ok(&format!("umount '{}'", mnt.display()));
+    wait_for(
+        || daemons_of(&mnt).is_empty(),
+        "the daemon to exit after umount",
+    );
+    assert!(!is_fuse_mount(&mnt));
+    let log = std::fs::read_to_string(sb.path("mount.log")).unwrap();
+    assert!(log.contains("backupfs stopped"), "{log}");
+
+    // A configuration given relative to the current directory works too.
+    let out = helper(&sb, &["backupfs.toml", mnt_arg, "-o", "rw"], &sb.dir);
+    assert!(out.status.success(), "{out:?}");
+    assert!(is_fuse_mount(&mnt));
+    assert_eq!(names_in(&mnt.join("volumes/ssd")), ["v"]);
+    ok(&format!("umount '{}'", mnt.display()));
+    wait_for(
+        || daemons_of(&mnt).is_empty(),
+        "the daemon to exit after umount",
+    );
+
+    // A bad configuration fails at once, naming the key, and starts nothing.
+    std::fs::write(&l.config, "max_paralel_jobs = 2\n").unwrap();
+    let out = helper(&sb, &[config, mnt_arg, "-o", "rw"], &sb.dir);
+    assert_eq!(out.status.code(), Some(32), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_paralel_jobs"),
+        "{out:?}"
+    );
+    assert!(!is_fuse_mount(&mnt));
+    assert_eq!(daemons_of(&mnt), Vec::<i32>::new());
+}
+
+#[test]
+fn mount_t_backupfs_and_an_fstab_line_run_the_installed_helper() {
+    let installed_before = Path::new("/sbin/mount.backupfs").exists();
+    let mut sb = Sandbox::new("mount-t");
+    let l = layout(&mut sb, None, None, "");
+    random_volume(&l.gold, "v", 2);
+    let mnt = sb.mkdir("mnt");
+    let (upper, work) = (sb.mkdir("sbin-upper"), sb.mkdir("sbin-work"));
+    let fstab = sb.path("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "{} {} backupfs defaults 0 0\n",
+            l.config.display(),
+            mnt.display()
+        ),
+    )
+    .unwrap();
+    // In a mount namespace of its own, /sbin gets mount.backupfs (an overlay): mount(8)
+    // finds it there as it would after `install -m 755 contrib/mount.backupfs /sbin/`.
+    // The mount is checked from inside; the daemon's end is checked from here.
+    let script = format!(
+        r#"set -eu
+sbin=$(readlink -f /sbin)
+mount -t overlay overlay -o lowerdir="$sbin",upperdir='{upper}',workdir='{work}' "$sbin"
+install -m 755 '{helper}' /sbin/mount.backupfs
+live() {{ grep -q " {mnt} fuse" /proc/self/mounts && [ -d '{mnt}/backups' ]; }}
+# After umount the daemon takes a moment to exit and free its locks (README).
+serving() {{
+    for p in /proc/[0-9]*; do
+        [ "$(readlink "$p/exe" 2>/dev/null)" = '{bin}' ] && grep -qF '{mnt}' "$p/cmdline" 2>/dev/null && return 0
+    done
+    return 1
+}}
+gone() {{ for i in $(seq 600); do serving || return 0; sleep 0.1; done; return 1; }}
+export BACKUPFS='{bin}' BACKUPFS_MOUNT_LOG='{log}' BACKUPFS_MOUNT_WAIT=60
+
+mount -t backupfs '{config}' '{mnt}'
+live
+echo "v wait" > '{mnt}/backups/hdd/request'
+ls '{mnt}/backups/hdd' | grep -c '\.img$'
+umount '{mnt}'
+! live
+gone
+
+mount -T '{fstab}' '{mnt}'
+live
+ls '{mnt}/volumes/ssd'
+umount '{mnt}'
+! live
+gone
+"#,
+        upper = upper.display(),
+        work = work.display(),
+        helper = HELPER,
+        mnt = mnt.display(),
+        bin = BIN,
+        log = sb.path("mount.log").display(),
+        config = l.config.display(),
+        fstab = fstab.display(),
+    );
+    let out = timed(Duration::from_secs(180), "unshare")
+        .args(["-m", "--propagation", "private", "bash", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\nstdout: {}\nstderr: {}\nlog:\n{}",
+        describe(out.status),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(sb.path("mount.log")).unwrap_or_default()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["1", "v"]
+    );
+    wait_for(
+        || daemons_of(&mnt).is_empty(),
+        "both daemons to exit after umount",
+    );
+    let log = std::fs::read_to_string(sb.path("mount.log")).unwrap();
+    assert_eq!(log.matches("backupfs stopped").count(), 2, "{log}");
+    assert_eq!(
+        Path::new("/sbin/mount.backupfs").exists(),
+        installed_before,
+        "the helper was installed in the test's namespace only"
+    );
+}
