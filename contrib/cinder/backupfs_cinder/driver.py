@@ -106,7 +106,9 @@ class BackupfsBackupDriver(driver.BackupDriver):
 
         backupfs reads the volume from its own pool: ``volume_file``, the
         device Cinder attached, is not read. An in-use volume is copied from
-        a snapshot backupfs makes itself. With ``backup.parent_id`` set
+        a snapshot backupfs makes itself; Cinder's temporary snapshot for the
+        backup (an overlay file) leaves ``volume-<id>`` as it was when it was
+        taken, which is what is copied. With ``backup.parent_id`` set
         (Cinder's incremental backup) backupfs is asked for an incremental
         one; every backupfs backup is still a whole image.
         """
@@ -120,6 +122,17 @@ class BackupfsBackupDriver(driver.BackupDriver):
                 'volume %s is named %s: backupfs finds a volume only as '
                 'volume-<id> (volume_name_template = volume-%%s)'
                 % (volume.id, volume.name))
+        snapshots = [snapshot.id for snapshot in
+                     objects.SnapshotList.get_all_for_volume(self.context,
+                                                             volume.id)
+                     if snapshot.id != backup.temp_snapshot_id]
+        if snapshots:
+            # A RemoteFS snapshot is an overlay file: what was written since
+            # is in volume-<id>.<snapshot-id>, and volume-<id> is stale.
+            raise exception.NotSupported(
+                'volume %s has Cinder snapshots (%s): its newer data is in '
+                'their overlay files, which backupfs does not read; back it '
+                'up once they are deleted' % (volume.id, ', '.join(snapshots)))
         target = self._target(backup)
         _native(self.mount.check_target, target)
         backup.container = target

@@ -98,7 +98,15 @@ class Mount:
         if incremental:
             words.append('incremental')
         line = ' '.join(words)
-        fd = os.open(self._path('backups', target, 'request'), os.O_RDWR)
+        try:
+            fd = os.open(self._path('backups', target, 'request'), os.O_RDWR)
+        except OSError as e:
+            hint = ''
+            if e.errno in (errno.EACCES, errno.EPERM):
+                hint = ': request is root\'s only, run cinder-backup as root'
+            raise exception.BackupfsError(
+                'opening the request of target %s failed (%s)%s'
+                % (target, e.strerror, hint), e.errno) from None
         try:
             try:
                 written = os.write(fd, (line + '\n').encode())

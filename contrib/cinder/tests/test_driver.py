@@ -12,6 +12,7 @@ import uuid
 from cinder import exception as cinder_exception
 from cinder import objects
 from cinder.objects import fields
+from cinder.tests.unit import utils as test_utils
 
 from backupfs_cinder import driver
 from backupfs_cinder import exception
@@ -240,6 +241,19 @@ class FailureTest(base.BackupfsTestCase):
         with open(path, 'rb') as f:
             self.assertEqual(pieces[0][:4 * MiB], f.read(4 * MiB))
             self.assertEqual(b'', f.read().strip(b'\0'))
+
+    def test_a_volume_with_cinder_snapshots_is_refused(self):
+        volume = self.create_volume(base.random_pieces((0, MiB)))
+        snapshot = test_utils.create_snapshot(self.ctxt, volume.id)
+        backup = self.create_backup(volume)
+        e = self.assertRaises(exception.NotSupported, self.driver.backup,
+                              backup, None)
+        self.assertIn('volume %s has Cinder snapshots (%s)'
+                      % (volume.id, snapshot.id), str(e))
+        # Cinder's own temporary snapshot for this backup is no obstacle.
+        backup = self.create_backup(volume, temp_snapshot_id=snapshot.id)
+        self.driver.backup(backup, None)
+        self.assertEqual('available', self.record(backup)['status'])
 
     def test_a_backup_of_a_snapshot_is_refused(self):
         volume = self.create_volume(base.random_pieces((0, MiB)))
