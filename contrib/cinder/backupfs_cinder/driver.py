@@ -68,6 +68,7 @@ def _native(func, *args):
 
 
 def _write_at(volume_file, offset, data):
+    """Writes all of ``data`` at ``offset`` (raw files may take part)."""
     volume_file.seek(offset)
     while data:
         data = data[volume_file.write(data):]

@@ -242,6 +242,19 @@ class FailureTest(base.BackupfsTestCase):
             self.assertEqual(pieces[0][:4 * MiB], f.read(4 * MiB))
             self.assertEqual(b'', f.read().strip(b'\0'))
 
+    def test_metadata_too_large_to_keep_fails_the_backup_and_removes_it(self):
+        # Linux keeps at most 64 KiB in one extended attribute.
+        metadata = {'key%03d' % i: 'v' * 255 for i in range(300)}
+        volume = self.create_volume(base.random_pieces((0, MiB)),
+                                    metadata=metadata)
+        backup = self.create_backup(volume)
+        e = self.assertRaises(exception.MetadataNotStored,
+                              self.driver.backup, backup, None)
+        self.assertIn('keeping %s on backup %s on target t failed'
+                      % (driver.METADATA_XATTR, backup.service_metadata),
+                      str(e))
+        self.assertIsNone(self.record(backup))
+
     def test_a_volume_with_cinder_snapshots_is_refused(self):
         volume = self.create_volume(base.random_pieces((0, MiB)))
         snapshot = test_utils.create_snapshot(self.ctxt, volume.id)
