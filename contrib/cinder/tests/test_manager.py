@@ -5,7 +5,8 @@ Cinder's test_backup.py drives it. What runs elsewhere in a real Cinder, the
 volume service behind RPC, is replaced by its answers: the backup device is
 the volume itself, and ``initialize_connection`` hands out the volume's file
 through os-brick's ``local`` connector, as an NFS-style volume driver would.
-Everything on the backup side is Cinder's own code.
+So are this host's connector properties, which os-brick gathers with
+privileged commands. The rest of the backup side is Cinder's own code.
 """
 
 import os
