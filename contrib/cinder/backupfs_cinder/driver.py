@@ -67,11 +67,52 @@ def _native(func, *args):
     return tpool.execute(func, *args)
 
 
-def _write_at(volume_file, offset, data):
-    """Writes all of ``data`` at ``offset`` (raw files may take part)."""
-    volume_file.seek(offset)
+class _FileDescriptorVolume:
+    """A volume attached as an OS file: the kernel copies into it."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def copy(self, image, offset, length):
+        return _native(image.send_into, self.fd, offset, length)
+
+    def write(self, offset, data):
+        _native(_pwrite_all, self.fd, data, offset)
+
+
+class _FileObjectVolume:
+    """A volume given as a file object without a descriptor (as RBD's)."""
+
+    def __init__(self, volume_file):
+        self.file = volume_file
+        self.buffer = memoryview(bytearray(COPY_CHUNK))
+
+    def copy(self, image, offset, length):
+        got = _native(image.read_into, self.buffer[:length], offset)
+        self.write(offset, self.buffer[:got])
+        return got
+
+    def write(self, offset, data):
+        self.file.seek(offset)
+        while data:
+            data = data[self.file.write(data):]
+
+
+def _attached_volume(volume_file):
+    """The way to write into the volume Cinder attached."""
+    try:
+        fd = volume_file.fileno()
+    except (OSError, AttributeError):
+        return _FileObjectVolume(volume_file)
+    # What the file object holds must land before the raw writes do.
+    volume_file.flush()
+    return _FileDescriptorVolume(fd)
+
+
+def _pwrite_all(fd, data, offset):
     while data:
-        data = data[volume_file.write(data):]
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 @interface.backupdriver
@@ -176,8 +217,9 @@ class BackupfsBackupDriver(driver.BackupDriver):
 
         A new volume reads as zeros, so the image's holes are skipped, as
         Cinder's chunked drivers do; an existing volume gets zeros written
-        there. Damaged data is never written: the read fails first
-        (DamagedBackup) and the restore stops.
+        there. Where the volume is an OS file (a file, a block device), the
+        kernel copies the data (sendfile). Damaged data is never written: its
+        read fails first (DamagedBackup) and the restore stops.
         """
         target, backupfs_id = self._location(backup)
         self._check_not_cancelled(backup, volume_id)
@@ -205,7 +247,7 @@ class BackupfsBackupDriver(driver.BackupDriver):
             offset = data_end
 
     def _copy(self, image, backup, volume_id, volume_file, volume_is_new):
-        buffer = memoryview(bytearray(COPY_CHUNK))
+        volume = _attached_volume(volume_file)
         zeros = None if volume_is_new else memoryview(bytes(COPY_CHUNK))
         next_check = CANCEL_CHECK_BYTES
         for offset, length, is_data in self._pieces(image):
@@ -213,15 +255,14 @@ class BackupfsBackupDriver(driver.BackupDriver):
                 self._check_not_cancelled(backup, volume_id)
                 next_check = offset + CANCEL_CHECK_BYTES
             if is_data:
-                got = _native(image.read_into, buffer[:length], offset)
+                got = volume.copy(image, offset, length)
                 if got < length:
                     raise exception.BackupfsError(
                         'backup %s on target %s ends at byte %d, before its '
                         'size %d' % (image.backup_id, image.target,
                                      offset + got, image.size))
-                _write_at(volume_file, offset, buffer[:length])
             elif zeros is not None:
-                _write_at(volume_file, offset, zeros[:length])
+                volume.write(offset, zeros[:length])
 
     def _check_not_cancelled(self, backup, volume_id):
         """Raises BackupRestoreCancel once the backup leaves 'restoring'."""

@@ -334,6 +334,28 @@ class Image:
             done += n
         return done
 
+    def send_into(self, out_fd, offset, length):
+        """Copies ``length`` bytes at ``offset`` to the same offset of
+        ``out_fd`` inside the kernel (sendfile); the count, short only at the
+        end. A read that fails raises as in read_into; a failed write of
+        ``out_fd`` raises its OSError.
+        """
+        os.lseek(out_fd, offset, os.SEEK_SET)
+        done = 0
+        while done < length:
+            try:
+                n = os.sendfile(out_fd, self._fd, offset + done, length - done)
+            except OSError as e:
+                # The errno does not say which side failed: reading again
+                # does.
+                self.read_into(memoryview(bytearray(length - done)),
+                               offset + done)
+                raise e
+            if n == 0:
+                break
+            done += n
+        return done
+
     def _read_error(self, error, offset):
         if error.errno == errno.EIO:
             return exception.DamagedBackup(
