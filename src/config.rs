@@ -211,6 +211,14 @@ impl Config {
             })?;
             let pool_key = format!("backends.{}.pools.{}", target.backend, target.pool);
             let place = Place::of(pool_key.clone(), dir)?;
+            // A pool holding anything backupfs did not make is never a target: backups
+            // there would sit among (and be mistaken for) someone else's files.
+            crate::target::claim::inspect(&place.path, name).map_err(|e| {
+                invalid(
+                    format!("{key}.pool"),
+                    format!("{pool_key} ({}) {e}", place.path.display()),
+                )
+            })?;
             if let Some((other, _)) = target_pools.iter().find(|(_, p)| p.overlaps(&place)) {
                 return Err(invalid(
                     format!("{key}.pool"),
@@ -226,6 +234,26 @@ impl Config {
                     continue;
                 }
                 let place = Place::of(format!("backends.{name}.pools.{pool}"), dir)?;
+                match crate::target::claim::read_marker(&place.path) {
+                    Ok(None) => {}
+                    Ok(Some(marker)) => {
+                        return Err(invalid(
+                            place.key.clone(),
+                            format!(
+                                "{} holds the backups of target {:?} (claim marker {}): backups never serve as volumes; name it as that target's pool, or give the volumes another directory",
+                                place.path.display(),
+                                marker.target,
+                                crate::target::claim::MARKER
+                            ),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(invalid(
+                            place.key.clone(),
+                            format!("{} {e}", place.path.display()),
+                        ));
+                    }
+                }
                 for (target, backup_place) in &target_pools {
                     if place.overlaps(backup_place) {
                         return Err(invalid(

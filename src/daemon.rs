@@ -38,6 +38,19 @@ fn stop_signal_set() -> libc::sigset_t {
     }
 }
 
+impl DaemonError {
+    /// A start refused because of the configuration (a target pool that is not ours): the
+    /// same exit status as a configuration error.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            DaemonError::Engine(EngineError::Target(
+                crate::target::TargetError::Claim { .. }
+            ))
+        )
+    }
+}
+
 /// Blocks the stop signals in the calling thread; threads spawned afterwards inherit the
 /// mask, so only `sigtimedwait` below ever sees them.
 pub fn block_stop_signals() -> Result<(), DaemonError> {
@@ -129,7 +142,8 @@ pub fn serve(config: Config, mountpoint: &Path) -> Result<(), DaemonError> {
     };
     options.n_threads = Some(4);
     options.clone_fd = true;
-    let session = match fuser::Session::new(BackupFs::new(engine.clone()), mountpoint, &options)
+    let session = match BackupFs::new(engine.clone())
+        .and_then(|fs| fuser::Session::new(fs, mountpoint, &options))
         .and_then(|s| s.spawn())
     {
         Ok(session) => session,

@@ -24,7 +24,7 @@ fn backup_with_wait_gives_an_image_identical_to_the_source() {
         d.image("hdd", &id).display(),
         source.display()
     ));
-    // Once every block was found good, later opens read straight from the backing file.
+    // Read again from storage (caches dropped): checked again on the way out.
     ok(&format!(
         "sync; echo 3 > /proc/sys/vm/drop_caches; cmp '{}' '{}'",
         d.image("hdd", &id).display(),
@@ -387,7 +387,7 @@ fn rm_deletes_backups_and_failed_records_only() {
     let left = ok(&format!("ls -A '{}'", l.backups.display()));
     assert_eq!(
         left.trim(),
-        ".backupfs.lock",
+        ".backupfs-target\n.backupfs.lock",
         "data, checksums and record are gone"
     );
 }

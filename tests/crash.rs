@@ -55,7 +55,7 @@ fn kill9_mid_copy_leaves_nothing_half_made_and_restart_records_the_error() {
     assert!(!d.image("hdd", &id).exists());
     let pool = ok(&format!("ls -A '{}'", l.backups.display()));
     assert!(
-        !pool.contains(&format!("volume-{id}")),
+        !pool.contains(&format!("backup-{id}.img")),
         "partial data left: {pool}"
     );
     let gold = ok(&format!("ls -A '{}'", l.gold.display()));
@@ -102,7 +102,7 @@ fn sigterm_with_an_open_image_and_a_running_job_stops_cleanly() {
     assert!(!is_fuse_mount(&mnt), "the mount must be gone");
     let left = ok(&format!("ls -A '{}'", l.backups.display()));
     assert!(
-        !left.contains(&format!("volume-{id}")),
+        !left.contains(&format!("backup-{id}.img")),
         "partial data left: {left}"
     );
     let record = std::fs::read_to_string(l.backups.join(format!("backup-{id}.json"))).unwrap();
@@ -174,7 +174,7 @@ fn restart_keeps_the_data_of_a_record_it_cannot_read_and_removes_temporaries() {
     std::fs::write(&leftover, b"half a record").unwrap();
     let d = sb.start_daemon(&l.config);
     assert!(
-        l.backups.join(format!("volume-{id}")).exists(),
+        l.backups.join(format!("backup-{id}.img")).exists(),
         "{}",
         d.log()
     );

@@ -227,7 +227,7 @@ fn backup_of_a_qcow2_volume_is_its_raw_contents_with_holes_kept() {
     assert_eq!(record["backend"], "qc");
     assert_eq!(record["snapshot_used"], false);
     qcow2_compare(&volume, &image);
-    let stored = l.backups.join(format!("volume-{id}"));
+    let stored = l.backups.join(format!("backup-{id}.img"));
     assert_eq!(std::fs::metadata(&stored).unwrap().len(), 1 << 30);
     assert!(
         allocated(&stored) < 8 << 20,
@@ -429,7 +429,7 @@ fn backups_can_be_stored_as_qcow2_images() {
     let d = sb.start_daemon(&l.config);
 
     let id = d.backup("q", "src wait");
-    let stored = l.qbackups.join(format!("volume-{id}"));
+    let stored = l.qbackups.join(format!("backup-{id}.img"));
     let info: serde_json::Value = serde_json::from_str(&ok(&format!(
         "qemu-img info --output=json '{}'",
         stored.display()
@@ -461,7 +461,7 @@ fn backups_can_be_stored_as_qcow2_images() {
     ok(&format!(
         "qemu-img compare -f qcow2 -F qcow2 '{}' '{}'",
         qvolume.display(),
-        l.qbackups.join(format!("volume-{qid}")).display()
+        l.qbackups.join(format!("backup-{qid}.img")).display()
     ));
 
     ok(&format!("rm '{}'", image.display()));

@@ -18,7 +18,7 @@ fn assert_cleaned_up(d: &Daemon, l: &Layout, id: &str, source: &Path, before: &s
     assert!(!d.image("hdd", id).exists());
     let pool = ok(&format!("ls -A '{}'", l.backups.display()));
     assert!(
-        !pool.contains(&format!("volume-{id}")),
+        !pool.contains(&format!("backup-{id}.img")),
         "partial data left: {pool}"
     );
     assert!(!pool.contains(".tmp"), "temporary files left: {pool}");
@@ -306,7 +306,7 @@ fn damaged_backup_data_reads_as_eio_and_verify_names_the_blocks() {
     assert_eq!(answer.trim(), format!("ok {id}"));
     assert!(d.record("hdd", &id)["verified_at"].is_string());
     // Flip bytes in block 5 of the stored data, behind the daemon's back.
-    let data = l.backups.join(format!("volume-{id}"));
+    let data = l.backups.join(format!("backup-{id}.img"));
     ok(&format!(
         "printf '\\xde\\xad' | dd of='{}' bs=1 seek=$((5*1048576+1234)) conv=notrunc status=none && sync && echo 3 > /proc/sys/vm/drop_caches",
         data.display()

@@ -1,76 +1,98 @@
 //! Reading a backup image back, with its checksums: every block is checked against the
-//! record's checksum the first time it is read (`verify_reads`), and `verify` checks a
-//! whole image. A damaged block is never handed out: the read fails with EIO.
+//! record's checksum each time it leaves the backing store (`verify_reads`), so data that
+//! rotted on disk after an earlier good read is still caught. A damaged block is never
+//! handed out: the read fails with EIO. Checked blocks may be served again from memory
+//! (a small cache here, and the kernel's page cache of the image), never unchecked bytes.
 
-use super::{EngineError, Result};
-use crate::copy::{CHECKSUM_BLOCK, block_sum};
+use super::error::{EngineError, Result};
+use crate::copy::{CHECKSUM_BLOCK, Progress, block_sum};
 use crate::volume::Attachment;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::error;
 
-/// What is known about one backup's blocks, shared by every open of its image.
-pub(super) struct ImageState {
-    /// One per CHECKSUM_BLOCK; empty when the record has none (verification is skipped).
-    sums: Vec<u64>,
-    /// A bit per block that has been read and found good.
-    verified: Vec<AtomicU64>,
-}
+/// Checksum lists kept in memory, most recently used first: bounded, so a daemon that
+/// serves thousands of backups over months does not keep them all.
+const SUMS_CACHED: usize = 64;
+/// Checked 1 MiB blocks kept for reads that cover a block in part (a filesystem inside an
+/// image reads 4 KiB at a time): each such block is read and checked once, not per piece.
+const BLOCKS_CACHED: usize = 16;
 
-impl ImageState {
-    pub(super) fn new(sums: Vec<u64>) -> ImageState {
-        let words = sums.len().div_ceil(64);
-        ImageState {
-            sums,
-            verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    fn is_verified(&self, block: usize) -> bool {
-        self.verified[block / 64].load(Ordering::Relaxed) & (1 << (block % 64)) != 0
-    }
-
-    fn set_verified(&self, block: usize, good: bool) {
-        let bit = 1 << (block % 64);
-        if good {
-            self.verified[block / 64].fetch_or(bit, Ordering::Relaxed);
-        } else {
-            self.verified[block / 64].fetch_and(!bit, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Per-backup image states, so a block checked once is not checked again.
+/// The checksums of recently opened backups.
 #[derive(Default)]
-pub(super) struct ImageCache {
-    states: Mutex<HashMap<String, Arc<ImageState>>>,
+pub(super) struct SumsCache {
+    entries: Mutex<VecDeque<(String, Arc<Vec<u64>>)>>,
 }
 
-impl ImageCache {
+impl SumsCache {
     pub(super) fn get(
         &self,
         backup_id: &str,
         load: impl FnOnce() -> Result<Vec<u64>>,
-    ) -> Result<Arc<ImageState>> {
-        if let Some(state) = self.states.lock().get(backup_id) {
-            return Ok(state.clone());
+    ) -> Result<Arc<Vec<u64>>> {
+        {
+            let mut entries = self.entries.lock();
+            if let Some(at) = entries.iter().position(|(id, _)| id == backup_id) {
+                let entry = entries.remove(at).expect("position is in range");
+                let sums = entry.1.clone();
+                entries.push_front(entry);
+                return Ok(sums);
+            }
         }
-        let state = Arc::new(ImageState::new(load()?));
-        Ok(self
-            .states
-            .lock()
-            .entry(backup_id.to_string())
-            .or_insert(state)
-            .clone())
+        let sums = Arc::new(load()?);
+        let mut entries = self.entries.lock();
+        entries.retain(|(id, _)| id != backup_id);
+        entries.push_front((backup_id.to_string(), sums.clone()));
+        entries.truncate(SUMS_CACHED);
+        Ok(sums)
     }
 
     pub(super) fn forget(&self, backup_id: &str) {
-        self.states.lock().remove(backup_id);
+        self.entries.lock().retain(|(id, _)| id != backup_id);
+        // Checked blocks of a deleted backup are of no use to anyone.
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+}
+
+/// (backup id, block number) and the block's checked bytes.
+type CachedBlock = ((String, u64), Arc<Vec<u8>>);
+
+/// Whole blocks that were read and found good, most recently used first.
+#[derive(Default)]
+pub(super) struct BlockCache {
+    blocks: Mutex<VecDeque<CachedBlock>>,
+}
+
+impl BlockCache {
+    fn get(&self, backup_id: &str, block: u64) -> Option<Arc<Vec<u8>>> {
+        let mut blocks = self.blocks.lock();
+        let at = blocks
+            .iter()
+            .position(|((id, b), _)| *b == block && id == backup_id)?;
+        let entry = blocks.remove(at)?;
+        let data = entry.1.clone();
+        blocks.push_front(entry);
+        Some(data)
+    }
+
+    fn put(&self, backup_id: &str, block: u64, data: Arc<Vec<u8>>) {
+        let mut blocks = self.blocks.lock();
+        blocks.retain(|((id, b), _)| !(*b == block && id == backup_id));
+        blocks.push_front(((backup_id.to_string(), block), data));
+        blocks.truncate(BLOCKS_CACHED);
+    }
+
+    pub(super) fn forget(&self, backup_id: &str) {
+        self.blocks.lock().retain(|((id, _), _)| id != backup_id);
     }
 }
 
@@ -79,11 +101,13 @@ pub struct Image {
     pub backup_id: String,
     pub size: u64,
     attachment: Attachment,
-    state: Arc<ImageState>,
+    /// One per CHECKSUM_BLOCK; empty when the record has none (nothing to check against).
+    sums: Arc<Vec<u64>>,
     verify: bool,
+    blocks: Arc<BlockCache>,
 }
 
-/// True when `[offset, offset+len)` of the file is all hole.
+/// True when `[offset, offset+len)` of the file is all hole (it reads as zeros).
 fn is_hole(file: &File, offset: u64, len: u64) -> bool {
     // SAFETY: lseek on a descriptor we borrow.
     let next = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
@@ -99,16 +123,18 @@ impl Image {
         backup_id: &str,
         size: u64,
         attachment: Attachment,
-        state: Arc<ImageState>,
+        sums: Arc<Vec<u64>>,
         verify: bool,
+        blocks: Arc<BlockCache>,
     ) -> Image {
-        let verify = verify && !state.sums.is_empty();
+        let verify = verify && !sums.is_empty();
         Image {
             backup_id: backup_id.to_string(),
             size,
             attachment,
-            state,
+            sums,
             verify,
+            blocks,
         }
     }
 
@@ -116,148 +142,155 @@ impl Image {
         &self.attachment.file
     }
 
-    fn block_len(&self, block: usize) -> u64 {
-        let start = block as u64 * CHECKSUM_BLOCK;
-        CHECKSUM_BLOCK.min(self.size.saturating_sub(start))
+    pub fn has_checksums(&self) -> bool {
+        !self.sums.is_empty()
     }
 
-    /// Checks one block against its checksum; true if good.
-    fn check_block(&self, block: usize, buf: &mut Vec<u8>) -> Result<bool> {
-        let start = block as u64 * CHECKSUM_BLOCK;
-        let len = self.block_len(block);
-        let expected = self.state.sums[block];
-        let actual = if is_hole(self.file(), start, len) {
-            0
-        } else {
-            buf.resize(len as usize, 0);
-            self.file()
-                .read_exact_at(buf, start)
-                .map_err(|source| EngineError::Io {
-                    op: format!("read backup {} block {block}", self.backup_id),
-                    source,
-                })?;
-            block_sum(buf)
-        };
-        Ok(actual == expected)
+    fn block_range(&self, block: u64) -> (u64, u64) {
+        let start = block * CHECKSUM_BLOCK;
+        (start, (start + CHECKSUM_BLOCK).min(self.size))
     }
 
-    /// Verifies the not yet verified blocks covering `[offset, offset+len)`.
-    pub fn verify_range(&self, offset: u64, len: u64) -> Result<()> {
-        if !self.verify || len == 0 || offset >= self.size {
-            return Ok(());
-        }
-        let first = (offset / CHECKSUM_BLOCK) as usize;
-        let last = ((offset + len - 1).min(self.size - 1) / CHECKSUM_BLOCK) as usize;
-        let mut buf = Vec::new();
-        for block in first..=last.min(self.state.sums.len().saturating_sub(1)) {
-            if self.state.is_verified(block) {
-                continue;
-            }
-            let good = self.check_block(block, &mut buf)?;
-            if !good {
-                return Err(self.report_damage(block));
-            }
-            self.state.set_verified(block, true);
+    fn expected(&self, block: u64) -> Result<u64> {
+        self.sums.get(block as usize).copied().ok_or_else(|| {
+            EngineError::io(
+                format!(
+                    "backup {} has no checksum for block {block}",
+                    self.backup_id
+                ),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            )
+        })
+    }
+
+    fn check(&self, block: u64, data: &[u8]) -> Result<()> {
+        if block_sum(data) != self.expected(block)? {
+            return Err(self.report_damage(block));
         }
         Ok(())
     }
 
-    /// Reads like pread; every block it returns data of has been checked. Blocks the
-    /// read covers whole are checked from the data just read (no second read); blocks it
-    /// covers in part are read whole once.
+    /// Reads exactly `buf.len()` bytes at `offset`; the image's size bounds every read.
+    fn read_exact(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file()
+            .read_exact_at(buf, offset)
+            .map_err(|source| EngineError::io(format!("read backup {}", self.backup_id), source))
+    }
+
+    /// One whole block, read and checked (or taken from the checked blocks in memory).
+    fn checked_block(&self, block: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some(data) = self.blocks.get(&self.backup_id, block) {
+            return Ok(data);
+        }
+        let (start, end) = self.block_range(block);
+        let mut data = vec![0u8; (end - start) as usize];
+        self.read_exact(&mut data, start)?;
+        self.check(block, &data)?;
+        let data = Arc::new(data);
+        self.blocks.put(&self.backup_id, block, data.clone());
+        Ok(data)
+    }
+
+    /// Reads like pread; every byte it returns has been checked against its block's
+    /// checksum on its way out of the backing store. Whole blocks are checked from the
+    /// data just read; a block covered in part is read whole and checked once.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         let len = (buf.len() as u64).min(self.size.saturating_sub(offset));
-        let done = self.read_raw(&mut buf[..len as usize], offset)?;
-        if !self.verify || done == 0 {
-            return Ok(done);
+        let buf = &mut buf[..len as usize];
+        if len == 0 {
+            return Ok(0);
         }
-        let end = offset + done as u64;
-        let first = offset.div_ceil(CHECKSUM_BLOCK);
-        let mut whole = first;
-        while whole < self.state.sums.len() as u64 {
-            let start = whole * CHECKSUM_BLOCK;
-            let block_end = start + self.block_len(whole as usize);
-            if block_end > end {
-                break;
-            }
-            let block = whole as usize;
-            if !self.state.is_verified(block) {
-                let data = &buf[(start - offset) as usize..(block_end - offset) as usize];
-                if block_sum(data) != self.state.sums[block] {
-                    return Err(self.report_damage(block));
+        if !self.verify {
+            self.read_exact(buf, offset)?;
+            return Ok(buf.len());
+        }
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / CHECKSUM_BLOCK;
+            let (start, block_end) = self.block_range(block);
+            if pos == start && block_end <= end {
+                // A run of whole blocks: one read, then a check per block.
+                let mut run_end = block_end;
+                while run_end < end {
+                    let next = (run_end + CHECKSUM_BLOCK).min(self.size);
+                    if next > end {
+                        break;
+                    }
+                    run_end = next;
                 }
-                self.state.set_verified(block, true);
-            }
-            whole += 1;
-        }
-        // The partly covered blocks at either end.
-        if offset < first * CHECKSUM_BLOCK {
-            self.verify_range(offset, 1)?;
-        }
-        if whole * CHECKSUM_BLOCK < end {
-            self.verify_range(end - 1, 1)?;
-        }
-        Ok(done)
-    }
-
-    fn report_damage(&self, block: usize) -> EngineError {
-        error!(
-            backup_id = self.backup_id,
-            block,
-            offset = block as u64 * CHECKSUM_BLOCK,
-            "backup data is damaged: block does not match its checksum; reads of it fail with EIO (check the storage, then restore from another backup)"
-        );
-        damaged(&self.backup_id, &[block as u64])
-    }
-
-    fn read_raw(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        let len = buf.len() as u64;
-        let mut done = 0;
-        while (done as u64) < len {
-            match self
-                .file()
-                .read_at(&mut buf[done..len as usize], offset + done as u64)
-            {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    return Err(EngineError::Io {
-                        op: format!("read backup {}", self.backup_id),
-                        source,
-                    });
+                let run = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+                self.read_exact(run, pos)?;
+                for (i, data) in run.chunks(CHECKSUM_BLOCK as usize).enumerate() {
+                    self.check(block + i as u64, data)?;
                 }
+                pos = run_end;
+            } else {
+                let data = self.checked_block(block)?;
+                let piece_end = block_end.min(end);
+                buf[(pos - offset) as usize..(piece_end - offset) as usize]
+                    .copy_from_slice(&data[(pos - start) as usize..(piece_end - start) as usize]);
+                pos = piece_end;
             }
         }
-        Ok(done)
+        Ok(len as usize)
     }
 
-    /// Reads every block and returns the damaged ones (by index).
-    pub fn damaged_blocks(&self) -> Result<Vec<u64>> {
+    /// Checks the blocks covering `[offset, offset+len)` (before the kernel copies them
+    /// for a restore): a hole needs no read, it must be a zero block.
+    pub fn verify_range(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.verify || len == 0 || offset >= self.size {
+            return Ok(());
+        }
+        let first = offset / CHECKSUM_BLOCK;
+        let last = (offset + len - 1).min(self.size - 1) / CHECKSUM_BLOCK;
+        let mut buf = Vec::new();
+        for block in first..=last {
+            if !self.block_is_good(block, &mut buf)? {
+                return Err(self.report_damage(block));
+            }
+        }
+        Ok(())
+    }
+
+    fn block_is_good(&self, block: u64, buf: &mut Vec<u8>) -> Result<bool> {
+        let (start, end) = self.block_range(block);
+        let expected = self.expected(block)?;
+        if is_hole(self.file(), start, end - start) {
+            return Ok(expected == 0);
+        }
+        buf.resize((end - start) as usize, 0);
+        self.read_exact(buf, start)?;
+        Ok(block_sum(buf) == expected)
+    }
+
+    /// Reads every block and returns the damaged ones (by index); progress counts bytes.
+    pub fn damaged_blocks(&self, progress: &Progress, cancel: &AtomicBool) -> Result<Vec<u64>> {
+        progress.total.store(self.size, Ordering::Relaxed);
         let mut bad = Vec::new();
         let mut buf = Vec::new();
-        for block in 0..self.state.sums.len() {
-            let good = self.check_block(block, &mut buf)?;
-            self.state.set_verified(block, good);
-            if !good {
-                bad.push(block as u64);
+        for block in 0..self.sums.len() as u64 {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(EngineError::Interrupted);
             }
+            if !self.block_is_good(block, &mut buf)? {
+                bad.push(block);
+            }
+            progress
+                .done
+                .store(self.block_range(block).1, Ordering::Relaxed);
         }
         Ok(bad)
     }
 
-    /// True when reads need no more checks: every block has been found good, or reads
-    /// are not checked at all.
-    pub fn fully_checked(&self) -> bool {
-        if !self.verify {
-            return true;
-        }
-        let blocks = self.state.sums.len();
-        (0..blocks).all(|block| self.state.is_verified(block))
-    }
-
-    pub fn has_checksums(&self) -> bool {
-        !self.state.sums.is_empty()
+    fn report_damage(&self, block: u64) -> EngineError {
+        error!(
+            backup_id = self.backup_id,
+            block,
+            offset = block * CHECKSUM_BLOCK,
+            "backup data is damaged: block does not match its checksum; reads of it fail with EIO (check the storage, then restore from another backup)"
+        );
+        damaged(&self.backup_id, &[block])
     }
 }
 
@@ -265,5 +298,85 @@ pub(super) fn damaged(backup_id: &str, blocks: &[u64]) -> EngineError {
     EngineError::Damaged {
         backup_id: backup_id.to_string(),
         blocks: blocks.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checksum_cache_is_bounded_and_keeps_the_most_recent() {
+        let cache = SumsCache::default();
+        for i in 0..SUMS_CACHED + 10 {
+            cache.get(&format!("b{i}"), || Ok(vec![i as u64])).unwrap();
+        }
+        assert_eq!(cache.len(), SUMS_CACHED);
+        let loaded = cache
+            .get(&format!("b{}", SUMS_CACHED + 9), || panic!("cached"))
+            .unwrap();
+        assert_eq!(*loaded, vec![(SUMS_CACHED + 9) as u64]);
+        cache.forget(&format!("b{}", SUMS_CACHED + 9));
+        assert_eq!(cache.len(), SUMS_CACHED - 1);
+    }
+
+    #[test]
+    fn the_block_cache_is_bounded() {
+        let cache = BlockCache::default();
+        for b in 0..BLOCKS_CACHED as u64 + 5 {
+            cache.put("x", b, Arc::new(vec![b as u8]));
+        }
+        assert!(cache.get("x", 0).is_none());
+        assert!(cache.get("x", BLOCKS_CACHED as u64 + 4).is_some());
+        cache.forget("x");
+        assert!(cache.get("x", BLOCKS_CACHED as u64 + 4).is_none());
+    }
+
+    fn image_of(data: &[u8], sums: Vec<u64>) -> (tempfile::TempDir, Image) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, data).unwrap();
+        let file = File::open(&path).unwrap();
+        let image = Image::new(
+            "x",
+            data.len() as u64,
+            Attachment::plain(file, path),
+            Arc::new(sums),
+            true,
+            Arc::new(BlockCache::default()),
+        );
+        (dir, image)
+    }
+
+    #[test]
+    fn every_read_is_checked_also_after_a_good_one() {
+        let block = CHECKSUM_BLOCK as usize;
+        let mut data: Vec<u8> = (0..3 * block + 100).map(|i| (i * 7 % 251) as u8).collect();
+        let sums: Vec<u64> = data.chunks(block).map(block_sum).collect();
+        let (dir, image) = image_of(&data, sums.clone());
+        let mut buf = vec![0u8; data.len()];
+        assert_eq!(image.read_at(&mut buf, 0).unwrap(), data.len());
+        assert_eq!(buf, data);
+        // Pieces that cover blocks in part, at odd offsets.
+        let mut piece = vec![0u8; 5000];
+        assert_eq!(image.read_at(&mut piece, block as u64 - 17).unwrap(), 5000);
+        assert_eq!(piece, data[block - 17..block - 17 + 5000]);
+        // The stored data rots: the next read of that block fails, whole or in part.
+        data[2 * block + 5] ^= 1;
+        std::fs::write(dir.path().join("img"), &data).unwrap();
+        let (_dir, image) = image_of(&data, sums);
+        let mut buf = vec![0u8; data.len()];
+        assert!(matches!(
+            image.read_at(&mut buf, 0),
+            Err(EngineError::Damaged { .. })
+        ));
+        let mut small = vec![0u8; 10];
+        assert!(image.read_at(&mut small, 2 * block as u64 + 1).is_err());
+        assert_eq!(image.read_at(&mut small, 10).unwrap(), 10);
+        let cancel = AtomicBool::new(false);
+        assert_eq!(
+            image.damaged_blocks(&Progress::default(), &cancel).unwrap(),
+            vec![2]
+        );
     }
 }

@@ -2,11 +2,15 @@
 //! each target and cleaned, so nothing half-made survives a restart. It never touches a
 //! backup that is `available`, nor any source volume.
 
+use super::backup::{cleanup, remove_snapshot};
+use super::job::{Failure, JobSubject};
 use super::*;
+use crate::target::record::Status;
+use tracing::{error, warn};
 
 impl Inner {
     /// Start-up: records left `creating` become `error` and lose their partial data and
-    /// snapshot; `deleting` ones are finished; stray snapshots of ended backups go.
+    /// snapshot; `deleting` ones are finished; temporary snapshots still named go.
     pub(super) fn recover(&self) {
         for (name, target) in &self.targets {
             let records = match target.records() {
@@ -24,7 +28,7 @@ impl Inner {
                 match record.status {
                     Status::Creating => {
                         if let Some(driver) = driver {
-                            cleanup(target.as_ref(), driver, &record);
+                            cleanup(target.as_ref(), driver, &mut record);
                         } else if let Err(e) = target.delete_data(&record.id) {
                             error!(backup_id = record.id, "cannot remove partial data: {e}");
                         }
@@ -46,50 +50,44 @@ impl Inner {
                             }
                         }
                     }
-                    Status::Deleting => {
-                        let done = target
-                            .delete_data(&record.id)
-                            .and_then(|()| target.remove_record(&record.id));
-                        match done {
-                            Ok(()) => info!(
-                                target = name,
-                                backup_id = record.id,
-                                "finished an interrupted deletion"
-                            ),
-                            Err(e) => error!(backup_id = record.id, "cannot finish deletion: {e}"),
-                        }
-                    }
+                    Status::Deleting => {}
                     Status::Available | Status::Error => {
-                        if record.snapshot_used
-                            && let Some(driver) = driver
-                            && let Err(e) =
-                                driver.delete_snapshot(&record.pool, &snapshot_name(&record.id))
+                        // Records of earlier versions only say `snapshot_used`: the
+                        // snapshot is looked for (and, if it cannot go, named from now on).
+                        let named = record.temporary_snapshot.is_some();
+                        if record.snapshot_used && !named {
+                            record.temporary_snapshot = Some(snapshot_name(&record.id));
+                        }
+                        if let Some(driver) = driver
+                            && record.temporary_snapshot.is_some()
                         {
-                            error!(
-                                backup_id = record.id,
-                                "cannot delete temporary snapshot: {e}"
-                            );
+                            // Written when the name came or went.
+                            let removed = remove_snapshot(driver, &mut record);
+                            if named == removed
+                                && let Err(e) = target.write_record(&record)
+                            {
+                                error!(backup_id = record.id, "cannot update record: {e}");
+                            }
                         }
                     }
                 }
             }
-            // Data no record owns can only be a leftover; nothing can read it. A record
-            // that exists but cannot be read (damaged, newer format, EIO) still owns it.
+            // Deletions cut short are finished as the janitor finishes them.
+            self.finish_leftovers(name, target.as_ref());
             if let Err(e) = target.remove_temporaries() {
                 error!(target = name, "cannot remove temporary files: {e}");
             }
-            if let Ok(ids) = target.data_ids() {
-                for id in ids {
-                    if matches!(target.record(&id), Err(TargetError::NotFound(_))) {
-                        warn!(
-                            target = name,
-                            "removing stray data volume-{id} that has no record"
-                        );
-                        if let Err(e) = target.delete_data(&id) {
-                            error!(target = name, "cannot remove stray data {id}: {e}");
-                        }
-                    }
-                }
+            // Only what a record says backupfs made is ever removed: anything else here
+            // (an operator's file, data whose record was removed by hand) stays.
+            match target.strays() {
+                Ok(strays) if !strays.is_empty() => warn!(
+                    target = name,
+                    "leaving {} files in place that no backup record owns: {}",
+                    strays.len(),
+                    strays.join(", ")
+                ),
+                Ok(_) => {}
+                Err(e) => error!(target = name, "cannot list the target: {e}"),
             }
         }
     }
@@ -115,9 +113,11 @@ impl Inner {
                 if age >= ENDED_JOB_TTL {
                     continue;
                 }
-                let progress = Progress::default();
-                progress.total.store(record.size, Ordering::Relaxed);
-                recent.push(Arc::new(Job {
+                let failure = (ended == Phase::Error).then(|| Failure {
+                    reason: record.error.clone().unwrap_or_default(),
+                    cause: None,
+                });
+                let subject = JobSubject {
                     backup_id: record.id.clone(),
                     volume_id: record.volume_id.clone(),
                     backend: record.backend.clone(),
@@ -125,20 +125,11 @@ impl Inner {
                     target: record.target.clone(),
                     name: record.name.clone(),
                     size: record.size,
-                    state: Mutex::new(JobState {
-                        phase: ended,
-                        error: record.error.clone().map(|reason| (libc::EIO, reason)),
-                        ended_at: Some(
-                            Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
-                        ),
-                    }),
-                    ended: Condvar::new(),
-                    progress,
-                    cancel: AtomicBool::new(false),
-                }));
+                };
+                recent.push(Arc::new(Job::ended(subject, failure, age)));
             }
         }
-        recent.sort_by_key(|job| job.state.lock().ended_at);
+        recent.sort_by_key(|job| job.ended_at());
         self.state.lock().jobs = recent;
     }
 }

@@ -1,11 +1,21 @@
 //! Restores: a volume opened for writing through the mount. While a writer lives the
-//! volume refuses backups; writes, truncates and server-side copies of backup images go
-//! through it. It never writes a volume that something outside backupfs uses.
+//! volume refuses backups, and it holds the volume the way a hypervisor would see it (the
+//! driver's write lock, a qcow2 export with QEMU's locks); dropping the last writer frees
+//! the volume at once. It never writes a volume that something outside backupfs uses.
 
 use super::*;
+use crate::copy::{self, Range};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+/// Largest piece of a server-side copy checked and then copied at once: the kernel copies
+/// what was just checked, while it is still in the page cache.
+const CHECKED_COPY_PIECE: u64 = 64 << 20;
 
 /// Marks a volume as being restored and attaches it for writing; refused while a backup of
-/// it is queued or running, or while something outside backupfs uses it.
+/// it is queued or running, or while something outside backupfs uses it. Writers of the
+/// same volume share one restore (one attachment, one lock).
 pub(super) fn claim_restore(
     inner: &Arc<Inner>,
     backend_name: &str,
@@ -15,39 +25,77 @@ pub(super) fn claim_restore(
     let key = (backend_name.to_string(), info.id.clone());
     {
         let mut state = inner.state.lock();
-        let claimed = match state.busy.get(&key).copied() {
+        if state.stopping {
+            return Err(EngineError::Busy("backupfs is stopping".to_string()));
+        }
+        match state.busy.get(&key) {
             Some(Busy::Backup) => {
                 return Err(EngineError::Busy(format!(
                     "volume {} has a backup queued or running",
                     info.id
                 )));
             }
-            Some(Busy::Restore(n)) => Busy::Restore(n + 1),
-            None => Busy::Restore(1),
-        };
-        state.busy.insert(key.clone(), claimed);
+            Some(Busy::Opening) => {
+                return Err(EngineError::Busy(format!(
+                    "volume {} is being opened for a restore",
+                    info.id
+                )));
+            }
+            Some(Busy::Restore(writer)) => {
+                if let Some(writer) = writer.upgrade() {
+                    return Ok(writer);
+                }
+            }
+            None => {}
+        }
+        state.busy.insert(key.clone(), Busy::Opening);
     }
-    // From here the claim is released by the writer's Drop, also on the error paths.
-    let mut writer = VolumeWriter {
-        inner: inner.clone(),
-        driver: backend.driver.clone(),
-        key,
-        pool: info.pool.clone(),
-        size: AtomicU64::new(info.size),
-        attachment: None,
-        resize: Mutex::new(()),
-        written: AtomicU64::new(0),
-        copied: AtomicU64::new(0),
-        opened: Instant::now(),
-    };
+    let opened = attach_for_restore(backend, info);
+    let mut state = inner.state.lock();
+    match opened {
+        Ok(attachment) => {
+            let writer = Arc::new(VolumeWriter {
+                inner: inner.clone(),
+                driver: backend.driver.clone(),
+                key: key.clone(),
+                pool: info.pool.clone(),
+                size: AtomicU64::new(info.size),
+                attachment: Some(attachment),
+                resize: Mutex::new(()),
+                written: AtomicU64::new(0),
+                copied: AtomicU64::new(0),
+                opened: Instant::now(),
+            });
+            state
+                .busy
+                .insert(key, Busy::Restore(Arc::downgrade(&writer)));
+            Ok(writer)
+        }
+        Err(e) => {
+            state.busy.remove(&key);
+            Err(e)
+        }
+    }
+}
+
+fn attach_for_restore(backend: &Backend, info: &VolumeInfo) -> Result<Attachment> {
     if let Some(why) = backend.driver.in_use(&info.pool, &info.id)? {
         return Err(EngineError::Busy(format!(
             "volume {} is in-use ({why})",
             info.id
         )));
     }
-    writer.attachment = Some(backend.driver.attach(&info.pool, &info.id, Access::Write)?);
-    Ok(Arc::new(writer))
+    // The driver takes its write lock and checks again under it (a hypervisor may have
+    // started in between).
+    backend
+        .driver
+        .attach(&info.pool, &info.id, Access::Write)
+        .map_err(|e| match e {
+            VolumeError::Busy(why) => {
+                EngineError::Busy(format!("volume {} is in-use ({why})", info.id))
+            }
+            other => other.into(),
+        })
 }
 
 /// A volume open for a restore. While it lives, the volume refuses backups.
@@ -67,7 +115,21 @@ pub struct VolumeWriter {
 
 impl Drop for VolumeWriter {
     fn drop(&mut self) {
-        self.inner.release_restore(&self.key);
+        // Detached first (locks released, exports stopped), then the volume is free for
+        // backups: nobody can find it claimed and yet held.
+        if let Some(attachment) = self.attachment.take()
+            && let Err(e) = self.driver.detach(attachment)
+        {
+            tracing::warn!(volume_id = self.key.1, "detach after a restore: {e}");
+        }
+        {
+            let mut state = self.inner.state.lock();
+            if let Some(Busy::Restore(writer)) = state.busy.get(&self.key)
+                && std::ptr::eq(writer.as_ptr(), self)
+            {
+                state.busy.remove(&self.key);
+            }
+        }
         let (written, copied) = (
             self.written.load(Ordering::Relaxed),
             self.copied.load(Ordering::Relaxed),
@@ -86,7 +148,18 @@ impl Drop for VolumeWriter {
     }
 }
 
+fn discard_error(e: VolumeError) -> std::io::Error {
+    match e {
+        VolumeError::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
 impl VolumeWriter {
+    pub fn backend(&self) -> &str {
+        &self.key.0
+    }
+
     pub fn volume_id(&self) -> &str {
         &self.key.1
     }
@@ -101,9 +174,8 @@ impl VolumeWriter {
     }
 
     fn attachment(&self) -> Result<&Attachment> {
-        self.attachment.as_ref().ok_or_else(|| EngineError::Io {
-            op: "restore".to_string(),
-            source: std::io::Error::from_raw_os_error(libc::EBADF),
+        self.attachment.as_ref().ok_or_else(|| {
+            EngineError::io("restore", std::io::Error::from_raw_os_error(libc::EBADF))
         })
     }
 
@@ -129,9 +201,8 @@ impl VolumeWriter {
         attachment
             .file
             .write_all_at(data, offset)
-            .map_err(|source| EngineError::Io {
-                op: format!("write {}", attachment.path.display()),
-                source,
+            .map_err(|source| {
+                EngineError::io(format!("write {}", attachment.path.display()), source)
             })?;
         if grows {
             // A restore of a new volume writes past the end all along: no extend per write.
@@ -164,9 +235,10 @@ impl VolumeWriter {
         Ok(())
     }
 
-    /// Server-side copy of `len` bytes of a backup image into this volume: the kernel's
-    /// copy_file_range for data (a reflink where both sit on one filesystem), discards
-    /// for holes. Returns the bytes copied (short at the image's end).
+    /// Server-side copy of `len` bytes of a backup image into this volume: each piece is
+    /// checked against its checksums, then copied by the kernel's copy_file_range (a
+    /// reflink where both sit on one filesystem); holes are discarded with the driver's
+    /// own rules. Returns the bytes copied (short at the image's end).
     /// The image is the one the caller has open, so a backup deleted meanwhile stays
     /// readable to the end of the copy, as any open file does.
     pub fn copy_from_backup(
@@ -180,29 +252,34 @@ impl VolumeWriter {
         if len == 0 {
             return Ok(0);
         }
-        // Damaged data is never restored silently.
-        image.verify_range(offset_in, len)?;
         self.grow_to(offset_out + len)?;
         let attachment = self.attachment()?;
-        let range = Range {
-            src_offset: offset_in,
-            dst_offset: offset_out,
-            len,
+        let discard = |offset, len| {
+            self.driver
+                .discard(attachment, offset, len)
+                .map_err(discard_error)
         };
-        let discard = |offset, len| crate::volume::file::zero_range(&attachment.file, offset, len);
-        copy::copy_kernel(image.file(), &attachment.file, range, &discard)?;
-        self.copied.fetch_add(len, Ordering::Relaxed);
+        let mut done = 0;
+        while done < len {
+            let piece = (len - done).min(CHECKED_COPY_PIECE);
+            // Damaged data is never restored silently.
+            image.verify_range(offset_in + done, piece)?;
+            let range = Range {
+                src_offset: offset_in + done,
+                dst_offset: offset_out + done,
+                len: piece,
+            };
+            copy::copy_kernel(image.file(), &attachment.file, range, &discard)?;
+            done += piece;
+            self.copied.fetch_add(piece, Ordering::Relaxed);
+        }
         Ok(len)
     }
 
     pub fn sync(&self) -> Result<()> {
         let attachment = self.attachment()?;
-        attachment
-            .file
-            .sync_data()
-            .map_err(|source| EngineError::Io {
-                op: format!("fsync {}", attachment.path.display()),
-                source,
-            })
+        attachment.file.sync_data().map_err(|source| {
+            EngineError::io(format!("fsync {}", attachment.path.display()), source)
+        })
     }
 }

@@ -5,12 +5,17 @@ use crate::target::TargetError;
 use crate::volume::VolumeError;
 use fuser::Errno;
 
+fn os(source: &std::io::Error) -> Errno {
+    source.raw_os_error().map_or(Errno::EIO, Errno::from_i32)
+}
+
 fn volume(e: &VolumeError) -> Errno {
     match e {
         VolumeError::NotFound(_) | VolumeError::NoPool(_) => Errno::ENOENT,
         VolumeError::Exists(_) => Errno::EEXIST,
         VolumeError::SnapshotUnsupported(_) => Errno::from_i32(libc::EOPNOTSUPP),
-        VolumeError::Io { source, .. } => source.raw_os_error().map_or(Errno::EIO, Errno::from_i32),
+        VolumeError::Busy(_) => Errno::EBUSY,
+        VolumeError::Io { source, .. } => os(source),
     }
 }
 
@@ -22,19 +27,45 @@ pub fn errno(e: &EngineError) -> Errno {
         EngineError::NoSpace(_) => Errno::ENOSPC,
         EngineError::Exists(_) => Errno::EEXIST,
         EngineError::NotPermitted(_) => Errno::EPERM,
-        EngineError::JobFailed { errno, .. } => Errno::from_i32(*errno),
+        EngineError::NoAttribute(_) => Errno::NO_XATTR,
+        EngineError::Interrupted => Errno::from_i32(libc::ECANCELED),
         EngineError::Volume(v) => volume(v),
         EngineError::Target(t) => match t {
             TargetError::NotFound(_) => Errno::ENOENT,
             TargetError::Locked { .. } => Errno::EBUSY,
-            TargetError::BadRecord { .. } => Errno::EIO,
+            TargetError::BadRecord { .. } | TargetError::Claim { .. } => Errno::EIO,
             TargetError::Volume(v) => volume(v),
-            TargetError::Io { source, .. } => {
-                source.raw_os_error().map_or(Errno::EIO, Errno::from_i32)
-            }
+            TargetError::Io { source, .. } => os(source),
         },
         EngineError::Damaged { .. } => Errno::EIO,
         EngineError::Copy(c) => c.raw_os_error().map_or(Errno::EIO, Errno::from_i32),
-        EngineError::Io { source, .. } => source.raw_os_error().map_or(Errno::EIO, Errno::from_i32),
+        EngineError::Io { source, .. } => os(source),
     }
+}
+
+/// The symbolic name of an errno, as an operator looks it up (`ENOENT`).
+pub fn name(errno: Errno) -> String {
+    let code = errno.code();
+    let known = [
+        (libc::EPERM, "EPERM"),
+        (libc::ENOENT, "ENOENT"),
+        (libc::EIO, "EIO"),
+        (libc::EBADF, "EBADF"),
+        (libc::EACCES, "EACCES"),
+        (libc::EBUSY, "EBUSY"),
+        (libc::EEXIST, "EEXIST"),
+        (libc::EINVAL, "EINVAL"),
+        (libc::ENOSPC, "ENOSPC"),
+        (libc::EROFS, "EROFS"),
+        (libc::ENODATA, "ENODATA"),
+        (libc::E2BIG, "E2BIG"),
+        (libc::EOPNOTSUPP, "EOPNOTSUPP"),
+        (libc::ETIMEDOUT, "ETIMEDOUT"),
+        (libc::ECANCELED, "ECANCELED"),
+        (libc::EHOSTDOWN, "EHOSTDOWN"),
+    ];
+    known
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or_else(|| format!("errno {code}"), |(_, n)| n.to_string())
 }

@@ -1,28 +1,33 @@
 //! The FUSE layer: maps the mounted tree onto engine calls. It owns no storage logic,
-//! answers slow work (waiting for a job, server-side copies) from worker threads, and
-//! never lets a panic in a handler take the mount down.
+//! answers slow work (attaching, detaching, zeroing, deleting, server-side copies) from a
+//! bounded pool of threads and waits for jobs by callback, so the session's threads
+//! always answer `ls` and `cat jobs`; a panic in a handler never takes the mount down.
 
+mod control;
 mod errno;
+mod handles;
+mod inodes;
+mod pool;
 pub mod tree;
 
-use crate::engine::request::{self, USAGE};
-use crate::engine::{Engine, EngineError, Image, VolumeWriter};
-use crate::volume::Attachment;
+use crate::engine::{Engine, EngineError};
+use control::{Control, ControlFile};
 use errno::errno;
-use fuser::BackingId;
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use parking_lot::{Mutex, RwLock};
+use handles::{Attached, Handle, VolumeHandle};
+use inodes::Inodes;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::panic::AssertUnwindSafe;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -32,98 +37,8 @@ use tree::{Modes, Node};
 /// Largest piece of a server-side copy answered at once (the reply counts in u32).
 const COPY_RANGE_MAX: u64 = 1 << 30;
 const XATTR_PREFIX: &str = "user.backupfs.";
-
-/// What an open file handle is.
-enum Handle {
-    /// `request` or `verify`: a write starts work, a read gives its answer.
-    Control {
-        kind: Control,
-        target: String,
-        answer: Arc<Mutex<Option<Answer>>>,
-    },
-    /// A status file rendered at open (procfs-like, read with direct I/O).
-    Text(Vec<u8>),
-    Image {
-        image: Image,
-        /// Set when the kernel reads this open file straight from the backing file.
-        _backing: Option<Arc<BackingId>>,
-        ino: u64,
-    },
-    VolumeRead {
-        attachment: Attachment,
-    },
-    VolumeWrite {
-        writer: Arc<VolumeWriter>,
-    },
-    Dir(Vec<(Node, String)>),
-}
-
-/// The answer to the last write through a control file. It is read from the offset of
-/// the first read after it (`exec 3<>request; echo id >&3; read -r id <&3` reads at the
-/// position the write left), so any shared file position works.
-struct Answer {
-    text: String,
-    base: Option<u64>,
-}
-
-impl Answer {
-    fn new(text: String) -> Option<Answer> {
-        Some(Answer { text, base: None })
-    }
-
-    fn read(&mut self, offset: u64, size: u32) -> &[u8] {
-        let base = *self.base.get_or_insert(offset);
-        let start = (offset.saturating_sub(base) as usize).min(self.text.len());
-        let end = start.saturating_add(size as usize).min(self.text.len());
-        &self.text.as_bytes()[start..end]
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Control {
-    Request,
-    Verify,
-}
-
-const VERIFY_USAGE: &str = "\
-usage: echo <backup-id> > verify
-  reads the whole backup and checks every block against its checksum; the write
-  fails with EIO if any block is damaged. Reading the same open file then gives
-  \"ok <backup-id>\" or \"damaged <backup-id> <block,...>\"; the result is also kept
-  in the record (verified_at, damaged_blocks).
-";
-
-impl Handle {
-    fn data_file(&self) -> Option<&File> {
-        match self {
-            Handle::Image { image, .. } => Some(image.file()),
-            Handle::VolumeRead { attachment } => Some(&attachment.file),
-            Handle::VolumeWrite { writer } => writer.file().ok(),
-            _ => None,
-        }
-    }
-}
-
-/// How an image inode's open files are read; the kernel does not mix the two on one
-/// inode, so the first open decides until the last one closes.
-enum ImageMode {
-    /// Through the daemon, which checks blocks against their checksums.
-    Checked(usize),
-    /// Straight from the backing file: the image is verified (or verification is off).
-    Passthrough(std::sync::Weak<BackingId>, usize),
-}
-
-pub struct BackupFs {
-    engine: Arc<Engine>,
-    /// Whether the kernel agreed to passthrough in `init`.
-    passthrough: bool,
-    image_modes: Mutex<HashMap<u64, ImageMode>>,
-    nodes: RwLock<HashMap<u64, Node>>,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    next_fh: AtomicU64,
-    modes: Modes,
-    mounted_at: SystemTime,
-}
+/// Threads for slow requests (see `pool`).
+const SLOW_THREADS: usize = 8;
 
 /// Runs a handler; a panic is logged and the dropped reply answers EIO.
 fn guard(op: &str, f: impl FnOnce()) {
@@ -140,44 +55,55 @@ fn guard(op: &str, f: impl FnOnce()) {
 /// Logs a refusal once and returns its errno.
 fn refuse(op: &str, e: &EngineError) -> Errno {
     let code = errno(e);
-    warn!(
-        "{op} refused ({}): {e}",
-        std::io::Error::from_raw_os_error(code.code())
-    );
+    warn!("{op} refused ({}): {e}", errno::name(code));
     code
 }
 
+/// What every handler shares; slow work takes a clone of it to another thread.
+pub(crate) struct Core {
+    engine: Arc<Engine>,
+    inodes: Inodes,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    modes: Modes,
+    mounted_at: SystemTime,
+    pool: pool::Pool,
+}
+
+pub struct BackupFs {
+    core: Arc<Core>,
+}
+
 impl BackupFs {
-    pub fn new(engine: Arc<Engine>) -> BackupFs {
-        let config = engine.config();
-        let gid = config.admin_gid();
+    pub fn new(engine: Arc<Engine>) -> std::io::Result<BackupFs> {
+        let gid = engine.config().admin_gid();
         let modes = Modes {
             gid: gid.unwrap_or(0),
             group_read: gid.is_some(),
         };
-        let mut nodes = HashMap::new();
-        nodes.insert(tree::ROOT, Node::Root);
-        BackupFs {
-            engine,
-            passthrough: false,
-            image_modes: Mutex::new(HashMap::new()),
-            nodes: RwLock::new(nodes),
-            handles: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
-            modes,
-            mounted_at: SystemTime::now(),
-        }
+        Ok(BackupFs {
+            core: Arc::new(Core {
+                engine,
+                inodes: Inodes::default(),
+                handles: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+                modes,
+                mounted_at: SystemTime::now(),
+                pool: pool::Pool::new(SLOW_THREADS)?,
+            }),
+        })
     }
 
+    /// Runs `f` with the shared core on a slow-request thread, guarded against panics.
+    fn slow(&self, op: &'static str, f: impl FnOnce(&Arc<Core>) + Send + 'static) {
+        let core = self.core.clone();
+        self.core.pool.run(move || guard(op, || f(&core)));
+    }
+}
+
+impl Core {
     fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
-        self.nodes.read().get(&ino.0).cloned().ok_or(Errno::ENOENT)
-    }
-
-    fn remember(&self, node: &Node) {
-        self.nodes
-            .write()
-            .entry(node.ino())
-            .or_insert_with(|| node.clone());
+        self.inodes.get(ino.0).ok_or(Errno::ENOENT)
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
@@ -190,7 +116,7 @@ impl BackupFs {
         FileHandle(fh)
     }
 
-    fn attr(&self, node: &Node) -> Result<FileAttr, EngineError> {
+    fn attr(&self, node: &Node, ino: u64) -> Result<FileAttr, EngineError> {
         let (size, blocks, mtime) = match node {
             Node::Image(t, id) => {
                 let record = self.engine.record(t, id)?;
@@ -213,91 +139,24 @@ impl BackupFs {
             }
             _ => (0, 0, self.mounted_at),
         };
-        Ok(tree::attr(node, &self.modes, size, blocks, mtime))
+        Ok(tree::attr(node, ino, &self.modes, size, blocks, mtime))
     }
 
-    fn reply_attr(&self, node: &Node, reply: ReplyAttr) {
-        match self.attr(node) {
+    fn reply_attr(&self, node: &Node, ino: u64, reply: ReplyAttr) {
+        match self.attr(node, ino) {
             Ok(attr) => reply.attr(&tree::ttl(node), &attr),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn write_verify(
-        &self,
-        target: &str,
-        answer: &Arc<Mutex<Option<Answer>>>,
-        data: &[u8],
-        reply: ReplyWrite,
-    ) {
-        let line = std::str::from_utf8(data).unwrap_or("");
-        let backup_id = line
-            .strip_suffix('\n')
-            .unwrap_or(line)
-            .trim_end_matches(' ')
-            .to_string();
-        if !crate::target::record::is_backup_id(&backup_id) {
-            warn!(
-                target,
-                "verify refused (EINVAL): {line:?} is not a backup id"
-            );
-            return reply.error(Errno::EINVAL);
-        }
-        let (engine, target, answer) = (self.engine.clone(), target.to_string(), answer.clone());
-        let written = data.len() as u32;
-        let spawned = std::thread::Builder::new()
-            .name("verify".into())
-            .spawn(move || match engine.verify_backup(&target, &backup_id) {
-                Ok(()) => {
-                    *answer.lock() = Answer::new(format!("ok {backup_id}\n"));
-                    reply.written(written)
-                }
-                Err(e) => {
-                    if let EngineError::Damaged { blocks, .. } = &e {
-                        let list: Vec<String> = blocks.iter().map(u64::to_string).collect();
-                        *answer.lock() =
-                            Answer::new(format!("damaged {backup_id} {}\n", list.join(",")));
-                    }
-                    reply.error(refuse(&format!("verify of {backup_id}"), &e))
-                }
-            });
-        if let Err(e) = spawned {
-            error!("cannot start a thread to verify a backup: {e}");
-        }
-    }
-
-    fn write_request(
-        &self,
-        target: &str,
-        answer: &Arc<Mutex<Option<Answer>>>,
-        data: &[u8],
-        reply: ReplyWrite,
-    ) {
-        let parsed = match request::parse(data) {
-            Ok(parsed) => parsed,
-            Err(reason) => {
-                warn!(target, "request refused (EINVAL): {reason}");
-                return reply.error(Errno::EINVAL);
+    /// Answers a lookup of `node`: the kernel takes a reference to it.
+    fn reply_entry(&self, node: &Node, reply: ReplyEntry) {
+        match self.attr(node, 0) {
+            Ok(mut attr) => {
+                attr.ino = INodeNo(self.inodes.lookup(node));
+                reply.entry(&tree::ttl(node), &attr, Generation(0));
             }
-        };
-        let job = match self.engine.start_backup(target, &parsed) {
-            Ok(job) => job,
-            Err(e) => return reply.error(refuse(&format!("backup of {}", parsed.volume_id), &e)),
-        };
-        *answer.lock() = Answer::new(format!("{}\n", job.backup_id));
-        let written = data.len() as u32;
-        if !parsed.wait {
-            return reply.written(written);
-        }
-        let engine = self.engine.clone();
-        let spawned = std::thread::Builder::new()
-            .name("request-wait".into())
-            .spawn(move || match engine.wait(&job) {
-                Ok(()) => reply.written(written),
-                Err(e) => reply.error(errno(&e)),
-            });
-        if let Err(e) = spawned {
-            error!("cannot start a thread to wait for a backup: {e}");
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -306,15 +165,17 @@ impl BackupFs {
             OpenAccMode::O_RDONLY => self
                 .engine
                 .open_volume_read(backend, volume_id)
-                .map(|attachment| Handle::VolumeRead { attachment }),
+                .map(|attachment| Attached::Read(Arc::new(attachment))),
             _ => self
                 .engine
                 .open_restore(backend, volume_id, flags.0 & libc::O_TRUNC != 0)
-                .map(|writer| Handle::VolumeWrite { writer }),
+                .map(Attached::Write),
         };
         match result {
-            Ok(handle) => {
-                let fh = self.open_handle(handle);
+            Ok(attached) => {
+                let fh = self.open_handle(Handle::Volume(VolumeHandle::new(
+                    backend, volume_id, attached,
+                )));
                 // Volumes change behind our back (a hypervisor may write them): no caching.
                 reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
             }
@@ -322,35 +183,77 @@ impl BackupFs {
         }
     }
 
-    fn do_setattr(
+    fn set_size(&self, node: &Node, size: u64, fh: Option<FileHandle>) -> Result<(), Errno> {
+        let Node::Volume(b, v) = node else {
+            return Ok(());
+        };
+        let open = fh.and_then(|fh| self.handle(fh).ok());
+        let result = match open.as_deref() {
+            Some(Handle::Volume(volume)) if volume.writable => volume
+                .writer(&self.engine)
+                .and_then(|writer| writer.set_size(size)),
+            // A truncate by path (`truncate -s`): a restore of its own, for the moment.
+            _ => self
+                .engine
+                .open_restore(b, v, false)
+                .and_then(|writer| writer.set_size(size)),
+        };
+        result.map_err(|e| refuse(&format!("truncate of volume {b}/{v}"), &e))
+    }
+
+    /// A new volume under `volumes/<backend>/`: (backend, volume id, its writer).
+    fn create_volume(
         &self,
-        node: &Node,
-        size: Option<u64>,
-        fh: Option<FileHandle>,
-    ) -> Result<(), Errno> {
-        let Some(size) = size else { return Ok(()) };
-        match node {
-            // `echo x > request` truncates first: nothing to do.
-            Node::Request(_) | Node::Verify(_) | Node::Jobs(_) => Ok(()),
-            Node::Volume(b, v) => {
-                let open = fh.and_then(|fh| self.handle(fh).ok());
-                let result = match open.as_deref() {
-                    Some(Handle::VolumeWrite { writer }) => writer.set_size(size),
-                    _ => self
-                        .engine
-                        .open_restore(b, v, false)
-                        .and_then(|writer| writer.set_size(size)),
-                };
-                result.map_err(|e| refuse(&format!("truncate of volume {b}/{v}"), &e))
+        parent: INodeNo,
+        name: &OsStr,
+    ) -> Result<(String, String, Arc<crate::engine::VolumeWriter>), Errno> {
+        let parent = self.node(parent)?;
+        let Node::Backend(backend) = parent else {
+            warn!(
+                "create {name:?} refused (EPERM): files are created only under volumes/<backend>/"
+            );
+            return Err(Errno::EPERM);
+        };
+        let Some(name) = name.to_str().filter(|n| crate::volume::is_valid_id(n)) else {
+            warn!("create {name:?} refused (EINVAL): not a valid volume id");
+            return Err(Errno::EINVAL);
+        };
+        let writer = self
+            .engine
+            .create_volume(&backend, name)
+            .map_err(|e| refuse(&format!("create of volume {backend}/{name}"), &e))?;
+        Ok((backend, name.to_string(), writer))
+    }
+
+    fn unlink(&self, parent: &Node, name: &str) -> Result<(), EngineError> {
+        match parent {
+            Node::Target(_)
+                if name
+                    .strip_suffix(".img")
+                    .or_else(|| name.strip_suffix(".json"))
+                    .is_some_and(|id| !crate::target::record::is_backup_id(id)) =>
+            {
+                Err(EngineError::Invalid(format!(
+                    "{name} is not a backup's file"
+                )))
             }
-            Node::Image(..) | Node::Record(..) => {
-                warn!("truncate refused (EROFS): backups and records are read-only");
-                Err(Errno::EROFS)
+            Node::Target(t) => {
+                if let Some(id) = name.strip_suffix(".img") {
+                    self.engine.delete_backup(t, id)
+                } else if let Some(id) = name.strip_suffix(".json") {
+                    self.engine.delete_record(t, id)
+                } else {
+                    Err(EngineError::NotPermitted(format!(
+                        "{name} cannot be removed"
+                    )))
+                }
             }
-            _ => {
-                warn!("truncate refused (EISDIR): not a file");
-                Err(Errno::EISDIR)
-            }
+            Node::Backend(b) => Err(EngineError::NotPermitted(format!(
+                "volumes are never deleted through backupfs ({b}/{name})"
+            ))),
+            _ => Err(EngineError::NotPermitted(format!(
+                "{name} cannot be removed"
+            ))),
         }
     }
 }
@@ -367,10 +270,8 @@ impl Filesystem for BackupFs {
                 debug!("kernel lacks {wanted:?}");
             }
         }
-        // Passthrough lets verified images be read at the backing filesystem's speed.
-        self.passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-            && config.set_max_stack_depth(1).is_ok();
-        debug!("passthrough: {}", self.passthrough);
+        // No passthrough: every read of a backup must come through the daemon, which
+        // checks it against its checksums.
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
@@ -379,7 +280,8 @@ impl Filesystem for BackupFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guard("lookup", || {
-            let parent = match self.node(parent) {
+            let core = &self.core;
+            let parent = match core.node(parent) {
                 Ok(parent) => parent,
                 Err(e) => return reply.error(e),
             };
@@ -390,27 +292,24 @@ impl Filesystem for BackupFs {
                 }
                 return reply.error(Errno::ENOENT);
             };
-            let node = match tree::child(&self.engine, &parent, name) {
-                Ok(node) => node,
+            match tree::child(&core.engine, &parent, name) {
+                Ok(node) => core.reply_entry(&node, reply),
                 Err(EngineError::Invalid(reason)) => {
                     warn!("lookup refused (EINVAL): {reason}");
-                    return reply.error(Errno::EINVAL);
-                }
-                Err(e) => return reply.error(errno(&e)),
-            };
-            match self.attr(&node) {
-                Ok(attr) => {
-                    self.remember(&node);
-                    reply.entry(&tree::ttl(&node), &attr, Generation(0));
+                    reply.error(Errno::EINVAL)
                 }
                 Err(e) => reply.error(errno(&e)),
             }
         })
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.core.inodes.forget(ino.0, nlookup);
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        guard("getattr", || match self.node(ino) {
-            Ok(node) => self.reply_attr(&node, reply),
+        guard("getattr", || match self.core.node(ino) {
+            Ok(node) => self.core.reply_attr(&node, ino.0, reply),
             Err(e) => reply.error(e),
         })
     }
@@ -434,7 +333,7 @@ impl Filesystem for BackupFs {
         reply: ReplyAttr,
     ) {
         guard("setattr", || {
-            let node = match self.node(ino) {
+            let node = match self.core.node(ino) {
                 Ok(node) => node,
                 Err(e) => return reply.error(e),
             };
@@ -443,16 +342,36 @@ impl Filesystem for BackupFs {
                 return reply.error(Errno::EPERM);
             }
             // Timestamps are ours; touching them is accepted and ignored.
-            match self.do_setattr(&node, size, fh) {
-                Ok(()) => self.reply_attr(&node, reply),
-                Err(e) => reply.error(e),
+            let Some(size) = size else {
+                return self.core.reply_attr(&node, ino.0, reply);
+            };
+            match &node {
+                // `echo x > request` truncates first: nothing to do.
+                Node::Request(_) | Node::Verify(_) | Node::Jobs(_) => {
+                    self.core.reply_attr(&node, ino.0, reply)
+                }
+                Node::Image(..) | Node::Record(..) => {
+                    warn!("truncate refused (EROFS): backups and records are read-only");
+                    reply.error(Errno::EROFS)
+                }
+                // Zeroing a volume's tail can take long (written zeros without hole punch).
+                Node::Volume(..) => self.slow("setattr", move |core| {
+                    match core.set_size(&node, size, fh) {
+                        Ok(()) => core.reply_attr(&node, ino.0, reply),
+                        Err(e) => reply.error(e),
+                    }
+                }),
+                _ => {
+                    warn!("truncate refused (EISDIR): not a file");
+                    reply.error(Errno::EISDIR)
+                }
             }
         })
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        guard("readlink", || match self.node(ino) {
-            Ok(Node::Latest(t, v)) => match self.engine.records(&t) {
+        guard("readlink", || match self.core.node(ino) {
+            Ok(Node::Latest(t, v)) => match self.core.engine.records(&t) {
                 Ok(records) => match tree::latest_backup(&records, &v) {
                     Some(id) => reply.data(format!("../../{id}.img").as_bytes()),
                     None => reply.error(Errno::ENOENT),
@@ -474,18 +393,16 @@ impl Filesystem for BackupFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        guard("mknod", || {
-            if mode & libc::S_IFMT != libc::S_IFREG {
-                warn!("mknod {name:?} refused (EPERM): only regular files (new volumes)");
-                return reply.error(Errno::EPERM);
-            }
-            match self.create_volume(parent, name) {
-                Ok((node, writer)) => {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            warn!("mknod {name:?} refused (EPERM): only regular files (new volumes)");
+            return reply.error(Errno::EPERM);
+        }
+        let name = name.to_owned();
+        self.slow("mknod", move |core| {
+            match core.create_volume(parent, &name) {
+                Ok((backend, volume_id, writer)) => {
                     drop(writer);
-                    match self.attr(&node) {
-                        Ok(attr) => reply.entry(&tree::ttl(&node), &attr, Generation(0)),
-                        Err(e) => reply.error(errno(&e)),
-                    }
+                    core.reply_entry(&Node::Volume(backend, volume_id), reply);
                 }
                 Err(e) => reply.error(e),
             }
@@ -506,42 +423,13 @@ impl Filesystem for BackupFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guard("unlink", || {
-            let parent = match self.node(parent) {
+        let name = name.to_string_lossy().into_owned();
+        self.slow("unlink", move |core| {
+            let parent = match core.node(parent) {
                 Ok(parent) => parent,
                 Err(e) => return reply.error(e),
             };
-            let name = name.to_string_lossy();
-            let result = match &parent {
-                Node::Target(_)
-                    if name
-                        .strip_suffix(".img")
-                        .or_else(|| name.strip_suffix(".json"))
-                        .is_some_and(|id| !crate::target::record::is_backup_id(id)) =>
-                {
-                    Err(EngineError::Invalid(format!(
-                        "{name} is not a backup's file"
-                    )))
-                }
-                Node::Target(t) => {
-                    if let Some(id) = name.strip_suffix(".img") {
-                        self.engine.delete_backup(t, id)
-                    } else if let Some(id) = name.strip_suffix(".json") {
-                        self.engine.delete_record(t, id)
-                    } else {
-                        Err(EngineError::NotPermitted(format!(
-                            "{name} cannot be removed"
-                        )))
-                    }
-                }
-                Node::Backend(b) => Err(EngineError::NotPermitted(format!(
-                    "volumes are never deleted through backupfs ({b}/{name})"
-                ))),
-                _ => Err(EngineError::NotPermitted(format!(
-                    "{name} cannot be removed"
-                ))),
-            };
-            match result {
+            match core.unlink(&parent, &name) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(refuse(&format!("rm {name}"), &e)),
             }
@@ -550,6 +438,30 @@ impl Filesystem for BackupFs {
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         warn!("rmdir {name:?} refused (EPERM): the tree is fixed");
+        reply.error(Errno::EPERM);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        warn!("symlink {name:?} refused (EPERM): the tree is fixed");
+        reply.error(Errno::EPERM);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        warn!("link {name:?} refused (EPERM): names are chosen by backupfs");
         reply.error(Errno::EPERM);
     }
 
@@ -569,23 +481,24 @@ impl Filesystem for BackupFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guard("open", || {
-            let node = match self.node(ino) {
+            let core = &self.core;
+            let node = match core.node(ino) {
                 Ok(node) => node,
                 Err(e) => return reply.error(e),
             };
             let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
             match &node {
                 Node::Request(t) | Node::Verify(t) => {
-                    let fh = self.open_handle(Handle::Control {
-                        kind: if matches!(node, Node::Request(_)) {
-                            Control::Request
-                        } else {
-                            Control::Verify
-                        },
-                        target: t.clone(),
-                        answer: Arc::new(Mutex::new(None)),
-                    });
-                    reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
+                    let kind = if matches!(node, Node::Request(_)) {
+                        Control::Request
+                    } else {
+                        Control::Verify
+                    };
+                    let fh = core.open_handle(Handle::Control(ControlFile::new(kind, t)));
+                    reply.opened(
+                        fh,
+                        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+                    );
                 }
                 Node::Jobs(_) | Node::Record(..) if writing => {
                     warn!("write to a status file refused (EACCES)");
@@ -593,16 +506,16 @@ impl Filesystem for BackupFs {
                 }
                 Node::Jobs(t) => {
                     let mut text = String::new();
-                    for job in self.engine.jobs(Some(t)) {
+                    for job in core.engine.jobs(Some(t)) {
                         text.push_str(&job.line());
                         text.push('\n');
                     }
-                    let fh = self.open_handle(Handle::Text(text.into_bytes()));
+                    let fh = core.open_handle(Handle::Text(text.into_bytes()));
                     reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                 }
-                Node::Record(t, id) => match self.engine.record(t, id) {
+                Node::Record(t, id) => match core.engine.record(t, id) {
                     Ok(record) => {
-                        let fh = self.open_handle(Handle::Text(tree::record_json(&record)));
+                        let fh = core.open_handle(Handle::Text(tree::record_json(&record)));
                         reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                     }
                     Err(e) => reply.error(errno(&e)),
@@ -611,11 +524,23 @@ impl Filesystem for BackupFs {
                     warn!("write to a backup image refused (EROFS)");
                     reply.error(Errno::EROFS)
                 }
-                Node::Image(t, id) => match self.engine.open_image(t, id) {
-                    Ok(image) => self.open_image(ino.0, image, reply),
-                    Err(e) => reply.error(errno(&e)),
-                },
-                Node::Volume(b, v) => self.open_volume(b, v, flags, reply),
+                // Reads the checksums (megabytes for a large backup).
+                Node::Image(t, id) => {
+                    let (t, id) = (t.clone(), id.clone());
+                    self.slow("open", move |core| match core.engine.open_image(&t, &id) {
+                        Ok(image) => {
+                            let fh = core.open_handle(Handle::Image(image));
+                            // Images never change: pages the daemon checked may stay cached.
+                            reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
+                        }
+                        Err(e) => reply.error(errno(&e)),
+                    })
+                }
+                // Attaching can take long (a qcow2 export starts a process).
+                Node::Volume(b, v) => {
+                    let (b, v) = (b.clone(), v.clone());
+                    self.slow("open", move |core| core.open_volume(&b, &v, flags, reply))
+                }
                 _ => reply.error(Errno::EISDIR),
             }
         })
@@ -633,26 +558,20 @@ impl Filesystem for BackupFs {
         reply: ReplyData,
     ) {
         guard("read", || {
-            let handle = match self.handle(fh) {
+            let core = &self.core;
+            let handle = match core.handle(fh) {
                 Ok(handle) => handle,
                 Err(e) => return reply.error(e),
             };
-            let slice = |bytes: &[u8]| {
-                let start = (offset as usize).min(bytes.len());
-                let end = start.saturating_add(size as usize).min(bytes.len());
-                bytes[start..end].to_vec()
-            };
             match handle.as_ref() {
-                Handle::Control { kind, answer, .. } => match answer.lock().as_mut() {
-                    Some(answer) => reply.data(answer.read(offset, size)),
-                    None => reply.data(&slice(match kind {
-                        Control::Request => USAGE.as_bytes(),
-                        Control::Verify => VERIFY_USAGE.as_bytes(),
-                    })),
-                },
-                Handle::Text(bytes) => reply.data(&slice(bytes)),
+                Handle::Control(control) => reply.data(&control.read(offset, size)),
+                Handle::Text(bytes) => {
+                    let start = (offset as usize).min(bytes.len());
+                    let end = start.saturating_add(size as usize).min(bytes.len());
+                    reply.data(&bytes[start..end])
+                }
                 Handle::Dir(_) => reply.error(Errno::EISDIR),
-                Handle::Image { image, .. } => {
+                Handle::Image(image) => {
                     let mut buf = vec![0u8; size as usize];
                     match image.read_at(&mut buf, offset) {
                         Ok(n) => reply.data(&buf[..n]),
@@ -661,9 +580,14 @@ impl Filesystem for BackupFs {
                         }
                     }
                 }
-                other => {
-                    let Some(file) = other.data_file() else {
-                        return reply.error(Errno::EBADF);
+                Handle::Volume(volume) => {
+                    let attached = match volume.attached(&core.engine) {
+                        Ok(attached) => attached,
+                        Err(e) => return reply.error(refuse("read of a volume", &e)),
+                    };
+                    let file = match attached.file() {
+                        Ok(file) => file,
+                        Err(e) => return reply.error(errno(&e)),
                     };
                     let mut buf = vec![0u8; size as usize];
                     let mut done = 0;
@@ -673,7 +597,10 @@ impl Filesystem for BackupFs {
                             Ok(n) => done += n,
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                             Err(e) => {
-                                warn!("read at {offset} failed: {e}");
+                                warn!(
+                                    "read of volume {}/{} at {offset} failed: {e}",
+                                    volume.backend, volume.volume_id
+                                );
                                 return reply.error(Errno::from(e));
                             }
                         }
@@ -697,29 +624,26 @@ impl Filesystem for BackupFs {
         reply: ReplyWrite,
     ) {
         guard("write", || {
-            let handle = match self.handle(fh) {
+            let core = &self.core;
+            let handle = match core.handle(fh) {
                 Ok(handle) => handle,
                 Err(e) => return reply.error(e),
             };
             match handle.as_ref() {
-                Handle::Control {
-                    kind: Control::Request,
-                    target,
-                    answer,
-                } => self.write_request(target, answer, data, reply),
-                Handle::Control {
-                    kind: Control::Verify,
-                    target,
-                    answer,
-                } => self.write_verify(target, answer, data, reply),
-                Handle::VolumeWrite { writer } => match writer.write_at(offset, data) {
-                    Ok(n) => reply.written(n as u32),
-                    Err(e) => reply.error(refuse(
-                        &format!("write to volume {}", writer.volume_id()),
-                        &e,
-                    )),
-                },
-                Handle::Image { .. } => reply.error(Errno::EROFS),
+                Handle::Control(control) => control.write(core, data.to_vec(), reply),
+                Handle::Volume(volume) => {
+                    let result = volume
+                        .writer(&core.engine)
+                        .and_then(|writer| writer.write_at(offset, data));
+                    match result {
+                        Ok(n) => reply.written(n as u32),
+                        Err(e) => reply.error(refuse(
+                            &format!("write to volume {}/{}", volume.backend, volume.volume_id),
+                            &e,
+                        )),
+                    }
+                }
+                Handle::Image(_) => reply.error(Errno::EROFS),
                 _ => reply.error(Errno::EBADF),
             }
         })
@@ -729,11 +653,34 @@ impl Filesystem for BackupFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let Ok(handle) = self.core.handle(fh) else {
+            return reply.ok();
+        };
+        if !matches!(handle.as_ref(), Handle::Volume(_)) {
+            return reply.ok();
+        }
+        // close(2) waits for this: once it returns, the volume is free (no lock, no
+        // export) for a hypervisor that starts right away.
+        self.slow("flush", move |_| {
+            let Handle::Volume(volume) = handle.as_ref() else {
+                return reply.ok();
+            };
+            let synced = match volume.detach() {
+                Some(Attached::Write(writer)) => writer.sync(),
+                _ => Ok(()),
+            };
+            match synced {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(refuse(
+                    &format!("close of volume {}/{}", volume.backend, volume.volume_id),
+                    &e,
+                )),
+            }
+        })
     }
 
     fn release(
@@ -746,23 +693,12 @@ impl Filesystem for BackupFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // Dropping the handle detaches the volume and ends a restore's claim.
-        let handle = self.handles.lock().remove(&fh.0);
-        if let Some(Handle::Image { ino, .. }) = handle.as_deref() {
-            let mut modes = self.image_modes.lock();
-            let last = match modes.get_mut(ino) {
-                Some(ImageMode::Checked(n)) | Some(ImageMode::Passthrough(_, n)) => {
-                    *n -= 1;
-                    *n == 0
-                }
-                None => false,
-            };
-            if last {
-                modes.remove(ino);
-            }
-        }
-        drop(handle);
+        let handle = self.core.handles.lock().remove(&fh.0);
         reply.ok();
+        // Dropping the last handle of a volume detaches it, which may wait for a process.
+        if let Some(handle) = handle {
+            self.core.pool.run(move || drop(handle));
+        }
     }
 
     fn fsync(
@@ -773,17 +709,11 @@ impl Filesystem for BackupFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        guard("fsync", || match self.handle(fh).as_deref() {
-            Ok(Handle::VolumeWrite { writer }) => {
-                let writer = writer.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("fsync".into())
-                    .spawn(move || match writer.sync() {
-                        Ok(()) => reply.ok(),
-                        Err(e) => reply.error(errno(&e)),
-                    });
-                if let Err(e) = spawned {
-                    error!("cannot start a thread for fsync: {e}");
+        self.slow("fsync", move |core| match core.handle(fh).as_deref() {
+            Ok(Handle::Volume(volume)) if volume.writable => {
+                match volume.writer(&core.engine).and_then(|w| w.sync()) {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(errno(&e)),
                 }
             }
             Ok(_) => reply.ok(),
@@ -793,13 +723,14 @@ impl Filesystem for BackupFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         guard("opendir", || {
-            let node = match self.node(ino) {
+            let core = &self.core;
+            let node = match core.node(ino) {
                 Ok(node) => node,
                 Err(e) => return reply.error(e),
             };
-            match tree::children(&self.engine, &node) {
+            match tree::children(&core.engine, &node) {
                 Ok(entries) => {
-                    let fh = self.open_handle(Handle::Dir(entries));
+                    let fh = core.open_handle(Handle::Dir(entries));
                     reply.opened(fh, FopenFlags::empty());
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -816,17 +747,15 @@ impl Filesystem for BackupFs {
         mut reply: ReplyDirectory,
     ) {
         guard("readdir", || {
-            let handle = match self.handle(fh) {
+            let handle = match self.core.handle(fh) {
                 Ok(handle) => handle,
                 Err(e) => return reply.error(e),
             };
             let Handle::Dir(entries) = handle.as_ref() else {
                 return reply.error(Errno::ENOTDIR);
             };
+            // Plain readdir gives the kernel no reference: it looks names up before use.
             for (i, (node, name)) in entries.iter().enumerate().skip(offset as usize) {
-                if name != "." && name != ".." {
-                    self.remember(node);
-                }
                 if reply.add(INodeNo(node.ino()), i as u64 + 1, node.kind(), name) {
                     break;
                 }
@@ -843,7 +772,19 @@ impl Filesystem for BackupFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.handles.lock().remove(&fh.0);
+        self.core.handles.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Every change backupfs makes to its catalogue is durable before it answers.
         reply.ok();
     }
 
@@ -851,35 +792,68 @@ impl Filesystem for BackupFs {
         reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
     }
 
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let (name, value) = (name.to_string_lossy().into_owned(), value.to_vec());
+        self.slow("setxattr", move |core| {
+            match core.set_xattr(ino, &name, Some(value), flags) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_string_lossy().into_owned();
+        self.slow("removexattr", move |core| {
+            match core.set_xattr(ino, &name, None, 0) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
+    }
+
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         guard("getxattr", || {
-            let Ok(Node::Image(t, id)) = self.node(ino) else {
+            let Ok(Node::Image(t, id)) = self.core.node(ino) else {
                 return reply.error(Errno::NO_XATTR);
             };
-            let Some(field) = name.to_str().and_then(|n| n.strip_prefix(XATTR_PREFIX)) else {
-                return reply.error(Errno::NO_XATTR);
-            };
-            let record = match self.engine.record(&t, &id) {
+            let record = match self.core.engine.record(&t, &id) {
                 Ok(record) => record,
                 Err(e) => return reply.error(errno(&e)),
             };
-            let Some((_, value)) = record
-                .scalar_fields()
-                .into_iter()
-                .find(|(k, _)| *k == field)
-            else {
+            let Some(name) = name.to_str() else {
                 return reply.error(Errno::NO_XATTR);
             };
-            reply_xattr(value.as_bytes(), size, reply)
+            let value = match name.strip_prefix(XATTR_PREFIX) {
+                Some(field) => record
+                    .scalar_fields()
+                    .into_iter()
+                    .find(|(k, _)| *k == field)
+                    .map(|(_, v)| v),
+                None => record.xattrs.get(name).cloned(),
+            };
+            match value {
+                Some(value) => reply_xattr(value.as_bytes(), size, reply),
+                None => reply.error(Errno::NO_XATTR),
+            }
         })
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         guard("listxattr", || {
-            let Ok(Node::Image(t, id)) = self.node(ino) else {
+            let Ok(Node::Image(t, id)) = self.core.node(ino) else {
                 return reply_xattr(&[], size, reply);
             };
-            let record = match self.engine.record(&t, &id) {
+            let record = match self.core.engine.record(&t, &id) {
                 Ok(record) => record,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -887,6 +861,10 @@ impl Filesystem for BackupFs {
             for (field, _) in record.scalar_fields() {
                 names.extend_from_slice(XATTR_PREFIX.as_bytes());
                 names.extend_from_slice(field.as_bytes());
+                names.push(0);
+            }
+            for name in record.xattrs.keys() {
+                names.extend_from_slice(name.as_bytes());
                 names.push(0);
             }
             reply_xattr(&names, size, reply)
@@ -908,21 +886,32 @@ impl Filesystem for BackupFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        guard("create", || match self.create_volume(parent, name) {
-            Ok((node, writer)) => match self.attr(&node) {
-                Ok(attr) => {
-                    let fh = self.open_handle(Handle::VolumeWrite { writer });
-                    reply.created(
-                        &tree::ttl(&node),
-                        &attr,
-                        Generation(0),
-                        fh,
-                        FopenFlags::FOPEN_DIRECT_IO,
-                    );
+        let name = name.to_owned();
+        self.slow("create", move |core| {
+            match core.create_volume(parent, &name) {
+                Ok((backend, volume_id, writer)) => {
+                    let node = Node::Volume(backend.clone(), volume_id.clone());
+                    match core.attr(&node, 0) {
+                        Ok(mut attr) => {
+                            attr.ino = INodeNo(core.inodes.lookup(&node));
+                            let fh = core.open_handle(Handle::Volume(VolumeHandle::new(
+                                &backend,
+                                &volume_id,
+                                Attached::Write(writer),
+                            )));
+                            reply.created(
+                                &tree::ttl(&node),
+                                &attr,
+                                Generation(0),
+                                fh,
+                                FopenFlags::FOPEN_DIRECT_IO,
+                            );
+                        }
+                        Err(e) => reply.error(errno(&e)),
+                    }
                 }
-                Err(e) => reply.error(errno(&e)),
-            },
-            Err(e) => reply.error(e),
+                Err(e) => reply.error(e),
+            }
         })
     }
 
@@ -951,14 +940,18 @@ impl Filesystem for BackupFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        guard("fallocate", || {
-            let handle = match self.handle(fh) {
+        self.slow("fallocate", move |core| {
+            let handle = match core.handle(fh) {
                 Ok(handle) => handle,
                 Err(e) => return reply.error(e),
             };
-            let Handle::VolumeWrite { writer } = handle.as_ref() else {
+            let Handle::Volume(volume) = handle.as_ref() else {
                 warn!("fallocate refused (EBADF): only volumes open for writing");
                 return reply.error(Errno::EBADF);
+            };
+            let writer = match volume.writer(&core.engine) {
+                Ok(writer) => writer,
+                Err(e) => return reply.error(refuse("fallocate", &e)),
             };
             let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             let result = if mode == punch {
@@ -989,12 +982,25 @@ impl Filesystem for BackupFs {
         reply: ReplyLseek,
     ) {
         guard("lseek", || {
-            let handle = match self.handle(fh) {
+            let core = &self.core;
+            let handle = match core.handle(fh) {
                 Ok(handle) => handle,
                 Err(e) => return reply.error(e),
             };
-            let Some(file) = handle.data_file() else {
-                return reply.error(Errno::EINVAL);
+            let attached;
+            let file = match handle.as_ref() {
+                Handle::Image(image) => image.file(),
+                Handle::Volume(volume) => {
+                    attached = match volume.attached(&core.engine) {
+                        Ok(attached) => attached,
+                        Err(e) => return reply.error(errno(&e)),
+                    };
+                    match attached.file() {
+                        Ok(file) => file,
+                        Err(e) => return reply.error(errno(&e)),
+                    }
+                }
+                _ => return reply.error(Errno::EINVAL),
             };
             // SAFETY: lseek on a descriptor the handle owns.
             let rc = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
@@ -1019,109 +1025,24 @@ impl Filesystem for BackupFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        guard("copy_file_range", || {
-            let (Ok(input), Ok(out)) = (self.handle(fh_in), self.handle(fh_out)) else {
+        self.slow("copy_file_range", move |core| {
+            let (Ok(input), Ok(out)) = (core.handle(fh_in), core.handle(fh_out)) else {
                 return reply.error(Errno::EBADF);
             };
             // Only image → volume is ours; otherwise the kernel falls back to reading and
             // writing.
-            let (Handle::Image { .. }, Handle::VolumeWrite { writer }) =
-                (input.as_ref(), out.as_ref())
+            let (Handle::Image(image), Handle::Volume(volume)) = (input.as_ref(), out.as_ref())
             else {
                 return reply.error(Errno::EXDEV);
             };
-            let writer = writer.clone();
-            let len = len.min(COPY_RANGE_MAX);
-            let spawned = std::thread::Builder::new()
-                .name("copy-range".into())
-                .spawn(move || {
-                    let Handle::Image { image, .. } = input.as_ref() else {
-                        return reply.error(Errno::EXDEV);
-                    };
-                    match writer.copy_from_backup(image, offset_in, offset_out, len) {
-                        Ok(n) => reply.written(n as u32),
-                        Err(e) => reply.error(refuse("server-side copy", &e)),
-                    }
-                });
-            if let Err(e) = spawned {
-                error!("cannot start a thread for a server-side copy: {e}");
+            let result = volume.writer(&core.engine).and_then(|writer| {
+                writer.copy_from_backup(image, offset_in, offset_out, len.min(COPY_RANGE_MAX))
+            });
+            match result {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(refuse("server-side copy", &e)),
             }
         })
-    }
-}
-
-impl BackupFs {
-    /// Opens an image: straight from the backing file when every block is known good
-    /// (or checks are off) and the kernel can, else through the daemon's checked reads.
-    fn open_image(&self, ino: u64, image: Image, reply: ReplyOpen) {
-        let mut modes = self.image_modes.lock();
-        let backing = match modes.get_mut(&ino) {
-            Some(ImageMode::Checked(n)) => {
-                *n += 1;
-                None
-            }
-            Some(ImageMode::Passthrough(weak, n)) => match weak.upgrade() {
-                Some(backing) => {
-                    *n += 1;
-                    Some(backing)
-                }
-                None => None,
-            },
-            None if self.passthrough && image.fully_checked() => {
-                match reply.open_backing(image.file()) {
-                    Ok(backing) => {
-                        let backing = Arc::new(backing);
-                        modes.insert(ino, ImageMode::Passthrough(Arc::downgrade(&backing), 1));
-                        Some(backing)
-                    }
-                    Err(e) => {
-                        debug!("passthrough refused ({e}); reading through the daemon");
-                        modes.insert(ino, ImageMode::Checked(1));
-                        None
-                    }
-                }
-            }
-            None => {
-                modes.insert(ino, ImageMode::Checked(1));
-                None
-            }
-        };
-        drop(modes);
-        let fh = self.open_handle(Handle::Image {
-            image,
-            _backing: backing.clone(),
-            ino,
-        });
-        match backing {
-            Some(backing) => reply.opened_passthrough(fh, FopenFlags::empty(), &backing),
-            // Images never change: keep their pages across opens.
-            None => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
-        }
-    }
-
-    fn create_volume(
-        &self,
-        parent: INodeNo,
-        name: &OsStr,
-    ) -> Result<(Node, Arc<VolumeWriter>), Errno> {
-        let parent = self.node(parent)?;
-        let Node::Backend(backend) = parent else {
-            warn!(
-                "create {name:?} refused (EPERM): files are created only under volumes/<backend>/"
-            );
-            return Err(Errno::EPERM);
-        };
-        let Some(name) = name.to_str().filter(|n| crate::volume::is_valid_id(n)) else {
-            warn!("create {name:?} refused (EINVAL): not a valid volume id");
-            return Err(Errno::EINVAL);
-        };
-        let writer = self
-            .engine
-            .create_volume(&backend, name)
-            .map_err(|e| refuse(&format!("create of volume {backend}/{name}"), &e))?;
-        let node = Node::Volume(backend, name.to_string());
-        self.remember(&node);
-        Ok((node, writer))
     }
 }
 
@@ -1132,5 +1053,46 @@ fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
         reply.error(Errno::ERANGE)
     } else {
         reply.data(value)
+    }
+}
+
+impl Core {
+    /// Sets (or with None removes) an operator's extended attribute of a backup image;
+    /// the `user.backupfs.*` ones are the record's own and read-only.
+    fn set_xattr(
+        &self,
+        ino: INodeNo,
+        name: &str,
+        value: Option<Vec<u8>>,
+        flags: i32,
+    ) -> Result<(), Errno> {
+        let Ok(Node::Image(t, id)) = self.node(ino) else {
+            warn!("setxattr {name} refused (EOPNOTSUPP): only backup images carry attributes");
+            return Err(Errno::from_i32(libc::EOPNOTSUPP));
+        };
+        if name.starts_with(XATTR_PREFIX) {
+            warn!("setxattr {name} refused (EPERM): the record's own fields are read-only");
+            return Err(Errno::EPERM);
+        }
+        if !name.starts_with("user.") {
+            warn!("setxattr {name} refused (EOPNOTSUPP): only user.* attributes");
+            return Err(Errno::from_i32(libc::EOPNOTSUPP));
+        }
+        let value = match value {
+            Some(bytes) => Some(String::from_utf8(bytes).map_err(|_| {
+                warn!("setxattr {name} refused (EINVAL): values are UTF-8 text");
+                Errno::EINVAL
+            })?),
+            None => None,
+        };
+        let mode = match flags {
+            0 => crate::engine::XattrMode::Any,
+            libc::XATTR_CREATE => crate::engine::XattrMode::Create,
+            libc::XATTR_REPLACE => crate::engine::XattrMode::Replace,
+            _ => return Err(Errno::EINVAL),
+        };
+        self.engine
+            .set_xattr(&t, &id, name, value, mode)
+            .map_err(|e| refuse(&format!("setxattr {name} of {id}"), &e))
     }
 }

@@ -105,18 +105,29 @@ pub fn ttl(node: &Node) -> Duration {
         Node::Image(..) => Duration::from_secs(3600),
         Node::Root | Node::Backups | Node::Volumes => Duration::from_secs(60),
         // These change with every backup and deletion (a record's status and size, where
-        // latest.img points): always ask.
-        Node::Record(..) | Node::ByVolume(_) | Node::ByVolumeDir(..) | Node::Latest(..) => {
-            Duration::ZERO
-        }
+        // latest.img points): always ask. Control files get a new inode per lookup.
+        Node::Record(..)
+        | Node::ByVolume(_)
+        | Node::ByVolumeDir(..)
+        | Node::Latest(..)
+        | Node::Request(_)
+        | Node::Verify(_) => Duration::ZERO,
         _ => Duration::from_secs(1),
     }
 }
 
-pub fn attr(node: &Node, modes: &Modes, size: u64, blocks: u64, mtime: SystemTime) -> FileAttr {
+/// The attributes of `node`, known to the kernel as inode `ino`.
+pub fn attr(
+    node: &Node,
+    ino: u64,
+    modes: &Modes,
+    size: u64,
+    blocks: u64,
+    mtime: SystemTime,
+) -> FileAttr {
     let kind = node.kind();
     FileAttr {
-        ino: INodeNo(node.ino()),
+        ino: INodeNo(ino),
         size,
         blocks,
         atime: mtime,

@@ -2,6 +2,7 @@
 //! record per backup, beside the data, written atomically). `VolumeTarget` is the spec's
 //! generic target: each backup is a volume in a backend's pool. Targets never copy data.
 
+pub mod claim;
 pub mod record;
 
 use crate::volume::{Access, Attachment, VolumeDriver, VolumeError};
@@ -21,6 +22,11 @@ pub enum TargetError {
     Locked { target: String, path: PathBuf },
     #[error("record {path}: {message}")]
     BadRecord { path: PathBuf, message: String },
+    #[error("pool {path} {source}")]
+    Claim {
+        path: PathBuf,
+        source: claim::ClaimError,
+    },
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error("{op} {path}: {source}")]
@@ -72,8 +78,9 @@ pub trait BackupTarget: Send + Sync {
     fn open_data(&self, backup_id: &str) -> Result<Attachment>;
     /// Removes the data (and checksums) of a backup; gone already is fine.
     fn delete_data(&self, backup_id: &str) -> Result<()>;
-    /// IDs of stored data, to find data no record owns.
-    fn data_ids(&self) -> Result<Vec<String>>;
+    /// Files in the target that no record owns and that backupfs does not otherwise
+    /// know (an operator's, or data whose record is gone): left in place, for the log.
+    fn strays(&self) -> Result<Vec<String>>;
     fn allocated(&self, backup_id: &str) -> Result<u64>;
 
     fn write_checksums(&self, backup_id: &str, sums: &[u64]) -> Result<record::Checksums>;
@@ -93,15 +100,31 @@ pub struct VolumeTarget {
     _lock: File,
 }
 
-const LOCK_FILE: &str = ".backupfs.lock";
+pub(crate) const LOCK_FILE: &str = ".backupfs.lock";
+
+pub(crate) fn record_file_name(backup_id: &str) -> String {
+    format!("backup-{backup_id}.json")
+}
+
+pub(crate) fn sums_file_name(backup_id: &str) -> String {
+    format!("backup-{backup_id}.sums")
+}
 
 impl VolumeTarget {
+    /// Opens a target pool: refuses one that is not ours (see `claim`), takes the
+    /// one-daemon-per-target lock, then claims the pool (migrating an earlier backupfs's
+    /// layout) if it is not claimed yet.
     pub fn open(
         name: &str,
         driver: Arc<dyn VolumeDriver>,
         pool: &str,
         dir: &Path,
     ) -> Result<VolumeTarget> {
+        let refused = |source| TargetError::Claim {
+            path: dir.to_path_buf(),
+            source,
+        };
+        claim::inspect(dir, name).map_err(refused)?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)
@@ -117,6 +140,7 @@ impl VolumeTarget {
                 path: lock_path,
             });
         }
+        claim::claim(dir, name).map_err(refused)?;
         Ok(VolumeTarget {
             name: name.to_string(),
             driver,
@@ -127,11 +151,7 @@ impl VolumeTarget {
     }
 
     fn record_path(&self, backup_id: &str) -> PathBuf {
-        self.dir.join(format!("backup-{backup_id}.json"))
-    }
-
-    fn sums_name(backup_id: &str) -> String {
-        format!("backup-{backup_id}.sums")
+        self.dir.join(record_file_name(backup_id))
     }
 
     fn read_record_file(path: &Path) -> Result<Record> {
@@ -240,7 +260,7 @@ impl BackupTarget for VolumeTarget {
             message: e.to_string(),
         })?;
         bytes.push(b'\n');
-        self.write_atomic(&format!("backup-{}.json", record.id), &bytes)
+        self.write_atomic(&record_file_name(&record.id), &bytes)
     }
 
     fn remove_record(&self, backup_id: &str) -> Result<()> {
@@ -258,7 +278,9 @@ impl BackupTarget for VolumeTarget {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(".backup-") && name.ends_with(".tmp") {
+            if (name.starts_with(".backup-") && name.ends_with(".tmp"))
+                || claim::is_marker_temporary(&name)
+            {
                 tracing::warn!(
                     target = self.name,
                     "removing {name} left by an interrupted write"
@@ -285,7 +307,7 @@ impl BackupTarget for VolumeTarget {
 
     fn delete_data(&self, backup_id: &str) -> Result<()> {
         self.driver.delete(&self.pool, backup_id)?;
-        let sums = self.dir.join(Self::sums_name(backup_id));
+        let sums = self.dir.join(sums_file_name(backup_id));
         match std::fs::remove_file(&sums) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -293,13 +315,17 @@ impl BackupTarget for VolumeTarget {
         }
     }
 
-    fn data_ids(&self) -> Result<Vec<String>> {
-        Ok(self
-            .driver
-            .list(&self.pool)?
-            .into_iter()
-            .map(|v| v.id)
-            .collect())
+    fn strays(&self) -> Result<Vec<String>> {
+        let mut strays = claim::foreign_files(&self.dir);
+        for data in self.driver.list(&self.pool)? {
+            if matches!(self.record(&data.id), Err(TargetError::NotFound(_))) {
+                strays.push(crate::volume::pools::object_file_name(
+                    crate::volume::pools::PoolRole::Backups,
+                    &data.id,
+                ));
+            }
+        }
+        Ok(strays)
     }
 
     fn allocated(&self, backup_id: &str) -> Result<u64> {
@@ -308,7 +334,7 @@ impl BackupTarget for VolumeTarget {
 
     fn write_checksums(&self, backup_id: &str, sums: &[u64]) -> Result<record::Checksums> {
         let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let name = Self::sums_name(backup_id);
+        let name = sums_file_name(backup_id);
         self.write_atomic(&name, &bytes)?;
         Ok(record::Checksums {
             algorithm: "xxh3-64".to_string(),
@@ -323,7 +349,7 @@ impl BackupTarget for VolumeTarget {
         let Some(checksums) = &record.checksums else {
             return Ok(Vec::new());
         };
-        let path = self.dir.join(Self::sums_name(&record.id));
+        let path = self.dir.join(sums_file_name(&record.id));
         let bytes = std::fs::read(&path).map_err(|e| TargetError::io("read", &path, e))?;
         let digest = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
         if digest != checksums.digest || bytes.len() as u64 != checksums.blocks * 8 {

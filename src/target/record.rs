@@ -2,6 +2,7 @@
 //! Format version 1; a reader refuses versions it does not know instead of guessing.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -65,6 +66,13 @@ pub struct Record {
     pub verified_at: Option<String>,
     #[serde(default)]
     pub damaged_blocks: Option<Vec<u64>>,
+    /// A temporary snapshot backupfs made for this backup that may still exist: kept
+    /// until its removal has succeeded, so that it is never forgotten.
+    #[serde(default)]
+    pub temporary_snapshot: Option<String>,
+    /// Operators' `user.*` extended attributes of the image (Cinder's backup metadata).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
 }
 
 impl Record {

@@ -2,50 +2,20 @@
 //! (Cinder's RemoteFS naming); snapshots are reflinks (`FICLONE`) beside it.
 //! It never writes to a volume file except through an attachment the engine asked for.
 
-use super::{Access, Attachment, Result, VolumeDriver, VolumeError, VolumeInfo, is_valid_id};
-use std::collections::BTreeMap;
+use super::pools::PoolDirs;
+use super::{Access, Attachment, Result, VolumeDriver, VolumeError, VolumeInfo};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-const VOLUME_PREFIX: &str = "volume-";
-
 pub struct FileDriver {
-    backend: String,
-    pools: BTreeMap<String, PathBuf>,
+    pools: PoolDirs,
 }
 
 impl FileDriver {
-    pub fn new(backend: &str, pools: BTreeMap<String, PathBuf>) -> FileDriver {
-        FileDriver {
-            backend: backend.to_string(),
-            pools,
-        }
-    }
-
-    fn pool_dir(&self, pool: &str) -> Result<&Path> {
-        self.pools
-            .get(pool)
-            .map(PathBuf::as_path)
-            .ok_or_else(|| VolumeError::NoPool(format!("{}/{pool}", self.backend)))
-    }
-
-    fn volume_path(&self, pool: &str, volume_id: &str) -> Result<PathBuf> {
-        // Callers validate IDs; this is the last guard before a path is built.
-        if !is_valid_id(volume_id) {
-            return Err(VolumeError::NotFound(volume_id.to_string()));
-        }
-        Ok(self
-            .pool_dir(pool)?
-            .join(format!("{VOLUME_PREFIX}{volume_id}")))
-    }
-
-    fn snapshot_path(&self, pool: &str, snapshot_name: &str) -> Result<PathBuf> {
-        if !is_valid_id(snapshot_name) {
-            return Err(VolumeError::NotFound(snapshot_name.to_string()));
-        }
-        Ok(self.pool_dir(pool)?.join(snapshot_name))
+    pub fn new(pools: PoolDirs) -> FileDriver {
+        FileDriver { pools }
     }
 
     fn info(pool: &str, volume_id: &str, meta: &std::fs::Metadata) -> VolumeInfo {
@@ -306,40 +276,59 @@ pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<
     Ok(())
 }
 
+/// Takes an OFD write lock on the whole file, the lock QEMU checks before it opens an
+/// image: while a restore writes a volume, no hypervisor can start on it. The lock goes
+/// with the descriptor. False when another process holds a conflicting lock.
+pub(crate) fn lock_for_write(file: &File) -> std::io::Result<bool> {
+    let lock = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads the flock struct we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if rc < 0 {
+        let err = std::io::Error::last_os_error();
+        if matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+            return Ok(false);
+        }
+        return Err(err);
+    }
+    Ok(true)
+}
+
+/// Whether the file at `path` is bound to a loop device.
+pub(crate) fn on_loop_device(path: &Path) -> std::io::Result<bool> {
+    let canonical = path.canonicalize()?;
+    Ok(loop_backing_files().contains(&canonical))
+}
+
 impl VolumeDriver for FileDriver {
     fn backend(&self) -> &str {
-        &self.backend
+        self.pools.backend()
     }
 
     fn pools(&self) -> Vec<String> {
-        self.pools.keys().cloned().collect()
+        self.pools.names()
     }
 
     fn list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
-        let dir = self.pool_dir(pool)?;
-        let entries = std::fs::read_dir(dir).map_err(|e| VolumeError::io("list", dir, e))?;
         let mut volumes = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(volume_id) = name.to_str().and_then(|n| n.strip_prefix(VOLUME_PREFIX)) else {
-                continue;
-            };
-            if !is_valid_id(volume_id) {
-                continue;
-            }
+        for (id, path) in self.pools.list(pool)? {
             // A volume deleted between readdir and stat simply is not listed.
-            if let Ok(meta) = entry.metadata()
+            if let Ok(meta) = std::fs::metadata(&path)
                 && meta.is_file()
             {
-                volumes.push(Self::info(pool, volume_id, &meta));
+                volumes.push(Self::info(pool, &id, &meta));
             }
         }
-        volumes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(volumes)
     }
 
     fn stat(&self, pool: &str, volume_id: &str) -> Result<VolumeInfo> {
-        let path = self.volume_path(pool, volume_id)?;
+        let path = self.pools.object_path(pool, volume_id)?;
         match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => Ok(Self::info(pool, volume_id, &meta)),
             Ok(_) => Err(VolumeError::NotFound(volume_id.to_string())),
@@ -351,7 +340,7 @@ impl VolumeDriver for FileDriver {
     }
 
     fn create(&self, pool: &str, volume_id: &str, size: u64) -> Result<VolumeInfo> {
-        let path = self.volume_path(pool, volume_id)?;
+        let path = self.pools.object_path(pool, volume_id)?;
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -365,6 +354,7 @@ impl VolumeDriver for FileDriver {
                 }
             })?;
         if let Err(e) = file.set_len(size) {
+            // We made it a moment ago (create_new): ours to remove.
             let _ = std::fs::remove_file(&path);
             return Err(VolumeError::io("create", path, e));
         }
@@ -375,7 +365,7 @@ impl VolumeDriver for FileDriver {
     }
 
     fn extend(&self, pool: &str, volume_id: &str, size: u64) -> Result<()> {
-        let path = self.volume_path(pool, volume_id)?;
+        let path = self.pools.object_path(pool, volume_id)?;
         let file = OpenOptions::new()
             .write(true)
             .open(&path)
@@ -392,29 +382,35 @@ impl VolumeDriver for FileDriver {
     }
 
     fn delete(&self, pool: &str, volume_id: &str) -> Result<()> {
-        remove_volume_file(&self.volume_path(pool, volume_id)?)
+        remove_volume_file(&self.pools.object_path(pool, volume_id)?)
     }
 
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
-        let source_path = self.volume_path(pool, volume_id)?;
-        let snapshot_path = self.snapshot_path(pool, snapshot_name)?;
-        reflink_snapshot(&self.backend, pool, volume_id, &source_path, &snapshot_path)
+        let source_path = self.pools.object_path(pool, volume_id)?;
+        let snapshot_path = self.pools.snapshot_path(pool, snapshot_name)?;
+        reflink_snapshot(
+            self.pools.backend(),
+            pool,
+            volume_id,
+            &source_path,
+            &snapshot_path,
+        )
     }
 
     fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
-        remove_snapshot_file(&self.snapshot_path(pool, snapshot_name)?)
+        remove_snapshot_file(&self.pools.snapshot_path(pool, snapshot_name)?)
     }
 
     fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String> {
         reflink_support(
-            &self.backend,
+            self.pools.backend(),
             pool,
-            self.pool_dir(pool).map_err(|e| e.to_string())?,
+            self.pools.dir(pool).map_err(|e| e.to_string())?,
         )
     }
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
-        let path = self.volume_path(pool, volume_id)?;
+        let path = self.pools.object_path(pool, volume_id)?;
         let file = open_volume_file(&path, access).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 VolumeError::NotFound(volume_id.to_string())
@@ -422,32 +418,40 @@ impl VolumeDriver for FileDriver {
                 VolumeError::io("attach", &path, e)
             }
         })?;
+        if access == Access::Write {
+            // Locked first, then checked: a hypervisor that starts from here on finds the
+            // lock, and one that came before is found by the check.
+            if !lock_for_write(&file).map_err(|e| VolumeError::io("lock", &path, e))? {
+                return Err(VolumeError::Busy(format!(
+                    "volume {volume_id} is locked by another process"
+                )));
+            }
+            if on_loop_device(&path).map_err(|e| VolumeError::io("check in-use", &path, e))? {
+                return Err(VolumeError::Busy(format!(
+                    "volume {volume_id} is bound to a loop device"
+                )));
+            }
+        }
         Ok(Attachment::plain(file, path))
     }
 
     fn attach_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<Attachment> {
-        let path = self.snapshot_path(pool, snapshot_name)?;
+        let path = self.pools.snapshot_path(pool, snapshot_name)?;
         let file = open_volume_file(&path, Access::Stream)
             .map_err(|e| VolumeError::io("attach", &path, e))?;
         Ok(Attachment::plain(file, path))
     }
 
     fn in_use(&self, pool: &str, volume_id: &str) -> Result<Option<String>> {
-        let path = self.volume_path(pool, volume_id)?;
-        let canonical = path
-            .canonicalize()
-            .map_err(|e| VolumeError::io("check in-use", &path, e))?;
-        if loop_backing_files().contains(&canonical) {
+        let path = self.pools.object_path(pool, volume_id)?;
+        if on_loop_device(&path).map_err(|e| VolumeError::io("check in-use", &path, e))? {
             return Ok(Some("bound to a loop device".to_string()));
         }
         lock_holder(&path).map_err(|e| VolumeError::io("check in-use", &path, e))
     }
 
     fn free_space(&self, pool: &str) -> Result<u64> {
-        let dir = self.pool_dir(pool)?;
-        let stat = nix::sys::statvfs::statvfs(dir)
-            .map_err(|e| VolumeError::io("statvfs", dir, e.into()))?;
-        Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+        self.pools.free_space(pool)
     }
 
     fn grows_on_write(&self) -> bool {

@@ -3,6 +3,7 @@
 //! the engine against these; a driver never calls the engine or the FUSE layer.
 
 pub mod file;
+pub mod pools;
 pub mod qcow2;
 
 use std::fs::File;
@@ -32,6 +33,9 @@ pub enum VolumeError {
     NoPool(String),
     #[error("cannot snapshot: {0}")]
     SnapshotUnsupported(String),
+    /// Something outside backupfs holds the volume (a lock, a loop device).
+    #[error("{0}")]
+    Busy(String),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,

@@ -6,21 +6,20 @@
 mod export;
 
 use super::file::{
-    lock_holder, loop_backing_files, reflink_snapshot, reflink_support, remove_snapshot_file,
+    lock_holder, on_loop_device, reflink_snapshot, reflink_support, remove_snapshot_file,
     remove_volume_file, zero_fill, zero_range,
 };
-use super::{Access, Attachment, Result, VolumeDriver, VolumeError, VolumeInfo, is_valid_id};
+use super::pools::{PoolDirs, object_file_name};
+use super::{Access, Attachment, Result, VolumeDriver, VolumeError, VolumeInfo};
 use export::{Exports, Mode};
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const VOLUME_PREFIX: &str = "volume-";
 const QEMU_IMG: &str = "qemu-img";
 /// qcow2 sizes are whole sectors.
 const SECTOR: u64 = 512;
@@ -44,8 +43,7 @@ pub fn virtual_size(header: &[u8]) -> Option<u64> {
 }
 
 pub struct Qcow2Driver {
-    backend: String,
-    pools: BTreeMap<String, PathBuf>,
+    pools: PoolDirs,
     exports: Arc<Exports>,
     next_temp: AtomicU64,
 }
@@ -53,7 +51,7 @@ pub struct Qcow2Driver {
 impl Qcow2Driver {
     /// Checks that the QEMU tools are there and opens the export directory, cleaning what a
     /// crashed daemon left in it.
-    pub fn new(backend: &str, pools: BTreeMap<String, PathBuf>) -> Result<Qcow2Driver> {
+    pub fn new(pools: PoolDirs) -> Result<Qcow2Driver> {
         for tool in [QEMU_IMG, export::QSD] {
             let found = Command::new(tool)
                 .arg("--version")
@@ -73,35 +71,10 @@ impl Qcow2Driver {
         let exports =
             Exports::open(&base).map_err(|e| VolumeError::io("open qcow2 exports", &base, e))?;
         Ok(Qcow2Driver {
-            backend: backend.to_string(),
             pools,
             exports,
             next_temp: AtomicU64::new(0),
         })
-    }
-
-    fn pool_dir(&self, pool: &str) -> Result<&Path> {
-        self.pools
-            .get(pool)
-            .map(PathBuf::as_path)
-            .ok_or_else(|| VolumeError::NoPool(format!("{}/{pool}", self.backend)))
-    }
-
-    fn volume_path(&self, pool: &str, volume_id: &str) -> Result<PathBuf> {
-        // Callers validate IDs; this is the last guard before a path is built.
-        if !is_valid_id(volume_id) {
-            return Err(VolumeError::NotFound(volume_id.to_string()));
-        }
-        Ok(self
-            .pool_dir(pool)?
-            .join(format!("{VOLUME_PREFIX}{volume_id}")))
-    }
-
-    fn snapshot_path(&self, pool: &str, snapshot_name: &str) -> Result<PathBuf> {
-        if !is_valid_id(snapshot_name) {
-            return Err(VolumeError::NotFound(snapshot_name.to_string()));
-        }
-        Ok(self.pool_dir(pool)?.join(snapshot_name))
     }
 
     /// What a listing shows of one image; `NotFound` when it is not a qcow2 image.
@@ -216,47 +189,38 @@ fn open_export(path: &Path, access: Access) -> std::io::Result<File> {
 
 impl VolumeDriver for Qcow2Driver {
     fn backend(&self) -> &str {
-        &self.backend
+        self.pools.backend()
     }
 
     fn pools(&self) -> Vec<String> {
-        self.pools.keys().cloned().collect()
+        self.pools.names()
     }
 
     fn list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
-        let dir = self.pool_dir(pool)?;
-        let entries = std::fs::read_dir(dir).map_err(|e| VolumeError::io("list", dir, e))?;
         let mut volumes = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(volume_id) = name.to_str().and_then(|n| n.strip_prefix(VOLUME_PREFIX)) else {
-                continue;
-            };
-            if !is_valid_id(volume_id) {
-                continue;
-            }
+        for (id, path) in self.pools.list(pool)? {
             // Gone since readdir, or not a qcow2 image: not listed.
-            match Self::info(pool, volume_id, &entry.path()) {
+            match Self::info(pool, &id, &path) {
                 Ok(info) => volumes.push(info),
                 Err(VolumeError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        volumes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(volumes)
     }
 
     fn stat(&self, pool: &str, volume_id: &str) -> Result<VolumeInfo> {
-        let path = self.volume_path(pool, volume_id)?;
+        let path = self.pools.object_path(pool, volume_id)?;
         Self::info(pool, volume_id, &path)
     }
 
     fn create(&self, pool: &str, volume_id: &str, size: u64) -> Result<VolumeInfo> {
-        let path = self.volume_path(pool, volume_id)?;
+        let path = self.pools.object_path(pool, volume_id)?;
         // qemu-img create overwrites: the image is made under a hidden name and linked into
         // place, which fails rather than replace a volume that exists.
-        let temp = self.pool_dir(pool)?.join(format!(
-            ".{VOLUME_PREFIX}{volume_id}.creating-{}-{}",
+        let temp = self.pools.dir(pool)?.join(format!(
+            ".{}.creating-{}-{}",
+            object_file_name(self.pools.role(pool)?, volume_id),
             std::process::id(),
             self.next_temp.fetch_add(1, Ordering::Relaxed)
         ));
@@ -290,7 +254,7 @@ impl VolumeDriver for Qcow2Driver {
     }
 
     fn extend(&self, pool: &str, volume_id: &str, size: u64) -> Result<()> {
-        let path = self.volume_path(pool, volume_id)?;
+        let path = self.pools.object_path(pool, volume_id)?;
         let current = Self::info(pool, volume_id, &path)?.size;
         let size = round_up(size, SECTOR);
         if size <= current {
@@ -326,7 +290,7 @@ impl VolumeDriver for Qcow2Driver {
     }
 
     fn delete(&self, pool: &str, volume_id: &str) -> Result<()> {
-        remove_volume_file(&self.volume_path(pool, volume_id)?)
+        remove_volume_file(&self.pools.object_path(pool, volume_id)?)
     }
 
     /// A reflink of the image file: an atomic copy of its bytes, made without the
@@ -335,42 +299,48 @@ impl VolumeDriver for Qcow2Driver {
     /// for that). An internal snapshot would need the image lock the hypervisor holds; an
     /// external overlay would need the hypervisor to switch to it (QMP), which is Nova's.
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
-        let source_path = self.volume_path(pool, volume_id)?;
-        let snapshot_path = self.snapshot_path(pool, snapshot_name)?;
-        reflink_snapshot(&self.backend, pool, volume_id, &source_path, &snapshot_path)
+        let source_path = self.pools.object_path(pool, volume_id)?;
+        let snapshot_path = self.pools.snapshot_path(pool, snapshot_name)?;
+        reflink_snapshot(
+            self.pools.backend(),
+            pool,
+            volume_id,
+            &source_path,
+            &snapshot_path,
+        )
     }
 
     fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
-        remove_snapshot_file(&self.snapshot_path(pool, snapshot_name)?)
+        remove_snapshot_file(&self.pools.snapshot_path(pool, snapshot_name)?)
     }
 
     fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String> {
         reflink_support(
-            &self.backend,
+            self.pools.backend(),
             pool,
-            self.pool_dir(pool).map_err(|e| e.to_string())?,
+            self.pools.dir(pool).map_err(|e| e.to_string())?,
         )
     }
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
-        let path = self.volume_path(pool, volume_id)?;
+        let path = self.pools.object_path(pool, volume_id)?;
         // Only what a listing shows is exported (a qcow2 image, never a probed format).
         Self::info(pool, volume_id, &path)?;
         self.attach_image(&path, volume_id, access)
     }
 
     fn attach_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<Attachment> {
-        let path = self.snapshot_path(pool, snapshot_name)?;
+        let path = self.pools.snapshot_path(pool, snapshot_name)?;
         Self::info(pool, snapshot_name, &path)?;
         self.attach_image(&path, snapshot_name, Access::Stream)
     }
 
     fn in_use(&self, pool: &str, volume_id: &str) -> Result<Option<String>> {
-        let path = self.volume_path(pool, volume_id)?;
+        let path = self.pools.object_path(pool, volume_id)?;
         let canonical = path
             .canonicalize()
             .map_err(|e| VolumeError::io("check in-use", &path, e))?;
-        if loop_backing_files().contains(&canonical) {
+        if on_loop_device(&canonical).map_err(|e| VolumeError::io("check in-use", &path, e))? {
             return Ok(Some("bound to a loop device".to_string()));
         }
         // Our own writer holds QEMU's image locks, which are OFD locks that name no pid;
@@ -384,10 +354,7 @@ impl VolumeDriver for Qcow2Driver {
     }
 
     fn free_space(&self, pool: &str) -> Result<u64> {
-        let dir = self.pool_dir(pool)?;
-        let stat = nix::sys::statvfs::statvfs(dir)
-            .map_err(|e| VolumeError::io("statvfs", dir, e.into()))?;
-        Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+        self.pools.free_space(pool)
     }
 
     /// qsd punches holes (frees clusters) only for whole clusters: the aligned middle is

@@ -37,6 +37,27 @@ pub fn sh(script: &str) -> Output {
         .expect("bash runs")
 }
 
+/// Runs a command with a deadline: killed (and reported as failed) when it takes longer.
+pub fn run_timeout(command: &mut Command, timeout: Duration) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("command starts");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait_with_output().expect("output");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs a script that must succeed; its stdout.
 #[track_caller]
 pub fn ok(script: &str) -> String {
@@ -123,6 +144,15 @@ impl Sandbox {
     /// Binds a file to a loop device (a volume "attached" the way a hypervisor would).
     pub fn attach_loop(&mut self, file: &Path) -> String {
         let dev = ok(&format!("losetup -f --show '{}'", file.display()))
+            .trim()
+            .to_string();
+        self.loops.push(dev.clone());
+        dev
+    }
+
+    /// Binds a file to a read-only loop device (`losetup -r`), as admins look into a backup.
+    pub fn attach_loop_ro(&mut self, file: &Path) -> String {
+        let dev = ok(&format!("losetup -r -f --show '{}'", file.display()))
             .trim()
             .to_string();
         self.loops.push(dev.clone());

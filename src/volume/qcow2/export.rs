@@ -89,7 +89,7 @@ impl Exports {
         // Made under a hidden name and renamed once locked, so no other daemon's clean-up
         // can take it for a crashed daemon's while it is being set up.
         let setup = base.join(format!(".{pid}.setup"));
-        let _ = std::fs::remove_dir_all(&setup);
+        let _ = remove_export_dir(&setup);
         std::fs::DirBuilder::new().mode(0o700).create(&setup)?;
         let lock = OpenOptions::new()
             .write(true)
@@ -100,7 +100,7 @@ impl Exports {
         flock_nb(&lock)?;
         let dir = base.join(pid.to_string());
         if let Err(e) = std::fs::rename(&setup, &dir) {
-            let _ = std::fs::remove_dir_all(&setup);
+            let _ = remove_export_dir(&setup);
             return Err(std::io::Error::new(
                 e.kind(),
                 format!("cannot take {}: {e}", dir.display()),
@@ -273,10 +273,8 @@ impl Exports {
 impl Drop for Exports {
     fn drop(&mut self) {
         // Every export holds an Arc of this: none is left. The lock goes with the file.
-        match std::fs::remove_dir_all(&self.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!("cannot remove {}: {e}", self.dir.display()),
+        if let Err(e) = remove_export_dir(&self.dir) {
+            warn!("cannot remove {}: {e}", self.dir.display());
         }
     }
 }
@@ -296,7 +294,7 @@ extern "C" fn remove_dir_at_exit() {
             .try_lock()
             .is_some_and(|slots| slots.is_empty())
     {
-        let _ = std::fs::remove_dir_all(&exports.dir);
+        let _ = remove_export_dir(&exports.dir);
     }
 }
 
@@ -493,12 +491,15 @@ fn clean_stale(base: &Path) {
                 }
             }
         }
-        match std::fs::remove_dir_all(&path) {
+        match remove_export_dir(&path) {
             Ok(()) => info!(
                 "removed {} left by a backupfs that is gone ({cleaned} qcow2 exports)",
                 path.display()
             ),
-            Err(e) => warn!("cannot remove stale exports {}: {e}", path.display()),
+            Err(e) => warn!(
+                "cleaned the qcow2 exports left in {} by a backupfs that is gone ({cleaned}), but kept the directory: {e}",
+                path.display()
+            ),
         }
     }
 }
@@ -557,6 +558,51 @@ fn detach_mount(path: &Path) {
     }
 }
 
+/// Whether `name` is a file an export directory's owner makes: its lock, and each
+/// export's mountpoint, pidfile and log.
+fn is_export_file(name: &str) -> bool {
+    if name == LOCK_FILE {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix(EXPORT_PREFIX) else {
+        return false;
+    };
+    let number = rest
+        .strip_suffix(".pid")
+        .or_else(|| rest.strip_suffix(".log"))
+        .unwrap_or(rest);
+    !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Removes an export directory: the files backupfs made in it, then the directory. A file
+/// someone else put there stays, and so does the directory (the error names the files).
+fn remove_export_dir(dir: &Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut foreign = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_export_file(&name) && entry.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(entry.path())?;
+        } else {
+            foreign.push(name);
+        }
+    }
+    if !foreign.is_empty() {
+        return Err(std::io::Error::other(format!(
+            "it holds files backupfs did not make: {}",
+            foreign.join(", ")
+        )));
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 fn remove_files(mountpoint: &Path) {
     for path in [
         mountpoint.to_path_buf(),
@@ -589,6 +635,22 @@ fn read_log(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_export_files_are_ours() {
+        for ours in ["lock", "export-0", "export-12.pid", "export-7.log"] {
+            assert!(is_export_file(ours), "{ours}");
+        }
+        for theirs in [
+            "export-",
+            "export-a",
+            "export-1.txt",
+            "notes",
+            "export-1.pid.bak",
+        ] {
+            assert!(!is_export_file(theirs), "{theirs}");
+        }
+    }
 
     #[test]
     fn args_are_json_and_readers_take_no_locks() {

@@ -1,0 +1,380 @@
+//! The generic backup pipeline of the spec, written once against the driver primitives:
+//! accept (checks, `creating` record) → snapshot if in-use → attach → copy → detach →
+//! checksums → record `available` → remove the snapshot. Any failure removes the partial
+//! data and the snapshot, and records `error`; the source volume is only ever read.
+
+use super::job::{Failure, JobSubject, pause_point};
+use super::*;
+use crate::copy::{self, CopyOptions, Range};
+use crate::target::record::{FORMAT_VERSION, Record, Status};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+use tracing::{error, warn};
+
+/// How often a copy of a volume that was idle at its start checks that it still is.
+const IN_USE_POLL: Duration = Duration::from_millis(200);
+
+impl Inner {
+    pub(super) fn start_backup(
+        &self,
+        target_name: &str,
+        request: &BackupRequest,
+    ) -> Result<Arc<Job>> {
+        let target = self.target(target_name)?;
+        let (backend_name, info) = self.find_anywhere(&request.volume_id)?;
+        let backend = self.backend(&backend_name)?;
+        let key = (backend_name.clone(), info.id.clone());
+        {
+            let state = self.state.lock();
+            if state.stopping {
+                return Err(EngineError::Busy("backupfs is stopping".to_string()));
+            }
+            if let Some(busy) = state.busy.get(&key) {
+                return Err(busy_error(busy, &info.id));
+            }
+        }
+        if let Some(why) = backend.driver.in_use(&info.pool, &info.id)?
+            && let Err(reason) = backend.driver.snapshot_support(&info.pool)
+        {
+            return Err(EngineError::Busy(format!(
+                "volume {} is in-use ({why}) and cannot be snapshotted: {reason}",
+                info.id
+            )));
+        }
+        let free = target.free_space()?;
+        if info.allocated > free {
+            return Err(EngineError::NoSpace(format!(
+                "target {target_name} has {free} bytes free, volume {} holds {} bytes",
+                info.id, info.allocated
+            )));
+        }
+        let backup_id = uuid::Uuid::new_v4().to_string();
+        let record = Record {
+            format: FORMAT_VERSION,
+            id: backup_id.clone(),
+            volume_id: info.id.clone(),
+            backend: backend_name.clone(),
+            pool: info.pool.clone(),
+            target: target_name.to_string(),
+            status: Status::Creating,
+            size: info.size,
+            created_at: now(),
+            completed_at: None,
+            name: request.name.clone(),
+            snapshot_used: false,
+            parent_id: None,
+            checksums: None,
+            error: None,
+            stored_bytes: 0,
+            verified_at: None,
+            damaged_blocks: None,
+            temporary_snapshot: None,
+            xattrs: Default::default(),
+        };
+        let job = Arc::new(Job::new(
+            JobKind::Backup,
+            JobSubject {
+                backup_id,
+                volume_id: info.id.clone(),
+                backend: backend_name,
+                pool: info.pool.clone(),
+                target: target_name.to_string(),
+                name: request.name.clone(),
+                size: info.size,
+            },
+        ));
+        {
+            // Checked again under the lock: two requests may race past the first check.
+            let mut state = self.state.lock();
+            if let Some(busy) = state.busy.get(&key) {
+                return Err(busy_error(busy, &info.id));
+            }
+            // Reserve the volume, then write the record without holding the engine's lock
+            // (two fsyncs: `jobs` and restores must not wait for them).
+            state.busy.insert(key.clone(), Busy::Backup);
+        }
+        // The record comes first, so a crash from here on is found and cleaned at start-up.
+        let queued = target
+            .write_record(&record)
+            .map_err(EngineError::from)
+            .and_then(|()| self.enqueue(&job));
+        if let Err(e) = queued {
+            self.state.lock().busy.remove(&key);
+            // Refused (the daemon began to stop meanwhile): the record we just wrote goes,
+            // and the refusal changes nothing.
+            if let Err(remove) = target.remove_record(&job.backup_id) {
+                error!(
+                    backup_id = job.backup_id,
+                    "cannot remove the record of a refused backup: {remove}"
+                );
+            }
+            return Err(e);
+        }
+        info!(
+            backup_id = job.backup_id,
+            volume_id = job.volume_id,
+            backend = job.backend,
+            target = target_name,
+            size = job.size,
+            "backup queued"
+        );
+        Ok(job)
+    }
+
+    /// Runs one backup job to its end (also one cancelled before it started) and records
+    /// the outcome.
+    pub(super) fn run_backup(&self, job: &Job) {
+        let started = Instant::now();
+        pause_point("started", &job.cancel);
+        if !job.is_cancelled() {
+            info!(
+                backup_id = job.backup_id,
+                volume_id = job.volume_id,
+                target = job.target,
+                size = job.size,
+                "backup started"
+            );
+        }
+        let outcome = self.backup(job);
+        let failure = match outcome {
+            Ok(stored) => {
+                let secs = started.elapsed().as_secs_f64();
+                info!(
+                    backup_id = job.backup_id,
+                    volume_id = job.volume_id,
+                    target = job.target,
+                    bytes = job.size,
+                    stored_bytes = stored,
+                    seconds = format!("{secs:.2}"),
+                    mib_per_s = format!("{:.1}", job.size as f64 / secs.max(1e-6) / 1048576.0),
+                    "backup available"
+                );
+                None
+            }
+            Err(e) => {
+                let failure = Failure::of(e);
+                error!(
+                    backup_id = job.backup_id,
+                    volume_id = job.volume_id,
+                    target = job.target,
+                    "backup failed: {}; the source volume is untouched, request a new backup once the cause is fixed",
+                    failure.reason
+                );
+                Some(failure)
+            }
+        };
+        self.state
+            .lock()
+            .busy
+            .remove(&(job.backend.clone(), job.volume_id.clone()));
+        job.finish(failure);
+    }
+
+    /// The pipeline, and on failure its cleanup and the `error` record.
+    fn backup(&self, job: &Job) -> Result<u64> {
+        let target = self.target(&job.target)?;
+        let backend = self.backend(&job.backend)?;
+        let mut record = target.record(&job.backup_id)?;
+        let result = if job.is_cancelled() {
+            Err(EngineError::Interrupted)
+        } else {
+            self.backup_steps(job, target.as_ref(), backend, &mut record)
+        };
+        if let Err(e) = &result {
+            cleanup(target.as_ref(), backend.driver.as_ref(), &mut record);
+            record.status = Status::Error;
+            record.completed_at = Some(now());
+            record.error = Some(e.reason());
+            if let Err(e) = target.write_record(&record) {
+                error!(backup_id = job.backup_id, "cannot record the failure: {e}");
+            }
+        }
+        result
+    }
+
+    fn backup_steps(
+        &self,
+        job: &Job,
+        target: &dyn BackupTarget,
+        backend: &Backend,
+        record: &mut Record,
+    ) -> Result<u64> {
+        let driver = backend.driver.as_ref();
+        let snapshot = snapshot_name(&job.backup_id);
+        let in_use = driver.in_use(&job.pool, &job.volume_id)?;
+        let before = driver.stat(&job.pool, &job.volume_id)?;
+        let source = if let Some(why) = &in_use {
+            job.set_phase(Phase::Snapshotting);
+            record.snapshot_used = true;
+            record.temporary_snapshot = Some(snapshot.clone());
+            // Recorded before the snapshot exists, so recovery knows to look for it.
+            target.write_record(record)?;
+            info!(
+                backup_id = job.backup_id,
+                volume_id = job.volume_id,
+                "volume is in-use ({why}): backing up from a temporary snapshot"
+            );
+            driver
+                .snapshot(&job.pool, &job.volume_id, &snapshot)
+                .map_err(|e| match e {
+                    VolumeError::SnapshotUnsupported(reason) => EngineError::Busy(format!(
+                        "volume {} is in-use ({why}) and cannot be snapshotted: {reason}",
+                        job.volume_id
+                    )),
+                    other => other.into(),
+                })?;
+            pause_point("snapshotting", &job.cancel);
+            driver.attach_snapshot(&job.pool, &snapshot)?
+        } else {
+            driver.attach(&job.pool, &job.volume_id, Access::Stream)?
+        };
+        job.set_phase(Phase::Copying);
+        let size = source
+            .file
+            .metadata()
+            .map_err(|source| EngineError::io("stat source", source))?
+            .len();
+        let destination = target.create_data(&job.backup_id, size)?;
+        let options = CopyOptions {
+            dest_is_zero: true,
+            bps_limit: self.config.copy_bps_limit,
+        };
+        // An idle volume is read in place: should anything attach it meanwhile, the copy
+        // could mix old and new data, so it is watched and the backup fails.
+        let stop_copy = AtomicBool::new(false);
+        let attached: Mutex<Option<String>> = Mutex::new(None);
+        let copying = AtomicBool::new(true);
+        let copied = std::thread::scope(|scope| {
+            if in_use.is_none() {
+                scope.spawn(|| {
+                    while copying.load(Ordering::Relaxed) {
+                        if job.is_cancelled() {
+                            stop_copy.store(true, Ordering::Relaxed);
+                        }
+                        if let Ok(Some(why)) = driver.in_use(&job.pool, &job.volume_id) {
+                            *attached.lock() = Some(why);
+                            stop_copy.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        std::thread::sleep(IN_USE_POLL);
+                    }
+                });
+            }
+            let cancel = if in_use.is_none() {
+                &stop_copy
+            } else {
+                &job.cancel
+            };
+            let result = copy::copy(
+                &source.file,
+                &destination.file,
+                Range::whole(size),
+                options,
+                &job.progress,
+                cancel,
+                &|_, _| Ok(()),
+            );
+            copying.store(false, Ordering::Relaxed);
+            result
+        });
+        driver.detach(source)?;
+        drop(destination);
+        if let Some(why) = attached.lock().take() {
+            return Err(EngineError::Busy(format!(
+                "volume {} was attached during the copy ({why}); the copy may be inconsistent, request the backup again",
+                job.volume_id
+            )));
+        }
+        if job.is_cancelled() {
+            return Err(EngineError::Interrupted);
+        }
+        let outcome = copied?;
+        if in_use.is_none() {
+            if let Some(why) = driver.in_use(&job.pool, &job.volume_id)? {
+                return Err(EngineError::Busy(format!(
+                    "volume {} was attached during the copy ({why}); the copy may be inconsistent, request the backup again",
+                    job.volume_id
+                )));
+            }
+            let after = driver.stat(&job.pool, &job.volume_id)?;
+            if after.mtime != before.mtime || after.size != before.size {
+                return Err(EngineError::Busy(format!(
+                    "volume {} was written during the copy; the copy may be inconsistent, request the backup again",
+                    job.volume_id
+                )));
+            }
+        }
+        job.set_phase(Phase::Finishing);
+        pause_point("finishing", &job.cancel);
+        if job.is_cancelled() {
+            return Err(EngineError::Interrupted);
+        }
+        record.checksums = Some(target.write_checksums(&job.backup_id, &outcome.checksums)?);
+        record.size = size;
+        record.stored_bytes = outcome.bytes_written;
+        record.status = Status::Available;
+        record.completed_at = Some(now());
+        target.write_record(record)?;
+        if record.temporary_snapshot.is_some() {
+            match driver.delete_snapshot(&job.pool, &snapshot) {
+                Ok(()) => {
+                    record.temporary_snapshot = None;
+                    let _updating = self.record_updates.lock();
+                    if let Err(e) = target.write_record(record) {
+                        // The snapshot is gone; the janitor finds it gone and says so.
+                        warn!(backup_id = job.backup_id, "cannot update the record: {e}");
+                    }
+                }
+                // The backup is good; the janitor retries until the snapshot is gone.
+                Err(e) => warn!(
+                    backup_id = job.backup_id,
+                    "cannot delete temporary snapshot {snapshot} (retried later): {e}"
+                ),
+            }
+        }
+        Ok(outcome.bytes_written)
+    }
+}
+
+fn busy_error(busy: &Busy, volume_id: &str) -> EngineError {
+    EngineError::Busy(match busy {
+        Busy::Backup => format!("volume {volume_id} already has a backup queued or running"),
+        Busy::Opening | Busy::Restore(_) => format!("volume {volume_id} is being restored"),
+    })
+}
+
+/// Removes what a failed or interrupted backup left, as its record names it: its partial
+/// data and its temporary snapshot (which stays named in the record if it cannot go).
+pub(super) fn cleanup(target: &dyn BackupTarget, driver: &dyn VolumeDriver, record: &mut Record) {
+    if let Err(e) = target.delete_data(&record.id) {
+        error!(
+            backup_id = record.id,
+            "cannot remove partial backup data: {e}"
+        );
+    }
+    remove_snapshot(driver, record);
+}
+
+/// Removes a record's temporary snapshot, if it names one; clears the name once it is gone.
+/// Records of earlier versions say only `snapshot_used`: their snapshot is looked for too.
+pub(super) fn remove_snapshot(driver: &dyn VolumeDriver, record: &mut Record) -> bool {
+    let name = match (&record.temporary_snapshot, record.snapshot_used) {
+        (Some(name), _) => name.clone(),
+        (None, true) if record.status == Status::Creating => snapshot_name(&record.id),
+        _ => return true,
+    };
+    match driver.delete_snapshot(&record.pool, &name) {
+        Ok(()) => {
+            record.temporary_snapshot = None;
+            true
+        }
+        Err(e) => {
+            error!(
+                backup_id = record.id,
+                "cannot delete temporary snapshot {name} (retried later): {e}"
+            );
+            record.temporary_snapshot = Some(name);
+            false
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Deleting backups, and finishing removals that failed earlier. Everything removed here
+//! is named by a record: the backup's data and checksums, the record itself, and a
+//! temporary snapshot the record still names. A record stays (`deleting`) until all of
+//! that is gone, so nothing backupfs made is forgotten while it exists.
+
+use super::backup::remove_snapshot;
+use super::*;
+use crate::target::record::Status;
+use tracing::{error, warn};
+
+impl Inner {
+    pub(super) fn delete_backup(&self, target_name: &str, backup_id: &str) -> Result<()> {
+        let target = self.target(target_name)?;
+        let _updating = self.record_updates.lock();
+        let record = target.record(backup_id)?;
+        match record.status {
+            Status::Creating => Err(EngineError::Busy(format!(
+                "backup {backup_id} is still being made"
+            ))),
+            Status::Deleting => Err(EngineError::NotFound(format!(
+                "backup {backup_id} is being deleted"
+            ))),
+            Status::Available | Status::Error => {
+                self.delete(target_name, target.as_ref(), record)?;
+                info!(target = target_name, backup_id, "backup deleted");
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn delete_record(&self, target_name: &str, backup_id: &str) -> Result<()> {
+        let target = self.target(target_name)?;
+        let _updating = self.record_updates.lock();
+        let record = target.record(backup_id)?;
+        if record.status != Status::Error {
+            return Err(EngineError::NotPermitted(format!(
+                "backup {backup_id} is {}: only records of failed backups are removed this way (rm the .img to delete a backup)",
+                record.status.as_str()
+            )));
+        }
+        self.delete(target_name, target.as_ref(), record)?;
+        info!(
+            target = target_name,
+            backup_id, "record of failed backup removed"
+        );
+        Ok(())
+    }
+
+    /// Marks the record `deleting` (a crash from there on is finished at the next start),
+    /// then removes what it names. Call with `record_updates` held.
+    fn delete(
+        &self,
+        target_name: &str,
+        target: &dyn BackupTarget,
+        mut record: Record,
+    ) -> Result<()> {
+        record.status = Status::Deleting;
+        target.write_record(&record)?;
+        self.sums.forget(&record.id);
+        self.blocks.forget(&record.id);
+        self.forget_jobs(&record.id);
+        self.finish_deletion(target_name, target, record)
+    }
+
+    /// Removes the data, the snapshot and then the record of a `deleting` record. What
+    /// cannot be removed now keeps the record, for the janitor to retry.
+    fn finish_deletion(
+        &self,
+        target_name: &str,
+        target: &dyn BackupTarget,
+        mut record: Record,
+    ) -> Result<()> {
+        target.delete_data(&record.id)?;
+        if let Some(driver) = self.backends.get(&record.backend).map(|b| &b.driver)
+            && !remove_snapshot(driver.as_ref(), &mut record)
+        {
+            warn!(
+                target = target_name,
+                backup_id = record.id,
+                "backup data removed; its record stays (deleting) until its temporary snapshot can be removed"
+            );
+            return Ok(());
+        }
+        target.remove_record(&record.id)?;
+        Ok(())
+    }
+
+    /// The janitor's round for one target: finishes deletions and removes temporary
+    /// snapshots that an earlier attempt could not, for jobs that are not running.
+    pub(super) fn finish_leftovers(&self, target_name: &str, target: &dyn BackupTarget) {
+        let records = match target.records() {
+            Ok(records) => records,
+            Err(e) => {
+                warn!(target = target_name, "cannot read the catalogue: {e}");
+                return;
+            }
+        };
+        for record in records {
+            let pending = record.status == Status::Deleting
+                || (record.temporary_snapshot.is_some() && record.status != Status::Creating);
+            if !pending || self.is_running(&record.id) {
+                continue;
+            }
+            let _updating = self.record_updates.lock();
+            // Read again under the lock: a delete may have just changed it.
+            let Ok(mut record) = target.record(&record.id) else {
+                continue;
+            };
+            match record.status {
+                Status::Deleting => {
+                    match self.finish_deletion(target_name, target, record.clone()) {
+                        Ok(()) if target.record(&record.id).is_err() => info!(
+                            target = target_name,
+                            backup_id = record.id,
+                            "finished an earlier deletion"
+                        ),
+                        Ok(()) => {}
+                        Err(e) => error!(
+                            target = target_name,
+                            backup_id = record.id,
+                            "cannot finish deletion: {e}"
+                        ),
+                    }
+                }
+                Status::Available | Status::Error if record.temporary_snapshot.is_some() => {
+                    let Some(driver) = self.backends.get(&record.backend).map(|b| &b.driver) else {
+                        continue;
+                    };
+                    if remove_snapshot(driver.as_ref(), &mut record) {
+                        match target.write_record(&record) {
+                            Ok(()) => info!(
+                                target = target_name,
+                                backup_id = record.id,
+                                "removed a temporary snapshot left by an earlier failure"
+                            ),
+                            Err(e) => error!(backup_id = record.id, "cannot update record: {e}"),
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Operators' notes on a backup: `user.*` extended attributes of its image (other than the
+//! record's own `user.backupfs.*`), kept in the record so they travel with the target and
+//! a second node sees them. Cinder's backup metadata is kept this way.
+
+use super::*;
+use crate::target::record::Status;
+
+/// Room for all of a backup's attributes together (the record stays small).
+const XATTRS_MAX: usize = 256 << 10;
+
+/// setxattr's flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrMode {
+    Any,
+    /// Fails if the attribute exists.
+    Create,
+    /// Fails if it does not.
+    Replace,
+}
+
+impl Inner {
+    pub(super) fn set_xattr(
+        &self,
+        target_name: &str,
+        backup_id: &str,
+        name: &str,
+        value: Option<String>,
+        mode: XattrMode,
+    ) -> Result<()> {
+        let target = self.target(target_name)?;
+        let _updating = self.record_updates.lock();
+        let mut record = target.record(backup_id)?;
+        if record.status != Status::Available {
+            return Err(EngineError::NotFound(format!(
+                "backup {backup_id} is {}",
+                record.status.as_str()
+            )));
+        }
+        let exists = record.xattrs.contains_key(name);
+        match (&value, mode, exists) {
+            (Some(_), XattrMode::Create, true) => {
+                return Err(EngineError::Exists(format!("{name} is set already")));
+            }
+            (Some(_), XattrMode::Replace, false) | (None, _, false) => {
+                return Err(EngineError::NoAttribute(format!("{name} is not set")));
+            }
+            _ => {}
+        }
+        match value {
+            Some(value) => {
+                let others: usize = record
+                    .xattrs
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != name)
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum();
+                if others + name.len() + value.len() > XATTRS_MAX {
+                    return Err(EngineError::NoSpace(format!(
+                        "a backup's attributes hold at most {XATTRS_MAX} bytes together"
+                    )));
+                }
+                record.xattrs.insert(name.to_string(), value);
+            }
+            None => {
+                record.xattrs.remove(name);
+            }
+        }
+        target.write_record(&record)?;
+        info!(
+            target = target_name,
+            backup_id, name, "attribute of backup updated"
+        );
+        Ok(())
+    }
+}

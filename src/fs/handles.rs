@@ -1,0 +1,88 @@
+//! Open files of the mount. A volume's handle holds its attachment only while the file is
+//! in use: `close` (FUSE flush) detaches it at once, so a hypervisor that starts right
+//! after `cp` or a backup finds the volume free; a later write through a duplicated
+//! descriptor attaches it again.
+
+use super::control::ControlFile;
+use super::tree::Node;
+use crate::engine::{Engine, EngineError, Image, VolumeWriter};
+use crate::volume::Attachment;
+use parking_lot::Mutex;
+use std::fs::File;
+use std::sync::Arc;
+
+pub(super) enum Handle {
+    /// `request` or `verify`: a write starts work, a read gives its answer.
+    Control(ControlFile),
+    /// A status file rendered at open (procfs-like, read with direct I/O).
+    Text(Vec<u8>),
+    Image(Image),
+    Volume(VolumeHandle),
+    Dir(Vec<(Node, String)>),
+}
+
+/// What a volume handle has attached.
+#[derive(Clone)]
+pub(super) enum Attached {
+    Read(Arc<Attachment>),
+    Write(Arc<VolumeWriter>),
+}
+
+impl Attached {
+    pub(super) fn file(&self) -> Result<&File, EngineError> {
+        match self {
+            Attached::Read(attachment) => Ok(&attachment.file),
+            Attached::Write(writer) => writer.file(),
+        }
+    }
+}
+
+pub(super) struct VolumeHandle {
+    pub backend: String,
+    pub volume_id: String,
+    pub writable: bool,
+    attached: Mutex<Option<Attached>>,
+}
+
+impl VolumeHandle {
+    pub(super) fn new(backend: &str, volume_id: &str, attached: Attached) -> VolumeHandle {
+        VolumeHandle {
+            backend: backend.to_string(),
+            volume_id: volume_id.to_string(),
+            writable: matches!(attached, Attached::Write(_)),
+            attached: Mutex::new(Some(attached)),
+        }
+    }
+
+    /// The attachment, attaching again if a close let it go.
+    pub(super) fn attached(&self, engine: &Engine) -> Result<Attached, EngineError> {
+        if let Some(attached) = self.attached.lock().as_ref() {
+            return Ok(attached.clone());
+        }
+        let attached = if self.writable {
+            Attached::Write(engine.open_restore(&self.backend, &self.volume_id, false)?)
+        } else {
+            Attached::Read(Arc::new(
+                engine.open_volume_read(&self.backend, &self.volume_id)?,
+            ))
+        };
+        let mut slot = self.attached.lock();
+        Ok(slot.get_or_insert(attached).clone())
+    }
+
+    pub(super) fn writer(&self, engine: &Engine) -> Result<Arc<VolumeWriter>, EngineError> {
+        match self.attached(engine)? {
+            Attached::Write(writer) => Ok(writer),
+            Attached::Read(_) => Err(EngineError::io(
+                "write",
+                std::io::Error::from_raw_os_error(libc::EBADF),
+            )),
+        }
+    }
+
+    /// Lets the attachment go (the caller drops it, off the session's threads: detaching
+    /// a qcow2 export waits for qemu-storage-daemon).
+    pub(super) fn detach(&self) -> Option<Attached> {
+        self.attached.lock().take()
+    }
+}

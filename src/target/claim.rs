@@ -1,0 +1,336 @@
+//! The claim of a target's pool directory: backupfs writes a marker of its own (target
+//! name, a random id, a format version) into a pool only while the pool is empty, and a
+//! pool that holds anything else without that marker is never used as a target. So a
+//! misconfigured `pool = ...` can never make backupfs delete an operator's volumes.
+//! Inspecting writes nothing; only `claim` (called by the daemon, under the target lock)
+//! writes, and it renames or removes only files that a record names.
+
+use super::LOCK_FILE;
+use super::record::{is_backup_id, rfc3339};
+use crate::volume::pools::{PoolRole, object_file_name};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::SystemTime;
+
+/// The marker's file name in a claimed pool.
+pub const MARKER: &str = ".backupfs-target";
+const FORMAT: u32 = 1;
+/// How many of the files found a refusal names.
+const NAMED_FILES: usize = 5;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    pub format: u32,
+    /// The target that owns the pool.
+    pub target: String,
+    /// A random id, so that two pools claimed by the same target name are told apart.
+    pub id: String,
+    pub created_at: String,
+}
+
+/// What a pool directory is, as far as claiming it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolState {
+    /// Claimed by the target named in the marker.
+    Claimed(Marker),
+    /// Holds nothing (but perhaps backupfs' own lock file): claimed at start.
+    Empty,
+    /// Holds nothing but an earlier backupfs's own files, every data file owned by a
+    /// record: claimed (and its data renamed) at start.
+    Legacy { backups: usize },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(
+        "is not empty and carries no backupfs claim marker ({MARKER}): found {}; a target needs an empty directory of its own (backupfs claims it at its first start)",
+        name_files(files, *total)
+    )]
+    Foreign { files: Vec<String>, total: usize },
+    #[error("is claimed by target {owner:?} (marker {MARKER}, claimed {created_at})")]
+    OtherTarget { owner: String, created_at: String },
+    #[error("has a claim marker {MARKER} backupfs cannot read: {0}")]
+    BadMarker(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn name_files(files: &[String], total: usize) -> String {
+    let mut text = files.join(", ");
+    if total > files.len() {
+        text.push_str(&format!(" (and {} more)", total - files.len()));
+    }
+    text
+}
+
+/// The marker of a pool directory, if it has one.
+pub fn read_marker(dir: &Path) -> Result<Option<Marker>, ClaimError> {
+    let text = match std::fs::read(dir.join(MARKER)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let marker: Marker =
+        serde_json::from_slice(&text).map_err(|e| ClaimError::BadMarker(e.to_string()))?;
+    if marker.format != FORMAT {
+        return Err(ClaimError::BadMarker(format!(
+            "unknown format {}",
+            marker.format
+        )));
+    }
+    Ok(Some(marker))
+}
+
+/// The backup IDs an earlier backupfs's files in `names` belong to, or the files that are
+/// not backupfs' own: records (`backup-<id>.json`) own their checksums and data, whether
+/// under the old data name (`volume-<id>`) or the new one (a migration cut short).
+fn legacy_backups(names: &BTreeSet<String>) -> Result<BTreeSet<String>, Vec<String>> {
+    let records: BTreeSet<String> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("backup-")?.strip_suffix(".json"))
+        .filter(|id| is_backup_id(id))
+        .map(str::to_string)
+        .collect();
+    let owned = |id: &str| records.contains(id);
+    let foreign: Vec<String> = names
+        .iter()
+        .filter(|name| {
+            let name = name.as_str();
+            let ours = name == LOCK_FILE
+                || (name.starts_with(".backup-") && name.ends_with(".tmp"))
+                || name
+                    .strip_prefix("backup-")
+                    .and_then(|n| {
+                        n.strip_suffix(".json")
+                            .filter(|id| is_backup_id(id))
+                            .or_else(|| n.strip_suffix(".sums"))
+                            .or_else(|| n.strip_suffix(".img"))
+                    })
+                    .is_some_and(owned)
+                || name.strip_prefix("volume-").is_some_and(owned)
+                || name
+                    .strip_prefix(".volume-")
+                    .and_then(|n| n.split_once(".creating-"))
+                    .is_some_and(|(id, _)| owned(id));
+            !ours
+        })
+        .cloned()
+        .collect();
+    if foreign.is_empty() {
+        Ok(records)
+    } else {
+        Err(foreign)
+    }
+}
+
+fn entries(dir: &Path) -> Result<BTreeSet<String>, ClaimError> {
+    let mut names = BTreeSet::new();
+    for entry in std::fs::read_dir(dir)? {
+        names.insert(entry?.file_name().to_string_lossy().into_owned());
+    }
+    Ok(names)
+}
+
+/// What `dir` is for target `target`; refuses a pool that another target claimed or that
+/// holds files backupfs did not make. Writes nothing.
+pub fn inspect(dir: &Path, target: &str) -> Result<PoolState, ClaimError> {
+    if let Some(marker) = read_marker(dir)? {
+        if marker.target != target {
+            return Err(ClaimError::OtherTarget {
+                owner: marker.target,
+                created_at: marker.created_at,
+            });
+        }
+        return Ok(PoolState::Claimed(marker));
+    }
+    let mut names = entries(dir)?;
+    names.remove(LOCK_FILE);
+    if names.is_empty() {
+        return Ok(PoolState::Empty);
+    }
+    match legacy_backups(&names) {
+        Ok(records) => Ok(PoolState::Legacy {
+            backups: records.len(),
+        }),
+        Err(foreign) => Err(ClaimError::Foreign {
+            total: foreign.len(),
+            files: foreign.into_iter().take(NAMED_FILES).collect(),
+        }),
+    }
+}
+
+/// Claims `dir` for `target` (call with the target's lock held): renames an earlier
+/// backupfs's data to today's names, then writes the marker. Crash-safe and idempotent:
+/// each rename is atomic, and the marker comes last, so a start after a crash finds the
+/// pool still legacy (or claimed) and carries on.
+pub fn claim(dir: &Path, target: &str) -> Result<Marker, ClaimError> {
+    if let PoolState::Claimed(marker) = inspect(dir, target)? {
+        return Ok(marker);
+    }
+    let names = entries(dir)?;
+    let records = legacy_backups(&names).map_err(|foreign| ClaimError::Foreign {
+        total: foreign.len(),
+        files: foreign.into_iter().take(NAMED_FILES).collect(),
+    })?;
+    for id in &records {
+        let old = dir.join(format!("volume-{id}"));
+        let new = dir.join(object_file_name(PoolRole::Backups, id));
+        if !old.exists() {
+            continue;
+        }
+        if new.exists() {
+            tracing::error!(
+                "{}: both {} and {} exist; leaving both for an operator to look at",
+                dir.display(),
+                old.display(),
+                new.display()
+            );
+            continue;
+        }
+        std::fs::rename(&old, &new)?;
+        tracing::info!(
+            "{}: backup {id}'s data renamed from {} to {}",
+            dir.display(),
+            old.display(),
+            new.display()
+        );
+    }
+    for name in &names {
+        // A qcow2 image an earlier version was creating when it crashed: a temporary name
+        // only backupfs makes, for a record it names.
+        if name.starts_with(".volume-") && name.contains(".creating-") {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+    }
+    sync_dir(dir)?;
+    let marker = Marker {
+        format: FORMAT,
+        target: target.to_string(),
+        id: uuid::Uuid::new_v4().to_string(),
+        created_at: rfc3339(SystemTime::now()),
+    };
+    write_new(dir, &marker)?;
+    if !records.is_empty() {
+        tracing::info!(
+            "{}: claimed for target {target} with the data of {} earlier backups",
+            dir.display(),
+            records.len()
+        );
+    }
+    Ok(marker)
+}
+
+/// Writes the marker so that it appears whole or not at all, and never replaces one that
+/// is there (link(2) fails with EEXIST).
+fn write_new(dir: &Path, marker: &Marker) -> Result<(), ClaimError> {
+    let tmp = dir.join(format!("{MARKER}.{}.tmp", std::process::id()));
+    let mut bytes = serde_json::to_vec_pretty(marker).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    let result = (|| -> std::io::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::hard_link(&tmp, dir.join(MARKER))
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    match result {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Someone claimed it first: fine if for the same target.
+            inspect(dir, &marker.target)?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(sync_dir(dir)?)
+}
+
+/// Whether `name` is a temporary file of a marker write that a crash interrupted.
+pub fn is_marker_temporary(name: &str) -> bool {
+    name.strip_prefix(MARKER)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|rest| rest.ends_with(".tmp"))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Every name in a claimed target pool that backupfs did not make (for the start-up log).
+pub fn foreign_files(dir: &Path) -> Vec<String> {
+    let Ok(names) = entries(dir) else {
+        return Vec::new();
+    };
+    names
+        .into_iter()
+        .filter(|name| {
+            let ours = name == MARKER
+                || name == LOCK_FILE
+                || is_marker_temporary(name)
+                || (name.starts_with(".backup-") && name.ends_with(".tmp"))
+                || name
+                    .strip_prefix("backup-")
+                    .and_then(|n| {
+                        n.strip_suffix(".json")
+                            .or_else(|| n.strip_suffix(".sums"))
+                            .or_else(|| n.strip_suffix(".img"))
+                    })
+                    .is_some_and(is_backup_id);
+            !ours
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0c1e2f3a-aaaa-4bbb-8ccc-123456789abc";
+    const B: &str = "6b0c2f1e-1111-4222-8333-444455556666";
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn an_earlier_backupfs_pool_is_recognised_by_its_records() {
+        let names = set(&[
+            &format!("backup-{A}.json"),
+            &format!("backup-{A}.sums"),
+            &format!("volume-{A}"),
+            &format!("backup-{B}.json"),
+            &format!("backup-{B}.img"),
+            ".backupfs.lock",
+            &format!(".backup-{B}.json.77.0.tmp"),
+        ]);
+        assert_eq!(legacy_backups(&names).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_volume_without_a_record_is_foreign() {
+        let names = set(&[&format!("backup-{A}.json"), &format!("volume-{B}")]);
+        assert_eq!(
+            legacy_backups(&names).unwrap_err(),
+            vec![format!("volume-{B}")]
+        );
+        let names = set(&[&format!("volume-{A}")]);
+        assert!(legacy_backups(&names).is_err());
+        let names = set(&["notes.txt"]);
+        assert!(legacy_backups(&names).is_err());
+    }
+
+    #[test]
+    fn marker_temporaries_are_recognised() {
+        assert!(is_marker_temporary(".backupfs-target.123.tmp"));
+        assert!(!is_marker_temporary(".backupfs-target"));
+        assert!(!is_marker_temporary(".backupfs-targetx.tmp"));
+    }
+}
