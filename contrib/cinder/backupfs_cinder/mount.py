@@ -111,10 +111,10 @@ class Mount:
             try:
                 written = os.write(fd, (line + '\n').encode())
             except OSError as e:
-                raise self._backup_error(
-                    target, volume_id, line, self._read_backup_id(fd),
-                    e.errno) from None
-            backup_id = self._read_backup_id(fd)
+                raise self._backup_error(target, volume_id, line,
+                                         self._read_answer(fd),
+                                         e.errno) from None
+            backup_id, _ = self._read_answer(fd)
         finally:
             os.close(fd)
         if written != len(line) + 1 or backup_id is None:
@@ -124,17 +124,20 @@ class Mount:
         return backup_id
 
     @staticmethod
-    def _read_backup_id(fd):
-        """The id backupfs answers after a request; None if it made no job.
-
-        A request that was refused made no job: reading then gives the usage
-        text instead of an id.
+    def _read_answer(fd):
+        """(backup id, None) after a request that made a job, else (None,
+        backupfs' reason for refusing it, if it gave one).
         """
         answer = os.read(fd, 4096).decode('utf-8', 'replace').strip()
-        return answer if _BACKUP_ID.match(answer) else None
+        if _BACKUP_ID.match(answer):
+            return answer, None
+        if answer.startswith('error: '):
+            return None, answer[len('error: '):]
+        return None, None
 
-    def _backup_error(self, target, volume_id, line, backup_id, code):
+    def _backup_error(self, target, volume_id, line, answer, code):
         """The exception for a request that failed with ``code``."""
+        backup_id, reason = answer
         if backup_id is not None:
             # Accepted, then failed: the record has the daemon's reason.
             record = self.record(target, backup_id) or {}
@@ -145,6 +148,8 @@ class Mount:
             return cls('backup %s of volume %s on target %s failed: %s'
                        % (backup_id, volume_id, target, reason),
                        code, backup_id)
+        said = ('backupfs says: %s' % reason if reason else
+                'the backupfs log says why')
         if code == errno.ENOENT:
             return exception.VolumeNotServed(
                 'volume %s is not on any backend that backupfs serves '
@@ -153,26 +158,23 @@ class Mount:
                 'backend' % (volume_id, ', '.join(self.backends()) or 'none',
                              volume_id), code)
         if code == errno.EBUSY:
+            if not reason:
+                said = ('a backup of it is queued or running, it is being '
+                        'restored, or it is in use and its pool cannot make '
+                        'snapshots; the backupfs log says which')
             return exception.VolumeBusy(
-                'volume %s is busy (EBUSY): a backup of it is queued or '
-                'running, it is being restored, or it is in use and its pool '
-                'cannot make snapshots; the backupfs log says which'
-                % volume_id, code)
+                'volume %s is busy; %s' % (volume_id, said), code)
         if code == errno.ENOSPC:
             return exception.TargetFull(
-                'target %s has less free space than the data of volume %s '
-                '(ENOSPC)' % (target, volume_id), code)
+                'target %s has less free space than the data of volume %s; '
+                '%s' % (target, volume_id, said), code)
         if code == errno.EINVAL:
-            hint = ''
-            if line.endswith(' incremental'):
-                hint = ('; a backupfs without incremental backups refuses '
-                        '"incremental"')
             return exception.RequestRefused(
-                'backupfs refused the request %r as invalid (EINVAL)%s; the '
-                'backupfs log says why' % (line, hint), code)
+                'backupfs refused the request %r as invalid; %s'
+                % (line, said), code)
         return exception.BackupfsError(
-            'backupfs refused the backup of volume %s on target %s: %s'
-            % (volume_id, target, os.strerror(code)), code)
+            'backupfs refused the backup of volume %s on target %s (%s); %s'
+            % (volume_id, target, os.strerror(code), said), code)
 
     def record(self, target, backup_id):
         """The backup's record as a dict, or None if there is none."""

@@ -190,6 +190,10 @@ class BackupRestoreTest(base.BackupfsTestCase):
         path = self.restore(self.backup, new, True, node=node_b)
         self.assertContent(path, self.pieces)
         self.assertTrue(path.startswith(node_b.pool))
+        # Cinder's backup metadata came along with the target.
+        kept = json.loads(os.getxattr(mount_image(node_b, self.backup),
+                                      driver.METADATA_XATTR))
+        self.assertEqual(self.volume.id, kept['volume-base-metadata']['id'])
 
     def test_import_of_a_backup_this_node_lacks_fails(self):
         info = {'backupfs_target': 't', 'backupfs_id': str(uuid.uuid4())}
@@ -229,7 +233,18 @@ class FailureTest(base.BackupfsTestCase):
                               self.create_backup(volume), None)
         self.assertEqual(errno.ENOSPC, e.errno)
         self.assertIn('target t has less free space than the data of '
-                      'volume %s' % volume.id, str(e))
+                      'volume %s; backupfs says: ' % volume.id, str(e))
+
+    def test_a_volume_being_restored_through_the_mount_is_busy(self):
+        volume = self.create_volume(base.random_pieces((0, MiB)))
+        restoring = os.open(os.path.join(self.node.mountpoint, 'volumes',
+                                         'cinder', volume.id), os.O_WRONLY)
+        self.addCleanup(os.close, restoring)
+        e = self.assertRaises(exception.VolumeBusy, self.driver.backup,
+                              self.create_backup(volume), None)
+        self.assertEqual(errno.EBUSY, e.errno)
+        self.assertIn('volume %s is busy' % volume.id, str(e))
+        self.assertIn('backupfs says: ', str(e))
 
     def test_a_damaged_backup_fails_the_restore_and_writes_no_bad_data(self):
         pieces = base.random_pieces((0, 8 * MiB))
@@ -238,7 +253,7 @@ class FailureTest(base.BackupfsTestCase):
         self.driver.backup(backup, None)
         # Bytes of block 5 flipped in the stored data, behind backupfs' back.
         stored = os.path.join(self.target_pool,
-                              'volume-%s' % backup.service_metadata)
+                              'backup-%s.img' % backup.service_metadata)
         with open(stored, 'r+b') as f:
             f.seek(5 * MiB + 1234)
             f.write(b'\xde\xad')
