@@ -21,6 +21,8 @@ missing=()
 for package in "${!needs[@]}"; do
     command -v "${needs[$package]}" >/dev/null 2>&1 || missing+=("$package")
 done
+# python3-venv gives python3 its venv and ensurepip modules (tests/cinder.rs).
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -28,6 +30,19 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 modprobe -a loop fuse btrfs xfs overlay 2>/dev/null || true
+
+# Cinder's own code for tests/cinder.rs: cinder from PyPI (its wheel holds Cinder's
+# unit tests and their fakes) in a virtualenv at a fixed path, made again only when
+# the package list below changes.
+venv=target/cinder-venv
+cinder_packages="cinder==29.0.0 ddt fixtures oslotest testtools"
+if [ "$(cat "$venv/packages" 2>/dev/null)" != "$cinder_packages" ]; then
+    echo "making $venv: $cinder_packages"
+    python3 -m venv --clear "$venv"
+    # shellcheck disable=SC2086 # one word per package
+    "$venv/bin/pip" install -q --disable-pip-version-check $cinder_packages
+    echo "$cinder_packages" > "$venv/packages"
+fi
 
 # --no-fail-fast: a failing test file must not hide the results of the others.
 cargo test --all-targets --no-fail-fast -- --test-threads=4
