@@ -1,28 +1,26 @@
-//! The one copier (the spec's `dd`, done properly): large aligned blocks, reading and
-//! writing overlapped on two threads, holes skipped with SEEK_DATA/SEEK_HOLE, all-zero
-//! blocks left as holes, checksums per block, progress, cancel and a rate limit.
-//! It never allocates more than a few fixed buffers, whatever the size it copies.
+//! The one copier (the spec's `dd`, done properly), between any two block devices: large
+//! aligned chunks, as many in flight as the devices ask for, only the source's data
+//! extents read, all-zero pieces left as holes, a checksum per block, progress, cancel and
+//! a rate limit. It never holds more than one buffer per request in flight, whatever the
+//! size it copies, and it never writes outside the destination range it was given.
 
+use crate::volume::device::BlockDevice;
+use parking_lot::Mutex;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-/// The unit of reading and writing: a chunk.
-pub const IO_BLOCK: usize = 2 << 20;
-/// The unit of checksums (a divisor of `IO_BLOCK`).
+/// The unit of checksums (and the granularity of chunks).
 pub const CHECKSUM_BLOCK: u64 = 1 << 20;
 /// Runs of zeros at least this long are left as holes instead of written.
 const ZERO_GRAIN: usize = 64 << 10;
-/// Reader threads, so several reads are in flight (one sequential O_DIRECT stream
-/// leaves the disk idle between requests).
-const READERS: usize = 2;
-/// Buffers each reader fills ahead of the writer.
-const BUFFERS_PER_READER: usize = 2;
-/// Dirty data the copier lets the page cache hold for the destination.
+/// At most this many requests in flight, whatever a device asks for.
+const MAX_DEPTH: usize = 16;
+/// Written data a local destination may hold dirty in the page cache, per copy.
 const WRITEBACK_WINDOW: u64 = 32 << 20;
+/// O_DIRECT wants reads of whole pages.
+const PAGE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -87,6 +85,11 @@ pub fn block_sum(block: &[u8]) -> u64 {
     if is_zero(block) {
         return 0;
     }
+    data_sum(block)
+}
+
+/// The checksum of a block known to hold data.
+fn data_sum(block: &[u8]) -> u64 {
     match xxhash_rust::xxh3::xxh3_64(block) {
         0 => 1,
         sum => sum,
@@ -113,7 +116,7 @@ struct AlignedBuf {
     len: usize,
 }
 
-// SAFETY: the mapping is plain owned memory, moved between threads whole.
+// SAFETY: the mapping is plain owned memory, used by one thread at a time.
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
@@ -160,110 +163,6 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Where the data of a file lies, asked lazily with SEEK_DATA/SEEK_HOLE.
-pub struct Extents<'a> {
-    file: &'a File,
-    end: u64,
-    /// The known data extent at or after the last query.
-    data: Option<(u64, u64)>,
-}
-
-impl<'a> Extents<'a> {
-    pub fn new(file: &'a File, end: u64) -> Extents<'a> {
-        Extents {
-            file,
-            end,
-            data: None,
-        }
-    }
-
-    fn seek(&self, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
-        // SAFETY: lseek on a descriptor we borrow.
-        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
-        if rc < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                return Ok(None);
-            }
-            return Err(err);
-        }
-        Ok(Some(rc as u64))
-    }
-
-    /// The first data extent that ends after `offset`, clipped to the end; None if only
-    /// holes remain. A filesystem without SEEK_DATA reports everything as data.
-    pub fn next_data(&mut self, offset: u64) -> std::io::Result<Option<(u64, u64)>> {
-        // Queries only move forward, so the gap before a cached extent is a known hole.
-        if let Some((start, end)) = self.data
-            && end > offset
-        {
-            return Ok(Some((start.max(offset), end)));
-        }
-        if offset >= self.end {
-            return Ok(None);
-        }
-        let start = match self.seek(offset, libc::SEEK_DATA) {
-            Ok(Some(start)) if start < self.end => start,
-            Ok(_) => return Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => offset,
-            Err(e) => return Err(e),
-        };
-        let end = match self.seek(start, libc::SEEK_HOLE) {
-            Ok(Some(end)) => end.min(self.end),
-            Ok(None) => self.end,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.end,
-            Err(e) => return Err(e),
-        };
-        self.data = Some((start, end));
-        Ok(Some((start, end)))
-    }
-}
-
-enum Piece {
-    /// A chunk whose bytes are in `buf` (data read, holes between extents zeroed).
-    Data {
-        offset: u64,
-        len: usize,
-        buf: AlignedBuf,
-    },
-    /// A chunk with no data at all.
-    Hole { offset: u64, len: u64 },
-}
-
-/// Reads `buf.len()` bytes at `offset` (fewer at the end of the file), falling back from
-/// O_DIRECT when the kernel refuses an unaligned piece (the tail of an odd-sized file).
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    let mut retried = false;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !retried => {
-                retried = true;
-                clear_direct(file)?;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
-fn clear_direct(file: &File) -> std::io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we borrow.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// A range to copy: `len` bytes from `src_offset` of the source to `dst_offset` of the
 /// destination.
 #[derive(Debug, Clone, Copy)]
@@ -282,234 +181,56 @@ impl Range {
         }
     }
 
-    fn chunks(&self) -> u64 {
-        self.len.div_ceil(IO_BLOCK as u64)
-    }
-
-    /// Source offset and length of chunk `index`.
-    fn chunk(&self, index: u64) -> (u64, u64) {
-        let start = index * IO_BLOCK as u64;
-        (
-            self.src_offset + start,
-            (self.len - start).min(IO_BLOCK as u64),
-        )
+    fn dst_of(&self, src_offset: u64) -> u64 {
+        src_offset - self.src_offset + self.dst_offset
     }
 }
 
-const PAGE: u64 = 4096;
-
-/// Fills `buf` with chunk `[offset, offset+len)`: only the data extents are read (4 KiB
-/// aligned, as O_DIRECT wants), the holes between them are zeroed in memory.
-fn fill_chunk(
-    src: &File,
-    extents: &mut Extents,
-    buf: &mut [u8],
-    offset: u64,
-    len: u64,
-) -> Result<bool, CopyError> {
-    let end = offset + len;
-    let mut pos = offset;
-    let mut any_data = false;
-    while pos < end {
-        let next = extents.next_data(pos).map_err(|source| CopyError::Read {
-            offset: pos,
-            source,
-        })?;
-        let Some((data_start, data_end)) = next.filter(|(start, _)| *start < end) else {
-            if any_data {
-                buf[(pos - offset) as usize..len as usize].fill(0);
-            }
-            break;
-        };
-        let read_start = (data_start / PAGE * PAGE).max(pos);
-        let read_end = data_end.div_ceil(PAGE).saturating_mul(PAGE).min(end);
-        if !any_data {
-            // Zero what came before the first data only once we know the chunk has data.
-            buf[..(read_start - offset) as usize].fill(0);
-            any_data = true;
-        } else {
-            buf[(pos - offset) as usize..(read_start - offset) as usize].fill(0);
-        }
-        let slot = &mut buf[(read_start - offset) as usize..];
-        let want = ((read_end - read_start).div_ceil(PAGE) * PAGE).min(slot.len() as u64) as usize;
-        let got =
-            read_full(src, &mut slot[..want], read_start).map_err(|source| CopyError::Read {
-                offset: read_start,
-                source,
-            })?;
-        if (got as u64) < data_end.min(end) - read_start {
-            return Err(CopyError::ShortSource {
-                offset: read_start + got as u64,
-            });
-        }
-        if got < want {
-            slot[got..want].fill(0);
-        }
-        pos = read_end;
-    }
-    Ok(any_data)
-}
-
-/// One of `READERS` reader threads: reads chunks `first, first + READERS, ...` into its
-/// own buffers, so several reads are in flight while the writer works.
-#[allow(clippy::too_many_arguments)]
-fn reader(
-    src: &File,
+/// What the workers of one copy share.
+struct Shared<'a> {
+    src: &'a dyn BlockDevice,
+    dst: &'a dyn BlockDevice,
     range: Range,
-    first: u64,
-    cancel: &AtomicBool,
-    free: Receiver<AlignedBuf>,
-    out: SyncSender<(u64, Result<Piece, CopyError>)>,
-) {
-    let mut extents = Extents::new(src, range.src_offset + range.len);
-    let mut index = first;
-    // A buffer that held only a hole is kept for the next chunk.
-    let mut spare: Option<AlignedBuf> = None;
-    while index < range.chunks() {
-        if cancel.load(Ordering::Relaxed) {
-            let _ = out.send((index, Err(CopyError::Cancelled)));
-            return;
-        }
-        let (offset, len) = range.chunk(index);
-        let mut buf = match spare.take() {
-            Some(buf) => buf,
-            None => match free.recv() {
-                Ok(buf) => buf,
-                Err(_) => return,
-            },
-        };
-        let piece = match fill_chunk(src, &mut extents, &mut buf, offset, len) {
-            Ok(true) => Ok(Piece::Data {
-                offset,
-                len: len as usize,
-                buf,
-            }),
-            Ok(false) => {
-                spare = Some(buf);
-                Ok(Piece::Hole { offset, len })
-            }
-            Err(e) => Err(e),
-        };
-        let failed = piece.is_err();
-        if out.send((index, piece)).is_err() || failed {
-            return;
-        }
-        index += READERS as u64;
-    }
-}
-
-struct Writer<'a> {
-    dst: &'a File,
     options: CopyOptions,
-    range: Range,
-    outcome: CopyOutcome,
+    chunk: u64,
+    chunks: u64,
+    next: AtomicU64,
+    sums: Vec<AtomicU64>,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    progress: &'a Progress,
+    cancel: &'a AtomicBool,
+    /// Set when any worker failed: the others stop at their next chunk.
+    failed: AtomicBool,
+    error: Mutex<Option<CopyError>>,
     started: Instant,
-    flushed: u64,
-    written_since_flush: u64,
-    discard: &'a dyn Fn(u64, u64) -> std::io::Result<()>,
+    /// Bytes started so far, for the rate limit.
+    scheduled: AtomicU64,
 }
 
-impl Writer<'_> {
-    fn dst_offset(&self, src_offset: u64) -> u64 {
-        src_offset - self.range.src_offset + self.range.dst_offset
+impl Shared<'_> {
+    fn fail(&self, e: CopyError) {
+        self.failed.store(true, Ordering::Relaxed);
+        let mut error = self.error.lock();
+        // The first real error explains the failure; cancellations follow from it.
+        if error.is_none() || matches!(*error, Some(CopyError::Cancelled)) {
+            *error = Some(e);
+        }
     }
 
-    fn hole(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
-        if len == 0 || self.options.dest_is_zero {
-            return Ok(());
-        }
-        let at = self.dst_offset(offset);
-        (self.discard)(at, len).map_err(|source| CopyError::Write { offset: at, source })
+    fn stopped(&self) -> bool {
+        self.failed.load(Ordering::Relaxed) || self.cancel.load(Ordering::Relaxed)
     }
 
-    fn write(&mut self, block: &[u8], offset: u64) -> Result<(), CopyError> {
-        let at = self.dst_offset(offset);
-        self.dst
-            .write_all_at(block, at)
-            .map_err(|source| CopyError::Write { offset: at, source })?;
-        self.outcome.bytes_written += block.len() as u64;
-        self.written_since_flush += block.len() as u64;
-        Ok(())
-    }
-
-    fn data(&mut self, offset: u64, block: &[u8]) -> Result<(), CopyError> {
-        self.outcome.bytes_read += block.len() as u64;
-        // One pass to find the zero grains; the checksums and the writes use it.
-        let grains: Vec<bool> = block.chunks(ZERO_GRAIN).map(is_zero).collect();
-        let per_sum = (CHECKSUM_BLOCK as usize) / ZERO_GRAIN;
-        for (i, sum_block) in block.chunks(CHECKSUM_BLOCK as usize).enumerate() {
-            let zero = grains[i * per_sum..].iter().take(per_sum).all(|&z| z);
-            self.outcome.checksums.push(if zero {
-                0
-            } else {
-                match xxhash_rust::xxh3::xxh3_64(sum_block) {
-                    0 => 1,
-                    sum => sum,
-                }
-            });
-        }
-        // Write runs of data grains; leave runs of zero grains as holes.
-        let mut grain = 0;
-        while grain < grains.len() {
-            let zero = grains[grain];
-            let run = grains[grain..].iter().take_while(|&&z| z == zero).count();
-            let start = grain * ZERO_GRAIN;
-            let end = ((grain + run) * ZERO_GRAIN).min(block.len());
-            if zero {
-                self.hole(offset + start as u64, (end - start) as u64)?;
-            } else {
-                self.write(&block[start..end], offset + start as u64)?;
-            }
-            grain += run;
-        }
-        if self.written_since_flush >= WRITEBACK_WINDOW {
-            self.start_writeback(offset + block.len() as u64);
-        }
-        Ok(())
-    }
-
-    /// Starts writeback of what was written since the last call and waits for the window
-    /// before it, so dirty pages stay bounded and the final fdatasync is short.
-    fn start_writeback(&mut self, src_end: u64) {
-        let end = self.dst_offset(src_end);
-        let fd = self.dst.as_raw_fd();
-        let start = self.flushed;
-        // SAFETY: sync_file_range and fadvise only take integers and a borrowed descriptor;
-        // failures only lose the optimisation.
-        unsafe {
-            libc::sync_file_range(
-                fd,
-                start as libc::off_t,
-                (end - start) as libc::off_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-            if start > self.range.dst_offset {
-                let from = self.range.dst_offset as libc::off_t;
-                let len = (start - self.range.dst_offset) as libc::off_t;
-                libc::sync_file_range(
-                    fd,
-                    from,
-                    len,
-                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                        | libc::SYNC_FILE_RANGE_WRITE
-                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                );
-                libc::posix_fadvise(fd, from, len, libc::POSIX_FADV_DONTNEED);
-            }
-        }
-        self.flushed = end;
-        self.written_since_flush = 0;
-    }
-
-    /// Sleeps until the rate limit allows the bytes read so far, in short slices so a
+    /// Waits until the rate limit allows `len` more bytes, in short slices so that a
     /// cancel (SIGTERM) is not held up by a low limit.
-    fn throttle(&self, cancel: &AtomicBool) {
+    fn throttle(&self, len: u64) {
         if self.options.bps_limit == 0 {
             return;
         }
-        let due =
-            Duration::from_secs_f64(self.outcome.bytes_read as f64 / self.options.bps_limit as f64);
-        while !cancel.load(Ordering::Relaxed) {
+        let before = self.scheduled.fetch_add(len, Ordering::Relaxed);
+        let due = Duration::from_secs_f64(before as f64 / self.options.bps_limit as f64);
+        while !self.stopped() {
             let elapsed = self.started.elapsed();
             if due <= elapsed {
                 break;
@@ -517,151 +238,316 @@ impl Writer<'_> {
             std::thread::sleep((due - elapsed).min(Duration::from_millis(100)));
         }
     }
+
+    /// Source offset and length of chunk `index`.
+    fn chunk_range(&self, index: u64) -> (u64, u64) {
+        let start = index * self.chunk;
+        (
+            self.range.src_offset + start,
+            (self.range.len - start).min(self.chunk),
+        )
+    }
+
+    /// Copies chunk `index` through `buf`.
+    fn copy_chunk(&self, index: u64, buf: &mut [u8]) -> Result<(), CopyError> {
+        let (offset, len) = self.chunk_range(index);
+        self.throttle(len);
+        if self.stopped() {
+            return Err(CopyError::Cancelled);
+        }
+        let buf = &mut buf[..len as usize];
+        let extents = self
+            .src
+            .data_extents(offset..offset + len)
+            .map_err(|source| CopyError::Read { offset, source })?;
+        if extents.is_empty() {
+            self.hole(offset, len)?;
+        } else {
+            self.read(offset, buf, &extents)?;
+            self.write_data(offset, buf)?;
+        }
+        let first_block = (offset - self.range.src_offset) / CHECKSUM_BLOCK;
+        for (i, block) in buf.chunks(CHECKSUM_BLOCK as usize).enumerate() {
+            // A hole chunk's buffer is not read: its blocks are zero.
+            let sum = if extents.is_empty() {
+                0
+            } else {
+                block_sum(block)
+            };
+            self.sums[first_block as usize + i].store(sum, Ordering::Relaxed);
+        }
+        self.writeback(index);
+        self.progress.done.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Fills `buf` (the chunk at `offset`) from the source: the data extents are read
+    /// (widened to whole pages, as O_DIRECT wants), the gaps between them are zeroed.
+    fn read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        extents: &[std::ops::Range<u64>],
+    ) -> Result<(), CopyError> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        for extent in extents {
+            let start = (extent.start / PAGE * PAGE).max(pos);
+            let stop = extent.end.div_ceil(PAGE).saturating_mul(PAGE).min(end);
+            if start >= stop {
+                continue;
+            }
+            buf[(pos - offset) as usize..(start - offset) as usize].fill(0);
+            let slot = &mut buf[(start - offset) as usize..(stop - offset) as usize];
+            let got = self
+                .src
+                .read_at(slot, start)
+                .map_err(|source| CopyError::Read {
+                    offset: start,
+                    source,
+                })?;
+            self.bytes_read.fetch_add(got as u64, Ordering::Relaxed);
+            if (got as u64) < extent.end.min(end) - start {
+                return Err(CopyError::ShortSource {
+                    offset: start + got as u64,
+                });
+            }
+            slot[got..].fill(0);
+            pos = stop;
+        }
+        buf[(pos - offset) as usize..].fill(0);
+        Ok(())
+    }
+
+    /// Writes the runs of data grains of a chunk; runs of zero grains become holes.
+    fn write_data(&self, offset: u64, block: &[u8]) -> Result<(), CopyError> {
+        let mut grains = block.chunks(ZERO_GRAIN).map(is_zero).enumerate().peekable();
+        while let Some((first, zero)) = grains.next() {
+            let mut last = first;
+            while let Some(&(i, z)) = grains.peek() {
+                if z != zero {
+                    break;
+                }
+                last = i;
+                grains.next();
+            }
+            let start = first * ZERO_GRAIN;
+            let end = ((last + 1) * ZERO_GRAIN).min(block.len());
+            if zero {
+                self.hole(offset + start as u64, (end - start) as u64)?;
+            } else {
+                let at = self.range.dst_of(offset + start as u64);
+                self.dst
+                    .write_at(&block[start..end], at)
+                    .map_err(|source| CopyError::Write { offset: at, source })?;
+                self.bytes_written
+                    .fetch_add((end - start) as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn hole(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        if len == 0 || self.options.dest_is_zero {
+            return Ok(());
+        }
+        let at = self.range.dst_of(offset);
+        self.dst
+            .discard(at..at + len)
+            .map_err(|source| CopyError::Write { offset: at, source })
+    }
+
+    /// Keeps a local destination's dirty pages bounded: starts writeback of the chunk just
+    /// written, waits for the one a window back and drops it from the page cache (a backup
+    /// must not push the node's working set out). Failures only lose the optimisation.
+    fn writeback(&self, index: u64) {
+        let Some(file) = self.dst.local_file() else {
+            return;
+        };
+        let (offset, len) = self.chunk_range(index);
+        sync_range(
+            file,
+            self.range.dst_of(offset),
+            len,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+        let lag = (WRITEBACK_WINDOW / self.chunk).max(1);
+        if index >= lag {
+            let (old, old_len) = self.chunk_range(index - lag);
+            let at = self.range.dst_of(old);
+            sync_range(
+                file,
+                at,
+                old_len,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            );
+            // SAFETY: fadvise takes integers and a borrowed descriptor.
+            unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    at as libc::off_t,
+                    old_len as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
+        }
+    }
+
+    fn worker(&self) {
+        let mut buf = match AlignedBuf::new(self.chunk as usize) {
+            Ok(buf) => buf,
+            Err(source) => {
+                return self.fail(CopyError::Read {
+                    offset: self.range.src_offset,
+                    source,
+                });
+            }
+        };
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let index = self.next.fetch_add(1, Ordering::Relaxed);
+            if index >= self.chunks {
+                return;
+            }
+            if let Err(e) = self.copy_chunk(index, &mut buf) {
+                return self.fail(e);
+            }
+        }
+    }
 }
 
-/// Copies `range` from `src` to `dst`, then fdatasyncs `dst`. `discard(offset, len)`
-/// zeroes a destination range (punching a hole where it can); it is only called when
-/// `options.dest_is_zero` is false.
+fn sync_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) {
+    // SAFETY: sync_file_range takes integers and a borrowed descriptor.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            flags,
+        )
+    };
+}
+
+/// Copies `range` from `src` to `dst`, then flushes `dst`. Holes of the source become
+/// holes of the destination (discarded there unless `options.dest_is_zero`).
 pub fn copy(
-    src: &File,
-    dst: &File,
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
     range: Range,
     options: CopyOptions,
     progress: &Progress,
     cancel: &AtomicBool,
-    discard: &dyn Fn(u64, u64) -> std::io::Result<()>,
 ) -> Result<CopyOutcome, CopyError> {
     progress.total.store(range.len, Ordering::Relaxed);
     progress.done.store(0, Ordering::Relaxed);
-    let mut writer = Writer {
+    let (src_hints, dst_hints) = (src.hints(), dst.hints());
+    let chunk = (src_hints.request_size.max(dst_hints.request_size) as u64)
+        .div_ceil(CHECKSUM_BLOCK)
+        .max(1)
+        * CHECKSUM_BLOCK;
+    let chunks = range.len.div_ceil(chunk);
+    let workers = src_hints
+        .queue_depth
+        .max(dst_hints.queue_depth)
+        .clamp(1, MAX_DEPTH)
+        .min(chunks.max(1) as usize);
+    let shared = Shared {
+        src,
         dst,
-        options,
         range,
-        outcome: CopyOutcome::default(),
+        options,
+        chunk,
+        chunks,
+        next: AtomicU64::new(0),
+        sums: (0..range.len.div_ceil(CHECKSUM_BLOCK))
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+        bytes_read: AtomicU64::new(0),
+        bytes_written: AtomicU64::new(0),
+        progress,
+        cancel,
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
         started: Instant::now(),
-        flushed: range.dst_offset,
-        written_since_flush: 0,
-        discard,
+        scheduled: AtomicU64::new(0),
     };
-    let chunks = range.chunks();
-    std::thread::scope(|scope| -> Result<(), CopyError> {
-        let (piece_tx, piece_rx) = sync_channel(READERS * BUFFERS_PER_READER);
-        let mut pools = Vec::new();
-        for first in 0..READERS as u64 {
-            let (free_tx, free_rx) = sync_channel::<AlignedBuf>(BUFFERS_PER_READER);
-            for _ in 0..BUFFERS_PER_READER {
-                let buf = AlignedBuf::new(IO_BLOCK).map_err(|source| CopyError::Read {
+    std::thread::scope(|scope| {
+        for _ in 1..workers {
+            let spawned = std::thread::Builder::new()
+                .name("copy".into())
+                .spawn_scoped(scope, || shared.worker());
+            if let Err(source) = spawned {
+                shared.fail(CopyError::Read {
                     offset: range.src_offset,
                     source,
-                })?;
-                let _ = free_tx.send(buf);
+                });
             }
-            pools.push(free_tx);
-            let out = piece_tx.clone();
-            std::thread::Builder::new()
-                .name("copy-reader".into())
-                .spawn_scoped(scope, move || {
-                    reader(src, range, first, cancel, free_rx, out)
-                })
-                .map_err(|source| CopyError::Read {
-                    offset: range.src_offset,
-                    source,
-                })?;
         }
-        drop(piece_tx);
-        // Pieces arrive in any order; they are written in order. Returning drops the
-        // channels, which wakes and ends any reader still waiting on them.
-        let mut waiting: std::collections::BTreeMap<u64, Piece> = Default::default();
-        let mut next = 0u64;
-        let mut done = 0u64;
-        while next < chunks {
-            let piece = match waiting.remove(&next) {
-                Some(piece) => piece,
-                None => {
-                    let Ok((index, piece)) = piece_rx.recv() else {
-                        return Err(CopyError::Cancelled);
-                    };
-                    let piece = piece?;
-                    if index != next {
-                        waiting.insert(index, piece);
-                        continue;
-                    }
-                    piece
-                }
-            };
-            if cancel.load(Ordering::Relaxed) {
-                return Err(CopyError::Cancelled);
-            }
-            match piece {
-                Piece::Data { offset, len, buf } => {
-                    writer.data(offset, &buf[..len])?;
-                    done += len as u64;
-                    // The reader may have stopped; a failed return only drops the buffer.
-                    let _ = pools[(next % READERS as u64) as usize].send(buf);
-                }
-                Piece::Hole { offset, len } => {
-                    writer.hole(offset, len)?;
-                    writer.outcome.checksums.extend(std::iter::repeat_n(
-                        0,
-                        len.div_ceil(CHECKSUM_BLOCK) as usize,
-                    ));
-                    done += len;
-                }
-            }
-            progress.done.store(done, Ordering::Relaxed);
-            writer.throttle(cancel);
-            next += 1;
-        }
-        Ok(())
-    })?;
+        // This thread is a worker too.
+        shared.worker();
+    });
+    if let Some(e) = shared.error.lock().take() {
+        return Err(e);
+    }
     if cancel.load(Ordering::Relaxed) {
         return Err(CopyError::Cancelled);
     }
-    dst.sync_data().map_err(|source| CopyError::Write {
+    dst.flush().map_err(|source| CopyError::Write {
         offset: range.dst_offset + range.len,
         source,
     })?;
-    Ok(writer.outcome)
+    Ok(CopyOutcome {
+        checksums: shared
+            .sums
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect(),
+        bytes_read: shared.bytes_read.load(Ordering::Relaxed),
+        bytes_written: shared.bytes_written.load(Ordering::Relaxed),
+    })
 }
 
 /// Copies `range` with the kernel's copy_file_range for each data extent (a reflink or a
-/// server-side copy where the filesystems offer one, never through our buffers) and
-/// `discard` for the holes. Falls back to [`copy`] where the kernel cannot.
+/// server-side copy where the filesystems offer one, never through our buffers) and the
+/// destination's discard for the holes, when both devices are local files; otherwise, and
+/// where the kernel cannot, through [`copy`]. The destination is not flushed.
 pub fn copy_kernel(
-    src: &File,
-    dst: &File,
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
     range: Range,
-    discard: &dyn Fn(u64, u64) -> std::io::Result<()>,
 ) -> Result<(), CopyError> {
+    let (Some(src_file), Some(dst_file)) = (src.local_file(), dst.local_file()) else {
+        return generic_rest(src, dst, range, range.src_offset);
+    };
     let end = range.src_offset + range.len;
-    let to_dst = |offset: u64| offset - range.src_offset + range.dst_offset;
-    let mut extents = Extents::new(src, end);
+    let extents = src
+        .data_extents(range.src_offset..end)
+        .map_err(|source| CopyError::Read {
+            offset: range.src_offset,
+            source,
+        })?;
     let mut offset = range.src_offset;
-    while offset < end {
-        let (start, data_end) = match extents
-            .next_data(offset)
-            .map_err(|source| CopyError::Read { offset, source })?
-        {
-            Some(extent) => extent,
-            None => (end, end),
-        };
-        if start > offset {
-            discard(to_dst(offset), start - offset).map_err(|source| CopyError::Write {
-                offset: to_dst(offset),
-                source,
-            })?;
+    for extent in extents.iter().cloned().chain(std::iter::once(end..end)) {
+        if extent.start > offset {
+            let at = range.dst_of(offset);
+            dst.discard(at..at + (extent.start - offset))
+                .map_err(|source| CopyError::Write { offset: at, source })?;
         }
-        let mut at = start;
-        while at < data_end {
+        let mut at = extent.start;
+        while at < extent.end {
             let mut off_in = at as libc::loff_t;
-            let mut off_out = to_dst(at) as libc::loff_t;
-            let want = (data_end - at).min(1 << 30) as usize;
+            let mut off_out = range.dst_of(at) as libc::loff_t;
+            let want = (extent.end - at).min(1 << 30) as usize;
             // SAFETY: copy_file_range on borrowed descriptors with offsets we own.
             let n = unsafe {
                 libc::copy_file_range(
-                    src.as_raw_fd(),
+                    src_file.as_raw_fd(),
                     &mut off_in,
-                    dst.as_raw_fd(),
+                    dst_file.as_raw_fd(),
                     &mut off_out,
                     want,
                     0,
@@ -671,30 +557,12 @@ pub fn copy_kernel(
                 let err = std::io::Error::last_os_error();
                 match err.raw_os_error() {
                     Some(libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => {
-                        let rest = Range {
-                            src_offset: at,
-                            dst_offset: to_dst(at),
-                            len: end - at,
-                        };
-                        let options = CopyOptions {
-                            dest_is_zero: false,
-                            bps_limit: 0,
-                        };
-                        copy(
-                            src,
-                            dst,
-                            rest,
-                            options,
-                            &Progress::default(),
-                            &AtomicBool::new(false),
-                            discard,
-                        )?;
-                        return Ok(());
+                        return generic_rest(src, dst, range, at);
                     }
                     Some(libc::EINTR) => continue,
                     _ => {
                         return Err(CopyError::Write {
-                            offset: to_dst(at),
+                            offset: range.dst_of(at),
                             source: err,
                         });
                     }
@@ -705,14 +573,62 @@ pub fn copy_kernel(
             }
             at += n as u64;
         }
-        offset = data_end;
+        offset = offset.max(extent.end);
     }
     Ok(())
+}
+
+/// The rest of `range` from source offset `from`, through the generic copier.
+fn generic_rest(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    range: Range,
+    from: u64,
+) -> Result<(), CopyError> {
+    let rest = Range {
+        src_offset: from,
+        dst_offset: range.dst_of(from),
+        len: range.src_offset + range.len - from,
+    };
+    copy(
+        src,
+        dst,
+        rest,
+        CopyOptions::default(),
+        &Progress::default(),
+        &AtomicBool::new(false),
+    )
+    .map(drop)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volume::device::memory::{Faults, MemDevice};
+
+    const MIB: u64 = 1 << 20;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2654435761).rotate_left(seed as u32) as u8 | 1)
+            .collect()
+    }
+
+    fn copy_all(
+        src: &MemDevice,
+        dst: &MemDevice,
+        options: CopyOptions,
+    ) -> Result<CopyOutcome, CopyError> {
+        let len = src.size().unwrap();
+        copy(
+            src,
+            dst,
+            Range::whole(len),
+            options,
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+    }
 
     #[test]
     fn block_sum_of_zeros_is_zero_and_of_data_is_not() {
@@ -725,5 +641,225 @@ mod tests {
         v[99] = 0;
         v[3] = 1;
         assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn a_sparse_source_is_copied_exactly_with_its_holes_and_checksums() {
+        let src = MemDevice::new(13 * MIB + 12345);
+        src.fill(3 * MIB + 100, &pattern(5000, 1));
+        src.fill(7 * MIB, &pattern((2 * MIB) as usize, 2));
+        src.fill(13 * MIB, &pattern(12345, 3));
+        // Written zeros are data to the source, holes to the copy.
+        src.fill(10 * MIB, &vec![0u8; (MIB) as usize]);
+        let dst = MemDevice::new(src.size().unwrap());
+        let outcome = copy_all(
+            &src,
+            &dst,
+            CopyOptions {
+                dest_is_zero: true,
+                bps_limit: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(dst.contents(), src.contents());
+        let expected: Vec<u64> = src.contents().chunks(MIB as usize).map(block_sum).collect();
+        assert_eq!(outcome.checksums, expected);
+        assert_eq!(outcome.checksums[0], 0);
+        assert_eq!(outcome.checksums[10], 0);
+        // Only data reached the destination: its extents are the data grains.
+        let stored: u64 = dst
+            .data_extents(0..dst.size().unwrap())
+            .unwrap()
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum();
+        assert!(stored < 3 * MIB, "{stored}");
+        assert_eq!(outcome.bytes_written, stored);
+        assert!(outcome.bytes_read <= 5 * MIB, "{}", outcome.bytes_read);
+    }
+
+    #[test]
+    fn a_device_that_cannot_tell_its_extents_is_read_whole_and_zeros_stay_holes() {
+        let mut src = MemDevice::new(6 * MIB);
+        src.faults = Faults {
+            no_extents: true,
+            ..Faults::default()
+        };
+        src.fill(2 * MIB, &pattern(4096, 4));
+        let dst = MemDevice::new(6 * MIB);
+        let outcome = copy_all(
+            &src,
+            &dst,
+            CopyOptions {
+                dest_is_zero: true,
+                bps_limit: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(dst.contents(), src.contents());
+        assert_eq!(outcome.bytes_read, 6 * MIB);
+        assert_eq!(outcome.bytes_written, ZERO_GRAIN as u64);
+    }
+
+    #[test]
+    fn holes_are_discarded_over_an_old_destination() {
+        let src = MemDevice::new(5 * MIB);
+        src.fill(MIB, &pattern(MIB as usize, 5));
+        let dst = MemDevice::new(5 * MIB);
+        dst.fill(0, &pattern((5 * MIB) as usize, 6));
+        copy_all(&src, &dst, CopyOptions::default()).unwrap();
+        assert_eq!(dst.contents(), src.contents());
+        assert!(!dst.discarded.lock().is_empty());
+    }
+
+    #[test]
+    fn a_short_source_fails_the_copy() {
+        let mut src = MemDevice::new(8 * MIB);
+        src.fill(0, &pattern((8 * MIB) as usize, 7));
+        src.faults.short_at = Some(7 * MIB + 7);
+        let dst = MemDevice::new(8 * MIB);
+        let e = copy_all(&src, &dst, CopyOptions::default()).unwrap_err();
+        assert!(
+            matches!(e, CopyError::ShortSource { offset } if offset == 7 * MIB + 7),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn errors_at_every_step_fail_the_copy_with_their_cause() {
+        let data = pattern((9 * MIB) as usize, 8);
+        let faults = [
+            Faults {
+                read_error_at: Some(6 * MIB + 1),
+                ..Faults::default()
+            },
+            Faults {
+                write_error_at: Some(6 * MIB + 3),
+                ..Faults::default()
+            },
+            Faults {
+                discard_error: true,
+                ..Faults::default()
+            },
+            Faults {
+                flush_error: true,
+                ..Faults::default()
+            },
+        ];
+        for (i, fault) in faults.into_iter().enumerate() {
+            let mut src = MemDevice::new(9 * MIB);
+            src.fill(0, &data[..(4 * MIB) as usize]);
+            src.fill(6 * MIB, &data[..(3 * MIB) as usize]);
+            let mut dst = MemDevice::new(9 * MIB);
+            if i == 0 {
+                src.faults = fault;
+            } else {
+                dst.faults = fault;
+            }
+            let e = copy_all(&src, &dst, CopyOptions::default()).unwrap_err();
+            let errno = e.raw_os_error();
+            match i {
+                0 => assert!(
+                    matches!(e, CopyError::Read { .. }) && errno == Some(libc::EIO),
+                    "{e:?}"
+                ),
+                1 => assert!(
+                    matches!(e, CopyError::Write { .. }) && errno == Some(libc::ENOSPC),
+                    "{e:?}"
+                ),
+                _ => assert!(
+                    matches!(e, CopyError::Write { .. }) && errno == Some(libc::EIO),
+                    "{e:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_cancelled_copy_stops_and_says_so() {
+        let src = MemDevice::new(64 * MIB);
+        src.fill(0, &pattern((64 * MIB) as usize, 9));
+        let dst = MemDevice::new(64 * MIB);
+        let cancel = AtomicBool::new(false);
+        let progress = Progress::default();
+        let e = std::thread::scope(|scope| {
+            let copying = scope.spawn(|| {
+                copy(
+                    &src,
+                    &dst,
+                    Range::whole(64 * MIB),
+                    CopyOptions {
+                        dest_is_zero: true,
+                        bps_limit: 16 * MIB,
+                    },
+                    &progress,
+                    &cancel,
+                )
+            });
+            while progress.get().0 == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            cancel.store(true, Ordering::Relaxed);
+            copying.join().unwrap()
+        })
+        .unwrap_err();
+        assert!(matches!(e, CopyError::Cancelled), "{e:?}");
+        assert!(progress.get().0 < 64 * MIB);
+    }
+
+    #[test]
+    fn a_range_lands_at_its_destination_offset_and_nowhere_else() {
+        let src = MemDevice::new(6 * MIB);
+        src.fill(0, &pattern((6 * MIB) as usize, 10));
+        let dst = MemDevice::new(10 * MIB);
+        let before = pattern((10 * MIB) as usize, 11);
+        dst.fill(0, &before);
+        let range = Range {
+            src_offset: MIB + 5,
+            dst_offset: 3 * MIB + 1,
+            len: 2 * MIB + 77,
+        };
+        let outcome = copy(
+            &src,
+            &dst,
+            range,
+            CopyOptions::default(),
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(outcome.checksums.len(), 3);
+        let after = dst.contents();
+        let (d0, d1) = (
+            range.dst_offset as usize,
+            (range.dst_offset + range.len) as usize,
+        );
+        assert_eq!(&after[..d0], &before[..d0]);
+        assert_eq!(&after[d1..], &before[d1..]);
+        let s0 = range.src_offset as usize;
+        assert_eq!(&after[d0..d1], &src.contents()[s0..s0 + range.len as usize]);
+    }
+
+    #[test]
+    fn the_rate_limit_holds() {
+        let src = MemDevice::new(8 * MIB);
+        src.fill(0, &pattern((8 * MIB) as usize, 12));
+        let dst = MemDevice::new(8 * MIB);
+        let started = Instant::now();
+        copy_all(
+            &src,
+            &dst,
+            CopyOptions {
+                dest_is_zero: true,
+                bps_limit: 20 * MIB,
+            },
+        )
+        .unwrap();
+        // 8 MiB at 20 MiB/s: the last chunk may start after 6 MiB went, at 0.3 s.
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

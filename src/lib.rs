@@ -8,5 +8,6 @@ pub mod daemon;
 pub mod demo;
 pub mod engine;
 pub mod fs;
+pub mod ids;
 pub mod target;
 pub mod volume;

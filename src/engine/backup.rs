@@ -6,6 +6,7 @@
 use super::job::{Failure, JobSubject, pause_point};
 use super::*;
 use crate::copy::{self, CopyOptions, Range};
+use crate::ids::BackupId;
 use crate::target::record::{FORMAT_VERSION, Record, Status};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -34,25 +35,26 @@ impl Inner {
             }
         }
         if let Some(why) = backend.driver.in_use(&info.pool, &info.id)?
-            && let Err(reason) = backend.driver.snapshot_support(&info.pool)
+            && let Err(reason) = backend.driver.capabilities(&info.pool).snapshots
         {
             return Err(EngineError::Busy(format!(
                 "volume {} is in-use ({why}) and cannot be snapshotted: {reason}",
                 info.id
             )));
         }
-        let free = target.free_space()?;
-        if info.allocated > free {
+        if let Some(free) = target.free_space()?
+            && info.allocated > free
+        {
             return Err(EngineError::NoSpace(format!(
                 "target {target_name} has {free} bytes free, volume {} holds {} bytes",
                 info.id, info.allocated
             )));
         }
-        let backup_id = uuid::Uuid::new_v4().to_string();
+        let backup_id = BackupId::new();
         let record = Record {
             format: FORMAT_VERSION,
             id: backup_id.clone(),
-            volume_id: info.id.clone(),
+            volume_id: request.volume_id.clone(),
             backend: backend_name.clone(),
             pool: info.pool.clone(),
             target: target_name.to_string(),
@@ -75,7 +77,7 @@ impl Inner {
             JobKind::Backup,
             JobSubject {
                 backup_id,
-                volume_id: info.id.clone(),
+                volume_id: request.volume_id.clone(),
                 backend: backend_name,
                 pool: info.pool.clone(),
                 target: target_name.to_string(),
@@ -104,15 +106,15 @@ impl Inner {
             // and the refusal changes nothing.
             if let Err(remove) = target.remove_record(&job.backup_id) {
                 error!(
-                    backup_id = job.backup_id,
+                    backup_id = %job.backup_id,
                     "cannot remove the record of a refused backup: {remove}"
                 );
             }
             return Err(e);
         }
         info!(
-            backup_id = job.backup_id,
-            volume_id = job.volume_id,
+            backup_id = %job.backup_id,
+            volume_id = %job.volume_id,
             backend = job.backend,
             target = target_name,
             size = job.size,
@@ -128,8 +130,8 @@ impl Inner {
         pause_point("started", &job.cancel);
         if !job.is_cancelled() {
             info!(
-                backup_id = job.backup_id,
-                volume_id = job.volume_id,
+                backup_id = %job.backup_id,
+                volume_id = %job.volume_id,
                 target = job.target,
                 size = job.size,
                 "backup started"
@@ -140,8 +142,8 @@ impl Inner {
             Ok(stored) => {
                 let secs = started.elapsed().as_secs_f64();
                 info!(
-                    backup_id = job.backup_id,
-                    volume_id = job.volume_id,
+                    backup_id = %job.backup_id,
+                    volume_id = %job.volume_id,
                     target = job.target,
                     bytes = job.size,
                     stored_bytes = stored,
@@ -154,8 +156,8 @@ impl Inner {
             Err(e) => {
                 let failure = Failure::of(e);
                 error!(
-                    backup_id = job.backup_id,
-                    volume_id = job.volume_id,
+                    backup_id = %job.backup_id,
+                    volume_id = %job.volume_id,
                     target = job.target,
                     "backup failed: {}; the source volume is untouched, request a new backup once the cause is fixed",
                     failure.reason
@@ -166,7 +168,7 @@ impl Inner {
         self.state
             .lock()
             .busy
-            .remove(&(job.backend.clone(), job.volume_id.clone()));
+            .remove(&(job.backend.clone(), job.volume_id.to_string()));
         job.finish(failure);
     }
 
@@ -186,7 +188,7 @@ impl Inner {
             record.completed_at = Some(now());
             record.error = Some(e.reason());
             if let Err(e) = target.write_record(&record) {
-                error!(backup_id = job.backup_id, "cannot record the failure: {e}");
+                error!(backup_id = %job.backup_id, "cannot record the failure: {e}");
             }
         }
         result
@@ -210,8 +212,8 @@ impl Inner {
             // Recorded before the snapshot exists, so recovery knows to look for it.
             target.write_record(record)?;
             info!(
-                backup_id = job.backup_id,
-                volume_id = job.volume_id,
+                backup_id = %job.backup_id,
+                volume_id = %job.volume_id,
                 "volume is in-use ({why}): backing up from a temporary snapshot"
             );
             driver
@@ -230,10 +232,9 @@ impl Inner {
         };
         job.set_phase(Phase::Copying);
         let size = source
-            .file
-            .metadata()
-            .map_err(|source| EngineError::io("stat source", source))?
-            .len();
+            .device
+            .size()
+            .map_err(|e| EngineError::io(format!("size of {}", source.device.describe()), e))?;
         let destination = target.create_data(&job.backup_id, size)?;
         let options = CopyOptions {
             dest_is_zero: true,
@@ -266,13 +267,12 @@ impl Inner {
                 &job.cancel
             };
             let result = copy::copy(
-                &source.file,
-                &destination.file,
+                source.device.as_ref(),
+                destination.device.as_ref(),
                 Range::whole(size),
                 options,
                 &job.progress,
                 cancel,
-                &|_, _| Ok(()),
             );
             copying.store(false, Ordering::Relaxed);
             result
@@ -322,12 +322,12 @@ impl Inner {
                     let _updating = self.record_updates.lock();
                     if let Err(e) = target.write_record(record) {
                         // The snapshot is gone; the janitor finds it gone and says so.
-                        warn!(backup_id = job.backup_id, "cannot update the record: {e}");
+                        warn!(backup_id = %job.backup_id, "cannot update the record: {e}");
                     }
                 }
                 // The backup is good; the janitor retries until the snapshot is gone.
                 Err(e) => warn!(
-                    backup_id = job.backup_id,
+                    backup_id = %job.backup_id,
                     "cannot delete temporary snapshot {snapshot} (retried later): {e}"
                 ),
             }
@@ -348,7 +348,7 @@ fn busy_error(busy: &Busy, volume_id: &str) -> EngineError {
 pub(super) fn cleanup(target: &dyn BackupTarget, driver: &dyn VolumeDriver, record: &mut Record) {
     if let Err(e) = target.delete_data(&record.id) {
         error!(
-            backup_id = record.id,
+            backup_id = %record.id,
             "cannot remove partial backup data: {e}"
         );
     }
@@ -370,7 +370,7 @@ pub(super) fn remove_snapshot(driver: &dyn VolumeDriver, record: &mut Record) ->
         }
         Err(e) => {
             error!(
-                backup_id = record.id,
+                backup_id = %record.id,
                 "cannot delete temporary snapshot {name} (retried later): {e}"
             );
             record.temporary_snapshot = Some(name);

@@ -5,11 +5,12 @@
 
 use super::backup::remove_snapshot;
 use super::*;
+use crate::ids::BackupId;
 use crate::target::record::Status;
 use tracing::{error, warn};
 
 impl Inner {
-    pub(super) fn delete_backup(&self, target_name: &str, backup_id: &str) -> Result<()> {
+    pub(super) fn delete_backup(&self, target_name: &str, backup_id: &BackupId) -> Result<()> {
         let target = self.target(target_name)?;
         let _updating = self.record_updates.lock();
         let record = target.record(backup_id)?;
@@ -22,13 +23,13 @@ impl Inner {
             ))),
             Status::Available | Status::Error => {
                 self.delete(target_name, target.as_ref(), record)?;
-                info!(target = target_name, backup_id, "backup deleted");
+                info!(target = target_name, backup_id = %backup_id, "backup deleted");
                 Ok(())
             }
         }
     }
 
-    pub(super) fn delete_record(&self, target_name: &str, backup_id: &str) -> Result<()> {
+    pub(super) fn delete_record(&self, target_name: &str, backup_id: &BackupId) -> Result<()> {
         let target = self.target(target_name)?;
         let _updating = self.record_updates.lock();
         let record = target.record(backup_id)?;
@@ -41,7 +42,8 @@ impl Inner {
         self.delete(target_name, target.as_ref(), record)?;
         info!(
             target = target_name,
-            backup_id, "record of failed backup removed"
+            backup_id = %backup_id,
+            "record of failed backup removed"
         );
         Ok(())
     }
@@ -76,7 +78,7 @@ impl Inner {
         {
             warn!(
                 target = target_name,
-                backup_id = record.id,
+                backup_id = %record.id,
                 "backup data removed; its record stays (deleting) until its temporary snapshot can be removed"
             );
             return Ok(());
@@ -111,13 +113,13 @@ impl Inner {
                     match self.finish_deletion(target_name, target, record.clone()) {
                         Ok(()) if target.record(&record.id).is_err() => info!(
                             target = target_name,
-                            backup_id = record.id,
+                            backup_id = %record.id,
                             "finished an earlier deletion"
                         ),
                         Ok(()) => {}
                         Err(e) => error!(
                             target = target_name,
-                            backup_id = record.id,
+                            backup_id = %record.id,
                             "cannot finish deletion: {e}"
                         ),
                     }
@@ -130,10 +132,10 @@ impl Inner {
                         match target.write_record(&record) {
                             Ok(()) => info!(
                                 target = target_name,
-                                backup_id = record.id,
+                                backup_id = %record.id,
                                 "removed a temporary snapshot left by an earlier failure"
                             ),
-                            Err(e) => error!(backup_id = record.id, "cannot update record: {e}"),
+                            Err(e) => error!(backup_id = %record.id, "cannot update record: {e}"),
                         }
                     }
                 }

@@ -6,12 +6,11 @@
 
 use super::error::{EngineError, Result};
 use crate::copy::{CHECKSUM_BLOCK, Progress, block_sum};
+use crate::ids::BackupId;
 use crate::volume::Attachment;
+use crate::volume::device::BlockDevice;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::error;
@@ -98,7 +97,7 @@ impl BlockCache {
 
 /// An open backup image.
 pub struct Image {
-    pub backup_id: String,
+    pub backup_id: BackupId,
     pub size: u64,
     attachment: Attachment,
     /// One per CHECKSUM_BLOCK; empty when the record has none (nothing to check against).
@@ -107,20 +106,9 @@ pub struct Image {
     blocks: Arc<BlockCache>,
 }
 
-/// True when `[offset, offset+len)` of the file is all hole (it reads as zeros).
-fn is_hole(file: &File, offset: u64, len: u64) -> bool {
-    // SAFETY: lseek on a descriptor we borrow.
-    let next = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
-    if next < 0 {
-        // ENXIO: no data after offset.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-    }
-    next as u64 >= offset + len
-}
-
 impl Image {
     pub(super) fn new(
-        backup_id: &str,
+        backup_id: &BackupId,
         size: u64,
         attachment: Attachment,
         sums: Arc<Vec<u64>>,
@@ -129,7 +117,7 @@ impl Image {
     ) -> Image {
         let verify = verify && !sums.is_empty();
         Image {
-            backup_id: backup_id.to_string(),
+            backup_id: backup_id.clone(),
             size,
             attachment,
             sums,
@@ -138,8 +126,9 @@ impl Image {
         }
     }
 
-    pub fn file(&self) -> &File {
-        &self.attachment.file
+    /// The device the backup's data is read from.
+    pub fn device(&self) -> &dyn BlockDevice {
+        self.attachment.device.as_ref()
     }
 
     pub fn has_checksums(&self) -> bool {
@@ -172,9 +161,14 @@ impl Image {
 
     /// Reads exactly `buf.len()` bytes at `offset`; the image's size bounds every read.
     fn read_exact(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file()
-            .read_exact_at(buf, offset)
-            .map_err(|source| EngineError::io(format!("read backup {}", self.backup_id), source))
+        let read = self.device().read_at(buf, offset).and_then(|n| {
+            if n < buf.len() {
+                Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+            } else {
+                Ok(())
+            }
+        });
+        read.map_err(|source| EngineError::io(format!("read backup {}", self.backup_id), source))
     }
 
     /// One whole block, read and checked (or taken from the checked blocks in memory).
@@ -256,7 +250,11 @@ impl Image {
     fn block_is_good(&self, block: u64, buf: &mut Vec<u8>) -> Result<bool> {
         let (start, end) = self.block_range(block);
         let expected = self.expected(block)?;
-        if is_hole(self.file(), start, end - start) {
+        let extents = self
+            .device()
+            .data_extents(start..end)
+            .map_err(|source| EngineError::io(format!("read backup {}", self.backup_id), source))?;
+        if extents.is_empty() {
             return Ok(expected == 0);
         }
         buf.resize((end - start) as usize, 0);
@@ -285,7 +283,7 @@ impl Image {
 
     fn report_damage(&self, block: u64) -> EngineError {
         error!(
-            backup_id = self.backup_id,
+            backup_id = %self.backup_id,
             block,
             offset = block * CHECKSUM_BLOCK,
             "backup data is damaged: block does not match its checksum; reads of it fail with EIO (check the storage, then restore from another backup)"
@@ -294,7 +292,7 @@ impl Image {
     }
 }
 
-pub(super) fn damaged(backup_id: &str, blocks: &[u64]) -> EngineError {
+pub(super) fn damaged(backup_id: &BackupId, blocks: &[u64]) -> EngineError {
     EngineError::Damaged {
         backup_id: backup_id.to_string(),
         blocks: blocks.to_vec(),
@@ -336,11 +334,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         std::fs::write(&path, data).unwrap();
-        let file = File::open(&path).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
         let image = Image::new(
-            "x",
+            &BackupId::new(),
             data.len() as u64,
-            Attachment::plain(file, path),
+            Attachment::new(crate::volume::device::FileDevice::new(file, path)),
             Arc::new(sums),
             true,
             Arc::new(BlockCache::default()),

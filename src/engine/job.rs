@@ -4,6 +4,7 @@
 
 use super::error::EngineError;
 use crate::copy::Progress;
+use crate::ids::{BackupId, VolumeId};
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,8 +64,8 @@ struct JobState {
 /// One job.
 pub struct Job {
     pub kind: JobKind,
-    pub backup_id: String,
-    pub volume_id: String,
+    pub backup_id: BackupId,
+    pub volume_id: VolumeId,
     pub backend: String,
     pub pool: String,
     pub target: String,
@@ -89,8 +90,8 @@ impl std::fmt::Debug for Job {
 /// What a job is about: the backup, its volume and where both are.
 #[derive(Debug, Clone)]
 pub struct JobSubject {
-    pub backup_id: String,
-    pub volume_id: String,
+    pub backup_id: BackupId,
+    pub volume_id: VolumeId,
     pub backend: String,
     pub pool: String,
     pub target: String,
@@ -224,8 +225,8 @@ impl Job {
 #[derive(Debug, Clone)]
 pub struct JobStatus {
     pub kind: JobKind,
-    pub backup_id: String,
-    pub volume_id: String,
+    pub backup_id: BackupId,
+    pub volume_id: VolumeId,
     pub target: String,
     pub phase: Phase,
     pub done: u64,
@@ -298,8 +299,8 @@ mod tests {
 
     fn subject() -> JobSubject {
         JobSubject {
-            backup_id: "b".into(),
-            volume_id: "v".into(),
+            backup_id: BackupId::parse("0c1e2f3a-aaaa-4bbb-8ccc-123456789abc").unwrap(),
+            volume_id: VolumeId::parse("v").unwrap(),
             backend: "be".into(),
             pool: "p".into(),
             target: "t".into(),
@@ -337,8 +338,14 @@ mod tests {
             cause: None,
         }));
         let line = job.status().line();
-        assert_eq!(line, "b v error 0/10 qemu-img: a; b");
+        assert_eq!(
+            line,
+            "0c1e2f3a-aaaa-4bbb-8ccc-123456789abc v error 0/10 qemu-img: a; b"
+        );
         let verify = Job::new(JobKind::Verify, subject());
-        assert_eq!(verify.status().line(), "b v verify-queued 0/10");
+        assert_eq!(
+            verify.status().line(),
+            "0c1e2f3a-aaaa-4bbb-8ccc-123456789abc v verify-queued 0/10"
+        );
     }
 }

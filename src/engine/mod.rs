@@ -15,12 +15,14 @@ mod verify;
 mod xattrs;
 
 use crate::config::{Config, DriverKind};
+use crate::ids::{BackupId, VolumeId};
+use crate::target::catalogue::DirCatalogue;
 use crate::target::record::{Record, rfc3339};
 use crate::target::{BackupTarget, VolumeTarget};
 use crate::volume::file::FileDriver;
 use crate::volume::pools::PoolDirs;
 use crate::volume::qcow2::Qcow2Driver;
-use crate::volume::{Access, Attachment, VolumeDriver, VolumeError, VolumeInfo, is_valid_id};
+use crate::volume::{Access, Attachment, VolumeDriver, VolumeError, VolumeInfo};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
@@ -166,7 +168,13 @@ impl Engine {
         for (name, target) in &config.targets {
             let backend = &backends[&target.backend];
             let dir = &config.backends[&target.backend].pools[&target.pool];
-            let opened = VolumeTarget::open(name, backend.driver.clone(), &target.pool, dir)?;
+            let catalogue = DirCatalogue::open(name, dir)?;
+            let opened = VolumeTarget::new(
+                name,
+                backend.driver.clone(),
+                &target.pool,
+                Box::new(catalogue),
+            );
             targets.insert(name.clone(), Arc::new(opened));
         }
         let inner = Arc::new(Inner {
@@ -228,7 +236,7 @@ impl Engine {
 
     /// Queues a check of a whole backup against its checksums; the job fails with
     /// `Damaged` naming the bad blocks. The result is kept in the record.
-    pub fn start_verify(&self, target: &str, backup_id: &str) -> Result<Arc<Job>> {
+    pub fn start_verify(&self, target: &str, backup_id: &BackupId) -> Result<Arc<Job>> {
         self.inner.start_verify(target, backup_id)
     }
 
@@ -257,22 +265,22 @@ impl Engine {
         Ok(self.target(target)?.records()?)
     }
 
-    pub fn record(&self, target: &str, backup_id: &str) -> Result<Record> {
+    pub fn record(&self, target: &str, backup_id: &BackupId) -> Result<Record> {
         Ok(self.target(target)?.record(backup_id)?)
     }
 
     /// An available backup's image, for reading; its blocks are checked against their
     /// checksums each time they are read from storage (unless `verify_reads = false`).
-    pub fn open_image(&self, target: &str, backup_id: &str) -> Result<Image> {
+    pub fn open_image(&self, target: &str, backup_id: &BackupId) -> Result<Image> {
         self.inner.open_image(target, backup_id)
     }
 
-    pub fn image_allocated(&self, target: &str, backup_id: &str) -> Result<u64> {
+    pub fn image_allocated(&self, target: &str, backup_id: &BackupId) -> Result<u64> {
         Ok(self.target(target)?.allocated(backup_id)?)
     }
 
     /// Deletes an available or failed backup: its data, checksums and record.
-    pub fn delete_backup(&self, target: &str, backup_id: &str) -> Result<()> {
+    pub fn delete_backup(&self, target: &str, backup_id: &BackupId) -> Result<()> {
         self.inner.delete_backup(target, backup_id)
     }
 
@@ -280,7 +288,7 @@ impl Engine {
     pub fn set_xattr(
         &self,
         target: &str,
-        backup_id: &str,
+        backup_id: &BackupId,
         name: &str,
         value: Option<String>,
         mode: XattrMode,
@@ -289,7 +297,7 @@ impl Engine {
     }
 
     /// Removes the record of a failed backup.
-    pub fn delete_record(&self, target: &str, backup_id: &str) -> Result<()> {
+    pub fn delete_record(&self, target: &str, backup_id: &BackupId) -> Result<()> {
         self.inner.delete_record(target, backup_id)
     }
 
@@ -307,11 +315,11 @@ impl Engine {
         Ok(all)
     }
 
-    pub fn volume(&self, backend: &str, volume_id: &str) -> Result<VolumeInfo> {
+    pub fn volume(&self, backend: &str, volume_id: &VolumeId) -> Result<VolumeInfo> {
         self.inner.find_on(backend, volume_id)
     }
 
-    pub fn open_volume_read(&self, backend_name: &str, volume_id: &str) -> Result<Attachment> {
+    pub fn open_volume_read(&self, backend_name: &str, volume_id: &VolumeId) -> Result<Attachment> {
         let backend = self.inner.backend(backend_name)?;
         let info = self.inner.find_on(backend_name, volume_id)?;
         Ok(backend.driver.attach(&info.pool, volume_id, Access::Read)?)
@@ -323,7 +331,7 @@ impl Engine {
     pub fn open_restore(
         &self,
         backend: &str,
-        volume_id: &str,
+        volume_id: &VolumeId,
         truncate: bool,
     ) -> Result<Arc<VolumeWriter>> {
         let info = self.inner.find_on(backend, volume_id)?;
@@ -335,12 +343,11 @@ impl Engine {
     }
 
     /// Creates a new, empty volume to restore into (in the backend's first volume pool).
-    pub fn create_volume(&self, backend_name: &str, volume_id: &str) -> Result<Arc<VolumeWriter>> {
-        if !is_valid_id(volume_id) {
-            return Err(EngineError::Invalid(format!(
-                "{volume_id:?} is not a valid volume id"
-            )));
-        }
+    pub fn create_volume(
+        &self,
+        backend_name: &str,
+        volume_id: &VolumeId,
+    ) -> Result<Arc<VolumeWriter>> {
         let backend = self.inner.backend(backend_name)?;
         if self.inner.find_on(backend_name, volume_id).is_ok() {
             return Err(EngineError::Exists(format!(
@@ -361,7 +368,9 @@ impl Engine {
             })?;
         info!(
             backend = backend_name,
-            pool, volume_id, "volume created for a restore"
+            pool,
+            volume_id = %volume_id,
+            "volume created for a restore"
         );
         restore::claim_restore(&self.inner, backend_name, &info)
     }
@@ -397,12 +406,7 @@ impl Inner {
             .ok_or_else(|| EngineError::NotFound(format!("no backend {backend}")))
     }
 
-    fn find_on(&self, backend_name: &str, volume_id: &str) -> Result<VolumeInfo> {
-        if !is_valid_id(volume_id) {
-            return Err(EngineError::Invalid(format!(
-                "{volume_id:?} is not a valid volume id"
-            )));
-        }
+    fn find_on(&self, backend_name: &str, volume_id: &VolumeId) -> Result<VolumeInfo> {
         let backend = self.backend(backend_name)?;
         backend
             .driver
@@ -416,7 +420,7 @@ impl Inner {
     }
 
     /// The backend holding a volume, searched in name order.
-    fn find_anywhere(&self, volume_id: &str) -> Result<(String, VolumeInfo)> {
+    fn find_anywhere(&self, volume_id: &VolumeId) -> Result<(String, VolumeInfo)> {
         for name in self.backends.keys() {
             match self.find_on(name, volume_id) {
                 Ok(info) => return Ok((name.clone(), info)),
@@ -429,7 +433,7 @@ impl Inner {
         )))
     }
 
-    fn open_image(&self, target_name: &str, backup_id: &str) -> Result<Image> {
+    fn open_image(&self, target_name: &str, backup_id: &BackupId) -> Result<Image> {
         let target = self.target(target_name)?;
         let record = target.record(backup_id)?;
         if record.status != crate::target::record::Status::Available {
@@ -488,20 +492,20 @@ impl Inner {
     }
 
     /// Forgets the listing of a backup's jobs (it was deleted).
-    fn forget_jobs(&self, backup_id: &str) {
+    fn forget_jobs(&self, backup_id: &BackupId) {
         self.state
             .lock()
             .jobs
-            .retain(|job| job.backup_id != backup_id || job.ended_at().is_none());
+            .retain(|job| job.backup_id != *backup_id || job.ended_at().is_none());
     }
 
     /// Whether a job of this daemon is working on `backup_id` right now.
-    fn is_running(&self, backup_id: &str) -> bool {
+    fn is_running(&self, backup_id: &BackupId) -> bool {
         self.state
             .lock()
             .jobs
             .iter()
-            .any(|job| job.backup_id == backup_id && job.ended_at().is_none())
+            .any(|job| job.backup_id == *backup_id && job.ended_at().is_none())
     }
 
     /// Retries, now and then, the removals that failed (a temporary snapshot, the rest of

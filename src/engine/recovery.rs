@@ -30,7 +30,7 @@ impl Inner {
                         if let Some(driver) = driver {
                             cleanup(target.as_ref(), driver, &mut record);
                         } else if let Err(e) = target.delete_data(&record.id) {
-                            error!(backup_id = record.id, "cannot remove partial data: {e}");
+                            error!(backup_id = %record.id, "cannot remove partial data: {e}");
                         }
                         record.status = Status::Error;
                         record.completed_at = Some(now());
@@ -41,12 +41,12 @@ impl Inner {
                         match target.write_record(&record) {
                             Ok(()) => warn!(
                                 target = name,
-                                backup_id = record.id,
-                                volume_id = record.volume_id,
+                                backup_id = %record.id,
+                                volume_id = %record.volume_id,
                                 "interrupted backup recorded as error; its partial data is removed"
                             ),
                             Err(e) => {
-                                error!(backup_id = record.id, "cannot record interruption: {e}")
+                                error!(backup_id = %record.id, "cannot record interruption: {e}")
                             }
                         }
                     }
@@ -66,7 +66,7 @@ impl Inner {
                             if named == removed
                                 && let Err(e) = target.write_record(&record)
                             {
-                                error!(backup_id = record.id, "cannot update record: {e}");
+                                error!(backup_id = %record.id, "cannot update record: {e}");
                             }
                         }
                     }
@@ -74,7 +74,7 @@ impl Inner {
             }
             // Deletions cut short are finished as the janitor finishes them.
             self.finish_leftovers(name, target.as_ref());
-            if let Err(e) = target.remove_temporaries() {
+            if let Err(e) = target.catalogue().remove_temporaries() {
                 error!(target = name, "cannot remove temporary files: {e}");
             }
             // Only what a record says backupfs made is ever removed: anything else here

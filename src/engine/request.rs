@@ -2,14 +2,14 @@
 //! `<volume-id> [wait] [name=<label>]`, one line, at most one trailing newline.
 //! Pure parsing: it never looks a volume up.
 
-use crate::volume::is_valid_id;
+use crate::ids::VolumeId;
 
 pub const MAX_LINE: usize = 4096;
 pub const MAX_LABEL: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupRequest {
-    pub volume_id: String,
+    pub volume_id: VolumeId,
     pub wait: bool,
     pub name: Option<String>,
 }
@@ -40,11 +40,9 @@ pub fn parse(bytes: &[u8]) -> Result<BackupRequest, String> {
     }
     let mut words = line.split(' ').filter(|w| !w.is_empty());
     let volume_id = words.next().ok_or("empty request")?;
-    if !is_valid_id(volume_id) {
-        return Err(format!("{volume_id:?} is not a valid volume id"));
-    }
+    let volume_id = VolumeId::parse(volume_id).map_err(|e| e.to_string())?;
     let mut request = BackupRequest {
-        volume_id: volume_id.to_string(),
+        volume_id,
         wait: false,
         name: None,
     };
@@ -80,7 +78,7 @@ mod tests {
         assert_eq!(
             parse(b"vol-1\n").unwrap(),
             BackupRequest {
-                volume_id: "vol-1".into(),
+                volume_id: VolumeId::parse("vol-1").unwrap(),
                 wait: false,
                 name: None
             }

@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::copy::{self, Range};
-use std::os::unix::fs::FileExt;
+use crate::volume::device::BlockDevice;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
@@ -58,7 +58,6 @@ pub(super) fn claim_restore(
                 inner: inner.clone(),
                 driver: backend.driver.clone(),
                 key: key.clone(),
-                pool: info.pool.clone(),
                 size: AtomicU64::new(info.size),
                 attachment: Some(attachment),
                 resize: Mutex::new(()),
@@ -103,7 +102,6 @@ pub struct VolumeWriter {
     inner: Arc<Inner>,
     driver: Arc<dyn VolumeDriver>,
     key: (String, String),
-    pool: String,
     size: AtomicU64,
     attachment: Option<Attachment>,
     /// Serialises size changes (writes past the end, truncates).
@@ -148,13 +146,6 @@ impl Drop for VolumeWriter {
     }
 }
 
-fn discard_error(e: VolumeError) -> std::io::Error {
-    match e {
-        VolumeError::Io { source, .. } => source,
-        other => std::io::Error::other(other.to_string()),
-    }
-}
-
 impl VolumeWriter {
     pub fn backend(&self) -> &str {
         &self.key.0
@@ -169,8 +160,8 @@ impl VolumeWriter {
     }
 
     /// The attached volume, for reads through the same handle.
-    pub fn file(&self) -> Result<&File> {
-        Ok(&self.attachment()?.file)
+    pub fn device(&self) -> Result<&dyn BlockDevice> {
+        Ok(self.attachment()?.device.as_ref())
     }
 
     fn attachment(&self) -> Result<&Attachment> {
@@ -179,13 +170,22 @@ impl VolumeWriter {
         })
     }
 
+    fn io_error(&self, op: &str, source: std::io::Error) -> EngineError {
+        EngineError::io(
+            format!("{op} volume {}/{}", self.backend(), self.volume_id()),
+            source,
+        )
+    }
+
     fn grow_to(&self, end: u64) -> Result<()> {
         if end <= self.size() {
             return Ok(());
         }
         let _guard = self.resize.lock();
         if end > self.size() {
-            self.driver.extend(&self.pool, self.volume_id(), end)?;
+            self.device()?
+                .grow(end)
+                .map_err(|e| self.io_error("grow", e))?;
             self.size.fetch_max(end, Ordering::Relaxed);
         }
         Ok(())
@@ -193,21 +193,11 @@ impl VolumeWriter {
 
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
         let end = offset + data.len() as u64;
-        let grows = self.driver.grows_on_write();
-        if !grows {
-            self.grow_to(end)?;
-        }
-        let attachment = self.attachment()?;
-        attachment
-            .file
-            .write_all_at(data, offset)
-            .map_err(|source| {
-                EngineError::io(format!("write {}", attachment.path.display()), source)
-            })?;
-        if grows {
-            // A restore of a new volume writes past the end all along: no extend per write.
-            self.size.fetch_max(end, Ordering::Relaxed);
-        }
+        // The device grows by itself when written past its end.
+        self.device()?
+            .write_at(data, offset)
+            .map_err(|e| self.io_error("write", e))?;
+        self.size.fetch_max(end, Ordering::Relaxed);
         self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data.len())
     }
@@ -220,25 +210,27 @@ impl VolumeWriter {
             return self.grow_to(size);
         }
         let _guard = self.resize.lock();
-        self.driver
-            .discard(self.attachment()?, size, current - size)?;
-        Ok(())
+        self.device()?
+            .discard(size..current)
+            .map_err(|e| self.io_error("zero", e))
     }
 
     /// Zeroes a range inside the volume (a hole where the storage can).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let end = (offset + len).min(self.size());
         if end > offset {
-            self.driver
-                .discard(self.attachment()?, offset, end - offset)?;
+            self.device()?
+                .discard(offset..end)
+                .map_err(|e| self.io_error("zero", e))?;
         }
         Ok(())
     }
 
     /// Server-side copy of `len` bytes of a backup image into this volume: each piece is
     /// checked against its checksums, then copied by the kernel's copy_file_range (a
-    /// reflink where both sit on one filesystem); holes are discarded with the driver's
-    /// own rules. Returns the bytes copied (short at the image's end).
+    /// reflink where both sit on one filesystem) where both are local files, by the
+    /// generic copier otherwise; holes are discarded with the volume's own rules. Returns
+    /// the bytes copied (short at the image's end).
     /// The image is the one the caller has open, so a backup deleted meanwhile stays
     /// readable to the end of the copy, as any open file does.
     pub fn copy_from_backup(
@@ -253,12 +245,7 @@ impl VolumeWriter {
             return Ok(0);
         }
         self.grow_to(offset_out + len)?;
-        let attachment = self.attachment()?;
-        let discard = |offset, len| {
-            self.driver
-                .discard(attachment, offset, len)
-                .map_err(discard_error)
-        };
+        let device = self.device()?;
         let mut done = 0;
         while done < len {
             let piece = (len - done).min(CHECKED_COPY_PIECE);
@@ -269,7 +256,7 @@ impl VolumeWriter {
                 dst_offset: offset_out + done,
                 len: piece,
             };
-            copy::copy_kernel(image.file(), &attachment.file, range, &discard)?;
+            copy::copy_kernel(image.device(), device, range)?;
             done += piece;
             self.copied.fetch_add(piece, Ordering::Relaxed);
         }
@@ -277,9 +264,8 @@ impl VolumeWriter {
     }
 
     pub fn sync(&self) -> Result<()> {
-        let attachment = self.attachment()?;
-        attachment.file.sync_data().map_err(|source| {
-            EngineError::io(format!("fsync {}", attachment.path.display()), source)
-        })
+        self.device()?
+            .flush()
+            .map_err(|e| self.io_error("flush", e))
     }
 }

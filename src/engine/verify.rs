@@ -4,12 +4,13 @@
 
 use super::job::{Failure, JobSubject, pause_point};
 use super::*;
+use crate::ids::BackupId;
 use crate::target::record::Status;
 use std::time::Instant;
 use tracing::error;
 
 impl Inner {
-    pub(super) fn start_verify(&self, target_name: &str, backup_id: &str) -> Result<Arc<Job>> {
+    pub(super) fn start_verify(&self, target_name: &str, backup_id: &BackupId) -> Result<Arc<Job>> {
         let target = self.target(target_name)?;
         let record = target.record(backup_id)?;
         if record.status != Status::Available {
@@ -71,7 +72,7 @@ impl Inner {
         if bad.is_empty() {
             info!(
                 target = job.target,
-                backup_id = job.backup_id,
+                backup_id = %job.backup_id,
                 seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
                 "backup verified: every block matches its checksum"
             );
@@ -80,7 +81,7 @@ impl Inner {
             let e = image::damaged(&job.backup_id, &bad);
             error!(
                 target = job.target,
-                backup_id = job.backup_id,
+                backup_id = %job.backup_id,
                 "verify: {e}; restore from another backup and check the target's storage"
             );
             Err(e)

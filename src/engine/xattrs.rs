@@ -3,6 +3,7 @@
 //! a second node sees them. Cinder's backup metadata is kept this way.
 
 use super::*;
+use crate::ids::BackupId;
 use crate::target::record::Status;
 
 /// Room for all of a backup's attributes together (the record stays small).
@@ -22,7 +23,7 @@ impl Inner {
     pub(super) fn set_xattr(
         &self,
         target_name: &str,
-        backup_id: &str,
+        backup_id: &BackupId,
         name: &str,
         value: Option<String>,
         mode: XattrMode,
@@ -68,7 +69,9 @@ impl Inner {
         target.write_record(&record)?;
         info!(
             target = target_name,
-            backup_id, name, "attribute of backup updated"
+            backup_id = %backup_id,
+            name,
+            "attribute of backup updated"
         );
         Ok(())
     }

@@ -159,17 +159,14 @@ impl ControlFile {
             .unwrap_or(&line)
             .trim_end_matches(' ')
             .to_string();
-        if !crate::target::record::is_backup_id(&backup_id) {
-            warn!(
-                target = self.target,
-                "verify refused (EINVAL): {line:?} is not a backup id"
-            );
-            set(
-                &self.answer,
-                error_line(&format!("{backup_id:?} is not a backup id"), Errno::EINVAL),
-            );
-            return reply.error(Errno::EINVAL);
-        }
+        let backup_id = match crate::ids::BackupId::parse(&backup_id) {
+            Ok(backup_id) => backup_id,
+            Err(e) => {
+                warn!(target = self.target, "verify refused (EINVAL): {e}");
+                set(&self.answer, error_line(&e.to_string(), Errno::EINVAL));
+                return reply.error(Errno::EINVAL);
+            }
+        };
         let (core, target, answer) = (core.clone(), self.target.clone(), self.answer.clone());
         let written = data.len() as u32;
         core.clone().pool.run(move || {

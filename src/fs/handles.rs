@@ -6,9 +6,10 @@
 use super::control::ControlFile;
 use super::tree::Node;
 use crate::engine::{Engine, EngineError, Image, VolumeWriter};
+use crate::ids::VolumeId;
 use crate::volume::Attachment;
+use crate::volume::device::BlockDevice;
 use parking_lot::Mutex;
-use std::fs::File;
 use std::sync::Arc;
 
 pub(super) enum Handle {
@@ -29,17 +30,17 @@ pub(super) enum Attached {
 }
 
 impl Attached {
-    pub(super) fn file(&self) -> Result<&File, EngineError> {
+    pub(super) fn device(&self) -> Result<&dyn BlockDevice, EngineError> {
         match self {
-            Attached::Read(attachment) => Ok(&attachment.file),
-            Attached::Write(writer) => writer.file(),
+            Attached::Read(attachment) => Ok(attachment.device.as_ref()),
+            Attached::Write(writer) => writer.device(),
         }
     }
 }
 
 pub(super) struct VolumeHandle {
     pub backend: String,
-    pub volume_id: String,
+    pub volume_id: VolumeId,
     pub writable: bool,
     /// The process that opened the file: its close lets the volume go. (A child that
     /// inherited the descriptor closes it too, at exec or exit: that is not the end.)
@@ -63,13 +64,13 @@ pub(super) fn process_of(pid: u32) -> u32 {
 impl VolumeHandle {
     pub(super) fn new(
         backend: &str,
-        volume_id: &str,
+        volume_id: &VolumeId,
         attached: Attached,
         opener: u32,
     ) -> VolumeHandle {
         VolumeHandle {
             backend: backend.to_string(),
-            volume_id: volume_id.to_string(),
+            volume_id: volume_id.clone(),
             writable: matches!(attached, Attached::Write(_)),
             opener,
             attached: Mutex::new(Some(attached)),

@@ -91,7 +91,7 @@ mod tests {
     #[test]
     fn entries_live_as_long_as_the_kernel_holds_them() {
         let inodes = Inodes::default();
-        let volume = Node::Volume("b".into(), "v".into());
+        let volume = Node::Volume("b".into(), crate::ids::VolumeId::parse("v").unwrap());
         let ino = inodes.lookup(&volume);
         assert_eq!(inodes.lookup(&volume), ino, "stable numbers");
         assert_eq!(inodes.len(), 2);

@@ -11,6 +11,7 @@ mod pool;
 pub mod tree;
 
 use crate::engine::{Engine, EngineError};
+use crate::ids::{BackupId, VolumeId};
 use control::{Control, ControlFile};
 use errno::errno;
 use fuser::{
@@ -24,8 +25,6 @@ use inodes::Inodes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
@@ -163,7 +162,7 @@ impl Core {
     fn open_volume(
         &self,
         backend: &str,
-        volume_id: &str,
+        volume_id: &VolumeId,
         flags: OpenFlags,
         opener: u32,
         reply: ReplyOpen,
@@ -213,7 +212,7 @@ impl Core {
         &self,
         parent: INodeNo,
         name: &OsStr,
-    ) -> Result<(String, String, Arc<crate::engine::VolumeWriter>), Errno> {
+    ) -> Result<(String, VolumeId, Arc<crate::engine::VolumeWriter>), Errno> {
         let parent = self.node(parent)?;
         let Node::Backend(backend) = parent else {
             warn!(
@@ -221,38 +220,34 @@ impl Core {
             );
             return Err(Errno::EPERM);
         };
-        let Some(name) = name.to_str().filter(|n| crate::volume::is_valid_id(n)) else {
+        let Some(volume_id) = name.to_str().and_then(|n| VolumeId::parse(n).ok()) else {
             warn!("create {name:?} refused (EINVAL): not a valid volume id");
             return Err(Errno::EINVAL);
         };
         let writer = self
             .engine
-            .create_volume(&backend, name)
-            .map_err(|e| refuse(&format!("create of volume {backend}/{name}"), &e))?;
-        Ok((backend, name.to_string(), writer))
+            .create_volume(&backend, &volume_id)
+            .map_err(|e| refuse(&format!("create of volume {backend}/{volume_id}"), &e))?;
+        Ok((backend, volume_id, writer))
     }
 
     fn unlink(&self, parent: &Node, name: &str) -> Result<(), EngineError> {
         match parent {
-            Node::Target(_)
-                if name
-                    .strip_suffix(".img")
-                    .or_else(|| name.strip_suffix(".json"))
-                    .is_some_and(|id| !crate::target::record::is_backup_id(id)) =>
-            {
-                Err(EngineError::Invalid(format!(
-                    "{name} is not a backup's file"
-                )))
-            }
             Node::Target(t) => {
-                if let Some(id) = name.strip_suffix(".img") {
-                    self.engine.delete_backup(t, id)
-                } else if let Some(id) = name.strip_suffix(".json") {
-                    self.engine.delete_record(t, id)
+                let (stem, image) = match (name.strip_suffix(".img"), name.strip_suffix(".json")) {
+                    (Some(stem), _) => (stem, true),
+                    (None, Some(stem)) => (stem, false),
+                    (None, None) => {
+                        return Err(EngineError::NotPermitted(format!(
+                            "{name} cannot be removed"
+                        )));
+                    }
+                };
+                let id = BackupId::parse(stem).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                if image {
+                    self.engine.delete_backup(t, &id)
                 } else {
-                    Err(EngineError::NotPermitted(format!(
-                        "{name} cannot be removed"
-                    )))
+                    self.engine.delete_record(t, &id)
                 }
             }
             Node::Backend(b) => Err(EngineError::NotPermitted(format!(
@@ -595,27 +590,21 @@ impl Filesystem for BackupFs {
                         Ok(attached) => attached,
                         Err(e) => return reply.error(refuse("read of a volume", &e)),
                     };
-                    let file = match attached.file() {
-                        Ok(file) => file,
+                    let device = match attached.device() {
+                        Ok(device) => device,
                         Err(e) => return reply.error(errno(&e)),
                     };
                     let mut buf = vec![0u8; size as usize];
-                    let mut done = 0;
-                    while done < buf.len() {
-                        match file.read_at(&mut buf[done..], offset + done as u64) {
-                            Ok(0) => break,
-                            Ok(n) => done += n,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            Err(e) => {
-                                warn!(
-                                    "read of volume {}/{} at {offset} failed: {e}",
-                                    volume.backend, volume.volume_id
-                                );
-                                return reply.error(Errno::from(e));
-                            }
+                    match device.read_at(&mut buf, offset) {
+                        Ok(done) => reply.data(&buf[..done]),
+                        Err(e) => {
+                            warn!(
+                                "read of volume {}/{} at {offset} failed: {e}",
+                                volume.backend, volume.volume_id
+                            );
+                            reply.error(Errno::from(e))
                         }
                     }
-                    reply.data(&buf[..done])
                 }
             }
         })
@@ -1004,26 +993,33 @@ impl Filesystem for BackupFs {
                 Err(e) => return reply.error(e),
             };
             let attached;
-            let file = match handle.as_ref() {
-                Handle::Image(image) => image.file(),
+            let device = match handle.as_ref() {
+                Handle::Image(image) => image.device(),
                 Handle::Volume(volume) => {
                     attached = match volume.attached(&core.engine) {
                         Ok(attached) => attached,
                         Err(e) => return reply.error(errno(&e)),
                     };
-                    match attached.file() {
-                        Ok(file) => file,
+                    match attached.device() {
+                        Ok(device) => device,
                         Err(e) => return reply.error(errno(&e)),
                     }
                 }
                 _ => return reply.error(Errno::EINVAL),
             };
-            // SAFETY: lseek on a descriptor the handle owns.
-            let rc = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-            if rc < 0 {
-                reply.error(Errno::from(std::io::Error::last_os_error()))
-            } else {
-                reply.offset(rc)
+            let Ok(offset) = u64::try_from(offset) else {
+                return reply.error(Errno::ENXIO);
+            };
+            // The kernel sends only SEEK_DATA and SEEK_HOLE (it answers the others).
+            let found = match whence {
+                libc::SEEK_DATA => device.seek_data(offset),
+                libc::SEEK_HOLE => device.seek_hole(offset),
+                _ => return reply.error(Errno::EINVAL),
+            };
+            match found {
+                Ok(Some(at)) => reply.offset(at as i64),
+                Ok(None) => reply.error(Errno::ENXIO),
+                Err(e) => reply.error(Errno::from(e)),
             }
         })
     }

@@ -2,6 +2,7 @@
 //! number, its attributes and its children. Asks the engine; never touches a pool itself.
 
 use crate::engine::{Engine, EngineError};
+use crate::ids::{BackupId, VolumeId};
 use crate::target::record::{Record, Status};
 use fuser::{FileAttr, FileType, INodeNo};
 use std::time::{Duration, SystemTime};
@@ -26,15 +27,15 @@ pub enum Node {
     Verify(String),
     Jobs(String),
     /// (target, backup id)
-    Image(String, String),
-    Record(String, String),
+    Image(String, BackupId),
+    Record(String, BackupId),
     ByVolume(String),
     /// (target, volume id)
-    ByVolumeDir(String, String),
-    Latest(String, String),
+    ByVolumeDir(String, VolumeId),
+    Latest(String, VolumeId),
     Backend(String),
     /// (backend, volume id)
-    Volume(String, String),
+    Volume(String, VolumeId),
 }
 
 impl Node {
@@ -155,10 +156,10 @@ pub fn record_json(record: &Record) -> Vec<u8> {
 }
 
 /// The newest available backup of a volume in a target.
-pub fn latest_backup(records: &[Record], volume_id: &str) -> Option<String> {
+pub fn latest_backup(records: &[Record], volume_id: &VolumeId) -> Option<BackupId> {
     records
         .iter()
-        .filter(|r| r.status == Status::Available && r.volume_id == volume_id)
+        .filter(|r| r.status == Status::Available && r.volume_id == *volume_id)
         .max_by_key(|r| {
             (
                 r.completed_time(),
@@ -195,47 +196,37 @@ pub fn child(engine: &Engine, parent: &Node, name: &str) -> Result<Node, EngineE
             JOBS => Node::Jobs(t.clone()),
             BY_VOLUME => Node::ByVolume(t.clone()),
             _ => {
-                let stem = name
-                    .strip_suffix(".img")
-                    .or_else(|| name.strip_suffix(".json"));
-                if let Some(stem) = stem
-                    && !crate::target::record::is_backup_id(stem)
-                {
-                    return Err(EngineError::Invalid(format!(
-                        "{stem:?} is not a backup id (a UUID)"
-                    )));
-                }
-                if let Some(id) = name.strip_suffix(".img") {
-                    let record = engine.record(t, id).map_err(|_| missing())?;
+                let (stem, image) = match (name.strip_suffix(".img"), name.strip_suffix(".json")) {
+                    (Some(stem), _) => (stem, true),
+                    (None, Some(stem)) => (stem, false),
+                    (None, None) => return Err(missing()),
+                };
+                let id = BackupId::parse(stem).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                let record = engine.record(t, &id).map_err(|_| missing())?;
+                if image {
                     if record.status != Status::Available {
                         return Err(missing());
                     }
-                    Node::Image(t.clone(), id.to_string())
-                } else if let Some(id) = name.strip_suffix(".json") {
-                    engine.record(t, id).map_err(|_| missing())?;
-                    Node::Record(t.clone(), id.to_string())
+                    Node::Image(t.clone(), id)
                 } else {
-                    return Err(missing());
+                    Node::Record(t.clone(), id)
                 }
             }
         },
         Node::ByVolume(t) => {
-            let records = engine.records(t)?;
-            latest_backup(&records, name).ok_or_else(missing)?;
-            Node::ByVolumeDir(t.clone(), name.to_string())
+            let volume_id = VolumeId::parse(name).map_err(|_| missing())?;
+            latest_backup(&engine.records(t)?, &volume_id).ok_or_else(missing)?;
+            Node::ByVolumeDir(t.clone(), volume_id)
         }
         Node::ByVolumeDir(t, v) if name == LATEST => {
             latest_backup(&engine.records(t)?, v).ok_or_else(missing)?;
             Node::Latest(t.clone(), v.clone())
         }
         Node::Backend(b) => {
-            if !crate::volume::is_valid_id(name) {
-                return Err(EngineError::Invalid(format!(
-                    "{name:?} is not a valid volume id"
-                )));
-            }
-            engine.volume(b, name)?;
-            Node::Volume(b.clone(), name.to_string())
+            let volume_id =
+                VolumeId::parse(name).map_err(|e| EngineError::Invalid(e.to_string()))?;
+            engine.volume(b, &volume_id)?;
+            Node::Volume(b.clone(), volume_id)
         }
         _ => return Err(missing()),
     })
@@ -298,7 +289,7 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
             }
         }
         Node::ByVolume(t) => {
-            let mut volumes: Vec<String> = engine
+            let mut volumes: Vec<VolumeId> = engine
                 .records(t)?
                 .into_iter()
                 .filter(|r| r.status == Status::Available)
@@ -307,7 +298,8 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
             volumes.sort();
             volumes.dedup();
             for v in volumes {
-                out.push((Node::ByVolumeDir(t.clone(), v.clone()), v));
+                let name = v.to_string();
+                out.push((Node::ByVolumeDir(t.clone(), v), name));
             }
         }
         Node::ByVolumeDir(t, v) => {
@@ -315,7 +307,10 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
         }
         Node::Backend(b) => {
             for volume in engine.volumes(b)? {
-                out.push((Node::Volume(b.clone(), volume.id.clone()), volume.id));
+                // Drivers list valid ids only; anything else is not shown.
+                if let Ok(volume_id) = VolumeId::parse(&volume.id) {
+                    out.push((Node::Volume(b.clone(), volume_id), volume.id));
+                }
             }
         }
         _ => {

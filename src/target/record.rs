@@ -1,6 +1,7 @@
 //! The backup record: one JSON object per backup, kept on the target beside its data.
 //! Format version 1; a reader refuses versions it does not know instead of guessing.
 
+use crate::ids::{BackupId, VolumeId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -42,8 +43,8 @@ pub struct Checksums {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     pub format: u32,
-    pub id: String,
-    pub volume_id: String,
+    pub id: BackupId,
+    pub volume_id: VolumeId,
     /// The source volume's backend and pool.
     pub backend: String,
     pub pool: String,
@@ -54,7 +55,7 @@ pub struct Record {
     pub completed_at: Option<String>,
     pub name: Option<String>,
     pub snapshot_used: bool,
-    pub parent_id: Option<String>,
+    pub parent_id: Option<BackupId>,
     pub checksums: Option<Checksums>,
     pub error: Option<String>,
     /// Bytes of data really stored (the rest are holes).
@@ -80,8 +81,8 @@ impl Record {
     pub fn scalar_fields(&self) -> Vec<(&'static str, String)> {
         let opt = |v: &Option<String>| v.clone().unwrap_or_default();
         vec![
-            ("id", self.id.clone()),
-            ("volume_id", self.volume_id.clone()),
+            ("id", self.id.to_string()),
+            ("volume_id", self.volume_id.to_string()),
             ("backend", self.backend.clone()),
             ("pool", self.pool.clone()),
             ("target", self.target.clone()),
@@ -91,7 +92,13 @@ impl Record {
             ("completed_at", opt(&self.completed_at)),
             ("name", opt(&self.name)),
             ("snapshot_used", self.snapshot_used.to_string()),
-            ("parent_id", opt(&self.parent_id)),
+            (
+                "parent_id",
+                self.parent_id
+                    .as_ref()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+            ),
             ("error", opt(&self.error)),
             ("stored_bytes", self.stored_bytes.to_string()),
             ("verified_at", opt(&self.verified_at)),
@@ -107,11 +114,7 @@ impl Record {
     }
 }
 
-/// A backup ID is a UUID the daemon made, in its lowercase hyphenated form; anything else
-/// never reaches a path.
-pub fn is_backup_id(text: &str) -> bool {
-    uuid::Uuid::try_parse(text).is_ok_and(|id| id.hyphenated().to_string() == text)
-}
+pub use crate::ids::is_backup_id;
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC. Milliseconds, so that two backups made within one
 /// second are still told apart by when they completed (`latest.img` is the newest).

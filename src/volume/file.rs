@@ -2,8 +2,9 @@
 //! (Cinder's RemoteFS naming); snapshots are reflinks (`FICLONE`) beside it.
 //! It never writes to a volume file except through an attachment the engine asked for.
 
+use super::device::FileDevice;
 use super::pools::PoolDirs;
-use super::{Access, Attachment, Result, VolumeDriver, VolumeError, VolumeInfo};
+use super::{Access, Attachment, Capabilities, Result, VolumeDriver, VolumeError, VolumeInfo};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -219,63 +220,6 @@ pub(crate) fn probe_reflink(dir: &Path) -> std::io::Result<()> {
     result
 }
 
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
-    // SAFETY: plain syscall on a descriptor we own.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    fallocate(
-        file,
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    )
-}
-
-/// Zeroes a range without necessarily freeing it.
-pub(crate) fn zero_fill(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    fallocate(
-        file,
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    )
-}
-
-/// Zeroes a range: a hole where one can be punched, else FALLOC_FL_ZERO_RANGE (a
-/// qemu-storage-daemon export punches only whole clusters but zeroes any range), else
-/// written zeros.
-pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    for zero in [punch_hole, zero_fill] {
-        match zero(file, offset, len) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    let zeros = vec![0u8; 1 << 20];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
-}
-
 /// Takes an OFD write lock on the whole file, the lock QEMU checks before it opens an
 /// image: while a restore writes a volume, no hypervisor can start on it. The lock goes
 /// with the descriptor. False when another process holds a conflicting lock.
@@ -306,14 +250,6 @@ pub(crate) fn on_loop_device(path: &Path) -> std::io::Result<bool> {
 }
 
 impl VolumeDriver for FileDriver {
-    fn backend(&self) -> &str {
-        self.pools.backend()
-    }
-
-    fn pools(&self) -> Vec<String> {
-        self.pools.names()
-    }
-
     fn list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
         let mut volumes = Vec::new();
         for (id, path) in self.pools.list(pool)? {
@@ -364,7 +300,7 @@ impl VolumeDriver for FileDriver {
         Ok(Self::info(pool, volume_id, &meta))
     }
 
-    fn extend(&self, pool: &str, volume_id: &str, size: u64) -> Result<()> {
+    fn grow(&self, pool: &str, volume_id: &str, size: u64) -> Result<()> {
         let path = self.pools.object_path(pool, volume_id)?;
         let file = OpenOptions::new()
             .write(true)
@@ -401,12 +337,14 @@ impl VolumeDriver for FileDriver {
         remove_snapshot_file(&self.pools.snapshot_path(pool, snapshot_name)?)
     }
 
-    fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String> {
-        reflink_support(
-            self.pools.backend(),
-            pool,
-            self.pools.dir(pool).map_err(|e| e.to_string())?,
-        )
+    fn capabilities(&self, pool: &str) -> Capabilities {
+        Capabilities {
+            snapshots: self
+                .pools
+                .dir(pool)
+                .map_err(|e| e.to_string())
+                .and_then(|dir| reflink_support(self.pools.backend(), pool, dir)),
+        }
     }
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
@@ -432,14 +370,14 @@ impl VolumeDriver for FileDriver {
                 )));
             }
         }
-        Ok(Attachment::plain(file, path))
+        Ok(Attachment::new(FileDevice::new(file, path)))
     }
 
     fn attach_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<Attachment> {
         let path = self.pools.snapshot_path(pool, snapshot_name)?;
         let file = open_volume_file(&path, Access::Stream)
             .map_err(|e| VolumeError::io("attach", &path, e))?;
-        Ok(Attachment::plain(file, path))
+        Ok(Attachment::new(FileDevice::new(file, path)))
     }
 
     fn in_use(&self, pool: &str, volume_id: &str) -> Result<Option<String>> {
@@ -450,16 +388,7 @@ impl VolumeDriver for FileDriver {
         lock_holder(&path).map_err(|e| VolumeError::io("check in-use", &path, e))
     }
 
-    fn free_space(&self, pool: &str) -> Result<u64> {
-        self.pools.free_space(pool)
-    }
-
-    fn grows_on_write(&self) -> bool {
-        true
-    }
-
-    fn discard(&self, attachment: &Attachment, offset: u64, len: u64) -> Result<()> {
-        zero_range(&attachment.file, offset, len)
-            .map_err(|e| VolumeError::io("discard", &attachment.path, e))
+    fn free_space(&self, pool: &str) -> Result<Option<u64>> {
+        self.pools.free_space(pool).map(Some)
     }
 }

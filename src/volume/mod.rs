@@ -1,27 +1,18 @@
 //! Volume drivers: the storage primitives of a Cinder volume backend (list, create,
-//! extend, delete, snapshot, attach, in-use state). The generic backup is written once in
-//! the engine against these; a driver never calls the engine or the FUSE layer.
+//! grow, delete, snapshot, attach, in-use state) and the block devices their attachments
+//! give. The generic backup is written once in the engine against these; a driver never
+//! calls the engine or the FUSE layer.
 
+pub mod device;
 pub mod file;
 pub mod pools;
 pub mod qcow2;
 
-use std::fs::File;
+use device::BlockDevice;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-/// The name rule of DESIGN.md §1 "names" for volume IDs (and for backend, pool and target
-/// names, which become directory names in the mount): 1 to 128 of `[A-Za-z0-9._-]`,
-/// starting with a letter or digit. Anything else never reaches a driver or a path.
-pub fn is_valid_id(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 128
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+pub use crate::ids::is_valid_id;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -84,21 +75,19 @@ pub enum Access {
     Write,
 }
 
-/// A volume (or snapshot) attached to this node: a descriptor the node reads or writes.
-/// Detaching is dropping it through [`VolumeDriver::detach`].
+/// A volume (or snapshot, or backup) attached to this node: the device the node reads
+/// or writes, and whatever keeps it attached. Detaching is dropping it (through
+/// [`VolumeDriver::detach`]): the device goes first, then what kept it alive.
 pub struct Attachment {
-    pub file: File,
-    pub path: PathBuf,
-    /// Whatever keeps the attachment alive (an export process, a mapping); dropped last,
-    /// on detach.
+    pub device: Box<dyn BlockDevice>,
+    /// An export process, an open image: dropped last.
     pub keep_alive: Option<Box<dyn Send + Sync>>,
 }
 
 impl Attachment {
-    pub fn plain(file: File, path: PathBuf) -> Attachment {
+    pub fn new(device: impl BlockDevice + 'static) -> Attachment {
         Attachment {
-            file,
-            path,
+            device: Box::new(device),
             keep_alive: None,
         }
     }
@@ -107,54 +96,63 @@ impl Attachment {
 impl std::fmt::Debug for Attachment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Attachment")
-            .field("path", &self.path)
+            .field("device", &self.device.describe())
             .finish()
     }
 }
 
-/// The primitives of one volume backend. Pools are named by the configuration; which of
-/// them serve volumes and which hold backups is the engine's business.
-pub trait VolumeDriver: Send + Sync {
-    fn backend(&self) -> &str;
-    fn pools(&self) -> Vec<String>;
+/// What a driver can do in a pool, asked for explicitly rather than assumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Whether `snapshot` works here; the reason when it cannot.
+    pub snapshots: std::result::Result<(), String>,
+}
 
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            snapshots: Err("this driver makes no snapshots".to_string()),
+        }
+    }
+}
+
+/// The primitives of one volume backend (ten, and a few provided on top). Pools are named
+/// by the configuration; which of them serve volumes and which hold backups is the
+/// configuration's (the driver names objects by its pools' roles). The generic backup is
+/// written once, in the engine, against these.
+pub trait VolumeDriver: Send + Sync {
     fn list(&self, pool: &str) -> Result<Vec<VolumeInfo>>;
     fn stat(&self, pool: &str, volume_id: &str) -> Result<VolumeInfo>;
     /// Creates an empty (all-zero, thin) volume; `Exists` if the ID is taken.
     fn create(&self, pool: &str, volume_id: &str, size: u64) -> Result<VolumeInfo>;
-    /// Grows a volume; never shrinks it.
-    fn extend(&self, pool: &str, volume_id: &str, size: u64) -> Result<()>;
+    /// Grows a volume that is not attached; never shrinks it.
+    fn grow(&self, pool: &str, volume_id: &str, size: u64) -> Result<()>;
     /// Deletes a volume; deleting one that is gone is not an error.
     fn delete(&self, pool: &str, volume_id: &str) -> Result<()>;
-
     /// A point-in-time copy of a volume that may be attached and read.
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()>;
     /// Deleting a snapshot that is gone is not an error (recovery calls this blindly).
     fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()>;
-    /// Whether `snapshot` can work in this pool; the reason when it cannot.
-    fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String>;
-
+    /// Attaches a volume. For `Access::Write` the driver holds the volume the way a
+    /// hypervisor would see it (a lock), and fails with `Busy` if something else uses it.
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment>;
     fn attach_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<Attachment>;
-    fn detach(&self, attachment: Attachment) -> Result<()> {
-        drop(attachment);
-        Ok(())
-    }
-
     /// `Some(reason)` when something outside backupfs uses the volume (a hypervisor, a
     /// loop device, a lock holder).
     fn in_use(&self, pool: &str, volume_id: &str) -> Result<Option<String>>;
 
-    /// Bytes free for new data in the pool.
-    fn free_space(&self, pool: &str) -> Result<u64>;
+    fn capabilities(&self, _pool: &str) -> Capabilities {
+        Capabilities::default()
+    }
 
-    /// Zeroes `len` bytes at `offset` of an attached volume, as holes where possible.
-    fn discard(&self, attachment: &Attachment, offset: u64, len: u64) -> Result<()>;
+    /// Bytes free for new data in the pool; None when the storage cannot tell.
+    fn free_space(&self, _pool: &str) -> Result<Option<u64>> {
+        Ok(None)
+    }
 
-    /// True when a write past the end of an attachment grows the volume by itself (a plain
-    /// file), so writers need not call `extend` first.
-    fn grows_on_write(&self) -> bool {
-        false
+    fn detach(&self, attachment: Attachment) -> Result<()> {
+        drop(attachment);
+        Ok(())
     }
 
     /// Finds a volume in any of `pools`.
@@ -167,27 +165,5 @@ pub trait VolumeDriver: Send + Sync {
             }
         }
         Err(VolumeError::NotFound(volume_id.to_string()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_follow_the_name_rule() {
-        assert!(is_valid_id("a"));
-        assert!(is_valid_id("0c1e2f3a-aaaa-bbbb-cccc-123456789abc"));
-        assert!(is_valid_id("vol_1.raw"));
-        assert!(is_valid_id(&"x".repeat(128)));
-        assert!(!is_valid_id(&"x".repeat(129)));
-        assert!(!is_valid_id(""));
-        assert!(!is_valid_id(".hidden"));
-        assert!(!is_valid_id("-x"));
-        assert!(!is_valid_id("a/b"));
-        assert!(!is_valid_id("../a"));
-        assert!(!is_valid_id("a b"));
-        assert!(!is_valid_id("é"));
-        assert!(!is_valid_id("a\0b"));
     }
 }

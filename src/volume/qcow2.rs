@@ -5,12 +5,13 @@
 
 mod export;
 
+use super::device::FileDevice;
 use super::file::{
     lock_holder, on_loop_device, reflink_snapshot, reflink_support, remove_snapshot_file,
-    remove_volume_file, zero_fill, zero_range,
+    remove_volume_file,
 };
 use super::pools::{PoolDirs, object_file_name};
-use super::{Access, Attachment, Result, VolumeDriver, VolumeError, VolumeInfo};
+use super::{Access, Attachment, Capabilities, Result, VolumeDriver, VolumeError, VolumeInfo};
 use export::{Exports, Mode};
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
@@ -128,8 +129,7 @@ impl Qcow2Driver {
         let file = open_export(&export.mountpoint, access)
             .map_err(|e| VolumeError::io("attach", &export.mountpoint, e))?;
         Ok(Attachment {
-            file,
-            path: export.mountpoint.clone(),
+            device: Box::new(FileDevice::exported(file, &export.mountpoint, MAX_CLUSTER)),
             keep_alive: Some(Box::new(export)),
         })
     }
@@ -188,14 +188,6 @@ fn open_export(path: &Path, access: Access) -> std::io::Result<File> {
 }
 
 impl VolumeDriver for Qcow2Driver {
-    fn backend(&self) -> &str {
-        self.pools.backend()
-    }
-
-    fn pools(&self) -> Vec<String> {
-        self.pools.names()
-    }
-
     fn list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
         let mut volumes = Vec::new();
         for (id, path) in self.pools.list(pool)? {
@@ -253,7 +245,7 @@ impl VolumeDriver for Qcow2Driver {
         Self::info(pool, volume_id, &path)
     }
 
-    fn extend(&self, pool: &str, volume_id: &str, size: u64) -> Result<()> {
+    fn grow(&self, pool: &str, volume_id: &str, size: u64) -> Result<()> {
         let path = self.pools.object_path(pool, volume_id)?;
         let current = Self::info(pool, volume_id, &path)?.size;
         let size = round_up(size, SECTOR);
@@ -314,12 +306,14 @@ impl VolumeDriver for Qcow2Driver {
         remove_snapshot_file(&self.pools.snapshot_path(pool, snapshot_name)?)
     }
 
-    fn snapshot_support(&self, pool: &str) -> std::result::Result<(), String> {
-        reflink_support(
-            self.pools.backend(),
-            pool,
-            self.pools.dir(pool).map_err(|e| e.to_string())?,
-        )
+    fn capabilities(&self, pool: &str) -> Capabilities {
+        Capabilities {
+            snapshots: self
+                .pools
+                .dir(pool)
+                .map_err(|e| e.to_string())
+                .and_then(|dir| reflink_support(self.pools.backend(), pool, dir)),
+        }
     }
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
@@ -353,38 +347,8 @@ impl VolumeDriver for Qcow2Driver {
             .map_err(|e| VolumeError::io("check in-use", &path, e))
     }
 
-    fn free_space(&self, pool: &str) -> Result<u64> {
-        self.pools.free_space(pool)
-    }
-
-    /// qsd punches holes (frees clusters) only for whole clusters: the aligned middle is
-    /// punched, the ends are zeroed.
-    fn discard(&self, attachment: &Attachment, offset: u64, len: u64) -> Result<()> {
-        let file = &attachment.file;
-        let end = offset + len;
-        let (start, stop) = (
-            round_up(offset, MAX_CLUSTER),
-            end / MAX_CLUSTER * MAX_CLUSTER,
-        );
-        let result = if start < stop {
-            zero_range(file, start, stop - start)
-                .and_then(|()| zero_ends(file, offset, start))
-                .and_then(|()| zero_ends(file, stop, end))
-        } else {
-            zero_ends(file, offset, end)
-        };
-        result.map_err(|e| VolumeError::io("discard", &attachment.path, e))
-    }
-}
-
-/// Zeroes [from, to) of an export without asking for a hole (partial clusters).
-fn zero_ends(file: &File, from: u64, to: u64) -> std::io::Result<()> {
-    if to <= from {
-        return Ok(());
-    }
-    match zero_fill(file, from, to - from) {
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => zero_range(file, from, to - from),
-        other => other,
+    fn free_space(&self, pool: &str) -> Result<Option<u64>> {
+        self.pools.free_space(pool).map(Some)
     }
 }
 

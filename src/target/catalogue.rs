@@ -1,0 +1,257 @@
+//! The catalogue of a target: one record per backup and its checksums, kept beside the
+//! data on the target's own storage (so a second node that mounts it sees the same
+//! backups), every change atomic. `DirCatalogue` keeps it in a pool directory; a store
+//! without files (an RBD pool) keeps it in objects. A catalogue holds its target's lock
+//! and claim for as long as it is open, and removes only the files it names.
+
+use super::claim;
+use super::record::{Checksums, FORMAT_VERSION, Record};
+use super::{LOCK_FILE, Result, TargetError, record_file_name, sums_file_name};
+use crate::ids::BackupId;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Records and checksums of one target.
+pub trait Catalogue: Send + Sync {
+    /// Where it lives, for messages.
+    fn describe(&self) -> String;
+    /// Every record, oldest first; unreadable ones are skipped (and logged).
+    fn records(&self) -> Result<Vec<Record>>;
+    fn record(&self, backup_id: &BackupId) -> Result<Record>;
+    /// Replaces the record durably and atomically: a crash leaves the old or the new one.
+    fn write_record(&self, record: &Record) -> Result<()>;
+    fn remove_record(&self, backup_id: &BackupId) -> Result<()>;
+    /// Stores the checksums of a backup (before its record says `available`).
+    fn write_checksums(&self, backup_id: &BackupId, sums: &[u64]) -> Result<Checksums>;
+    /// The checksums a record names, checked against their digest in the record.
+    fn read_checksums(&self, record: &Record) -> Result<Vec<u64>>;
+    /// Gone already is fine.
+    fn remove_checksums(&self, backup_id: &BackupId) -> Result<()>;
+    /// Removes what a crash left in the middle of a write (temporary names only the
+    /// catalogue makes).
+    fn remove_temporaries(&self) -> Result<()>;
+    /// What is stored there that the catalogue did not make (an operator's files): left
+    /// in place, named in the log.
+    fn foreign(&self) -> Vec<String>;
+}
+
+/// A catalogue in a pool directory: `backup-<id>.json` and `backup-<id>.sums`, each
+/// written as a temporary file, fsynced, renamed, and the directory fsynced.
+pub struct DirCatalogue {
+    target: String,
+    dir: PathBuf,
+    /// Held while open: one daemon per target.
+    _lock: File,
+}
+
+impl DirCatalogue {
+    /// Opens a pool directory as `target`'s catalogue: refuses one that is not ours (see
+    /// `claim`), takes the one-daemon-per-target lock, then claims the pool (migrating an
+    /// earlier backupfs's layout) if it is not claimed yet.
+    pub fn open(target: &str, dir: &Path) -> Result<DirCatalogue> {
+        let refused = |source| TargetError::Claim {
+            path: dir.to_path_buf(),
+            source,
+        };
+        claim::inspect(dir, target).map_err(refused)?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| TargetError::io("open lock", &lock_path, e))?;
+        // SAFETY: flock on a descriptor we own; released when the file closes.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+            return Err(TargetError::Locked {
+                target: target.to_string(),
+                path: lock_path,
+            });
+        }
+        claim::claim(dir, target).map_err(refused)?;
+        Ok(DirCatalogue {
+            target: target.to_string(),
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    fn record_path(&self, backup_id: &BackupId) -> PathBuf {
+        self.dir.join(record_file_name(backup_id))
+    }
+
+    fn read_record_file(path: &Path) -> Result<Record> {
+        let text = std::fs::read(path).map_err(|e| TargetError::io("read", path, e))?;
+        let record: Record = serde_json::from_slice(&text).map_err(|e| TargetError::BadRecord {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if record.format != FORMAT_VERSION {
+            return Err(TargetError::BadRecord {
+                path: path.to_path_buf(),
+                message: format!("unknown format version {}", record.format),
+            });
+        }
+        Ok(record)
+    }
+
+    fn sync_dir(&self) -> Result<()> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| TargetError::io("fsync", &self.dir, e))
+    }
+
+    /// Writes `bytes` to `name` in the pool directory: temporary file, fsync, rename,
+    /// fsync of the directory. A crash leaves the old file or the new one, never half.
+    fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.dir.join(name);
+        // Unique per write: two writers of one record never share a temporary file.
+        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(TargetError::io("write", &path, e));
+        }
+        self.sync_dir()
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        let path = self.dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(TargetError::io("remove", &path, e)),
+        }
+    }
+}
+
+impl Catalogue for DirCatalogue {
+    fn describe(&self) -> String {
+        format!("{} ({})", self.target, self.dir.display())
+    }
+
+    fn records(&self) -> Result<Vec<Record>> {
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|e| TargetError::io("list", &self.dir, e))?;
+        let mut records = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !(name.starts_with("backup-") && name.ends_with(".json")) {
+                continue;
+            }
+            match Self::read_record_file(&entry.path()) {
+                Ok(record) => records.push(record),
+                // A record removed while listing is simply gone.
+                Err(TargetError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!("target {}: skipping unreadable record: {e}", self.target)
+                }
+            }
+        }
+        records.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+        Ok(records)
+    }
+
+    fn record(&self, backup_id: &BackupId) -> Result<Record> {
+        match Self::read_record_file(&self.record_path(backup_id)) {
+            Err(TargetError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Err(TargetError::NotFound(backup_id.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    fn write_record(&self, record: &Record) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(record).map_err(|e| TargetError::BadRecord {
+            path: self.record_path(&record.id),
+            message: e.to_string(),
+        })?;
+        bytes.push(b'\n');
+        self.write_atomic(&record_file_name(&record.id), &bytes)
+    }
+
+    fn remove_record(&self, backup_id: &BackupId) -> Result<()> {
+        self.remove(&record_file_name(backup_id))
+    }
+
+    fn write_checksums(&self, backup_id: &BackupId, sums: &[u64]) -> Result<Checksums> {
+        let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let name = sums_file_name(backup_id);
+        self.write_atomic(&name, &bytes)?;
+        Ok(Checksums {
+            algorithm: "xxh3-64".to_string(),
+            block_size: crate::copy::CHECKSUM_BLOCK,
+            blocks: sums.len() as u64,
+            file: name,
+            digest: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)),
+        })
+    }
+
+    fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {
+        let Some(checksums) = &record.checksums else {
+            return Ok(Vec::new());
+        };
+        let path = self.dir.join(sums_file_name(&record.id));
+        let bytes = std::fs::read(&path).map_err(|e| TargetError::io("read", &path, e))?;
+        let digest = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
+        if digest != checksums.digest || bytes.len() as u64 != checksums.blocks * 8 {
+            return Err(TargetError::BadRecord {
+                path,
+                message: "checksum file does not match its digest in the record".to_string(),
+            });
+        }
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect())
+    }
+
+    fn remove_checksums(&self, backup_id: &BackupId) -> Result<()> {
+        self.remove(&sums_file_name(backup_id))
+    }
+
+    fn remove_temporaries(&self) -> Result<()> {
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|e| TargetError::io("list", &self.dir, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if (name.starts_with(".backup-") && name.ends_with(".tmp"))
+                || claim::is_marker_temporary(&name)
+            {
+                tracing::warn!(
+                    target = self.target,
+                    "removing {name} left by an interrupted write"
+                );
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn foreign(&self) -> Vec<String> {
+        claim::foreign_files(&self.dir)
+    }
+}
