@@ -1,5 +1,5 @@
-//! The TOML configuration (DESIGN.md §1 "configuration"), parsed into typed structs and
-//! checked against the spec's storage rules before anything is mounted.
+//! The TOML configuration (README.md, "Configuration reference"), parsed into typed
+//! structs and checked against the spec's storage rules before anything is mounted.
 //! It never touches volume data: it only reads directory metadata to compare storage.
 
 use serde::Deserialize;

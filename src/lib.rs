@@ -1,6 +1,6 @@
 //! backupfs: any Cinder volume backend as backup storage, served as a filesystem.
-//! See DESIGN.md: `config` → `engine` (jobs) → `volume` drivers, `target`s and the one
-//! `copy`ier; `fs` maps the mounted tree onto engine calls.
+//! See ARCHITECTURE.md: `config` → `engine` (jobs) → `volume` drivers, `target`s and
+//! the one `copy`ier; `fs` maps the mounted tree onto engine calls.
 
 pub mod config;
 pub mod copy;

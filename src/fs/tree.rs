@@ -1,5 +1,6 @@
-//! The mounted tree of DESIGN.md §1 as data: which node a path is, its stable inode
-//! number, its attributes and its children. Asks the engine; never touches a pool itself.
+//! The mounted tree (README.md, "The mounted tree") as data: which node a path is, its
+//! stable inode number, its attributes and its children. Asks the engine; never touches a
+//! pool itself.
 
 use crate::engine::{Engine, EngineError};
 use crate::ids::{BackupId, VolumeId};

@@ -318,33 +318,19 @@ impl VolumeDriver for FileDriver {
     }
 
     fn delete(&self, pool: &str, volume_id: &str) -> Result<()> {
-        remove_volume_file(&self.pools.object_path(pool, volume_id)?)
+        self.pools.remove_object(pool, volume_id)
     }
 
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
-        let source_path = self.pools.object_path(pool, volume_id)?;
-        let snapshot_path = self.pools.snapshot_path(pool, snapshot_name)?;
-        reflink_snapshot(
-            self.pools.backend(),
-            pool,
-            volume_id,
-            &source_path,
-            &snapshot_path,
-        )
+        self.pools.reflink_snapshot(pool, volume_id, snapshot_name)
     }
 
     fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
-        remove_snapshot_file(&self.pools.snapshot_path(pool, snapshot_name)?)
+        self.pools.remove_snapshot(pool, snapshot_name)
     }
 
     fn capabilities(&self, pool: &str) -> Capabilities {
-        Capabilities {
-            snapshots: self
-                .pools
-                .dir(pool)
-                .map_err(|e| e.to_string())
-                .and_then(|dir| reflink_support(self.pools.backend(), pool, dir)),
-        }
+        self.pools.reflink_capabilities(pool)
     }
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
@@ -389,6 +375,6 @@ impl VolumeDriver for FileDriver {
     }
 
     fn free_space(&self, pool: &str) -> Result<Option<u64>> {
-        self.pools.free_space(pool).map(Some)
+        self.pools.free_space(pool)
     }
 }

@@ -128,12 +128,45 @@ impl PoolDirs {
         Ok(found)
     }
 
+    /// Deletes object `id`'s file; one that is gone already is fine.
+    pub fn remove_object(&self, pool: &str, id: &str) -> Result<()> {
+        super::file::remove_volume_file(&self.object_path(pool, id)?)
+    }
+
+    /// A snapshot of object `id` as a reflink of its file, `name` beside it.
+    pub fn reflink_snapshot(&self, pool: &str, id: &str, name: &str) -> Result<()> {
+        super::file::reflink_snapshot(
+            &self.backend,
+            pool,
+            id,
+            &self.object_path(pool, id)?,
+            &self.snapshot_path(pool, name)?,
+        )
+    }
+
+    /// Removes snapshot `name`; one that is gone already is fine.
+    pub fn remove_snapshot(&self, pool: &str, name: &str) -> Result<()> {
+        super::file::remove_snapshot_file(&self.snapshot_path(pool, name)?)
+    }
+
+    /// What reflink snapshots allow in a pool (probed: a pool on ext4 has none).
+    pub fn reflink_capabilities(&self, pool: &str) -> super::Capabilities {
+        super::Capabilities {
+            snapshots: self
+                .dir(pool)
+                .map_err(|e| e.to_string())
+                .and_then(|dir| super::file::reflink_support(&self.backend, pool, dir)),
+        }
+    }
+
     /// Bytes free for new data in a pool's filesystem.
-    pub fn free_space(&self, pool: &str) -> Result<u64> {
+    pub fn free_space(&self, pool: &str) -> Result<Option<u64>> {
         let dir = self.dir(pool)?;
         let stat = nix::sys::statvfs::statvfs(dir)
             .map_err(|e| VolumeError::io("statvfs", dir, e.into()))?;
-        Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+        Ok(Some(
+            stat.blocks_available() as u64 * stat.fragment_size() as u64,
+        ))
     }
 }
 

@@ -6,10 +6,7 @@
 mod export;
 
 use super::device::FileDevice;
-use super::file::{
-    lock_holder, on_loop_device, reflink_snapshot, reflink_support, remove_snapshot_file,
-    remove_volume_file,
-};
+use super::file::{lock_holder, on_loop_device};
 use super::pools::{PoolDirs, object_file_name};
 use super::{Access, Attachment, Capabilities, Result, VolumeDriver, VolumeError, VolumeInfo};
 use export::{Exports, Mode};
@@ -282,7 +279,7 @@ impl VolumeDriver for Qcow2Driver {
     }
 
     fn delete(&self, pool: &str, volume_id: &str) -> Result<()> {
-        remove_volume_file(&self.pools.object_path(pool, volume_id)?)
+        self.pools.remove_object(pool, volume_id)
     }
 
     /// A reflink of the image file: an atomic copy of its bytes, made without the
@@ -291,29 +288,15 @@ impl VolumeDriver for Qcow2Driver {
     /// for that). An internal snapshot would need the image lock the hypervisor holds; an
     /// external overlay would need the hypervisor to switch to it (QMP), which is Nova's.
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
-        let source_path = self.pools.object_path(pool, volume_id)?;
-        let snapshot_path = self.pools.snapshot_path(pool, snapshot_name)?;
-        reflink_snapshot(
-            self.pools.backend(),
-            pool,
-            volume_id,
-            &source_path,
-            &snapshot_path,
-        )
+        self.pools.reflink_snapshot(pool, volume_id, snapshot_name)
     }
 
     fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
-        remove_snapshot_file(&self.pools.snapshot_path(pool, snapshot_name)?)
+        self.pools.remove_snapshot(pool, snapshot_name)
     }
 
     fn capabilities(&self, pool: &str) -> Capabilities {
-        Capabilities {
-            snapshots: self
-                .pools
-                .dir(pool)
-                .map_err(|e| e.to_string())
-                .and_then(|dir| reflink_support(self.pools.backend(), pool, dir)),
-        }
+        self.pools.reflink_capabilities(pool)
     }
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
@@ -348,7 +331,7 @@ impl VolumeDriver for Qcow2Driver {
     }
 
     fn free_space(&self, pool: &str) -> Result<Option<u64>> {
-        self.pools.free_space(pool).map(Some)
+        self.pools.free_space(pool)
     }
 }
 
