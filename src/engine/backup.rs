@@ -235,7 +235,7 @@ impl Inner {
             .device
             .size()
             .map_err(|e| EngineError::io(format!("size of {}", source.device.describe()), e))?;
-        let destination = target.create_data(&job.backup_id, size)?;
+        let destination = target.create_data(&job.backup_id, size, None)?.attachment;
         let options = CopyOptions {
             dest_is_zero: true,
             bps_limit: self.config.copy_bps_limit,

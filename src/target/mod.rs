@@ -74,8 +74,20 @@ pub trait BackupTarget: Send + Sync {
     fn name(&self) -> &str;
     fn catalogue(&self) -> &dyn Catalogue;
 
-    /// A new, all-zero data volume for a backup, attached for writing.
-    fn create_data(&self, backup_id: &BackupId, size: u64) -> Result<Attachment>;
+    /// A new backup's data, attached for writing: all zeros, or, given a `base` backup and
+    /// a target that can share data, a shared copy of the base's data (same bytes, no
+    /// space used) that the caller updates with what changed.
+    fn create_data(
+        &self,
+        backup_id: &BackupId,
+        size: u64,
+        base: Option<&BackupId>,
+    ) -> Result<NewData>;
+    /// Makes a backup's written data final, before its record says `available` (a target
+    /// that keeps backups as snapshots takes one here).
+    fn seal_data(&self, _backup_id: &BackupId) -> Result<()> {
+        Ok(())
+    }
     /// The stored data, attached for reading.
     fn open_data(&self, backup_id: &BackupId) -> Result<Attachment>;
     /// Removes the stored data of a backup (not its checksums); gone already is fine.
@@ -133,6 +145,13 @@ pub trait BackupTarget: Send + Sync {
     }
 }
 
+/// A new backup's data, attached for writing.
+pub struct NewData {
+    pub attachment: Attachment,
+    /// Whether it starts as a shared copy of the base (else it reads as zeros).
+    pub shared: bool,
+}
+
 /// The spec's generic target: a pool of a volume backend that holds backups only, with
 /// its catalogue beside them.
 pub struct VolumeTarget {
@@ -167,9 +186,29 @@ impl BackupTarget for VolumeTarget {
         self.catalogue.as_ref()
     }
 
-    fn create_data(&self, backup_id: &BackupId, size: u64) -> Result<Attachment> {
-        self.driver.create(&self.pool, backup_id, size)?;
-        Ok(self.driver.attach(&self.pool, backup_id, Access::Write)?)
+    fn create_data(
+        &self,
+        backup_id: &BackupId,
+        size: u64,
+        base: Option<&BackupId>,
+    ) -> Result<NewData> {
+        let shared = match base {
+            Some(base) => self
+                .driver
+                .clone_volume(&self.pool, base, backup_id)?
+                .is_some(),
+            None => false,
+        };
+        if !shared {
+            self.driver.create(&self.pool, backup_id, size)?;
+        }
+        let attachment = self.driver.attach(&self.pool, backup_id, Access::Write)?;
+        if shared {
+            attachment.device.grow(size).map_err(|e| {
+                TargetError::io("grow", Path::new(&attachment.device.describe()), e)
+            })?;
+        }
+        Ok(NewData { attachment, shared })
     }
 
     fn open_data(&self, backup_id: &BackupId) -> Result<Attachment> {

@@ -333,6 +333,18 @@ impl VolumeDriver for FileDriver {
         self.pools.reflink_capabilities(pool)
     }
 
+    fn clone_volume(
+        &self,
+        pool: &str,
+        source_id: &str,
+        new_id: &str,
+    ) -> Result<Option<VolumeInfo>> {
+        if !self.pools.reflink_object(pool, source_id, new_id)? {
+            return Ok(None);
+        }
+        self.stat(pool, new_id).map(Some)
+    }
+
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
         let path = self.pools.object_path(pool, volume_id)?;
         let file = open_volume_file(&path, access).map_err(|e| {

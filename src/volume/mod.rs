@@ -106,12 +106,16 @@ impl std::fmt::Debug for Attachment {
 pub struct Capabilities {
     /// Whether `snapshot` works here; the reason when it cannot.
     pub snapshots: std::result::Result<(), String>,
+    /// Whether `clone_volume` can make a volume that shares its data with another here
+    /// (reflinks, RBD clones): what lets an incremental backup store only what changed.
+    pub shares_data: bool,
 }
 
 impl Default for Capabilities {
     fn default() -> Self {
         Capabilities {
             snapshots: Err("this driver makes no snapshots".to_string()),
+            shares_data: false,
         }
     }
 }
@@ -143,6 +147,32 @@ pub trait VolumeDriver: Send + Sync {
 
     fn capabilities(&self, _pool: &str) -> Capabilities {
         Capabilities::default()
+    }
+
+    /// The parts of `range` that may differ between two snapshots of one volume (`from`
+    /// taken before `to`), from the storage's own bookkeeping (extent maps, object maps);
+    /// None when the driver cannot tell, and the caller reads everything and compares
+    /// checksums. It must never leave out a changed byte: when in doubt, a range is
+    /// changed. A snapshot that is gone is `NotFound`.
+    fn changed_extents(
+        &self,
+        _pool: &str,
+        _from: &str,
+        _to: &str,
+        _range: std::ops::Range<u64>,
+    ) -> Result<Option<Vec<std::ops::Range<u64>>>> {
+        Ok(None)
+    }
+
+    /// A new volume `new_id` that reads exactly as `source_id` and shares its data
+    /// (a reflink, a clone); None where this pool cannot share data.
+    fn clone_volume(
+        &self,
+        _pool: &str,
+        _source_id: &str,
+        _new_id: &str,
+    ) -> Result<Option<VolumeInfo>> {
+        Ok(None)
     }
 
     /// Bytes free for new data in the pool; None when the storage cannot tell.

@@ -144,18 +144,41 @@ impl PoolDirs {
         )
     }
 
+    /// A new object `new_id` as a reflink of `source_id`'s file (same bytes, shared
+    /// blocks); false where the filesystem has no reflinks.
+    pub fn reflink_object(&self, pool: &str, source_id: &str, new_id: &str) -> Result<bool> {
+        let (source, dest) = (
+            self.object_path(pool, source_id)?,
+            self.object_path(pool, new_id)?,
+        );
+        match super::file::reflink_copy(&source, &dest) {
+            Ok(()) => Ok(true),
+            Err(e) if super::file::is_no_reflink(&e) => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(VolumeError::NotFound(source_id.to_string()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(VolumeError::Exists(new_id.to_string()))
+            }
+            Err(e) => Err(VolumeError::io("clone", dest, e)),
+        }
+    }
+
     /// Removes snapshot `name`; one that is gone already is fine.
     pub fn remove_snapshot(&self, pool: &str, name: &str) -> Result<()> {
         super::file::remove_snapshot_file(&self.snapshot_path(pool, name)?)
     }
 
-    /// What reflink snapshots allow in a pool (probed: a pool on ext4 has none).
+    /// What reflinks allow in a pool (probed: a pool on ext4 has none): snapshots, and
+    /// volumes that share their data.
     pub fn reflink_capabilities(&self, pool: &str) -> super::Capabilities {
+        let reflinks = self
+            .dir(pool)
+            .map_err(|e| e.to_string())
+            .and_then(|dir| super::file::reflink_support(&self.backend, pool, dir));
         super::Capabilities {
-            snapshots: self
-                .dir(pool)
-                .map_err(|e| e.to_string())
-                .and_then(|dir| super::file::reflink_support(&self.backend, pool, dir)),
+            shares_data: reflinks.is_ok(),
+            snapshots: reflinks,
         }
     }
 

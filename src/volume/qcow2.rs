@@ -299,6 +299,18 @@ impl VolumeDriver for Qcow2Driver {
         self.pools.reflink_capabilities(pool)
     }
 
+    fn clone_volume(
+        &self,
+        pool: &str,
+        source_id: &str,
+        new_id: &str,
+    ) -> Result<Option<VolumeInfo>> {
+        if !self.pools.reflink_object(pool, source_id, new_id)? {
+            return Ok(None);
+        }
+        self.stat(pool, new_id).map(Some)
+    }
+
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
         let path = self.pools.object_path(pool, volume_id)?;
         // Only what a listing shows is exported (a qcow2 image, never a probed format).
