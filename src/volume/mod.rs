@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod qcow2;
+pub mod rbd;
 
 use std::fs::File;
 use std::path::PathBuf;
