@@ -2,6 +2,11 @@
 //! `ffi` loads librados/librbd at run time, `client` is the safe API the `rbd` volume
 //! driver and RBD targets are built on. Nothing here knows about volumes or backups.
 
+pub mod client;
 pub mod ffi;
 
+pub use client::{
+    AioDone, AioKind, AioQueue, Cluster, Extent, Image, ImageOptions, ImageStat, IoCtx, ObjectLock,
+    ObjectStat, RbdError, Snapshot, Timeouts, Watcher,
+};
 pub use ffi::{LoadError, check_available};
