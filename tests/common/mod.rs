@@ -3,6 +3,8 @@
 //! fails: daemons killed, mounts detached, loop devices freed, directories removed.
 #![allow(dead_code)]
 
+pub mod ceph;
+
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;

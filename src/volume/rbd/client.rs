@@ -255,7 +255,8 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// Connects as `client.<client>` with the configuration (monitors, keyring) of
-    /// `ceph_conf`, with every wait bounded by `timeouts`. Errors: the libraries are
+    /// `ceph_conf`, with every wait bounded by `timeouts` and librbd's cache off (each
+    /// request's error is that request's). Errors: the libraries are
     /// missing (names the package), `ENOENT` for a missing conf file or keyring, an
     /// authentication errno (`EACCES`, `EPERM`) for an unknown client or a bad key,
     /// `ETIMEDOUT` when no monitor answers within `timeouts.connect`.
@@ -291,6 +292,11 @@ impl Cluster {
         for (option, value) in timeouts.options() {
             cluster.conf_set(option, &value)?;
         }
+        // No librbd cache: with it, a write "completes" into memory (writeback mode
+        // after the first flush) and a failing cluster shows up only at the next flush;
+        // our copier already keeps its own requests in flight, so the cache would only
+        // add a copy of every block and up to rbd_cache_size of memory per image.
+        cluster.conf_set("rbd_cache", "false")?;
         // SAFETY: a valid handle; blocks at most client_mount_timeout.
         let rc = unsafe { (api.rados_connect)(handle) };
         check(rc.into(), "connect", what)?;
@@ -919,6 +925,16 @@ pub struct ObjectLock {
     renewer: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for ObjectLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectLock")
+            .field("lock", &self.lock.what())
+            .field("cookie", &self.lock.cookie)
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
+
 impl ObjectLock {
     /// False once a renewal has failed: the lock may now be someone else's.
     pub fn is_held(&self) -> bool {
@@ -1040,6 +1056,11 @@ impl<F> CallbackState<F> {
     /// Runs the callback, never letting a panic unwind into C: it is kept and resumed
     /// once librbd has returned.
     fn run(&self, call: impl FnOnce(&mut F) -> ControlFlow<()>) -> c_int {
+        // librbd may still deliver results of requests it had in flight when we said
+        // stop: the callback is promised not to see them.
+        if self.stopped.load(Ordering::SeqCst) || self.panic.lock().is_some() {
+            return -libc::ECANCELED;
+        }
         match catch_unwind(AssertUnwindSafe(|| call(&mut self.callback.lock()))) {
             Ok(ControlFlow::Continue(())) => 0,
             Ok(ControlFlow::Break(())) => {
@@ -1588,7 +1609,6 @@ pub enum AioKind {
 }
 
 /// A finished request, with its buffer handed back (filled, for a read) for reuse.
-#[derive(Debug)]
 pub struct AioDone {
     pub kind: AioKind,
     pub offset: u64,
@@ -1597,6 +1617,19 @@ pub struct AioDone {
     pub bytes: u64,
     /// The request's buffer (empty for discard and write-zeroes).
     pub buffer: Vec<u8>,
+}
+
+impl std::fmt::Debug for AioDone {
+    /// Without the buffer's bytes: megabytes of them help nobody in a message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AioDone")
+            .field("kind", &self.kind)
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .field("bytes", &self.bytes)
+            .field("buffer_len", &self.buffer.len())
+            .finish()
+    }
 }
 
 /// One request in flight: the completion and the buffer librbd reads from or writes
