@@ -1672,6 +1672,8 @@ pub struct AioQueue<'a> {
     image: &'a Image,
     depth: usize,
     in_flight: VecDeque<InFlight>,
+    /// librados op flags (fadvise hints) for reads and writes.
+    op_flags: c_int,
 }
 
 impl<'a> AioQueue<'a> {
@@ -1680,7 +1682,16 @@ impl<'a> AioQueue<'a> {
             image,
             depth: depth.max(1),
             in_flight: VecDeque::with_capacity(depth.max(1)),
+            op_flags: 0,
         }
+    }
+
+    /// Marks the reads and writes as one sequential pass that will not be read again
+    /// soon (a backup or a restore): the OSDs are told not to keep the data cached.
+    pub fn sequential(mut self) -> AioQueue<'a> {
+        self.op_flags =
+            ffi::LIBRADOS_OP_FLAG_FADVISE_SEQUENTIAL | ffi::LIBRADOS_OP_FLAG_FADVISE_NOCACHE;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -1792,10 +1803,12 @@ impl<'a> AioQueue<'a> {
         let rc = unsafe {
             match kind {
                 AioKind::Read => {
-                    (api.rbd_aio_read)(handle, offset, size, buffer.as_mut_ptr().cast(), completion)
+                    let buf = buffer.as_mut_ptr().cast();
+                    (api.rbd_aio_read2)(handle, offset, size, buf, completion, self.op_flags)
                 }
                 AioKind::Write => {
-                    (api.rbd_aio_write)(handle, offset, size, buffer.as_ptr().cast(), completion)
+                    let buf = buffer.as_ptr().cast();
+                    (api.rbd_aio_write2)(handle, offset, size, buf, completion, self.op_flags)
                 }
                 AioKind::Discard => (api.rbd_aio_discard)(handle, offset, len, completion),
                 AioKind::WriteZeroes => {

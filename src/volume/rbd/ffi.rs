@@ -64,6 +64,8 @@ pub(crate) struct ImageWatcher {
 // Constants from librados.h, librbd.h and rbd/features.h (Ceph 16.2; stable since).
 pub(crate) const LIBRADOS_CREATE_EXCLUSIVE: c_int = 1;
 pub(crate) const LIBRADOS_LOCK_FLAG_MUST_RENEW: u8 = 1 << 1;
+pub(crate) const LIBRADOS_OP_FLAG_FADVISE_SEQUENTIAL: c_int = 0x8;
+pub(crate) const LIBRADOS_OP_FLAG_FADVISE_NOCACHE: c_int = 0x40;
 pub(crate) const RBD_IMAGE_OPTION_FORMAT: c_int = 0;
 pub(crate) const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
 pub(crate) const RBD_IMAGE_OPTION_ORDER: c_int = 2;
@@ -196,8 +198,8 @@ api! {
     rbd fn rbd_aio_wait_for_complete(CompletionHandle) -> c_int;
     rbd fn rbd_aio_get_return_value(CompletionHandle) -> isize;
     rbd fn rbd_aio_release(CompletionHandle);
-    rbd fn rbd_aio_read(ImageHandle, u64, usize, *mut c_char, CompletionHandle) -> c_int;
-    rbd fn rbd_aio_write(ImageHandle, u64, usize, *const c_char, CompletionHandle) -> c_int;
+    rbd fn rbd_aio_read2(ImageHandle, u64, usize, *mut c_char, CompletionHandle, c_int) -> c_int;
+    rbd fn rbd_aio_write2(ImageHandle, u64, usize, *const c_char, CompletionHandle, c_int) -> c_int;
     rbd fn rbd_aio_discard(ImageHandle, u64, u64, CompletionHandle) -> c_int;
     rbd fn rbd_aio_write_zeroes(ImageHandle, u64, usize, CompletionHandle, c_int, c_int) -> c_int;
     rbd fn rbd_diff_iterate2(
