@@ -120,6 +120,19 @@ fn bad_conf_unknown_client_bad_key_and_missing_pool_are_clear_errors() {
     eprintln!("no keyring: {err}");
     assert_eq!(err.errno(), libc::ENOENT, "{err}");
 
+    // No monitor answering: an error once the connect timeout has passed.
+    let conf = dir.path().join("no-monitor.conf");
+    std::fs::write(&conf, "[global]\nmon host = 127.0.0.1:6799\n").unwrap();
+    let quick = Timeouts {
+        connect: Duration::from_secs(2),
+        ..Timeouts::default()
+    };
+    let t1 = Instant::now();
+    let err = Cluster::connect(&conf, "admin", quick).unwrap_err();
+    eprintln!("no monitor: {err} after {:?}", t1.elapsed());
+    assert!(err.is_timeout(), "{err}");
+    assert!(t1.elapsed() < Duration::from_secs(10));
+
     let client = connect(&cinder);
     assert!(!client.pool_exists("no-such-pool").unwrap());
     let err = client.ioctx("no-such-pool", None).unwrap_err();
@@ -228,8 +241,9 @@ fn reads_and_queued_writes_round_trip_and_match_rbd_export() {
     let want = sha256_of(&expected, &dir.path().join("expected"));
     assert_eq!(cluster.export_sha256(POOL, name), want);
 
-    // Queued reads give the same bytes; a read past the end is short.
-    let mut queue = AioQueue::new(&image, 8);
+    // Queued reads (as a backup makes them) give the same bytes; a read past the end
+    // is short.
+    let mut queue = AioQueue::new(&image, 8).sequential();
     let mut read = vec![0u8; size as usize];
     let mut place = |done: backupfs::volume::rbd::AioDone| {
         read[done.offset as usize..][..done.bytes as usize]

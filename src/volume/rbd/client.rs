@@ -1667,7 +1667,9 @@ impl Drop for InFlight {
 /// Up to `depth` asynchronous requests in flight on one image, finished in submission
 /// order: a copier submits reads (or writes) of large blocks and takes results from
 /// the oldest. Every submit on a full queue first waits for the oldest request and
-/// returns it. Dropping the queue waits for whatever is still in flight.
+/// returns it; if that request failed, its error is returned and nothing new is
+/// submitted. Dropping the queue waits for whatever is still in flight (each request
+/// is bounded by `rados_osd_op_timeout`), so no buffer is freed under librbd.
 pub struct AioQueue<'a> {
     image: &'a Image,
     depth: usize,
