@@ -783,3 +783,41 @@ fn a_stopped_osd_turns_io_into_errors_within_the_timeout() {
     // and exclusive lock to expire (osd_client_watch_timeout), and the cluster is
     // thrown away at exit anyway.
 }
+
+#[test]
+fn a_snapshot_is_made_and_removed_while_another_client_writes_the_image() {
+    let cluster = ceph::cluster();
+    let name = "in-use-volume-1";
+    // The "hypervisor": another connection that writes, so it owns the exclusive lock.
+    let hypervisor = connect(&cluster.client("cinder"));
+    let vm_io = hypervisor.ioctx(POOL, None).unwrap();
+    vm_io
+        .create_image(name, 8 * MIB, &ImageOptions::default())
+        .unwrap();
+    let vm_disk = vm_io.open_image(name).unwrap();
+    vm_disk.write_at(&pattern(1, 4096), 0).unwrap();
+
+    let backupfs = connect(&cluster.client("cinder"));
+    let io = backupfs.ioctx(POOL, None).unwrap();
+    let volume = io.open_image_read_only(name, None).unwrap();
+    assert_eq!(volume.foreign_watchers().unwrap().len(), 1);
+    drop(volume);
+    // Snapshots need a read-write handle; librbd asks the lock owner to make them.
+    let volume = io.open_image(name).unwrap();
+    let t0 = Instant::now();
+    volume.create_snapshot("backup-tmp").unwrap();
+    eprintln!("snapshot of a written image took {:?}", t0.elapsed());
+    // The VM keeps writing, and still can.
+    vm_disk.write_at(&pattern(2, 4096), 0).unwrap();
+    let at_snapshot = io.open_image_read_only(name, Some("backup-tmp")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    at_snapshot.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, pattern(1, 4096));
+    drop(at_snapshot);
+    volume.remove_snapshot("backup-tmp").unwrap();
+    vm_disk.write_at(&pattern(3, 4096), 4096).unwrap();
+    assert!(volume.snapshots().unwrap().is_empty());
+    drop(volume);
+    drop(vm_disk);
+    io.remove_image(name).unwrap();
+}

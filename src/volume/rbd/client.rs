@@ -167,6 +167,9 @@ pub struct Timeouts {
     pub mon_op: Duration,
     /// Each request to an OSD (`rados_osd_op_timeout`): one RBD read or write of up to
     /// an object's size is one such request, some librbd operations are a few in a row.
+    /// Measured with the OSD stopped (Ceph 16.2): a read fails after 1x, the first
+    /// write after 2x (the exclusive lock is taken first), closing an image that was
+    /// written takes 3x (lock release, unwatch).
     pub osd_op: Duration,
 }
 
