@@ -3,7 +3,8 @@
 # cluster (or an existing one): 1 GiB written and read with 4 MiB requests at queue
 # depths 1, 4, 8 and 16 (contrib/bench/rbd_aio.rs) next to `rbd import` and
 # `rbd export` to /dev/null, with each process's peak RSS. Prints a table.
-# --hints "none sequential" also measures the AioQueue's fadvise hints.
+# --hints "none sequential" also measures the AioQueue's fadvise hints; --malloc glibc
+# leaves glibc's sliding mmap threshold alone (faster reads, far more RSS).
 #
 #   sudo contrib/bench/rbd.sh                       # starts and stops its own cluster
 #   contrib/bench/rbd.sh --conf /etc/ceph/ceph.conf --pool rbd   # an existing cluster
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-CONF= POOL=backupfs-bench CLIENT=admin SIZE_MIB=1024 BLOCK_MIB=4 DEPTHS="1 4 8 16" RUNS=3 HINTS=none
+CONF= POOL=backupfs-bench CLIENT=admin SIZE_MIB=1024 BLOCK_MIB=4 DEPTHS="1 4 8 16" RUNS=3 HINTS=none MALLOC=fixed
 while [ $# -gt 0 ]; do
     case "$1" in
         --conf) CONF=$2; shift 2 ;;
@@ -26,6 +27,7 @@ while [ $# -gt 0 ]; do
         --depths) DEPTHS=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
         --hints) HINTS=$2; shift 2 ;;
+        --malloc) MALLOC=$2; shift 2 ;;
         *) echo "rbd.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -165,7 +167,7 @@ for run in $(seq 1 "$RUNS"); do
         for depth in $DEPTHS; do
             label="depth $depth"; [ "$hint" = none ] || label="$label, $hint"
             args=(--conf "$CONF" --client "$CLIENT" --pool "$POOL" --image "aio-$depth"
-                  --size-mib "$SIZE_MIB" --block-mib "$BLOCK_MIB" --depth "$depth" --hint "$hint")
+                  --size-mib "$SIZE_MIB" --block-mib "$BLOCK_MIB" --depth "$depth" --hint "$hint" --malloc "$MALLOC")
             measure "AioQueue write, $label" $BENCH "${args[@]}" --mode write
             measure "AioQueue read, $label" $BENCH "${args[@]}" --mode read
             timeout 120 rbd rm --no-progress "$POOL/aio-$depth" 2>/dev/null
