@@ -1,8 +1,6 @@
-//! A real single-node Ceph cluster for the tests: one monitor, one manager and one
-//! BlueStore OSD on a sparse file, on 127.0.0.1, started once per test binary and shared
-//! by its tests (each uses its own pool or image-name prefix), stopped by PID at exit.
-//! It never touches a cluster it did not start: the monitor's fixed ports make one per
-//! machine, so a machine-wide lock orders test binaries and a stale one is swept by PID.
+//! A real single-node Ceph cluster (monitor, manager, BlueStore OSD on a sparse file, on
+//! 127.0.0.1), started once per test binary, shared by its tests, stopped by PID at exit.
+//! It never touches a cluster it did not start (one per machine: a lock, a PID sweep).
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::collections::HashSet;

@@ -1,7 +1,6 @@
-//! A safe client over librados/librbd: a cluster connection with bounded timeouts, pool
-//! I/O contexts (RBD images and plain RADOS objects, object locks), and open images
-//! (positioned and queued asynchronous I/O, extents, snapshots, watchers, metadata).
-//! It never lets a call wait without a timeout, and never hands out memory librbd owns.
+//! A safe client over librados/librbd: a connection with bounded timeouts, pools (RBD
+//! images, RADOS objects, object locks) and open images (queued I/O, extents, snapshots,
+//! watchers, metadata). It never waits without a timeout nor hands out librbd's memory.
 //!
 //! # Ownership and threads
 //! Handles are reference counted: an [`IoCtx`] keeps its [`Cluster`] connection alive and
@@ -623,7 +622,8 @@ impl IoCtx {
         self.open(name, None, false)
     }
 
-    /// Opens an image read-only, at `snapshot` or at its head.
+    /// Opens an image read-only, at `snapshot` or at its head. A read-only open takes no
+    /// watch: other clients (and `rbd status`) do not see it.
     pub fn open_image_read_only(&self, name: &str, snapshot: Option<&str>) -> Result<Image> {
         self.open(name, snapshot, true)
     }
@@ -1291,6 +1291,8 @@ impl Image {
     /// fast-diff, is answered from the object map alone; without it ranges are exact
     /// but every object is asked. `include_parent` also reports data a clone shares
     /// with its parent. The callback may stop early with `ControlFlow::Break`.
+    /// Without `from_snapshot`, RADOS knows no holes inside an object: an object with
+    /// data is reported from its start to its size, even if written only in the middle.
     pub fn diff_iterate<F>(
         &self,
         from_snapshot: Option<&str>,
@@ -1439,7 +1441,9 @@ impl Image {
     }
 
     /// Watchers other than this connection: someone else has the image open (QEMU, a
-    /// mapping, another backupfs).
+    /// mapping, another backupfs, or another `Cluster` of this very process). A client
+    /// that died keeps its watch until the OSD times it out (`osd_client_watch_timeout`,
+    /// 30 s): after a crash, backupfs' own old watch shows here for that long.
     pub fn foreign_watchers(&self) -> Result<Vec<Watcher>> {
         let ours = self.ioctx.cluster().instance_id();
         let mut watchers = self.watchers()?;
@@ -1547,7 +1551,8 @@ impl Image {
 
     /// Copies this image (at the version it was opened at) and its snapshots up to that
     /// version to a new image `dest_name` in `dest`, inside the cluster (no data passes
-    /// through this process). `progress(done, total)` is called as it goes.
+    /// through this process). `progress(done, total)` is called as it goes. The copy of
+    /// an image opened at snapshot S gets a snapshot named S too.
     pub fn deep_copy<F>(
         &self,
         dest: &IoCtx,

@@ -1,7 +1,6 @@
-//! The C API of librados and librbd, loaded at run time (dlopen) into one table of typed
-//! function pointers, so that backupfs builds and runs without Ceph installed and only an
-//! `rbd` backend needs it. Nothing here is safe to call directly: `client` wraps it.
-//! It must never link against Ceph at build time nor unload a library once loaded.
+//! librados' and librbd's C API loaded at run time (dlopen) into one table of typed
+//! function pointers, so backupfs builds and runs without Ceph; only `client` calls it.
+//! It must never link against Ceph at build time, nor unload a library once loaded.
 
 use libloading::Library;
 use std::ffi::{c_char, c_int, c_void};
