@@ -16,6 +16,9 @@ declare -A needs=(
     [fuse3]=fusermount3 [attr]=getfattr [qemu-utils]=qemu-img
     [util-linux]=losetup [jq]=jq [fio]=fio [python3]=/usr/bin/python3
     [passwd]=useradd [coreutils]=timeout [mount]=mount
+    # A single-node Ceph cluster for the rbd tests (tests/common/ceph.rs); ceph-common
+    # brings librbd1, which backupfs loads at run time.
+    [ceph-mon]=ceph-mon [ceph-osd]=ceph-osd [ceph-mgr]=ceph-mgr [ceph-common]=rbd
 )
 missing=()
 for package in "${!needs[@]}"; do

@@ -7,6 +7,7 @@ pub mod device;
 pub mod file;
 pub mod pools;
 pub mod qcow2;
+pub mod rbd;
 
 use device::BlockDevice;
 use std::path::PathBuf;

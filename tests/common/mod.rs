@@ -10,6 +10,8 @@
 //! test process sweeps what earlier, dead runs of this checkout's suite left there.
 #![allow(dead_code)]
 
+pub mod ceph;
+
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
