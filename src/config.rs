@@ -80,6 +80,10 @@ pub struct BackendConfig {
 pub struct TargetConfig {
     pub backend: String,
     pub pool: String,
+    /// Per volume, the newest available backups kept; older ones are deleted after each
+    /// successful backup. 0 keeps all.
+    #[serde(default)]
+    pub keep_last: u32,
 }
 
 /// Where a directory really is: its canonical path and its device and inode, so that a

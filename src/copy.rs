@@ -77,6 +77,36 @@ pub struct CopyOutcome {
     pub checksums: Vec<u64>,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Bytes of the source found to differ from the base (an incremental copy).
+    pub changed_bytes: u64,
+}
+
+/// What an incremental copy starts from: the destination already reads as the base (a
+/// shared copy of it, grown to the source's size), whose checksums these are.
+#[derive(Debug, Clone, Copy)]
+pub struct Base<'a> {
+    /// One per block of the base, as in its record.
+    pub sums: &'a [u64],
+    /// The base's size; what lies past it is new.
+    pub size: u64,
+    /// The ranges of the source that may differ from the base, in order, as the storage
+    /// knows them; None: every block is read and compared with the base's checksum, and
+    /// only blocks that differ are written.
+    pub changed: Option<&'a [std::ops::Range<u64>]>,
+}
+
+impl Base<'_> {
+    /// Whether block `block` (source range `start..end`) may differ from the base.
+    fn touched(&self, block: u64, start: u64, end: u64) -> bool {
+        if end > self.size || block >= self.sums.len() as u64 {
+            return true;
+        }
+        let Some(changed) = self.changed else {
+            return true;
+        };
+        let first = changed.partition_point(|r| r.end <= start);
+        changed.get(first).is_some_and(|r| r.start < end)
+    }
 }
 
 /// The checksum of one block: 0 for an all-zero block (so holes need no hashing), else
@@ -198,6 +228,8 @@ struct Shared<'a> {
     sums: Vec<AtomicU64>,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    changed_bytes: AtomicU64,
+    base: Option<Base<'a>>,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
     /// Set when any worker failed: the others stop at their next chunk.
@@ -256,6 +288,12 @@ impl Shared<'_> {
             return Err(CopyError::Cancelled);
         }
         let buf = &mut buf[..len as usize];
+        if let Some(base) = self.base {
+            self.update_chunk(base, offset, buf)?;
+            self.writeback(index);
+            self.progress.done.fetch_add(len, Ordering::Relaxed);
+            return Ok(());
+        }
         let extents = self
             .src
             .data_extents(offset..offset + len)
@@ -278,6 +316,79 @@ impl Shared<'_> {
         }
         self.writeback(index);
         self.progress.done.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// An incremental chunk: the destination holds the base; blocks the base cannot differ
+    /// from keep its checksums unread, the others are read whole (their checksum needs all
+    /// of them) and only what differs is written: the changed ranges, or with no ranges
+    /// known, the blocks whose checksum differs from the base's.
+    fn update_chunk(&self, base: Base, offset: u64, buf: &mut [u8]) -> Result<(), CopyError> {
+        let len = buf.len() as u64;
+        let first_block = offset / CHECKSUM_BLOCK;
+        let blocks = len.div_ceil(CHECKSUM_BLOCK);
+        let block_range = |b: u64| {
+            let start = b * CHECKSUM_BLOCK;
+            (start, (start + CHECKSUM_BLOCK).min(offset + len))
+        };
+        let touched: Vec<bool> = (first_block..first_block + blocks)
+            .map(|b| {
+                let (start, end) = block_range(b);
+                base.touched(b, start, end)
+            })
+            .collect();
+        // Each run of touched blocks is read at once; untouched ones are not read at all.
+        let mut i = 0;
+        while i < touched.len() {
+            if !touched[i] {
+                i += 1;
+                continue;
+            }
+            let run = touched[i..].iter().take_while(|&&t| t).count();
+            let (start, _) = block_range(first_block + i as u64);
+            let (_, end) = block_range(first_block + (i + run) as u64 - 1);
+            let extents = self
+                .src
+                .data_extents(start..end)
+                .map_err(|source| CopyError::Read {
+                    offset: start,
+                    source,
+                })?;
+            let slot = &mut buf[(start - offset) as usize..(end - offset) as usize];
+            self.read(start, slot, &extents)?;
+            i += run;
+        }
+        for (i, block) in (first_block..first_block + blocks).enumerate() {
+            if !touched[i] {
+                self.sums[block as usize].store(base.sums[block as usize], Ordering::Relaxed);
+                continue;
+            }
+            let (start, end) = block_range(block);
+            let data = &buf[(start - offset) as usize..(end - offset) as usize];
+            let sum = block_sum(data);
+            self.sums[block as usize].store(sum, Ordering::Relaxed);
+            match base.changed {
+                Some(changed) => {
+                    let first = changed.partition_point(|r| r.end <= start);
+                    for range in changed[first..].iter().take_while(|r| r.start < end) {
+                        let (from, to) = (range.start.max(start), range.end.min(end));
+                        self.write_data(
+                            from,
+                            &data[(from - start) as usize..(to - start) as usize],
+                        )?;
+                        self.changed_bytes.fetch_add(to - from, Ordering::Relaxed);
+                    }
+                }
+                None => {
+                    let same = end <= base.size
+                        && base.sums.get(block as usize).is_some_and(|&b| b == sum);
+                    if !same {
+                        self.write_data(start, data)?;
+                        self.changed_bytes.fetch_add(end - start, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -442,6 +553,46 @@ pub fn copy(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<CopyOutcome, CopyError> {
+    copy_with(src, dst, range, options, None, progress, cancel)
+}
+
+/// Updates `dst`, which reads as `base` (a shared copy of an earlier copy of the same
+/// source, grown to the source's size), so that it reads as the whole of `src`: only what
+/// differs is written. The checksums are the base's with the blocks that may differ
+/// taken again from the source. Then flushes `dst`.
+pub fn copy_incremental(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    len: u64,
+    base: Base,
+    bps_limit: u64,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<CopyOutcome, CopyError> {
+    let options = CopyOptions {
+        dest_is_zero: false,
+        bps_limit,
+    };
+    copy_with(
+        src,
+        dst,
+        Range::whole(len),
+        options,
+        Some(base),
+        progress,
+        cancel,
+    )
+}
+
+fn copy_with(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    range: Range,
+    options: CopyOptions,
+    base: Option<Base>,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<CopyOutcome, CopyError> {
     progress.total.store(range.len, Ordering::Relaxed);
     progress.done.store(0, Ordering::Relaxed);
     let (src_hints, dst_hints) = (src.hints(), dst.hints());
@@ -468,6 +619,8 @@ pub fn copy(
             .collect(),
         bytes_read: AtomicU64::new(0),
         bytes_written: AtomicU64::new(0),
+        changed_bytes: AtomicU64::new(0),
+        base,
         progress,
         cancel,
         failed: AtomicBool::new(false),
@@ -508,6 +661,7 @@ pub fn copy(
             .collect(),
         bytes_read: shared.bytes_read.load(Ordering::Relaxed),
         bytes_written: shared.bytes_written.load(Ordering::Relaxed),
+        changed_bytes: shared.changed_bytes.load(Ordering::Relaxed),
     })
 }
 
@@ -838,6 +992,108 @@ mod tests {
         assert_eq!(&after[d1..], &before[d1..]);
         let s0 = range.src_offset as usize;
         assert_eq!(&after[d0..d1], &src.contents()[s0..s0 + range.len as usize]);
+    }
+
+    /// A base, a source that differs from it in a few places (one turned to zeros, one
+    /// past the base's end), and a destination that is a copy of the base.
+    fn incremental_case() -> (
+        MemDevice,
+        MemDevice,
+        Vec<u64>,
+        u64,
+        Vec<std::ops::Range<u64>>,
+    ) {
+        let base_len = 10 * MIB;
+        let base = MemDevice::new(base_len);
+        base.fill(0, &pattern(base_len as usize, 13));
+        let sums: Vec<u64> = base
+            .contents()
+            .chunks(MIB as usize)
+            .map(block_sum)
+            .collect();
+        let src = MemDevice::new(12 * MIB + 100);
+        src.fill(0, &base.contents());
+        let changed = vec![
+            (MIB + 4096)..(MIB + 3 * 4096),
+            (5 * MIB - 100)..(5 * MIB + 200),
+            (7 * MIB)..(7 * MIB + (64 << 10)),
+            (11 * MIB)..(11 * MIB + 5000),
+        ];
+        src.fill(changed[0].start, &pattern(2 * 4096, 14));
+        src.fill(changed[1].start, &pattern(300, 15));
+        src.fill(changed[2].start, &[0u8; 64 << 10]);
+        src.fill(changed[3].start, &pattern(5000, 16));
+        let dst = MemDevice::new(base_len);
+        dst.fill(0, &base.contents());
+        dst.grow(src.size().unwrap()).unwrap();
+        (src, dst, sums, base_len, changed)
+    }
+
+    #[test]
+    fn an_incremental_copy_writes_only_the_changed_ranges_and_gives_whole_checksums() {
+        let (src, dst, sums, base_len, changed) = incremental_case();
+        let len = src.size().unwrap();
+        let base = Base {
+            sums: &sums,
+            size: base_len,
+            changed: Some(&changed),
+        };
+        let outcome = copy_incremental(
+            &src,
+            &dst,
+            len,
+            base,
+            0,
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(dst.contents(), src.contents());
+        let full: Vec<u64> = src.contents().chunks(MIB as usize).map(block_sum).collect();
+        assert_eq!(outcome.checksums, full);
+        // Only the blocks the ranges touch (and those past the base) were read.
+        assert!(
+            outcome.bytes_read <= 6 * MIB + 100,
+            "{}",
+            outcome.bytes_read
+        );
+        let changed_len: u64 = changed.iter().map(|r| r.end - r.start).sum();
+        assert_eq!(outcome.changed_bytes, changed_len);
+        // The zeroed range became a hole; the written bytes are about the changed ones.
+        assert!(
+            outcome.bytes_written <= changed_len + 4 * (ZERO_GRAIN as u64),
+            "{}",
+            outcome.bytes_written
+        );
+        assert!(!dst.discarded.lock().is_empty());
+    }
+
+    #[test]
+    fn an_incremental_copy_without_ranges_compares_checksums_and_writes_whole_changed_blocks() {
+        let (src, dst, sums, base_len, _) = incremental_case();
+        let len = src.size().unwrap();
+        let base = Base {
+            sums: &sums,
+            size: base_len,
+            changed: None,
+        };
+        let outcome = copy_incremental(
+            &src,
+            &dst,
+            len,
+            base,
+            0,
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(dst.contents(), src.contents());
+        let full: Vec<u64> = src.contents().chunks(MIB as usize).map(block_sum).collect();
+        assert_eq!(outcome.checksums, full);
+        // Blocks 1, 4, 5, 7 differ, and the two past the base's end are new.
+        assert_eq!(outcome.changed_bytes, 4 * MIB + (2 * MIB + 100));
+        // Every block with data is read (the holes past the base are not).
+        assert!(outcome.bytes_read >= base_len, "{}", outcome.bytes_read);
     }
 
     #[test]

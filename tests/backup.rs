@@ -273,7 +273,7 @@ fn request_refusals_have_their_errnos_and_change_nothing() {
         b"slow name=\n",
         b"slow\nslow\n",
         b"\xff\xfe\n",
-        b"slow incremental\n",
+        b"slow incremental incremental\n",
     ] {
         assert_eq!(write_errno(&request, bad), Some(libc::EINVAL), "{bad:?}");
     }

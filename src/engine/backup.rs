@@ -7,6 +7,7 @@ use super::job::{Failure, JobSubject, pause_point};
 use super::*;
 use crate::copy::{self, CopyOptions, Range};
 use crate::ids::BackupId;
+use crate::target::TargetError;
 use crate::target::record::{FORMAT_VERSION, Record, Status};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -71,6 +72,9 @@ impl Inner {
             verified_at: None,
             damaged_blocks: None,
             temporary_snapshot: None,
+            base_snapshot: None,
+            changed_bytes: None,
+            changes_found_by: None,
             xattrs: Default::default(),
         };
         let job = Arc::new(Job::new(
@@ -83,6 +87,7 @@ impl Inner {
                 target: target_name.to_string(),
                 name: request.name.clone(),
                 size: info.size,
+                incremental: request.incremental,
             },
         ));
         {
@@ -205,25 +210,43 @@ impl Inner {
         let snapshot = snapshot_name(&job.backup_id);
         let in_use = driver.in_use(&job.pool, &job.volume_id)?;
         let before = driver.stat(&job.pool, &job.volume_id)?;
-        let source = if let Some(why) = &in_use {
+        // An incremental backup reads a snapshot where it can: the snapshot is kept as the
+        // base of the next one, whose changes the storage can then tell.
+        let snapshots = driver.capabilities(&job.pool).snapshots;
+        let from_snapshot = in_use.is_some() || (job.incremental && snapshots.is_ok());
+        let parent = if job.incremental {
+            self.parent_of(target, job)
+        } else {
+            None
+        };
+        let source = if from_snapshot {
             job.set_phase(Phase::Snapshotting);
             record.snapshot_used = true;
             record.temporary_snapshot = Some(snapshot.clone());
             // Recorded before the snapshot exists, so recovery knows to look for it.
             target.write_record(record)?;
-            info!(
-                backup_id = %job.backup_id,
-                volume_id = %job.volume_id,
-                "volume is in-use ({why}): backing up from a temporary snapshot"
-            );
+            match &in_use {
+                Some(why) => info!(
+                    backup_id = %job.backup_id,
+                    volume_id = %job.volume_id,
+                    "volume is in-use ({why}): backing up from a temporary snapshot"
+                ),
+                None => info!(
+                    backup_id = %job.backup_id,
+                    volume_id = %job.volume_id,
+                    "incremental backup: reading a snapshot, kept as the base of the next one"
+                ),
+            }
             driver
                 .snapshot(&job.pool, &job.volume_id, &snapshot)
-                .map_err(|e| match e {
-                    VolumeError::SnapshotUnsupported(reason) => EngineError::Busy(format!(
-                        "volume {} is in-use ({why}) and cannot be snapshotted: {reason}",
-                        job.volume_id
-                    )),
-                    other => other.into(),
+                .map_err(|e| match (e, &in_use) {
+                    (VolumeError::SnapshotUnsupported(reason), Some(why)) => {
+                        EngineError::Busy(format!(
+                            "volume {} is in-use ({why}) and cannot be snapshotted: {reason}",
+                            job.volume_id
+                        ))
+                    }
+                    (other, _) => other.into(),
                 })?;
             pause_point("snapshotting", &job.cancel);
             driver.attach_snapshot(&job.pool, &snapshot)?
@@ -235,18 +258,14 @@ impl Inner {
             .device
             .size()
             .map_err(|e| EngineError::io(format!("size of {}", source.device.describe()), e))?;
-        let destination = target.create_data(&job.backup_id, size, None)?.attachment;
-        let options = CopyOptions {
-            dest_is_zero: true,
-            bps_limit: self.config.copy_bps_limit,
-        };
-        // An idle volume is read in place: should anything attach it meanwhile, the copy
-        // could mix old and new data, so it is watched and the backup fails.
+        let (destination, parent) = self.new_data(target, job, size, parent)?;
+        // A volume read in place could mix old and new data should anything attach it
+        // meanwhile: it is watched, and the backup fails.
         let stop_copy = AtomicBool::new(false);
         let attached: Mutex<Option<String>> = Mutex::new(None);
         let copying = AtomicBool::new(true);
         let copied = std::thread::scope(|scope| {
-            if in_use.is_none() {
+            if !from_snapshot {
                 scope.spawn(|| {
                     while copying.load(Ordering::Relaxed) {
                         if job.is_cancelled() {
@@ -261,17 +280,19 @@ impl Inner {
                     }
                 });
             }
-            let cancel = if in_use.is_none() {
-                &stop_copy
-            } else {
+            let cancel = if from_snapshot {
                 &job.cancel
+            } else {
+                &stop_copy
             };
-            let result = copy::copy(
-                source.device.as_ref(),
-                destination.device.as_ref(),
-                Range::whole(size),
-                options,
-                &job.progress,
+            let result = self.copy_data(
+                job,
+                target,
+                driver,
+                &source,
+                &destination,
+                size,
+                parent.as_ref(),
                 cancel,
             );
             copying.store(false, Ordering::Relaxed);
@@ -288,8 +309,8 @@ impl Inner {
         if job.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
-        let outcome = copied?;
-        if in_use.is_none() {
+        let (outcome, found_by) = copied?;
+        if !from_snapshot {
             if let Some(why) = driver.in_use(&job.pool, &job.volume_id)? {
                 return Err(EngineError::Busy(format!(
                     "volume {} was attached during the copy ({why}); the copy may be inconsistent, request the backup again",
@@ -309,30 +330,261 @@ impl Inner {
         if job.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
+        target.seal_data(&job.backup_id)?;
         record.checksums = Some(target.write_checksums(&job.backup_id, &outcome.checksums)?);
         record.size = size;
         record.stored_bytes = outcome.bytes_written;
+        record.parent_id = parent.as_ref().map(|p| p.id.clone());
+        record.changed_bytes = parent.as_ref().map(|_| outcome.changed_bytes);
+        record.changes_found_by = found_by.map(str::to_string);
         record.status = Status::Available;
         record.completed_at = Some(now());
+        let keep_base = job.incremental && from_snapshot;
+        if keep_base {
+            // The snapshot becomes the base of the next incremental backup, in the same
+            // atomic write that makes the backup available.
+            record.base_snapshot = record.temporary_snapshot.take();
+        }
         target.write_record(record)?;
-        if record.temporary_snapshot.is_some() {
-            match driver.delete_snapshot(&job.pool, &snapshot) {
-                Ok(()) => {
-                    record.temporary_snapshot = None;
-                    let _updating = self.record_updates.lock();
-                    if let Err(e) = target.write_record(record) {
-                        // The snapshot is gone; the janitor finds it gone and says so.
-                        warn!(backup_id = %job.backup_id, "cannot update the record: {e}");
-                    }
-                }
-                // The backup is good; the janitor retries until the snapshot is gone.
-                Err(e) => warn!(
-                    backup_id = %job.backup_id,
-                    "cannot delete temporary snapshot {snapshot} (retried later): {e}"
-                ),
+        if keep_base {
+            self.drop_older_bases(target, record);
+        } else if record.temporary_snapshot.is_some() {
+            let _updating = self.record_updates.lock();
+            if remove_snapshot(driver, record)
+                && let Err(e) = target.write_record(record)
+            {
+                // The snapshot is gone; the janitor finds it gone and says so.
+                warn!(backup_id = %job.backup_id, "cannot update the record: {e}");
             }
         }
+        self.apply_retention(target, record);
         Ok(outcome.bytes_written)
+    }
+
+    /// The parent of an incremental backup: the newest available backup of the same volume
+    /// (same backend) on this target that no verify found damaged.
+    fn parent_of(&self, target: &dyn BackupTarget, job: &Job) -> Option<Record> {
+        let records = match target.records() {
+            Ok(records) => records,
+            Err(e) => {
+                warn!(backup_id = %job.backup_id, "incremental: cannot read the catalogue ({e}): full backup");
+                return None;
+            }
+        };
+        let parent = records
+            .into_iter()
+            .filter(|r| {
+                r.status == Status::Available
+                    && r.volume_id == job.volume_id
+                    && r.backend == job.backend
+                    && r.id != job.backup_id
+                    && r.damaged_blocks.as_ref().is_none_or(|d| d.is_empty())
+            })
+            .max_by_key(|r| r.completed_time());
+        if parent.is_none() {
+            info!(
+                backup_id = %job.backup_id,
+                volume_id = %job.volume_id,
+                "incremental: no available backup of the volume on this target yet: full backup"
+            );
+        }
+        parent
+    }
+
+    /// The new backup's data: a shared copy of the parent's where the target can share
+    /// data, else empty (and the backup is a full one).
+    fn new_data(
+        &self,
+        target: &dyn BackupTarget,
+        job: &Job,
+        size: u64,
+        parent: Option<Record>,
+    ) -> Result<(Attachment, Option<Record>)> {
+        let Some(parent) = parent else {
+            return Ok((
+                target.create_data(&job.backup_id, size, None)?.attachment,
+                None,
+            ));
+        };
+        match target.create_data(&job.backup_id, size, Some(&parent.id)) {
+            Ok(new) if new.shared => Ok((new.attachment, Some(parent))),
+            Ok(new) => {
+                info!(
+                    backup_id = %job.backup_id,
+                    "incremental: target {} cannot share data (no reflinks): full backup",
+                    job.target
+                );
+                Ok((new.attachment, None))
+            }
+            // The parent went away meanwhile (deleted): a full backup.
+            Err(TargetError::NotFound(_) | TargetError::Volume(VolumeError::NotFound(_))) => {
+                info!(backup_id = %job.backup_id, "incremental: parent {} is gone: full backup", parent.id);
+                Ok((
+                    target.create_data(&job.backup_id, size, None)?.attachment,
+                    None,
+                ))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Copies the source into the new data: whole, or for an incremental backup only what
+    /// changed since the parent. Returns the outcome and how changes were found.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_data(
+        &self,
+        job: &Job,
+        target: &dyn BackupTarget,
+        driver: &dyn VolumeDriver,
+        source: &Attachment,
+        destination: &Attachment,
+        size: u64,
+        parent: Option<&Record>,
+        cancel: &AtomicBool,
+    ) -> Result<(copy::CopyOutcome, Option<&'static str>)> {
+        let bps_limit = self.config.copy_bps_limit;
+        let (src, dst) = (source.device.as_ref(), destination.device.as_ref());
+        let Some(parent) = parent else {
+            let options = CopyOptions {
+                dest_is_zero: true,
+                bps_limit,
+            };
+            let outcome = copy::copy(src, dst, Range::whole(size), options, &job.progress, cancel)?;
+            return Ok((outcome, None));
+        };
+        // The destination reads as the parent's data; its checksums come with it.
+        let sums = match target.read_checksums(parent) {
+            Ok(sums) if parent.size <= size => sums,
+            other => {
+                if let Err(e) = other {
+                    warn!(backup_id = %job.backup_id, "incremental: the parent's checksums cannot be read ({e}): copying everything");
+                }
+                let options = CopyOptions {
+                    dest_is_zero: false,
+                    bps_limit,
+                };
+                let outcome =
+                    copy::copy(src, dst, Range::whole(size), options, &job.progress, cancel)?;
+                return Ok((outcome, Some("checksums")));
+            }
+        };
+        let changed = self.changes_since(job, driver, parent, size);
+        let found_by = if changed.is_some() {
+            "snapshot-diff"
+        } else {
+            "checksums"
+        };
+        let base = copy::Base {
+            sums: &sums,
+            size: parent.size,
+            changed: changed.as_deref(),
+        };
+        let outcome =
+            copy::copy_incremental(src, dst, size, base, bps_limit, &job.progress, cancel)?;
+        info!(
+            backup_id = %job.backup_id,
+            parent_id = %parent.id,
+            changed_bytes = outcome.changed_bytes,
+            found_by,
+            "incremental backup copied"
+        );
+        Ok((outcome, Some(found_by)))
+    }
+
+    /// What changed in the volume since the parent's base snapshot, as the storage tells
+    /// it; None (read everything, compare checksums) when it cannot, or the base is gone.
+    fn changes_since(
+        &self,
+        job: &Job,
+        driver: &dyn VolumeDriver,
+        parent: &Record,
+        size: u64,
+    ) -> Option<Vec<std::ops::Range<u64>>> {
+        let base = parent
+            .base_snapshot
+            .as_deref()
+            .filter(|_| parent.pool == job.pool)?;
+        let snapshot = snapshot_name(&job.backup_id);
+        match driver.changed_extents(&job.pool, base, &snapshot, 0..size) {
+            Ok(changed) => changed,
+            Err(e) => {
+                warn!(
+                    backup_id = %job.backup_id,
+                    "incremental: cannot tell what changed since snapshot {base} ({e}): reading everything"
+                );
+                None
+            }
+        }
+    }
+
+    /// One base per volume and target: once `record` keeps its snapshot as the base, the
+    /// older ones go (named as temporary first, so that a crash cannot forget them).
+    pub(super) fn drop_older_bases(&self, target: &dyn BackupTarget, record: &Record) {
+        let Ok(driver) = self.backend(&record.backend).map(|b| b.driver.clone()) else {
+            return;
+        };
+        let Ok(records) = target.records() else {
+            return;
+        };
+        for older in records {
+            if older.id == record.id
+                || older.volume_id != record.volume_id
+                || older.backend != record.backend
+                || older.base_snapshot.is_none()
+            {
+                continue;
+            }
+            let _updating = self.record_updates.lock();
+            let Ok(mut older) = target.record(&older.id) else {
+                continue;
+            };
+            let Some(base) = older.base_snapshot.take() else {
+                continue;
+            };
+            older.temporary_snapshot = Some(base);
+            if let Err(e) = target.write_record(&older) {
+                warn!(backup_id = %older.id, "cannot update record: {e}");
+                continue;
+            }
+            if remove_snapshot(driver.as_ref(), &mut older)
+                && let Err(e) = target.write_record(&older)
+            {
+                warn!(backup_id = %older.id, "cannot update record: {e}");
+            }
+        }
+    }
+
+    /// `keep_last`: the volume's oldest available backups beyond N are deleted, each
+    /// logged.
+    fn apply_retention(&self, target: &dyn BackupTarget, record: &Record) {
+        let keep = self
+            .config
+            .targets
+            .get(target.name())
+            .map_or(0, |t| t.keep_last as usize);
+        if keep == 0 {
+            return;
+        }
+        let Ok(records) = target.records() else {
+            return;
+        };
+        let mut backups: Vec<Record> = records
+            .into_iter()
+            .filter(|r| r.status == Status::Available && r.volume_id == record.volume_id)
+            .collect();
+        backups.sort_by_key(|r| std::cmp::Reverse(r.completed_time()));
+        for old in backups.into_iter().skip(keep) {
+            match self.delete_backup(target.name(), &old.id) {
+                Ok(()) => info!(
+                    target = target.name(),
+                    backup_id = %old.id,
+                    volume_id = %old.volume_id,
+                    keep_last = keep,
+                    "retention: deleted the volume's backup beyond keep_last"
+                ),
+                Err(e) => warn!(backup_id = %old.id, "retention: cannot delete: {e}"),
+            }
+        }
     }
 }
 

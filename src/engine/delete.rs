@@ -73,15 +73,22 @@ impl Inner {
         mut record: Record,
     ) -> Result<()> {
         target.delete_data(&record.id)?;
-        if let Some(driver) = self.backends.get(&record.backend).map(|b| &b.driver)
-            && !remove_snapshot(driver.as_ref(), &mut record)
-        {
-            warn!(
-                target = target_name,
-                backup_id = %record.id,
-                "backup data removed; its record stays (deleting) until its temporary snapshot can be removed"
-            );
-            return Ok(());
+        if let Some(driver) = self.backends.get(&record.backend).map(|b| &b.driver) {
+            // The temporary snapshot, then the base kept for incremental backups.
+            let mut gone = remove_snapshot(driver.as_ref(), &mut record);
+            if gone && let Some(base) = record.base_snapshot.take() {
+                record.temporary_snapshot = Some(base);
+                gone = remove_snapshot(driver.as_ref(), &mut record);
+            }
+            if !gone {
+                target.write_record(&record)?;
+                warn!(
+                    target = target_name,
+                    backup_id = %record.id,
+                    "backup data removed; its record stays (deleting) until its snapshot can be removed"
+                );
+                return Ok(());
+            }
         }
         target.remove_record(&record.id)?;
         Ok(())
@@ -141,6 +148,34 @@ impl Inner {
                 }
                 _ => {}
             }
+        }
+        self.keep_one_base_per_volume(target);
+    }
+
+    /// After a crash between a new base and the removal of the old one, a volume may have
+    /// two: the newest stays.
+    fn keep_one_base_per_volume(&self, target: &dyn BackupTarget) {
+        let Ok(records) = target.records() else {
+            return;
+        };
+        let mut newest: std::collections::HashMap<(String, String), Record> = Default::default();
+        for record in records {
+            if record.base_snapshot.is_none()
+                || record.status != Status::Available
+                || self.is_running(&record.id)
+            {
+                continue;
+            }
+            let key = (record.backend.clone(), record.volume_id.to_string());
+            if newest
+                .get(&key)
+                .is_none_or(|n| n.completed_time() < record.completed_time())
+            {
+                newest.insert(key, record);
+            }
+        }
+        for record in newest.values() {
+            self.drop_older_bases(target, record);
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct Job {
     pub target: String,
     pub name: Option<String>,
     pub size: u64,
+    /// A backup that copies only what changed since its volume's newest backup.
+    pub incremental: bool,
     state: Mutex<JobState>,
     ended: Condvar,
     pub progress: Progress,
@@ -97,6 +99,7 @@ pub struct JobSubject {
     pub target: String,
     pub name: Option<String>,
     pub size: u64,
+    pub incremental: bool,
 }
 
 impl Job {
@@ -133,6 +136,7 @@ impl Job {
             target: subject.target,
             name: subject.name,
             size: subject.size,
+            incremental: subject.incremental,
             state: Mutex::new(JobState {
                 phase,
                 failure,
@@ -306,6 +310,7 @@ mod tests {
             target: "t".into(),
             name: None,
             size: 10,
+            incremental: false,
         }
     }
 

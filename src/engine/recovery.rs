@@ -55,7 +55,8 @@ impl Inner {
                         // Records of earlier versions only say `snapshot_used`: the
                         // snapshot is looked for (and, if it cannot go, named from now on).
                         let named = record.temporary_snapshot.is_some();
-                        if record.snapshot_used && !named {
+                        // (A base kept for incremental backups is not a leftover.)
+                        if record.snapshot_used && !named && record.base_snapshot.is_none() {
                             record.temporary_snapshot = Some(snapshot_name(&record.id));
                         }
                         if let Some(driver) = driver
@@ -125,6 +126,7 @@ impl Inner {
                     target: record.target.clone(),
                     name: record.name.clone(),
                     size: record.size,
+                    incremental: record.parent_id.is_some(),
                 };
                 recent.push(Arc::new(Job::ended(subject, failure, age)));
             }

@@ -12,11 +12,14 @@ pub struct BackupRequest {
     pub volume_id: VolumeId,
     pub wait: bool,
     pub name: Option<String>,
+    /// Copy only what changed since the volume's newest available backup on the target.
+    pub incremental: bool,
 }
 
 pub const USAGE: &str = "\
-usage: echo \"<volume-id> [wait] [name=<label>]\" > request
+usage: echo \"<volume-id> [wait] [incremental] [name=<label>]\" > request
   wait          the write returns when the backup has ended (fails with its errno)
+  incremental   copy only what changed since the volume's newest backup here
   name=<label>  a label kept in the backup's record
 After a write, reading the same open file gives the new backup's id.
 ";
@@ -45,6 +48,7 @@ pub fn parse(bytes: &[u8]) -> Result<BackupRequest, String> {
         volume_id,
         wait: false,
         name: None,
+        incremental: false,
     };
     for word in words {
         if word == "wait" {
@@ -61,7 +65,10 @@ pub fn parse(bytes: &[u8]) -> Result<BackupRequest, String> {
             }
             request.name = Some(label.to_string());
         } else if word == "incremental" {
-            return Err("incremental backups are not supported yet".to_string());
+            if request.incremental {
+                return Err("option incremental given twice".to_string());
+            }
+            request.incremental = true;
         } else {
             return Err(format!("unknown option {word:?}"));
         }
@@ -80,13 +87,15 @@ mod tests {
             BackupRequest {
                 volume_id: VolumeId::parse("vol-1").unwrap(),
                 wait: false,
-                name: None
+                name: None,
+                incremental: false,
             }
         );
         let r = parse(b"vol-1 wait name=nightly").unwrap();
         assert!(r.wait);
         assert_eq!(r.name.as_deref(), Some("nightly"));
         assert!(parse(b"vol-1  name=x\r\n").is_ok());
+        assert!(parse(b"vol-1 incremental wait\n").unwrap().incremental);
     }
 
     #[test]
@@ -103,7 +112,7 @@ mod tests {
             b"vol\nvol2\n",
             b"vol\tawait\n",
             b"\xff\xfe\n",
-            b"vol incremental\n",
+            b"vol incremental incremental\n",
             b"v\0l\n",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");

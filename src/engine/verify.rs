@@ -34,6 +34,7 @@ impl Inner {
                 target: target_name.to_string(),
                 name: record.name.clone(),
                 size: record.size,
+                incremental: false,
             },
         ));
         self.enqueue(&job)?;

@@ -71,6 +71,19 @@ pub struct Record {
     /// until its removal has succeeded, so that it is never forgotten.
     #[serde(default)]
     pub temporary_snapshot: Option<String>,
+    /// The snapshot this backup was taken from, kept as the base of the next incremental
+    /// backup of its volume to this target (one per volume and target).
+    #[serde(default)]
+    pub base_snapshot: Option<String>,
+    /// An incremental backup: bytes of the volume found to differ from the parent (read
+    /// and written); null for a full backup.
+    #[serde(default)]
+    pub changed_bytes: Option<u64>,
+    /// How the changes were found: `snapshot-diff` (the storage's own map of what changed
+    /// since the parent's snapshot) or `checksums` (everything read, compared with the
+    /// parent's checksums); null for a full backup.
+    #[serde(default)]
+    pub changes_found_by: Option<String>,
     /// Operators' `user.*` extended attributes of the image (Cinder's backup metadata).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub xattrs: BTreeMap<String, String>,

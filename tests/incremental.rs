@@ -1,0 +1,382 @@
+//! Incremental backups (issue 13) on real reflink filesystems: each backup reads as the
+//! volume did at its time, whatever was deleted since; only what changed is copied and
+//! stored; the ways of finding changes agree; crashes leave every other backup intact.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A small deterministic generator for the rounds of writes.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One round of what a guest does to its disk: scattered 64 KiB writes, rewrites of a
+/// range with the same bytes, punched holes, now and then the volume grows.
+fn round_of_writes(volume: &Path, rng: &mut Lcg) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(volume)
+        .unwrap();
+    let size = file.metadata().unwrap().len();
+    for _ in 0..12 {
+        let at = rng.below(size / 4096) * 4096;
+        let len = (64 << 10).min(size - at) as usize;
+        let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        file.write_all_at(&data, at).unwrap();
+    }
+    for _ in 0..3 {
+        // Rewritten with the very same bytes: reads as unchanged, may look changed.
+        let at = rng.below(size / 4096) * 4096;
+        let mut same = vec![0u8; (128 << 10).min(size - at) as usize];
+        file.read_exact_at(&mut same, at).unwrap();
+        file.write_all_at(&same, at).unwrap();
+    }
+    for _ in 0..2 {
+        let at = rng.below(size / 4096) * 4096;
+        let len = (256 << 10).min(size - at);
+        ok(&format!(
+            "fallocate --punch-hole --keep-size -o {at} -l {len} '{}'",
+            volume.display()
+        ));
+    }
+    if rng.below(3) == 0 {
+        file.set_len(size + (3 << 20) + 4096).unwrap();
+        file.write_all_at(b"grown", size + (1 << 20)).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+/// `echo "<vol> incremental wait"`, the new backup's id.
+fn incremental(d: &Daemon, target: &str, volume: &str) -> String {
+    let id = d.backup(target, &format!("{volume} incremental wait"));
+    assert_eq!(d.record(target, &id)["status"], "available", "{}", d.log());
+    id
+}
+
+fn snapshots_in(pool: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(pool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snapshot-backupfs-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Two XFS filesystems (reflinks): backend `ssd` pool `gold` for volumes, backend `hdd`
+/// with targets `a` and `b` on pools of their own.
+struct Setup {
+    gold: PathBuf,
+    b: PathBuf,
+    config: PathBuf,
+}
+
+fn setup(sb: &mut Sandbox, extra: &str, target_a: &str) -> Setup {
+    let ssd = sb.loop_fs("ssd", Fs::Xfs, 512);
+    let hdd = sb.loop_fs("hdd", Fs::Xfs, 1024);
+    let gold = ssd.join("gold");
+    let (a, b) = (hdd.join("a"), hdd.join("b"));
+    for dir in [&gold, &a, &b] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let state = sb.mkdir("state");
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\n{extra}\n\
+         [backends.ssd]\ndriver = \"file\"\npools = {{ gold = \"{}\" }}\n\
+         [backends.hdd]\ndriver = \"file\"\npools = {{ a = \"{}\", b = \"{}\" }}\n\
+         [targets.a]\nbackend = \"hdd\"\npool = \"a\"\n{target_a}\n\
+         [targets.b]\nbackend = \"hdd\"\npool = \"b\"\n",
+        state.display(),
+        gold.display(),
+        a.display(),
+        b.display()
+    ));
+    Setup { gold, b, config }
+}
+
+#[test]
+fn every_incremental_backup_is_a_whole_image_whatever_is_deleted_and_in_whatever_order() {
+    let mut sb = Sandbox::new("inc-rounds");
+    let s = setup(&mut sb, "", "");
+    let volume = random_volume(&s.gold, "v", 48);
+    let d = sb.start_daemon(&s.config);
+    let mut rng = Lcg(0x1ec);
+    let mut backups: Vec<(String, String)> = Vec::new();
+    for round in 0..6 {
+        if round > 0 {
+            round_of_writes(&volume, &mut rng);
+        }
+        let sum = sha256(&volume);
+        let id = incremental(&d, "a", "v");
+        let record = d.record("a", &id);
+        match backups.last() {
+            None => {
+                assert!(record["parent_id"].is_null(), "{record}");
+                assert!(record["changed_bytes"].is_null(), "{record}");
+            }
+            Some((parent, _)) => {
+                assert_eq!(record["parent_id"], parent.as_str(), "{record}");
+                assert_eq!(record["changes_found_by"], "snapshot-diff", "{record}");
+                // 12 writes of 64 KiB, and what a grown tail adds: far from 48 MiB.
+                let changed = record["changed_bytes"].as_u64().unwrap();
+                assert!(changed > 0 && changed < 8 << 20, "{record}");
+                let stored = record["stored_bytes"].as_u64().unwrap();
+                assert!(stored <= 2 * changed + (4 << 20), "{record}");
+            }
+        }
+        // One base per volume and target: the newest backup's snapshot.
+        assert_eq!(
+            snapshots_in(&s.gold),
+            vec![format!("snapshot-backupfs-{id}")]
+        );
+        assert_eq!(
+            d.record("a", &id)["base_snapshot"],
+            format!("snapshot-backupfs-{id}")
+        );
+        backups.push((id, sum));
+    }
+    for (id, sum) in &backups {
+        assert_eq!(&sha256(&d.image("a", id)), sum, "backup {id}");
+    }
+    // Deleted in a shuffled order, parents first among them: the others stay whole.
+    let mut order: Vec<usize> = (0..backups.len()).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let mut left: Vec<usize> = (0..backups.len()).collect();
+    for &victim in &order[..order.len() - 1] {
+        ok(&format!(
+            "rm '{}'",
+            d.image("a", &backups[victim].0).display()
+        ));
+        left.retain(|&i| i != victim);
+        for &i in &left {
+            assert_eq!(
+                sha256(&d.image("a", &backups[i].0)),
+                backups[i].1,
+                "backup {i} after deleting {victim}"
+            );
+        }
+    }
+    // The last one restores to a new volume, whole.
+    let last = &backups[left[0]];
+    ok(&format!(
+        "cp '{}' '{}'",
+        d.image("a", &last.0).display(),
+        d.volume("ssd", "restored").display()
+    ));
+    assert_eq!(sha256(&s.gold.join("volume-restored")), last.1);
+}
+
+#[test]
+fn the_storages_map_and_checksums_find_the_same_changes() {
+    let mut sb = Sandbox::new("inc-methods");
+    let s = setup(&mut sb, "", "");
+    let volume = random_volume(&s.gold, "v", 32);
+    let d = sb.start_daemon(&s.config);
+    let mut rng = Lcg(77);
+    for round in 0..5 {
+        if round > 0 {
+            round_of_writes(&volume, &mut rng);
+        }
+        let sum = sha256(&volume);
+        let by_map = incremental(&d, "a", "v");
+        // Target b's base snapshot is removed (as someone else might): its backups find
+        // the changes by reading everything and comparing checksums.
+        let b_records: Vec<serde_json::Value> = std::fs::read_dir(&s.b)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .map(|e| serde_json::from_str(&std::fs::read_to_string(e.path()).unwrap()).unwrap())
+            .collect();
+        for record in &b_records {
+            if let Some(base) = record["base_snapshot"].as_str() {
+                std::fs::remove_file(s.gold.join(base)).unwrap();
+            }
+        }
+        let by_sums = incremental(&d, "b", "v");
+        if round > 0 {
+            assert_eq!(d.record("a", &by_map)["changes_found_by"], "snapshot-diff");
+            assert_eq!(d.record("b", &by_sums)["changes_found_by"], "checksums");
+            // Both found changes; the map counts changed bytes, the checksums whole blocks.
+            let changed_map = d.record("a", &by_map)["changed_bytes"].as_u64().unwrap();
+            let changed_sums = d.record("b", &by_sums)["changed_bytes"].as_u64().unwrap();
+            assert!(changed_map > 0 && changed_sums > 0);
+            assert!(changed_sums < 32 << 20, "not everything: {changed_sums}");
+        }
+        assert_eq!(sha256(&d.image("a", &by_map)), sum, "round {round}");
+        assert_eq!(sha256(&d.image("b", &by_sums)), sum, "round {round}");
+        assert_eq!(
+            d.record("a", &by_map)["checksums"]["digest"],
+            d.record("b", &by_sums)["checksums"]["digest"],
+            "the same checksums, found either way"
+        );
+    }
+}
+
+#[test]
+fn an_incremental_on_a_target_that_cannot_share_data_is_a_full_backup() {
+    let mut sb = Sandbox::new("inc-ext4");
+    let ssd = sb.loop_fs("ssd", Fs::Xfs, 512);
+    let hdd = sb.loop_fs("hdd", Fs::Ext4, 256);
+    let (gold, backups) = (ssd.join("gold"), hdd.join("backups"));
+    for dir in [&gold, &backups] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\n\
+         [backends.ssd]\ndriver = \"file\"\npools = {{ gold = \"{}\" }}\n\
+         [backends.hdd]\ndriver = \"file\"\npools = {{ backups = \"{}\" }}\n\
+         [targets.t]\nbackend = \"hdd\"\npool = \"backups\"\n",
+        sb.mkdir("state").display(),
+        gold.display(),
+        backups.display()
+    ));
+    let volume = random_volume(&gold, "v", 8);
+    let d = sb.start_daemon(&config);
+    incremental(&d, "t", "v");
+    round_of_writes(&volume, &mut Lcg(5));
+    let id = incremental(&d, "t", "v");
+    let record = d.record("t", &id);
+    assert!(record["parent_id"].is_null(), "{record}");
+    assert!(d.log().contains("cannot share data"), "{}", d.log());
+    assert_eq!(sha256(&d.image("t", &id)), sha256(&volume));
+}
+
+#[test]
+fn keep_last_deletes_a_volumes_oldest_backups_beyond_n() {
+    let mut sb = Sandbox::new("inc-keep");
+    let s = setup(&mut sb, "", "keep_last = 2");
+    let volume = random_volume(&s.gold, "v", 4);
+    random_volume(&s.gold, "other", 2);
+    let d = sb.start_daemon(&s.config);
+    let other = incremental(&d, "a", "other");
+    let mut ids = Vec::new();
+    let mut rng = Lcg(3);
+    for _ in 0..4 {
+        round_of_writes(&volume, &mut rng);
+        ids.push((incremental(&d, "a", "v"), sha256(&volume)));
+    }
+    for (id, _) in &ids[..2] {
+        assert!(!d.image("a", id).exists(), "{id} is beyond keep_last");
+        assert!(d.log().contains("retention: deleted"), "{}", d.log());
+    }
+    for (id, sum) in &ids[2..] {
+        assert_eq!(&sha256(&d.image("a", id)), sum);
+    }
+    assert!(
+        d.image("a", &other).exists(),
+        "another volume's backups are its own"
+    );
+}
+
+#[test]
+fn kill9_at_every_step_of_an_incremental_leaves_the_parent_and_base_intact() {
+    for point in ["snapshotting", "finishing"] {
+        let mut sb = Sandbox::new(&format!("inc-crash-{point}"));
+        let s = setup(&mut sb, "", "");
+        let volume = random_volume(&s.gold, "v", 16);
+        let d = sb.start_daemon(&s.config);
+        let parent = incremental(&d, "a", "v");
+        let parent_sum = sha256(&d.image("a", &parent));
+        assert!(d.stop().success());
+        round_of_writes(&volume, &mut Lcg(11));
+        let release = sb.path("release");
+        let d = sb.start_daemon_env(
+            &s.config,
+            &[
+                ("BACKUPFS_TEST_PAUSE", point),
+                ("BACKUPFS_TEST_RELEASE", release.to_str().unwrap()),
+            ],
+        );
+        let id = d.backup("a", "v incremental");
+        wait_for(
+            || d.log().contains(&format!("holding at {point}")),
+            "the pause point",
+        );
+        d.kill9();
+        let d = sb.start_daemon(&s.config);
+        let record = d.record("a", &id);
+        assert_eq!(record["status"], "error", "{record}");
+        assert!(!d.image("a", &id).exists());
+        assert_eq!(
+            sha256(&d.image("a", &parent)),
+            parent_sum,
+            "the parent is intact"
+        );
+        assert_eq!(
+            snapshots_in(&s.gold),
+            vec![format!("snapshot-backupfs-{parent}")],
+            "only the parent's base is left"
+        );
+        // And the next incremental builds on the parent as if nothing happened.
+        let next = incremental(&d, "a", "v");
+        assert_eq!(d.record("a", &next)["parent_id"], parent.as_str());
+        assert_eq!(sha256(&d.image("a", &next)), sha256(&volume));
+    }
+}
+
+#[test]
+fn a_qcow2_volume_is_backed_up_incrementally_by_comparing_checksums() {
+    let mut sb = Sandbox::new("inc-qcow2");
+    let q = sb.loop_fs("q", Fs::Xfs, 512);
+    let runtime = sb.mkdir("runtime");
+    let (vols, backups) = (q.join("vols"), q.join("backups"));
+    for dir in [&vols, &backups] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\n\
+         [backends.qc]\ndriver = \"qcow2\"\npools = {{ vols = \"{}\", backups = \"{}\" }}\n\
+         [targets.q]\nbackend = \"qc\"\npool = \"backups\"\n",
+        sb.mkdir("state").display(),
+        vols.display(),
+        backups.display()
+    ));
+    let image = vols.join("volume-v");
+    ok(&format!(
+        "qemu-img create -q -f qcow2 '{p}' 64M && qemu-io -f qcow2 -c 'write -P 0xab 1M 20M' '{p}' >/dev/null",
+        p = image.display()
+    ));
+    let d = sb.start_daemon_env(&config, &[("RUNTIME_DIRECTORY", runtime.to_str().unwrap())]);
+    let first = incremental(&d, "q", "v");
+    ok(&format!(
+        "qemu-io -f qcow2 -c 'write -P 0x11 5M 64k' -c 'write -P 0x22 30M 1M' '{}' >/dev/null",
+        image.display()
+    ));
+    let second = incremental(&d, "q", "v");
+    let record = d.record("q", &second);
+    assert_eq!(record["parent_id"], first.as_str(), "{record}");
+    assert_eq!(record["changes_found_by"], "checksums", "{record}");
+    assert_eq!(
+        record["changed_bytes"],
+        2 << 20,
+        "two 1 MiB blocks differ: {record}"
+    );
+    let raw = sb.path("expected.raw");
+    ok(&format!(
+        "qemu-img convert -U -f qcow2 -O raw '{}' '{}'",
+        image.display(),
+        raw.display()
+    ));
+    assert_eq!(sha256(&d.image("q", &second)), sha256(&raw));
+    ok(&format!("rm '{}'", d.image("q", &first).display()));
+    assert_eq!(sha256(&d.image("q", &second)), sha256(&raw));
+}
