@@ -25,6 +25,43 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// can start and end between two frames).
 const FULL_READ_EVERY: Duration = Duration::from_secs(10);
 
+/// `backupfs status --help`, and its section of the manual page.
+pub const STATUS_ABOUT: &str = "Show, per target, the backups and verifies running and queued \
+(in a terminal with a progress bar, percentage, rate and ETA), the last few ended backups \
+(newest last, failed ones with their error), each volume's newest available backup and its age \
+(a backup a verify found damaged does not count), and the backups a verify found damaged; then \
+the restores, when the mount lists them. It reads only the mounted tree (`jobs`, the records, \
+`restores`), as any script could. Measuring rates takes a second or two when something is \
+moving.\n\n\
+When standard output is not a terminal it prints plain lines instead, one per item: fields \
+separated by one space, `-` when unknown, a free text (an error) last, times as the records \
+write them (RFC 3339), rates in bytes per second, ETA and age in seconds:\n\n  \
+target TARGET\n  \
+job TARGET BACKUP-ID VOLUME-ID STATE DONE TOTAL RATE ETA\n  \
+ended TARGET BACKUP-ID VOLUME-ID available|error COMPLETED-AT [ERROR]\n  \
+latest TARGET VOLUME-ID BACKUP-ID|- COMPLETED-AT AGE\n  \
+damaged TARGET BACKUP-ID VOLUME-ID BLOCK,BLOCK... VERIFIED-AT\n  \
+restore BACKEND VOLUME-ID STATE DONE TOTAL RATE ETA [ERROR]\n\n\
+A `latest` line with `-` for BACKUP-ID names a volume with no usable backup in that target \
+(all failed, still running, or damaged).\n\n\
+With --watch it redraws every second until Ctrl-C (plain: one block of lines per second, each \
+ended by an empty line).\n\n\
+Exit status: 0; 1 when MOUNT is not there or not a backupfs mount, or cannot be read (one line \
+on standard error says which).";
+pub const STATUS_EXAMPLES: &str = "Examples:\n  backupfs status\n  backupfs status --watch\n  \
+backupfs status --mount /mnt/backupfs | awk '$1 == \"damaged\"'";
+/// `backupfs wait --help`, and its section of the manual page.
+pub const WAIT_ABOUT: &str = "Wait until a backup has ended, for scripts that queued it \
+without `wait`: it looks at every target's `jobs` and the backup's record every 200 ms.\n\n\
+Exit status: 0 when the backup is available (`BACKUP-ID available` on standard output); 1 when \
+it failed, with the reason from its record on standard error (also when a verify found it \
+damaged, or MOUNT cannot be read); 2 for a malformed BACKUP-ID (or command line); 3 when no \
+target has such a backup; 4 when --timeout ran out first.";
+pub const WAIT_EXAMPLES: &str = "Examples:\n  \
+exec 3<>/mnt/backupfs/backups/hdd/request; echo \"$VOL\" >&3; read -r id <&3; exec 3>&-\n  \
+backupfs wait \"$id\" || echo \"backup $id failed\"\n  \
+backupfs wait --timeout 3600 \"$id\"";
+
 /// `wait`'s exit statuses, as documented in its help and the README.
 pub mod exit {
     pub const AVAILABLE: u8 = 0;
