@@ -27,8 +27,9 @@ const FULL_READ_EVERY: Duration = Duration::from_secs(10);
 
 /// `backupfs status --help`, and its section of the manual page.
 pub const STATUS_ABOUT: &str = "Show, per target, the backups and verifies running and queued \
-(in a terminal with a progress bar, percentage, rate and ETA), the last few ended backups \
-(newest last, failed ones with their error), each volume's newest available backup and its age \
+(in a terminal with a progress bar, percentage, rate and ETA), the last five ended backups \
+(newest last, failed ones with their error; from the records, so also those `jobs` no longer \
+lists), each volume's newest available backup and its age \
 (a backup a verify found damaged does not count), and the backups a verify found damaged; then \
 the restores, when the mount lists them. It reads only the mounted tree (`jobs`, the records, \
 `restores`), as any script could. Measuring rates takes a second or two when something is \
@@ -403,32 +404,45 @@ pub struct TargetState {
 }
 
 impl TargetState {
-    fn record(&self, backup_id: &str) -> Option<&RecordInfo> {
-        self.records.iter().find(|r| r.id == backup_id)
-    }
-
     /// Backups and verifies queued or running, in `jobs`' order.
     pub fn active_jobs(&self) -> impl Iterator<Item = &JobLine> {
         self.jobs.iter().filter(|j| j.is_active())
     }
 
-    /// The last `ENDED_SHOWN` ended backups of `jobs`, newest last (by when their record
-    /// says they ended), each with its record when there is one.
-    pub fn ended_jobs(&self) -> Vec<(&JobLine, Option<&RecordInfo>)> {
-        let mut ended: Vec<(usize, &JobLine, Option<&RecordInfo>)> = self
-            .jobs
+    /// The last `ENDED_SHOWN` backups that ended (available or failed), newest last. From
+    /// the records, so that they are there also once `jobs` has forgotten them (after two
+    /// hours): what happened last night.
+    pub fn ended(&self) -> Vec<&RecordInfo> {
+        let mut ended: Vec<&RecordInfo> = self
+            .records
             .iter()
-            .enumerate()
-            .filter(|(_, j)| !j.is_active() && !j.is_verify())
-            .map(|(at, j)| (at, j, self.record(&j.backup_id)))
+            .filter(|r| r.status == "available" || r.status == "error")
             .collect();
-        ended.sort_by_key(|(at, _, record)| (record.and_then(|r| r.completed()), *at));
+        ended.sort_by_key(|r| {
+            (
+                r.completed(),
+                r.created_at.as_deref().and_then(parse_rfc3339),
+            )
+        });
         let skip = ended.len().saturating_sub(ENDED_SHOWN);
-        ended
-            .into_iter()
-            .skip(skip)
-            .map(|(_, j, r)| (j, r))
-            .collect()
+        ended.split_off(skip)
+    }
+
+    /// Why a backup failed: its record's error, else the one its line in `jobs` gives.
+    pub fn failure(&self, record: &RecordInfo) -> Option<String> {
+        if record.status != "error" {
+            return None;
+        }
+        record
+            .error
+            .clone()
+            .or_else(|| {
+                self.jobs
+                    .iter()
+                    .rfind(|j| j.backup_id == record.id && !j.is_verify())
+                    .and_then(|j| j.error.clone())
+            })
+            .or_else(|| Some("(no reason recorded)".to_string()))
     }
 
     /// Per volume with any record, its newest available backup not known to be damaged
@@ -793,16 +807,15 @@ pub fn render_plain(snapshot: &Snapshot, rates: &Rates) -> String {
                 dash(eta(job.done, job.total, rate)),
             );
         }
-        for (job, record) in target.ended_jobs() {
-            let completed_at = record.and_then(|r| r.completed_at.as_deref());
+        for r in target.ended() {
             let mut line = format!(
                 "ended {t} {} {} {} {}",
-                job.backup_id,
-                job.volume_id,
-                job.state,
-                completed_at.unwrap_or("-")
+                r.id,
+                r.volume_id,
+                r.status,
+                r.completed_at.as_deref().unwrap_or("-")
             );
-            if let Some(error) = ended_error(job, record) {
+            if let Some(error) = target.failure(r) {
                 line.push(' ');
                 line.push_str(&error);
             }
@@ -853,17 +866,6 @@ pub fn render_plain(snapshot: &Snapshot, rates: &Rates) -> String {
         out.push('\n');
     }
     out
-}
-
-/// The error of an ended job: the line's own text, else its record's.
-fn ended_error(job: &JobLine, record: Option<&RecordInfo>) -> Option<String> {
-    if job.state != "error" {
-        return None;
-    }
-    job.error
-        .clone()
-        .or_else(|| record.and_then(|r| r.error.clone()))
-        .or_else(|| Some("(no reason recorded)".to_string()))
 }
 
 // ----------------------------------------------------------------------------------------
@@ -922,24 +924,23 @@ pub fn render_terminal(
                 });
             }
         }
-        let ended = target.ended_jobs();
+        let ended = target.ended();
         if !ended.is_empty() {
             lines.push("  ended".to_string());
-            for (job, record) in ended {
-                let when = record
-                    .and_then(|r| r.completed())
+            for r in ended {
+                let when = r
+                    .completed()
                     .map_or_else(|| "-".to_string(), |c| format_age(c, snapshot.at));
                 let mut line = format!(
                     "    {} {} {:<9} {:>12}",
-                    id(&job.backup_id),
-                    job.volume_id,
-                    job.state,
+                    id(&r.id),
+                    r.volume_id,
+                    r.status,
                     when
                 );
-                match ended_error(job, record) {
+                match target.failure(r) {
                     Some(error) => line += &format!("  {error}"),
-                    None if job.total > 0 => line += &format!("  {}", format_bytes(job.total)),
-                    None => {}
+                    None => line += &format!("  {}", format_bytes(r.size)),
                 }
                 lines.push(line);
             }
@@ -1575,15 +1576,11 @@ mod tests {
     }
 
     #[test]
-    fn only_the_last_few_ended_jobs_are_shown_newest_last() {
+    fn only_the_last_few_ended_backups_are_shown_newest_last_even_when_jobs_forgot_them() {
         let ids: Vec<String> = (0..8)
             .map(|n| format!("00000000-0000-4000-8000-00000000000{n}"))
             .collect();
-        // Listed in start order; they ended in the reverse order.
-        let jobs = ids
-            .iter()
-            .map(|id| job(id, "v", "available", 1, 1))
-            .collect();
+        // Made in id order; they ended in the reverse order.
         let records = ids
             .iter()
             .enumerate()
@@ -1596,11 +1593,11 @@ mod tests {
                 )
             })
             .collect();
-        let snap = snapshot(Instant::now(), jobs, records);
+        let snap = snapshot(Instant::now(), Vec::new(), records);
         let shown: Vec<&str> = snap.targets[0]
-            .ended_jobs()
+            .ended()
             .iter()
-            .map(|(j, _)| j.backup_id.as_str())
+            .map(|r| r.id.as_str())
             .collect();
         let expected: Vec<&str> = ids[..ENDED_SHOWN]
             .iter()
