@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Where `status` and `wait` look when no `--mount` is given (the systemd unit's mountpoint).
 pub const DEFAULT_MOUNT: &str = "/mnt/backupfs";
-/// Ended jobs shown per target, newest last.
+/// Ended backups shown per target, newest last.
 pub const ENDED_SHOWN: usize = 5;
 /// How often `wait` looks at the mount.
 const POLL: Duration = Duration::from_millis(200);
@@ -1122,9 +1122,11 @@ fn status(mount: &Path, watch: bool) -> Result<(), MountError> {
             let (width, height) = terminal_size();
             let mut lines = render_terminal(mount, &snapshot, &rates, width);
             lines.push("(Ctrl-C to stop)".to_string());
-            if lines.len() >= height {
-                let hidden = lines.len() + 1 - height;
-                lines.truncate(height.saturating_sub(2));
+            // One row short of the screen, so that the last line never scrolls it.
+            let room = height.saturating_sub(1).max(2);
+            if lines.len() > room {
+                let hidden = lines.len() - (room - 1);
+                lines.truncate(room - 1);
                 lines.push(format!(
                     "... {hidden} more lines (a taller terminal shows them)"
                 ));
