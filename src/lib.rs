@@ -9,5 +9,6 @@ pub mod demo;
 pub mod engine;
 pub mod fs;
 pub mod ids;
+pub mod status;
 pub mod target;
 pub mod volume;

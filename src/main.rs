@@ -1,7 +1,7 @@
 //! The thin binary: parses the command line and calls into the library.
 
 use backupfs::config::{self, Config};
-use backupfs::{daemon, demo};
+use backupfs::{daemon, demo, status};
 use clap::{CommandFactory, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -73,6 +73,28 @@ Exit status: 0 when the walk-through succeeded and the sandbox is removed, 1 oth
     Demo {
         /// The sandbox: a new or empty directory (default: a new temporary directory).
         dir: Option<PathBuf>,
+    },
+    /// Show jobs with their progress, ended jobs, each volume's newest backup, damaged ones.
+    #[command(long_about = status::STATUS_ABOUT, after_help = status::STATUS_EXAMPLES)]
+    Status {
+        /// The backupfs mountpoint.
+        #[arg(long, value_name = "DIR", default_value = status::DEFAULT_MOUNT)]
+        mount: PathBuf,
+        /// Redraw every second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Wait until a backup has ended; exit 0 when it is available, non-zero with the reason.
+    #[command(long_about = status::WAIT_ABOUT, after_help = status::WAIT_EXAMPLES)]
+    Wait {
+        /// The backupfs mountpoint.
+        #[arg(long, value_name = "DIR", default_value = status::DEFAULT_MOUNT)]
+        mount: PathBuf,
+        /// Give up after SECS seconds (exit status 4).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// The backup's id, as reading `request` after the write gave it.
+        backup_id: String,
     },
     /// Print the manual page (roff), generated from this command line's definition.
     #[command(hide = true)]
@@ -204,6 +226,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { mount, watch } => ExitCode::from(status::status_command(&mount, watch)),
+        Command::Wait {
+            mount,
+            timeout,
+            backup_id,
+        } => ExitCode::from(status::wait_command(
+            &mount,
+            &backup_id,
+            timeout.map(std::time::Duration::from_secs),
+        )),
         Command::Man => {
             match render_man().and_then(|page| std::io::stdout().write_all(page.as_bytes())) {
                 Ok(()) => ExitCode::SUCCESS,
