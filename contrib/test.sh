@@ -19,6 +19,8 @@ declare -A needs=(
     # A single-node Ceph cluster for the rbd tests (tests/common/ceph.rs); ceph-common
     # brings librbd1, which backupfs loads at run time.
     [ceph-mon]=ceph-mon [ceph-osd]=ceph-osd [ceph-mgr]=ceph-mgr [ceph-common]=rbd
+    # promtool checks the metrics file (tests/operator.rs).
+    [prometheus]=promtool
 )
 missing=()
 for package in "${!needs[@]}"; do

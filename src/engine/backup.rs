@@ -143,6 +143,7 @@ impl Inner {
             );
         }
         let outcome = self.backup(job);
+        let written = *outcome.as_ref().unwrap_or(&0);
         let failure = match outcome {
             Ok(stored) => {
                 let secs = started.elapsed().as_secs_f64();
@@ -174,6 +175,8 @@ impl Inner {
             .lock()
             .busy
             .remove(&(job.backend.clone(), job.volume_id.to_string()));
+        self.counters
+            .backup_ended(&job.target, failure.is_none(), written);
         job.finish(failure);
     }
 

@@ -99,6 +99,8 @@ impl BlockCache {
 pub struct Image {
     pub backup_id: BackupId,
     pub size: u64,
+    /// Bytes of data really stored (the rest are holes).
+    pub stored_bytes: u64,
     attachment: Attachment,
     /// One per CHECKSUM_BLOCK; empty when the record has none (nothing to check against).
     sums: Arc<Vec<u64>>,
@@ -110,6 +112,7 @@ impl Image {
     pub(super) fn new(
         backup_id: &BackupId,
         size: u64,
+        stored_bytes: u64,
         attachment: Attachment,
         sums: Arc<Vec<u64>>,
         verify: bool,
@@ -119,6 +122,7 @@ impl Image {
         Image {
             backup_id: backup_id.clone(),
             size,
+            stored_bytes,
             attachment,
             sums,
             verify,
@@ -337,6 +341,7 @@ mod tests {
         let file = std::fs::File::open(&path).unwrap();
         let image = Image::new(
             &BackupId::new(),
+            data.len() as u64,
             data.len() as u64,
             Attachment::new(crate::volume::device::FileDevice::new(file, path)),
             Arc::new(sums),

@@ -8,6 +8,7 @@ mod delete;
 pub mod error;
 pub mod image;
 pub mod job;
+mod metrics;
 mod recovery;
 pub mod request;
 mod restore;
@@ -36,7 +37,7 @@ pub use error::{EngineError, Result};
 pub use image::Image;
 pub use job::{Failure, Job, JobKind, JobStatus, Phase};
 pub use request::BackupRequest;
-pub use restore::VolumeWriter;
+pub use restore::{RESTORE_NOTE, RestoreSession, RestoreState, RestoreStatus, VolumeWriter};
 pub use xattrs::XattrMode;
 
 /// How long ended jobs stay listed in `jobs`.
@@ -85,6 +86,9 @@ struct Inner {
     /// Serialises read-change-write of records outside the job that owns them (verify,
     /// delete, the janitor), so none writes back a record another has just changed.
     record_updates: Mutex<()>,
+    /// Restores through the mount, running and recently ended.
+    restores: Mutex<Vec<Arc<restore::RestoreTrack>>>,
+    counters: metrics::Counters,
 }
 
 /// The engine; cheap to share (`Arc` inside).
@@ -115,14 +119,7 @@ fn take_state_lock(config: &Config) -> Result<File> {
         .write(true)
         .open(&lock_path)
         .map_err(|source| EngineError::io(format!("open {}", lock_path.display()), source))?;
-    // SAFETY: flock on a descriptor we own; released when it closes.
-    let locked = unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&state_lock),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } == 0;
-    if !locked {
+    if !crate::target::catalogue::lock_waiting(&state_lock, &lock_path) {
         return Err(EngineError::Busy(format!(
             "state_dir {} is in use by another backupfs (lock {})",
             config.state_dir.display(),
@@ -186,6 +183,8 @@ impl Engine {
             sums: image::SumsCache::default(),
             blocks: Arc::new(image::BlockCache::default()),
             record_updates: Mutex::new(()),
+            restores: Mutex::new(Vec::new()),
+            counters: metrics::Counters::default(),
             config,
             _state_lock: state_lock,
         });
@@ -259,6 +258,46 @@ impl Engine {
 
     fn target(&self, target: &str) -> Result<&Arc<dyn BackupTarget>> {
         self.inner.target(target)
+    }
+
+    /// Restores through the mount, running and ended in the last two hours, oldest first.
+    pub fn restores(&self) -> Vec<RestoreStatus> {
+        let mut restores = self.inner.restores.lock();
+        restores.retain(|r| !r.expired());
+        restores.iter().map(|r| r.status()).collect()
+    }
+
+    /// Whether a restore of the volume is running in this daemon.
+    pub fn restoring(&self, backend: &str, volume_id: &str) -> bool {
+        self.inner.restores.lock().iter().any(|r| {
+            let status = r.status();
+            status.state == RestoreState::Restoring
+                && status.backend == backend
+                && status.volume_id == volume_id
+        })
+    }
+
+    /// The note a volume carries about restores (an incomplete one), if any.
+    pub fn volume_note(&self, backend: &str, volume_id: &VolumeId) -> Result<Option<String>> {
+        let backend_entry = self.inner.backend(backend)?;
+        let info = self.inner.find_on(backend, volume_id)?;
+        let note = backend_entry
+            .driver
+            .note(&info.pool, volume_id, RESTORE_NOTE)?;
+        // A restore noted in progress that this daemon does not run was cut off when an
+        // earlier backupfs stopped.
+        Ok(note.map(|note| {
+            if note.starts_with("in progress") && !self.restoring(backend, volume_id) {
+                format!("incomplete: interrupted (a restore {note} when backupfs stopped)")
+            } else {
+                note
+            }
+        }))
+    }
+
+    /// The metrics, in the Prometheus text format.
+    pub fn metrics(&self) -> String {
+        self.inner.metrics()
     }
 
     pub fn records(&self, target: &str) -> Result<Vec<Record>> {
@@ -335,11 +374,23 @@ impl Engine {
         truncate: bool,
     ) -> Result<Arc<VolumeWriter>> {
         let info = self.inner.find_on(backend, volume_id)?;
-        let writer = restore::claim_restore(&self.inner, backend, &info)?;
+        let writer = restore::claim_restore(&self.inner, backend, &info, None)?;
         if truncate {
             writer.set_size(0)?;
         }
         Ok(writer)
+    }
+
+    /// Opens a volume again for a restore that let its writer go (a closed duplicate of
+    /// its descriptor), so that what follows counts for the same restore.
+    pub fn reopen_restore(
+        &self,
+        backend: &str,
+        volume_id: &VolumeId,
+        session: Arc<RestoreSession>,
+    ) -> Result<Arc<VolumeWriter>> {
+        let info = self.inner.find_on(backend, volume_id)?;
+        restore::claim_restore(&self.inner, backend, &info, Some(session))
     }
 
     /// Creates a new, empty volume to restore into (in the backend's first volume pool).
@@ -372,7 +423,7 @@ impl Engine {
             volume_id = %volume_id,
             "volume created for a restore"
         );
-        restore::claim_restore(&self.inner, backend_name, &info)
+        restore::claim_restore(&self.inner, backend_name, &info, None)
     }
 
     /// Cancels every job, waits until each one is cleaned up as after a crash (queued
@@ -449,6 +500,7 @@ impl Inner {
         Ok(Image::new(
             backup_id,
             record.size,
+            record.stored_bytes,
             attachment,
             sums,
             self.config.verify_reads,

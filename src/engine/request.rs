@@ -18,11 +18,42 @@ pub struct BackupRequest {
 
 pub const USAGE: &str = "\
 usage: echo \"<volume-id> [wait] [incremental] [name=<label>]\" > request
+       (a label with spaces in double quotes: name=\"nightly db\")
   wait          the write returns when the backup has ended (fails with its errno)
   incremental   copy only what changed since the volume's newest backup here
   name=<label>  a label kept in the backup's record
 After a write, reading the same open file gives the new backup's id.
 ";
+
+/// Splits a line into words at spaces; a double-quoted part keeps its spaces
+/// (`name="nightly db"`), and inside it `\"` and `\\` stand for `"` and `\`.
+fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' => words.extend(word.take()),
+            '"' => {
+                let current = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        None => return Err("a quote is not closed".to_string()),
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(escaped @ ('"' | '\\')) => current.push(escaped),
+                            _ => return Err("in quotes, \\ escapes only \" and \\".to_string()),
+                        },
+                        Some(other) => current.push(other),
+                    }
+                }
+            }
+            other => word.get_or_insert_with(String::new).push(other),
+        }
+    }
+    words.extend(word);
+    Ok(words)
+}
 
 /// Parses one request; the error says what is wrong, for the log.
 pub fn parse(bytes: &[u8]) -> Result<BackupRequest, String> {
@@ -41,7 +72,8 @@ pub fn parse(bytes: &[u8]) -> Result<BackupRequest, String> {
             format!("control character {c:?} in request")
         });
     }
-    let mut words = line.split(' ').filter(|w| !w.is_empty());
+    let words = split_words(line)?;
+    let mut words = words.iter().map(String::as_str);
     let volume_id = words.next().ok_or("empty request")?;
     let volume_id = VolumeId::parse(volume_id).map_err(|e| e.to_string())?;
     let mut request = BackupRequest {
@@ -96,6 +128,11 @@ mod tests {
         assert_eq!(r.name.as_deref(), Some("nightly"));
         assert!(parse(b"vol-1  name=x\r\n").is_ok());
         assert!(parse(b"vol-1 incremental wait\n").unwrap().incremental);
+        let r = parse(br#"vol-1 name="nightly db" wait"#).unwrap();
+        assert_eq!(r.name.as_deref(), Some("nightly db"));
+        assert!(r.wait);
+        let r = parse(br#"vol-1 name="say \"hi\" \\o/""#).unwrap();
+        assert_eq!(r.name.as_deref(), Some(r#"say "hi" \o/"#));
     }
 
     #[test]
@@ -114,6 +151,9 @@ mod tests {
             b"\xff\xfe\n",
             b"vol incremental incremental\n",
             b"v\0l\n",
+            b"vol name=\"open\n",
+            b"vol name=\"a\\b\"\n",
+            b"vol name=\"\"\n",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }

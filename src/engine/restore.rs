@@ -8,6 +8,80 @@ use crate::copy::{self, Range};
 use crate::volume::device::BlockDevice;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
+use tracing::{error, warn};
+
+/// The note a volume carries (an extended attribute `user.backupfs.restore` of its file):
+/// a restore in progress, or one that left it incomplete; none once a restore succeeded.
+pub const RESTORE_NOTE: &str = "restore";
+/// How long ended restores stay listed in `restores`.
+const ENDED_RESTORE_TTL: Duration = Duration::from_secs(2 * 3600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreState {
+    Restoring,
+    Restored,
+    Failed,
+}
+
+impl RestoreState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreState::Restoring => "restoring",
+            RestoreState::Restored => "restored",
+            RestoreState::Failed => "failed",
+        }
+    }
+}
+
+/// A line of `restores`.
+#[derive(Debug, Clone)]
+pub struct RestoreStatus {
+    pub backend: String,
+    pub volume_id: String,
+    pub state: RestoreState,
+    pub done: u64,
+    /// The size of the image being copied in (0 when not known: plain writes).
+    pub total: u64,
+    pub error: Option<String>,
+}
+
+impl RestoreStatus {
+    /// `<backend> <volume-id> <state> <done>/<total>[ <error>]`, one line.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "{} {} {} {}/{}",
+            self.backend,
+            self.volume_id,
+            self.state.as_str(),
+            self.done,
+            self.total
+        );
+        if let Some(error) = &self.error {
+            line.push(' ');
+            line.push_str(&super::error::one_line(error));
+        }
+        line
+    }
+}
+
+/// What is known of one restore, while it runs and for a while after.
+#[derive(Debug)]
+pub(super) struct RestoreTrack {
+    status: Mutex<RestoreStatus>,
+    ended_at: Mutex<Option<Instant>>,
+}
+
+impl RestoreTrack {
+    pub(super) fn status(&self) -> RestoreStatus {
+        self.status.lock().clone()
+    }
+
+    pub(super) fn expired(&self) -> bool {
+        self.ended_at
+            .lock()
+            .is_some_and(|t| t.elapsed() >= ENDED_RESTORE_TTL)
+    }
+}
 
 /// Largest piece of a server-side copy checked and then copied at once: the kernel copies
 /// what was just checked, while it is still in the page cache.
@@ -20,6 +94,7 @@ pub(super) fn claim_restore(
     inner: &Arc<Inner>,
     backend_name: &str,
     info: &VolumeInfo,
+    session: Option<Arc<RestoreSession>>,
 ) -> Result<Arc<VolumeWriter>> {
     let backend = inner.backend(backend_name)?;
     let key = (backend_name.to_string(), info.id.clone());
@@ -54,16 +129,29 @@ pub(super) fn claim_restore(
     let mut state = inner.state.lock();
     match opened {
         Ok(attachment) => {
+            let session = session.unwrap_or_else(|| {
+                Arc::new(RestoreSession {
+                    inner: inner.clone(),
+                    driver: backend.driver.clone(),
+                    key: key.clone(),
+                    pool: info.pool.clone(),
+                    written: AtomicU64::new(0),
+                    copied: AtomicU64::new(0),
+                    image_size: AtomicU64::new(0),
+                    failure: Mutex::new(None),
+                    track: Mutex::new(None),
+                    opened: Instant::now(),
+                })
+            });
             let writer = Arc::new(VolumeWriter {
                 inner: inner.clone(),
                 driver: backend.driver.clone(),
                 key: key.clone(),
+                pool: info.pool.clone(),
                 size: AtomicU64::new(info.size),
                 attachment: Some(attachment),
                 resize: Mutex::new(()),
-                written: AtomicU64::new(0),
-                copied: AtomicU64::new(0),
-                opened: Instant::now(),
+                session,
             });
             state
                 .busy
@@ -97,17 +185,39 @@ fn attach_for_restore(backend: &Backend, info: &VolumeInfo) -> Result<Attachment
         })
 }
 
-/// A volume open for a restore. While it lives, the volume refuses backups.
+/// A volume open for a restore. While it lives, the volume refuses backups and is held
+/// the way a hypervisor sees it.
 pub struct VolumeWriter {
     inner: Arc<Inner>,
     driver: Arc<dyn VolumeDriver>,
     key: (String, String),
+    pool: String,
     size: AtomicU64,
     attachment: Option<Attachment>,
     /// Serialises size changes (writes past the end, truncates).
     resize: Mutex<()>,
+    /// The restore this writer's changes belong to (it may outlive the writer).
+    session: Arc<RestoreSession>,
+}
+
+/// One restore, as the operator sees it: listed in `restores`, noted on the volume while
+/// it runs, and when it ends, whether it left the volume complete. It lives as long as
+/// whoever writes it (a file handle may let its writer go and take a new one: a process
+/// that duplicated the descriptor and closed one copy), and ends when the last goes.
+pub struct RestoreSession {
+    inner: Arc<Inner>,
+    driver: Arc<dyn VolumeDriver>,
+    key: (String, String),
+    pool: String,
     written: AtomicU64,
     copied: AtomicU64,
+    /// The size of the image copied in server-side (0: not known), so that a restore cut
+    /// off before its end is told from a complete one.
+    image_size: AtomicU64,
+    /// The first thing that went wrong: the volume is incomplete.
+    failure: Mutex<Option<String>>,
+    /// Listed in `restores` from the first change on.
+    track: Mutex<Option<Arc<RestoreTrack>>>,
     opened: Instant,
 }
 
@@ -118,37 +228,152 @@ impl Drop for VolumeWriter {
         if let Some(attachment) = self.attachment.take()
             && let Err(e) = self.driver.detach(attachment)
         {
-            tracing::warn!(volume_id = self.key.1, "detach after a restore: {e}");
+            warn!(volume_id = self.key.1, "detach after a restore: {e}");
+            self.session.fail(&format!("detach: {e}"));
         }
+        let mut state = self.inner.state.lock();
+        if let Some(Busy::Restore(writer)) = state.busy.get(&self.key)
+            && std::ptr::eq(writer.as_ptr(), self)
         {
-            let mut state = self.inner.state.lock();
-            if let Some(Busy::Restore(writer)) = state.busy.get(&self.key)
-                && std::ptr::eq(writer.as_ptr(), self)
-            {
-                state.busy.remove(&self.key);
-            }
+            state.busy.remove(&self.key);
         }
+    }
+}
+
+impl Drop for RestoreSession {
+    fn drop(&mut self) {
+        let Some(track) = self.track.lock().take() else {
+            return; // Opened and closed without a change: no restore.
+        };
         let (written, copied) = (
             self.written.load(Ordering::Relaxed),
             self.copied.load(Ordering::Relaxed),
         );
-        if written + copied > 0 {
-            let secs = self.opened.elapsed().as_secs_f64();
-            info!(
-                backend = self.key.0,
+        let image_size = self.image_size.load(Ordering::Relaxed);
+        if image_size > 0 && copied < image_size {
+            self.fail(&format!(
+                "cut off after {copied} of the image's {image_size} bytes"
+            ));
+        }
+        let failure = self.failure.lock().clone();
+        let secs = self.opened.elapsed().as_secs_f64();
+        let note = match &failure {
+            None => {
+                info!(
+                    backend = self.key.0,
+                    volume_id = self.key.1,
+                    bytes_written = written,
+                    bytes_copied_server_side = copied,
+                    seconds = format!("{secs:.2}"),
+                    "restore into volume ended"
+                );
+                None
+            }
+            Some(reason) => {
+                error!(
+                    backend = self.key.0,
+                    volume_id = self.key.1,
+                    bytes_written = written,
+                    bytes_copied_server_side = copied,
+                    "restore into volume failed: {reason}; the volume is incomplete, restore it again"
+                );
+                Some(format!("incomplete: {reason} ({})", now()))
+            }
+        };
+        if let Err(e) = self
+            .driver
+            .set_note(&self.pool, &self.key.1, RESTORE_NOTE, note.as_deref())
+        {
+            warn!(
                 volume_id = self.key.1,
-                bytes_written = written,
-                bytes_copied_server_side = copied,
-                seconds = format!("{secs:.2}"),
-                "restore into volume ended"
+                "cannot note the restore's outcome on the volume: {e}"
             );
         }
+        {
+            let mut status = track.status.lock();
+            status.state = if failure.is_some() {
+                RestoreState::Failed
+            } else {
+                RestoreState::Restored
+            };
+            status.done = written + copied;
+            status.error = failure;
+        }
+        *track.ended_at.lock() = Some(Instant::now());
+        self.inner.counters.restore_ended(track.status().state);
+    }
+}
+
+impl RestoreSession {
+    /// A change begins: the restore is listed, and the volume noted as being restored
+    /// (the note stays if backupfs dies before the end).
+    fn begin(&self) {
+        let mut track = self.track.lock();
+        if track.is_some() {
+            return;
+        }
+        let new = Arc::new(RestoreTrack {
+            status: Mutex::new(RestoreStatus {
+                backend: self.key.0.clone(),
+                volume_id: self.key.1.clone(),
+                state: RestoreState::Restoring,
+                done: 0,
+                total: 0,
+                error: None,
+            }),
+            ended_at: Mutex::new(None),
+        });
+        self.inner.restores.lock().push(new.clone());
+        *track = Some(new);
+        drop(track);
+        let note = format!("in progress since {}", now());
+        if let Err(e) = self
+            .driver
+            .set_note(&self.pool, &self.key.1, RESTORE_NOTE, Some(&note))
+        {
+            warn!(
+                volume_id = self.key.1,
+                "cannot note the restore on the volume: {e}"
+            );
+        }
+    }
+
+    /// Something went wrong: the volume is incomplete (the first reason is kept).
+    fn fail(&self, reason: &str) {
+        self.failure
+            .lock()
+            .get_or_insert_with(|| reason.to_string());
+    }
+
+    /// Runs a change of the volume: listed, progress counted, a failure remembered.
+    fn change<T>(&self, done: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.begin();
+        let result = done();
+        if let Err(e) = &result {
+            self.fail(&e.reason());
+        }
+        if let Some(track) = self.track.lock().as_ref() {
+            let mut status = track.status.lock();
+            status.done =
+                self.written.load(Ordering::Relaxed) + self.copied.load(Ordering::Relaxed);
+            status.total = self.image_size.load(Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn changed(&self) -> bool {
+        self.written.load(Ordering::Relaxed) + self.copied.load(Ordering::Relaxed) > 0
     }
 }
 
 impl VolumeWriter {
     pub fn backend(&self) -> &str {
         &self.key.0
+    }
+
+    /// The restore this writer's changes count for.
+    pub fn session(&self) -> Arc<RestoreSession> {
+        self.session.clone()
     }
 
     pub fn volume_id(&self) -> &str {
@@ -192,19 +417,29 @@ impl VolumeWriter {
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
+        self.session.change(|| self.write_data(offset, data))
+    }
+
+    fn write_data(&self, offset: u64, data: &[u8]) -> Result<usize> {
         let end = offset + data.len() as u64;
         // The device grows by itself when written past its end.
         self.device()?
             .write_at(data, offset)
             .map_err(|e| self.io_error("write", e))?;
         self.size.fetch_max(end, Ordering::Relaxed);
-        self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.session
+            .written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data.len())
     }
 
     /// Volumes never shrink: a smaller size zeroes everything past it and keeps the size;
     /// a larger one extends the volume.
     pub fn set_size(&self, size: u64) -> Result<()> {
+        self.session.change(|| self.resize_to(size))
+    }
+
+    fn resize_to(&self, size: u64) -> Result<()> {
         let current = self.size();
         if size >= current {
             return self.grow_to(size);
@@ -217,6 +452,10 @@ impl VolumeWriter {
 
     /// Zeroes a range inside the volume (a hole where the storage can).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.session.change(|| self.zero(offset, len))
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
         let end = (offset + len).min(self.size());
         if end > offset {
             self.device()?
@@ -240,6 +479,39 @@ impl VolumeWriter {
         offset_out: u64,
         len: u64,
     ) -> Result<u64> {
+        if !self.session.changed() {
+            // The whole image is coming: a restore that cannot fit fails before it writes.
+            self.check_room(image)?;
+            self.session
+                .image_size
+                .fetch_max(image.size, Ordering::Relaxed);
+        }
+        self.session
+            .change(|| self.copy_in(image, offset_in, offset_out, len))
+    }
+
+    /// Whether the volume's pool can take the image's data (beyond what the volume holds).
+    fn check_room(&self, image: &Image) -> Result<()> {
+        let Some(free) = self.driver.free_space(&self.pool)? else {
+            return Ok(());
+        };
+        let held = self
+            .driver
+            .stat(&self.pool, &self.key.1)
+            .map(|info| info.allocated)
+            .unwrap_or(0);
+        let needed = image.stored_bytes.saturating_sub(held);
+        if needed > free {
+            let e = EngineError::NoSpace(format!(
+                "volume {}/{}: backup {} holds {} bytes of data, the pool has {free} bytes free",
+                self.key.0, self.key.1, image.backup_id, image.stored_bytes
+            ));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn copy_in(&self, image: &Image, offset_in: u64, offset_out: u64, len: u64) -> Result<u64> {
         let len = len.min(image.size.saturating_sub(offset_in));
         if len == 0 {
             return Ok(0);
@@ -258,7 +530,7 @@ impl VolumeWriter {
             };
             copy::copy_kernel(image.device(), device, range)?;
             done += piece;
-            self.copied.fetch_add(piece, Ordering::Relaxed);
+            self.session.copied.fetch_add(piece, Ordering::Relaxed);
         }
         Ok(len)
     }

@@ -45,6 +45,12 @@ impl Inner {
         job.set_phase(Phase::Verifying);
         pause_point("verifying", &job.cancel);
         let failure = self.verify(job).err().map(Failure::of);
+        let result = match failure.as_ref().and_then(|f| f.cause.as_deref()) {
+            None => "good",
+            Some(EngineError::Damaged { .. }) => "damaged",
+            Some(_) => "failed",
+        };
+        self.counters.verify_ended(&job.target, result);
         job.finish(failure);
     }
 

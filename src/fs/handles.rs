@@ -5,7 +5,7 @@
 
 use super::control::ControlFile;
 use super::tree::Node;
-use crate::engine::{Engine, EngineError, Image, VolumeWriter};
+use crate::engine::{Engine, EngineError, Image, RestoreSession, VolumeWriter};
 use crate::ids::VolumeId;
 use crate::volume::Attachment;
 use crate::volume::device::BlockDevice;
@@ -46,6 +46,9 @@ pub(super) struct VolumeHandle {
     /// inherited the descriptor closes it too, at exec or exit: that is not the end.)
     opener: u32,
     attached: Mutex<Option<Attached>>,
+    /// The restore a writable handle's changes count for, across re-attachments: it ends
+    /// when the handle is released.
+    session: Option<Arc<RestoreSession>>,
 }
 
 /// The process (thread group) of a thread the kernel names in a request.
@@ -68,12 +71,17 @@ impl VolumeHandle {
         attached: Attached,
         opener: u32,
     ) -> VolumeHandle {
+        let session = match &attached {
+            Attached::Write(writer) => Some(writer.session()),
+            Attached::Read(_) => None,
+        };
         VolumeHandle {
             backend: backend.to_string(),
             volume_id: volume_id.clone(),
-            writable: matches!(attached, Attached::Write(_)),
+            writable: session.is_some(),
             opener,
             attached: Mutex::new(Some(attached)),
+            session,
         }
     }
 
@@ -87,8 +95,12 @@ impl VolumeHandle {
         if let Some(attached) = self.attached.lock().as_ref() {
             return Ok(attached.clone());
         }
-        let attached = if self.writable {
-            Attached::Write(engine.open_restore(&self.backend, &self.volume_id, false)?)
+        let attached = if let Some(session) = &self.session {
+            Attached::Write(engine.reopen_restore(
+                &self.backend,
+                &self.volume_id,
+                session.clone(),
+            )?)
         } else {
             Attached::Read(Arc::new(
                 engine.open_volume_read(&self.backend, &self.volume_id)?,

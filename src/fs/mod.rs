@@ -36,6 +36,8 @@ use tree::{Modes, Node};
 /// Largest piece of a server-side copy answered at once (the reply counts in u32).
 const COPY_RANGE_MAX: u64 = 1 << 30;
 const XATTR_PREFIX: &str = "user.backupfs.";
+/// A volume's note about restores: "incomplete: <reason> (<time>)".
+const VOLUME_RESTORE_XATTR: &str = "user.backupfs.restore";
 /// Threads for slow requests (see `pool`).
 const SLOW_THREADS: usize = 8;
 
@@ -503,9 +505,24 @@ impl Filesystem for BackupFs {
                         FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
                     );
                 }
-                Node::Jobs(_) | Node::Record(..) if writing => {
+                Node::Jobs(_) | Node::Record(..) | Node::Restores | Node::MetricsFile
+                    if writing =>
+                {
                     warn!("write to a status file refused (EACCES)");
                     reply.error(Errno::EACCES)
+                }
+                Node::Restores => {
+                    let mut text = String::new();
+                    for restore in core.engine.restores() {
+                        text.push_str(&restore.line());
+                        text.push('\n');
+                    }
+                    let fh = core.open_handle(Handle::Text(text.into_bytes()));
+                    reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
+                }
+                Node::MetricsFile => {
+                    let fh = core.open_handle(Handle::Text(core.engine.metrics().into_bytes()));
+                    reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                 }
                 Node::Jobs(t) => {
                     let mut text = String::new();
@@ -826,7 +843,19 @@ impl Filesystem for BackupFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         guard("getxattr", || {
-            let Ok(Node::Image(t, id)) = self.core.node(ino) else {
+            let node = self.core.node(ino);
+            if let Ok(Node::Volume(b, v)) = &node {
+                // A volume's note: a restore that left it incomplete.
+                if name.to_str() != Some(VOLUME_RESTORE_XATTR) {
+                    return reply.error(Errno::NO_XATTR);
+                }
+                return match self.core.engine.volume_note(b, v) {
+                    Ok(Some(note)) => reply_xattr(note.as_bytes(), size, reply),
+                    Ok(None) => reply.error(Errno::NO_XATTR),
+                    Err(e) => reply.error(errno(&e)),
+                };
+            }
+            let Ok(Node::Image(t, id)) = node else {
                 return reply.error(Errno::NO_XATTR);
             };
             let record = match self.core.engine.record(&t, &id) {
@@ -853,7 +882,15 @@ impl Filesystem for BackupFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         guard("listxattr", || {
-            let Ok(Node::Image(t, id)) = self.core.node(ino) else {
+            let node = self.core.node(ino);
+            if let Ok(Node::Volume(b, v)) = &node {
+                let names = match self.core.engine.volume_note(b, v) {
+                    Ok(Some(_)) => format!("{VOLUME_RESTORE_XATTR}\0").into_bytes(),
+                    _ => Vec::new(),
+                };
+                return reply_xattr(&names, size, reply);
+            }
+            let Ok(Node::Image(t, id)) = node else {
                 return reply_xattr(&[], size, reply);
             };
             let record = match self.core.engine.record(&t, &id) {

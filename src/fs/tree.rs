@@ -17,12 +17,20 @@ pub const VERIFY: &str = "verify";
 pub const JOBS: &str = "jobs";
 pub const BY_VOLUME: &str = "by-volume";
 pub const LATEST: &str = "latest.img";
+pub const RESTORES: &str = "restores";
+pub const METRICS: &str = "metrics";
+pub const METRICS_FILE: &str = "backupfs.prom";
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Node {
     Root,
     Backups,
     Volumes,
+    /// `restores`: one line per restore through the mount.
+    Restores,
+    /// `metrics/` and its `backupfs.prom`.
+    Metrics,
+    MetricsFile,
     Target(String),
     Request(String),
     Verify(String),
@@ -46,6 +54,9 @@ impl Node {
             Node::Root => return ROOT,
             Node::Backups => return BACKUPS,
             Node::Volumes => return VOLUMES,
+            Node::Restores => "restores".to_string(),
+            Node::Metrics => "metrics".to_string(),
+            Node::MetricsFile => "metrics/backupfs.prom".to_string(),
             Node::Target(t) => format!("t/{t}"),
             Node::Request(t) => format!("t/{t}/request"),
             Node::Verify(t) => format!("t/{t}/verify"),
@@ -67,6 +78,7 @@ impl Node {
             Node::Root
             | Node::Backups
             | Node::Volumes
+            | Node::Metrics
             | Node::Target(_)
             | Node::ByVolume(_)
             | Node::ByVolumeDir(..)
@@ -90,10 +102,16 @@ impl Modes {
         let group_dir = if self.group_read { 0o050 } else { 0 };
         match node {
             Node::Root | Node::Backups | Node::Volumes => 0o755,
-            Node::Target(_) | Node::ByVolume(_) | Node::ByVolumeDir(..) => 0o700 | group_dir,
+            Node::Target(_) | Node::ByVolume(_) | Node::ByVolumeDir(..) | Node::Metrics => {
+                0o700 | group_dir
+            }
             Node::Backend(_) => 0o700,
             Node::Request(_) | Node::Verify(_) => 0o600,
-            Node::Jobs(_) | Node::Image(..) | Node::Record(..) => 0o400 | group_read,
+            Node::Jobs(_)
+            | Node::Image(..)
+            | Node::Record(..)
+            | Node::Restores
+            | Node::MetricsFile => 0o400 | group_read,
             Node::Latest(..) => 0o777,
             Node::Volume(..) => 0o600,
         }
@@ -113,7 +131,9 @@ pub fn ttl(node: &Node) -> Duration {
         | Node::ByVolumeDir(..)
         | Node::Latest(..)
         | Node::Request(_)
-        | Node::Verify(_) => Duration::ZERO,
+        | Node::Verify(_)
+        | Node::Restores
+        | Node::MetricsFile => Duration::ZERO,
         _ => Duration::from_secs(1),
     }
 }
@@ -156,11 +176,16 @@ pub fn record_json(record: &Record) -> Vec<u8> {
     bytes
 }
 
-/// The newest available backup of a volume in a target.
+/// The newest available, undamaged backup of a volume in a target.
 pub fn latest_backup(records: &[Record], volume_id: &VolumeId) -> Option<BackupId> {
     records
         .iter()
-        .filter(|r| r.status == Status::Available && r.volume_id == *volume_id)
+        .filter(|r| {
+            r.status == Status::Available
+                && r.volume_id == *volume_id
+                // A backup a verify found damaged is nobody's newest.
+                && r.damaged_blocks.as_ref().is_none_or(|d| d.is_empty())
+        })
         .max_by_key(|r| {
             (
                 r.completed_time(),
@@ -177,8 +202,11 @@ pub fn child(engine: &Engine, parent: &Node, name: &str) -> Result<Node, EngineE
         Node::Root => match name {
             "backups" => Node::Backups,
             "volumes" => Node::Volumes,
+            RESTORES => Node::Restores,
+            METRICS => Node::Metrics,
             _ => return Err(missing()),
         },
+        Node::Metrics if name == METRICS_FILE => Node::MetricsFile,
         Node::Backups => {
             if !engine.target_names().iter().any(|t| t == name) {
                 return Err(missing());
@@ -235,7 +263,8 @@ pub fn child(engine: &Engine, parent: &Node, name: &str) -> Result<Node, EngineE
 
 pub fn parent(node: &Node) -> Node {
     match node {
-        Node::Root | Node::Backups | Node::Volumes => Node::Root,
+        Node::Root | Node::Backups | Node::Volumes | Node::Restores | Node::Metrics => Node::Root,
+        Node::MetricsFile => Node::Metrics,
         Node::Target(_) => Node::Backups,
         Node::Backend(_) => Node::Volumes,
         Node::ByVolume(t) => Node::Target(t.clone()),
@@ -260,6 +289,11 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
         Node::Root => {
             out.push((Node::Backups, "backups".into()));
             out.push((Node::Volumes, "volumes".into()));
+            out.push((Node::Restores, RESTORES.into()));
+            out.push((Node::Metrics, METRICS.into()));
+        }
+        Node::Metrics => {
+            out.push((Node::MetricsFile, METRICS_FILE.into()));
         }
         Node::Backups => {
             for t in engine.target_names() {
@@ -290,14 +324,15 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
             }
         }
         Node::ByVolume(t) => {
-            let mut volumes: Vec<VolumeId> = engine
-                .records(t)?
-                .into_iter()
+            let records = engine.records(t)?;
+            let mut volumes: Vec<VolumeId> = records
+                .iter()
                 .filter(|r| r.status == Status::Available)
-                .map(|r| r.volume_id)
+                .map(|r| r.volume_id.clone())
                 .collect();
             volumes.sort();
             volumes.dedup();
+            volumes.retain(|v| latest_backup(&records, v).is_some());
             for v in volumes {
                 let name = v.to_string();
                 out.push((Node::ByVolumeDir(t.clone(), v), name));

@@ -14,6 +14,34 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+/// How long a start waits for a lock held by another backupfs: one that was just
+/// unmounted takes a moment to exit and let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Takes an exclusive flock on `file`, waiting up to 10 s (and saying so) while another
+/// process holds it. False if it is still held then.
+pub fn lock_waiting(file: &File, path: &Path) -> bool {
+    let try_lock =
+        // SAFETY: flock on a descriptor we borrow; released when the file closes.
+        || unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if try_lock() {
+        return true;
+    }
+    tracing::warn!(
+        "{} is held by another backupfs (one that is still stopping?): waiting up to {} s",
+        path.display(),
+        LOCK_WAIT.as_secs()
+    );
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if try_lock() {
+            return true;
+        }
+    }
+    false
+}
+
 /// Records and checksums of one target.
 pub trait Catalogue: Send + Sync {
     /// Where it lives, for messages.
@@ -65,8 +93,7 @@ impl DirCatalogue {
             .mode(0o600)
             .open(&lock_path)
             .map_err(|e| TargetError::io("open lock", &lock_path, e))?;
-        // SAFETY: flock on a descriptor we own; released when the file closes.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+        if !lock_waiting(&lock, &lock_path) {
             return Err(TargetError::Locked {
                 target: target.to_string(),
                 path: lock_path,

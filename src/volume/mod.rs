@@ -182,6 +182,24 @@ pub trait VolumeDriver: Send + Sync {
         Ok(None)
     }
 
+    /// A note kept with a volume on its storage (`key` = "restore": a restore in progress,
+    /// or one that left the volume incomplete), so that it outlives the daemon; None
+    /// removes it. Storage that cannot keep notes ignores them.
+    fn set_note(
+        &self,
+        _pool: &str,
+        _volume_id: &str,
+        _key: &str,
+        _value: Option<&str>,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// The note `key` of a volume, if any.
+    fn note(&self, _pool: &str, _volume_id: &str, _key: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
+
     fn detach(&self, attachment: Attachment) -> Result<()> {
         drop(attachment);
         Ok(())

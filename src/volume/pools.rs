@@ -182,6 +182,40 @@ impl PoolDirs {
         }
     }
 
+    /// Sets (None: removes) the note `key` of object `id`: an extended attribute
+    /// `user.backupfs.<key>` of its file. A filesystem without user attributes keeps none.
+    pub fn set_note(&self, pool: &str, id: &str, key: &str, value: Option<&str>) -> Result<()> {
+        let path = self.object_path(pool, id)?;
+        let name = format!("user.backupfs.{key}");
+        let done = match value {
+            Some(value) => xattr::set(&path, &name, value.as_bytes()),
+            None => xattr::remove(&path, &name),
+        };
+        match done {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(VolumeError::NotFound(id.to_string()))
+            }
+            Err(e) => Err(VolumeError::io("note", path, e)),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// The note `key` of object `id`.
+    pub fn note(&self, pool: &str, id: &str, key: &str) -> Result<Option<String>> {
+        let path = self.object_path(pool, id)?;
+        match xattr::get(&path, &format!("user.backupfs.{key}")) {
+            Ok(value) => Ok(Some(String::from_utf8_lossy(&value).into_owned())),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => {
+                Ok(None)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(VolumeError::NotFound(id.to_string()))
+            }
+            Err(e) => Err(VolumeError::io("note", path, e)),
+        }
+    }
+
     /// Bytes free for new data in a pool's filesystem.
     pub fn free_space(&self, pool: &str) -> Result<Option<u64>> {
         let dir = self.dir(pool)?;
@@ -211,5 +245,63 @@ mod tests {
         assert_eq!(object_id(PoolRole::Backups, "backup-x.json"), None);
         assert_eq!(object_id(PoolRole::Volumes, "volume-../x"), None);
         assert_eq!(object_id(PoolRole::Volumes, ".volume-a"), None);
+    }
+}
+
+/// Extended attributes of a file, by path.
+mod xattr {
+    use std::ffi::CString;
+    use std::io;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    fn c(text: &[u8]) -> io::Result<CString> {
+        CString::new(text).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    pub fn set(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+        let (path, name) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
+        // SAFETY: valid C strings and a buffer of value.len() bytes.
+        let rc = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn remove(path: &Path, name: &str) -> io::Result<()> {
+        let (path, name) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
+        // SAFETY: valid C strings.
+        if unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn get(path: &Path, name: &str) -> io::Result<Vec<u8>> {
+        let (path, name) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
+        let mut value = vec![0u8; 4096];
+        // SAFETY: valid C strings and a buffer of value.len() bytes.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        value.truncate(n as usize);
+        Ok(value)
     }
 }

@@ -299,6 +299,14 @@ impl VolumeDriver for Qcow2Driver {
         self.pools.reflink_capabilities(pool)
     }
 
+    fn set_note(&self, pool: &str, volume_id: &str, key: &str, value: Option<&str>) -> Result<()> {
+        self.pools.set_note(pool, volume_id, key, value)
+    }
+
+    fn note(&self, pool: &str, volume_id: &str, key: &str) -> Result<Option<String>> {
+        self.pools.note(pool, volume_id, key)
+    }
+
     fn clone_volume(
         &self,
         pool: &str,

@@ -75,8 +75,21 @@ class Sandbox:
         self._mounts.append(mountpoint)
         return mountpoint
 
-    def node(self, name, target_pool):
-        node = Node(self, name, target_pool)
+    def xfs(self, name, size_mb):
+        """An XFS filesystem (reflinks, as incremental backups want) on a loop
+        device: a sparse file of ``size_mb`` MiB."""
+        image = os.path.join(self.dir, name + '.fsimg')
+        with open(image, 'wb') as f:
+            f.truncate(size_mb * MiB)
+        run('mkfs.xfs', '-q', '-f', image)
+        device = self.loop(image)
+        mountpoint = self.mkdir(name)
+        run('mount', device, mountpoint)
+        self._mounts.append(mountpoint)
+        return mountpoint
+
+    def node(self, name, target_pool, volume_pool=None):
+        node = Node(self, name, target_pool, volume_pool)
         self._nodes.append(node)
         return node
 
@@ -98,8 +111,11 @@ class Sandbox:
 class Node:
     """backupfs on one Cinder node: its volume pool, target ``t``, mount."""
 
-    def __init__(self, sandbox, name, target_pool):
-        self.pool = sandbox.mkdir(name + '-volumes')
+    def __init__(self, sandbox, name, target_pool, volume_pool=None):
+        if volume_pool is None:
+            volume_pool = sandbox.mkdir(name + '-volumes')
+        os.makedirs(volume_pool, exist_ok=True)
+        self.pool = volume_pool
         self.mountpoint = sandbox.mkdir(name + '-mnt')
         self.log_path = os.path.join(sandbox.dir, name + '.log')
         self.config = os.path.join(sandbox.dir, name + '.toml')

@@ -84,8 +84,12 @@ class BackupfsTestCase(test.TestCase):
         self.ctxt = context.get_admin_context()
         self.sandbox = backupfs_node.Sandbox()
         self.addCleanup(self.sandbox.cleanup)
-        self.target_pool = self.sandbox.mkdir('backups')
-        self.node = self.sandbox.node('a', self.target_pool)
+        # Volumes and backups on XFS, as incremental backups want (reflinks).
+        storage = self.sandbox.xfs('storage', 4096)
+        self.target_pool = os.path.join(storage, 'backups')
+        os.mkdir(self.target_pool)
+        self.node = self.sandbox.node('a', self.target_pool,
+                                      os.path.join(storage, 'a-volumes'))
         self.node.start()
         self.use_node(self.node)
 

@@ -1,0 +1,311 @@
+//! An operator's second week (issue 15): reasons at the shell, jobs that stay true,
+//! damaged backups kept out of the way, restores that are visible and honest, metrics
+//! a monitoring system can read, and the small things an operator hit.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn a_refused_request_leaves_its_reason_to_read_on_the_same_descriptor() {
+    let mut sb = Sandbox::new("op-reason");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    let d = sb.start_daemon(&l.config);
+    let request = d.target("hdd").join("request");
+    let out = ok(&format!(
+        "exec 3<>'{}'; echo vol-x >&3 || cat <&3",
+        request.display()
+    ));
+    assert_eq!(out, "error: no volume vol-x on any backend (ENOENT)\n");
+    let out = ok(&format!(
+        "exec 3<>'{}'; echo 'vol-x frobnicate' >&3 || cat <&3",
+        request.display()
+    ));
+    assert!(out.starts_with("error: unknown option"), "{out}");
+    assert!(out.ends_with("(EINVAL)\n"), "{out}");
+    let verify = d.target("hdd").join("verify");
+    let out = ok(&format!(
+        "exec 3<>'{}'; echo 0c1e2f3a-aaaa-4bbb-8ccc-123456789abc >&3 || cat <&3",
+        verify.display()
+    ));
+    assert!(out.starts_with("error: backup 0c1e2f3a"), "{out}");
+    assert!(out.ends_with("(ENOENT)\n"), "{out}");
+}
+
+#[test]
+fn labels_with_spaces_are_quoted() {
+    let mut sb = Sandbox::new("op-label");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    random_volume(&l.gold, "v", 1);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", r#"v name="nightly db" wait"#);
+    assert_eq!(d.record("hdd", &id)["name"], "nightly db");
+    assert_eq!(d.request("hdd", r#"v name="unclosed"#), Some(libc::EINVAL));
+}
+
+#[test]
+fn a_deleted_backup_leaves_jobs_at_once() {
+    let mut sb = Sandbox::new("op-jobs");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    random_volume(&l.gold, "v", 1);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    assert!(d.jobs("hdd").contains(&id));
+    ok(&format!("rm '{}'", d.image("hdd", &id).display()));
+    assert!(!d.jobs("hdd").contains(&id), "{}", d.jobs("hdd"));
+}
+
+/// Flips a byte of a backup's stored data in the target pool (the largest file there).
+fn damage(pool: &std::path::Path, id: &str) {
+    let data = pool.join(format!("backup-{id}.img"));
+    ok(&format!(
+        "printf '\\xff\\x00\\xff' | dd of='{}' bs=1 seek=1000 conv=notrunc status=none; sync; dd if='{}' iflag=nocache count=0 status=none",
+        data.display(),
+        data.display()
+    ));
+}
+
+#[test]
+fn a_damaged_backup_is_never_latest_nor_a_parent() {
+    let mut sb = Sandbox::new("op-damaged");
+    let l = layout(&mut sb, Some(Fs::Xfs), Some(Fs::Xfs), "");
+    let volume = random_volume(&l.gold, "v", 4);
+    let d = sb.start_daemon(&l.config);
+    let older = d.backup("hdd", "v incremental wait");
+    ok(&format!(
+        "dd if=/dev/urandom of='{}' bs=64k count=1 seek=3 conv=notrunc status=none",
+        volume.display()
+    ));
+    let newer = d.backup("hdd", "v incremental wait");
+    let latest = d.target("hdd").join("by-volume/v/latest.img");
+    assert_eq!(
+        ok(&format!("readlink '{}'", latest.display())).trim(),
+        format!("../../{newer}.img")
+    );
+    damage(&l.backups, &newer);
+    assert_eq!(
+        write_errno(
+            &d.target("hdd").join("verify"),
+            format!("{newer}\n").as_bytes()
+        ),
+        Some(libc::EIO)
+    );
+    assert_eq!(
+        ok(&format!("readlink '{}'", latest.display())).trim(),
+        format!("../../{older}.img"),
+        "the damaged backup is not the latest"
+    );
+    let next = d.backup("hdd", "v incremental wait");
+    assert_eq!(d.record("hdd", &next)["parent_id"], older.as_str());
+    assert_eq!(sha256(&d.image("hdd", &next)), sha256(&volume));
+}
+
+#[test]
+fn restores_are_listed_and_one_that_fails_marks_the_volume_incomplete_until_one_succeeds() {
+    let mut sb = Sandbox::new("op-restores");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    let small = sb.loop_fs("small", Fs::Ext4, 32);
+    let tiny = small.join("pool");
+    std::fs::create_dir_all(&tiny).unwrap();
+    let config = std::fs::read_to_string(&l.config).unwrap().replace(
+        "[targets.hdd]",
+        &format!(
+            "[backends.tiny]\ndriver = \"file\"\npools = {{ p = \"{}\" }}\n[targets.hdd]",
+            tiny.display()
+        ),
+    );
+    std::fs::write(&l.config, config).unwrap();
+    random_volume(&l.gold, "big", 48);
+    random_volume(&l.gold, "fits", 2);
+    let small_volume = random_volume(&tiny, "victim", 4);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "big wait");
+    let restores = d.mnt.join("restores");
+
+    // A restore into a new volume that cannot fit fails before it writes anything.
+    let out = sh(&format!(
+        "cp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        d.volume("tiny", "new").display()
+    ));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No space left"),
+        "{out:?}"
+    );
+    let allocated = ok(&format!("stat -c %b '{}/volume-new'", tiny.display()));
+    assert_eq!(allocated.trim(), "0", "nothing was written");
+
+    // One that fails on the way (written, not copied: the size is not known ahead).
+    let out = sh(&format!(
+        "dd if='{}' of='{}' bs=1M status=none",
+        d.image("hdd", &id).display(),
+        d.volume("tiny", "victim").display()
+    ));
+    assert!(!out.status.success(), "{out:?}");
+    let listed = std::fs::read_to_string(&restores).unwrap();
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with("tiny victim "))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(line.starts_with("tiny victim failed "), "{line}");
+    assert!(line.contains("No space left"), "{line}");
+    let note = getxattr(&d.volume("tiny", "victim"), "user.backupfs.restore").unwrap();
+    let note = String::from_utf8_lossy(&note).into_owned();
+    assert!(note.starts_with("incomplete: "), "{note}");
+    assert!(d.log().contains("the volume is incomplete"), "{}", d.log());
+
+    // A later restore that succeeds clears it.
+    std::fs::remove_file(tiny.join("volume-new")).unwrap();
+    let fits = d.backup("hdd", "fits wait");
+    ok(&format!(
+        "cp '{}' '{}'",
+        d.image("hdd", &fits).display(),
+        d.volume("tiny", "victim").display()
+    ));
+    assert_errno(
+        getxattr(&d.volume("tiny", "victim"), "user.backupfs.restore"),
+        libc::ENODATA,
+        "the note after a good restore",
+    );
+    let listed = std::fs::read_to_string(&restores).unwrap();
+    assert!(
+        listed
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("tiny victim restored ")),
+        "{listed}"
+    );
+    drop(small_volume);
+}
+
+#[test]
+fn a_restore_cut_off_by_a_crash_is_noted_incomplete_after_the_restart() {
+    let mut sb = Sandbox::new("op-cutoff");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    random_volume(&l.gold, "v", 8);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    // A restore in progress: a writer that wrote a piece and holds the volume open.
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import os,sys,time\n\
+             fd=os.open(sys.argv[1], os.O_RDWR)\n\
+             os.pwrite(fd, b'x' * 65536, 0)\n\
+             open(sys.argv[2], 'w').close()\n\
+             time.sleep(600)\n",
+        )
+        .arg(d.volume("ssd", "v"))
+        .arg(sb.path("wrote"))
+        .spawn()
+        .unwrap();
+    wait_for(|| sb.path("wrote").exists(), "the writer");
+    assert!(
+        std::fs::read_to_string(d.mnt.join("restores"))
+            .unwrap()
+            .contains("ssd v restoring 65536/0")
+    );
+    d.kill9();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let d = sb.start_daemon(&l.config);
+    let note = getxattr(&d.volume("ssd", "v"), "user.backupfs.restore").unwrap();
+    let note = String::from_utf8_lossy(&note).into_owned();
+    assert!(note.starts_with("incomplete: interrupted"), "{note}");
+    ok(&format!(
+        "cp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        d.volume("ssd", "v").display()
+    ));
+    assert_errno(
+        getxattr(&d.volume("ssd", "v"), "user.backupfs.restore"),
+        libc::ENODATA,
+        "the note after a good restore",
+    );
+}
+
+#[test]
+fn metrics_pass_promtool_and_count_what_happened() {
+    let mut sb = Sandbox::new("op-metrics");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    random_volume(&l.gold, "v", 2);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    assert_eq!(d.request("hdd", "v wait"), None);
+    ok(&format!(
+        "echo {id} > '{}'",
+        d.target("hdd").join("verify").display()
+    ));
+    ok(&format!(
+        "cp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        d.volume("ssd", "copy").display()
+    ));
+    let file = d.mnt.join("metrics/backupfs.prom");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let out = sh(&format!(
+        "timeout 30 promtool check metrics < '{}'",
+        file.display()
+    ));
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "backupfs_backups{target=\"hdd\",status=\"available\"} 2",
+        "backupfs_backups_completed_total{target=\"hdd\",result=\"available\"} 2",
+        "backupfs_verifies_total{target=\"hdd\",result=\"good\"} 1",
+        "backupfs_restores_total{result=\"restored\"} 1",
+        "backupfs_restores_running 0",
+        "backupfs_jobs{target=\"hdd\",kind=\"backup\",state=\"running\"} 0",
+        "backupfs_damaged_backups{target=\"hdd\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+    let last = text
+        .lines()
+        .find(|l| {
+            l.starts_with("backupfs_last_success_timestamp_seconds{target=\"hdd\",volume_id=\"v\"}")
+        })
+        .unwrap_or_else(|| panic!("{text}"));
+    let at: f64 = last.rsplit(' ').next().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - at).abs() < 600.0, "{last}");
+}
+
+#[test]
+fn a_new_daemon_waits_for_the_state_lock_of_one_that_is_still_stopping() {
+    let mut sb = Sandbox::new("op-relock");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    // Hold the state_dir lock as a stopping daemon would, for two seconds.
+    let state = std::fs::read_to_string(&l.config)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("state_dir = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap()
+        .to_string();
+    std::fs::create_dir_all(&state).unwrap();
+    let mut holder = Command::new("flock")
+        .arg(format!("{state}/backupfs.lock"))
+        .arg("sleep")
+        .arg("2")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let d = sb.start_daemon(&l.config);
+    assert!(
+        d.log().contains("waiting up to 10 s"),
+        "said it waits: {}",
+        d.log()
+    );
+    let _ = holder.wait();
+}
