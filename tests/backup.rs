@@ -512,6 +512,9 @@ fn tree_modes_are_the_documented_ones() {
         (d.image("hdd", &id), 0o100400),
         (t.join(format!("{id}.json")), 0o100400),
         (t.join("jobs"), 0o100400),
+        (d.mnt.join("restores"), 0o100400),
+        (d.mnt.join("metrics"), 0o040700),
+        (d.mnt.join("metrics/backupfs.prom"), 0o100400),
     ];
     for (path, mode) in expected {
         let meta = std::fs::metadata(&path).unwrap();
