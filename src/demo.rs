@@ -644,6 +644,16 @@ fn print_next_steps(root: &Path, backup_id: &str) {
 cd {root}
 # the progress bar of every job of the target
 watch cat {backups}/jobs
+backupfs status --mount mnt --watch
+# incremental backups: only what changed is copied and stored (the first one is full;
+# this sandbox is on the machine's disk: without reflinks each one is full, and says so)
+echo \"{EXT4_VOLUME} incremental wait\" > {backups}/request
+echo \"{EXT4_VOLUME} incremental wait\" > {backups}/request
+jq '.parent_id, .changed_bytes, .changes_found_by' {backups}/*.json
+# why a request was refused, read back on the same descriptor
+exec 3<>{backups}/request; echo no-such-volume >&3 || cat <&3; exec 3>&-
+# metrics for Prometheus (node_exporter's textfile collector)
+cat mnt/metrics/backupfs.prom
 # back up every volume of a backend
 for v in $(ls mnt/volumes/ssd); do echo \"$v\" > {backups}/request; done
 # look at the files inside a backup (umount before Ctrl-C: the demo removes nothing
