@@ -227,27 +227,6 @@ impl PoolDirs {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn volumes_and_backups_never_share_a_name() {
-        let id = "0c1e2f3a-aaaa-4bbb-8ccc-123456789abc";
-        let volume = object_file_name(PoolRole::Volumes, id);
-        let backup = object_file_name(PoolRole::Backups, id);
-        assert_eq!(volume, format!("volume-{id}"));
-        assert_eq!(backup, format!("backup-{id}.img"));
-        assert_eq!(object_id(PoolRole::Volumes, &volume), Some(id));
-        assert_eq!(object_id(PoolRole::Backups, &backup), Some(id));
-        assert_eq!(object_id(PoolRole::Backups, &volume), None);
-        assert_eq!(object_id(PoolRole::Volumes, &backup), None);
-        assert_eq!(object_id(PoolRole::Backups, "backup-x.json"), None);
-        assert_eq!(object_id(PoolRole::Volumes, "volume-../x"), None);
-        assert_eq!(object_id(PoolRole::Volumes, ".volume-a"), None);
-    }
-}
-
 /// Extended attributes of a file, by path.
 mod xattr {
     use std::ffi::CString;
@@ -303,5 +282,26 @@ mod xattr {
         }
         value.truncate(n as usize);
         Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_and_backups_never_share_a_name() {
+        let id = "0c1e2f3a-aaaa-4bbb-8ccc-123456789abc";
+        let volume = object_file_name(PoolRole::Volumes, id);
+        let backup = object_file_name(PoolRole::Backups, id);
+        assert_eq!(volume, format!("volume-{id}"));
+        assert_eq!(backup, format!("backup-{id}.img"));
+        assert_eq!(object_id(PoolRole::Volumes, &volume), Some(id));
+        assert_eq!(object_id(PoolRole::Backups, &backup), Some(id));
+        assert_eq!(object_id(PoolRole::Backups, &volume), None);
+        assert_eq!(object_id(PoolRole::Volumes, &backup), None);
+        assert_eq!(object_id(PoolRole::Backups, "backup-x.json"), None);
+        assert_eq!(object_id(PoolRole::Volumes, "volume-../x"), None);
+        assert_eq!(object_id(PoolRole::Volumes, ".volume-a"), None);
     }
 }
