@@ -214,5 +214,8 @@ fn without_allow_other_only_root_enters_the_mount() {
         accounts.expect(user, "list", &d.mnt.join("backups"), "", "EACCES");
         accounts.expect(user, "read", &d.image("hdd", &id), "", "EACCES");
     }
-    assert_eq!(names_in(&d.mnt), ["backups", "metrics", "restores", "volumes"]);
+    assert_eq!(
+        names_in(&d.mnt),
+        ["backups", "metrics", "restores", "volumes"]
+    );
 }

@@ -3,8 +3,9 @@
 //! backup's id, the verify result, or `error: <reason> (<ERRNO>)` after a refusal). A
 //! write that waits is answered when its job ends, by the job: no thread waits for it.
 
+use super::core::Core;
 use super::errno::{self, errno};
-use super::{Core, refuse};
+use super::refuse;
 use crate::engine::request::{self, USAGE};
 use crate::engine::{EngineError, Failure};
 use fuser::{Errno, ReplyWrite};

@@ -1,0 +1,240 @@
+//! What every FUSE handler shares (the engine, the inode and handle tables, the slow
+//! pool) and the work behind the handlers that is more than a dispatch: attributes,
+//! opening volumes, truncates, creating volumes, unlink, attributes of images. It turns
+//! engine errors into errnos through `errno` only, and never touches storage itself.
+
+use super::errno::errno;
+use super::handles::{Attached, Handle, VolumeHandle};
+use super::inodes::Inodes;
+use super::tree::{self, Modes, Node};
+use super::{XATTR_PREFIX, pool, refuse};
+use crate::engine::{Engine, EngineError};
+use crate::ids::{BackupId, VolumeId};
+use fuser::{
+    Errno, FileAttr, FileHandle, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags,
+    ReplyAttr, ReplyEntry, ReplyOpen,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+use tracing::warn;
+
+/// What every handler shares; slow work takes a clone of it to another thread.
+pub(crate) struct Core {
+    pub(super) engine: Arc<Engine>,
+    pub(super) inodes: Inodes,
+    pub(super) handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    pub(super) next_fh: AtomicU64,
+    pub(super) modes: Modes,
+    pub(super) mounted_at: SystemTime,
+    pub(super) pool: pool::Pool,
+}
+
+impl Core {
+    pub(super) fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
+        self.inodes.get(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    pub(super) fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    pub(super) fn open_handle(&self, handle: Handle) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Arc::new(handle));
+        FileHandle(fh)
+    }
+
+    pub(super) fn attr(&self, node: &Node, ino: u64) -> Result<FileAttr, EngineError> {
+        let (size, blocks, mtime) = match node {
+            Node::Image(t, id) => {
+                let record = self.engine.record(t, id)?;
+                let allocated = self.engine.image_allocated(t, id)?;
+                (record.size, allocated / 512, record.completed_time())
+            }
+            Node::Record(t, id) => {
+                let record = self.engine.record(t, id)?;
+                let size = tree::record_json(&record).len() as u64;
+                (size, 0, record.completed_time())
+            }
+            Node::Volume(b, v) => {
+                let info = self.engine.volume(b, v)?;
+                (info.size, info.allocated / 512, info.mtime)
+            }
+            Node::Latest(t, v) => {
+                let id = tree::latest_backup(&self.engine.records(t)?, v)
+                    .ok_or_else(|| EngineError::NotFound(format!("no backup of {v}")))?;
+                (format!("../../{id}.img").len() as u64, 0, self.mounted_at)
+            }
+            _ => (0, 0, self.mounted_at),
+        };
+        Ok(tree::attr(node, ino, &self.modes, size, blocks, mtime))
+    }
+
+    pub(super) fn reply_attr(&self, node: &Node, ino: u64, reply: ReplyAttr) {
+        match self.attr(node, ino) {
+            Ok(attr) => reply.attr(&tree::ttl(node), &attr),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Answers a lookup of `node`: the kernel takes a reference to it.
+    pub(super) fn reply_entry(&self, node: &Node, reply: ReplyEntry) {
+        match self.attr(node, 0) {
+            Ok(mut attr) => {
+                attr.ino = INodeNo(self.inodes.lookup(node));
+                reply.entry(&tree::ttl(node), &attr, Generation(0));
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    pub(super) fn open_volume(
+        &self,
+        backend: &str,
+        volume_id: &VolumeId,
+        flags: OpenFlags,
+        opener: u32,
+        reply: ReplyOpen,
+    ) {
+        let result = match flags.acc_mode() {
+            OpenAccMode::O_RDONLY => self
+                .engine
+                .open_volume_read(backend, volume_id)
+                .map(|attachment| Attached::Read(Arc::new(attachment))),
+            _ => self
+                .engine
+                .open_restore(backend, volume_id, flags.0 & libc::O_TRUNC != 0)
+                .map(Attached::Write),
+        };
+        match result {
+            Ok(attached) => {
+                let fh = self.open_handle(Handle::Volume(VolumeHandle::new(
+                    backend, volume_id, attached, opener,
+                )));
+                // Volumes change behind our back (a hypervisor may write them): no caching.
+                reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
+            }
+            Err(e) => reply.error(refuse(&format!("open of volume {backend}/{volume_id}"), &e)),
+        }
+    }
+
+    pub(super) fn set_size(
+        &self,
+        node: &Node,
+        size: u64,
+        fh: Option<FileHandle>,
+    ) -> Result<(), Errno> {
+        let Node::Volume(b, v) = node else {
+            return Ok(());
+        };
+        let open = fh.and_then(|fh| self.handle(fh).ok());
+        let result = match open.as_deref() {
+            Some(Handle::Volume(volume)) if volume.writable => volume
+                .writer(&self.engine)
+                .and_then(|writer| writer.set_size(size)),
+            // A truncate by path (`truncate -s`): a restore of its own, for the moment.
+            _ => self
+                .engine
+                .open_restore(b, v, false)
+                .and_then(|writer| writer.set_size(size)),
+        };
+        result.map_err(|e| refuse(&format!("truncate of volume {b}/{v}"), &e))
+    }
+
+    /// A new volume under `volumes/<backend>/`: (backend, volume id, its writer).
+    pub(super) fn create_volume(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+    ) -> Result<(String, VolumeId, Arc<crate::engine::VolumeWriter>), Errno> {
+        let parent = self.node(parent)?;
+        let Node::Backend(backend) = parent else {
+            warn!(
+                "create {name:?} refused (EPERM): files are created only under volumes/<backend>/"
+            );
+            return Err(Errno::EPERM);
+        };
+        let Some(volume_id) = name.to_str().and_then(|n| VolumeId::parse(n).ok()) else {
+            warn!("create {name:?} refused (EINVAL): not a valid volume id");
+            return Err(Errno::EINVAL);
+        };
+        let writer = self
+            .engine
+            .create_volume(&backend, &volume_id)
+            .map_err(|e| refuse(&format!("create of volume {backend}/{volume_id}"), &e))?;
+        Ok((backend, volume_id, writer))
+    }
+
+    pub(super) fn unlink(&self, parent: &Node, name: &str) -> Result<(), EngineError> {
+        match parent {
+            Node::Target(t) => {
+                let (stem, image) = match (name.strip_suffix(".img"), name.strip_suffix(".json")) {
+                    (Some(stem), _) => (stem, true),
+                    (None, Some(stem)) => (stem, false),
+                    (None, None) => {
+                        return Err(EngineError::NotPermitted(format!(
+                            "{name} cannot be removed"
+                        )));
+                    }
+                };
+                let id = BackupId::parse(stem).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                if image {
+                    self.engine.delete_backup(t, &id)
+                } else {
+                    self.engine.delete_record(t, &id)
+                }
+            }
+            Node::Backend(b) => Err(EngineError::NotPermitted(format!(
+                "volumes are never deleted through backupfs ({b}/{name})"
+            ))),
+            _ => Err(EngineError::NotPermitted(format!(
+                "{name} cannot be removed"
+            ))),
+        }
+    }
+}
+
+impl Core {
+    /// Sets (or with None removes) an operator's extended attribute of a backup image;
+    /// the `user.backupfs.*` ones are the record's own and read-only.
+    pub(super) fn set_xattr(
+        &self,
+        ino: INodeNo,
+        name: &str,
+        value: Option<Vec<u8>>,
+        flags: i32,
+    ) -> Result<(), Errno> {
+        let Ok(Node::Image(t, id)) = self.node(ino) else {
+            warn!("setxattr {name} refused (EOPNOTSUPP): only backup images carry attributes");
+            return Err(Errno::from_i32(libc::EOPNOTSUPP));
+        };
+        if name.starts_with(XATTR_PREFIX) {
+            warn!("setxattr {name} refused (EPERM): the record's own fields are read-only");
+            return Err(Errno::EPERM);
+        }
+        if !name.starts_with("user.") {
+            warn!("setxattr {name} refused (EOPNOTSUPP): only user.* attributes");
+            return Err(Errno::from_i32(libc::EOPNOTSUPP));
+        }
+        let value = match value {
+            Some(bytes) => Some(String::from_utf8(bytes).map_err(|_| {
+                warn!("setxattr {name} refused (EINVAL): values are UTF-8 text");
+                Errno::EINVAL
+            })?),
+            None => None,
+        };
+        let mode = match flags {
+            0 => crate::engine::XattrMode::Any,
+            libc::XATTR_CREATE => crate::engine::XattrMode::Create,
+            libc::XATTR_REPLACE => crate::engine::XattrMode::Replace,
+            _ => return Err(Errno::EINVAL),
+        };
+        self.engine
+            .set_xattr(&t, &id, name, value, mode)
+            .map_err(|e| refuse(&format!("setxattr {name} of {id}"), &e))
+    }
+}
