@@ -245,6 +245,15 @@ fn metrics_pass_promtool_and_count_what_happened() {
         d.volume("ssd", "copy").display()
     ));
     let file = d.mnt.join("metrics/backupfs.prom");
+    // A restore ends when its file is released, a moment after cp returns.
+    wait_for(
+        || {
+            std::fs::read_to_string(&file)
+                .unwrap_or_default()
+                .contains("backupfs_restores_total{result=\"restored\"} 1")
+        },
+        "the restore to be counted",
+    );
     let text = std::fs::read_to_string(&file).unwrap();
     let out = sh(&format!(
         "timeout 30 promtool check metrics < '{}'",

@@ -41,12 +41,18 @@ impl Counters {
             .or_default() += 1;
     }
 
-    pub(super) fn restore_ended(&self, state: RestoreState) {
+    /// A restore ended (`by` 1), or one that had ended resumed (`by` -1).
+    pub(super) fn restore_ended(&self, state: RestoreState, by: i64) {
         let counter = match state {
             RestoreState::Failed => &self.restore_failed,
-            _ => &self.restored,
+            RestoreState::Restored => &self.restored,
+            RestoreState::Restoring => return,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if by >= 0 {
+            counter.fetch_add(by as u64, Ordering::Relaxed);
+        } else {
+            counter.fetch_sub(by.unsigned_abs(), Ordering::Relaxed);
+        }
     }
 }
 

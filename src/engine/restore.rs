@@ -242,9 +242,22 @@ impl Drop for VolumeWriter {
 
 impl Drop for RestoreSession {
     fn drop(&mut self) {
-        let Some(track) = self.track.lock().take() else {
+        self.finish();
+    }
+}
+
+impl RestoreSession {
+    /// The restore ends (its opener closed the volume, or the last file is gone): its
+    /// outcome is logged, listed and noted on the volume before the close returns. More
+    /// changes through a duplicated descriptor resume it.
+    pub fn finish(&self) {
+        let track = self.track.lock().clone();
+        let Some(track) = track else {
             return; // Opened and closed without a change: no restore.
         };
+        if track.ended_at.lock().is_some() {
+            return;
+        }
         let (written, copied) = (
             self.written.load(Ordering::Relaxed),
             self.copied.load(Ordering::Relaxed),
@@ -289,42 +302,50 @@ impl Drop for RestoreSession {
                 "cannot note the restore's outcome on the volume: {e}"
             );
         }
+        let state = if failure.is_some() {
+            RestoreState::Failed
+        } else {
+            RestoreState::Restored
+        };
         {
             let mut status = track.status.lock();
-            status.state = if failure.is_some() {
-                RestoreState::Failed
-            } else {
-                RestoreState::Restored
-            };
+            status.state = state;
             status.done = written + copied;
             status.error = failure;
         }
         *track.ended_at.lock() = Some(Instant::now());
-        self.inner.counters.restore_ended(track.status().state);
+        self.inner.counters.restore_ended(state, 1);
     }
-}
 
-impl RestoreSession {
     /// A change begins: the restore is listed, and the volume noted as being restored
     /// (the note stays if backupfs dies before the end).
     fn begin(&self) {
         let mut track = self.track.lock();
-        if track.is_some() {
-            return;
+        if let Some(existing) = track.as_ref() {
+            // Resumed after its opener's close: the same restore, running again.
+            let mut ended_at = existing.ended_at.lock();
+            if ended_at.take().is_none() {
+                return;
+            }
+            let mut status = existing.status.lock();
+            self.inner.counters.restore_ended(status.state, -1);
+            status.state = RestoreState::Restoring;
+            status.error = None;
+        } else {
+            let new = Arc::new(RestoreTrack {
+                status: Mutex::new(RestoreStatus {
+                    backend: self.key.0.clone(),
+                    volume_id: self.key.1.clone(),
+                    state: RestoreState::Restoring,
+                    done: 0,
+                    total: 0,
+                    error: None,
+                }),
+                ended_at: Mutex::new(None),
+            });
+            self.inner.restores.lock().push(new.clone());
+            *track = Some(new);
         }
-        let new = Arc::new(RestoreTrack {
-            status: Mutex::new(RestoreStatus {
-                backend: self.key.0.clone(),
-                volume_id: self.key.1.clone(),
-                state: RestoreState::Restoring,
-                done: 0,
-                total: 0,
-                error: None,
-            }),
-            ended_at: Mutex::new(None),
-        });
-        self.inner.restores.lock().push(new.clone());
-        *track = Some(new);
         drop(track);
         let note = format!("in progress since {}", now());
         if let Err(e) = self

@@ -120,6 +120,14 @@ impl VolumeHandle {
         }
     }
 
+    /// Ends the handle's restore now (its opener closed the file): logged, listed and
+    /// noted on the volume. A later write through a duplicated descriptor resumes it.
+    pub(super) fn finish_restore(&self) {
+        if let Some(session) = &self.session {
+            session.finish();
+        }
+    }
+
     /// Lets the attachment go (the caller drops it, off the session's threads: detaching
     /// a qcow2 export waits for qemu-storage-daemon).
     pub(super) fn detach(&self) -> Option<Attached> {

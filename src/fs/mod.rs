@@ -523,6 +523,8 @@ impl Filesystem for BackupFs {
                 Some(Attached::Write(writer)) => writer.sync(),
                 _ => Ok(()),
             };
+            // The restore's outcome is known before the opener's close returns.
+            volume.finish_restore();
             match synced {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(refuse(
