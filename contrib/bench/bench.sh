@@ -194,6 +194,9 @@ log "backupfs $VERSION mounted (pid $DAEMON_PID)"
 REQ=$MNT/backups/t/request
 JOBS=$MNT/backups/t/jobs
 
+# A backup's data file in the target pool (issue 10 gave it a name no volume driver uses).
+backing_of() { echo "$DST_POOL/backup-$1.img"; }
+
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$DAEMON_PID/status"; }
 reset_hwm() { echo 5 >"/proc/$DAEMON_PID/clear_refs"; }
 kib_to_mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
@@ -296,7 +299,7 @@ RSS_BACKUP_KIB=$(hwm_kib)
 # Fast but wrong would not count: the kept backups must equal their sources.
 for tag in "$TAG_RAND" "$TAG_SPARSE"; do
     vol=vol-rand; [ "$tag" = "$TAG_SPARSE" ] && vol=vol-sparse
-    cmp -s "$DST_POOL/volume-${KEEP_ID[$tag]}" "$SRC_POOL/volume-$vol" || die "backup ${KEEP_ID[$tag]} differs from $vol"
+    cmp -s "$(backing_of "${KEEP_ID[$tag]}")" "$SRC_POOL/volume-$vol" || die "backup ${KEEP_ID[$tag]} differs from $vol"
 done
 RSS_MIB[backup.$TAG_RAND.backupfs]=$(kib_to_mib "$RSS_BACKUP_KIB")
 RSS_MIB[backup.$TAG_SPARSE.backupfs]=$(kib_to_mib "$RSS_BACKUP_KIB")
@@ -306,7 +309,7 @@ section read "2. reading the backup image of the random volume: through the moun
 reset_hwm
 IMG_ID=${KEEP_ID[$TAG_RAND]}
 IMG_MNT=$MNT/backups/t/$IMG_ID.img
-IMG_DIRECT=$DST_POOL/volume-$IMG_ID
+IMG_DIRECT=$(backing_of "$IMG_ID")
 IMG_BYTES=$(stat -c %s "$IMG_DIRECT")
 time_cat() { local t0 t1; t0=$(now); cat "$1" >/dev/null; t1=$(now); LAST_SECS=$(elapsed "$t0" "$t1"); }
 declare -a c_m=() c_d=() w_m=() w_d=() f_m=() f_d=()
