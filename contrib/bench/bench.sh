@@ -252,9 +252,21 @@ q() { printf '%q' "$1"; }
 section backup "1. full backup, source pool and target pool on different XFS loop filesystems"
 reset_hwm
 declare -A KEEP_ID
+TAG_RAND=random
+TAG_SPARSE=sparse
+# fio O_DIRECT sequential 2 MiB requests over `mb` MiB of a file, at a queue depth; prints
+# the seconds that took (size / fio's bandwidth). A write ends with fsync, as a backup does.
+fio_seconds() { # read|write depth file mb
+    local rw=$1 depth=$2 file=$3 mb=$4 extra=(--readonly) field=read
+    [ "$rw" = write ] && extra=(--fallocate=none --end_fsync=1) field=write
+    fio --name=ceiling --filename="$file" --rw="$rw" --bs=2M --direct=1 --ioengine=libaio \
+        --iodepth="$depth" --size="${mb}M" "${extra[@]}" --output-format=json 2>"$T/fio.err" |
+        jq --arg f "$field" --argjson mb "$mb" '$mb * 1048576 / .jobs[0][$f].bw_bytes * 1000 | round / 1000' ||
+        { cat "$T/fio.err" >&2; die "fio $rw on $file failed"; }
+}
 bench_backup() { # volume-id size-mb tag title
     local vol=$1 mb=$2 tag=$3 title=$4 src=$SRC_POOL/volume-$1 dst=$PEER_DIR/copy-$1 r prev=
-    local -a t_bfs=() t_dd=() t_cp=() t_qemu=()
+    local -a t_bfs=() t_dd=() t_cp=() t_qemu=() c_r1=() c_r4=() c_w4=()
     local rss_dd=0 rss_cp=0 rss_qemu=0
     for r in $(seq "$RUNS"); do
         log "backup $vol: run $r/$RUNS"
@@ -268,8 +280,9 @@ bench_backup() { # volume-id size-mb tag title
         t_bfs+=("$(elapsed "$t0" "$t1")")
         prev=$BACKUP_ID
         # dd exactly as Cinder's copy_volume runs it (O_DIRECT both ways, no sync needed).
+        # dd with Cinder's copy_volume flags; synced like the others (issue 11: "each synced").
         rm -f "$dst"; drop_caches
-        time_peer "dd if=$(q "$src") of=$(q "$dst") bs=1M iflag=direct oflag=direct conv=sparse status=none"
+        time_peer "dd if=$(q "$src") of=$(q "$dst") bs=1M iflag=direct oflag=direct conv=sparse status=none && sync -f $(q "$dst")"
         t_dd+=("$LAST_SECS"); rss_dd=$(maxof "$rss_dd" "$LAST_RSS_KIB")
         rm -f "$dst"; drop_caches
         time_peer "cp --sparse=always --reflink=never $(q "$src") $(q "$dst") && sync -f $(q "$dst")"
@@ -278,21 +291,32 @@ bench_backup() { # volume-id size-mb tag title
         time_peer "qemu-img convert -O raw $(q "$src") $(q "$dst") && sync -f $(q "$dst")"
         t_qemu+=("$LAST_SECS"); rss_qemu=$(maxof "$rss_qemu" "$LAST_RSS_KIB")
         rm -f "$dst"
+        if [ "$tag" = "$TAG_RAND" ]; then
+            # The device's ceiling, in the same turn as the copies (issue 11).
+            drop_caches; c_r1+=("$(fio_seconds read 1 "$src" "$mb")")
+            drop_caches; c_r4+=("$(fio_seconds read 4 "$src" "$mb")")
+            drop_caches; c_w4+=("$(fio_seconds write 4 "$PEER_DIR/fio-ceiling" "$mb")")
+            rm -f "$PEER_DIR/fio-ceiling"
+        fi
     done
     KEEP_ID[$tag]=$prev
     row "backup.$tag.backupfs" backup "$title: backupfs  echo \"$vol wait\" > request" s "${t_bfs[@]}"
-    row "backup.$tag.dd" backup "$title: dd bs=1M iflag=direct oflag=direct conv=sparse" s "${t_dd[@]}"
+    row "backup.$tag.dd" backup "$title: dd bs=1M iflag=direct oflag=direct conv=sparse; sync -f" s "${t_dd[@]}"
     row "backup.$tag.cp" backup "$title: cp --sparse=always --reflink=never; sync -f" s "${t_cp[@]}"
     row "backup.$tag.qemu" backup "$title: qemu-img convert -O raw; sync -f" s "${t_qemu[@]}"
-    local k
-    for k in backupfs dd cp qemu; do RATE[backup.$tag.$k]=$(mibps "$mb" "${MED[backup.$tag.$k]}"); done
+    local k peers="dd cp qemu"
+    if [ "$tag" = "$TAG_RAND" ]; then
+        row "backup.$tag.fio_read_qd1" backup "ceiling: fio O_DIRECT 2 MiB seq. reads, libaio QD1, source fs (s for ${mb} MiB)" s "${c_r1[@]}"
+        row "backup.$tag.fio_read_qd4" backup "ceiling: fio O_DIRECT 2 MiB seq. reads, libaio QD4, source fs (s for ${mb} MiB)" s "${c_r4[@]}"
+        row "backup.$tag.fio_write_qd4" backup "ceiling: fio O_DIRECT 2 MiB seq. writes, libaio QD4, target fs, fsync (s)" s "${c_w4[@]}"
+        peers="$peers fio_read_qd1 fio_read_qd4 fio_write_qd4"
+    fi
+    for k in backupfs $peers; do RATE[backup.$tag.$k]=$(mibps "$mb" "${MED[backup.$tag.$k]}"); done
     RSS_MIB[backup.$tag.dd]=$(kib_to_mib "$rss_dd")
     RSS_MIB[backup.$tag.cp]=$(kib_to_mib "$rss_cp")
     RSS_MIB[backup.$tag.qemu]=$(kib_to_mib "$rss_qemu")
-    for k in dd cp qemu; do CMP[backup.$tag.$k]=$(ratio "${MED[backup.$tag.$k]}" "${MED[backup.$tag.backupfs]}"); done
+    for k in $peers; do CMP[backup.$tag.$k]=$(ratio "${MED[backup.$tag.$k]}" "${MED[backup.$tag.backupfs]}"); done
 }
-TAG_RAND=random
-TAG_SPARSE=sparse
 bench_backup vol-rand "$RAND_MB" "$TAG_RAND" "${RAND_MB} MiB random"
 bench_backup vol-sparse "$SPARSE_MB" "$TAG_SPARSE" "${SPARSE_MB} MiB, ${SPARSE_DATA_PCT}% data"
 RSS_BACKUP_KIB=$(hwm_kib)
@@ -447,8 +471,8 @@ for k in cp qemu; do
     if awk -v a="${MED[backup.$TAG_RAND.$k]}" -v b="${MED[backup.$TAG_RAND.$fastest]}" 'BEGIN{exit !(a < b)}'; then fastest=$k; fi
 done
 declare -A PEER_NAME=([dd]=dd [cp]=cp [qemu]=qemu-img)
-target "backup, random: speed vs fastest peer (${PEER_NAME[$fastest]})" "${CMP[backup.$TAG_RAND.$fastest]}" ">=" 1.0 x \
-    "${MED[backup.$TAG_RAND.$fastest]} s / ${MED[backup.$TAG_RAND.backupfs]} s"
+target "backup, random, cold: speed vs fastest synced peer (${PEER_NAME[$fastest]})" "${CMP[backup.$TAG_RAND.$fastest]}" ">=" 1.0 x \
+    "${MED[backup.$TAG_RAND.$fastest]} s / ${MED[backup.$TAG_RAND.backupfs]} s; fio ceiling: read QD1 ${MED[backup.$TAG_RAND.fio_read_qd1]} s, read QD4 ${MED[backup.$TAG_RAND.fio_read_qd4]} s, write QD4 ${MED[backup.$TAG_RAND.fio_write_qd4]} s"
 target "backup, sparse: speed vs dd" "${CMP[backup.$TAG_SPARSE.dd]}" ">=" 5.0 x \
     "${MED[backup.$TAG_SPARSE.dd]} s / ${MED[backup.$TAG_SPARSE.backupfs]} s"
 target "image read, cold cat: mount vs direct" "${CMP[read.cold.direct]}" ">=" 0.9 x \
@@ -479,7 +503,8 @@ TOTAL_SECS=$(elapsed "$STARTED" "$(now)")
 CAVEATS=(
     "Both loop image files live in $T on $BACKING: source and destination are different filesystems but the SAME disk (reads and writes compete for it)."
     "Loop devices use direct I/O: $LOOP_DIO. Page cache dropped (sync; echo 3 > drop_caches) before every timed run except the warm reads."
-    "cp and qemu-img are followed by 'sync -f DST' (syncfs of the destination filesystem, so their data is on disk like backupfs' fdatasync'ed copy, without waiting for other processes' dirty data elsewhere). dd runs exactly as Cinder runs it (O_DIRECT, no sync)."
+    "dd, cp and qemu-img are followed by 'sync -f DST' (syncfs of the destination filesystem, so their data is on disk like backupfs' fdatasync'ed copy, without waiting for other processes' dirty data elsewhere). dd uses Cinder's copy_volume flags (O_DIRECT both ways); its sync only commits the file's metadata."
+    "The fio 'ceiling' rows are the disk's own speed under these filesystems: a backup reads the source AND writes the target on this one disk, so it cannot beat the read ceiling and usually needs about read + write time."
     "Load average before: $LOAD_BEFORE, after: $LOAD_AFTER on $(nproc) CPUs; anything else running on the machine makes the numbers noisy."
     "Medians of $RUNS runs; 'runs' lists every run."
     "Image reads from cold (section 2): both the image (through the mount) and its backing file were dropped (dd iflag=nocache count=0, then drop_caches) before every cold cat and fio run; the most fincore found still resident right before one was $COLD_RESIDENT_MAX bytes."
