@@ -575,6 +575,24 @@ for peer in "${PEERS_INC[@]}"; do
     PEER_FIRST_GROWTH[$peer]=$(( $(dir_bytes "$repo") - b0 ))
     PEER_FIRST_RSS[$peer]=$LAST_RSS_KIB
 done
+# Every run starts from the same state: the volume as written, the chunkers' repositories
+# (and their caches, which must match them) right after their first run. Reflink copies
+# on the same filesystems cost no space; without the reset the repositories would grow by
+# 1-2 GiB a run, and each run's changes would add up.
+INC_ORIG=$T/srcfs/vol-inc.orig
+cp --reflink=always "$INC_SRC" "$INC_ORIG"
+PEER_STATE=("$RESTIC_REPO" "$BORG_REPO_DIR" "$RESTIC_CACHE_DIR" "$BORG_BASE_DIR")
+for d in "${PEER_STATE[@]}"; do
+    if [ -e "$d" ]; then cp -a --reflink=auto "$d" "$d.first"; fi
+done
+reset_incremental_state() {
+    cp --reflink=always "$INC_ORIG" "$INC_SRC"
+    local d
+    for d in "${PEER_STATE[@]}"; do
+        if [ -e "$d.first" ]; then rm -rf "$d"; cp -a --reflink=auto "$d.first" "$d"; fi
+    done
+    sync
+}
 
 declare -a t_full=() t_diff=() t_sums=() g_full=() g_diff=() g_sums=() gc_diff=() gc_sums=()
 declare -a s_diff=() s_sums=() c_diff=() c_sums=() b_sums=() q_diff=() q_sums=() p_diff=() p_sums=()
@@ -584,6 +602,7 @@ for r in $(seq "$RUNS"); do
     # The previous run's backups go, and their base snapshot with them: a full one next.
     for id in "${INC_IDS[@]}"; do rm "$MNT/backups/t/$id.img"; done
     INC_IDS=()
+    if [ "$r" -gt 1 ]; then reset_incremental_state; fi
     log "incremental: run $r/$RUNS: full"
     timed_incremental
     full_id=$BACKUP_ID
