@@ -4,7 +4,7 @@
 //! a rate limit. It never holds more than one buffer per request in flight, whatever the
 //! size it copies, and it never writes outside the destination range it was given.
 
-use crate::volume::device::BlockDevice;
+use crate::volume::device::{AlignedBuf, BlockDevice};
 use parking_lot::Mutex;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -137,60 +137,6 @@ pub fn is_zero(block: &[u8]) -> bool {
         });
         folded == 0 && tail.iter().all(|&b| b == 0)
     })
-}
-
-/// An anonymous mapping aligned for O_DIRECT. Its pages come zeroed from the kernel and go
-/// back to it when the copy ends, so a finished copy leaves no memory behind.
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain owned memory, used by one thread at a time.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn new(len: usize) -> std::io::Result<AlignedBuf> {
-        // SAFETY: a fresh private anonymous mapping; checked for MAP_FAILED below.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(raw.cast::<u8>())
-            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(AlignedBuf { ptr, len })
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: the mapping is valid for len bytes for the buffer's lifetime.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and we hold the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
 }
 
 /// A range to copy: `len` bytes from `src_offset` of the source to `dst_offset` of the

@@ -143,7 +143,12 @@ pub fn serve(config: Config, mountpoint: &Path) -> Result<(), DaemonError> {
     options.n_threads = Some(4);
     options.clone_fd = true;
     let session = match BackupFs::new(engine.clone())
-        .and_then(|fs| fuser::Session::new(fs, mountpoint, &options))
+        .and_then(|fs| {
+            let notifier = fs.notifier_slot();
+            let session = fuser::Session::new(fs, mountpoint, &options)?;
+            let _ = notifier.set(session.notifier());
+            Ok(session)
+        })
         .and_then(|s| s.spawn())
     {
         Ok(session) => session,

@@ -8,7 +8,7 @@ use super::error::{EngineError, Result};
 use crate::copy::{CHECKSUM_BLOCK, Progress, block_sum};
 use crate::ids::BackupId;
 use crate::volume::Attachment;
-use crate::volume::device::BlockDevice;
+use crate::volume::device::{AlignedBuf, BlockDevice};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -63,7 +63,7 @@ impl SumsCache {
 }
 
 /// (backup id, block number) and the block's checked bytes.
-type CachedBlock = ((String, u64), Arc<Vec<u8>>);
+type CachedBlock = ((String, u64), Arc<AlignedBuf>);
 
 /// Whole blocks that were read and found good, most recently used first.
 #[derive(Default)]
@@ -72,7 +72,7 @@ pub(super) struct BlockCache {
 }
 
 impl BlockCache {
-    fn get(&self, backup_id: &str, block: u64) -> Option<Arc<Vec<u8>>> {
+    fn get(&self, backup_id: &str, block: u64) -> Option<Arc<AlignedBuf>> {
         let mut blocks = self.blocks.lock();
         let at = blocks
             .iter()
@@ -83,7 +83,7 @@ impl BlockCache {
         Some(data)
     }
 
-    fn put(&self, backup_id: &str, block: u64, data: Arc<Vec<u8>>) {
+    fn put(&self, backup_id: &str, block: u64, data: Arc<AlignedBuf>) {
         let mut blocks = self.blocks.lock();
         blocks.retain(|((id, b), _)| !(*b == block && id == backup_id));
         blocks.push_front(((backup_id.to_string(), block), data));
@@ -175,24 +175,38 @@ impl Image {
         read.map_err(|source| EngineError::io(format!("read backup {}", self.backup_id), source))
     }
 
-    /// One whole block, read and checked (or taken from the checked blocks in memory).
-    fn checked_block(&self, block: u64) -> Result<Arc<Vec<u8>>> {
+    /// One whole block, read and checked, and whether it was just read (or taken from
+    /// the checked blocks in memory). Read into an aligned buffer: the backing file may be
+    /// open with O_DIRECT.
+    fn checked_block(&self, block: u64) -> Result<(Arc<AlignedBuf>, bool)> {
         if let Some(data) = self.blocks.get(&self.backup_id, block) {
-            return Ok(data);
+            return Ok((data, false));
         }
         let (start, end) = self.block_range(block);
-        let mut data = vec![0u8; (end - start) as usize];
+        let mut data = AlignedBuf::new((end - start) as usize)
+            .map_err(|source| EngineError::io(format!("read backup {}", self.backup_id), source))?;
         self.read_exact(&mut data, start)?;
         self.check(block, &data)?;
         let data = Arc::new(data);
         self.blocks.put(&self.backup_id, block, data.clone());
-        Ok(data)
+        Ok((data, true))
     }
 
     /// Reads like pread; every byte it returns has been checked against its block's
     /// checksum on its way out of the backing store. Whole blocks are checked from the
     /// data just read; a block covered in part is read whole and checked once.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        self.read_at_with(buf, offset, &mut |_, _| {})
+    }
+
+    /// `read_at`, and each whole block it had to read and check to serve a part of it is
+    /// given to `checked` (offset, data), so the caller may keep it (the kernel's cache).
+    pub fn read_at_with(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        checked: &mut dyn FnMut(u64, Arc<AlignedBuf>),
+    ) -> Result<usize> {
         let len = (buf.len() as u64).min(self.size.saturating_sub(offset));
         let buf = &mut buf[..len as usize];
         if len == 0 {
@@ -224,10 +238,13 @@ impl Image {
                 }
                 pos = run_end;
             } else {
-                let data = self.checked_block(block)?;
+                let (data, fresh) = self.checked_block(block)?;
                 let piece_end = block_end.min(end);
                 buf[(pos - offset) as usize..(piece_end - offset) as usize]
                     .copy_from_slice(&data[(pos - start) as usize..(piece_end - start) as usize]);
+                if fresh {
+                    checked(start, data);
+                }
                 pos = piece_end;
             }
         }
@@ -242,7 +259,7 @@ impl Image {
         }
         let first = offset / CHECKSUM_BLOCK;
         let last = (offset + len - 1).min(self.size - 1) / CHECKSUM_BLOCK;
-        let mut buf = Vec::new();
+        let mut buf = self.block_buffer()?;
         for block in first..=last {
             if !self.block_is_good(block, &mut buf)? {
                 return Err(self.report_damage(block));
@@ -251,7 +268,12 @@ impl Image {
         Ok(())
     }
 
-    fn block_is_good(&self, block: u64, buf: &mut Vec<u8>) -> Result<bool> {
+    fn block_buffer(&self) -> Result<AlignedBuf> {
+        AlignedBuf::new(CHECKSUM_BLOCK as usize)
+            .map_err(|source| EngineError::io(format!("read backup {}", self.backup_id), source))
+    }
+
+    fn block_is_good(&self, block: u64, buf: &mut AlignedBuf) -> Result<bool> {
         let (start, end) = self.block_range(block);
         let expected = self.expected(block)?;
         let extents = self
@@ -261,16 +283,16 @@ impl Image {
         if extents.is_empty() {
             return Ok(expected == 0);
         }
-        buf.resize((end - start) as usize, 0);
-        self.read_exact(buf, start)?;
-        Ok(block_sum(buf) == expected)
+        let data = &mut buf[..(end - start) as usize];
+        self.read_exact(data, start)?;
+        Ok(block_sum(data) == expected)
     }
 
     /// Reads every block and returns the damaged ones (by index); progress counts bytes.
     pub fn damaged_blocks(&self, progress: &Progress, cancel: &AtomicBool) -> Result<Vec<u64>> {
         progress.total.store(self.size, Ordering::Relaxed);
         let mut bad = Vec::new();
-        let mut buf = Vec::new();
+        let mut buf = self.block_buffer()?;
         for block in 0..self.sums.len() as u64 {
             if cancel.load(Ordering::Relaxed) {
                 return Err(EngineError::Interrupted);
@@ -326,7 +348,7 @@ mod tests {
     fn the_block_cache_is_bounded() {
         let cache = BlockCache::default();
         for b in 0..BLOCKS_CACHED as u64 + 5 {
-            cache.put("x", b, Arc::new(vec![b as u8]));
+            cache.put("x", b, Arc::new(AlignedBuf::new(4096).unwrap()));
         }
         assert!(cache.get("x", 0).is_none());
         assert!(cache.get("x", BLOCKS_CACHED as u64 + 4).is_some());

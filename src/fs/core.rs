@@ -31,6 +31,7 @@ pub(crate) struct Core {
     pub(super) modes: Modes,
     pub(super) mounted_at: SystemTime,
     pub(super) pool: pool::Pool,
+    pub(super) stores: super::store::StoreQueue,
 }
 
 impl Core {

@@ -9,9 +9,11 @@ mod errno;
 mod handles;
 mod inodes;
 mod pool;
+mod store;
 pub mod tree;
 
 use crate::engine::{Engine, EngineError};
+use crate::volume::device::AlignedBuf;
 use control::{Control, ControlFile};
 use core::Core;
 use errno::errno;
@@ -41,6 +43,12 @@ const XATTR_PREFIX: &str = "user.backupfs.";
 const VOLUME_RESTORE_XATTR: &str = "user.backupfs.restore";
 /// Threads for slow requests (see `pool`).
 const SLOW_THREADS: usize = 8;
+
+thread_local! {
+    /// The buffer image reads are served from, one per session thread.
+    static READ_BUFFER: std::cell::RefCell<Option<AlignedBuf>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 /// Runs a handler; a panic is logged and the dropped reply answers EIO.
 fn guard(op: &str, f: impl FnOnce()) {
@@ -81,8 +89,15 @@ impl BackupFs {
                 modes,
                 mounted_at: SystemTime::now(),
                 pool: pool::Pool::new(SLOW_THREADS)?,
+                stores: store::StoreQueue::new()?,
             }),
         })
+    }
+
+    /// Where the session's notifier goes once the session exists (pushing checked
+    /// blocks into the kernel's cache needs it).
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.core.stores.notifier_slot()
     }
 
     /// Runs `f` with the shared core on a slow-request thread, guarded against panics.
@@ -401,7 +416,7 @@ impl Filesystem for BackupFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -423,15 +438,31 @@ impl Filesystem for BackupFs {
                     reply.data(&bytes[start..end])
                 }
                 Handle::Dir(_) => reply.error(Errno::EISDIR),
-                Handle::Image(image) => {
-                    let mut buf = vec![0u8; size as usize];
-                    match image.read_at(&mut buf, offset) {
+                Handle::Image(image) => READ_BUFFER.with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    // One aligned buffer per session thread: the backing file may be read
+                    // with O_DIRECT, and a 1 MiB buffer is not zeroed for every request.
+                    if slot.as_ref().is_none_or(|b| b.len() < size as usize) {
+                        *slot = AlignedBuf::new((size as usize).max(1 << 20)).ok();
+                    }
+                    let Some(buf) = slot.as_mut() else {
+                        return reply.error(Errno::ENOMEM);
+                    };
+                    let buf = &mut buf[..size as usize];
+                    let mut checked = Vec::new();
+                    match image.read_at_with(buf, offset, &mut |at, data| checked.push((at, data)))
+                    {
                         Ok(n) => reply.data(&buf[..n]),
                         Err(e) => {
-                            reply.error(refuse(&format!("read of backup {}", image.backup_id), &e))
+                            return reply
+                                .error(refuse(&format!("read of backup {}", image.backup_id), &e));
                         }
                     }
-                }
+                    // After the answer: the pages of the read were locked until then.
+                    for (at, data) in checked {
+                        core.stores.offer(ino.0, at, data);
+                    }
+                }),
                 Handle::Volume(volume) => {
                     let attached = match volume.attached(&core.engine) {
                         Ok(attached) => attached,

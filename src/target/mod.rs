@@ -212,9 +212,9 @@ impl BackupTarget for VolumeTarget {
     }
 
     fn open_data(&self, backup_id: &BackupId) -> Result<Attachment> {
-        // Image reads are served in small pieces: buffered reads (and readahead) suit
-        // them better than O_DIRECT.
-        match self.driver.attach(&self.pool, backup_id, Access::Read) {
+        // Image reads come as whole 1 MiB blocks (checked, then kept in the kernel's cache
+        // of the image): read past the backing file's cache, so data is not cached twice.
+        match self.driver.attach(&self.pool, backup_id, Access::Stream) {
             Err(VolumeError::NotFound(_)) => Err(TargetError::NotFound(backup_id.to_string())),
             other => Ok(other?),
         }
