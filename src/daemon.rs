@@ -120,10 +120,22 @@ fn raise_readahead(mountpoint: &Path) {
     }
 }
 
+/// glibc's mmap threshold slides up to 32 MiB as large blocks are freed, after which
+/// every copy buffer and I/O reply (1 MiB and more) is kept in a per-thread arena and
+/// never handed back. Fixing it at 256 KiB returns them at once: eight concurrent
+/// backups peaked at 113 MiB resident without it, 60 MiB with it (contrib/bench).
+fn limit_malloc_retention() {
+    // SAFETY: mallopt only changes allocator parameters; called before any thread.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) } != 1 {
+        debug!("mallopt(M_MMAP_THRESHOLD) refused");
+    }
+}
+
 /// Mounts and serves until a stop signal or an unmount. Call `block_stop_signals` first,
 /// before any thread exists.
 pub fn serve(config: Config, mountpoint: &Path) -> Result<(), DaemonError> {
     clear_stale_mount(mountpoint);
+    limit_malloc_retention();
     let allow_other = config.allow_other;
     let engine = Arc::new(Engine::start(config)?);
     let mut options = fuser::Config::default();

@@ -108,6 +108,46 @@ fn reflink(from: &File, to: &File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// struct fsxattr of <linux/fs.h>.
+#[repr(C)]
+#[derive(Default)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801C_581F;
+const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401C_5820;
+const FS_XFLAG_COWEXTSIZE: u32 = 0x0001_0000;
+
+/// Asks XFS to give copy-on-write writes into `file` only the blocks they write. Its
+/// default hint preallocates 32 blocks around each one, so an incremental backup that
+/// rewrites scattered 4 KiB blocks of a clone held twice the data it changed until the
+/// background collector ran. Other filesystems have no such hint; failing costs space
+/// only.
+fn small_cow_extents(file: &File) {
+    let mut attr = FsXattr::default();
+    // SAFETY: both ioctls take a pointer to a struct fsxattr we own.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FSGETXATTR as _, &mut attr) };
+    if rc < 0 {
+        return;
+    }
+    attr.xflags |= FS_XFLAG_COWEXTSIZE;
+    attr.cowextsize = 4096;
+    // SAFETY: as above.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FSSETXATTR as _, &attr) };
+    if rc < 0 {
+        tracing::debug!(
+            "no copy-on-write extent hint: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The errors FICLONE gives where the filesystem has no reflinks (ext4, tmpfs, across
 /// filesystems), as opposed to real I/O errors.
 pub(crate) fn is_no_reflink(e: &std::io::Error) -> bool {
@@ -126,6 +166,7 @@ pub(crate) fn reflink_copy(source: &Path, dest: &Path) -> std::io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(dest)?;
+    small_cow_extents(&to);
     if let Err(e) = reflink(&from, &to).and_then(|()| to.sync_all()) {
         drop(to);
         let _ = std::fs::remove_file(dest);
