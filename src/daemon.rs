@@ -124,6 +124,13 @@ fn raise_readahead(mountpoint: &Path) {
 /// before any thread exists.
 pub fn serve(config: Config, mountpoint: &Path) -> Result<(), DaemonError> {
     clear_stale_mount(mountpoint);
+    if config
+        .backends
+        .values()
+        .any(|b| b.driver == crate::config::DriverKind::Rbd)
+    {
+        crate::volume::rbd::connection::limit_malloc_retention();
+    }
     let allow_other = config.allow_other;
     let engine = Arc::new(Engine::start(config)?);
     let mut options = fuser::Config::default();
