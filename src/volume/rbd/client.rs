@@ -299,6 +299,10 @@ impl Cluster {
         // our copier already keeps its own requests in flight, so the cache would only
         // add a copy of every block and up to rbd_cache_size of memory per image.
         cluster.conf_set("rbd_cache", "false")?;
+        // Asynchronous writes hand librbd a buffer that their InFlight owns, unchanged,
+        // until they complete: librbd may send it as it is instead of copying it first
+        // (a copy of every block in flight, in memory and in time).
+        cluster.conf_set("rbd_disable_zero_copy_writes", "false")?;
         // SAFETY: a valid handle; blocks at most client_mount_timeout.
         let rc = unsafe { (api.rados_connect)(handle) };
         check(rc.into(), "connect", what)?;
@@ -1973,6 +1977,112 @@ impl Drop for InFlight {
     }
 }
 
+// SAFETY: a completion may be waited for and released from any thread (librbd's
+// completions are thread-safe), and the buffer is plain owned memory.
+unsafe impl Send for InFlight {}
+
+impl Image {
+    /// Submits one asynchronous request; the returned InFlight keeps the buffer (and the
+    /// completion) until librbd has finished with it.
+    fn submit(
+        &self,
+        kind: AioKind,
+        offset: u64,
+        len: u64,
+        mut buffer: Vec<u8>,
+        op_flags: c_int,
+    ) -> Result<InFlight> {
+        let api = self.api();
+        let mut completion: ffi::CompletionHandle = std::ptr::null_mut();
+        // SAFETY: no callback; librbd writes the new completion through the pointer.
+        let rc =
+            unsafe { (api.rbd_aio_create_completion)(std::ptr::null_mut(), None, &mut completion) };
+        check(rc.into(), "create completion", || self.describe())?;
+        let handle = self.handle;
+        let size = usize::try_from(len)
+            .map_err(|_| RbdError::ceph("submit", self.describe(), libc::EINVAL))?;
+        // SAFETY: valid image and completion. The buffer's heap memory does not move
+        // when the Vec is moved into the InFlight below, and InFlight keeps it until the
+        // request has completed (its Drop waits), so librbd never sees freed memory.
+        let rc = unsafe {
+            match kind {
+                AioKind::Read => {
+                    let buf = buffer.as_mut_ptr().cast();
+                    (api.rbd_aio_read2)(handle, offset, size, buf, completion, op_flags)
+                }
+                AioKind::Write => {
+                    let buf = buffer.as_ptr().cast();
+                    (api.rbd_aio_write2)(handle, offset, size, buf, completion, op_flags)
+                }
+                AioKind::Discard => (api.rbd_aio_discard)(handle, offset, len, completion),
+                AioKind::WriteZeroes => {
+                    (api.rbd_aio_write_zeroes)(handle, offset, size, completion, 0, 0)
+                }
+            }
+        };
+        if rc < 0 {
+            // Not submitted: nothing will complete it, release it here.
+            // SAFETY: created above, never submitted, released once.
+            unsafe { (api.rbd_aio_release)(completion) };
+            return Err(RbdError::ceph("submit", self.describe(), -rc));
+        }
+        Ok(InFlight {
+            api,
+            completion,
+            kind,
+            offset,
+            len,
+            buffer,
+        })
+    }
+
+    /// Starts writing all of `buffer` at `offset` (within the image's size) and returns
+    /// at once; the write keeps its buffer until it is waited for (or dropped, which
+    /// waits). With zero-copy writes (the connection allows them) librbd sends the
+    /// buffer itself: it must not change meanwhile, which owning it guarantees.
+    pub fn submit_write(&self, offset: u64, buffer: Vec<u8>) -> Result<PendingWrite> {
+        let len = buffer.len() as u64;
+        Ok(PendingWrite {
+            request: self.submit(AioKind::Write, offset, len, buffer, 0)?,
+            describe: self.describe(),
+        })
+    }
+}
+
+/// A write in flight on its own (see [`Image::submit_write`]). The image must stay open
+/// until it is waited for.
+pub struct PendingWrite {
+    request: InFlight,
+    describe: String,
+}
+
+impl std::fmt::Debug for PendingWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "write {}+{} to {}",
+            self.request.offset, self.request.len, self.describe
+        )
+    }
+}
+
+impl PendingWrite {
+    /// The range it writes.
+    pub fn range(&self) -> Range<u64> {
+        self.request.offset..self.request.offset + self.request.len
+    }
+
+    /// Waits until it is done: its buffer back (for reuse), or its error.
+    pub fn wait(mut self) -> Result<Vec<u8>> {
+        let rc = self.request.wait();
+        let (offset, len) = (self.request.offset, self.request.len);
+        check(rc as i64, "write", || {
+            format!("{} at {offset}+{len}", self.describe)
+        })?;
+        Ok(std::mem::take(&mut self.request.buffer))
+    }
+}
+
 /// Up to `depth` asynchronous requests in flight on one image, finished in submission
 /// order: a copier submits reads (or writes) of large blocks and takes results from
 /// the oldest. Every submit on a full queue first waits for the oldest request and
@@ -2092,55 +2202,17 @@ impl<'a> AioQueue<'a> {
         kind: AioKind,
         offset: u64,
         len: u64,
-        mut buffer: Vec<u8>,
+        buffer: Vec<u8>,
     ) -> Result<Option<AioDone>> {
         let made_room = if self.is_full() {
             self.wait_oldest().transpose()?
         } else {
             None
         };
-        let api = self.image.api();
-        let mut completion: ffi::CompletionHandle = std::ptr::null_mut();
-        // SAFETY: no callback; librbd writes the new completion through the pointer.
-        let rc =
-            unsafe { (api.rbd_aio_create_completion)(std::ptr::null_mut(), None, &mut completion) };
-        check(rc.into(), "create completion", || self.image.describe())?;
-        let handle = self.image.handle;
-        let size = usize::try_from(len)
-            .map_err(|_| RbdError::ceph("submit", self.image.describe(), libc::EINVAL))?;
-        // SAFETY: valid image and completion. The buffer's heap memory does not move
-        // when the Vec is moved into `in_flight` below, and InFlight keeps it until the
-        // request has completed (its Drop waits), so librbd never sees freed memory.
-        let rc = unsafe {
-            match kind {
-                AioKind::Read => {
-                    let buf = buffer.as_mut_ptr().cast();
-                    (api.rbd_aio_read2)(handle, offset, size, buf, completion, self.op_flags)
-                }
-                AioKind::Write => {
-                    let buf = buffer.as_ptr().cast();
-                    (api.rbd_aio_write2)(handle, offset, size, buf, completion, self.op_flags)
-                }
-                AioKind::Discard => (api.rbd_aio_discard)(handle, offset, len, completion),
-                AioKind::WriteZeroes => {
-                    (api.rbd_aio_write_zeroes)(handle, offset, size, completion, 0, 0)
-                }
-            }
-        };
-        if rc < 0 {
-            // Not submitted: nothing will complete it, release it here.
-            // SAFETY: created above, never submitted, released once.
-            unsafe { (api.rbd_aio_release)(completion) };
-            return Err(RbdError::ceph("submit", self.image.describe(), -rc));
-        }
-        self.in_flight.push_back(InFlight {
-            api,
-            completion,
-            kind,
-            offset,
-            len,
-            buffer,
-        });
+        let request = self
+            .image
+            .submit(kind, offset, len, buffer, self.op_flags)?;
+        self.in_flight.push_back(request);
         Ok(made_room)
     }
 }
