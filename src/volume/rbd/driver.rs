@@ -44,9 +44,11 @@ fn or_not_found(e: RbdError, what: &str) -> VolumeError {
 }
 
 /// What `stat` reads from an image: size, allocation (from the object map when it is
-/// valid, else the size: librbd could only tell by asking every object), and the later
-/// of librbd's modify timestamp and the header's last change (a writer takes the
-/// exclusive lock there, so a write since shows even while librbd's timestamp lags).
+/// valid, else the size: librbd could only tell by asking every object), and librbd's
+/// modify timestamp. That one is written lazily (at most once per
+/// `rbd_mtime_update_interval`, 60 s): a write to an image untouched for longer moves
+/// it, a second write within the minute may not. The header object's own mtime cannot
+/// stand in: librbd also writes access times there, readers included.
 fn stat_image(
     io: &IoCtx,
     pool: &str,
@@ -65,12 +67,7 @@ fn stat_image(
     } else {
         size
     };
-    let mut mtime = image.modify_time()?;
-    match io.stat_object(&format!("rbd_header.{}", image.id()?)) {
-        Ok(header) => mtime = mtime.max(header.mtime),
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(e),
-    }
+    let mtime = image.modify_time()?;
     Ok(VolumeInfo {
         id: volume_id.to_string(),
         pool: pool.to_string(),
