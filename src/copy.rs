@@ -442,6 +442,24 @@ pub fn copy(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<CopyOutcome, CopyError> {
+    let outcome = copy_unflushed(src, dst, range, options, progress, cancel)?;
+    dst.flush().map_err(|source| CopyError::Write {
+        offset: range.dst_offset + range.len,
+        source,
+    })?;
+    Ok(outcome)
+}
+
+/// [`copy`] without the final flush: what the destination keeps in flight (an RBD
+/// device's writes) goes on behind the caller.
+fn copy_unflushed(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    range: Range,
+    options: CopyOptions,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<CopyOutcome, CopyError> {
     progress.total.store(range.len, Ordering::Relaxed);
     progress.done.store(0, Ordering::Relaxed);
     let (src_hints, dst_hints) = (src.hints(), dst.hints());
@@ -496,10 +514,6 @@ pub fn copy(
     if cancel.load(Ordering::Relaxed) {
         return Err(CopyError::Cancelled);
     }
-    dst.flush().map_err(|source| CopyError::Write {
-        offset: range.dst_offset + range.len,
-        source,
-    })?;
     Ok(CopyOutcome {
         checksums: shared
             .sums
@@ -578,7 +592,9 @@ pub fn copy_kernel(
     Ok(())
 }
 
-/// The rest of `range` from source offset `from`, through the generic copier.
+/// The rest of `range` from source offset `from`, through the generic copier, not
+/// flushed (as the kernel's copy is not): a restore's pieces follow one another while
+/// the last one's writes are still in flight; the volume is flushed at fsync and close.
 fn generic_rest(
     src: &dyn BlockDevice,
     dst: &dyn BlockDevice,
@@ -590,7 +606,7 @@ fn generic_rest(
         dst_offset: range.dst_of(from),
         len: range.src_offset + range.len - from,
     };
-    copy(
+    copy_unflushed(
         src,
         dst,
         rest,
