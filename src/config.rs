@@ -1,11 +1,14 @@
 //! The TOML configuration (README.md, "Configuration reference"), parsed into typed
 //! structs and checked against the spec's storage rules before anything is mounted.
-//! It never touches volume data: it only reads directory metadata to compare storage.
+//! It never touches volume data nor writes anything: it reads directory metadata, and
+//! for `rbd` backends connects to the cluster to read pool ids and claim markers.
 
+use crate::volume::rbd::{Connection, PoolSpec};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const DEFAULT_PATH: &str = "/etc/backupfs/backupfs.toml";
 
@@ -66,13 +69,102 @@ fn default_true() -> bool {
 pub enum DriverKind {
     File,
     Qcow2,
+    Rbd,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub driver: DriverKind,
+    /// Pool name → directory (`file`, `qcow2`) or `pool[/namespace]` (`rbd`).
     pub pools: BTreeMap<String, PathBuf>,
+    /// `rbd`: the cluster's configuration file (monitors, keyring).
+    #[serde(default)]
+    pub ceph_conf: Option<PathBuf>,
+    /// `rbd`: the cephx user (`client.<name>`).
+    #[serde(default)]
+    pub client: Option<String>,
+    /// `rbd`: seconds any one request to the cluster may wait (connect, monitors, OSDs).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+pub const DEFAULT_CEPH_CONF: &str = "/etc/ceph/ceph.conf";
+pub const DEFAULT_CEPH_CLIENT: &str = "admin";
+/// Seconds; librbd operations take up to three requests in a row, so a request of a
+/// stalled cluster fails well within two minutes.
+pub const DEFAULT_RBD_TIMEOUT: u64 = 30;
+const MAX_RBD_TIMEOUT: u64 = 30;
+
+impl BackendConfig {
+    pub fn ceph_conf(&self) -> PathBuf {
+        self.ceph_conf
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CEPH_CONF))
+    }
+
+    pub fn ceph_client(&self) -> &str {
+        self.client.as_deref().unwrap_or(DEFAULT_CEPH_CLIENT)
+    }
+
+    pub fn rbd_timeouts(&self) -> crate::volume::rbd::Timeouts {
+        let each = std::time::Duration::from_secs(self.timeout.unwrap_or(DEFAULT_RBD_TIMEOUT));
+        crate::volume::rbd::Timeouts {
+            connect: each,
+            mon_op: each,
+            osd_op: each,
+        }
+    }
+
+    /// The `rbd` pool spec of `pool` (checked by `validate`).
+    pub fn rbd_pool(&self, backend: &str, pool: &str) -> Result<PoolSpec, ConfigError> {
+        let key = format!("backends.{backend}.pools.{pool}");
+        let text = self
+            .pools
+            .get(pool)
+            .ok_or_else(|| invalid(&key, "no such pool"))?;
+        let text = text.to_str().ok_or_else(|| invalid(&key, "not UTF-8"))?;
+        PoolSpec::parse(text).map_err(|reason| invalid(key, reason))
+    }
+
+    /// The connection of an `rbd` backend (shared by the whole process); an error names
+    /// the key at fault: the library (`driver`), the conf file or an unreachable
+    /// cluster (`ceph_conf`), a refused user or key (`client`).
+    pub fn rbd_connect(&self, backend: &str) -> Result<Arc<Connection>, ConfigError> {
+        let key = |k: &str| format!("backends.{backend}.{k}");
+        crate::volume::rbd::check_available().map_err(|e| invalid(key("driver"), e.to_string()))?;
+        let conf = self.ceph_conf();
+        let client = self.ceph_client();
+        let timeouts = self.rbd_timeouts();
+        crate::volume::rbd::connection::connect(&conf, client, timeouts).map_err(|e| {
+            let (which, why) = match e.errno() {
+                libc::ETIMEDOUT => (
+                    "ceph_conf",
+                    format!(
+                        "no monitor of {} answered within {} s (mon host in that file)",
+                        conf.display(),
+                        timeouts.connect.as_secs()
+                    ),
+                ),
+                libc::EACCES | libc::EPERM => (
+                    "client",
+                    format!("the cluster refused client.{client}: unknown user or wrong key"),
+                ),
+                libc::ENOENT if e.to_string().starts_with("read conf") => {
+                    ("ceph_conf", format!("cannot read {}", conf.display()))
+                }
+                libc::ENOENT => (
+                    "client",
+                    format!(
+                        "no keyring for client.{client} (the keyring named in {}, or /etc/ceph/ceph.client.{client}.keyring)",
+                        conf.display()
+                    ),
+                ),
+                _ => ("ceph_conf", "cannot connect".to_string()),
+            };
+            invalid(key(which), format!("{why}: {e}"))
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +283,20 @@ impl Config {
                     ));
                 }
             }
+            if backend.driver != DriverKind::Rbd {
+                for (set, key) in [
+                    (backend.ceph_conf.is_some(), "ceph_conf"),
+                    (backend.client.is_some(), "client"),
+                    (backend.timeout.is_some(), "timeout"),
+                ] {
+                    if set {
+                        return Err(invalid(
+                            format!("backends.{name}.{key}"),
+                            "only for driver = \"rbd\"",
+                        ));
+                    }
+                }
+            }
         }
         let mut target_pools: Vec<(String, Place)> = Vec::new();
         for (name, target) in &self.targets {
@@ -213,6 +319,10 @@ impl Config {
                     ),
                 )
             })?;
+            if backend.driver == DriverKind::Rbd {
+                // Checked against the cluster below.
+                continue;
+            }
             let pool_key = format!("backends.{}.pools.{}", target.backend, target.pool);
             let place = Place::of(pool_key.clone(), dir)?;
             // A pool holding anything backupfs did not make is never a target: backups
@@ -233,6 +343,9 @@ impl Config {
         }
         let mut volume_pools: Vec<Place> = Vec::new();
         for (name, backend) in &self.backends {
+            if backend.driver == DriverKind::Rbd {
+                continue;
+            }
             for (pool, dir) in &backend.pools {
                 if self.is_target_pool(name, pool) {
                     continue;
@@ -288,6 +401,131 @@ impl Config {
                 volume_pools.push(place);
             }
         }
+        self.validate_rbd()
+    }
+
+    /// The `rbd` backends, against their clusters: each connects (bounded by its
+    /// timeout), each pool and namespace exists, a target's pool is empty or ours, a
+    /// volume pool carries no claim marker, and no target shares a pool (and namespace)
+    /// of one cluster with a volume pool or another target. Reads only.
+    fn validate_rbd(&self) -> Result<(), ConfigError> {
+        // (key, cluster fsid, pool id, namespace)
+        type Identity = (String, String, i64, String);
+        let mut volume_pools: Vec<Identity> = Vec::new();
+        let mut target_pools: Vec<(String, Identity)> = Vec::new();
+        for (name, backend) in &self.backends {
+            if backend.driver != DriverKind::Rbd {
+                continue;
+            }
+            if let Some(timeout) = backend.timeout
+                && !(1..=MAX_RBD_TIMEOUT).contains(&timeout)
+            {
+                return Err(invalid(
+                    format!("backends.{name}.timeout"),
+                    format!("must be between 1 and {MAX_RBD_TIMEOUT} seconds"),
+                ));
+            }
+            if backend.ceph_client().is_empty()
+                || backend.ceph_client().starts_with("client.")
+                || !backend.ceph_client().bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(
+                    format!("backends.{name}.client"),
+                    "a cephx user name without \"client.\" (e.g. \"cinder\")",
+                ));
+            }
+            let specs: Vec<(String, PoolSpec)> = backend
+                .pools
+                .keys()
+                .map(|pool| Ok((pool.clone(), backend.rbd_pool(name, pool)?)))
+                .collect::<Result<_, ConfigError>>()?;
+            let connection = backend.rbd_connect(name)?;
+            for (pool, spec) in specs {
+                let key = format!("backends.{name}.pools.{pool}");
+                let io = spec.open(&connection).map_err(|e| {
+                    let why = if e.is_not_found() {
+                        match &spec.namespace {
+                            Some(ns) => format!(
+                                "no pool {:?} with an RBD namespace {ns:?} in cluster {}",
+                                spec.pool, connection.fsid
+                            ),
+                            None => {
+                                format!("no pool {:?} in cluster {}", spec.pool, connection.fsid)
+                            }
+                        }
+                    } else {
+                        e.to_string()
+                    };
+                    invalid(&key, why)
+                })?;
+                let identity = (
+                    key.clone(),
+                    connection.fsid.clone(),
+                    io.pool_id(),
+                    io.namespace().to_string(),
+                );
+                let targets: Vec<&String> = self
+                    .targets
+                    .iter()
+                    .filter(|(_, t)| t.backend == *name && t.pool == pool)
+                    .map(|(t, _)| t)
+                    .collect();
+                if let Some(target) = targets.first() {
+                    crate::target::rbd::inspect(&io, target).map_err(|e| {
+                        invalid(
+                            format!("targets.{target}.pool"),
+                            format!("{key} (rbd:{spec}) {e}"),
+                        )
+                    })?;
+                    target_pools.push((target.to_string(), identity));
+                } else {
+                    match crate::target::rbd::read_marker(&io) {
+                        Ok(None) => {}
+                        Ok(Some(marker)) => {
+                            return Err(invalid(
+                                &key,
+                                format!(
+                                    "rbd:{spec} holds the backups of target {:?} (claim marker {}): backups never serve as volumes; name it as that target's pool, or give the volumes another pool",
+                                    marker.target,
+                                    crate::target::rbd::MARKER_OBJECT
+                                ),
+                            ));
+                        }
+                        Err(e) => return Err(invalid(&key, format!("rbd:{spec} {e}"))),
+                    }
+                    volume_pools.push(identity);
+                }
+            }
+        }
+        let same = |a: &Identity, b: &Identity| a.1 == b.1 && a.2 == b.2 && a.3 == b.3;
+        for (i, (target, place)) in target_pools.iter().enumerate() {
+            if let Some(volume) = volume_pools.iter().find(|v| same(v, place)) {
+                return Err(invalid(
+                    format!("targets.{target}"),
+                    format!(
+                        "its pool {} is the volume pool {} (cluster {}, the same RADOS pool and namespace): volumes and backups must not share storage; another pool (or RBD namespace) of the cluster is fine",
+                        place.0, volume.0, place.1
+                    ),
+                ));
+            }
+            if let Some((other, _)) = target_pools[..i].iter().find(|(_, p)| same(p, place)) {
+                return Err(invalid(
+                    format!("targets.{target}.pool"),
+                    format!("targets.{other} already stores backups in {}", place.0),
+                ));
+            }
+        }
+        for (i, volume) in volume_pools.iter().enumerate() {
+            if let Some(same_pool) = volume_pools[..i].iter().find(|v| same(v, volume)) {
+                return Err(invalid(
+                    &volume.0,
+                    format!(
+                        "is the same RADOS pool and namespace as {}: a pool serves one backend pool only",
+                        same_pool.0
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -320,6 +558,32 @@ mod tests {
         let err =
             Config::parse("[backends.a]\ndriver = \"file\"\npools = {}\ncolour = 1\n").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn rbd_keys_are_refused_on_other_drivers_and_parsed_on_rbd() {
+        let config = Config::parse(
+            "[backends.a]\ndriver = \"file\"\npools = { p = \"/x\" }\nclient = \"cinder\"\n",
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().starts_with("backends.a.client:"), "{err}");
+        let config = Config::parse(
+            "[backends.c]\ndriver = \"rbd\"\npools = { v = \"volumes\", b = \"rbd/backups\" }\n",
+        )
+        .unwrap();
+        let backend = &config.backends["c"];
+        assert_eq!(backend.ceph_conf(), PathBuf::from("/etc/ceph/ceph.conf"));
+        assert_eq!(backend.ceph_client(), "admin");
+        assert_eq!(backend.rbd_timeouts().osd_op.as_secs(), 30);
+        assert_eq!(
+            backend.rbd_pool("c", "b").unwrap().namespace.as_deref(),
+            Some("backups")
+        );
+        let bad =
+            Config::parse("[backends.c]\ndriver = \"rbd\"\npools = { v = \"a/b/c\" }\n").unwrap();
+        let err = bad.backends["c"].rbd_pool("c", "v").unwrap_err();
+        assert!(err.to_string().starts_with("backends.c.pools.v:"), "{err}");
     }
 
     #[test]

@@ -499,7 +499,9 @@ pub fn copy(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<CopyOutcome, CopyError> {
-    copy_with(src, dst, range, options, None, progress, cancel)
+    let outcome = copy_unflushed(src, dst, range, options, None, progress, cancel)?;
+    flush(dst, range)?;
+    Ok(outcome)
 }
 
 /// Updates `dst`, which reads as `base` (a shared copy of an earlier copy of the same
@@ -519,18 +521,22 @@ pub fn copy_incremental(
         dest_is_zero: false,
         bps_limit,
     };
-    copy_with(
-        src,
-        dst,
-        Range::whole(len),
-        options,
-        Some(base),
-        progress,
-        cancel,
-    )
+    let range = Range::whole(len);
+    let outcome = copy_unflushed(src, dst, range, options, Some(base), progress, cancel)?;
+    flush(dst, range)?;
+    Ok(outcome)
 }
 
-fn copy_with(
+fn flush(dst: &dyn BlockDevice, range: Range) -> Result<(), CopyError> {
+    dst.flush().map_err(|source| CopyError::Write {
+        offset: range.dst_offset + range.len,
+        source,
+    })
+}
+
+/// [`copy`] or [`copy_incremental`] without the final flush: what the destination keeps
+/// in flight (an RBD device's writes) goes on behind the caller.
+fn copy_unflushed(
     src: &dyn BlockDevice,
     dst: &dyn BlockDevice,
     range: Range,
@@ -595,10 +601,6 @@ fn copy_with(
     if cancel.load(Ordering::Relaxed) {
         return Err(CopyError::Cancelled);
     }
-    dst.flush().map_err(|source| CopyError::Write {
-        offset: range.dst_offset + range.len,
-        source,
-    })?;
     Ok(CopyOutcome {
         checksums: shared
             .sums
@@ -678,7 +680,9 @@ pub fn copy_kernel(
     Ok(())
 }
 
-/// The rest of `range` from source offset `from`, through the generic copier.
+/// The rest of `range` from source offset `from`, through the generic copier, not
+/// flushed (as the kernel's copy is not): a restore's pieces follow one another while
+/// the last one's writes are still in flight; the volume is flushed at fsync and close.
 fn generic_rest(
     src: &dyn BlockDevice,
     dst: &dyn BlockDevice,
@@ -690,11 +694,12 @@ fn generic_rest(
         dst_offset: range.dst_of(from),
         len: range.src_offset + range.len - from,
     };
-    copy(
+    copy_unflushed(
         src,
         dst,
         rest,
         CopyOptions::default(),
+        None,
         &Progress::default(),
         &AtomicBool::new(false),
     )

@@ -144,8 +144,12 @@ fn example_configuration_parses_with_every_key() {
     let text = include_str!("../contrib/backupfs.toml.example");
     let config = backupfs::config::Config::parse(text).expect("the example parses");
     assert!(config.is_target_pool("hdd", "backups"));
-    assert_eq!(config.backends.len(), 2);
-    assert_eq!(config.targets.len(), 1);
+    assert!(config.is_target_pool("ceph", "backups"));
+    assert_eq!(config.backends.len(), 3);
+    assert_eq!(config.targets.len(), 2);
+    let ceph = &config.backends["ceph"];
+    assert_eq!(ceph.ceph_client(), "cinder");
+    assert_eq!(ceph.rbd_timeouts().osd_op.as_secs(), 30);
 }
 
 #[test]

@@ -333,6 +333,7 @@ impl Inner {
         if job.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
+        // A target that keeps backups as snapshots takes this one now (RBD).
         target.seal_data(&job.backup_id)?;
         record.checksums = Some(target.write_checksums(&job.backup_id, &outcome.checksums)?);
         record.size = size;

@@ -129,6 +129,47 @@ fn take_state_lock(config: &Config) -> Result<File> {
     Ok(state_lock)
 }
 
+/// An `rbd` backend's driver over its volume pools, on the process's connection to its
+/// cluster (made while the configuration was checked).
+fn rbd_driver(
+    name: &str,
+    backend: &crate::config::BackendConfig,
+    volume_pools: &[String],
+) -> Result<crate::volume::rbd::RbdDriver> {
+    let connection = backend
+        .rbd_connect(name)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let mut pools = BTreeMap::new();
+    for pool in volume_pools {
+        let spec = backend
+            .rbd_pool(name, pool)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        pools.insert(pool.clone(), spec);
+    }
+    Ok(crate::volume::rbd::RbdDriver::open(
+        name, connection, &pools,
+    )?)
+}
+
+/// A target in an `rbd` backend's pool: backups as RBD snapshots, its catalogue in
+/// RADOS objects beside them.
+fn rbd_target(
+    name: &str,
+    config: &Config,
+    target: &crate::config::TargetConfig,
+) -> Result<Arc<dyn BackupTarget>> {
+    let backend = &config.backends[&target.backend];
+    let connection = backend
+        .rbd_connect(&target.backend)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let spec = backend
+        .rbd_pool(&target.backend, &target.pool)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    Ok(Arc::new(crate::target::rbd::RbdTarget::open(
+        name, connection, &spec,
+    )?))
+}
+
 impl Engine {
     /// Opens every backend and target (claiming target pools), recovers what a crash left,
     /// starts the workers.
@@ -143,16 +184,17 @@ impl Engine {
                 .map(|t| t.pool.clone())
                 .collect();
             let pools = PoolDirs::new(name, &backend.pools, &backup_pools);
-            let driver: Arc<dyn VolumeDriver> = match backend.driver {
-                DriverKind::File => Arc::new(FileDriver::new(pools)),
-                DriverKind::Qcow2 => Arc::new(Qcow2Driver::new(pools)?),
-            };
-            let volume_pools = backend
+            let volume_pools: Vec<String> = backend
                 .pools
                 .keys()
                 .filter(|pool| !backup_pools.contains(pool))
                 .cloned()
                 .collect();
+            let driver: Arc<dyn VolumeDriver> = match backend.driver {
+                DriverKind::File => Arc::new(FileDriver::new(pools)),
+                DriverKind::Qcow2 => Arc::new(Qcow2Driver::new(pools)?),
+                DriverKind::Rbd => Arc::new(rbd_driver(name, backend, &volume_pools)?),
+            };
             backends.insert(
                 name.clone(),
                 Backend {
@@ -164,6 +206,10 @@ impl Engine {
         let mut targets: BTreeMap<String, Arc<dyn BackupTarget>> = BTreeMap::new();
         for (name, target) in &config.targets {
             let backend = &backends[&target.backend];
+            if config.backends[&target.backend].driver == DriverKind::Rbd {
+                targets.insert(name.clone(), rbd_target(name, &config, target)?);
+                continue;
+            }
             let dir = &config.backends[&target.backend].pools[&target.pool];
             let catalogue = DirCatalogue::open(name, dir)?;
             let opened = VolumeTarget::new(

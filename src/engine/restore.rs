@@ -539,18 +539,33 @@ impl VolumeWriter {
         }
         self.grow_to(offset_out + len)?;
         let device = self.device()?;
+        let piece_at = |done: u64| (len - done).min(CHECKED_COPY_PIECE);
+        // Damaged data is never restored silently: each piece is checked before it is
+        // copied, the next one while this one copies (so that the image's reads and a
+        // network volume's writes overlap).
+        image.verify_range(offset_in, piece_at(0))?;
         let mut done = 0;
         while done < len {
-            let piece = (len - done).min(CHECKED_COPY_PIECE);
-            // Damaged data is never restored silently.
-            image.verify_range(offset_in + done, piece)?;
+            let piece = piece_at(done);
+            let next = done + piece;
             let range = Range {
                 src_offset: offset_in + done,
                 dst_offset: offset_out + done,
                 len: piece,
             };
-            copy::copy_kernel(image.device(), device, range)?;
-            done += piece;
+            let (copied, checked) = std::thread::scope(|scope| {
+                let checker = (next < len)
+                    .then(|| scope.spawn(|| image.verify_range(offset_in + next, piece_at(next))));
+                let copied = copy::copy_kernel(image.device(), device, range);
+                (copied, checker.map(|checker| checker.join()))
+            });
+            copied?;
+            match checked {
+                Some(Ok(checked)) => checked?,
+                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                None => {}
+            }
+            done = next;
             self.session.copied.fetch_add(piece, Ordering::Relaxed);
         }
         Ok(len)

@@ -5,6 +5,7 @@
 
 pub mod catalogue;
 pub mod claim;
+pub mod rbd;
 pub mod record;
 
 use crate::ids::BackupId;

@@ -1,12 +1,18 @@
 //! Ceph RBD through librbd in-process (this kernel has neither the rbd module nor NBD):
-//! `ffi` loads librados/librbd at run time, `client` is the safe API the `rbd` volume
-//! driver and RBD targets are built on. Nothing here knows about volumes or backups.
+//! `ffi` loads librados/librbd at run time, `client` is the safe API, `connection` the
+//! process's shared connections, `driver` and `device` the `rbd` volume driver. RBD
+//! targets (`target::rbd`) are built on the same connections.
 
 pub mod client;
+pub mod connection;
+pub mod device;
+pub mod driver;
 pub mod ffi;
 
 pub use client::{
-    AioDone, AioKind, AioQueue, Cluster, Extent, Image, ImageOptions, ImageStat, IoCtx, ObjectLock,
-    ObjectStat, RbdError, Snapshot, Timeouts, Watcher,
+    AioDone, AioKind, AioQueue, Cluster, Extent, Image, ImageOptions, ImageStat, IoCtx, Locker,
+    ObjectLock, ObjectStat, RbdError, Snapshot, Timeouts, Watcher,
 };
+pub use connection::{Connection, PoolSpec};
+pub use driver::RbdDriver;
 pub use ffi::{LoadError, check_available};

@@ -299,6 +299,10 @@ impl Cluster {
         // our copier already keeps its own requests in flight, so the cache would only
         // add a copy of every block and up to rbd_cache_size of memory per image.
         cluster.conf_set("rbd_cache", "false")?;
+        // Asynchronous writes hand librbd a buffer that their InFlight owns, unchanged,
+        // until they complete: librbd may send it as it is instead of copying it first
+        // (a copy of every block in flight, in memory and in time).
+        cluster.conf_set("rbd_disable_zero_copy_writes", "false")?;
         // SAFETY: a valid handle; blocks at most client_mount_timeout.
         let rc = unsafe { (api.rados_connect)(handle) };
         check(rc.into(), "connect", what)?;
@@ -372,6 +376,45 @@ impl Cluster {
     pub fn instance_id(&self) -> u64 {
         // SAFETY: a connected handle; a plain getter.
         unsafe { (self.api().rados_get_instance_id)(self.inner.handle) }
+    }
+
+    /// Sends a command to the monitors (`{"prefix": "df", "format": "json"}`) and
+    /// returns its output; waits at most `rados_mon_op_timeout`.
+    pub fn mon_command(&self, command: &str) -> Result<Vec<u8>> {
+        let c_command = c_string("monitor command", command)?;
+        let mut commands = [c_command.as_ptr()];
+        let mut out: *mut c_char = std::ptr::null_mut();
+        let mut out_len = 0usize;
+        let mut status: *mut c_char = std::ptr::null_mut();
+        let mut status_len = 0usize;
+        // SAFETY: a connected handle; one NUL-terminated command; librados allocates
+        // the two output buffers, freed below with rados_buffer_free.
+        let rc = unsafe {
+            (self.api().rados_mon_command)(
+                self.inner.handle,
+                commands.as_mut_ptr(),
+                1,
+                std::ptr::null(),
+                0,
+                &mut out,
+                &mut out_len,
+                &mut status,
+                &mut status_len,
+            )
+        };
+        let output = if out.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: librados wrote out_len bytes there.
+            unsafe { std::slice::from_raw_parts(out.cast::<u8>(), out_len) }.to_vec()
+        };
+        // SAFETY: buffers librados allocated (or null, which it accepts), freed once.
+        unsafe {
+            (self.api().rados_buffer_free)(out);
+            (self.api().rados_buffer_free)(status);
+        }
+        check(rc.into(), "monitor command", || command.to_string())?;
+        Ok(output)
     }
 
     /// The pool's id, `ENOENT` when there is no such pool.
@@ -833,12 +876,29 @@ impl IoCtx {
         description: &str,
         duration: Duration,
     ) -> Result<ObjectLock> {
+        // Unique per holder, so a second holder in this very process is refused too.
+        let cookie = uuid::Uuid::new_v4().to_string();
+        self.lock_exclusive_as(oid, lock_name, &cookie, description, duration)
+    }
+
+    /// [`lock_exclusive`](Self::lock_exclusive) with a cookie of the caller's choosing
+    /// (make it unique per holder): `rados lock list` and [`lockers`](Self::lockers)
+    /// show it, so it can say who holds the lock. A renewal that fails because the
+    /// cluster did not answer is retried: the lock is held again once a renewal gets
+    /// through before anyone else took it; once another holder has it, never again.
+    pub fn lock_exclusive_as(
+        &self,
+        oid: &str,
+        lock_name: &str,
+        cookie: &str,
+        description: &str,
+        duration: Duration,
+    ) -> Result<ObjectLock> {
         let lock = LockCall {
             ioctx: self.clone(),
             oid: c_string("lock object", oid)?,
             name: c_string("lock object", lock_name)?,
-            // Unique per holder, so a second holder in this very process is refused too.
-            cookie: c_string("lock object", &uuid::Uuid::new_v4().to_string())?,
+            cookie: c_string("lock object", cookie)?,
             description: c_string("lock object", description)?,
             duration,
         };
@@ -855,11 +915,35 @@ impl IoCtx {
                 .spawn(move || {
                     // Wakes every `every`; a message or a dropped sender means stop.
                     while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                        if let Err(e) = lock.call(ffi::LIBRADOS_LOCK_FLAG_MUST_RENEW) {
-                            held.store(false, Ordering::SeqCst);
-                            tracing::error!("lost the lock: {e}");
-                            return;
+                        let was_held = held.load(Ordering::SeqCst);
+                        let flags = if was_held {
+                            ffi::LIBRADOS_LOCK_FLAG_MUST_RENEW
+                        } else {
+                            0
+                        };
+                        match lock.call(flags) {
+                            Ok(()) => {}
+                            // Still ours: a renewal that timed out had got through.
+                            Err(e) if e.is_exists() => {}
+                            Err(e) if e.is_busy() => {
+                                held.store(false, Ordering::SeqCst);
+                                tracing::error!(
+                                    "lost the lock to another holder: {e}; not taking it back"
+                                );
+                                return;
+                            }
+                            Err(e) => {
+                                if was_held {
+                                    tracing::error!("cannot renew the lock (retrying): {e}");
+                                }
+                                held.store(false, Ordering::SeqCst);
+                                continue;
+                            }
                         }
+                        if !was_held {
+                            tracing::info!("{}: lock held again", lock.what());
+                        }
+                        held.store(true, Ordering::SeqCst);
                     }
                 })
                 .map_err(|e| {
@@ -877,6 +961,112 @@ impl IoCtx {
             renewer: Some(renewer),
         })
     }
+
+    /// Who holds the lock `lock_name` on object `oid`: (client, cookie, address) of
+    /// each holder; empty when nobody does (or the object does not exist).
+    pub fn lockers(&self, oid: &str, lock_name: &str) -> Result<Vec<Locker>> {
+        let c_oid = c_string("list lockers", oid)?;
+        let c_name = c_string("list lockers", lock_name)?;
+        let mut capacity = 1024usize;
+        loop {
+            let mut exclusive: c_int = 0;
+            let mut tag = vec![0 as c_char; capacity];
+            let mut clients = vec![0 as c_char; capacity];
+            let mut cookies = vec![0 as c_char; capacity];
+            let mut addrs = vec![0 as c_char; capacity];
+            let (mut tag_len, mut clients_len, mut cookies_len, mut addrs_len) =
+                (capacity, capacity, capacity, capacity);
+            // SAFETY: valid context and names; every buffer is writable for the length
+            // given with it, and librados writes the lengths it needs.
+            let rc = unsafe {
+                (self.api().rados_list_lockers)(
+                    self.inner.handle,
+                    c_oid.as_ptr(),
+                    c_name.as_ptr(),
+                    &mut exclusive,
+                    tag.as_mut_ptr(),
+                    &mut tag_len,
+                    clients.as_mut_ptr(),
+                    &mut clients_len,
+                    cookies.as_mut_ptr(),
+                    &mut cookies_len,
+                    addrs.as_mut_ptr(),
+                    &mut addrs_len,
+                )
+            };
+            if rc == -(libc::ERANGE as isize) {
+                let needed = tag_len.max(clients_len).max(cookies_len).max(addrs_len);
+                capacity = needed.max(capacity * 2);
+                continue;
+            }
+            if rc == -(libc::ENOENT as isize) {
+                return Ok(Vec::new());
+            }
+            let count = check(rc as i64, "list lockers", || self.path(oid))? as usize;
+            let split = |buf: &[c_char], len: usize| -> Vec<String> {
+                let bytes: Vec<u8> = buf[..len.min(buf.len())].iter().map(|&c| c as u8).collect();
+                bytes
+                    .split(|&b| b == 0)
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect()
+            };
+            let clients = split(&clients, clients_len);
+            let cookies = split(&cookies, cookies_len);
+            let addrs = split(&addrs, addrs_len);
+            return Ok((0..count)
+                .map(|i| Locker {
+                    client: clients.get(i).cloned().unwrap_or_default(),
+                    cookie: cookies.get(i).cloned().unwrap_or_default(),
+                    address: addrs.get(i).cloned().unwrap_or_default(),
+                })
+                .collect());
+        }
+    }
+
+    /// Breaks a lock that `client` holds with `cookie` (a holder known to be dead);
+    /// `ENOENT` when that holder no longer has it.
+    pub fn break_lock(&self, oid: &str, lock_name: &str, client: &str, cookie: &str) -> Result<()> {
+        let c_oid = c_string("break lock", oid)?;
+        let c_name = c_string("break lock", lock_name)?;
+        let c_client = c_string("break lock", client)?;
+        let c_cookie = c_string("break lock", cookie)?;
+        // SAFETY: valid context and NUL-terminated strings.
+        let rc = unsafe {
+            (self.api().rados_break_lock)(
+                self.inner.handle,
+                c_oid.as_ptr(),
+                c_name.as_ptr(),
+                c_client.as_ptr(),
+                c_cookie.as_ptr(),
+            )
+        };
+        check(rc.into(), "break lock", || self.path(oid)).map(|_| ())
+    }
+
+    /// Whether the RBD namespace `namespace` exists in this context's pool (images can
+    /// only be made in a namespace `rbd namespace create` made). Ask on a context of the
+    /// pool's default namespace.
+    pub fn rbd_namespace_exists(&self, namespace: &str) -> Result<bool> {
+        let c_namespace = c_string("look up namespace", namespace)?;
+        let mut exists = false;
+        // SAFETY: valid context and name; writes one bool.
+        let rc = unsafe {
+            (self.api().rbd_namespace_exists)(self.inner.handle, c_namespace.as_ptr(), &mut exists)
+        };
+        check(rc.into(), "look up namespace", || {
+            format!("{}/{namespace}", self.pool())
+        })?;
+        Ok(exists)
+    }
+}
+
+/// One holder of an object lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locker {
+    /// `client.<id>`.
+    pub client: String,
+    pub cookie: String,
+    pub address: String,
 }
 
 /// The arguments of one lock (or renewal) call.
@@ -1210,6 +1400,115 @@ impl Image {
             && self.flags()? & (FLAG_FAST_DIFF_INVALID | FLAG_OBJECT_MAP_INVALID) == 0)
     }
 
+    /// The image's id (what its RADOS objects are named after: `rbd_header.<id>`).
+    pub fn id(&self) -> Result<String> {
+        let mut buf = vec![0 as c_char; 128];
+        // SAFETY: valid image; the buffer is writable for its length, librbd
+        // NUL-terminates.
+        let rc = unsafe { (self.api().rbd_get_id)(self.handle, buf.as_mut_ptr(), buf.len()) };
+        self.check(rc.into(), "get id")?;
+        // SAFETY: NUL-terminated within the buffer.
+        Ok(unsafe { owned_string(buf.as_ptr()) })
+    }
+
+    /// librbd's modification time of the image. librbd updates it lazily (at most once
+    /// per `rbd_mtime_update_interval`, 60 s by default), so it may lag a write.
+    pub fn modify_time(&self) -> Result<SystemTime> {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid image; writes one timespec.
+        let rc = unsafe { (self.api().rbd_get_modify_timestamp)(self.handle, &mut ts) };
+        self.check(rc.into(), "get modify timestamp")?;
+        Ok(UNIX_EPOCH
+            + Duration::from_secs(ts.tv_sec.max(0) as u64)
+            + Duration::from_nanos(ts.tv_nsec.clamp(0, 999_999_999) as u64))
+    }
+
+    /// Takes the image's exclusive lock and keeps it: unlike the lock librbd takes by
+    /// itself for a write, this one is not handed over when another client asks for it
+    /// (its writes fail instead), until [`release_lock`](Self::release_lock) or close.
+    /// `EINVAL` when the image has no exclusive-lock feature; `EBUSY`/`EROFS` when
+    /// another client owns the lock and keeps it.
+    pub fn acquire_exclusive_lock(&self) -> Result<()> {
+        // SAFETY: valid image.
+        let rc =
+            unsafe { (self.api().rbd_lock_acquire)(self.handle, ffi::RBD_LOCK_MODE_EXCLUSIVE) };
+        self.check(rc.into(), "acquire exclusive lock").map(|_| ())
+    }
+
+    pub fn release_lock(&self) -> Result<()> {
+        // SAFETY: valid image.
+        let rc = unsafe { (self.api().rbd_lock_release)(self.handle) };
+        self.check(rc.into(), "release exclusive lock").map(|_| ())
+    }
+
+    /// The clients that own the image's exclusive lock (`client.<id> ...` strings, as
+    /// librbd names them); empty when nobody does.
+    pub fn lock_owners(&self) -> Result<Vec<String>> {
+        let mut capacity = 4usize;
+        loop {
+            let mut mode: c_int = 0;
+            let mut owners: Vec<*mut c_char> = vec![std::ptr::null_mut(); capacity];
+            let mut count = capacity;
+            // SAFETY: room for `count` pointers; librbd fills them with strings it
+            // allocates, freed by the cleanup call below.
+            let rc = unsafe {
+                (self.api().rbd_lock_get_owners)(
+                    self.handle,
+                    &mut mode,
+                    owners.as_mut_ptr(),
+                    &mut count,
+                )
+            };
+            if rc == -libc::ERANGE {
+                capacity = count.max(capacity * 2);
+                continue;
+            }
+            if rc == -libc::ENOENT {
+                return Ok(Vec::new());
+            }
+            self.check(rc.into(), "get lock owners")?;
+            let count = count.min(capacity);
+            let names = owners[..count]
+                .iter()
+                // SAFETY: NUL-terminated strings librbd allocated, valid until cleanup.
+                .map(|&owner| unsafe { owned_string(owner) })
+                .collect();
+            // SAFETY: frees exactly what rbd_lock_get_owners allocated, once.
+            unsafe { (self.api().rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), count) };
+            return Ok(names);
+        }
+    }
+
+    /// Breaks the exclusive lock of `owner` (from [`lock_owners`](Self::lock_owners)),
+    /// which also blocklists that client (`rbd_blocklist_on_break_lock`), so that the
+    /// OSDs drop its watches at once: for a client known to be dead or fenced off.
+    pub fn break_lock(&self, owner: &str) -> Result<()> {
+        let c_owner = c_string("break lock", owner)?;
+        // SAFETY: valid image and owner string.
+        let rc = unsafe {
+            (self.api().rbd_lock_break)(self.handle, ffi::RBD_LOCK_MODE_EXCLUSIVE, c_owner.as_ptr())
+        };
+        check(rc.into(), "break lock", || {
+            format!("{} owned by {owner}", self.describe())
+        })
+        .map(|_| ())
+    }
+
+    /// Makes the head read exactly as snapshot `name` (and its size). librbd does it
+    /// object by object inside the cluster: the time grows with the image's object count.
+    pub fn rollback_to_snapshot(&self, name: &str) -> Result<()> {
+        let c_name = c_string("roll back to snapshot", name)?;
+        // SAFETY: valid image and name.
+        let rc = unsafe { (self.api().rbd_snap_rollback)(self.handle, c_name.as_ptr()) };
+        check(rc.into(), "roll back to snapshot", || {
+            format!("{}@{name}", self.describe())
+        })
+        .map(|_| ())
+    }
+
     /// Changes the size. librbd is told never to shrink (`EINVAL` if `size` is smaller);
     /// growing is the caller's only use.
     pub fn resize(&self, size: u64) -> Result<()> {
@@ -1304,6 +1603,12 @@ impl Image {
     where
         F: FnMut(Extent) -> ControlFlow<()> + Send,
     {
+        // librbd asserts (aborting the process) when a fast-diff range reaches past
+        // the image's end, or is empty: clamp it to the version opened here.
+        let range = range.start..range.end.min(self.size()?);
+        if range.is_empty() {
+            return Ok(());
+        }
         let c_from = from_snapshot.map(|s| c_string("diff", s)).transpose()?;
         let from_ptr = c_from.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         let state = CallbackState::new(callback);
@@ -1672,6 +1977,112 @@ impl Drop for InFlight {
     }
 }
 
+// SAFETY: a completion may be waited for and released from any thread (librbd's
+// completions are thread-safe), and the buffer is plain owned memory.
+unsafe impl Send for InFlight {}
+
+impl Image {
+    /// Submits one asynchronous request; the returned InFlight keeps the buffer (and the
+    /// completion) until librbd has finished with it.
+    fn submit(
+        &self,
+        kind: AioKind,
+        offset: u64,
+        len: u64,
+        mut buffer: Vec<u8>,
+        op_flags: c_int,
+    ) -> Result<InFlight> {
+        let api = self.api();
+        let mut completion: ffi::CompletionHandle = std::ptr::null_mut();
+        // SAFETY: no callback; librbd writes the new completion through the pointer.
+        let rc =
+            unsafe { (api.rbd_aio_create_completion)(std::ptr::null_mut(), None, &mut completion) };
+        check(rc.into(), "create completion", || self.describe())?;
+        let handle = self.handle;
+        let size = usize::try_from(len)
+            .map_err(|_| RbdError::ceph("submit", self.describe(), libc::EINVAL))?;
+        // SAFETY: valid image and completion. The buffer's heap memory does not move
+        // when the Vec is moved into the InFlight below, and InFlight keeps it until the
+        // request has completed (its Drop waits), so librbd never sees freed memory.
+        let rc = unsafe {
+            match kind {
+                AioKind::Read => {
+                    let buf = buffer.as_mut_ptr().cast();
+                    (api.rbd_aio_read2)(handle, offset, size, buf, completion, op_flags)
+                }
+                AioKind::Write => {
+                    let buf = buffer.as_ptr().cast();
+                    (api.rbd_aio_write2)(handle, offset, size, buf, completion, op_flags)
+                }
+                AioKind::Discard => (api.rbd_aio_discard)(handle, offset, len, completion),
+                AioKind::WriteZeroes => {
+                    (api.rbd_aio_write_zeroes)(handle, offset, size, completion, 0, 0)
+                }
+            }
+        };
+        if rc < 0 {
+            // Not submitted: nothing will complete it, release it here.
+            // SAFETY: created above, never submitted, released once.
+            unsafe { (api.rbd_aio_release)(completion) };
+            return Err(RbdError::ceph("submit", self.describe(), -rc));
+        }
+        Ok(InFlight {
+            api,
+            completion,
+            kind,
+            offset,
+            len,
+            buffer,
+        })
+    }
+
+    /// Starts writing all of `buffer` at `offset` (within the image's size) and returns
+    /// at once; the write keeps its buffer until it is waited for (or dropped, which
+    /// waits). With zero-copy writes (the connection allows them) librbd sends the
+    /// buffer itself: it must not change meanwhile, which owning it guarantees.
+    pub fn submit_write(&self, offset: u64, buffer: Vec<u8>) -> Result<PendingWrite> {
+        let len = buffer.len() as u64;
+        Ok(PendingWrite {
+            request: self.submit(AioKind::Write, offset, len, buffer, 0)?,
+            describe: self.describe(),
+        })
+    }
+}
+
+/// A write in flight on its own (see [`Image::submit_write`]). The image must stay open
+/// until it is waited for.
+pub struct PendingWrite {
+    request: InFlight,
+    describe: String,
+}
+
+impl std::fmt::Debug for PendingWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "write {}+{} to {}",
+            self.request.offset, self.request.len, self.describe
+        )
+    }
+}
+
+impl PendingWrite {
+    /// The range it writes.
+    pub fn range(&self) -> Range<u64> {
+        self.request.offset..self.request.offset + self.request.len
+    }
+
+    /// Waits until it is done: its buffer back (for reuse), or its error.
+    pub fn wait(mut self) -> Result<Vec<u8>> {
+        let rc = self.request.wait();
+        let (offset, len) = (self.request.offset, self.request.len);
+        check(rc as i64, "write", || {
+            format!("{} at {offset}+{len}", self.describe)
+        })?;
+        Ok(std::mem::take(&mut self.request.buffer))
+    }
+}
+
 /// Up to `depth` asynchronous requests in flight on one image, finished in submission
 /// order: a copier submits reads (or writes) of large blocks and takes results from
 /// the oldest. Every submit on a full queue first waits for the oldest request and
@@ -1791,55 +2202,17 @@ impl<'a> AioQueue<'a> {
         kind: AioKind,
         offset: u64,
         len: u64,
-        mut buffer: Vec<u8>,
+        buffer: Vec<u8>,
     ) -> Result<Option<AioDone>> {
         let made_room = if self.is_full() {
             self.wait_oldest().transpose()?
         } else {
             None
         };
-        let api = self.image.api();
-        let mut completion: ffi::CompletionHandle = std::ptr::null_mut();
-        // SAFETY: no callback; librbd writes the new completion through the pointer.
-        let rc =
-            unsafe { (api.rbd_aio_create_completion)(std::ptr::null_mut(), None, &mut completion) };
-        check(rc.into(), "create completion", || self.image.describe())?;
-        let handle = self.image.handle;
-        let size = usize::try_from(len)
-            .map_err(|_| RbdError::ceph("submit", self.image.describe(), libc::EINVAL))?;
-        // SAFETY: valid image and completion. The buffer's heap memory does not move
-        // when the Vec is moved into `in_flight` below, and InFlight keeps it until the
-        // request has completed (its Drop waits), so librbd never sees freed memory.
-        let rc = unsafe {
-            match kind {
-                AioKind::Read => {
-                    let buf = buffer.as_mut_ptr().cast();
-                    (api.rbd_aio_read2)(handle, offset, size, buf, completion, self.op_flags)
-                }
-                AioKind::Write => {
-                    let buf = buffer.as_ptr().cast();
-                    (api.rbd_aio_write2)(handle, offset, size, buf, completion, self.op_flags)
-                }
-                AioKind::Discard => (api.rbd_aio_discard)(handle, offset, len, completion),
-                AioKind::WriteZeroes => {
-                    (api.rbd_aio_write_zeroes)(handle, offset, size, completion, 0, 0)
-                }
-            }
-        };
-        if rc < 0 {
-            // Not submitted: nothing will complete it, release it here.
-            // SAFETY: created above, never submitted, released once.
-            unsafe { (api.rbd_aio_release)(completion) };
-            return Err(RbdError::ceph("submit", self.image.describe(), -rc));
-        }
-        self.in_flight.push_back(InFlight {
-            api,
-            completion,
-            kind,
-            offset,
-            len,
-            buffer,
-        });
+        let request = self
+            .image
+            .submit(kind, offset, len, buffer, self.op_flags)?;
+        self.in_flight.push_back(request);
         Ok(made_room)
     }
 }

@@ -68,6 +68,7 @@ pub(crate) const LIBRADOS_OP_FLAG_FADVISE_NOCACHE: c_int = 0x40;
 pub(crate) const RBD_IMAGE_OPTION_FORMAT: c_int = 0;
 pub(crate) const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
 pub(crate) const RBD_IMAGE_OPTION_ORDER: c_int = 2;
+pub(crate) const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
@@ -171,6 +172,39 @@ api! {
         u8,
     ) -> c_int;
     rados fn rados_unlock(IoctxHandle, *const c_char, *const c_char, *const c_char) -> c_int;
+    rados fn rados_list_lockers(
+        IoctxHandle,
+        *const c_char,
+        *const c_char,
+        *mut c_int,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+    ) -> isize;
+    rados fn rados_break_lock(
+        IoctxHandle,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+    ) -> c_int;
+    rados fn rados_mon_command(
+        RadosHandle,
+        *mut *const c_char,
+        usize,
+        *const c_char,
+        usize,
+        *mut *mut c_char,
+        *mut usize,
+        *mut *mut c_char,
+        *mut usize,
+    ) -> c_int;
+    rados fn rados_buffer_free(*mut c_char);
 
     rbd fn rbd_version(*mut c_int, *mut c_int, *mut c_int);
     rbd fn rbd_list2(IoctxHandle, *mut ImageSpec, *mut usize) -> c_int;
@@ -211,7 +245,16 @@ api! {
         DiffCallback,
         *mut c_void,
     ) -> c_int;
+    rbd fn rbd_namespace_exists(IoctxHandle, *const c_char, *mut bool) -> c_int;
+    rbd fn rbd_get_id(ImageHandle, *mut c_char, usize) -> c_int;
+    rbd fn rbd_get_modify_timestamp(ImageHandle, *mut libc::timespec) -> c_int;
+    rbd fn rbd_lock_acquire(ImageHandle, c_int) -> c_int;
+    rbd fn rbd_lock_release(ImageHandle) -> c_int;
+    rbd fn rbd_lock_get_owners(ImageHandle, *mut c_int, *mut *mut c_char, *mut usize) -> c_int;
+    rbd fn rbd_lock_get_owners_cleanup(*mut *mut c_char, usize);
+    rbd fn rbd_lock_break(ImageHandle, c_int, *const c_char) -> c_int;
     rbd fn rbd_snap_create(ImageHandle, *const c_char) -> c_int;
+    rbd fn rbd_snap_rollback(ImageHandle, *const c_char) -> c_int;
     rbd fn rbd_snap_remove(ImageHandle, *const c_char) -> c_int;
     rbd fn rbd_snap_list(ImageHandle, *mut SnapInfo, *mut c_int) -> c_int;
     rbd fn rbd_snap_list_end(*mut SnapInfo);
