@@ -396,7 +396,7 @@ fn a_wedged_daemon_fails_the_test_instead_of_hanging_the_suite() {
     random_volume(&l.gold, "v", 1);
     let d = sb.start_daemon(&l.config);
     let started = std::time::Instant::now();
-    d.signal(libc::SIGSTOP);
+    d.stop_all_threads();
     let result = std::fs::read_to_string(d.volume("ssd", "v"));
     // The request in flight is aborted (ECONNABORTED); a later one finds no daemon.
     let errno = errno_of(result);

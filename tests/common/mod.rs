@@ -1066,6 +1066,27 @@ impl Daemon {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
+    /// SIGSTOP, then waits until every thread of the daemon has stopped: kill() wakes one
+    /// thread to start the group stop, and until it runs the others go on answering.
+    pub fn stop_all_threads(&self) {
+        self.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.child.id());
+        wait_for(
+            || {
+                std::fs::read_dir(&tasks).is_ok_and(|entries| {
+                    entries.flatten().all(|task| {
+                        // The state follows the command name in parentheses.
+                        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                            stat.rsplit_once(") ")
+                                .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+                        })
+                    })
+                })
+            },
+            "every thread of the daemon to stop",
+        );
+    }
+
     /// SIGTERM, then wait for the process to exit; its exit status.
     #[must_use = "check how the daemon exited"]
     pub fn stop(mut self) -> ExitStatus {
