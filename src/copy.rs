@@ -73,8 +73,9 @@ pub struct CopyOptions {
 
 #[derive(Debug, Default)]
 pub struct CopyOutcome {
-    /// One per `CHECKSUM_BLOCK` of the source range; see [`block_sum`].
+    /// One per `CHECKSUM_BLOCK` of the source range, taken as `kind` says.
     pub checksums: Vec<u64>,
+    pub kind: SumKind,
     pub bytes_read: u64,
     pub bytes_written: u64,
     /// Bytes of the source found to differ from the base (an incremental copy).
@@ -93,6 +94,8 @@ pub struct Base<'a> {
     /// knows them; None: every block is read and compared with the base's checksum, and
     /// only blocks that differ are written.
     pub changed: Option<&'a [std::ops::Range<u64>]>,
+    /// How the base's checksums were taken.
+    pub kind: SumKind,
 }
 
 impl Base<'_> {
@@ -109,16 +112,88 @@ impl Base<'_> {
     }
 }
 
-/// The checksum of one block: 0 for an all-zero block (so holes need no hashing), else
-/// xxh3-64 with 0 mapped to 1.
-pub fn block_sum(block: &[u8]) -> u64 {
-    if is_zero(block) {
-        return 0;
-    }
-    data_sum(block)
+/// How the checksum of a block is taken: the record's `checksums.algorithm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SumKind {
+    /// `xxh3-64`: xxh3-64 of the whole block (backups made before leaf sums).
+    Flat,
+    /// `xxh3-64-leaves`: xxh3-64 of the little-endian xxh3-64 sums of the block's 64 KiB
+    /// leaves. A leaf's sum can be kept beside the block's, so an incremental backup
+    /// reads only the leaves that changed, not whole blocks.
+    #[default]
+    Leaves,
 }
 
-/// The checksum of a block known to hold data.
+impl SumKind {
+    /// What new backups get.
+    pub const CURRENT: SumKind = SumKind::Leaves;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SumKind::Flat => "xxh3-64",
+            SumKind::Leaves => "xxh3-64-leaves",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<SumKind> {
+        [SumKind::Flat, SumKind::Leaves]
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+
+    /// The checksum of one block: 0 for an all-zero block (so holes need no hashing),
+    /// never 0 for a block holding data.
+    pub fn block_sum(self, block: &[u8]) -> u64 {
+        match self {
+            SumKind::Flat => flat_sum(block),
+            SumKind::Leaves => {
+                let mut leaves = [0u64; LEAVES_PER_BLOCK];
+                let n = leaf_sums(block, &mut leaves);
+                sum_of_leaves(&leaves[..n])
+            }
+        }
+    }
+}
+
+/// The unit of leaf sums.
+pub const LEAF: u64 = 64 << 10;
+/// Leaves in a (whole) block.
+pub const LEAVES_PER_BLOCK: usize = (CHECKSUM_BLOCK / LEAF) as usize;
+/// Bytes of leaf sums per block in a leaf-sums file (a short last block's are padded
+/// with zeros).
+pub const LEAF_SUMS_PER_BLOCK_BYTES: u64 = LEAVES_PER_BLOCK as u64 * 8;
+
+/// The sums of the leaves of `block` into `out`; how many leaves it has.
+pub fn leaf_sums(block: &[u8], out: &mut [u64; LEAVES_PER_BLOCK]) -> usize {
+    let mut n = 0;
+    for (slot, leaf) in out.iter_mut().zip(block.chunks(LEAF as usize)) {
+        *slot = flat_sum(leaf);
+        n += 1;
+    }
+    n
+}
+
+/// A block's checksum from its leaves' sums: 0 if every leaf is zero.
+pub fn sum_of_leaves(leaves: &[u64]) -> u64 {
+    if leaves.iter().all(|&l| l == 0) {
+        return 0;
+    }
+    let mut bytes = [0u8; LEAVES_PER_BLOCK * 8];
+    for (slot, leaf) in bytes.chunks_exact_mut(8).zip(leaves) {
+        slot.copy_from_slice(&leaf.to_le_bytes());
+    }
+    data_sum(&bytes[..leaves.len() * 8])
+}
+
+/// xxh3-64 of a piece, 0 for an all-zero one.
+fn flat_sum(piece: &[u8]) -> u64 {
+    if is_zero(piece) {
+        return 0;
+    }
+    data_sum(piece)
+}
+
+/// The checksum of bytes known to hold data (never 0).
 fn data_sum(block: &[u8]) -> u64 {
     match xxhash_rust::xxh3::xxh3_64(block) {
         0 => 1,
@@ -176,6 +251,10 @@ struct Shared<'a> {
     bytes_written: AtomicU64,
     changed_bytes: AtomicU64,
     base: Option<Base<'a>>,
+    kind: SumKind,
+    /// Where the leaf sums go (`LEAF_SUMS_PER_BLOCK_BYTES` per block of the range); for
+    /// an incremental copy it already holds the base's, which are read back from it.
+    leaves: Option<&'a File>,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
     /// Set when any worker failed: the others stop at their next chunk.
@@ -251,25 +330,86 @@ impl Shared<'_> {
             self.write_data(offset, buf)?;
         }
         let first_block = (offset - self.range.src_offset) / CHECKSUM_BLOCK;
+        let mut leaves = Vec::new();
         for (i, block) in buf.chunks(CHECKSUM_BLOCK as usize).enumerate() {
             // A hole chunk's buffer is not read: its blocks are zero.
             let sum = if extents.is_empty() {
+                if self.leaves.is_some() {
+                    leaves.resize(leaves.len() + LEAF_SUMS_PER_BLOCK_BYTES as usize, 0);
+                }
                 0
             } else {
-                block_sum(block)
+                self.block_sum(block, &mut leaves)
             };
             self.sums[first_block as usize + i].store(sum, Ordering::Relaxed);
         }
+        self.write_leaves(first_block, &leaves)?;
         self.writeback(index);
         self.progress.done.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 
+    /// A block's checksum as this copy takes them; with a leaf-sums file, its leaves'
+    /// sums are appended to `leaves`.
+    fn block_sum(&self, block: &[u8], leaves: &mut Vec<u8>) -> u64 {
+        if self.kind == SumKind::Flat || self.leaves.is_none() {
+            return self.kind.block_sum(block);
+        }
+        let mut sums = [0u64; LEAVES_PER_BLOCK];
+        let n = leaf_sums(block, &mut sums);
+        leaves.extend(sums.iter().flat_map(|l| l.to_le_bytes()));
+        sum_of_leaves(&sums[..n])
+    }
+
+    /// Writes the leaf sums of the blocks from `first_block` on.
+    fn write_leaves(&self, first_block: u64, leaves: &[u8]) -> Result<(), CopyError> {
+        let Some(file) = self.leaves else {
+            return Ok(());
+        };
+        if leaves.is_empty() {
+            return Ok(());
+        }
+        let at = first_block * LEAF_SUMS_PER_BLOCK_BYTES;
+        std::os::unix::fs::FileExt::write_all_at(file, leaves, at)
+            .map_err(|source| CopyError::Write { offset: at, source })
+    }
+
+    /// The base's leaf sums of `block` (`n` leaves), if the leaf-sums file holds them and
+    /// they make the base's checksum of the block: a damaged or missing entry only costs
+    /// a read of the whole block.
+    fn base_leaves(&self, base: &Base, block: u64, n: usize) -> Option<[u64; LEAVES_PER_BLOCK]> {
+        let file = self.leaves?;
+        if base.kind != SumKind::Leaves {
+            return None;
+        }
+        let expected = *base.sums.get(block as usize)?;
+        let mut bytes = [0u8; LEAVES_PER_BLOCK * 8];
+        std::os::unix::fs::FileExt::read_exact_at(
+            file,
+            &mut bytes,
+            block * LEAF_SUMS_PER_BLOCK_BYTES,
+        )
+        .ok()?;
+        let mut leaves = [0u64; LEAVES_PER_BLOCK];
+        for (leaf, b) in leaves.iter_mut().zip(bytes.chunks_exact(8)) {
+            *leaf = u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+        }
+        (sum_of_leaves(&leaves[..n]) == expected).then_some(leaves)
+    }
+
     /// An incremental chunk: the destination holds the base; blocks the base cannot differ
-    /// from keep its checksums unread, the others are read whole (their checksum needs all
-    /// of them) and only what differs is written: the changed ranges, or with no ranges
-    /// known, the blocks whose checksum differs from the base's.
+    /// from keep its checksums unread. Of a block that may differ, only the leaves a
+    /// changed range touches are read when the base's leaf sums are at hand (the others'
+    /// sums are the base's); otherwise the whole block is read (its checksum needs all of
+    /// it). Only what differs is written: the changed ranges, or with no ranges known, the
+    /// blocks whose checksum differs from the base's.
     fn update_chunk(&self, base: Base, offset: u64, buf: &mut [u8]) -> Result<(), CopyError> {
+        enum Plan {
+            Keep,
+            /// The base's leaf sums, and which leaves to read.
+            Leaves([u64; LEAVES_PER_BLOCK], [bool; LEAVES_PER_BLOCK]),
+            Whole,
+        }
         let len = buf.len() as u64;
         let first_block = offset / CHECKSUM_BLOCK;
         let blocks = len.div_ceil(CHECKSUM_BLOCK);
@@ -277,42 +417,96 @@ impl Shared<'_> {
             let start = b * CHECKSUM_BLOCK;
             (start, (start + CHECKSUM_BLOCK).min(offset + len))
         };
-        let touched: Vec<bool> = (first_block..first_block + blocks)
+        // A base whose checksums were taken another way (made before leaf sums): every
+        // block is read once, for checksums of the new kind; still only what changed is
+        // written.
+        let migrate = base.kind != self.kind;
+        let plans: Vec<Plan> = (first_block..first_block + blocks)
             .map(|b| {
                 let (start, end) = block_range(b);
-                base.touched(b, start, end)
+                if migrate {
+                    return Plan::Whole;
+                }
+                if !base.touched(b, start, end) {
+                    return Plan::Keep;
+                }
+                let Some(changed) = base.changed.filter(|_| end <= base.size) else {
+                    return Plan::Whole;
+                };
+                let n = (end - start).div_ceil(LEAF) as usize;
+                let Some(leaves) = self.base_leaves(&base, b, n) else {
+                    return Plan::Whole;
+                };
+                let mut read = [false; LEAVES_PER_BLOCK];
+                let first = changed.partition_point(|r| r.end <= start);
+                for range in changed[first..].iter().take_while(|r| r.start < end) {
+                    let from = (range.start.max(start) - start) / LEAF;
+                    let to = (range.end.min(end) - start).div_ceil(LEAF);
+                    read[from as usize..to as usize].fill(true);
+                }
+                Plan::Leaves(leaves, read)
             })
             .collect();
-        // Each run of touched blocks is read at once; untouched ones are not read at all.
+        // Each run of blocks read whole is read at once, each run of changed leaves too.
         let mut i = 0;
-        while i < touched.len() {
-            if !touched[i] {
-                i += 1;
-                continue;
+        while i < plans.len() {
+            match &plans[i] {
+                Plan::Keep => i += 1,
+                Plan::Whole => {
+                    let run = plans[i..]
+                        .iter()
+                        .take_while(|p| matches!(p, Plan::Whole))
+                        .count();
+                    let (start, _) = block_range(first_block + i as u64);
+                    let (_, end) = block_range(first_block + (i + run) as u64 - 1);
+                    self.read_span(offset, buf, start, end)?;
+                    i += run;
+                }
+                Plan::Leaves(_, read) => {
+                    let (start, end) = block_range(first_block + i as u64);
+                    let mut l = 0;
+                    while l < LEAVES_PER_BLOCK {
+                        if !read[l] {
+                            l += 1;
+                            continue;
+                        }
+                        let run = read[l..].iter().take_while(|&&r| r).count();
+                        let from = start + l as u64 * LEAF;
+                        let to = (start + (l + run) as u64 * LEAF).min(end);
+                        self.read_span(offset, buf, from, to)?;
+                        l += run;
+                    }
+                    i += 1;
+                }
             }
-            let run = touched[i..].iter().take_while(|&&t| t).count();
-            let (start, _) = block_range(first_block + i as u64);
-            let (_, end) = block_range(first_block + (i + run) as u64 - 1);
-            let extents = self
-                .src
-                .data_extents(start..end)
-                .map_err(|source| CopyError::Read {
-                    offset: start,
-                    source,
-                })?;
-            let slot = &mut buf[(start - offset) as usize..(end - offset) as usize];
-            self.read(start, slot, &extents)?;
-            i += run;
         }
-        for (i, block) in (first_block..first_block + blocks).enumerate() {
-            if !touched[i] {
-                self.sums[block as usize].store(base.sums[block as usize], Ordering::Relaxed);
-                continue;
-            }
+        for (i, plan) in plans.iter().enumerate() {
+            let block = first_block + i as u64;
             let (start, end) = block_range(block);
             let data = &buf[(start - offset) as usize..(end - offset) as usize];
-            let sum = block_sum(data);
+            let mut leaves = Vec::new();
+            let sum = match plan {
+                Plan::Keep => {
+                    self.sums[block as usize].store(base.sums[block as usize], Ordering::Relaxed);
+                    continue;
+                }
+                Plan::Whole => self.block_sum(data, &mut leaves),
+                Plan::Leaves(old, read) => {
+                    let mut sums = *old;
+                    for (l, leaf) in data.chunks(LEAF as usize).enumerate() {
+                        if read[l] {
+                            sums[l] = flat_sum(leaf);
+                        }
+                    }
+                    leaves.extend(sums.iter().flat_map(|l| l.to_le_bytes()));
+                    sum_of_leaves(&sums[..(end - start).div_ceil(LEAF) as usize])
+                }
+            };
             self.sums[block as usize].store(sum, Ordering::Relaxed);
+            self.write_leaves(block, &leaves)?;
+            if migrate && !base.touched(block, start, end) {
+                continue;
+            }
             match base.changed {
                 Some(changed) => {
                     let first = changed.partition_point(|r| r.end <= start);
@@ -326,8 +520,16 @@ impl Shared<'_> {
                     }
                 }
                 None => {
+                    let base_way = if migrate {
+                        base.kind.block_sum(data)
+                    } else {
+                        sum
+                    };
                     let same = end <= base.size
-                        && base.sums.get(block as usize).is_some_and(|&b| b == sum);
+                        && base
+                            .sums
+                            .get(block as usize)
+                            .is_some_and(|&b| b == base_way);
                     if !same {
                         self.write_data(start, data)?;
                         self.changed_bytes.fetch_add(end - start, Ordering::Relaxed);
@@ -336,6 +538,25 @@ impl Shared<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Reads source `start..end` into its place in `buf` (the chunk at `offset`).
+    fn read_span(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        start: u64,
+        end: u64,
+    ) -> Result<(), CopyError> {
+        let extents = self
+            .src
+            .data_extents(start..end)
+            .map_err(|source| CopyError::Read {
+                offset: start,
+                source,
+            })?;
+        let slot = &mut buf[(start - offset) as usize..(end - offset) as usize];
+        self.read(start, slot, &extents)
     }
 
     /// Fills `buf` (the chunk at `offset`) from the source: the data extents are read
@@ -499,7 +720,27 @@ pub fn copy(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<CopyOutcome, CopyError> {
-    let outcome = copy_unflushed(src, dst, range, options, None, progress, cancel)?;
+    copy_with_leaves(src, dst, range, options, None, progress, cancel)
+}
+
+/// [`copy`], writing the leaf sums of each block into `leaves` too (which then holds
+/// `LEAF_SUMS_PER_BLOCK_BYTES` per block of the range; holes' are zero). The leaf-sums
+/// file is not flushed.
+pub fn copy_with_leaves(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    range: Range,
+    options: CopyOptions,
+    leaves: Option<&File>,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<CopyOutcome, CopyError> {
+    let what = How {
+        base: None,
+        kind: SumKind::CURRENT,
+        leaves,
+    };
+    let outcome = copy_unflushed(src, dst, range, options, what, progress, cancel)?;
     flush(dst, range)?;
     Ok(outcome)
 }
@@ -507,12 +748,16 @@ pub fn copy(
 /// Updates `dst`, which reads as `base` (a shared copy of an earlier copy of the same
 /// source, grown to the source's size), so that it reads as the whole of `src`: only what
 /// differs is written. The checksums are the base's with the blocks that may differ
-/// taken again from the source. Then flushes `dst`.
+/// taken again from the source (all of them, once, if the base's were taken another
+/// way). `leaves`, if given, holds the base's leaf sums (a copy of its file; a new file
+/// if the base's are of another kind) and is updated to the new ones. Then flushes `dst`.
+#[allow(clippy::too_many_arguments)]
 pub fn copy_incremental(
     src: &dyn BlockDevice,
     dst: &dyn BlockDevice,
     len: u64,
     base: Base,
+    leaves: Option<&File>,
     bps_limit: u64,
     progress: &Progress,
     cancel: &AtomicBool,
@@ -522,9 +767,22 @@ pub fn copy_incremental(
         bps_limit,
     };
     let range = Range::whole(len);
-    let outcome = copy_unflushed(src, dst, range, options, Some(base), progress, cancel)?;
+    let what = How {
+        base: Some(base),
+        kind: SumKind::CURRENT,
+        leaves,
+    };
+    let outcome = copy_unflushed(src, dst, range, options, what, progress, cancel)?;
     flush(dst, range)?;
     Ok(outcome)
+}
+
+/// What a copy starts from and which checksums it takes.
+#[derive(Clone, Copy)]
+struct How<'a> {
+    base: Option<Base<'a>>,
+    kind: SumKind,
+    leaves: Option<&'a File>,
 }
 
 fn flush(dst: &dyn BlockDevice, range: Range) -> Result<(), CopyError> {
@@ -541,7 +799,7 @@ fn copy_unflushed(
     dst: &dyn BlockDevice,
     range: Range,
     options: CopyOptions,
-    base: Option<Base>,
+    how: How,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<CopyOutcome, CopyError> {
@@ -572,7 +830,9 @@ fn copy_unflushed(
         bytes_read: AtomicU64::new(0),
         bytes_written: AtomicU64::new(0),
         changed_bytes: AtomicU64::new(0),
-        base,
+        base: how.base,
+        kind: how.kind,
+        leaves: how.leaves,
         progress,
         cancel,
         failed: AtomicBool::new(false),
@@ -607,6 +867,7 @@ fn copy_unflushed(
             .iter()
             .map(|s| s.load(Ordering::Relaxed))
             .collect(),
+        kind: how.kind,
         bytes_read: shared.bytes_read.load(Ordering::Relaxed),
         bytes_written: shared.bytes_written.load(Ordering::Relaxed),
         changed_bytes: shared.changed_bytes.load(Ordering::Relaxed),
@@ -699,7 +960,11 @@ fn generic_rest(
         dst,
         rest,
         CopyOptions::default(),
-        None,
+        How {
+            base: None,
+            kind: SumKind::CURRENT,
+            leaves: None,
+        },
         &Progress::default(),
         &AtomicBool::new(false),
     )
@@ -737,8 +1002,10 @@ mod tests {
 
     #[test]
     fn block_sum_of_zeros_is_zero_and_of_data_is_not() {
-        assert_eq!(block_sum(&[0u8; 4096]), 0);
-        assert_ne!(block_sum(b"backupfs"), 0);
+        assert_eq!(SumKind::Leaves.block_sum(&[0u8; 4096]), 0);
+        assert_eq!(SumKind::Flat.block_sum(&[0u8; 4096]), 0);
+        assert_ne!(SumKind::Flat.block_sum(b"backupfs"), 0);
+        assert_ne!(SumKind::Leaves.block_sum(b"backupfs"), 0);
         assert!(is_zero(&[0u8; 17]));
         let mut v = vec![0u8; 100];
         v[99] = 1;
@@ -767,7 +1034,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(dst.contents(), src.contents());
-        let expected: Vec<u64> = src.contents().chunks(MIB as usize).map(block_sum).collect();
+        let expected: Vec<u64> = src
+            .contents()
+            .chunks(MIB as usize)
+            .map(|b| SumKind::CURRENT.block_sum(b))
+            .collect();
         assert_eq!(outcome.checksums, expected);
         assert_eq!(outcome.checksums[0], 0);
         assert_eq!(outcome.checksums[10], 0);
@@ -947,7 +1218,9 @@ mod tests {
 
     /// A base, a source that differs from it in a few places (one turned to zeros, one
     /// past the base's end), and a destination that is a copy of the base.
-    fn incremental_case() -> (
+    fn incremental_case(
+        kind: SumKind,
+    ) -> (
         MemDevice,
         MemDevice,
         Vec<u64>,
@@ -960,7 +1233,7 @@ mod tests {
         let sums: Vec<u64> = base
             .contents()
             .chunks(MIB as usize)
-            .map(block_sum)
+            .map(|b| kind.block_sum(b))
             .collect();
         let src = MemDevice::new(12 * MIB + 100);
         src.fill(0, &base.contents());
@@ -982,25 +1255,31 @@ mod tests {
 
     #[test]
     fn an_incremental_copy_writes_only_the_changed_ranges_and_gives_whole_checksums() {
-        let (src, dst, sums, base_len, changed) = incremental_case();
+        let (src, dst, sums, base_len, changed) = incremental_case(SumKind::Leaves);
         let len = src.size().unwrap();
         let base = Base {
             sums: &sums,
             size: base_len,
             changed: Some(&changed),
+            kind: SumKind::Leaves,
         };
         let outcome = copy_incremental(
             &src,
             &dst,
             len,
             base,
+            None,
             0,
             &Progress::default(),
             &AtomicBool::new(false),
         )
         .unwrap();
         assert_eq!(dst.contents(), src.contents());
-        let full: Vec<u64> = src.contents().chunks(MIB as usize).map(block_sum).collect();
+        let full: Vec<u64> = src
+            .contents()
+            .chunks(MIB as usize)
+            .map(|b| SumKind::CURRENT.block_sum(b))
+            .collect();
         assert_eq!(outcome.checksums, full);
         // Only the blocks the ranges touch (and those past the base) were read.
         assert!(
@@ -1019,27 +1298,120 @@ mod tests {
         assert!(!dst.discarded.lock().is_empty());
     }
 
+    /// The leaf sums a full copy of `device` writes.
+    fn leaves_of(device: &MemDevice) -> Vec<u8> {
+        let file = tempfile::tempfile().unwrap();
+        let len = device.size().unwrap();
+        let dst = MemDevice::new(len);
+        copy_with_leaves(
+            device,
+            &dst,
+            Range::whole(len),
+            CopyOptions::default(),
+            Some(&file),
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut bytes).unwrap();
+        bytes.resize(
+            (len.div_ceil(CHECKSUM_BLOCK) * LEAF_SUMS_PER_BLOCK_BYTES) as usize,
+            0,
+        );
+        bytes
+    }
+
+    #[test]
+    fn with_the_bases_leaf_sums_an_incremental_copy_reads_only_the_changed_leaves() {
+        let (src, dst, sums, base_len, changed) = incremental_case(SumKind::Leaves);
+        let len = src.size().unwrap();
+        let base_device = MemDevice::new(base_len);
+        base_device.fill(0, &dst.contents()[..base_len as usize]);
+        let full_sums: Vec<u64> = src
+            .contents()
+            .chunks(MIB as usize)
+            .map(|b| SumKind::Leaves.block_sum(b))
+            .collect();
+        for damaged_entry in [false, true] {
+            let dst = MemDevice::new(base_len);
+            dst.fill(0, &base_device.contents());
+            dst.grow(len).unwrap();
+            let mut base_leaves = leaves_of(&base_device);
+            if damaged_entry {
+                // Block 1's entries rot: that block is read whole instead.
+                base_leaves[(LEAF_SUMS_PER_BLOCK_BYTES + 3) as usize] ^= 1;
+            }
+            let file = tempfile::tempfile().unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&file, &base_leaves, 0).unwrap();
+            let base = Base {
+                sums: &sums,
+                size: base_len,
+                changed: Some(&changed),
+                kind: SumKind::Leaves,
+            };
+            let outcome = copy_incremental(
+                &src,
+                &dst,
+                len,
+                base,
+                Some(&file),
+                0,
+                &Progress::default(),
+                &AtomicBool::new(false),
+            )
+            .unwrap();
+            assert_eq!(dst.contents(), src.contents());
+            assert_eq!(outcome.checksums, full_sums);
+            let mut written = Vec::new();
+            std::io::Read::read_to_end(&mut &file, &mut written).unwrap();
+            assert_eq!(
+                written,
+                leaves_of(&src),
+                "the new leaf sums are the source's"
+            );
+            // Four leaves in the base's blocks (one range straddles two blocks), and the
+            // data past the base's end (5000 bytes, in whole pages); block 1 whole if its
+            // entry rotted.
+            let rest = if damaged_entry { MIB - LEAF } else { 0 };
+            let expected = 4 * LEAF + 2 * 4096 + rest;
+            assert_eq!(
+                outcome.bytes_read, expected,
+                "damaged entry: {damaged_entry}"
+            );
+        }
+    }
+
     #[test]
     fn an_incremental_copy_without_ranges_compares_checksums_and_writes_whole_changed_blocks() {
-        let (src, dst, sums, base_len, _) = incremental_case();
+        // A parent made before leaf sums: blocks are compared its way, and the new
+        // checksums are taken the current way.
+        let (src, dst, sums, base_len, _) = incremental_case(SumKind::Flat);
         let len = src.size().unwrap();
         let base = Base {
             sums: &sums,
             size: base_len,
             changed: None,
+            kind: SumKind::Flat,
         };
         let outcome = copy_incremental(
             &src,
             &dst,
             len,
             base,
+            None,
             0,
             &Progress::default(),
             &AtomicBool::new(false),
         )
         .unwrap();
         assert_eq!(dst.contents(), src.contents());
-        let full: Vec<u64> = src.contents().chunks(MIB as usize).map(block_sum).collect();
+        assert_eq!(outcome.kind, SumKind::Leaves);
+        let full: Vec<u64> = src
+            .contents()
+            .chunks(MIB as usize)
+            .map(|b| SumKind::Leaves.block_sum(b))
+            .collect();
         assert_eq!(outcome.checksums, full);
         // Blocks 1, 4, 5, 7 differ, and the two past the base's end are new.
         assert_eq!(outcome.changed_bytes, 4 * MIB + (2 * MIB + 100));

@@ -380,3 +380,109 @@ fn a_qcow2_volume_is_backed_up_incrementally_by_comparing_checksums() {
     ok(&format!("rm '{}'", d.image("q", &first).display()));
     assert_eq!(sha256(&d.image("q", &second)), sha256(&raw));
 }
+
+/// Rewrites backup `id` in pool `pool` as a backupfs made before leaf sums wrote it:
+/// `xxh3-64` of each whole 1 MiB block, no leaf-sums file.
+fn as_made_before_leaf_sums(pool: &Path, id: &str) {
+    let data = std::fs::read(pool.join(format!("backup-{id}.img"))).unwrap();
+    let sums: Vec<u8> = data
+        .chunks(1 << 20)
+        .flat_map(|block| backupfs::copy::SumKind::Flat.block_sum(block).to_le_bytes())
+        .collect();
+    std::fs::write(pool.join(format!("backup-{id}.sums")), &sums).unwrap();
+    std::fs::remove_file(pool.join(format!("backup-{id}.leaves"))).unwrap();
+    let path = pool.join(format!("backup-{id}.json"));
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let checksums = record["checksums"].as_object_mut().unwrap();
+    checksums.insert("algorithm".into(), "xxh3-64".into());
+    checksums.insert(
+        "digest".into(),
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&sums)).into(),
+    );
+    checksums.remove("leaves");
+    std::fs::write(&path, serde_json::to_string(&record).unwrap()).unwrap();
+}
+
+#[test]
+fn leaf_sums_carry_on_from_older_backups_and_a_damaged_leaf_file_costs_only_reads() {
+    let mut sb = Sandbox::new("inc-leaves");
+    let s = setup(&mut sb, "", "");
+    let volume = random_volume(&s.gold, "v", 16);
+    let mut rng = Lcg(0x1eaf);
+    let d = sb.start_daemon(&s.config);
+    let first = incremental(&d, "b", "v");
+    let first_sum = sha256(&volume);
+    let checksums = d.record("b", &first)["checksums"].clone();
+    assert_eq!(checksums["algorithm"], "xxh3-64-leaves", "{checksums}");
+    let leaves = checksums["leaves"]
+        .as_str()
+        .expect("the record names its leaf sums");
+    assert_eq!(
+        std::fs::metadata(s.b.join(leaves)).unwrap().len(),
+        16 * 16 * 8,
+        "16 sums of 8 bytes per 1 MiB block"
+    );
+    d.stop_clean();
+
+    // A backup made before leaf sums still reads (every read checked its way), and the
+    // next incremental from it reads every block once to take the new checksums.
+    as_made_before_leaf_sums(&s.b, &first);
+    let d = sb.start_daemon(&s.config);
+    assert_eq!(sha256(&d.image("b", &first)), first_sum, "{}", d.log());
+    round_of_writes(&volume, &mut rng);
+    let second = incremental(&d, "b", "v");
+    let record = d.record("b", &second);
+    assert_eq!(record["parent_id"], first.as_str(), "{record}");
+    assert_eq!(
+        record["checksums"]["algorithm"], "xxh3-64-leaves",
+        "{record}"
+    );
+    assert!(record["checksums"]["leaves"].is_string(), "{record}");
+    assert!(
+        record["changed_bytes"].as_u64().unwrap() < 8 << 20,
+        "only what changed is written: {record}"
+    );
+    assert_eq!(sha256(&d.image("b", &second)), sha256(&volume));
+    assert!(d.log().contains("reading every block once"), "{}", d.log());
+
+    // Leaf sums that rotted are told by their block's checksum: whole blocks are read
+    // instead, and the backup is as exact as ever.
+    let leaves = s.b.join(format!("backup-{second}.leaves"));
+    let len = std::fs::metadata(&leaves).unwrap().len() as usize;
+    std::fs::write(&leaves, vec![0x5a; len]).unwrap();
+    round_of_writes(&volume, &mut rng);
+    let third = incremental(&d, "b", "v");
+    assert_eq!(d.record("b", &third)["changes_found_by"], "snapshot-diff");
+    assert_eq!(sha256(&d.image("b", &third)), sha256(&volume));
+    // The same checksums as a full backup of the same data.
+    let full = d.backup("b", "v wait");
+    assert_eq!(
+        d.record("b", &third)["checksums"]["digest"],
+        d.record("b", &full)["checksums"]["digest"]
+    );
+    // Entries of blocks that changed were taken again; the others are inherited as they
+    // are (and checked before any use).
+    let third_leaves = std::fs::read(s.b.join(format!("backup-{third}.leaves"))).unwrap();
+    let full_leaves = std::fs::read(s.b.join(format!("backup-{full}.leaves"))).unwrap();
+    assert_eq!(third_leaves.len(), full_leaves.len());
+    let entries = third_leaves.chunks(128).zip(full_leaves.chunks(128));
+    let (mut retaken, mut inherited) = (0, 0);
+    for (block, (got, want)) in entries.enumerate() {
+        if got.iter().all(|&b| b == 0x5a) {
+            inherited += 1;
+        } else {
+            assert!(got == want, "block {block}: neither rotted nor right");
+            retaken += 1;
+        }
+    }
+    assert!(
+        retaken > 0 && inherited > 0,
+        "{retaken} retaken, {inherited} inherited"
+    );
+
+    // Deleting a backup takes its leaf sums with it.
+    std::fs::remove_file(d.image("b", &second)).unwrap();
+    assert!(!leaves.exists());
+    d.stop_clean();
+}

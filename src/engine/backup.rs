@@ -312,7 +312,7 @@ impl Inner {
         if job.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
-        let (outcome, found_by) = copied?;
+        let (outcome, found_by, leaves) = copied?;
         if !from_snapshot {
             if let Some(why) = driver.in_use(&job.pool, &job.volume_id)? {
                 return Err(EngineError::Busy(format!(
@@ -335,7 +335,12 @@ impl Inner {
         }
         // A target that keeps backups as snapshots takes this one now (RBD).
         target.seal_data(&job.backup_id)?;
-        record.checksums = Some(target.write_checksums(&job.backup_id, &outcome.checksums)?);
+        record.checksums = Some(target.write_checksums(
+            &job.backup_id,
+            &outcome.checksums,
+            outcome.kind,
+            leaves,
+        )?);
         record.size = size;
         record.stored_bytes = outcome.bytes_written;
         record.parent_id = parent.as_ref().map(|p| p.id.clone());
@@ -433,7 +438,8 @@ impl Inner {
     }
 
     /// Copies the source into the new data: whole, or for an incremental backup only what
-    /// changed since the parent. Returns the outcome and how changes were found.
+    /// changed since the parent. Returns the outcome, how changes were found, and whether
+    /// the backup's leaf sums were written whole (and flushed).
     #[allow(clippy::too_many_arguments)]
     fn copy_data(
         &self,
@@ -445,33 +451,59 @@ impl Inner {
         size: u64,
         parent: Option<&Record>,
         cancel: &AtomicBool,
-    ) -> Result<(copy::CopyOutcome, Option<&'static str>)> {
+    ) -> Result<(copy::CopyOutcome, Option<&'static str>, bool)> {
         let bps_limit = self.config.copy_bps_limit;
         let (src, dst) = (source.device.as_ref(), destination.device.as_ref());
-        let Some(parent) = parent else {
+        let blocks = size.div_ceil(copy::CHECKSUM_BLOCK);
+        // Leaf sums are what makes the next incremental cheap, never a reason to fail.
+        let leaves_file = |base: Option<&Record>| match target.create_leaves(
+            &job.backup_id,
+            base,
+            blocks,
+        ) {
+            Ok(file) => file,
+            Err(e) => {
+                warn!(backup_id = %job.backup_id, "leaf sums not kept ({e}): the next incremental reads whole blocks");
+                None
+            }
+        };
+        let full = |dest_is_zero: bool| -> Result<(copy::CopyOutcome, bool)> {
             let options = CopyOptions {
-                dest_is_zero: true,
+                dest_is_zero,
                 bps_limit,
             };
-            let outcome = copy::copy(src, dst, Range::whole(size), options, &job.progress, cancel)?;
-            return Ok((outcome, None));
+            let leaves = leaves_file(None);
+            let outcome = copy::copy_with_leaves(
+                src,
+                dst,
+                Range::whole(size),
+                options,
+                leaves.as_ref(),
+                &job.progress,
+                cancel,
+            )?;
+            Ok((outcome, flushed(job, leaves)))
+        };
+        let Some(parent) = parent else {
+            let (outcome, leaves) = full(true)?;
+            return Ok((outcome, None, leaves));
         };
         // The destination reads as the parent's data; its checksums come with it.
-        let sums = match target.read_checksums(parent) {
-            Ok(sums) if parent.size <= size => sums,
-            other => {
+        let kind = parent
+            .checksums
+            .as_ref()
+            .and_then(|c| copy::SumKind::from_name(&c.algorithm));
+        let sums = match (target.read_checksums(parent), kind) {
+            (Ok(sums), Some(kind)) if parent.size <= size => (sums, kind),
+            (other, _) => {
                 if let Err(e) = other {
                     warn!(backup_id = %job.backup_id, "incremental: the parent's checksums cannot be read ({e}): copying everything");
                 }
-                let options = CopyOptions {
-                    dest_is_zero: false,
-                    bps_limit,
-                };
-                let outcome =
-                    copy::copy(src, dst, Range::whole(size), options, &job.progress, cancel)?;
-                return Ok((outcome, Some("checksums")));
+                let (outcome, leaves) = full(false)?;
+                return Ok((outcome, Some("checksums"), leaves));
             }
         };
+        let (sums, kind) = sums;
         let changed = self.changes_since(job, driver, parent, size);
         let found_by = if changed.is_some() {
             "snapshot-diff"
@@ -482,17 +514,35 @@ impl Inner {
             sums: &sums,
             size: parent.size,
             changed: changed.as_deref(),
+            kind,
         };
-        let outcome =
-            copy::copy_incremental(src, dst, size, base, bps_limit, &job.progress, cancel)?;
+        // The parent's leaf sums to start from; or, for a parent made before them (whose
+        // blocks are then all read), a new file.
+        let leaves = if kind == copy::SumKind::CURRENT {
+            leaves_file(Some(parent))
+        } else {
+            info!(backup_id = %job.backup_id, "incremental: the parent's checksums are {}: reading every block once for {}", kind.name(), copy::SumKind::CURRENT.name());
+            leaves_file(None)
+        };
+        let outcome = copy::copy_incremental(
+            src,
+            dst,
+            size,
+            base,
+            leaves.as_ref(),
+            bps_limit,
+            &job.progress,
+            cancel,
+        )?;
         info!(
             backup_id = %job.backup_id,
             parent_id = %parent.id,
             changed_bytes = outcome.changed_bytes,
+            bytes_read = outcome.bytes_read,
             found_by,
             "incremental backup copied"
         );
-        Ok((outcome, Some(found_by)))
+        Ok((outcome, Some(found_by), flushed(job, leaves)))
     }
 
     /// What changed in the volume since the parent's base snapshot, as the storage tells
@@ -630,6 +680,20 @@ pub(super) fn remove_snapshot(driver: &dyn VolumeDriver, record: &mut Record) ->
                 "cannot delete temporary snapshot {name} (retried later): {e}"
             );
             record.temporary_snapshot = Some(name);
+            false
+        }
+    }
+}
+
+/// Flushes a backup's leaf-sums file; whether the record may name it.
+fn flushed(job: &Job, leaves: Option<std::fs::File>) -> bool {
+    let Some(file) = leaves else {
+        return false;
+    };
+    match file.sync_data() {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(backup_id = %job.backup_id, "leaf sums not kept ({e}): the next incremental reads whole blocks");
             false
         }
     }

@@ -5,7 +5,7 @@
 //! (a small cache here, and the kernel's page cache of the image), never unchecked bytes.
 
 use super::error::{EngineError, Result};
-use crate::copy::{CHECKSUM_BLOCK, Progress, block_sum};
+use crate::copy::{CHECKSUM_BLOCK, Progress, SumKind};
 use crate::ids::BackupId;
 use crate::volume::Attachment;
 use crate::volume::device::{AlignedBuf, BlockDevice};
@@ -104,17 +104,21 @@ pub struct Image {
     attachment: Attachment,
     /// One per CHECKSUM_BLOCK; empty when the record has none (nothing to check against).
     sums: Arc<Vec<u64>>,
+    /// How they were taken.
+    kind: SumKind,
     verify: bool,
     blocks: Arc<BlockCache>,
 }
 
 impl Image {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         backup_id: &BackupId,
         size: u64,
         stored_bytes: u64,
         attachment: Attachment,
         sums: Arc<Vec<u64>>,
+        kind: SumKind,
         verify: bool,
         blocks: Arc<BlockCache>,
     ) -> Image {
@@ -125,6 +129,7 @@ impl Image {
             stored_bytes,
             attachment,
             sums,
+            kind,
             verify,
             blocks,
         }
@@ -157,7 +162,7 @@ impl Image {
     }
 
     fn check(&self, block: u64, data: &[u8]) -> Result<()> {
-        if block_sum(data) != self.expected(block)? {
+        if self.kind.block_sum(data) != self.expected(block)? {
             return Err(self.report_damage(block));
         }
         Ok(())
@@ -285,7 +290,7 @@ impl Image {
         }
         let data = &mut buf[..(end - start) as usize];
         self.read_exact(data, start)?;
-        Ok(block_sum(data) == expected)
+        Ok(self.kind.block_sum(data) == expected)
     }
 
     /// Reads every block and returns the damaged ones (by index); progress counts bytes.
@@ -356,7 +361,7 @@ mod tests {
         assert!(cache.get("x", BLOCKS_CACHED as u64 + 4).is_none());
     }
 
-    fn image_of(data: &[u8], sums: Vec<u64>) -> (tempfile::TempDir, Image) {
+    fn image_of(data: &[u8], sums: Vec<u64>, kind: SumKind) -> (tempfile::TempDir, Image) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         std::fs::write(&path, data).unwrap();
@@ -367,6 +372,7 @@ mod tests {
             data.len() as u64,
             Attachment::new(crate::volume::device::FileDevice::new(file, path)),
             Arc::new(sums),
+            kind,
             true,
             Arc::new(BlockCache::default()),
         );
@@ -375,10 +381,17 @@ mod tests {
 
     #[test]
     fn every_read_is_checked_also_after_a_good_one() {
+        // Backups made before leaf sums are checked the way they were made.
+        for kind in [SumKind::Leaves, SumKind::Flat] {
+            every_read_checked(kind);
+        }
+    }
+
+    fn every_read_checked(kind: SumKind) {
         let block = CHECKSUM_BLOCK as usize;
         let mut data: Vec<u8> = (0..3 * block + 100).map(|i| (i * 7 % 251) as u8).collect();
-        let sums: Vec<u64> = data.chunks(block).map(block_sum).collect();
-        let (dir, image) = image_of(&data, sums.clone());
+        let sums: Vec<u64> = data.chunks(block).map(|b| kind.block_sum(b)).collect();
+        let (dir, image) = image_of(&data, sums.clone(), kind);
         let mut buf = vec![0u8; data.len()];
         assert_eq!(image.read_at(&mut buf, 0).unwrap(), data.len());
         assert_eq!(buf, data);
@@ -389,7 +402,7 @@ mod tests {
         // The stored data rots: the next read of that block fails, whole or in part.
         data[2 * block + 5] ^= 1;
         std::fs::write(dir.path().join("img"), &data).unwrap();
-        let (_dir, image) = image_of(&data, sums);
+        let (_dir, image) = image_of(&data, sums, kind);
         let mut buf = vec![0u8; data.len()];
         assert!(matches!(
             image.read_at(&mut buf, 0),

@@ -540,6 +540,20 @@ impl Inner {
             )));
         }
         let attachment = target.open_data(backup_id)?;
+        let kind = match &record.checksums {
+            None => crate::copy::SumKind::CURRENT,
+            Some(checksums) => {
+                crate::copy::SumKind::from_name(&checksums.algorithm).ok_or_else(|| {
+                    EngineError::io(
+                        format!(
+                            "backup {backup_id}: unknown checksum algorithm {:?}",
+                            checksums.algorithm
+                        ),
+                        std::io::Error::from_raw_os_error(libc::EIO),
+                    )
+                })?
+            }
+        };
         let sums = self
             .sums
             .get(backup_id, || Ok(target.read_checksums(&record)?))?;
@@ -549,6 +563,7 @@ impl Inner {
             record.stored_bytes,
             attachment,
             sums,
+            kind,
             self.config.verify_reads,
             self.blocks.clone(),
         ))

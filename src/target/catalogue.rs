@@ -6,7 +6,8 @@
 
 use super::claim;
 use super::record::{Checksums, FORMAT_VERSION, Record};
-use super::{LOCK_FILE, Result, TargetError, record_file_name, sums_file_name};
+use super::{LOCK_FILE, Result, TargetError, leaves_file_name, record_file_name, sums_file_name};
+use crate::copy::SumKind;
 use crate::ids::BackupId;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -42,6 +43,32 @@ pub fn lock_waiting(file: &File, path: &Path) -> bool {
     false
 }
 
+/// Copies all of `from` into `to` (from offset 0) with the kernel's copy_file_range.
+fn copy_whole_file(from: &File, to: &File) -> std::io::Result<()> {
+    let len = from.metadata()?.len();
+    let (mut off_in, mut off_out): (libc::loff_t, libc::loff_t) = (0, 0);
+    while (off_in as u64) < len {
+        let want = (len - off_in as u64).min(1 << 30) as usize;
+        // SAFETY: copy_file_range on borrowed descriptors with offsets we own.
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut off_in,
+                to.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        match n {
+            n if n > 0 => {}
+            0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            _ => return Err(std::io::Error::last_os_error()),
+        }
+    }
+    Ok(())
+}
+
 /// Records and checksums of one target.
 pub trait Catalogue: Send + Sync {
     /// Where it lives, for messages.
@@ -52,8 +79,27 @@ pub trait Catalogue: Send + Sync {
     /// Replaces the record durably and atomically: a crash leaves the old or the new one.
     fn write_record(&self, record: &Record) -> Result<()>;
     fn remove_record(&self, backup_id: &BackupId) -> Result<()>;
-    /// Stores the checksums of a backup (before its record says `available`).
-    fn write_checksums(&self, backup_id: &BackupId, sums: &[u64]) -> Result<Checksums>;
+    /// Stores the checksums of a backup (before its record says `available`), taken as
+    /// `kind` says; `leaves`: the file [`Catalogue::create_leaves`] gave is complete and
+    /// flushed, and the record should name it.
+    fn write_checksums(
+        &self,
+        backup_id: &BackupId,
+        sums: &[u64],
+        kind: SumKind,
+        leaves: bool,
+    ) -> Result<Checksums>;
+    /// A file for the leaf sums of a new backup of `blocks` blocks, holding `base`'s if it
+    /// has them (an incremental backup starts from them); None where the catalogue keeps
+    /// no leaf sums (the next incremental then reads whole blocks).
+    fn create_leaves(
+        &self,
+        _backup_id: &BackupId,
+        _base: Option<&Record>,
+        _blocks: u64,
+    ) -> Result<Option<File>> {
+        Ok(None)
+    }
     /// The checksums a record names, checked against their digest in the record.
     fn read_checksums(&self, record: &Record) -> Result<Vec<u64>>;
     /// Gone already is fine.
@@ -67,7 +113,9 @@ pub trait Catalogue: Send + Sync {
 }
 
 /// A catalogue in a pool directory: `backup-<id>.json` and `backup-<id>.sums`, each
-/// written as a temporary file, fsynced, renamed, and the directory fsynced.
+/// written as a temporary file, fsynced, renamed, and the directory fsynced; and
+/// `backup-<id>.leaves`, written in place while the backup is made (its record names it
+/// only once it is complete).
 pub struct DirCatalogue {
     target: String,
     dir: PathBuf,
@@ -223,17 +271,70 @@ impl Catalogue for DirCatalogue {
         self.remove(&record_file_name(backup_id))
     }
 
-    fn write_checksums(&self, backup_id: &BackupId, sums: &[u64]) -> Result<Checksums> {
+    fn write_checksums(
+        &self,
+        backup_id: &BackupId,
+        sums: &[u64],
+        kind: SumKind,
+        leaves: bool,
+    ) -> Result<Checksums> {
         let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
         let name = sums_file_name(backup_id);
         self.write_atomic(&name, &bytes)?;
         Ok(Checksums {
-            algorithm: "xxh3-64".to_string(),
+            algorithm: kind.name().to_string(),
             block_size: crate::copy::CHECKSUM_BLOCK,
             blocks: sums.len() as u64,
             file: name,
             digest: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)),
+            leaves: leaves.then(|| leaves_file_name(backup_id)),
         })
+    }
+
+    fn create_leaves(
+        &self,
+        backup_id: &BackupId,
+        base: Option<&Record>,
+        blocks: u64,
+    ) -> Result<Option<File>> {
+        let path = self.dir.join(leaves_file_name(backup_id));
+        let base_file = match base {
+            None => None,
+            Some(base) => {
+                let Some(name) = base.checksums.as_ref().and_then(|c| c.leaves.as_ref()) else {
+                    return Ok(None);
+                };
+                match File::open(self.dir.join(name)) {
+                    Ok(file) => Some(file),
+                    Err(e) => {
+                        tracing::warn!(
+                            backup_id = %backup_id,
+                            "leaf sums of {} cannot be read ({e}): whole blocks are read",
+                            base.id
+                        );
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let make = || -> std::io::Result<File> {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            if let Some(base_file) = &base_file {
+                // A reflink where the filesystem has them: instant, and no buffer of ours.
+                copy_whole_file(base_file, &file)?;
+            }
+            file.set_len(blocks * crate::copy::LEAF_SUMS_PER_BLOCK_BYTES)?;
+            Ok(file)
+        };
+        let file = make().map_err(|e| TargetError::io("write", &path, e))?;
+        self.sync_dir()?;
+        Ok(Some(file))
     }
 
     fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {
@@ -256,6 +357,7 @@ impl Catalogue for DirCatalogue {
     }
 
     fn remove_checksums(&self, backup_id: &BackupId) -> Result<()> {
+        self.remove(&leaves_file_name(backup_id))?;
         self.remove(&sums_file_name(backup_id))
     }
 

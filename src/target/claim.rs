@@ -108,6 +108,7 @@ fn legacy_backups(names: &BTreeSet<String>) -> Result<BTreeSet<String>, Vec<Stri
                         n.strip_suffix(".json")
                             .filter(|id| is_backup_id(id))
                             .or_else(|| n.strip_suffix(".sums"))
+                            .or_else(|| n.strip_suffix(".leaves"))
                             .or_else(|| n.strip_suffix(".img"))
                     })
                     .is_some_and(owned)
@@ -281,6 +282,7 @@ pub fn foreign_files(dir: &Path) -> Vec<String> {
                     .and_then(|n| {
                         n.strip_suffix(".json")
                             .or_else(|| n.strip_suffix(".sums"))
+                            .or_else(|| n.strip_suffix(".leaves"))
                             .or_else(|| n.strip_suffix(".img"))
                     })
                     .is_some_and(is_backup_id);

@@ -8,6 +8,7 @@ pub mod claim;
 pub mod rbd;
 pub mod record;
 
+use crate::copy::SumKind;
 use crate::ids::BackupId;
 use crate::volume::{Access, Attachment, VolumeDriver, VolumeError};
 use catalogue::Catalogue;
@@ -68,6 +69,10 @@ pub(crate) fn sums_file_name(backup_id: &str) -> String {
     format!("backup-{backup_id}.sums")
 }
 
+pub(crate) fn leaves_file_name(backup_id: &str) -> String {
+    format!("backup-{backup_id}.leaves")
+}
+
 /// Stores backups and reads them back. Every target looks the same on the mount: a
 /// catalogue of records and, per available backup, a readable raw image. The catalogue's
 /// operations are offered here too, so callers need not reach for it.
@@ -116,8 +121,24 @@ pub trait BackupTarget: Send + Sync {
         self.catalogue().remove_record(backup_id)
     }
 
-    fn write_checksums(&self, backup_id: &BackupId, sums: &[u64]) -> Result<Checksums> {
-        self.catalogue().write_checksums(backup_id, sums)
+    fn write_checksums(
+        &self,
+        backup_id: &BackupId,
+        sums: &[u64],
+        kind: SumKind,
+        leaves: bool,
+    ) -> Result<Checksums> {
+        self.catalogue()
+            .write_checksums(backup_id, sums, kind, leaves)
+    }
+
+    fn create_leaves(
+        &self,
+        backup_id: &BackupId,
+        base: Option<&Record>,
+        blocks: u64,
+    ) -> Result<Option<std::fs::File>> {
+        self.catalogue().create_leaves(backup_id, base, blocks)
     }
 
     fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {

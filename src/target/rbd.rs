@@ -295,16 +295,24 @@ impl Catalogue for RbdCatalogue {
         Ok(())
     }
 
-    fn write_checksums(&self, backup_id: &BackupId, sums: &[u64]) -> Result<Checksums> {
+    fn write_checksums(
+        &self,
+        backup_id: &BackupId,
+        sums: &[u64],
+        kind: crate::copy::SumKind,
+        _leaves: bool,
+    ) -> Result<Checksums> {
         let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
         let name = sums_object(backup_id);
         self.write_object(&name, &bytes)?;
         Ok(Checksums {
-            algorithm: "xxh3-64".to_string(),
+            algorithm: kind.name().to_string(),
             block_size: crate::copy::CHECKSUM_BLOCK,
             blocks: sums.len() as u64,
             file: name,
             digest: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)),
+            // No leaf sums kept in RADOS: an incremental reads whole changed blocks.
+            leaves: None,
         })
     }
 

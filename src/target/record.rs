@@ -30,7 +30,8 @@ impl Status {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checksums {
-    /// `xxh3-64`; an all-zero block is recorded as 0.
+    /// `xxh3-64-leaves` (or `xxh3-64` for backups made before leaf sums; see
+    /// `copy::SumKind`); an all-zero block is recorded as 0.
     pub algorithm: String,
     pub block_size: u64,
     pub blocks: u64,
@@ -38,6 +39,11 @@ pub struct Checksums {
     pub file: String,
     /// xxh3-64 of that file, so a damaged checksum file is told from damaged data.
     pub digest: String,
+    /// `xxh3-64-leaves` only: the file beside the record holding the sums of each block's
+    /// 64 KiB leaves (16 little-endian u64 per block), which the next incremental backup
+    /// starts from. Each block's entries are checked against its checksum before use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaves: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
