@@ -941,6 +941,15 @@ pub fn copy_kernel(
     Ok(())
 }
 
+/// Copies `range` through the generic copier (never the kernel's copy), not flushed.
+pub fn copy_unflushed_through(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    range: Range,
+) -> Result<(), CopyError> {
+    generic_rest(src, dst, range, range.src_offset)
+}
+
 /// The rest of `range` from source offset `from`, through the generic copier, not
 /// flushed (as the kernel's copy is not): a restore's pieces follow one another while
 /// the last one's writes are still in flight; the volume is flushed at fsync and close.

@@ -222,8 +222,10 @@ fn rbd_volumes_are_listed_read_sought_and_backed_up_to_file_and_rbd_targets() {
             "backupfs.target".to_string(),
         ]
     );
-    // Images of RBD-stored backups: holes, verify, losetup.
-    assert_eq!(seek(&image, 0, libc::SEEK_DATA), Some(8 * MIB));
+    // Images of RBD-stored backups: holes (from the checksums, in 1 MiB blocks), verify,
+    // losetup.
+    assert_eq!(seek(&image, 0, libc::SEEK_DATA), Some(9 * MIB));
+    assert_eq!(seek(&image, 9 * MIB, libc::SEEK_HOLE), Some(15 * MIB));
     assert_eq!(
         write_errno(&d.target("rbd").join("verify"), to_rbd.as_bytes()),
         None

@@ -484,6 +484,63 @@ fn a_byte_damaged_after_a_full_read_is_never_handed_out() {
     ));
 }
 
+#[test]
+fn data_lost_to_a_hole_in_the_backing_store_is_never_restored_as_zeros() {
+    // A restore between two filesystems copies through the daemon in one pass, reading
+    // only where data is: where data is must come from the checksums, not the store.
+    let mut sb = Sandbox::new("trust-hole");
+    let l = layout(&mut sb, Some(Fs::Xfs), Some(Fs::Xfs), "");
+    let source = random_volume(&l.main, "v", 8);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let image = d.image("hdd", &id);
+    // A good restore first, onto the other filesystem.
+    let restored = d.mnt.join("volumes/ssd/good");
+    ok(&format!(
+        "cp '{}' '{}'",
+        image.display(),
+        restored.display()
+    ));
+    ok(&format!(
+        "cmp '{}' '{}'",
+        restored.display(),
+        source.display()
+    ));
+    // Block 3 of the stored data becomes a hole behind the daemon's back.
+    let data = stored_data(&l.backups, &image);
+    ok(&format!(
+        "fallocate --punch-hole --keep-size -o $((3 << 20)) -l $((1 << 20)) '{}'",
+        data.display()
+    ));
+    drop_cache(&data);
+    drop_cache(&image);
+    for (name, how) in [("cp", "cp"), ("sparse", "cp --sparse=always")] {
+        let out = sh(&format!(
+            "{how} '{}' '{}'",
+            image.display(),
+            d.mnt.join(format!("volumes/ssd/{name}")).display()
+        ));
+        assert!(!out.status.success(), "{how}: the restore fails: {out:?}");
+    }
+    // The kernel's copy_file_range, as a server-side copy inside the mount.
+    let target = d.mnt.join("volumes/ssd/copy-range");
+    let out = sh(&format!(
+        "xfs_io -f -c 'copy_range -s 0 -d 0 -l {} {}' '{}'",
+        8 << 20,
+        image.display(),
+        target.display()
+    ));
+    assert!(
+        !out.status.success() || !out.stderr.is_empty(),
+        "copy_file_range fails: {out:?}"
+    );
+    assert!(
+        d.log().contains("server-side copy refused (EIO)"),
+        "{}",
+        d.log()
+    );
+}
+
 /// A config for `n` volumes of `mb` MiB each, copied at `bps` bytes/s per backup.
 fn many_volumes(sb: &mut Sandbox, n: usize, mb: u64, extra: &str) -> (Layout, Vec<String>) {
     let l = layout(sb, None, Some(Fs::Xfs), extra);

@@ -330,6 +330,111 @@ pub(super) fn damaged(backup_id: &BackupId, blocks: &[u64]) -> EngineError {
     }
 }
 
+/// An image as a read-only device whose every read is checked: a restore copies from it
+/// in one pass (read, check, write) where the kernel cannot copy the backing file itself.
+/// Its data extents are the blocks whose checksum says they hold data, whatever the
+/// backing store says: a block that lost its data to a hole is read, and fails its check.
+pub struct CheckedImage<'a>(pub &'a Image);
+
+impl CheckedImage<'_> {
+    fn read_only() -> std::io::Error {
+        std::io::Error::from_raw_os_error(libc::EROFS)
+    }
+}
+
+impl BlockDevice for CheckedImage<'_> {
+    fn describe(&self) -> String {
+        format!("backup {}", self.0.backup_id)
+    }
+
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.0.size)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.0.read_at(buf, offset).map_err(|e| match e {
+            EngineError::Io { source, .. } => source,
+            // Damage was logged and recorded where it was found.
+            other => std::io::Error::other(other.to_string()),
+        })
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
+        Err(Self::read_only())
+    }
+
+    fn grow(&self, _size: u64) -> std::io::Result<()> {
+        Err(Self::read_only())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn discard(&self, _range: std::ops::Range<u64>) -> std::io::Result<()> {
+        Err(Self::read_only())
+    }
+
+    fn data_extents(
+        &self,
+        range: std::ops::Range<u64>,
+    ) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        let image = self.0;
+        if !image.verify {
+            return image.device().data_extents(range);
+        }
+        let end = range.end.min(image.size);
+        let mut extents: Vec<std::ops::Range<u64>> = Vec::new();
+        let mut block = range.start / CHECKSUM_BLOCK;
+        while block * CHECKSUM_BLOCK < end {
+            let (start, block_end) = image.block_range(block);
+            if image.sums.get(block as usize).is_none_or(|&sum| sum != 0) {
+                let piece = start.max(range.start)..block_end.min(end);
+                match extents.last_mut() {
+                    Some(last) if last.end == piece.start => last.end = piece.end,
+                    _ => extents.push(piece),
+                }
+            }
+            block += 1;
+        }
+        Ok(extents)
+    }
+
+    fn hints(&self) -> crate::volume::device::IoHints {
+        self.0.device().hints()
+    }
+
+    fn seek_data(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        let image = self.0;
+        if !image.verify {
+            return image.device().seek_data(offset);
+        }
+        if offset >= image.size {
+            return Ok(None);
+        }
+        let first = offset / CHECKSUM_BLOCK;
+        Ok((first..image.sums.len() as u64)
+            .find(|&b| image.sums[b as usize] != 0)
+            .map(|b| (b * CHECKSUM_BLOCK).max(offset)))
+    }
+
+    fn seek_hole(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        let image = self.0;
+        if !image.verify {
+            return image.device().seek_hole(offset);
+        }
+        if offset >= image.size {
+            return Ok(None);
+        }
+        let first = offset / CHECKSUM_BLOCK;
+        Ok(Some(
+            (first..image.sums.len() as u64)
+                .find(|&b| image.sums[b as usize] == 0)
+                .map_or(image.size, |b| (b * CHECKSUM_BLOCK).max(offset)),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

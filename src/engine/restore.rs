@@ -3,6 +3,7 @@
 //! driver's write lock, a qcow2 export with QEMU's locks); dropping the last writer frees
 //! the volume at once. It never writes a volume that something outside backupfs uses.
 
+use super::image::CheckedImage;
 use super::*;
 use crate::copy::{self, Range};
 use crate::volume::device::BlockDevice;
@@ -539,10 +540,22 @@ impl VolumeWriter {
         }
         self.grow_to(offset_out + len)?;
         let device = self.device()?;
+        if !same_filesystem(image.device(), device) {
+            // The kernel cannot copy between them (EXDEV, or no file on one side): one
+            // pass through our buffers, each block checked as it is read.
+            let range = Range {
+                src_offset: offset_in,
+                dst_offset: offset_out,
+                len,
+            };
+            copy::copy_unflushed_through(&CheckedImage(image), device, range)?;
+            self.session.copied.fetch_add(len, Ordering::Relaxed);
+            return Ok(len);
+        }
         let piece_at = |done: u64| (len - done).min(CHECKED_COPY_PIECE);
-        // Damaged data is never restored silently: each piece is checked before it is
-        // copied, the next one while this one copies (so that the image's reads and a
-        // network volume's writes overlap).
+        // The kernel may reflink or copy within the filesystem: each piece is checked
+        // before it is copied (damaged data is never restored silently), the next one
+        // while this one copies.
         image.verify_range(offset_in, piece_at(0))?;
         let mut done = 0;
         while done < len {
@@ -575,5 +588,18 @@ impl VolumeWriter {
         self.device()?
             .flush()
             .map_err(|e| self.io_error("flush", e))
+    }
+}
+
+/// Whether both devices are local files on one filesystem, where copy_file_range can
+/// share or copy data without it passing through the daemon.
+fn same_filesystem(a: &dyn BlockDevice, b: &dyn BlockDevice) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.local_file(), b.local_file()) {
+        (Some(a), Some(b)) => match (a.metadata(), b.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev(),
+            _ => false,
+        },
+        _ => false,
     }
 }

@@ -12,8 +12,9 @@ mod pool;
 mod store;
 pub mod tree;
 
+use crate::engine::image::CheckedImage;
 use crate::engine::{Engine, EngineError};
-use crate::volume::device::AlignedBuf;
+use crate::volume::device::{AlignedBuf, BlockDevice};
 use control::{Control, ControlFile};
 use core::Core;
 use errno::errno;
@@ -893,8 +894,14 @@ impl Filesystem for BackupFs {
                 Err(e) => return reply.error(e),
             };
             let attached;
-            let device = match handle.as_ref() {
-                Handle::Image(image) => image.device(),
+            let checked;
+            let device: &dyn BlockDevice = match handle.as_ref() {
+                // Where data is comes from the checksums: data the store lost to a hole
+                // is data, whose reads fail their check.
+                Handle::Image(image) => {
+                    checked = CheckedImage(image);
+                    &checked
+                }
                 Handle::Volume(volume) => {
                     attached = match volume.attached(&core.engine) {
                         Ok(attached) => attached,
