@@ -268,7 +268,7 @@ impl Inner {
         let attached: Mutex<Option<String>> = Mutex::new(None);
         let copying = AtomicBool::new(true);
         let copied = std::thread::scope(|scope| {
-            if !from_snapshot {
+            let watcher = (!from_snapshot).then(|| {
                 scope.spawn(|| {
                     while copying.load(Ordering::Relaxed) {
                         if job.is_cancelled() {
@@ -279,10 +279,12 @@ impl Inner {
                             stop_copy.store(true, Ordering::Relaxed);
                             return;
                         }
-                        std::thread::sleep(IN_USE_POLL);
+                        // Woken at once when the copy ends: the backup must not wait
+                        // out the poll.
+                        std::thread::park_timeout(IN_USE_POLL);
                     }
-                });
-            }
+                })
+            });
             let cancel = if from_snapshot {
                 &job.cancel
             } else {
@@ -299,6 +301,9 @@ impl Inner {
                 cancel,
             );
             copying.store(false, Ordering::Relaxed);
+            if let Some(watcher) = &watcher {
+                watcher.thread().unpark();
+            }
             result
         });
         driver.detach(source)?;
