@@ -485,6 +485,15 @@ impl Shared<'_> {
             let (start, end) = block_range(block);
             let data = &buf[(start - offset) as usize..(end - offset) as usize];
             let mut leaves = Vec::new();
+            let n = (end - start).div_ceil(LEAF) as usize;
+            // Comparing by checksums: the base's leaf sums (read before this block's entry
+            // is rewritten) tell which 64 KiB of a block that differs need writing.
+            let base_leaves = match (plan, base.changed) {
+                (Plan::Whole, None) if !migrate && end <= base.size => {
+                    self.base_leaves(&base, block, n)
+                }
+                _ => None,
+            };
             let sum = match plan {
                 Plan::Keep => {
                     self.sums[block as usize].store(base.sums[block as usize], Ordering::Relaxed);
@@ -499,7 +508,7 @@ impl Shared<'_> {
                         }
                     }
                     leaves.extend(sums.iter().flat_map(|l| l.to_le_bytes()));
-                    sum_of_leaves(&sums[..(end - start).div_ceil(LEAF) as usize])
+                    sum_of_leaves(&sums[..n])
                 }
             };
             self.sums[block as usize].store(sum, Ordering::Relaxed);
@@ -530,9 +539,32 @@ impl Shared<'_> {
                             .sums
                             .get(block as usize)
                             .is_some_and(|&b| b == base_way);
-                    if !same {
+                    if same {
+                        continue;
+                    }
+                    let Some(old) = base_leaves.filter(|_| leaves.len() >= n * 8) else {
                         self.write_data(start, data)?;
                         self.changed_bytes.fetch_add(end - start, Ordering::Relaxed);
+                        continue;
+                    };
+                    let new = |l: usize| {
+                        u64::from_le_bytes(leaves[l * 8..l * 8 + 8].try_into().unwrap_or([0; 8]))
+                    };
+                    let mut l = 0;
+                    while l < n {
+                        if old[l] == new(l) {
+                            l += 1;
+                            continue;
+                        }
+                        let run = (l..n).take_while(|&k| old[k] != new(k)).count();
+                        let from = start + l as u64 * LEAF;
+                        let to = (start + (l + run) as u64 * LEAF).min(end);
+                        self.write_data(
+                            from,
+                            &data[(from - start) as usize..(to - start) as usize],
+                        )?;
+                        self.changed_bytes.fetch_add(to - from, Ordering::Relaxed);
+                        l += run;
                     }
                 }
             }
@@ -1389,6 +1421,40 @@ mod tests {
                 "damaged entry: {damaged_entry}"
             );
         }
+    }
+
+    #[test]
+    fn compared_by_checksums_with_the_bases_leaf_sums_only_differing_leaves_are_written() {
+        let (src, dst, sums, base_len, _) = incremental_case(SumKind::Leaves);
+        let len = src.size().unwrap();
+        let base_device = MemDevice::new(base_len);
+        base_device.fill(0, &dst.contents()[..base_len as usize]);
+        let file = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &leaves_of(&base_device), 0).unwrap();
+        let base = Base {
+            sums: &sums,
+            size: base_len,
+            changed: None,
+            kind: SumKind::Leaves,
+        };
+        let outcome = copy_incremental(
+            &src,
+            &dst,
+            len,
+            base,
+            Some(&file),
+            0,
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(dst.contents(), src.contents());
+        let mut written = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut written).unwrap();
+        assert_eq!(written, leaves_of(&src));
+        // Four leaves differ in the base's blocks; what lies past the base is new.
+        assert_eq!(outcome.changed_bytes, 4 * LEAF + (len - base_len));
+        assert!(outcome.bytes_read >= base_len, "{}", outcome.bytes_read);
     }
 
     #[test]
