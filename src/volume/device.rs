@@ -179,6 +179,12 @@ pub struct FileDevice {
     /// Sizes are whole multiples of this (qcow2: sectors of 512 bytes).
     size_unit: u64,
     hints: IoHints,
+    /// The last run of data `data_extents` found (from SEEK_DATA to SEEK_HOLE). SEEK_HOLE
+    /// walks every extent up to the next hole, so on a fragmented dense file asking it
+    /// again for each chunk cost time quadratic in the extents (16k extents in 1 GiB:
+    /// 0.41 s for one pass of 2 MiB chunks); a chunk inside this run needs no lseek.
+    /// Only data is remembered: a hole read as data still reads as zeros.
+    known_data: parking_lot::Mutex<Range<u64>>,
 }
 
 impl FileDevice {
@@ -193,6 +199,7 @@ impl FileDevice {
                 request_size: 2 << 20,
                 queue_depth: 4,
             },
+            known_data: parking_lot::Mutex::new(0..0),
         }
     }
 
@@ -277,6 +284,7 @@ impl BlockDevice for FileDevice {
         if range.is_empty() {
             return Ok(());
         }
+        *self.known_data.lock() = 0..0;
         match self.zero {
             ZeroRule::PunchHole => zero_range(&self.file, range),
             ZeroRule::WholeClusters(cluster) => {
@@ -297,6 +305,13 @@ impl BlockDevice for FileDevice {
         let mut extents = Vec::new();
         let mut at = range.start;
         while at < range.end {
+            let known = self.known_data.lock().clone();
+            if known.contains(&at) {
+                let end = known.end.min(range.end);
+                extents.push(at..end);
+                at = end;
+                continue;
+            }
             let start = match self.lseek(at, libc::SEEK_DATA) {
                 Ok(Some(start)) if start < range.end => start,
                 Ok(_) => break,
@@ -308,7 +323,10 @@ impl BlockDevice for FileDevice {
                 Err(e) => return Err(e),
             };
             let end = match self.lseek(start, libc::SEEK_HOLE) {
-                Ok(Some(end)) => end.min(range.end),
+                Ok(Some(end)) => {
+                    *self.known_data.lock() = start..end;
+                    end.min(range.end)
+                }
                 Ok(None) => range.end,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => range.end,
                 Err(e) => return Err(e),
@@ -617,6 +635,42 @@ mod tests {
         assert_eq!(device.read_at(&mut tail, (8 << 20) - 4).unwrap(), 4);
         device.write_at(b"end", 9 << 20).unwrap();
         assert_eq!(device.size().unwrap(), (9 << 20) + 3);
+    }
+
+    #[test]
+    fn chunk_by_chunk_extents_are_the_files_also_after_a_hole_is_punched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(16 << 20).unwrap();
+        file.write_all_at(&vec![7u8; 3 << 20], 1 << 20).unwrap();
+        file.write_all_at(&vec![7u8; 1 << 20], 10 << 20).unwrap();
+        let device = FileDevice::new(file, &path);
+        let whole = device.data_extents(0..16 << 20).unwrap();
+        // The same, asked 512 KiB at a time (the later chunks of a run of data answered
+        // from what the first one found), then merged.
+        let mut pieces: Vec<Range<u64>> = Vec::new();
+        for at in (0..16u64 << 20).step_by(512 << 10) {
+            for extent in device.data_extents(at..at + (512 << 10)).unwrap() {
+                match pieces.last_mut() {
+                    Some(last) if last.end == extent.start => last.end = extent.end,
+                    _ => pieces.push(extent),
+                }
+            }
+        }
+        assert_eq!(pieces, whole);
+        assert!(whole.iter().any(|e| e.contains(&(2 << 20))));
+        assert!(!whole.iter().any(|e| e.contains(&(6 << 20))));
+        // A hole punched through the device is seen at once.
+        device.discard(1 << 20..4 << 20).unwrap();
+        let after = device.data_extents(1 << 20..4 << 20).unwrap();
+        assert!(after.is_empty(), "{after:?}");
     }
 
     #[test]
