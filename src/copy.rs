@@ -76,6 +76,8 @@ pub struct CopyOutcome {
     /// One per `CHECKSUM_BLOCK` of the source range, taken as `kind` says.
     pub checksums: Vec<u64>,
     pub kind: SumKind,
+    /// A leaf-sums file was given and every entry the copy wrote went into it.
+    pub leaves_whole: bool,
     pub bytes_read: u64,
     pub bytes_written: u64,
     /// Bytes of the source found to differ from the base (an incremental copy).
@@ -255,6 +257,8 @@ struct Shared<'a> {
     /// Where the leaf sums go (`LEAF_SUMS_PER_BLOCK_BYTES` per block of the range); for
     /// an incremental copy it already holds the base's, which are read back from it.
     leaves: Option<&'a File>,
+    /// A write of leaf sums failed: they are not whole.
+    leaves_failed: AtomicBool,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
     /// Set when any worker failed: the others stop at their next chunk.
@@ -361,17 +365,23 @@ impl Shared<'_> {
         sum_of_leaves(&sums[..n])
     }
 
-    /// Writes the leaf sums of the blocks from `first_block` on.
+    /// Writes the leaf sums of the blocks from `first_block` on. They only make the next
+    /// incremental cheaper: a failure is logged once and the copy goes on (its outcome
+    /// then says the leaf sums are not whole).
     fn write_leaves(&self, first_block: u64, leaves: &[u8]) -> Result<(), CopyError> {
         let Some(file) = self.leaves else {
             return Ok(());
         };
-        if leaves.is_empty() {
+        if leaves.is_empty() || self.leaves_failed.load(Ordering::Relaxed) {
             return Ok(());
         }
         let at = first_block * LEAF_SUMS_PER_BLOCK_BYTES;
-        std::os::unix::fs::FileExt::write_all_at(file, leaves, at)
-            .map_err(|source| CopyError::Write { offset: at, source })
+        if let Err(e) = std::os::unix::fs::FileExt::write_all_at(file, leaves, at)
+            && !self.leaves_failed.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!("leaf sums not kept ({e}): the next incremental reads whole blocks");
+        }
+        Ok(())
     }
 
     /// The base's leaf sums of `block` (`n` leaves), if the leaf-sums file holds them and
@@ -865,6 +875,7 @@ fn copy_unflushed(
         base: how.base,
         kind: how.kind,
         leaves: how.leaves,
+        leaves_failed: AtomicBool::new(false),
         progress,
         cancel,
         failed: AtomicBool::new(false),
@@ -900,6 +911,7 @@ fn copy_unflushed(
             .map(|s| s.load(Ordering::Relaxed))
             .collect(),
         kind: how.kind,
+        leaves_whole: how.leaves.is_some() && !shared.leaves_failed.load(Ordering::Relaxed),
         bytes_read: shared.bytes_read.load(Ordering::Relaxed),
         bytes_written: shared.bytes_written.load(Ordering::Relaxed),
         changed_bytes: shared.changed_bytes.load(Ordering::Relaxed),
@@ -1455,6 +1467,43 @@ mod tests {
         // Four leaves differ in the base's blocks; what lies past the base is new.
         assert_eq!(outcome.changed_bytes, 4 * LEAF + (len - base_len));
         assert!(outcome.bytes_read >= base_len, "{}", outcome.bytes_read);
+    }
+
+    #[test]
+    fn leaf_sums_that_cannot_be_written_do_not_fail_the_copy() {
+        let src = MemDevice::new(4 * MIB);
+        src.fill(0, &pattern((4 * MIB) as usize, 21));
+        let dst = MemDevice::new(4 * MIB);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leaves");
+        std::fs::write(&path, b"").unwrap();
+        // Open for reading only: every write of leaf sums fails (EBADF).
+        let read_only = File::open(&path).unwrap();
+        let outcome = copy_with_leaves(
+            &src,
+            &dst,
+            Range::whole(4 * MIB),
+            CopyOptions::default(),
+            Some(&read_only),
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(dst.contents(), src.contents());
+        assert!(!outcome.leaves_whole);
+        let writable = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let dst = MemDevice::new(4 * MIB);
+        let outcome = copy_with_leaves(
+            &src,
+            &dst,
+            Range::whole(4 * MIB),
+            CopyOptions::default(),
+            Some(&writable),
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert!(outcome.leaves_whole);
     }
 
     #[test]

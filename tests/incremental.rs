@@ -482,6 +482,23 @@ fn leaf_sums_carry_on_from_older_backups_and_a_damaged_leaf_file_costs_only_read
         "{retaken} retaken, {inherited} inherited"
     );
 
+    // Leaf sums that are gone: the next backup starts a file of its own (its changed
+    // blocks read whole), and the chain goes on with leaf sums.
+    std::fs::remove_file(s.b.join(format!("backup-{full}.leaves"))).unwrap();
+    round_of_writes(&volume, &mut rng);
+    let fourth = incremental(&d, "b", "v");
+    let record = d.record("b", &fourth);
+    assert_eq!(record["parent_id"], full.as_str(), "{record}");
+    assert!(record["checksums"]["leaves"].is_string(), "{record}");
+    assert_eq!(sha256(&d.image("b", &fourth)), sha256(&volume));
+    round_of_writes(&volume, &mut rng);
+    let fifth = incremental(&d, "b", "v");
+    assert_eq!(sha256(&d.image("b", &fifth)), sha256(&volume));
+    assert_eq!(
+        d.record("b", &fifth)["checksums"]["digest"],
+        d.record("b", &d.backup("b", "v wait"))["checksums"]["digest"]
+    );
+
     // Deleting a backup takes its leaf sums with it.
     std::fs::remove_file(d.image("b", &second)).unwrap();
     assert!(!leaves.exists());

@@ -487,6 +487,7 @@ impl Inner {
                 &job.progress,
                 cancel,
             )?;
+            let leaves = leaves.filter(|_| outcome.leaves_whole);
             Ok((outcome, flushed(job, leaves)))
         };
         let Some(parent) = parent else {
@@ -547,6 +548,7 @@ impl Inner {
             found_by,
             "incremental backup copied"
         );
+        let leaves = leaves.filter(|_| outcome.leaves_whole);
         Ok((outcome, Some(found_by), flushed(job, leaves)))
     }
 

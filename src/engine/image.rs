@@ -385,6 +385,9 @@ impl BlockDevice for CheckedImage<'_> {
         }
         let end = range.end.min(image.size);
         let mut extents: Vec<std::ops::Range<u64>> = Vec::new();
+        if range.start >= end {
+            return Ok(extents);
+        }
         let mut block = range.start / CHECKSUM_BLOCK;
         while block * CHECKSUM_BLOCK < end {
             let (start, block_end) = image.block_range(block);
@@ -413,8 +416,9 @@ impl BlockDevice for CheckedImage<'_> {
             return Ok(None);
         }
         let first = offset / CHECKSUM_BLOCK;
-        Ok((first..image.sums.len() as u64)
-            .find(|&b| image.sums[b as usize] != 0)
+        // A block without a checksum (a damaged record) counts as data: its read fails.
+        Ok((first..image.size.div_ceil(CHECKSUM_BLOCK))
+            .find(|&b| image.sums.get(b as usize).is_none_or(|&sum| sum != 0))
             .map(|b| (b * CHECKSUM_BLOCK).max(offset)))
     }
 
@@ -428,8 +432,8 @@ impl BlockDevice for CheckedImage<'_> {
         }
         let first = offset / CHECKSUM_BLOCK;
         Ok(Some(
-            (first..image.sums.len() as u64)
-                .find(|&b| image.sums[b as usize] == 0)
+            (first..image.size.div_ceil(CHECKSUM_BLOCK))
+                .find(|&b| image.sums.get(b as usize) == Some(&0))
                 .map_or(image.size, |b| (b * CHECKSUM_BLOCK).max(offset)),
         ))
     }

@@ -63,7 +63,12 @@ fn copy_whole_file(from: &File, to: &File) -> std::io::Result<()> {
         match n {
             n if n > 0 => {}
             0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
-            _ => return Err(std::io::Error::last_os_error()),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
         }
     }
     Ok(())
@@ -298,25 +303,26 @@ impl Catalogue for DirCatalogue {
         blocks: u64,
     ) -> Result<Option<File>> {
         let path = self.dir.join(leaves_file_name(backup_id));
-        let base_file = match base {
-            None => None,
-            Some(base) => {
-                let Some(name) = base.checksums.as_ref().and_then(|c| c.leaves.as_ref()) else {
-                    return Ok(None);
-                };
-                match File::open(self.dir.join(name)) {
-                    Ok(file) => Some(file),
-                    Err(e) => {
-                        tracing::warn!(
-                            backup_id = %backup_id,
-                            "leaf sums of {} cannot be read ({e}): whole blocks are read",
-                            base.id
-                        );
-                        return Ok(None);
-                    }
+        // The base's file, if its record names it (by the one name we give it). Without
+        // it the new file starts as zeros: entries of blocks not read fail their check
+        // (unless the block is all zeros, whose entries are zeros), so the next backups
+        // read those blocks whole and the chain mends itself.
+        let base_file = base.and_then(|base| {
+            let name = leaves_file_name(&base.id);
+            let named = base.checksums.as_ref()?.leaves.as_ref()? == &name;
+            match File::open(self.dir.join(&name)) {
+                Ok(file) if named => Some(file),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(
+                        backup_id = %backup_id,
+                        "leaf sums of {} cannot be read ({e}): its changed blocks are read whole",
+                        base.id
+                    );
+                    None
                 }
             }
-        };
+        });
         let make = || -> std::io::Result<File> {
             let file = OpenOptions::new()
                 .read(true)
@@ -327,13 +333,26 @@ impl Catalogue for DirCatalogue {
                 .open(&path)?;
             if let Some(base_file) = &base_file {
                 // A reflink where the filesystem has them: instant, and no buffer of ours.
-                copy_whole_file(base_file, &file)?;
+                // Cut short, what was copied is still the base's, the rest zeros.
+                if let Err(e) = copy_whole_file(base_file, &file) {
+                    tracing::warn!(
+                        backup_id = %backup_id,
+                        "leaf sums of the parent not copied ({e}): its changed blocks are read whole"
+                    );
+                    file.set_len(0)?;
+                }
             }
             file.set_len(blocks * crate::copy::LEAF_SUMS_PER_BLOCK_BYTES)?;
             Ok(file)
         };
-        let file = make().map_err(|e| TargetError::io("write", &path, e))?;
-        self.sync_dir()?;
+        let made = make().map_err(|e| TargetError::io("write", &path, e));
+        let file = match made.and_then(|file| self.sync_dir().map(|()| file)) {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         Ok(Some(file))
     }
 
