@@ -259,6 +259,8 @@ struct Shared<'a> {
     leaves: Option<&'a File>,
     /// A write of leaf sums failed: they are not whole.
     leaves_failed: AtomicBool,
+    /// False: the caller does not want checksums (the outcome's are zeros).
+    sums_wanted: bool,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
     /// Set when any worker failed: the others stop at their next chunk.
@@ -337,7 +339,9 @@ impl Shared<'_> {
         let mut leaves = Vec::new();
         for (i, block) in buf.chunks(CHECKSUM_BLOCK as usize).enumerate() {
             // A hole chunk's buffer is not read: its blocks are zero.
-            let sum = if extents.is_empty() {
+            let sum = if !self.sums_wanted {
+                0
+            } else if extents.is_empty() {
                 if self.leaves.is_some() {
                     leaves.resize(leaves.len() + LEAF_SUMS_PER_BLOCK_BYTES as usize, 0);
                 }
@@ -781,6 +785,7 @@ pub fn copy_with_leaves(
         base: None,
         kind: SumKind::CURRENT,
         leaves,
+        sums: true,
     };
     let outcome = copy_unflushed(src, dst, range, options, what, progress, cancel)?;
     flush(dst, range)?;
@@ -813,6 +818,7 @@ pub fn copy_incremental(
         base: Some(base),
         kind: SumKind::CURRENT,
         leaves,
+        sums: true,
     };
     let outcome = copy_unflushed(src, dst, range, options, what, progress, cancel)?;
     flush(dst, range)?;
@@ -825,6 +831,9 @@ struct How<'a> {
     base: Option<Base<'a>>,
     kind: SumKind,
     leaves: Option<&'a File>,
+    /// Whether the caller wants the checksums (a restore's pieces were checked as they
+    /// were read: hashing them again would only cost CPU).
+    sums: bool,
 }
 
 fn flush(dst: &dyn BlockDevice, range: Range) -> Result<(), CopyError> {
@@ -876,6 +885,7 @@ fn copy_unflushed(
         kind: how.kind,
         leaves: how.leaves,
         leaves_failed: AtomicBool::new(false),
+        sums_wanted: how.sums,
         progress,
         cancel,
         failed: AtomicBool::new(false),
@@ -997,6 +1007,7 @@ pub fn copy_unflushed_through(
 /// The rest of `range` from source offset `from`, through the generic copier, not
 /// flushed (as the kernel's copy is not): a restore's pieces follow one another while
 /// the last one's writes are still in flight; the volume is flushed at fsync and close.
+/// No checksums are taken (nobody asks for them).
 fn generic_rest(
     src: &dyn BlockDevice,
     dst: &dyn BlockDevice,
@@ -1017,6 +1028,7 @@ fn generic_rest(
             base: None,
             kind: SumKind::CURRENT,
             leaves: None,
+            sums: false,
         },
         &Progress::default(),
         &AtomicBool::new(false),

@@ -459,15 +459,42 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Lazily detaches every mount at or below `dir`, deepest first. Never blocks on a FUSE
-/// daemon and never panics.
+/// daemon and never panics. A FUSE mount's connection is aborted first (through
+/// fusectl): once seen here (kernel 6.18), a request left counted on a connection whose
+/// daemon had died held the last unmount in `fuse_kill_sb_anon` for good.
 pub fn unmount_all_under(dir: &Path) {
-    let mut targets = mounts_under(dir);
-    targets.sort_by_key(|t| std::cmp::Reverse(t.components().count()));
-    targets.dedup();
-    for target in targets {
+    let mut entries: Vec<MountEntry> = mounts()
+        .into_iter()
+        .filter(|m| m.target.starts_with(dir))
+        .collect();
+    entries.sort_by_key(|m| std::cmp::Reverse(m.target.components().count()));
+    entries.dedup_by(|a, b| a.target == b.target);
+    for entry in entries {
+        if entry.kind.starts_with("fuse") {
+            abort_fuse_connection(&entry.device);
+        }
         // SAFETY: umount2 with a valid C string.
-        unsafe { libc::umount2(cpath(&target).as_ptr(), libc::MNT_DETACH) };
+        unsafe { libc::umount2(cpath(&entry.target).as_ptr(), libc::MNT_DETACH) };
     }
+}
+
+/// Aborts the FUSE connection of the mount whose device is `major:minor` (fusectl names
+/// connections by the minor), mounting fusectl if it is not.
+fn abort_fuse_connection(device: &str) {
+    let Some((_, minor)) = device.split_once(':') else {
+        return;
+    };
+    let connections = Path::new("/sys/fs/fuse/connections");
+    let abort = connections.join(minor).join("abort");
+    if !abort.exists() {
+        let _ = timed(Duration::from_secs(10), "mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(connections)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    let _ = std::fs::write(&abort, b"1");
 }
 
 /// Loop devices whose backing file is at or below `dir`.
@@ -1145,6 +1172,12 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             kill_and_wait(&[self.child.id() as i32]);
             let _ = self.child.try_wait();
+        }
+        // The daemon is gone: its connection can go too (see unmount_all_under).
+        for entry in mounts() {
+            if entry.target == self.mnt && entry.kind.starts_with("fuse") {
+                abort_fuse_connection(&entry.device);
+            }
         }
         // SAFETY: umount2 with a valid C string.
         unsafe { libc::umount2(cpath(&self.mnt).as_ptr(), libc::MNT_DETACH) };
