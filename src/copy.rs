@@ -252,15 +252,9 @@ struct Shared<'a> {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     changed_bytes: AtomicU64,
-    base: Option<Base<'a>>,
-    kind: SumKind,
-    /// Where the leaf sums go (`LEAF_SUMS_PER_BLOCK_BYTES` per block of the range); for
-    /// an incremental copy it already holds the base's, which are read back from it.
-    leaves: Option<&'a File>,
+    how: How<'a>,
     /// A write of leaf sums failed: they are not whole.
     leaves_failed: AtomicBool,
-    /// False: the caller does not want checksums (the outcome's are zeros).
-    sums_wanted: bool,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
     /// Set when any worker failed: the others stop at their next chunk.
@@ -319,7 +313,7 @@ impl Shared<'_> {
             return Err(CopyError::Cancelled);
         }
         let buf = &mut buf[..len as usize];
-        if let Some(base) = self.base {
+        if let Some(base) = self.how.base {
             self.update_chunk(base, offset, buf)?;
             self.writeback(index);
             self.progress.done.fetch_add(len, Ordering::Relaxed);
@@ -339,10 +333,10 @@ impl Shared<'_> {
         let mut leaves = Vec::new();
         for (i, block) in buf.chunks(CHECKSUM_BLOCK as usize).enumerate() {
             // A hole chunk's buffer is not read: its blocks are zero.
-            let sum = if !self.sums_wanted {
+            let sum = if !self.how.sums {
                 0
             } else if extents.is_empty() {
-                if self.leaves.is_some() {
+                if self.how.leaves.is_some() {
                     leaves.resize(leaves.len() + LEAF_SUMS_PER_BLOCK_BYTES as usize, 0);
                 }
                 0
@@ -360,8 +354,8 @@ impl Shared<'_> {
     /// A block's checksum as this copy takes them; with a leaf-sums file, its leaves'
     /// sums are appended to `leaves`.
     fn block_sum(&self, block: &[u8], leaves: &mut Vec<u8>) -> u64 {
-        if self.kind == SumKind::Flat || self.leaves.is_none() {
-            return self.kind.block_sum(block);
+        if self.how.kind == SumKind::Flat || self.how.leaves.is_none() {
+            return self.how.kind.block_sum(block);
         }
         let mut sums = [0u64; LEAVES_PER_BLOCK];
         let n = leaf_sums(block, &mut sums);
@@ -373,7 +367,7 @@ impl Shared<'_> {
     /// incremental cheaper: a failure is logged once and the copy goes on (its outcome
     /// then says the leaf sums are not whole).
     fn write_leaves(&self, first_block: u64, leaves: &[u8]) -> Result<(), CopyError> {
-        let Some(file) = self.leaves else {
+        let Some(file) = self.how.leaves else {
             return Ok(());
         };
         if leaves.is_empty() || self.leaves_failed.load(Ordering::Relaxed) {
@@ -392,7 +386,7 @@ impl Shared<'_> {
     /// they make the base's checksum of the block: a damaged or missing entry only costs
     /// a read of the whole block.
     fn base_leaves(&self, base: &Base, block: u64, n: usize) -> Option<[u64; LEAVES_PER_BLOCK]> {
-        let file = self.leaves?;
+        let file = self.how.leaves?;
         if base.kind != SumKind::Leaves {
             return None;
         }
@@ -434,7 +428,7 @@ impl Shared<'_> {
         // A base whose checksums were taken another way (made before leaf sums): every
         // block is read once, for checksums of the new kind; still only what changed is
         // written.
-        let migrate = base.kind != self.kind;
+        let migrate = base.kind != self.how.kind;
         let plans: Vec<Plan> = (first_block..first_block + blocks)
             .map(|b| {
                 let (start, end) = block_range(b);
@@ -830,6 +824,8 @@ pub fn copy_incremental(
 struct How<'a> {
     base: Option<Base<'a>>,
     kind: SumKind,
+    /// Where the leaf sums go (`LEAF_SUMS_PER_BLOCK_BYTES` per block of the range); for
+    /// an incremental copy it already holds the base's, which are read back from it.
     leaves: Option<&'a File>,
     /// Whether the caller wants the checksums (a restore's pieces were checked as they
     /// were read: hashing them again would only cost CPU).
@@ -881,11 +877,8 @@ fn copy_unflushed(
         bytes_read: AtomicU64::new(0),
         bytes_written: AtomicU64::new(0),
         changed_bytes: AtomicU64::new(0),
-        base: how.base,
-        kind: how.kind,
-        leaves: how.leaves,
+        how,
         leaves_failed: AtomicBool::new(false),
-        sums_wanted: how.sums,
         progress,
         cancel,
         failed: AtomicBool::new(false),
@@ -1328,17 +1321,7 @@ mod tests {
             changed: Some(&changed),
             kind: SumKind::Leaves,
         };
-        let outcome = copy_incremental(
-            &src,
-            &dst,
-            len,
-            base,
-            None,
-            0,
-            &Progress::default(),
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+        let outcome = incremental(&src, &dst, len, base, None);
         assert_eq!(dst.contents(), src.contents());
         let full: Vec<u64> = src
             .contents()
@@ -1363,6 +1346,33 @@ mod tests {
         assert!(!dst.discarded.lock().is_empty());
     }
 
+    /// `copy_incremental` of the whole of `src` over `dst`, no rate limit.
+    fn incremental(
+        src: &MemDevice,
+        dst: &MemDevice,
+        len: u64,
+        base: Base,
+        leaves: Option<&File>,
+    ) -> CopyOutcome {
+        copy_incremental(
+            src,
+            dst,
+            len,
+            base,
+            leaves,
+            0,
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+        .unwrap()
+    }
+
+    fn contents(file: &File) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &*file, &mut bytes).unwrap();
+        bytes
+    }
+
     /// The leaf sums a full copy of `device` writes.
     fn leaves_of(device: &MemDevice) -> Vec<u8> {
         let file = tempfile::tempfile().unwrap();
@@ -1378,8 +1388,7 @@ mod tests {
             &AtomicBool::new(false),
         )
         .unwrap();
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut &file, &mut bytes).unwrap();
+        let mut bytes = contents(&file);
         bytes.resize(
             (len.div_ceil(CHECKSUM_BLOCK) * LEAF_SUMS_PER_BLOCK_BYTES) as usize,
             0,
@@ -1415,23 +1424,11 @@ mod tests {
                 changed: Some(&changed),
                 kind: SumKind::Leaves,
             };
-            let outcome = copy_incremental(
-                &src,
-                &dst,
-                len,
-                base,
-                Some(&file),
-                0,
-                &Progress::default(),
-                &AtomicBool::new(false),
-            )
-            .unwrap();
+            let outcome = incremental(&src, &dst, len, base, Some(&file));
             assert_eq!(dst.contents(), src.contents());
             assert_eq!(outcome.checksums, full_sums);
-            let mut written = Vec::new();
-            std::io::Read::read_to_end(&mut &file, &mut written).unwrap();
             assert_eq!(
-                written,
+                contents(&file),
                 leaves_of(&src),
                 "the new leaf sums are the source's"
             );
@@ -1461,21 +1458,9 @@ mod tests {
             changed: None,
             kind: SumKind::Leaves,
         };
-        let outcome = copy_incremental(
-            &src,
-            &dst,
-            len,
-            base,
-            Some(&file),
-            0,
-            &Progress::default(),
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+        let outcome = incremental(&src, &dst, len, base, Some(&file));
         assert_eq!(dst.contents(), src.contents());
-        let mut written = Vec::new();
-        std::io::Read::read_to_end(&mut &file, &mut written).unwrap();
-        assert_eq!(written, leaves_of(&src));
+        assert_eq!(contents(&file), leaves_of(&src));
         // Four leaves differ in the base's blocks; what lies past the base is new.
         assert_eq!(outcome.changed_bytes, 4 * LEAF + (len - base_len));
         assert!(outcome.bytes_read >= base_len, "{}", outcome.bytes_read);
@@ -1530,17 +1515,7 @@ mod tests {
             changed: None,
             kind: SumKind::Flat,
         };
-        let outcome = copy_incremental(
-            &src,
-            &dst,
-            len,
-            base,
-            None,
-            0,
-            &Progress::default(),
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+        let outcome = incremental(&src, &dst, len, base, None);
         assert_eq!(dst.contents(), src.contents());
         assert_eq!(outcome.kind, SumKind::Leaves);
         let full: Vec<u64> = src

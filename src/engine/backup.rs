@@ -487,8 +487,8 @@ impl Inner {
                 &job.progress,
                 cancel,
             )?;
-            let leaves = leaves.filter(|_| outcome.leaves_whole);
-            Ok((outcome, flushed(job, leaves)))
+            let kept = flushed(job, leaves, &outcome);
+            Ok((outcome, kept))
         };
         let Some(parent) = parent else {
             let (outcome, leaves) = full(true)?;
@@ -548,8 +548,8 @@ impl Inner {
             found_by,
             "incremental backup copied"
         );
-        let leaves = leaves.filter(|_| outcome.leaves_whole);
-        Ok((outcome, Some(found_by), flushed(job, leaves)))
+        let kept = flushed(job, leaves, &outcome);
+        Ok((outcome, Some(found_by), kept))
     }
 
     /// What changed in the volume since the parent's base snapshot, as the storage tells
@@ -692,9 +692,10 @@ pub(super) fn remove_snapshot(driver: &dyn VolumeDriver, record: &mut Record) ->
     }
 }
 
-/// Flushes a backup's leaf-sums file; whether the record may name it.
-fn flushed(job: &Job, leaves: Option<std::fs::File>) -> bool {
-    let Some(file) = leaves else {
+/// Flushes a backup's leaf-sums file if the copy wrote it whole; whether the record may
+/// name it.
+fn flushed(job: &Job, leaves: Option<std::fs::File>, outcome: &copy::CopyOutcome) -> bool {
+    let Some(file) = leaves.filter(|_| outcome.leaves_whole) else {
         return false;
     };
     match file.sync_data() {

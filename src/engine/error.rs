@@ -69,6 +69,22 @@ impl EngineError {
 }
 
 /// `text` with its lines joined by "; " and control characters dropped.
+/// A line of `jobs` or `restores`: `<who> <volume-id> <state> <done>/<total>[ <error>]`.
+pub fn status_line(
+    who: &str,
+    volume_id: &str,
+    state: &str,
+    (done, total): (u64, u64),
+    error: Option<&str>,
+) -> String {
+    let mut line = format!("{who} {volume_id} {state} {done}/{total}");
+    if let Some(error) = error {
+        line.push(' ');
+        line.push_str(&one_line(error));
+    }
+    line
+}
+
 pub fn one_line(text: &str) -> String {
     text.lines()
         .map(str::trim)

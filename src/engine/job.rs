@@ -256,19 +256,13 @@ impl JobStatus {
 
     /// `<backup-id> <volume-id> <state> <done>/<total>[ <error>]`, always one line.
     pub fn line(&self) -> String {
-        let mut line = format!(
-            "{} {} {} {}/{}",
-            self.backup_id,
-            self.volume_id,
+        super::error::status_line(
+            self.backup_id.as_str(),
+            self.volume_id.as_str(),
             self.state(),
-            self.done,
-            self.total
-        );
-        if let Some(error) = &self.error {
-            line.push(' ');
-            line.push_str(&super::error::one_line(error));
-        }
-        line
+            (self.done, self.total),
+            self.error.as_deref(),
+        )
     }
 }
 

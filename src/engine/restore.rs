@@ -49,19 +49,13 @@ pub struct RestoreStatus {
 impl RestoreStatus {
     /// `<backend> <volume-id> <state> <done>/<total>[ <error>]`, one line.
     pub fn line(&self) -> String {
-        let mut line = format!(
-            "{} {} {} {}/{}",
-            self.backend,
-            self.volume_id,
+        super::error::status_line(
+            &self.backend,
+            &self.volume_id,
             self.state.as_str(),
-            self.done,
-            self.total
-        );
-        if let Some(error) = &self.error {
-            line.push(' ');
-            line.push_str(&super::error::one_line(error));
-        }
-        line
+            (self.done, self.total),
+            self.error.as_deref(),
+        )
     }
 }
 

@@ -283,17 +283,10 @@ impl Catalogue for DirCatalogue {
         kind: SumKind,
         leaves: bool,
     ) -> Result<Checksums> {
-        let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let name = sums_file_name(backup_id);
-        self.write_atomic(&name, &bytes)?;
-        Ok(Checksums {
-            algorithm: kind.name().to_string(),
-            block_size: crate::copy::CHECKSUM_BLOCK,
-            blocks: sums.len() as u64,
-            file: name,
-            digest: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)),
-            leaves: leaves.then(|| leaves_file_name(backup_id)),
-        })
+        let leaves = leaves.then(|| leaves_file_name(backup_id));
+        let (bytes, entry) = Checksums::encode(sums, kind, sums_file_name(backup_id), leaves);
+        self.write_atomic(&entry.file, &bytes)?;
+        Ok(entry)
     }
 
     fn create_leaves(
@@ -362,17 +355,12 @@ impl Catalogue for DirCatalogue {
         };
         let path = self.dir.join(sums_file_name(&record.id));
         let bytes = std::fs::read(&path).map_err(|e| TargetError::io("read", &path, e))?;
-        let digest = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
-        if digest != checksums.digest || bytes.len() as u64 != checksums.blocks * 8 {
-            return Err(TargetError::BadRecord {
+        checksums
+            .decode(&bytes)
+            .ok_or_else(|| TargetError::BadRecord {
                 path,
                 message: "checksum file does not match its digest in the record".to_string(),
-            });
-        }
-        Ok(bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect())
+            })
     }
 
     fn remove_checksums(&self, backup_id: &BackupId) -> Result<()> {

@@ -302,18 +302,10 @@ impl Catalogue for RbdCatalogue {
         kind: crate::copy::SumKind,
         _leaves: bool,
     ) -> Result<Checksums> {
-        let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let name = sums_object(backup_id);
-        self.write_object(&name, &bytes)?;
-        Ok(Checksums {
-            algorithm: kind.name().to_string(),
-            block_size: crate::copy::CHECKSUM_BLOCK,
-            blocks: sums.len() as u64,
-            file: name,
-            digest: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)),
-            // No leaf sums kept in RADOS: an incremental reads whole changed blocks.
-            leaves: None,
-        })
+        // No leaf sums kept in RADOS: an incremental reads whole changed blocks.
+        let (bytes, entry) = Checksums::encode(sums, kind, sums_object(backup_id), None);
+        self.write_object(&entry.file, &bytes)?;
+        Ok(entry)
     }
 
     fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {
@@ -322,17 +314,12 @@ impl Catalogue for RbdCatalogue {
         };
         let name = sums_object(&record.id);
         let bytes = self.io.read_object(&name).map_err(target_error)?;
-        let digest = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
-        if digest != checksums.digest || bytes.len() as u64 != checksums.blocks * 8 {
-            return Err(TargetError::BadRecord {
+        checksums
+            .decode(&bytes)
+            .ok_or_else(|| TargetError::BadRecord {
                 path: PathBuf::from(name),
                 message: "checksum object does not match its digest in the record".to_string(),
-            });
-        }
-        Ok(bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect())
+            })
     }
 
     fn remove_checksums(&self, backup_id: &BackupId) -> Result<()> {

@@ -95,6 +95,42 @@ pub struct Record {
     pub xattrs: BTreeMap<String, String>,
 }
 
+impl Checksums {
+    /// What a catalogue stores for `sums` (one little-endian u64 each, under `file`), and
+    /// the record's entry for it.
+    pub fn encode(
+        sums: &[u64],
+        kind: crate::copy::SumKind,
+        file: String,
+        leaves: Option<String>,
+    ) -> (Vec<u8>, Checksums) {
+        let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let entry = Checksums {
+            algorithm: kind.name().to_string(),
+            block_size: crate::copy::CHECKSUM_BLOCK,
+            blocks: sums.len() as u64,
+            file,
+            digest: digest(&bytes),
+            leaves,
+        };
+        (bytes, entry)
+    }
+
+    /// The sums stored as `bytes`, if they are what this entry describes.
+    pub fn decode(&self, bytes: &[u8]) -> Option<Vec<u64>> {
+        (digest(bytes) == self.digest && bytes.len() as u64 == self.blocks * 8).then(|| {
+            bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()
+        })
+    }
+}
+
+fn digest(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
 impl Record {
     /// The scalar fields, as `getfattr` shows them (`user.backupfs.<field>`).
     pub fn scalar_fields(&self) -> Vec<(&'static str, String)> {

@@ -605,8 +605,8 @@ mod tests {
     use super::memory::MemDevice;
     use super::*;
 
-    #[test]
-    fn file_devices_report_holes_and_zero_ranges() {
+    /// A new empty file in a temporary directory (kept while the first value lives).
+    fn scratch_file() -> (tempfile::TempDir, std::path::PathBuf, File) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let file = std::fs::OpenOptions::new()
@@ -616,6 +616,12 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
+        (dir, path, file)
+    }
+
+    #[test]
+    fn file_devices_report_holes_and_zero_ranges() {
+        let (_dir, path, file) = scratch_file();
         file.set_len(8 << 20).unwrap();
         file.write_all_at(&[7u8; 4096], 3 << 20).unwrap();
         let device = FileDevice::new(file, &path);
@@ -639,15 +645,7 @@ mod tests {
 
     #[test]
     fn chunk_by_chunk_extents_are_the_files_also_after_a_hole_is_punched() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let (_dir, path, file) = scratch_file();
         file.set_len(16 << 20).unwrap();
         file.write_all_at(&vec![7u8; 3 << 20], 1 << 20).unwrap();
         file.write_all_at(&vec![7u8; 1 << 20], 10 << 20).unwrap();
