@@ -205,10 +205,13 @@ fn rbd_volumes_are_listed_read_sought_and_backed_up_to_file_and_rbd_targets() {
     // catalogue objects. Never `volume-<id>`.
     let series = format!("backupfs-series-{to_rbd}");
     assert_eq!(images(&cluster, &s.backups), std::slice::from_ref(&series));
-    assert_eq!(
-        snapshots(&cluster, &s.backups, &series),
-        [format!("backup-{to_rbd}")]
-    );
+    // The snapshot is taken once the backup is available, after `wait` has answered.
+    let snapshot = [format!("backup-{to_rbd}")];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while snapshots(&cluster, &s.backups, &series) != snapshot && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(snapshots(&cluster, &s.backups, &series), snapshot);
     assert_eq!(
         cluster.export_sha256(&s.backups, &format!("{series}@backup-{to_rbd}")),
         sum
@@ -738,6 +741,21 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
         };
     let first = BackupId::new();
     write(&first, None, &volume, &[(0, size)]);
+    // Sealed, not snapshotted yet (the engine settles it after answering): the head holds
+    // it, and the first reader takes the snapshot, so that it never reads a head that a
+    // later backup writes.
+    let series = format!("backupfs-series-{first}");
+    assert_eq!(
+        snapshots(&cluster, &spec_text, &series),
+        Vec::<String>::new()
+    );
+    assert!(read_all(&target, &first) == volume, "read from the head");
+    assert_eq!(
+        snapshots(&cluster, &spec_text, &series),
+        [format!("backup-{first}")],
+        "the reader took the snapshot"
+    );
+    target.settle_data(&first).unwrap();
     expected.push((first.clone(), volume.clone()));
     let mut base = first.clone();
     for round in 0..3u64 {
@@ -776,7 +794,6 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
     drop(new);
     target.remove_data(&cut).unwrap();
 
-    let series = format!("backupfs-series-{first}");
     assert_eq!(
         images(&cluster, &spec_text),
         std::slice::from_ref(&series),

@@ -175,9 +175,15 @@ impl Inner {
             .lock()
             .busy
             .remove(&(job.backend.clone(), job.volume_id.to_string()));
-        self.counters
-            .backup_ended(&job.target, failure.is_none(), written);
+        let available = failure.is_none();
+        self.counters.backup_ended(&job.target, available, written);
         job.finish(failure);
+        if available
+            && let Ok(target) = self.target(&job.target)
+            && let Err(e) = target.settle_data(&job.backup_id)
+        {
+            warn!(backup_id = %job.backup_id, "backup available; its data is settled later ({e})");
+        }
     }
 
     /// The pipeline, and on failure its cleanup and the `error` record.
@@ -338,7 +344,8 @@ impl Inner {
         if job.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
-        // A target that keeps backups as snapshots takes this one now (RBD).
+        // Nothing writes the data any more (an RBD target snapshots it once the backup is
+        // available: `settle_data`).
         target.seal_data(&job.backup_id)?;
         record.checksums = Some(target.write_checksums(
             &job.backup_id,

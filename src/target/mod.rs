@@ -89,9 +89,17 @@ pub trait BackupTarget: Send + Sync {
         size: u64,
         base: Option<&BackupId>,
     ) -> Result<NewData>;
-    /// Makes a backup's written data final, before its record says `available` (a target
-    /// that keeps backups as snapshots takes one here).
+    /// Makes a backup's written data final, before its record says `available`: nothing
+    /// writes it any more.
     fn seal_data(&self, _backup_id: &BackupId) -> Result<()> {
+        Ok(())
+    }
+    /// Work on an available backup's data that nobody waits for, done once its requester
+    /// has the answer. A target that keeps backups as snapshots takes the snapshot here
+    /// (an RBD snapshot's id comes from the monitors: up to a second); until it has, the
+    /// backup's data stays where it was written, and whatever touches it first takes the
+    /// snapshot instead. A failure costs nothing: the next touch tries again.
+    fn settle_data(&self, _backup_id: &BackupId) -> Result<()> {
         Ok(())
     }
     /// The stored data, attached for reading.
