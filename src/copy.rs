@@ -656,7 +656,7 @@ impl Shared<'_> {
             } else {
                 let at = self.range.dst_of(offset + start as u64);
                 self.dst
-                    .write_at(&block[start..end], at)
+                    .write_at_waiting(&block[start..end], at)
                     .map_err(|source| CopyError::Write { offset: at, source })?;
                 self.bytes_written
                     .fetch_add((end - start) as u64, Ordering::Relaxed);

@@ -42,6 +42,14 @@ pub trait BlockDevice: Send + Sync {
     /// Writes all of `buf` at `offset`; a write past the end grows the device.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
 
+    /// [`write_at`](Self::write_at), returning only once the device is done with `buf`.
+    /// A device that writes behind its caller (RBD) copies the buffer for `write_at`;
+    /// a caller that keeps enough writes going by itself (the copier's workers) spares
+    /// that copy and the memory it holds with this.
+    fn write_at_waiting(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
+
     /// Grows the device to `size`; never shrinks it.
     fn grow(&self, size: u64) -> io::Result<()>;
 

@@ -2036,6 +2036,48 @@ impl Image {
         })
     }
 
+    /// Writes all of `buf` at `offset` (within the image's size) without copying it
+    /// (with zero-copy writes, which the connection allows, librbd sends the caller's
+    /// memory) and returns once the request is done, so librbd is through with `buf`
+    /// before the borrow ends (early returns too: InFlight waits when dropped).
+    pub fn write_waiting(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let api = self.api();
+        let mut completion: ffi::CompletionHandle = std::ptr::null_mut();
+        // SAFETY: no callback; librbd writes the new completion through the pointer.
+        let rc =
+            unsafe { (api.rbd_aio_create_completion)(std::ptr::null_mut(), None, &mut completion) };
+        check(rc.into(), "create completion", || self.describe())?;
+        // SAFETY: valid image and completion; `buf` outlives the request (see above).
+        let rc = unsafe {
+            (api.rbd_aio_write2)(
+                self.handle,
+                offset,
+                buf.len(),
+                buf.as_ptr().cast(),
+                completion,
+                0,
+            )
+        };
+        if rc < 0 {
+            // SAFETY: created above, never submitted, released once.
+            unsafe { (api.rbd_aio_release)(completion) };
+            return Err(RbdError::ceph("submit", self.describe(), -rc));
+        }
+        let mut request = InFlight {
+            api,
+            completion,
+            kind: AioKind::Write,
+            offset,
+            len: buf.len() as u64,
+            buffer: Vec::new(),
+        };
+        let rc = request.wait();
+        check(rc as i64, "write", || {
+            format!("{} at {offset}+{}", self.describe(), buf.len())
+        })
+        .map(drop)
+    }
+
     /// Starts writing all of `buffer` at `offset` (within the image's size) and returns
     /// at once; the write keeps its buffer until it is waited for (or dropped, which
     /// waits). With zero-copy writes (the connection allows them) librbd sends the
