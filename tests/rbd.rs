@@ -597,6 +597,60 @@ fn kill9_mid_copy_to_an_rbd_target_leaves_no_image_snapshot_or_half_made_record(
 }
 
 #[test]
+fn kill9_after_available_before_the_snapshot_keeps_the_backup_and_its_first_reader_snapshots_it() {
+    let cluster = ceph::cluster();
+    let mut sb = Sandbox::new("rbd-settle");
+    let s = setup(&mut sb, &cluster, "settle", "");
+    let raw = sb.path("v.raw");
+    let sum = sparse_file(&raw, 12, &[(0, 3), (8, 2)]);
+    import(&cluster, &s.volumes, "volume-vol", &raw);
+    let d = sb.start_daemon_env(&s.config, &[("BACKUPFS_TEST_PAUSE", "settling")]);
+    let id = d.backup("rbd", "vol wait");
+    assert_eq!(d.record("rbd", &id)["status"], "available");
+    let series = format!("backupfs-series-{id}");
+    wait_for(
+        || d.log().contains("job holding at settling"),
+        "the job to hold before the snapshot",
+    );
+    assert_eq!(
+        snapshots(&cluster, &s.backups, &series),
+        Vec::<String>::new()
+    );
+    d.kill9();
+
+    let d = sb.start_daemon(&s.config);
+    assert_eq!(d.record("rbd", &id)["status"], "available");
+    assert_eq!(
+        snapshots(&cluster, &s.backups, &series),
+        Vec::<String>::new(),
+        "the head holds the backup"
+    );
+    assert_eq!(
+        sha256(&d.image("rbd", &id)),
+        sum,
+        "read whole after the crash"
+    );
+    assert_eq!(
+        snapshots(&cluster, &s.backups, &series),
+        [format!("backup-{id}")],
+        "the first reader took the snapshot"
+    );
+    // An incremental continues the series from it, and both read as they should.
+    let raw2 = sb.path("v2.raw");
+    let sum2 = sparse_file(&raw2, 12, &[(0, 1), (5, 1)]);
+    cluster.rbd(&["rm", "--no-progress", &format!("{}/volume-vol", s.volumes)]);
+    import(&cluster, &s.volumes, "volume-vol", &raw2);
+    let next = d.backup("rbd", "vol incremental wait");
+    assert_eq!(
+        d.record("rbd", &next)["parent_id"].as_str(),
+        Some(id.as_str())
+    );
+    assert_eq!(sha256(&d.image("rbd", &next)), sum2);
+    assert_eq!(sha256(&d.image("rbd", &id)), sum);
+    d.stop_clean();
+}
+
+#[test]
 fn a_cluster_stopped_mid_copy_fails_the_job_with_etimedout_and_the_mount_keeps_answering() {
     let cluster = ceph::cluster_exclusive();
     let mut sb = Sandbox::new("rbd-outage");

@@ -178,6 +178,9 @@ impl Inner {
         let available = failure.is_none();
         self.counters.backup_ended(&job.target, available, written);
         job.finish(failure);
+        if available {
+            pause_point("settling", &job.cancel);
+        }
         if available
             && let Ok(target) = self.target(&job.target)
             && let Err(e) = target.settle_data(&job.backup_id)

@@ -272,7 +272,8 @@ impl JobStatus {
 /// cancelled or not (a test can then see jobs queued behind it, or the daemon while it
 /// stops, for as long as it needs). Points: `started` (a worker took the job),
 /// `snapshotting` (snapshot made, copy not started), `finishing` (data copied, record not
-/// yet available), `verifying`.
+/// yet available), `settling` (available and answered, data not settled yet),
+/// `verifying`.
 pub fn pause_point(point: &str, cancel: &AtomicBool) {
     let Ok(points) = std::env::var("BACKUPFS_TEST_PAUSE") else {
         return;
