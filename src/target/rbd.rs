@@ -75,6 +75,20 @@ fn snapshot_name(backup_id: &str) -> String {
     format!("{SNAPSHOT_PREFIX}{backup_id}")
 }
 
+/// Takes the snapshot of the backup the head of `image` holds, if it has none yet (an
+/// available backup whose snapshot was not taken yet); that backup's id. Call with the
+/// series lock held and no backup writing the head.
+fn seal_held(image: &Image) -> Result<Option<String>> {
+    let Some(head) = image.metadata_get(HEAD_KEY).map_err(target_error)? else {
+        return Ok(None);
+    };
+    let snapshot = snapshot_name(&head);
+    if !image.snapshot_exists(&snapshot).map_err(target_error)? {
+        image.create_snapshot(&snapshot).map_err(target_error)?;
+    }
+    Ok(Some(head))
+}
+
 fn backup_of_snapshot(name: &str) -> Option<&str> {
     name.strip_prefix(SNAPSHOT_PREFIX)
         .filter(|id| crate::ids::is_backup_id(id))
@@ -467,32 +481,29 @@ impl RbdTarget {
         Attachment::new(RbdDevice::new(image, self.connection.clone()))
     }
 
-    /// Takes `backup_id`'s snapshot if the head of `image_name` holds it without one (an
-    /// available backup whose snapshot was not taken yet); whether the snapshot exists
-    /// now. Not while a backup writes the head. Call with the series lock held.
+    /// Takes the snapshot of the backup the head of `image_name` holds, if it has none
+    /// yet ([`seal_held`]); whether `backup_id`'s snapshot exists now. Not while a backup
+    /// writes the head. Call with the series lock held.
     fn seal_head(&self, image_name: &str, backup_id: &BackupId) -> Result<bool> {
         if self.writing.lock().contains(image_name) {
             return Ok(false);
         }
-        let image = match self.io.open_image(image_name) {
-            Ok(image) => image,
-            Err(e) if e.is_not_found() => return Ok(false),
-            Err(e) => return Err(target_error(e)),
-        };
-        let snapshot = snapshot_name(backup_id);
-        if image.snapshot_exists(&snapshot).map_err(target_error)? {
-            return Ok(true);
-        }
-        if image
-            .metadata_get(HEAD_KEY)
-            .map_err(target_error)?
-            .as_deref()
-            != Some(backup_id.as_str())
-        {
+        let Some(image) = self.open_existing(image_name)? else {
             return Ok(false);
+        };
+        seal_held(&image)?;
+        image
+            .snapshot_exists(&snapshot_name(backup_id))
+            .map_err(target_error)
+    }
+
+    /// The image for writing; None if it is gone.
+    fn open_existing(&self, image_name: &str) -> Result<Option<Image>> {
+        match self.io.open_image(image_name) {
+            Ok(image) => Ok(Some(image)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(target_error(e)),
         }
-        image.create_snapshot(&snapshot).map_err(target_error)?;
-        Ok(true)
     }
 
     /// Continues the series of `base` with `backup_id`: the head is made to read as the
@@ -510,39 +521,22 @@ impl RbdTarget {
         if self.writing.lock().contains(image_name) {
             return Ok(None);
         }
-        let image = match self.io.open_image(image_name) {
-            Ok(image) => image,
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(target_error(e)),
+        let Some(image) = self.open_existing(image_name)? else {
+            return Ok(None);
         };
-        let base_snapshot = snapshot_name(base);
-        let head = image.metadata_get(HEAD_KEY).map_err(target_error)?;
+        // The backup the head holds (the base, or a later one about to be rolled back
+        // over) keeps its data as a snapshot first, if it has none yet.
+        let head = seal_held(&image)?;
         let head_is_base = head.as_deref() == Some(base.as_str());
-        // A later backup the head holds without its snapshot yet (settled after it
-        // became available): snapshotted before the head is rolled back over it.
-        if let Some(later) = head.as_deref().filter(|_| !head_is_base) {
-            let snapshot = snapshot_name(later);
-            if !image.snapshot_exists(&snapshot).map_err(target_error)? {
-                image.create_snapshot(&snapshot).map_err(target_error)?;
-            }
-        }
-        let base_size = match image
+        let base_snapshot = snapshot_name(base);
+        let Some(base_size) = image
             .snapshots()
             .map_err(target_error)?
             .into_iter()
             .find(|s| s.name == base_snapshot)
-        {
-            Some(snapshot) => snapshot.size,
-            // A base whose data was written but never sealed (the head still holds it
-            // and nothing else wrote it): sealed now.
-            None if head_is_base => {
-                let size = image.size().map_err(target_error)?;
-                image
-                    .create_snapshot(&base_snapshot)
-                    .map_err(target_error)?;
-                size
-            }
-            None => return Ok(None),
+            .map(|snapshot| snapshot.size)
+        else {
+            return Ok(None);
         };
         if size < base_size {
             return Ok(None);
@@ -817,13 +811,9 @@ impl BackupTarget for RbdTarget {
         let lock = self.series_lock(&image_name);
         let _series = lock.lock();
         self.fence_other_writers(&image_name);
-        let image = match self.io.open_image(&image_name) {
-            Ok(image) => image,
-            Err(e) if e.is_not_found() => {
-                self.members.lock().remove(backup_id.as_str());
-                return Ok(());
-            }
-            Err(e) => return Err(target_error(e)),
+        let Some(image) = self.open_existing(&image_name)? else {
+            self.members.lock().remove(backup_id.as_str());
+            return Ok(());
         };
         let snapshot = snapshot_name(backup_id);
         if image.snapshot_exists(&snapshot).map_err(target_error)? {

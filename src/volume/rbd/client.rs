@@ -1992,6 +1992,28 @@ impl Image {
         mut buffer: Vec<u8>,
         op_flags: c_int,
     ) -> Result<InFlight> {
+        let data = buffer.as_mut_ptr();
+        // SAFETY: the buffer's heap memory does not move when the Vec is moved into the
+        // InFlight, which keeps it until the request has completed (its Drop waits).
+        unsafe { self.submit_at(kind, offset, len, data, buffer, op_flags) }
+    }
+
+    /// Submits one asynchronous request on the memory at `data` (`len` bytes; reads write
+    /// it, writes read it); the InFlight keeps `keep` and the completion until librbd is
+    /// done.
+    ///
+    /// # Safety
+    /// `data` must stay valid for `len` bytes until the returned InFlight has been waited
+    /// for or dropped (its Drop waits).
+    unsafe fn submit_at(
+        &self,
+        kind: AioKind,
+        offset: u64,
+        len: u64,
+        data: *mut u8,
+        keep: Vec<u8>,
+        op_flags: c_int,
+    ) -> Result<InFlight> {
         let api = self.api();
         let mut completion: ffi::CompletionHandle = std::ptr::null_mut();
         // SAFETY: no callback; librbd writes the new completion through the pointer.
@@ -2001,18 +2023,15 @@ impl Image {
         let handle = self.handle;
         let size = usize::try_from(len)
             .map_err(|_| RbdError::ceph("submit", self.describe(), libc::EINVAL))?;
-        // SAFETY: valid image and completion. The buffer's heap memory does not move
-        // when the Vec is moved into the InFlight below, and InFlight keeps it until the
-        // request has completed (its Drop waits), so librbd never sees freed memory.
+        // SAFETY: valid image and completion; `data` stays valid until the request has
+        // completed (the caller's promise).
         let rc = unsafe {
             match kind {
                 AioKind::Read => {
-                    let buf = buffer.as_mut_ptr().cast();
-                    (api.rbd_aio_read2)(handle, offset, size, buf, completion, op_flags)
+                    (api.rbd_aio_read2)(handle, offset, size, data.cast(), completion, op_flags)
                 }
                 AioKind::Write => {
-                    let buf = buffer.as_ptr().cast();
-                    (api.rbd_aio_write2)(handle, offset, size, buf, completion, op_flags)
+                    (api.rbd_aio_write2)(handle, offset, size, data.cast(), completion, op_flags)
                 }
                 AioKind::Discard => (api.rbd_aio_discard)(handle, offset, len, completion),
                 AioKind::WriteZeroes => {
@@ -2032,48 +2051,30 @@ impl Image {
             kind,
             offset,
             len,
-            buffer,
+            buffer: keep,
         })
     }
 
     /// Writes all of `buf` at `offset` (within the image's size) without copying it
     /// (with zero-copy writes, which the connection allows, librbd sends the caller's
-    /// memory) and returns once the request is done, so librbd is through with `buf`
-    /// before the borrow ends (early returns too: InFlight waits when dropped).
+    /// memory) and returns once the request is done.
     pub fn write_waiting(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let api = self.api();
-        let mut completion: ffi::CompletionHandle = std::ptr::null_mut();
-        // SAFETY: no callback; librbd writes the new completion through the pointer.
-        let rc =
-            unsafe { (api.rbd_aio_create_completion)(std::ptr::null_mut(), None, &mut completion) };
-        check(rc.into(), "create completion", || self.describe())?;
-        // SAFETY: valid image and completion; `buf` outlives the request (see above).
-        let rc = unsafe {
-            (api.rbd_aio_write2)(
-                self.handle,
+        let len = buf.len() as u64;
+        // SAFETY: librbd only reads a write's memory, and the request is waited for
+        // (also on an early return: InFlight's Drop waits) before the borrow ends.
+        let mut request = unsafe {
+            self.submit_at(
+                AioKind::Write,
                 offset,
-                buf.len(),
-                buf.as_ptr().cast(),
-                completion,
+                len,
+                buf.as_ptr().cast_mut(),
+                Vec::new(),
                 0,
-            )
-        };
-        if rc < 0 {
-            // SAFETY: created above, never submitted, released once.
-            unsafe { (api.rbd_aio_release)(completion) };
-            return Err(RbdError::ceph("submit", self.describe(), -rc));
-        }
-        let mut request = InFlight {
-            api,
-            completion,
-            kind: AioKind::Write,
-            offset,
-            len: buf.len() as u64,
-            buffer: Vec::new(),
+            )?
         };
         let rc = request.wait();
         check(rc as i64, "write", || {
-            format!("{} at {offset}+{}", self.describe(), buf.len())
+            format!("{} at {offset}+{len}", self.describe())
         })
         .map(drop)
     }

@@ -102,6 +102,28 @@ impl RbdDevice {
         }
     }
 
+    /// Before a write of `len` bytes at `offset`: reports an earlier write's failure,
+    /// grows the image to take it, and waits for pending writes it overlaps (librbd does
+    /// not order requests in flight). False for an empty write: nothing to do.
+    fn ready_to_write(&self, offset: u64, len: usize) -> io::Result<bool> {
+        if len == 0 {
+            return Ok(false);
+        }
+        let end = offset + len as u64;
+        self.take_failure()?;
+        self.grow(end)?;
+        let overlaps = self
+            .behind
+            .lock()
+            .iter()
+            .any(|w| w.range().start < end && offset < w.range().end);
+        if overlaps {
+            self.drain();
+            self.take_failure()?;
+        }
+        Ok(true)
+    }
+
     /// The failure of an earlier write, once.
     fn take_failure(&self) -> io::Result<()> {
         match self.failed.lock().take() {
@@ -198,20 +220,8 @@ impl BlockDevice for RbdDevice {
     /// librbd does not order requests in flight, so one that overlaps a pending write
     /// waits for all of them first.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if buf.is_empty() {
+        if !self.ready_to_write(offset, buf.len())? {
             return Ok(());
-        }
-        let end = offset + buf.len() as u64;
-        self.take_failure()?;
-        self.grow(end)?;
-        let overlaps = self
-            .behind
-            .lock()
-            .iter()
-            .any(|w| w.range().start < end && offset < w.range().end);
-        if overlaps {
-            self.drain();
-            self.take_failure()?;
         }
         let _probe = self.probe("write")?;
         let mut buffer = self.spare.lock().pop().unwrap_or_default();
@@ -238,20 +248,8 @@ impl BlockDevice for RbdDevice {
 
     /// Zero-copy: librbd sends `buf` itself, and the call returns once it is written.
     fn write_at_waiting(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if buf.is_empty() {
+        if !self.ready_to_write(offset, buf.len())? {
             return Ok(());
-        }
-        let end = offset + buf.len() as u64;
-        self.take_failure()?;
-        self.grow(end)?;
-        let overlaps = self
-            .behind
-            .lock()
-            .iter()
-            .any(|w| w.range().start < end && offset < w.range().end);
-        if overlaps {
-            self.drain();
-            self.take_failure()?;
         }
         let _probe = self.probe("write")?;
         self.image()?.write_waiting(buf, offset).map_err(io_error)
