@@ -106,11 +106,18 @@ impl Base<'_> {
         if end > self.size || block >= self.sums.len() as u64 {
             return true;
         }
-        let Some(changed) = self.changed else {
-            return true;
-        };
+        self.changed.is_none() || self.changed_in(start, end).next().is_some()
+    }
+
+    /// The changed ranges that meet `start..end`, clipped to it (none when the ranges
+    /// are not known).
+    fn changed_in(&self, start: u64, end: u64) -> impl Iterator<Item = std::ops::Range<u64>> {
+        let changed = self.changed.unwrap_or_default();
         let first = changed.partition_point(|r| r.end <= start);
-        changed.get(first).is_some_and(|r| r.start < end)
+        changed[first..]
+            .iter()
+            .take_while(move |r| r.start < end)
+            .map(move |r| r.start.max(start)..r.end.min(end))
     }
 }
 
@@ -332,20 +339,16 @@ impl Shared<'_> {
         let first_block = (offset - self.range.src_offset) / CHECKSUM_BLOCK;
         let mut leaves = Vec::new();
         for (i, block) in buf.chunks(CHECKSUM_BLOCK as usize).enumerate() {
-            // A hole chunk's buffer is not read: its blocks are zero.
-            let sum = if !self.how.sums {
-                0
-            } else if extents.is_empty() {
-                if self.how.leaves.is_some() {
-                    leaves.resize(leaves.len() + LEAF_SUMS_PER_BLOCK_BYTES as usize, 0);
-                }
+            // A hole chunk's buffer is not read: its blocks are zero, and so are their
+            // leaf sums, which the leaf-sums file already holds.
+            let sum = if !self.how.sums || extents.is_empty() {
                 0
             } else {
                 self.block_sum(block, &mut leaves)
             };
             self.sums[first_block as usize + i].store(sum, Ordering::Relaxed);
         }
-        self.write_leaves(first_block, &leaves)?;
+        self.write_leaves(first_block, &leaves);
         self.writeback(index);
         self.progress.done.fetch_add(len, Ordering::Relaxed);
         Ok(())
@@ -366,12 +369,12 @@ impl Shared<'_> {
     /// Writes the leaf sums of the blocks from `first_block` on. They only make the next
     /// incremental cheaper: a failure is logged once and the copy goes on (its outcome
     /// then says the leaf sums are not whole).
-    fn write_leaves(&self, first_block: u64, leaves: &[u8]) -> Result<(), CopyError> {
+    fn write_leaves(&self, first_block: u64, leaves: &[u8]) {
         let Some(file) = self.how.leaves else {
-            return Ok(());
+            return;
         };
         if leaves.is_empty() || self.leaves_failed.load(Ordering::Relaxed) {
-            return Ok(());
+            return;
         }
         let at = first_block * LEAF_SUMS_PER_BLOCK_BYTES;
         if let Err(e) = std::os::unix::fs::FileExt::write_all_at(file, leaves, at)
@@ -379,7 +382,6 @@ impl Shared<'_> {
         {
             tracing::warn!("leaf sums not kept ({e}): the next incremental reads whole blocks");
         }
-        Ok(())
     }
 
     /// The base's leaf sums of `block` (`n` leaves), if the leaf-sums file holds them and
@@ -438,18 +440,17 @@ impl Shared<'_> {
                 if !base.touched(b, start, end) {
                     return Plan::Keep;
                 }
-                let Some(changed) = base.changed.filter(|_| end <= base.size) else {
+                if base.changed.is_none() || end > base.size {
                     return Plan::Whole;
-                };
+                }
                 let n = (end - start).div_ceil(LEAF) as usize;
                 let Some(leaves) = self.base_leaves(&base, b, n) else {
                     return Plan::Whole;
                 };
                 let mut read = [false; LEAVES_PER_BLOCK];
-                let first = changed.partition_point(|r| r.end <= start);
-                for range in changed[first..].iter().take_while(|r| r.start < end) {
-                    let from = (range.start.max(start) - start) / LEAF;
-                    let to = (range.end.min(end) - start).div_ceil(LEAF);
+                for range in base.changed_in(start, end) {
+                    let from = (range.start - start) / LEAF;
+                    let to = (range.end - start).div_ceil(LEAF);
                     read[from as usize..to as usize].fill(true);
                 }
                 Plan::Leaves(leaves, read)
@@ -520,15 +521,26 @@ impl Shared<'_> {
                 }
             };
             self.sums[block as usize].store(sum, Ordering::Relaxed);
-            self.write_leaves(block, &leaves)?;
+            // The file holds the base's entries: an unchanged block's are not rewritten
+            // (no write per MiB, and the file keeps sharing its parent's blocks).
+            let entry_kept = base_leaves.is_some_and(|old| {
+                old.iter()
+                    .zip(leaves.chunks_exact(8))
+                    .all(|(o, new)| o.to_le_bytes() == new)
+            });
+            if !entry_kept {
+                self.write_leaves(block, &leaves);
+            }
             if migrate && !base.touched(block, start, end) {
                 continue;
             }
             match base.changed {
-                Some(changed) => {
-                    let first = changed.partition_point(|r| r.end <= start);
-                    for range in changed[first..].iter().take_while(|r| r.start < end) {
-                        let (from, to) = (range.start.max(start), range.end.min(end));
+                Some(_) => {
+                    for std::ops::Range {
+                        start: from,
+                        end: to,
+                    } in base.changed_in(start, end)
+                    {
                         self.write_data(
                             from,
                             &data[(from - start) as usize..(to - start) as usize],
@@ -550,7 +562,7 @@ impl Shared<'_> {
                     if same {
                         continue;
                     }
-                    let Some(old) = base_leaves.filter(|_| leaves.len() >= n * 8) else {
+                    let Some(old) = base_leaves else {
                         self.write_data(start, data)?;
                         self.changed_bytes.fetch_add(end - start, Ordering::Relaxed);
                         continue;
@@ -763,9 +775,10 @@ pub fn copy(
     copy_with_leaves(src, dst, range, options, None, progress, cancel)
 }
 
-/// [`copy`], writing the leaf sums of each block into `leaves` too (which then holds
-/// `LEAF_SUMS_PER_BLOCK_BYTES` per block of the range; holes' are zero). The leaf-sums
-/// file is not flushed.
+/// [`copy`], writing the leaf sums of each block into `leaves` too, which must read as
+/// zeros to begin with (a new file of `LEAF_SUMS_PER_BLOCK_BYTES` per block of the
+/// range): holes' entries are left as they are, zero and unallocated. The leaf-sums file
+/// is not flushed.
 pub fn copy_with_leaves(
     src: &dyn BlockDevice,
     dst: &dyn BlockDevice,
