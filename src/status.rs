@@ -9,6 +9,10 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::engine::error::one_line;
+pub use crate::ids::is_backup_id;
+pub use crate::target::record::parse_rfc3339;
+
 /// Where `status` and `wait` look when no `--mount` is given (the systemd unit's mountpoint).
 pub const DEFAULT_MOUNT: &str = "/mnt/backupfs";
 /// Ended backups shown per target, newest last.
@@ -219,25 +223,6 @@ impl RecordInfo {
         let blocks: Vec<String> = self.damaged_blocks.iter().map(u64::to_string).collect();
         blocks.join(",")
     }
-}
-
-/// Text on one line, without control characters (a record's error may hold newlines).
-fn one_line(text: &str) -> String {
-    let joined: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    joined
-        .join("; ")
-        .chars()
-        .filter(|c| !c.is_control())
-        .collect()
-}
-
-/// A backup id as the daemon makes them: a UUID, lowercase and hyphenated.
-pub fn is_backup_id(text: &str) -> bool {
-    uuid::Uuid::try_parse(text).is_ok_and(|id| id.hyphenated().to_string() == text)
 }
 
 // ----------------------------------------------------------------------------------------
@@ -650,91 +635,18 @@ pub fn eta(done: u64, total: u64, rate: Option<f64>) -> Option<u64> {
 // ----------------------------------------------------------------------------------------
 // Time.
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction]Z` (records carry milliseconds; older ones whole
-/// seconds). The client's own, so that it depends on the mount's format and nothing else.
-pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let text = text.strip_suffix('Z')?;
-    let (whole, fraction) = match text.split_once('.') {
-        Some((whole, fraction)) => (whole, Some(fraction)),
-        None => (text, None),
-    };
-    let b = whole.as_bytes();
-    if b.len() != 19
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |at: std::ops::Range<usize>| -> Option<i64> {
-        let digits = whole.get(at)?;
-        digits
-            .bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| digits.parse().ok())?
-    };
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
-        return None;
-    }
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
-    let mut time = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?);
-    if let Some(fraction) = fraction {
-        if fraction.is_empty() || !fraction.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        let digits = &fraction[..fraction.len().min(9)];
-        let nanos: u64 = format!("{digits:0<9}").parse().ok()?;
-        time += Duration::from_nanos(nanos);
-    }
-    Some(time)
-}
-
 /// `YYYY-MM-DD HH:MM:SS UTC`.
 pub fn format_utc(time: SystemTime) -> String {
     let secs = time
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (year, month, day) = civil_from_days(days);
+    let (year, month, day) = crate::target::record::civil_from_days(days);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
         rem / 3600,
         rem / 60 % 60,
         rem % 60
-    )
-}
-
-// Howard Hinnant's civil calendar algorithms.
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year - era * 400;
-    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (
-        if month <= 2 {
-            yoe + era * 400 + 1
-        } else {
-            yoe + era * 400
-        },
-        month,
-        day,
     )
 }
 

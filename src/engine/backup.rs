@@ -224,8 +224,9 @@ impl Inner {
         let before = driver.stat(&job.pool, &job.volume_id)?;
         // An incremental backup reads a snapshot where it can: the snapshot is kept as the
         // base of the next one, whose changes the storage can then tell.
-        let snapshots = driver.capabilities(&job.pool).snapshots;
-        let from_snapshot = in_use.is_some() || (job.incremental && snapshots.is_ok());
+        // (Asked only then: on file pools the answer is a reflink probe.)
+        let from_snapshot = in_use.is_some()
+            || (job.incremental && driver.capabilities(&job.pool).snapshots.is_ok());
         let parent = if job.incremental {
             self.parent_of(target, job)
         } else {
@@ -372,11 +373,11 @@ impl Inner {
         target.write_record(record)?;
         if keep_base {
             self.drop_older_bases(target, record);
-        } else if record.temporary_snapshot.is_some() {
+        } else if record.temporary_snapshot.is_some() && remove_snapshot(driver, record) {
+            // The job still runs: nobody else updates this record meanwhile, and the lock
+            // is held for the write only.
             let _updating = self.record_updates.lock();
-            if remove_snapshot(driver, record)
-                && let Err(e) = target.write_record(record)
-            {
+            if let Err(e) = target.write_record(record) {
                 // The snapshot is gone; the janitor finds it gone and says so.
                 warn!(backup_id = %job.backup_id, "cannot update the record: {e}");
             }
@@ -398,11 +399,10 @@ impl Inner {
         let parent = records
             .into_iter()
             .filter(|r| {
-                r.status == Status::Available
+                r.is_sound()
                     && r.volume_id == job.volume_id
                     && r.backend == job.backend
                     && r.id != job.backup_id
-                    && r.damaged_blocks.as_ref().is_none_or(|d| d.is_empty())
             })
             .max_by_key(|r| r.completed_time());
         if parent.is_none() {
@@ -641,7 +641,11 @@ impl Inner {
         };
         let mut backups: Vec<Record> = records
             .into_iter()
-            .filter(|r| r.status == Status::Available && r.volume_id == record.volume_id)
+            .filter(|r| {
+                r.status == Status::Available
+                    && r.volume_id == record.volume_id
+                    && r.backend == record.backend
+            })
             .collect();
         backups.sort_by_key(|r| std::cmp::Reverse(r.completed_time()));
         for old in backups.into_iter().skip(keep) {

@@ -68,7 +68,6 @@ impl EngineError {
     }
 }
 
-/// `text` with its lines joined by "; " and control characters dropped.
 /// A line of `jobs` or `restores`: `<who> <volume-id> <state> <done>/<total>[ <error>]`.
 pub fn status_line(
     who: &str,
@@ -85,6 +84,7 @@ pub fn status_line(
     line
 }
 
+/// `text` with its lines joined by "; " and control characters dropped.
 pub fn one_line(text: &str) -> String {
     text.lines()
         .map(str::trim)

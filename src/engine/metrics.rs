@@ -139,11 +139,7 @@ impl Inner {
                     continue;
                 }
                 bytes += record.stored_bytes;
-                if record
-                    .damaged_blocks
-                    .as_ref()
-                    .is_some_and(|d| !d.is_empty())
-                {
+                if record.is_damaged() {
                     bad += 1;
                     continue;
                 }

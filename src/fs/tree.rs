@@ -181,10 +181,8 @@ pub fn latest_backup(records: &[Record], volume_id: &VolumeId) -> Option<BackupI
     records
         .iter()
         .filter(|r| {
-            r.status == Status::Available
-                && r.volume_id == *volume_id
-                // A backup a verify found damaged is nobody's newest.
-                && r.damaged_blocks.as_ref().is_none_or(|d| d.is_empty())
+            // A backup a verify found damaged is nobody's newest.
+            r.is_sound() && r.volume_id == *volume_id
         })
         .max_by_key(|r| {
             (

@@ -43,37 +43,6 @@ pub fn lock_waiting(file: &File, path: &Path) -> bool {
     false
 }
 
-/// Copies all of `from` into `to` (from offset 0) with the kernel's copy_file_range.
-fn copy_whole_file(from: &File, to: &File) -> std::io::Result<()> {
-    let len = from.metadata()?.len();
-    let (mut off_in, mut off_out): (libc::loff_t, libc::loff_t) = (0, 0);
-    while (off_in as u64) < len {
-        let want = (len - off_in as u64).min(1 << 30) as usize;
-        // SAFETY: copy_file_range on borrowed descriptors with offsets we own.
-        let n = unsafe {
-            libc::copy_file_range(
-                from.as_raw_fd(),
-                &mut off_in,
-                to.as_raw_fd(),
-                &mut off_out,
-                want,
-                0,
-            )
-        };
-        match n {
-            n if n > 0 => {}
-            0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Records and checksums of one target.
 pub trait Catalogue: Send + Sync {
     /// Where it lives, for messages.
@@ -283,6 +252,10 @@ impl Catalogue for DirCatalogue {
         kind: SumKind,
         leaves: bool,
     ) -> Result<Checksums> {
+        if !leaves {
+            // Cut short (a full disk): no record will name it, nothing will read it.
+            self.remove(&leaves_file_name(backup_id))?;
+        }
         let leaves = leaves.then(|| leaves_file_name(backup_id));
         let (bytes, entry) = Checksums::encode(sums, kind, sums_file_name(backup_id), leaves);
         self.write_atomic(&entry.file, &bytes)?;
@@ -302,10 +275,11 @@ impl Catalogue for DirCatalogue {
         // read those blocks whole and the chain mends itself.
         let base_file = base.and_then(|base| {
             let name = leaves_file_name(&base.id);
-            let named = base.checksums.as_ref()?.leaves.as_ref()? == &name;
+            if base.checksums.as_ref()?.leaves.as_ref()? != &name {
+                return None;
+            }
             match File::open(self.dir.join(&name)) {
-                Ok(file) if named => Some(file),
-                Ok(_) => None,
+                Ok(file) => Some(file),
                 Err(e) => {
                     tracing::warn!(
                         backup_id = %backup_id,
@@ -325,9 +299,8 @@ impl Catalogue for DirCatalogue {
                 .mode(0o600)
                 .open(&path)?;
             if let Some(base_file) = &base_file {
-                // A reflink where the filesystem has them: instant, and no buffer of ours.
-                // Cut short, what was copied is still the base's, the rest zeros.
-                if let Err(e) = copy_whole_file(base_file, &file) {
+                // copy_file_range: a reflink where the filesystem has them, instant.
+                if let Err(e) = std::io::copy(&mut &*base_file, &mut &file) {
                     tracing::warn!(
                         backup_id = %backup_id,
                         "leaf sums of the parent not copied ({e}): its changed blocks are read whole"
@@ -338,15 +311,15 @@ impl Catalogue for DirCatalogue {
             file.set_len(blocks * crate::copy::LEAF_SUMS_PER_BLOCK_BYTES)?;
             Ok(file)
         };
-        let made = make().map_err(|e| TargetError::io("write", &path, e));
-        let file = match made.and_then(|file| self.sync_dir().map(|()| file)) {
-            Ok(file) => file,
+        // No directory fsync: the name matters once a record names it, and the checksums'
+        // rename before that fsyncs this directory.
+        match make() {
+            Ok(file) => Ok(Some(file)),
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
-                return Err(e);
+                Err(TargetError::io("write", &path, e))
             }
-        };
-        Ok(Some(file))
+        }
     }
 
     fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {

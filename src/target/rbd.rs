@@ -75,9 +75,10 @@ fn snapshot_name(backup_id: &str) -> String {
     format!("{SNAPSHOT_PREFIX}{backup_id}")
 }
 
-/// Takes the snapshot of the backup the head of `image` holds, if it has none yet (an
-/// available backup whose snapshot was not taken yet); that backup's id. Call with the
-/// series lock held and no backup writing the head.
+/// Takes the snapshot of the backup the head of `image` holds, if it has none yet; that
+/// backup's id. Call with the series lock held and no backup writing the head: the head
+/// then holds an available backup not settled yet, or the data of a failed one whose
+/// removal failed too (kept: its removal, retried, takes the snapshot with it).
 fn seal_held(image: &Image) -> Result<Option<String>> {
     let Some(head) = image.metadata_get(HEAD_KEY).map_err(target_error)? else {
         return Ok(None);

@@ -160,6 +160,17 @@ impl Record {
         ]
     }
 
+    /// Available, and no verify found it damaged: fit to be a parent, the newest, a
+    /// restore's source.
+    pub fn is_sound(&self) -> bool {
+        self.status == Status::Available && !self.is_damaged()
+    }
+
+    /// A verify found damaged blocks.
+    pub fn is_damaged(&self) -> bool {
+        self.damaged_blocks.as_ref().is_some_and(|d| !d.is_empty())
+    }
+
     pub fn completed_time(&self) -> SystemTime {
         self.completed_at
             .as_deref()
@@ -187,33 +198,51 @@ pub fn rfc3339(time: SystemTime) -> String {
     )
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction]Z`.
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction]Z` (records carry milliseconds; older ones whole
+/// seconds). Strict: digits where digits belong, months and days in range.
 pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let (whole, fraction) = match text.strip_suffix('Z')?.split_once('.') {
+    let text = text.strip_suffix('Z')?;
+    let (whole, fraction) = match text.split_once('.') {
         Some((whole, fraction)) => (whole, Some(fraction)),
-        None => (text.strip_suffix('Z')?, None),
+        None => (text, None),
     };
     let b = whole.as_bytes();
-    if b.len() != 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
+    if b.len() != 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| whole.get(r)?.parse::<i64>().ok();
-    let days = days_from_civil(num(0..4)?, num(5..7)?, num(8..10)?);
-    let secs = days * 86_400 + num(11..13)? * 3600 + num(14..16)? * 60 + num(17..19)?;
+    let num = |at: std::ops::Range<usize>| -> Option<i64> {
+        let digits = whole.get(at)?;
+        digits
+            .bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| digits.parse().ok())?
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
     let mut time = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?);
     if let Some(fraction) = fraction {
-        if fraction.is_empty() || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        if fraction.is_empty() || !fraction.bytes().all(|c| c.is_ascii_digit()) {
             return None;
         }
         let digits = &fraction[..fraction.len().min(9)];
-        let nanos: u32 = format!("{digits:0<9}").parse().ok()?;
-        time += Duration::from_nanos(u64::from(nanos));
+        let nanos: u64 = format!("{digits:0<9}").parse().ok()?;
+        time += Duration::from_nanos(nanos);
     }
     Some(time)
 }
 
 // Howard Hinnant's civil calendar algorithms.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
