@@ -591,10 +591,20 @@ impl Inner {
     /// One base per volume and target: once `record` keeps its snapshot as the base, the
     /// older ones go (named as temporary first, so that a crash cannot forget them).
     pub(super) fn drop_older_bases(&self, target: &dyn BackupTarget, record: &Record) {
+        if let Ok(records) = target.records() {
+            self.drop_older_bases_of(target, record, &records);
+        }
+    }
+
+    /// [`drop_older_bases`](Self::drop_older_bases) among `records` (the catalogue as
+    /// just listed; each is read again before it changes).
+    pub(super) fn drop_older_bases_of(
+        &self,
+        target: &dyn BackupTarget,
+        record: &Record,
+        records: &[Record],
+    ) {
         let Ok(driver) = self.backend(&record.backend).map(|b| b.driver.clone()) else {
-            return;
-        };
-        let Ok(records) = target.records() else {
             return;
         };
         for older in records {

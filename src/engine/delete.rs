@@ -158,8 +158,8 @@ impl Inner {
         let Ok(records) = target.records() else {
             return;
         };
-        let mut newest: std::collections::HashMap<(String, String), Record> = Default::default();
-        for record in records {
+        let mut newest: std::collections::HashMap<(String, String), &Record> = Default::default();
+        for record in &records {
             if record.base_snapshot.is_none()
                 || record.status != Status::Available
                 || self.is_running(&record.id)
@@ -175,7 +175,7 @@ impl Inner {
             }
         }
         for record in newest.values() {
-            self.drop_older_bases(target, record);
+            self.drop_older_bases_of(target, record, &records);
         }
     }
 }

@@ -139,10 +139,6 @@ pub(super) fn claim_restore(
                 })
             });
             let writer = Arc::new(VolumeWriter {
-                inner: inner.clone(),
-                driver: backend.driver.clone(),
-                key: key.clone(),
-                pool: info.pool.clone(),
                 size: AtomicU64::new(info.size),
                 attachment: Some(attachment),
                 resize: Mutex::new(()),
@@ -183,15 +179,12 @@ fn attach_for_restore(backend: &Backend, info: &VolumeInfo) -> Result<Attachment
 /// A volume open for a restore. While it lives, the volume refuses backups and is held
 /// the way a hypervisor sees it.
 pub struct VolumeWriter {
-    inner: Arc<Inner>,
-    driver: Arc<dyn VolumeDriver>,
-    key: (String, String),
-    pool: String,
     size: AtomicU64,
     attachment: Option<Attachment>,
     /// Serialises size changes (writes past the end, truncates).
     resize: Mutex<()>,
-    /// The restore this writer's changes belong to (it may outlive the writer).
+    /// The restore this writer's changes belong to (it may outlive the writer); also
+    /// which volume, on which driver.
     session: Arc<RestoreSession>,
 }
 
@@ -221,16 +214,19 @@ impl Drop for VolumeWriter {
         // Detached first (locks released, exports stopped), then the volume is free for
         // backups: nobody can find it claimed and yet held.
         if let Some(attachment) = self.attachment.take()
-            && let Err(e) = self.driver.detach(attachment)
+            && let Err(e) = self.session.driver.detach(attachment)
         {
-            warn!(volume_id = self.key.1, "detach after a restore: {e}");
+            warn!(
+                volume_id = self.session.key.1,
+                "detach after a restore: {e}"
+            );
             self.session.fail(&format!("detach: {e}"));
         }
-        let mut state = self.inner.state.lock();
-        if let Some(Busy::Restore(writer)) = state.busy.get(&self.key)
+        let mut state = self.session.inner.state.lock();
+        if let Some(Busy::Restore(writer)) = state.busy.get(&self.session.key)
             && std::ptr::eq(writer.as_ptr(), self)
         {
-            state.busy.remove(&self.key);
+            state.busy.remove(&self.session.key);
         }
     }
 }
@@ -384,7 +380,7 @@ impl RestoreSession {
 
 impl VolumeWriter {
     pub fn backend(&self) -> &str {
-        &self.key.0
+        &self.session.key.0
     }
 
     /// The restore this writer's changes count for.
@@ -393,7 +389,7 @@ impl VolumeWriter {
     }
 
     pub fn volume_id(&self) -> &str {
-        &self.key.1
+        &self.session.key.1
     }
 
     pub fn size(&self) -> u64 {
@@ -508,19 +504,20 @@ impl VolumeWriter {
 
     /// Whether the volume's pool can take the image's data (beyond what the volume holds).
     fn check_room(&self, image: &Image) -> Result<()> {
-        let Some(free) = self.driver.free_space(&self.pool)? else {
+        let Some(free) = self.session.driver.free_space(&self.session.pool)? else {
             return Ok(());
         };
         let held = self
+            .session
             .driver
-            .stat(&self.pool, &self.key.1)
+            .stat(&self.session.pool, &self.session.key.1)
             .map(|info| info.allocated)
             .unwrap_or(0);
         let needed = image.stored_bytes.saturating_sub(held);
         if needed > free {
             let e = EngineError::NoSpace(format!(
                 "volume {}/{}: backup {} holds {} bytes of data, the pool has {free} bytes free",
-                self.key.0, self.key.1, image.backup_id, image.stored_bytes
+                self.session.key.0, self.session.key.1, image.backup_id, image.stored_bytes
             ));
             return Err(e);
         }
