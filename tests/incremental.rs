@@ -8,23 +8,6 @@ use common::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// A small deterministic generator for the rounds of writes.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// One round of what a guest does to its disk: scattered 64 KiB writes, rewrites of a
 /// range with the same bytes, punched holes, now and then the volume grows.
 fn round_of_writes(volume: &Path, rng: &mut Lcg) {
@@ -234,30 +217,16 @@ fn the_storages_map_and_checksums_find_the_same_changes() {
 #[test]
 fn an_incremental_on_a_target_that_cannot_share_data_is_a_full_backup() {
     let mut sb = Sandbox::new("inc-ext4");
-    let ssd = sb.loop_fs("ssd", Fs::Xfs, 512);
-    let hdd = sb.loop_fs("hdd", Fs::Ext4, 256);
-    let (gold, backups) = (ssd.join("gold"), hdd.join("backups"));
-    for dir in [&gold, &backups] {
-        std::fs::create_dir_all(dir).unwrap();
-    }
-    let config = sb.write_config(&format!(
-        "state_dir = \"{}\"\n\
-         [backends.ssd]\ndriver = \"file\"\npools = {{ gold = \"{}\" }}\n\
-         [backends.hdd]\ndriver = \"file\"\npools = {{ backups = \"{}\" }}\n\
-         [targets.t]\nbackend = \"hdd\"\npool = \"backups\"\n",
-        sb.mkdir("state").display(),
-        gold.display(),
-        backups.display()
-    ));
-    let volume = random_volume(&gold, "v", 8);
-    let d = sb.start_daemon(&config);
-    incremental(&d, "t", "v");
+    let l = layout(&mut sb, Some(Fs::Xfs), Some(Fs::Ext4), "");
+    let volume = random_volume(&l.gold, "v", 8);
+    let d = sb.start_daemon(&l.config);
+    incremental(&d, "hdd", "v");
     round_of_writes(&volume, &mut Lcg(5));
-    let id = incremental(&d, "t", "v");
-    let record = d.record("t", &id);
+    let id = incremental(&d, "hdd", "v");
+    let record = d.record("hdd", &id);
     assert!(record["parent_id"].is_null(), "{record}");
     assert!(d.log().contains("cannot share data"), "{}", d.log());
-    assert_eq!(sha256(&d.image("t", &id)), sha256(&volume));
+    assert_eq!(sha256(&d.image("hdd", &id)), sha256(&volume));
 }
 
 #[test]
@@ -298,14 +267,7 @@ fn kill9_at_every_step_of_an_incremental_leaves_the_parent_and_base_intact() {
         let parent_sum = sha256(&d.image("a", &parent));
         assert!(d.stop().success());
         round_of_writes(&volume, &mut Lcg(11));
-        let release = sb.path("release");
-        let d = sb.start_daemon_env(
-            &s.config,
-            &[
-                ("BACKUPFS_TEST_PAUSE", point),
-                ("BACKUPFS_TEST_RELEASE", release.to_str().unwrap()),
-            ],
-        );
+        let d = sb.start_daemon_env(&s.config, &hold_env(point));
         let id = d.backup("a", "v incremental");
         wait_for(
             || d.log().contains(&format!("holding at {point}")),

@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use std::process::Command;
-use std::time::Duration;
 
 #[test]
 fn a_refused_request_leaves_its_reason_to_read_on_the_same_descriptor() {
@@ -57,14 +56,13 @@ fn a_deleted_backup_leaves_jobs_at_once() {
     assert!(!d.jobs("hdd").contains(&id), "{}", d.jobs("hdd"));
 }
 
-/// Flips a byte of a backup's stored data in the target pool (the largest file there).
+/// Damages three bytes of a backup's stored data in the target pool.
 fn damage(pool: &std::path::Path, id: &str) {
-    let data = pool.join(format!("backup-{id}.img"));
-    ok(&format!(
-        "printf '\\xff\\x00\\xff' | dd of='{}' bs=1 seek=1000 conv=notrunc status=none; sync; dd if='{}' iflag=nocache count=0 status=none",
-        data.display(),
-        data.display()
-    ));
+    damage_bytes(
+        &pool.join(format!("backup-{id}.img")),
+        1000,
+        b"\xff\x00\xff",
+    );
 }
 
 #[test]
@@ -294,27 +292,20 @@ fn metrics_pass_promtool_and_count_what_happened() {
 fn a_new_daemon_waits_for_the_state_lock_of_one_that_is_still_stopping() {
     let mut sb = Sandbox::new("op-relock");
     let l = layout(&mut sb, None, Some(Fs::Xfs), "");
-    // Hold the state_dir lock as a stopping daemon would, for two seconds.
-    let state = std::fs::read_to_string(&l.config)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("state_dir = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .unwrap()
-        .to_string();
-    std::fs::create_dir_all(&state).unwrap();
-    let mut holder = Command::new("flock")
-        .arg(format!("{state}/backupfs.lock"))
-        .arg("sleep")
-        .arg("2")
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Hold the state_dir lock as a stopping daemon would, for two seconds (the holder says
+    // when it has it).
+    let state = sb.path("state");
+    let ready = sb.path("lock-held");
+    sb.spawn_sh(&format!(
+        "exec flock '{}/backupfs.lock' sh -c 'touch \"$0\"; sleep 2' '{}'",
+        state.display(),
+        ready.display()
+    ));
+    wait_for(|| ready.exists(), "the lock holder to hold the lock");
     let d = sb.start_daemon(&l.config);
     assert!(
         d.log().contains("waiting up to 10 s"),
         "said it waits: {}",
         d.log()
     );
-    let _ = holder.wait();
 }

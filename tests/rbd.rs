@@ -604,7 +604,7 @@ fn kill9_after_available_before_the_snapshot_keeps_the_backup_and_its_first_read
     let raw = sb.path("v.raw");
     let sum = sparse_file(&raw, 12, &[(0, 3), (8, 2)]);
     import(&cluster, &s.volumes, "volume-vol", &raw);
-    let d = sb.start_daemon_env(&s.config, &[("BACKUPFS_TEST_PAUSE", "settling")]);
+    let d = sb.start_daemon_env(&s.config, &hold_env("settling"));
     let id = d.backup("rbd", "vol wait");
     assert_eq!(d.record("rbd", &id)["status"], "available");
     let series = format!("backupfs-series-{id}");

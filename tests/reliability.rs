@@ -235,21 +235,6 @@ fn full_target_fails_the_waiting_write_with_enospc_and_leaves_nothing() {
     assert_eq!(d.request("hdd", "small wait"), None);
 }
 
-/// A small deterministic generator, so a failure can be replayed.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() as usize) % items.len()]
-    }
-}
-
 /// The README's rule, written down here: "1 to 128 characters of ASCII letters, digits,
 /// `-`, `_` and `.`, starting with a letter or digit".
 fn readme_volume_id(id: &str) -> bool {

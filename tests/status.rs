@@ -102,10 +102,7 @@ fn status_lists_queued_running_and_ended_jobs_the_newest_backup_per_volume_and_d
         .to_string();
     let c = d.backup("hdd", "vol-c wait");
     let stored = stored_data(&l.backups, &d.image("hdd", &c));
-    ok(&format!(
-        "printf '\\xde\\xad' | dd of='{}' bs=1 seek=$((1048576+99)) conv=notrunc status=none",
-        stored.display()
-    ));
+    damage_bytes(&stored, (1 << 20) + 99, b"\xde\xad");
     assert_eq!(
         write_errno(&d.target("hdd").join("verify"), format!("{c}\n").as_bytes()),
         Some(libc::EIO),

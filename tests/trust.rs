@@ -413,14 +413,6 @@ fn flip_byte(dir: &Path, offset: u64) -> PathBuf {
     data
 }
 
-/// Drops the page cache of one file (what a long-running node sees after memory pressure).
-fn drop_cache(path: &Path) {
-    ok(&format!(
-        "dd if='{}' iflag=nocache count=0 status=none",
-        path.display()
-    ));
-}
-
 #[test]
 fn a_byte_damaged_after_a_full_read_is_never_handed_out() {
     let mut sb = Sandbox::new("trust-rot");
@@ -435,8 +427,8 @@ fn a_byte_damaged_after_a_full_read_is_never_handed_out() {
     // ...then the stored data rots and the caches go.
     let offset = 5 * (1 << 20) + 12345;
     let data = flip_byte(&l.backups, offset);
-    drop_cache(&data);
-    drop_cache(&image);
+    evict(&data);
+    evict(&image);
     let out = sh(&format!("cat '{}' > /dev/null", image.display()));
     assert!(
         !out.status.success(),
@@ -446,7 +438,7 @@ fn a_byte_damaged_after_a_full_read_is_never_handed_out() {
         String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
         "{out:?}"
     );
-    drop_cache(&image);
+    evict(&image);
     let out = sh(&format!(
         "dd if='{}' bs=4096 skip={} count=1 status=none | od -An -tx1 | head -1",
         image.display(),
@@ -454,14 +446,14 @@ fn a_byte_damaged_after_a_full_read_is_never_handed_out() {
     ));
     assert!(!out.status.success() || out.stdout.is_empty(), "{out:?}");
     // A restore from it fails instead of writing wrong data.
-    drop_cache(&image);
+    evict(&image);
     let out = sh(&format!(
         "cp '{}' '{}'",
         image.display(),
         d.mnt.join("volumes/ssd/restored").display()
     ));
     assert!(!out.status.success(), "the restore fails: {out:?}");
-    drop_cache(&image);
+    evict(&image);
     let out = sh(&format!(
         "cp --sparse=always '{}' '{}'",
         image.display(),
@@ -469,7 +461,7 @@ fn a_byte_damaged_after_a_full_read_is_never_handed_out() {
     ));
     assert!(!out.status.success(), "the restore fails: {out:?}");
     // Through a loop device, too.
-    drop_cache(&image);
+    evict(&image);
     let dev = sb.attach_loop_ro(&image);
     let out = sh(&format!(
         "dd if={dev} iflag=direct bs=1M skip=5 count=1 status=none of=/dev/null"
@@ -512,8 +504,8 @@ fn data_lost_to_a_hole_in_the_backing_store_is_never_restored_as_zeros() {
         "fallocate --punch-hole --keep-size -o $((3 << 20)) -l $((1 << 20)) '{}'",
         data.display()
     ));
-    drop_cache(&data);
-    drop_cache(&image);
+    evict(&data);
+    evict(&image);
     for (name, how) in [("cp", "cp"), ("sparse", "cp --sparse=always")] {
         let out = sh(&format!(
             "{how} '{}' '{}'",

@@ -270,6 +270,19 @@ pub fn evict(path: &Path) {
 }
 
 #[track_caller]
+/// Overwrites `bytes` at `offset` of `path` behind the daemon's back (rot on the backup
+/// storage), durably, and drops the file's pages so that the next read sees the disk.
+pub fn damage_bytes(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    file.write_all_at(bytes, offset).unwrap();
+    file.sync_all().unwrap();
+    evict(path);
+}
+
 pub fn wait_for(cond: impl FnMut() -> bool, what: &str) {
     wait_for_limit(WAIT_TIMEOUT, cond, what)
 }
@@ -1238,6 +1251,28 @@ pub fn pause_env<'a>(point: &'a str, release: &'a Path) -> Vec<(&'a str, &'a str
             release.to_str().expect("a UTF-8 path"),
         ),
     ]
+}
+
+/// A small deterministic generator (the same seed, the same sequence), so that a failure
+/// can be replayed.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[(self.next() as usize) % items.len()]
+    }
 }
 
 /// The environment that holds every job at `point` until the daemon stops (a stop then
