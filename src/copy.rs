@@ -357,8 +357,8 @@ impl Shared<'_> {
     /// A block's checksum as this copy takes them; with a leaf-sums file, its leaves'
     /// sums are appended to `leaves`.
     fn block_sum(&self, block: &[u8], leaves: &mut Vec<u8>) -> u64 {
-        if self.how.kind == SumKind::Flat || self.how.leaves.is_none() {
-            return self.how.kind.block_sum(block);
+        if self.how.leaves.is_none() {
+            return SumKind::CURRENT.block_sum(block);
         }
         let mut sums = [0u64; LEAVES_PER_BLOCK];
         let n = leaf_sums(block, &mut sums);
@@ -430,7 +430,7 @@ impl Shared<'_> {
         // A base whose checksums were taken another way (made before leaf sums): every
         // block is read once, for checksums of the new kind; still only what changed is
         // written.
-        let migrate = base.kind != self.how.kind;
+        let migrate = base.kind != SumKind::CURRENT;
         let plans: Vec<Plan> = (first_block..first_block + blocks)
             .map(|b| {
                 let (start, end) = block_range(b);
@@ -790,7 +790,6 @@ pub fn copy_with_leaves(
 ) -> Result<CopyOutcome, CopyError> {
     let what = How {
         base: None,
-        kind: SumKind::CURRENT,
         leaves,
         sums: true,
     };
@@ -823,7 +822,6 @@ pub fn copy_incremental(
     let range = Range::whole(len);
     let what = How {
         base: Some(base),
-        kind: SumKind::CURRENT,
         leaves,
         sums: true,
     };
@@ -832,11 +830,10 @@ pub fn copy_incremental(
     Ok(outcome)
 }
 
-/// What a copy starts from and which checksums it takes.
+/// What a copy starts from and which checksums it takes (always `SumKind::CURRENT`).
 #[derive(Clone, Copy)]
 struct How<'a> {
     base: Option<Base<'a>>,
-    kind: SumKind,
     /// Where the leaf sums go (`LEAF_SUMS_PER_BLOCK_BYTES` per block of the range); for
     /// an incremental copy it already holds the base's, which are read back from it.
     leaves: Option<&'a File>,
@@ -926,7 +923,7 @@ fn copy_unflushed(
             .iter()
             .map(|s| s.load(Ordering::Relaxed))
             .collect(),
-        kind: how.kind,
+        kind: SumKind::CURRENT,
         leaves_whole: how.leaves.is_some() && !shared.leaves_failed.load(Ordering::Relaxed),
         bytes_read: shared.bytes_read.load(Ordering::Relaxed),
         bytes_written: shared.bytes_written.load(Ordering::Relaxed),
@@ -1032,7 +1029,6 @@ fn generic_rest(
         CopyOptions::default(),
         How {
             base: None,
-            kind: SumKind::CURRENT,
             leaves: None,
             sums: false,
         },
