@@ -627,7 +627,7 @@ for r in $(seq "$RUNS"); do
     gc_diff+=("$(growth_after_gc "$used0")")
     s_diff+=("$(record_field "$diff_id" stored_bytes)"); c_diff+=("$(record_field "$diff_id" changed_bytes)")
     q_diff+=("$(ratio "$LAST_SECS" "${t_full[-1]}")")
-    p_diff+=("$(awk -v g="$LAST_GROWTH" -v c="$INC_CHANGED" 'BEGIN{printf "%.2f", g/c}')")
+    p_diff+=("$(ratio "$LAST_GROWTH" "$INC_CHANGED")")
     if [ "$r" = "$RUNS" ]; then
         cmp -s "$(backing_of "$diff_id")" "$INC_SRC" || die "incremental backup $diff_id differs from $INC_VOL"
     fi
@@ -635,7 +635,9 @@ for r in $(seq "$RUNS"); do
 
     # B: the base snapshot is gone (removed behind backupfs' back): checksums only.
     change_volume $((2 * r))
-    rm "$SRC_POOL/$(record_field "$diff_id" base_snapshot)"
+    base=$(record_field "$diff_id" base_snapshot)
+    [ "$base" != null ] || die "incremental $diff_id keeps no base snapshot"
+    rm "$SRC_POOL/$base"
     log "incremental: run $r/$RUNS: $INC_WRITES x 64 KiB changed in $CHANGED_BLOCKS blocks, base snapshot removed"
     used0=$(fs_used "$TARGET_FS")
     timed_incremental
@@ -648,7 +650,7 @@ for r in $(seq "$RUNS"); do
     s_sums+=("$(record_field "$sums_id" stored_bytes)"); c_sums+=("$(record_field "$sums_id" changed_bytes)")
     b_sums+=("$CHANGED_BLOCKS")
     q_sums+=("$(ratio "$LAST_SECS" "${t_full[-1]}")")
-    p_sums+=("$(awk -v g="$LAST_GROWTH" -v b="$CHANGED_BLOCKS" 'BEGIN{printf "%.2f", g/(b*1048576)}')")
+    p_sums+=("$(ratio "$LAST_GROWTH" $((CHANGED_BLOCKS << 20)))")
     if [ "$r" = "$RUNS" ]; then
         cmp -s "$(backing_of "$sums_id")" "$INC_SRC" || die "incremental backup $sums_id differs from $INC_VOL"
     fi
@@ -705,13 +707,14 @@ target "restore, plain cp (server-side copy): mount vs direct" "$(ratio "${MED[r
     "${MED[restore.direct]} s / ${MED[restore.cfr]} s"
 # Issue 13. Times: median incremental / median full, each run's pair in the detail. Space:
 # what the target filesystem grew by right after the backup (what df shows), per run.
-only() { [ "$(tr ' ' '\n' <<<"$1" | sort -u | grep -c .)" = 1 ] && [ "$(echo $1 | cut -d' ' -f1)" = "$2" ] && echo 1 || echo 0; }
+# 1 when every run's record said `$2` (found_* is the runs' answers, sorted, unique).
+only() { [ "$1" = "$2" ] && echo 1 || echo 0; }
 target "incremental, reflink base: time vs full" "$(ratio "${MED[inc.diff]}" "${MED[inc.full]}")" "<=" 0.05 x \
-    "${MED[inc.diff]} s / ${MED[inc.full]} s; per run ${q_diff[*]}; records say ${found_diff}" "$(only "${FOUND_BY[diff]}" snapshot-diff)"
+    "${MED[inc.diff]} s / ${MED[inc.full]} s; per run ${q_diff[*]}; records say ${found_diff}" "$(only "$found_diff" snapshot-diff)"
 target "incremental, checksums: time vs full" "$(ratio "${MED[inc.sums]}" "${MED[inc.full]}")" "<=" 0.60 x \
-    "${MED[inc.sums]} s / ${MED[inc.full]} s; per run ${q_sums[*]}; records say ${found_sums}" "$(only "${FOUND_BY[sums]}" checksums)"
+    "${MED[inc.sums]} s / ${MED[inc.full]} s; per run ${q_sums[*]}; records say ${found_sums}" "$(only "$found_sums" checksums)"
 target "incremental, reflink base: target fs growth vs bytes changed" "$(median "${p_diff[@]}")" "<=" 2.0 x \
-    "per run ${p_diff[*]} of $(mib "$INC_CHANGED") MiB; once XFS CoW preallocations are freed $(awk -v g="$(median "${gc_diff[@]}")" -v c="$INC_CHANGED" 'BEGIN{printf "%.2f", g/c}')x; record stored_bytes $(awk -v g="$(median "${s_diff[@]}")" -v c="$INC_CHANGED" 'BEGIN{printf "%.2f", g/c}')x"
+    "per run ${p_diff[*]} of $(mib "$INC_CHANGED") MiB; once XFS CoW preallocations are freed $(ratio "$(median "${gc_diff[@]}")" "$INC_CHANGED")x; record stored_bytes $(ratio "$(median "${s_diff[@]}")" "$INC_CHANGED")x"
 target "incremental, checksums: target fs growth vs changed 1 MiB blocks" "$(median "${p_sums[@]}")" "<=" 1.0 x \
     "per run ${p_sums[*]} of ${b_sums[*]} MiB blocks; record stored_bytes $(mib "$(median "${s_sums[@]}")") MiB"
 target "daemon peak RSS during the full backups (1)" "$(kib_to_mib "$RSS_BACKUP_KIB")" "<=" "$RSS_TARGET_MIB" MiB "VmHWM"
