@@ -112,9 +112,19 @@ pub trait BlockDevice: Send + Sync {
 
 /// An anonymous mapping aligned for O_DIRECT. Its pages come zeroed from the kernel and go
 /// back to it when the copy ends, so a finished copy leaves no memory behind.
+///
+/// A buffer of 2 MiB or more is aligned to 2 MiB and asks for transparent huge pages: an
+/// O_DIRECT request into it is a few physically contiguous segments instead of one per
+/// 4 KiB page, so a loop device (128 segments of at most 64 KiB) and a virtio disk (254
+/// segments) take it in one or two requests instead of four or more, and the checksum
+/// pass walks it with 512 times fewer TLB entries. Measured on this project's reference
+/// machine: four threads reading 2 GiB in 2 MiB O_DIRECT pieces from XFS on a loop
+/// device took 0.70 s instead of 1.2-1.5 s (contrib/bench/README.md).
 pub struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    /// The mapping's length (`len`, rounded up to whole huge pages for a big buffer).
+    mapped: usize,
 }
 
 // SAFETY: the mapping is plain owned memory: moved between threads whole, and shared
@@ -123,13 +133,24 @@ unsafe impl Send for AlignedBuf {}
 // SAFETY: as above; shared references give read-only access.
 unsafe impl Sync for AlignedBuf {}
 
+/// The size of a transparent huge page on x86-64 and of the PMD on most 64-bit machines.
+const HUGE_PAGE: usize = 2 << 20;
+
 impl AlignedBuf {
     pub fn new(len: usize) -> std::io::Result<AlignedBuf> {
+        let huge = len >= HUGE_PAGE;
+        let mapped = if huge {
+            len.div_ceil(HUGE_PAGE) * HUGE_PAGE
+        } else {
+            len.max(1)
+        };
+        // A huge buffer is mapped one huge page longer, then trimmed to an aligned start.
+        let reserve = if huge { mapped + HUGE_PAGE } else { mapped };
         // SAFETY: a fresh private anonymous mapping; checked for MAP_FAILED below.
         let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                reserve,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
@@ -139,9 +160,27 @@ impl AlignedBuf {
         if raw == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let ptr = std::ptr::NonNull::new(raw.cast::<u8>())
+        let mut start = raw as usize;
+        if huge {
+            let aligned = start.next_multiple_of(HUGE_PAGE);
+            // SAFETY: both pieces lie inside the mapping just made and nothing refers to
+            // them; madvise only gives a hint (a kernel without THP refuses it: 4 KiB
+            // pages then, which is only slower).
+            unsafe {
+                if aligned > start {
+                    libc::munmap(raw, aligned - start);
+                }
+                let tail = aligned + mapped;
+                if tail < start + reserve {
+                    libc::munmap(tail as *mut libc::c_void, start + reserve - tail);
+                }
+                libc::madvise(aligned as *mut libc::c_void, mapped, libc::MADV_HUGEPAGE);
+            }
+            start = aligned;
+        }
+        let ptr = std::ptr::NonNull::new(start as *mut u8)
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(AlignedBuf { ptr, len })
+        Ok(AlignedBuf { ptr, len, mapped })
     }
 }
 
@@ -163,7 +202,7 @@ impl std::ops::DerefMut for AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped) };
     }
 }
 
@@ -612,6 +651,23 @@ pub mod memory {
 mod tests {
     use super::memory::MemDevice;
     use super::*;
+
+    #[test]
+    fn a_big_buffer_is_aligned_to_huge_pages_and_every_buffer_starts_zeroed() {
+        for len in [0, 1, 4096, 1 << 20, HUGE_PAGE, 3 << 20, 4 << 20] {
+            let mut buf = AlignedBuf::new(len).unwrap();
+            assert_eq!(buf.len(), len);
+            let at = buf.as_ptr() as usize;
+            assert_eq!(at % 4096, 0, "{len}: page-aligned for O_DIRECT");
+            if len >= HUGE_PAGE {
+                assert_eq!(at % HUGE_PAGE, 0, "{len}: huge-page aligned");
+            }
+            assert!(buf.iter().all(|&b| b == 0), "{len}");
+            // The whole length is ours to write.
+            buf.fill(0xa5);
+            assert!(buf.iter().all(|&b| b == 0xa5));
+        }
+    }
 
     /// A new empty file in a temporary directory (kept while the first value lives).
     fn scratch_file() -> (tempfile::TempDir, std::path::PathBuf, File) {
