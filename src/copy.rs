@@ -21,6 +21,51 @@ const MAX_DEPTH: usize = 16;
 const WRITEBACK_WINDOW: u64 = 32 << 20;
 /// O_DIRECT wants reads of whole pages.
 const PAGE: u64 = 4096;
+/// Buffer memory copies running at once share: a lone copy gets every request its devices
+/// ask for (an RBD device: 12 x 4 MiB), a copy started beside others what is left, and
+/// at least one request. Four file copies at once hold 16 + 8 + 4 + 4 MiB, the daemon
+/// stays under 64 MiB resident, and the disk they share still has 8 requests in flight.
+const SHARED_BUFFERS: usize = 24 << 20;
+
+/// The buffer bytes the copies running now hold.
+static BUFFERS_HELD: Mutex<usize> = Mutex::new(0);
+
+/// A copy's share of [`SHARED_BUFFERS`]: how many requests of `chunk` bytes it may keep in
+/// flight. Given back when dropped.
+struct BufferShare {
+    bytes: usize,
+}
+
+impl BufferShare {
+    fn take(wanted: usize, chunk: usize) -> BufferShare {
+        let mut held = BUFFERS_HELD.lock();
+        let bytes = granted(*held, wanted * chunk, chunk);
+        *held += bytes;
+        BufferShare { bytes }
+    }
+
+    fn requests(&self, chunk: usize) -> usize {
+        self.bytes / chunk
+    }
+}
+
+impl Drop for BufferShare {
+    fn drop(&mut self) {
+        let mut held = BUFFERS_HELD.lock();
+        *held = held.saturating_sub(self.bytes);
+    }
+}
+
+/// What a copy asking for `wanted` bytes of buffers (whole chunks) gets while others hold
+/// `held`: all of it alone, else what is left of [`SHARED_BUFFERS`] in whole chunks, and
+/// one chunk at least.
+fn granted(held: usize, wanted: usize, chunk: usize) -> usize {
+    if held == 0 {
+        return wanted;
+    }
+    let left = SHARED_BUFFERS.saturating_sub(held) / chunk * chunk;
+    left.clamp(chunk, wanted.max(chunk))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -868,11 +913,13 @@ fn copy_unflushed(
         .max(1)
         * CHECKSUM_BLOCK;
     let chunks = range.len.div_ceil(chunk);
-    let workers = src_hints
+    let wanted = src_hints
         .queue_depth
         .max(dst_hints.queue_depth)
         .clamp(1, MAX_DEPTH)
         .min(chunks.max(1) as usize);
+    let share = BufferShare::take(wanted, chunk as usize);
+    let workers = share.requests(chunk as usize);
     let shared = Shared {
         src,
         dst,
@@ -1537,6 +1584,21 @@ mod tests {
         assert_eq!(outcome.changed_bytes, 4 * MIB + (2 * MIB + 100));
         // Every block with data is read (the holes past the base are not).
         assert!(outcome.bytes_read >= base_len, "{}", outcome.bytes_read);
+    }
+
+    #[test]
+    fn copies_at_once_share_the_buffers_and_each_gets_one_request_at_least() {
+        const MIB: usize = 1 << 20;
+        // Alone: everything asked for, even beyond the shared amount (an RBD copy).
+        assert_eq!(granted(0, 48 * MIB, 4 * MIB), 48 * MIB);
+        assert_eq!(granted(0, 16 * MIB, 4 * MIB), 16 * MIB);
+        // Four file copies, one after the other.
+        assert_eq!(granted(16 * MIB, 16 * MIB, 4 * MIB), 8 * MIB);
+        assert_eq!(granted(24 * MIB, 16 * MIB, 4 * MIB), 4 * MIB);
+        assert_eq!(granted(28 * MIB, 16 * MIB, 4 * MIB), 4 * MIB);
+        // Never more than asked for, and whole requests only.
+        assert_eq!(granted(4 * MIB, 8 * MIB, 4 * MIB), 8 * MIB);
+        assert_eq!(granted(15 * MIB, 16 * MIB, 2 * MIB), 8 * MIB);
     }
 
     #[test]
