@@ -818,9 +818,22 @@ impl Sandbox {
         dev
     }
 
+    /// Detaches a loop device and waits until it has let go of its file: `losetup -d`
+    /// only asks for it, and the kernel lets go at the last close (udev may be probing
+    /// the device), while backupfs rightly refuses a volume a loop device still holds.
     pub fn detach_loop(&mut self, dev: &str) {
         ok(&format!("losetup -d {dev}"));
         self.loops.retain(|d| d != dev);
+        let name = dev.trim_start_matches("/dev/");
+        let backing = PathBuf::from(format!("/sys/block/{name}/loop/backing_file"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backing.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{dev} still holds its file after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A child process owned by the sandbox (killed on Drop); its index.
