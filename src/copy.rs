@@ -291,6 +291,31 @@ impl Range {
     }
 }
 
+/// How an incremental copy reads a block.
+enum Plan {
+    /// Not at all: the base cannot differ there.
+    Keep,
+    /// The base's leaf sums, and which leaves to read (those a changed range touches).
+    Leaves([u64; LEAVES_PER_BLOCK], [bool; LEAVES_PER_BLOCK]),
+    /// Whole: its checksum needs all of it.
+    Whole,
+}
+
+/// The runs of consecutive indexes in `0..n` for which `set` holds, in order.
+fn runs(n: usize, set: impl Fn(usize) -> bool) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < n && !set(i) {
+            i += 1;
+        }
+        let start = i;
+        while i < n && set(i) {
+            i += 1;
+        }
+        (start < i).then_some(start..i)
+    })
+}
+
 /// What the workers of one copy share.
 struct Shared<'a> {
     src: &'a dyn BlockDevice,
@@ -459,181 +484,154 @@ impl Shared<'_> {
     /// it). Only what differs is written: the changed ranges, or with no ranges known, the
     /// blocks whose checksum differs from the base's.
     fn update_chunk(&self, base: Base, offset: u64, buf: &mut [u8]) -> Result<(), CopyError> {
-        enum Plan {
-            Keep,
-            /// The base's leaf sums, and which leaves to read.
-            Leaves([u64; LEAVES_PER_BLOCK], [bool; LEAVES_PER_BLOCK]),
-            Whole,
-        }
         let len = buf.len() as u64;
         let first_block = offset / CHECKSUM_BLOCK;
-        let blocks = len.div_ceil(CHECKSUM_BLOCK);
         let block_range = |b: u64| {
             let start = b * CHECKSUM_BLOCK;
             (start, (start + CHECKSUM_BLOCK).min(offset + len))
         };
-        // A base whose checksums were taken another way (made before leaf sums): every
-        // block is read once, for checksums of the new kind; still only what changed is
-        // written.
-        let migrate = base.kind != SumKind::CURRENT;
-        let plans: Vec<Plan> = (first_block..first_block + blocks)
+        let plans: Vec<Plan> = (first_block..first_block + len.div_ceil(CHECKSUM_BLOCK))
             .map(|b| {
                 let (start, end) = block_range(b);
-                if migrate {
-                    return Plan::Whole;
-                }
-                if !base.touched(b, start, end) {
-                    return Plan::Keep;
-                }
-                if base.changed.is_none() || end > base.size {
-                    return Plan::Whole;
-                }
-                let n = (end - start).div_ceil(LEAF) as usize;
-                let Some(leaves) = self.base_leaves(&base, b, n) else {
-                    return Plan::Whole;
-                };
-                let mut read = [false; LEAVES_PER_BLOCK];
-                for range in base.changed_in(start, end) {
-                    let from = (range.start - start) / LEAF;
-                    let to = (range.end - start).div_ceil(LEAF);
-                    read[from as usize..to as usize].fill(true);
-                }
-                Plan::Leaves(leaves, read)
+                self.plan(&base, b, start, end)
             })
             .collect();
         // Each run of blocks read whole is read at once, each run of changed leaves too.
-        let mut i = 0;
-        while i < plans.len() {
-            match &plans[i] {
-                Plan::Keep => i += 1,
-                Plan::Whole => {
-                    let run = plans[i..]
-                        .iter()
-                        .take_while(|p| matches!(p, Plan::Whole))
-                        .count();
-                    let (start, _) = block_range(first_block + i as u64);
-                    let (_, end) = block_range(first_block + (i + run) as u64 - 1);
-                    self.read_span(offset, buf, start, end)?;
-                    i += run;
-                }
-                Plan::Leaves(_, read) => {
-                    let (start, end) = block_range(first_block + i as u64);
-                    let mut l = 0;
-                    while l < LEAVES_PER_BLOCK {
-                        if !read[l] {
-                            l += 1;
-                            continue;
-                        }
-                        let run = read[l..].iter().take_while(|&&r| r).count();
-                        let from = start + l as u64 * LEAF;
-                        let to = (start + (l + run) as u64 * LEAF).min(end);
-                        self.read_span(offset, buf, from, to)?;
-                        l += run;
-                    }
-                    i += 1;
-                }
+        for run in runs(plans.len(), |i| matches!(plans[i], Plan::Whole)) {
+            let (start, _) = block_range(first_block + run.start as u64);
+            let (_, end) = block_range(first_block + run.end as u64 - 1);
+            self.read_span(offset, buf, start, end)?;
+        }
+        for (i, plan) in plans.iter().enumerate() {
+            let Plan::Leaves(_, read) = plan else {
+                continue;
+            };
+            let (start, end) = block_range(first_block + i as u64);
+            for leaves in runs(LEAVES_PER_BLOCK, |l| read[l]) {
+                let from = start + leaves.start as u64 * LEAF;
+                let to = (start + leaves.end as u64 * LEAF).min(end);
+                self.read_span(offset, buf, from, to)?;
             }
         }
         for (i, plan) in plans.iter().enumerate() {
             let block = first_block + i as u64;
             let (start, end) = block_range(block);
             let data = &buf[(start - offset) as usize..(end - offset) as usize];
-            let mut leaves = Vec::new();
-            let n = (end - start).div_ceil(LEAF) as usize;
-            // Comparing by checksums: the base's leaf sums (read before this block's entry
-            // is rewritten) tell which 64 KiB of a block that differs need writing.
-            let base_leaves = match (plan, base.changed) {
-                (Plan::Whole, None) if !migrate && end <= base.size => {
-                    self.base_leaves(&base, block, n)
-                }
-                _ => None,
-            };
-            let sum = match plan {
-                Plan::Keep => {
-                    self.sums[block as usize].store(base.sums[block as usize], Ordering::Relaxed);
-                    continue;
-                }
-                Plan::Whole => self.block_sum(data, &mut leaves),
-                Plan::Leaves(old, read) => {
-                    let mut sums = *old;
-                    for (l, leaf) in data.chunks(LEAF as usize).enumerate() {
-                        if read[l] {
-                            sums[l] = flat_sum(leaf);
-                        }
-                    }
-                    leaves.extend(sums.iter().flat_map(|l| l.to_le_bytes()));
-                    sum_of_leaves(&sums[..n])
-                }
-            };
-            self.sums[block as usize].store(sum, Ordering::Relaxed);
-            // The file holds the base's entries: an unchanged block's are not rewritten
-            // (no write per MiB, and the file keeps sharing its parent's blocks).
-            let entry_kept = base_leaves.is_some_and(|old| {
-                old.iter()
-                    .zip(leaves.chunks_exact(8))
-                    .all(|(o, new)| o.to_le_bytes() == new)
-            });
-            if !entry_kept {
-                self.write_leaves(block, &leaves);
-            }
-            if migrate && !base.touched(block, start, end) {
-                continue;
-            }
-            match base.changed {
-                Some(_) => {
-                    for std::ops::Range {
-                        start: from,
-                        end: to,
-                    } in base.changed_in(start, end)
-                    {
-                        self.write_data(
-                            from,
-                            &data[(from - start) as usize..(to - start) as usize],
-                        )?;
-                        self.changed_bytes.fetch_add(to - from, Ordering::Relaxed);
-                    }
-                }
-                None => {
-                    let base_way = if migrate {
-                        base.kind.block_sum(data)
-                    } else {
-                        sum
-                    };
-                    let same = end <= base.size
-                        && base
-                            .sums
-                            .get(block as usize)
-                            .is_some_and(|&b| b == base_way);
-                    if same {
-                        continue;
-                    }
-                    let Some(old) = base_leaves else {
-                        self.write_data(start, data)?;
-                        self.changed_bytes.fetch_add(end - start, Ordering::Relaxed);
-                        continue;
-                    };
-                    let new = |l: usize| {
-                        u64::from_le_bytes(leaves[l * 8..l * 8 + 8].try_into().unwrap_or([0; 8]))
-                    };
-                    let mut l = 0;
-                    while l < n {
-                        if old[l] == new(l) {
-                            l += 1;
-                            continue;
-                        }
-                        let run = (l..n).take_while(|&k| old[k] != new(k)).count();
-                        let from = start + l as u64 * LEAF;
-                        let to = (start + (l + run) as u64 * LEAF).min(end);
-                        self.write_data(
-                            from,
-                            &data[(from - start) as usize..(to - start) as usize],
-                        )?;
-                        self.changed_bytes.fetch_add(to - from, Ordering::Relaxed);
-                        l += run;
-                    }
-                }
-            }
+            self.update_block(&base, block, start, data, plan)?;
         }
+        Ok(())
+    }
+
+    /// How an incremental reads `block` (source `start..end`).
+    fn plan(&self, base: &Base, block: u64, start: u64, end: u64) -> Plan {
+        // A base whose checksums were taken another way (made before leaf sums): every
+        // block is read once, for checksums of the new kind; still only what changed is
+        // written.
+        if base.kind != SumKind::CURRENT {
+            return Plan::Whole;
+        }
+        if !base.touched(block, start, end) {
+            return Plan::Keep;
+        }
+        if base.changed.is_none() || end > base.size {
+            return Plan::Whole;
+        }
+        let n = (end - start).div_ceil(LEAF) as usize;
+        let Some(leaves) = self.base_leaves(base, block, n) else {
+            return Plan::Whole;
+        };
+        let mut read = [false; LEAVES_PER_BLOCK];
+        for range in base.changed_in(start, end) {
+            let from = (range.start - start) / LEAF;
+            let to = (range.end - start).div_ceil(LEAF);
+            read[from as usize..to as usize].fill(true);
+        }
+        Plan::Leaves(leaves, read)
+    }
+
+    /// An incremental's block, read as `plan` said: its checksum (and leaf sums) taken or
+    /// kept, and what differs from the base written.
+    fn update_block(
+        &self,
+        base: &Base,
+        block: u64,
+        start: u64,
+        data: &[u8],
+        plan: &Plan,
+    ) -> Result<(), CopyError> {
+        let end = start + data.len() as u64;
+        let n = data.len().div_ceil(LEAF as usize);
+        let migrate = base.kind != SumKind::CURRENT;
+        // Comparing by checksums: the base's leaf sums (read before this block's entry is
+        // rewritten) tell which 64 KiB of a block that differs need writing.
+        let base_leaves = match (plan, base.changed) {
+            (Plan::Whole, None) if !migrate && end <= base.size => self.base_leaves(base, block, n),
+            _ => None,
+        };
+        let mut leaves = Vec::new();
+        let sum = match plan {
+            Plan::Keep => {
+                self.sums[block as usize].store(base.sums[block as usize], Ordering::Relaxed);
+                return Ok(());
+            }
+            Plan::Whole => self.block_sum(data, &mut leaves),
+            Plan::Leaves(old, read) => {
+                let mut sums = *old;
+                for (l, leaf) in data.chunks(LEAF as usize).enumerate() {
+                    if read[l] {
+                        sums[l] = flat_sum(leaf);
+                    }
+                }
+                leaves.extend(sums.iter().flat_map(|l| l.to_le_bytes()));
+                sum_of_leaves(&sums[..n])
+            }
+        };
+        self.sums[block as usize].store(sum, Ordering::Relaxed);
+        let new_leaf =
+            |l: usize| u64::from_le_bytes(leaves[l * 8..l * 8 + 8].try_into().unwrap_or([0; 8]));
+        // The file holds the base's entries: an unchanged block's are not rewritten (no
+        // write per MiB, and the file keeps sharing its parent's blocks).
+        let entry_kept = base_leaves.is_some_and(|old| {
+            leaves.len() == LEAVES_PER_BLOCK * 8
+                && (0..LEAVES_PER_BLOCK).all(|l| old[l] == new_leaf(l))
+        });
+        if !entry_kept {
+            self.write_leaves(block, &leaves);
+        }
+        if migrate && !base.touched(block, start, end) {
+            return Ok(());
+        }
+        if base.changed.is_some() {
+            for range in base.changed_in(start, end) {
+                let piece = &data[(range.start - start) as usize..(range.end - start) as usize];
+                self.write_changed(range.start, piece)?;
+            }
+            return Ok(());
+        }
+        let base_way = if migrate {
+            base.kind.block_sum(data)
+        } else {
+            sum
+        };
+        if end <= base.size && base.sums.get(block as usize) == Some(&base_way) {
+            return Ok(());
+        }
+        let Some(old) = base_leaves else {
+            return self.write_changed(start, data);
+        };
+        for run in runs(n, |l| old[l] != new_leaf(l)) {
+            let from = run.start * LEAF as usize;
+            let to = (run.end * LEAF as usize).min(data.len());
+            self.write_changed(start + from as u64, &data[from..to])?;
+        }
+        Ok(())
+    }
+
+    /// Writes a piece that differs from the base, and counts it as changed.
+    fn write_changed(&self, offset: u64, piece: &[u8]) -> Result<(), CopyError> {
+        self.write_data(offset, piece)?;
+        self.changed_bytes
+            .fetch_add(piece.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
