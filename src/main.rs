@@ -172,76 +172,87 @@ fn init_logging(default_filter: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let code = run(Cli::parse());
+    if backupfs::volume::rbd::ffi::loaded() {
+        // librados' threads still run (its clients live until exit), and exit() would run
+        // Ceph's static destructors under them: a `check-config` of an RBD configuration
+        // was seen to print its answer and then die of a signal. Everything backupfs
+        // writes is synced before this point; only stdio's buffers are left to flush.
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: _exit ends the process at once; nothing after it runs.
+        unsafe { libc::_exit(i32::from(code)) };
+    }
+    ExitCode::from(code)
+}
+
+/// Runs a command; its exit status.
+fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Mount { mountpoint, config } => {
             // Before any thread exists, so every thread inherits the blocked mask.
             if let Err(e) = daemon::block_stop_signals() {
                 eprintln!("backupfs: {e}");
-                return ExitCode::FAILURE;
+                return 1;
             }
             init_logging("info,fuser=warn");
             let config = match Config::load(&config) {
                 Ok(config) => config,
                 Err(e) => {
                     tracing::error!("{e}");
-                    return ExitCode::from(2);
+                    return 2;
                 }
             };
             match daemon::serve(config, &mountpoint) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => 0,
                 Err(e) => {
                     tracing::error!("{e}");
-                    if e.is_config() {
-                        ExitCode::from(2)
-                    } else {
-                        ExitCode::FAILURE
-                    }
+                    if e.is_config() { 2 } else { 1 }
                 }
             }
         }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
-                ExitCode::SUCCESS
+                0
             }
             Err(e) => {
                 eprintln!("backupfs: {e}");
-                ExitCode::from(2)
+                2
             }
         },
         Command::Demo { dir } => {
             // As for `mount`: the walk-through thread must inherit the blocked mask.
             if let Err(e) = daemon::block_stop_signals() {
                 eprintln!("backupfs: {e}");
-                return ExitCode::FAILURE;
+                return 1;
             }
             // The daemon's warnings (refusals) only: its info lines would bury the script.
             init_logging("warn,fuser=error");
             match demo::run(dir) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => 0,
                 Err(e) => {
                     eprintln!("backupfs demo: {e}");
-                    ExitCode::FAILURE
+                    1
                 }
             }
         }
-        Command::Status { mount, watch } => ExitCode::from(status::status_command(&mount, watch)),
+        Command::Status { mount, watch } => status::status_command(&mount, watch),
         Command::Wait {
             mount,
             timeout,
             backup_id,
-        } => ExitCode::from(status::wait_command(
+        } => status::wait_command(
             &mount,
             &backup_id,
             timeout.map(std::time::Duration::from_secs),
-        )),
+        ),
         Command::Man => {
             match render_man().and_then(|page| std::io::stdout().write_all(page.as_bytes())) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => 0,
                 Err(e) => {
                     eprintln!("backupfs: {e}");
-                    ExitCode::FAILURE
+                    1
                 }
             }
         }

@@ -308,10 +308,18 @@ pub(crate) fn load_from(rados_soname: &str, rbd_soname: &str) -> Result<Api, Loa
 /// exit. Unloading librados while its threads may still run would be unsound, and a
 /// failed load is remembered, so every caller gets the same answer.
 pub(crate) fn api() -> Result<&'static Api, LoadError> {
-    static API: OnceLock<Result<Api, LoadError>> = OnceLock::new();
     API.get_or_init(|| load_from(LIBRADOS, LIBRBD))
         .as_ref()
         .map_err(Clone::clone)
+}
+
+static API: OnceLock<Result<Api, LoadError>> = OnceLock::new();
+
+/// Whether this process has loaded librados and librbd. Their clients are kept until exit
+/// with their threads running, and exit() would run Ceph's static destructors under those
+/// threads: a process that loaded them ends with `_exit` (see main.rs).
+pub fn loaded() -> bool {
+    API.get().is_some_and(Result::is_ok)
 }
 
 /// Whether librbd can be used on this machine; the error names the Debian package.
