@@ -443,13 +443,11 @@ impl Filesystem for BackupFs {
                 Handle::Image(image) => READ_BUFFER.with(|cell| {
                     let mut slot = cell.borrow_mut();
                     // One aligned buffer per session thread: the backing file may be read
-                    // with O_DIRECT, and a buffer is not zeroed for every request. 2 MiB
-                    // (requests are at most 1 MiB) makes it one huge page, into which a
-                    // 1 MiB O_DIRECT read is one loop-device request, not two: cold `cat`
-                    // of a 1 GiB image through the mount 0.48-0.75 s against 0.55-1.04 s
-                    // with 1 MiB of 4 KiB pages (12 interleaved runs each).
+                    // with O_DIRECT, and a 1 MiB buffer is not zeroed for every request.
+                    // (2 MiB, one huge page, read faster from cold, but the four threads
+                    // then keep 4 MiB more for good: contrib/bench/README.md.)
                     if slot.as_ref().is_none_or(|b| b.len() < size as usize) {
-                        *slot = AlignedBuf::new((size as usize).max(2 << 20)).ok();
+                        *slot = AlignedBuf::new((size as usize).max(1 << 20)).ok();
                     }
                     let Some(buf) = slot.as_mut() else {
                         return reply.error(Errno::ENOMEM);
