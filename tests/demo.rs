@@ -165,3 +165,26 @@ fn the_shipped_man_page_is_current() {
         "contrib/backupfs.1 is stale: run `backupfs man > contrib/backupfs.1`"
     );
 }
+
+#[test]
+fn the_readmes_cinder_conf_lines_hold_no_inline_comments() {
+    // oslo.config keeps `# ...` after a value as part of the value: a copied line
+    // `backupfs_mountpoint = /mnt/backupfs  # the default` names a mount called that.
+    let readme = include_str!("../README.md");
+    let mut in_ini = false;
+    let mut values = 0;
+    for line in readme.lines() {
+        match line.trim() {
+            "```ini" => in_ini = true,
+            "```" => in_ini = false,
+            text if in_ini && !text.starts_with('#') && !text.starts_with('[') => {
+                if let Some((_, value)) = text.split_once('=') {
+                    values += 1;
+                    assert!(!value.contains('#'), "inline comment in cinder.conf: {line}");
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(values >= 3, "the README's cinder.conf block was not found");
+}
