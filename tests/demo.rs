@@ -98,6 +98,23 @@ fn demo_backs_up_and_restores_through_the_mount_and_leaves_nothing_behind() {
             "missing {expected:?}\n{context}"
         );
     }
+    // The next steps name a program that runs as written (after `cargo run`,
+    // `backupfs` is not on PATH: issue 23).
+    let status_line = run
+        .stdout
+        .lines()
+        .find(|l| l.ends_with(" status --mount mnt --watch"))
+        .unwrap_or_else(|| panic!("no status step\n{context}"));
+    let program = status_line.split(' ').next().unwrap_or_default();
+    let runs = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        runs,
+        "the next steps name {program:?}, which does not run\n{context}"
+    );
     assert_eq!(mounts_under(&temp.dir), Vec::<PathBuf>::new(), "{context}");
     // The directory was given, so it stays; everything the demo made inside goes.
     let left: Vec<_> = std::fs::read_dir(&temp.dir)
@@ -180,11 +197,54 @@ fn the_readmes_cinder_conf_lines_hold_no_inline_comments() {
             text if in_ini && !text.starts_with('#') && !text.starts_with('[') => {
                 if let Some((_, value)) = text.split_once('=') {
                     values += 1;
-                    assert!(!value.contains('#'), "inline comment in cinder.conf: {line}");
+                    assert!(
+                        !value.contains('#'),
+                        "inline comment in cinder.conf: {line}"
+                    );
                 }
             }
             _ => {}
         }
     }
     assert!(values >= 3, "the README's cinder.conf block was not found");
+}
+
+#[test]
+fn pip_install_of_the_cinder_driver_leaves_the_checkout_as_it_was() {
+    // The README's `pip install ./contrib/cinder` once left build/ and *.egg-info there.
+    let temp = Sandbox::new("pip-install");
+    let venv = temp.dir.join("venv");
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .expect("python3 -m venv");
+    assert!(made.success());
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/cinder");
+    let before = entries(&package);
+    let out = Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .arg(&package)
+        .output()
+        .expect("pip install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        entries(&package),
+        before,
+        "pip install wrote into the checkout"
+    );
+    assert!(venv.join("bin/python").exists());
+}
+
+fn entries(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    names.sort();
+    names
 }
