@@ -67,6 +67,10 @@ struct State {
     queue: VecDeque<Arc<Job>>,
     /// (backend, volume id) → what holds it.
     busy: HashMap<(String, String), Busy>,
+    /// Backups accepted and not ended, each holding part of its target's free space
+    /// (`Job::still_reserved`), so that two requests that each fit but not together are
+    /// not both accepted.
+    reservations: Vec<Arc<Job>>,
     stopping: bool,
 }
 
