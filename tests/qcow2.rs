@@ -708,3 +708,33 @@ fn creating_a_qcow2_volume_follows_no_link_planted_at_a_temporary_name() {
     assert_eq!(names_in(&l.vols), ["volume-new"], "no temporary is left");
     stop_clean(d);
 }
+
+#[test]
+fn qcow2_backup_image_whose_header_was_changed_to_name_a_file_is_refused() {
+    let mut sb = Sandbox::new("q-target-backing");
+    let l = qlayout(&mut sb, None);
+    let (secret, secret_sum) = host_file(&sb, "secret", b's', 8 << 20);
+    sparse_volume(&l.main, "src", 8, 2, 1);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("q", "src wait");
+    let image = d.image("q", &id);
+    let stored = stored_data(&l.qbackups, &image);
+    // A writer of the target's storage points the stored image at a file of the host.
+    ok(&format!(
+        "qemu-img rebase -q -u -f qcow2 -b '{}' -F raw '{}'",
+        secret.display(),
+        stored.display()
+    ));
+
+    assert_errno(std::fs::metadata(&image), libc::EPERM, "stat of the image");
+    assert_errno(std::fs::read(&image), libc::EPERM, "read of the image");
+    let restore = sh(&format!(
+        "cp '{}' '{}'",
+        image.display(),
+        d.volume("raw", "back").display()
+    ));
+    assert!(!restore.status.success(), "a restore from it is refused");
+    assert_eq!(sha256(&secret), secret_sum);
+    assert!(d.log().contains("names a backing file"), "{}", d.log());
+    stop_clean(d);
+}
