@@ -215,7 +215,9 @@ fn qemu_img_create(file: &File, path: &Path, size: u64) -> Result<()> {
     let size_arg = size.to_string();
     let mut command = Command::new(QEMU_IMG);
     command
-        .args(["create", "-q", "-f", "qcow2", export::IMAGE_PATH, &size_arg])
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(export::handed_over(file))
+        .arg(&size_arg)
         .stdin(Stdio::null());
     export::hand_over(&mut command, file);
     let output = command

@@ -9,7 +9,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -29,10 +29,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 const SETUP_GRACE: Duration = Duration::from_secs(60);
 const LOCK_FILE: &str = "lock";
 const EXPORT_PREFIX: &str = "export-";
-/// The descriptor a QEMU tool finds the image on, and the name it opens it by: the inode
-/// backupfs checked, whatever the pool directory's name points to by then.
-const IMAGE_FD: RawFd = 3;
-pub const IMAGE_PATH: &str = "/proc/self/fd/3";
 
 /// Why an export could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +218,7 @@ impl Exports {
         let log_id = id(&log.metadata()?);
         let mut command = Command::new(QSD);
         command
-            .args(qsd_args(&mountpoint, &pidfile, mode))
+            .args(qsd_args(&handed_over(file), &mountpoint, &pidfile, mode))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -381,13 +377,14 @@ impl Drop for Export {
 }
 
 /// The command line of one export, in qsd's JSON syntax (no comma escaping of paths). The
-/// image is the descriptor `hand_over` gives qsd; its format is pinned (no probing) and
-/// `backing: null` keeps QEMU from opening a backing file whatever the header says.
-fn qsd_args(mountpoint: &Path, pidfile: &Path, mode: Mode) -> Vec<String> {
+/// image is `image`, the name of the descriptor `hand_over` gives qsd; its format is pinned
+/// (no probing) and `backing: null` keeps QEMU from opening a backing file whatever the
+/// header says.
+fn qsd_args(image: &str, mountpoint: &Path, pidfile: &Path, mode: Mode) -> Vec<String> {
     let file = serde_json::json!({
         "driver": "file",
         "node-name": "file",
-        "filename": IMAGE_PATH,
+        "filename": image,
         "read-only": !mode.writable,
         // Readers take no image locks: our own reads must not look like a hypervisor to
         // in-use checks, and never stop one from starting. A writer takes them, so no
@@ -429,23 +426,37 @@ fn qsd_args(mountpoint: &Path, pidfile: &Path, mode: Mode) -> Vec<String> {
     ]
 }
 
-/// Gives the child `file` as descriptor `IMAGE_FD` (opened as `IMAGE_PATH`) and no other
-/// descriptor beyond its standard ones: whatever else it holds, it opened itself.
+/// The name a child that `hand_over` gave `file` opens it by: that inode, the one backupfs
+/// checked, whatever the pool directory's name points to by then.
+pub fn handed_over(file: &File) -> String {
+    format!("/proc/self/fd/{}", file.as_raw_fd())
+}
+
+/// Lets the child inherit `file` (at the same number) and no other descriptor beyond its
+/// standard ones, also none the daemon inherited itself: whatever else the child holds, it
+/// opened itself. (A descriptor below 3 would be the child's stdio: its QEMU tool then
+/// fails to open the image, which is safe.)
 pub fn hand_over(command: &mut Command, file: &File) {
     let fd = file.as_raw_fd();
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
     // system calls; `fd` stays open in the parent until the spawn returns (the caller
-    // holds `file` across it).
+    // holds `file` across it). Descriptors are marked close-on-exec, not closed, so the
+    // pipe std reports exec failures on still works.
     unsafe {
         command.pre_exec(move || {
-            if fd == IMAGE_FD {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+            for (first, last) in [(3, fd.saturating_sub(1)), (fd + 1, libc::c_int::MAX)] {
+                if first <= last
+                    && libc::syscall(
+                        libc::SYS_close_range,
+                        first as libc::c_uint,
+                        last as libc::c_uint,
+                        libc::CLOSE_RANGE_CLOEXEC,
+                    ) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
-            } else if libc::dup2(fd, IMAGE_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
             }
-            if libc::syscall(libc::SYS_close_range, IMAGE_FD + 1, libc::c_uint::MAX, 0) < 0 {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -754,6 +765,7 @@ mod tests {
     #[test]
     fn args_are_json_pin_the_format_and_readers_take_no_locks() {
         let args = qsd_args(
+            "/proc/self/fd/7",
             Path::new("/run/x,with,commas/export-0"),
             Path::new("/run/x/export-0.pid"),
             Mode {
@@ -762,7 +774,7 @@ mod tests {
             },
         );
         let file: serde_json::Value = serde_json::from_str(&args[1]).unwrap();
-        assert_eq!(file["filename"], IMAGE_PATH);
+        assert_eq!(file["filename"], "/proc/self/fd/7");
         assert_eq!(file["locking"], "off");
         assert_eq!(file["read-only"], true);
         assert_eq!(file["cache"]["direct"], true);
@@ -776,6 +788,7 @@ mod tests {
         assert_eq!(args[7], "/run/x/export-0.pid");
 
         let args = qsd_args(
+            "/proc/self/fd/7",
             Path::new("/run/x/export-1"),
             Path::new("/run/x/export-1.pid"),
             Mode {
