@@ -1,6 +1,8 @@
 //! The qcow2 driver through a real mount: qcow2 volumes backed up, restored and created
 //! with real tools (qemu-img, qemu-io, qemu-storage-daemon, cp, cmp), and nothing left
-//! behind: no qemu-storage-daemon of the daemon's, no export mount, no snapshot.
+//! behind: no qemu-storage-daemon of the daemon's, no export mount, no snapshot. Images
+//! whose header names another file of the host (made by the tests, never a real one) are
+//! refused, and that file is never read or written.
 
 mod common;
 
