@@ -393,6 +393,8 @@ fn cp_of_a_dense_image_is_a_server_side_copy() {
         },
         "the restore's log line",
     );
+    let line = restore_line(&d, "copied");
+    assert!(line.starts_with("ssd copied restored "), "{line}");
 }
 
 /// The line of `restores` for a volume of backend `ssd` (its last one).
@@ -431,12 +433,18 @@ fn pool_note(volume_file: &std::path::Path) -> Option<String> {
 /// The ways an operator restores by plain reads (`{img}`, `{vol}`): none of them may be
 /// told a restore succeeded when the volume does not hold the backup. The pipe's reader
 /// and writer are different processes.
-const RESTORE_TOOLS: [(&str, &str); 4] = [
+const RESTORE_TOOLS: [(&str, &str); 5] = [
     ("cp-sparse", "cp --sparse=always '{img}' '{vol}'"),
     ("cp", "cp '{img}' '{vol}'"),
     (
         "dd",
         "dd if='{img}' of='{vol}' bs=1M conv=notrunc status=none",
+    ),
+    // Goes on past the error with zeros (and exits 0): it reaches the image's end, only
+    // the failed read tells.
+    (
+        "dd-noerror",
+        "dd if='{img}' of='{vol}' bs=1M conv=notrunc,noerror,sync",
     ),
     (
         "pipe",
@@ -477,12 +485,21 @@ fn a_restore_from_a_damaged_backup_fails_whatever_tool_copies_it() {
     for (id, offset) in damaged {
         for (tool, script) in RESTORE_TOOLS {
             let volume_id = format!("{tool}-{}", offset >> 20);
-            let pool_file = random_volume(&l.gold, &volume_id, 64);
+            // Other data where the image has a hole, to be replaced.
+            let pool_file = sparse_volume(&l.gold, &volume_id, 64, 30, 4);
             let out = sh(&script
                 .replace("{img}", &d.image("hdd", id).display().to_string())
                 .replace("{vol}", &d.volume("ssd", &volume_id).display().to_string()));
             let what = format!("{tool}, damage at {offset}");
-            assert!(!out.status.success(), "{what}: the copy fails: {out:?}");
+            // dd conv=noerror says the error and exits 0: only backupfs tells then.
+            assert!(
+                !out.status.success() || tool == "dd-noerror",
+                "{what}: the copy fails: {out:?}"
+            );
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+                "{what}: {out:?}"
+            );
             let line = restore_line(&d, &volume_id);
             assert!(line.contains(" failed "), "{what}: {line}");
             assert!(
@@ -493,6 +510,8 @@ fn a_restore_from_a_damaged_backup_fails_whatever_tool_copies_it() {
             assert!(note.starts_with("incomplete: "), "{what}: {note}");
             failed += 1;
             assert_eq!(restores_counted(&d, "failed"), failed, "{what}");
+            // Room for the next ones (the ssd pool is small).
+            std::fs::remove_file(&pool_file).unwrap();
         }
     }
     assert_eq!(restores_counted(&d, "restored"), 0);
@@ -505,7 +524,7 @@ fn a_restore_from_a_damaged_backup_fails_whatever_tool_copies_it() {
     // cp skips the zeros and ends on a hole).
     for (tool, script) in RESTORE_TOOLS {
         let volume_id = format!("{tool}-good");
-        let pool_file = random_volume(&l.gold, &volume_id, 64);
+        let pool_file = sparse_volume(&l.gold, &volume_id, 64, 30, 4);
         ok(&script
             .replace("{img}", &d.image("hdd", &ids[2]).display().to_string())
             .replace("{vol}", &d.volume("ssd", &volume_id).display().to_string()));
