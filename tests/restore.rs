@@ -588,3 +588,47 @@ fn a_restore_whose_writer_stops_before_the_images_last_data_is_failed() {
     assert!(note.starts_with("incomplete: "), "{note}");
     assert_eq!(restores_counted(&d, "failed"), 1);
 }
+
+#[test]
+fn a_read_failure_through_an_image_file_the_writer_opened_fails_its_restore() {
+    let mut sb = Sandbox::new("restore-shared");
+    let (l, d, ids) = with_sparse_backups(&mut sb, 1);
+    damage_bytes(
+        &l.backups.join(format!("backup-{}.img", ids[0])),
+        10,
+        b"\xde\xad",
+    );
+    let pool_file = sparse_volume(&l.gold, "shared", 64, 30, 4);
+    // The writer opens the image and the volume; a child that shares the image's open
+    // file reads it and is handed EIO; the writer writes the volume to its end anyway
+    // (so it is not short) and exits 0.
+    let script = r#"
+import os, sys
+image = os.open(sys.argv[1], os.O_RDONLY)
+volume = os.open(sys.argv[2], os.O_WRONLY)
+child = os.fork()
+if child == 0:
+    try:
+        os.pread(image, 1 << 20, 0)
+    except OSError:
+        os._exit(1)
+    os._exit(0)
+_, status = os.waitpid(child, 0)
+assert status != 0, "the child read damaged data"
+for at in range(0, 64 << 20, 1 << 20):
+    os.pwrite(volume, bytes(1 << 20), at)
+"#;
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(d.image("hdd", &ids[0]))
+        .arg(d.volume("ssd", "shared"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let line = restore_line(&d, "shared");
+    assert!(line.starts_with("ssd shared failed "), "{line}");
+    assert!(line.contains("a read of backup"), "{line}");
+    assert!(pool_note(&pool_file).is_some_and(|n| n.starts_with("incomplete: ")));
+    assert_eq!(restores_counted(&d, "failed"), 1);
+}
