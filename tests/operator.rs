@@ -133,8 +133,20 @@ fn restores_are_listed_and_one_that_fails_marks_the_volume_incomplete_until_one_
         String::from_utf8_lossy(&out.stderr).contains("No space left"),
         "{out:?}"
     );
-    let allocated = ok(&format!("stat -c %b '{}/volume-new'", tiny.display()));
-    assert_eq!(allocated.trim(), "0", "nothing was written");
+    let size = ok(&format!("stat -c %s '{}/volume-new'", tiny.display()));
+    assert_eq!(size.trim(), "0", "nothing was written");
+    // Refused before it wrote: a failed restore all the same, its new volume marked (the
+    // note's xattr block is all it holds).
+    assert!(
+        std::fs::read_to_string(&restores)
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("tiny new failed ")),
+        "{}",
+        std::fs::read_to_string(&restores).unwrap()
+    );
+    let note = getxattr(&d.volume("tiny", "new"), "user.backupfs.restore").unwrap();
+    assert!(String::from_utf8_lossy(&note).starts_with("incomplete: "));
 
     // One that fails on the way (written, not copied: the size is not known ahead).
     let out = sh(&format!(

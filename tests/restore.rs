@@ -393,4 +393,242 @@ fn cp_of_a_dense_image_is_a_server_side_copy() {
         },
         "the restore's log line",
     );
+    let line = restore_line(&d, "copied");
+    assert!(line.starts_with("ssd copied restored "), "{line}");
+}
+
+/// The line of `restores` for a volume of backend `ssd` (its last one).
+fn restore_line(d: &Daemon, volume_id: &str) -> String {
+    let listed = std::fs::read_to_string(d.mnt.join("restores")).unwrap();
+    listed
+        .lines()
+        .rfind(|l| l.starts_with(&format!("ssd {volume_id} ")))
+        .unwrap_or_else(|| panic!("no restore of {volume_id} in:\n{listed}"))
+        .to_string()
+}
+
+/// `backupfs_restores_total{result="<result>"}` now.
+fn restores_counted(d: &Daemon, result: &str) -> u64 {
+    let text = std::fs::read_to_string(d.mnt.join("metrics/backupfs.prom")).unwrap();
+    let prefix = format!("backupfs_restores_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("{prefix} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// The restore note on a volume's own file in its pool (`getfattr`, not through the
+/// mount), if any.
+fn pool_note(volume_file: &std::path::Path) -> Option<String> {
+    let out = sh(&format!(
+        "getfattr --only-values -n user.backupfs.restore '{}'",
+        volume_file.display()
+    ));
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The ways an operator restores by plain reads (`{img}`, `{vol}`): none of them may be
+/// told a restore succeeded when the volume does not hold the backup. The pipe's reader
+/// and writer are different processes.
+const RESTORE_TOOLS: [(&str, &str); 5] = [
+    ("cp-sparse", "cp --sparse=always '{img}' '{vol}'"),
+    ("cp", "cp '{img}' '{vol}'"),
+    (
+        "dd",
+        "dd if='{img}' of='{vol}' bs=1M conv=notrunc status=none",
+    ),
+    // Goes on past the error with zeros (and exits 0): it reaches the image's end, only
+    // the failed read tells.
+    (
+        "dd-noerror",
+        "dd if='{img}' of='{vol}' bs=1M conv=notrunc,noerror,sync",
+    ),
+    (
+        "pipe",
+        "set -o pipefail; cat '{img}' | dd of='{vol}' bs=1M conv=notrunc status=none",
+    ),
+];
+
+/// A daemon with backups of one sparse 64 MiB volume `src` (data in MiB 0, 20-22 and 40,
+/// a hole after): returns the layout, the daemon and `n` backup ids.
+fn with_sparse_backups(sb: &mut Sandbox, n: usize) -> (Layout, Daemon, Vec<String>) {
+    let l = layout(sb, Some(Fs::Xfs), Some(Fs::Xfs), "");
+    let source = sparse_volume(&l.main, "src", 64, 20, 3);
+    for at in [0, 40] {
+        ok(&format!(
+            "dd if=/dev/urandom of='{}' bs=1M seek={at} count=1 conv=notrunc status=none",
+            source.display()
+        ));
+    }
+    let d = sb.start_daemon(&l.config);
+    let ids = (0..n).map(|_| d.backup("hdd", "src wait")).collect();
+    (l, d, ids)
+}
+
+#[test]
+fn a_restore_from_a_damaged_backup_fails_whatever_tool_copies_it() {
+    let mut sb = Sandbox::new("restore-damaged");
+    let (l, d, ids) = with_sparse_backups(&mut sb, 3);
+    // Damage in block 0 and in a middle block (MiB 21), behind the daemon's back.
+    let damaged = [(&ids[0], 1000), (&ids[1], (21 << 20) + 4321)];
+    for (id, offset) in damaged {
+        damage_bytes(
+            &l.backups.join(format!("backup-{id}.img")),
+            offset,
+            b"\xde\xad",
+        );
+    }
+    let mut failed = 0;
+    for (id, offset) in damaged {
+        for (tool, script) in RESTORE_TOOLS {
+            let volume_id = format!("{tool}-{}", offset >> 20);
+            // Other data where the image has a hole, to be replaced.
+            let pool_file = sparse_volume(&l.gold, &volume_id, 64, 30, 4);
+            let out = sh(&script
+                .replace("{img}", &d.image("hdd", id).display().to_string())
+                .replace("{vol}", &d.volume("ssd", &volume_id).display().to_string()));
+            let what = format!("{tool}, damage at {offset}");
+            // dd conv=noerror says the error and exits 0: only backupfs tells then.
+            assert!(
+                !out.status.success() || tool == "dd-noerror",
+                "{what}: the copy fails: {out:?}"
+            );
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+                "{what}: {out:?}"
+            );
+            let line = restore_line(&d, &volume_id);
+            assert!(line.contains(" failed "), "{what}: {line}");
+            assert!(
+                line.contains(&format!("a read of backup {id} that fed it failed")),
+                "{what}: the reason is the read: {line}"
+            );
+            let note = pool_note(&pool_file).unwrap_or_else(|| panic!("{what}: no note"));
+            assert!(note.starts_with("incomplete: "), "{what}: {note}");
+            failed += 1;
+            assert_eq!(restores_counted(&d, "failed"), failed, "{what}");
+            // Room for the next ones (the ssd pool is small).
+            std::fs::remove_file(&pool_file).unwrap();
+        }
+    }
+    assert_eq!(restores_counted(&d, "restored"), 0);
+    assert!(
+        d.log().contains("ERROR") && d.log().contains("the volume is incomplete"),
+        "{}",
+        d.log()
+    );
+    // The same ways from a good backup: restored, no note (no false failure, also when
+    // cp skips the zeros and ends on a hole).
+    for (tool, script) in RESTORE_TOOLS {
+        let volume_id = format!("{tool}-good");
+        let pool_file = sparse_volume(&l.gold, &volume_id, 64, 30, 4);
+        ok(&script
+            .replace("{img}", &d.image("hdd", &ids[2]).display().to_string())
+            .replace("{vol}", &d.volume("ssd", &volume_id).display().to_string()));
+        ok(&format!(
+            "cmp '{}' '{}'",
+            d.image("hdd", &ids[2]).display(),
+            pool_file.display()
+        ));
+        let line = restore_line(&d, &volume_id);
+        assert!(line.contains(" restored "), "{tool}: {line}");
+        assert_eq!(pool_note(&pool_file), None, "{tool}");
+        // Not even for a moment (dd closes a duplicate of its output first).
+        let said_failed = d.log().lines().any(|l| {
+            l.contains("restore into volume failed")
+                && l.contains(&format!("volume_id=\"{volume_id}\""))
+        });
+        assert!(!said_failed, "{tool}: {}", d.log());
+    }
+    assert_eq!(restores_counted(&d, "restored"), RESTORE_TOOLS.len() as u64);
+    assert_eq!(restores_counted(&d, "failed"), failed);
+}
+
+#[test]
+fn a_restore_refused_at_its_first_read_is_listed_failed_and_its_new_volume_marked() {
+    let mut sb = Sandbox::new("restore-refused");
+    let (l, d, ids) = with_sparse_backups(&mut sb, 1);
+    damage_bytes(
+        &l.backups.join(format!("backup-{}.img", ids[0])),
+        10,
+        b"\xde\xad",
+    );
+    // cp makes the new volume, then its first read of the image fails: nothing written.
+    let out = sh(&format!(
+        "cp '{}' '{}'",
+        d.image("hdd", &ids[0]).display(),
+        d.volume("ssd", "fresh").display()
+    ));
+    assert!(!out.status.success(), "{out:?}");
+    let line = restore_line(&d, "fresh");
+    assert!(line.starts_with("ssd fresh failed 0/"), "{line}");
+    let note = pool_note(&l.gold.join("volume-fresh")).expect("the new volume is marked");
+    assert!(note.starts_with("incomplete: "), "{note}");
+    assert_eq!(restores_counted(&d, "failed"), 1);
+}
+
+#[test]
+fn a_restore_whose_writer_stops_before_the_images_last_data_is_failed() {
+    let mut sb = Sandbox::new("restore-short");
+    let (l, d, ids) = with_sparse_backups(&mut sb, 1);
+    let pool_file = random_volume(&l.gold, "cut", 64);
+    // No read fails: the writer just stops (killed, cut off) 10 MiB before the last data.
+    ok(&format!(
+        "head -c 30M '{}' 1<>'{}'",
+        d.image("hdd", &ids[0]).display(),
+        d.volume("ssd", "cut").display()
+    ));
+    let line = restore_line(&d, "cut");
+    assert!(line.starts_with("ssd cut failed "), "{line}");
+    assert!(line.contains("ended short"), "{line}");
+    let note = pool_note(&pool_file).expect("marked incomplete");
+    assert!(note.starts_with("incomplete: "), "{note}");
+    assert_eq!(restores_counted(&d, "failed"), 1);
+}
+
+#[test]
+fn a_read_failure_through_an_image_file_the_writer_opened_fails_its_restore() {
+    let mut sb = Sandbox::new("restore-shared");
+    let (l, d, ids) = with_sparse_backups(&mut sb, 1);
+    damage_bytes(
+        &l.backups.join(format!("backup-{}.img", ids[0])),
+        10,
+        b"\xde\xad",
+    );
+    let pool_file = sparse_volume(&l.gold, "shared", 64, 30, 4);
+    // The writer opens the image and the volume; a child that shares the image's open
+    // file reads it and is handed EIO; the writer writes the volume to its end anyway
+    // (so it is not short) and exits 0.
+    let script = r#"
+import os, sys
+image = os.open(sys.argv[1], os.O_RDONLY)
+volume = os.open(sys.argv[2], os.O_WRONLY)
+child = os.fork()
+if child == 0:
+    try:
+        os.pread(image, 1 << 20, 0)
+    except OSError:
+        os._exit(1)
+    os._exit(0)
+_, status = os.waitpid(child, 0)
+assert status != 0, "the child read damaged data"
+for at in range(0, 64 << 20, 1 << 20):
+    os.pwrite(volume, bytes(1 << 20), at)
+"#;
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(d.image("hdd", &ids[0]))
+        .arg(d.volume("ssd", "shared"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let line = restore_line(&d, "shared");
+    assert!(line.starts_with("ssd shared failed "), "{line}");
+    assert!(line.contains("a read of backup"), "{line}");
+    assert!(pool_note(&pool_file).is_some_and(|n| n.starts_with("incomplete: ")));
+    assert_eq!(restores_counted(&d, "failed"), 1);
 }

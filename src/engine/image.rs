@@ -144,6 +144,17 @@ impl Image {
         !self.sums.is_empty()
     }
 
+    /// Where the image's last block holding data starts, from its checksums (a nonzero
+    /// block sum: a block with a nonzero byte); None when it holds none or has no
+    /// checksums. A whole restore of it writes something at or past this offset, even one
+    /// that skips zeros (`cp --sparse=always`).
+    pub fn last_data_block(&self) -> Option<u64> {
+        self.sums
+            .iter()
+            .rposition(|&sum| sum != 0)
+            .map(|block| block as u64 * CHECKSUM_BLOCK)
+    }
+
     fn block_range(&self, block: u64) -> (u64, u64) {
         let start = block * CHECKSUM_BLOCK;
         (start, (start + CHECKSUM_BLOCK).min(self.size))
@@ -486,6 +497,18 @@ mod tests {
             Arc::new(BlockCache::default()),
         );
         (dir, image)
+    }
+
+    #[test]
+    fn the_last_data_block_comes_from_the_sums() {
+        let block = CHECKSUM_BLOCK;
+        let data = vec![0u8; 4 * block as usize];
+        let (_dir, image) = image_of(&data, vec![5, 0, 9, 0], SumKind::Leaves);
+        assert_eq!(image.last_data_block(), Some(2 * block));
+        let (_dir, image) = image_of(&data, vec![0, 0, 0, 0], SumKind::Leaves);
+        assert_eq!(image.last_data_block(), None, "all holes");
+        let (_dir, image) = image_of(&data, Vec::new(), SumKind::Leaves);
+        assert_eq!(image.last_data_block(), None, "no checksums: not known");
     }
 
     #[test]

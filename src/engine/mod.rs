@@ -9,6 +9,7 @@ pub mod error;
 pub mod image;
 pub mod job;
 mod metrics;
+mod provenance;
 mod recovery;
 pub mod request;
 mod restore;
@@ -94,6 +95,8 @@ struct Inner {
     record_updates: Mutex<()>,
     /// Restores through the mount, running and recently ended.
     restores: Mutex<Vec<Arc<restore::RestoreTrack>>>,
+    /// Who read which images through the mount: what restores are judged by.
+    provenance: provenance::Provenance,
     counters: metrics::Counters,
 }
 
@@ -307,6 +310,7 @@ impl Engine {
             blocks: Arc::new(image::BlockCache::default()),
             record_updates: Mutex::new(()),
             restores: Mutex::new(Vec::new()),
+            provenance: provenance::Provenance::default(),
             counters: metrics::Counters::default(),
             config,
             state_lock,
@@ -435,6 +439,31 @@ impl Engine {
     /// checksums each time they are read from storage (unless `verify_reads = false`).
     pub fn open_image(&self, target: &str, backup_id: &BackupId) -> Result<Image> {
         self.inner.open_image(target, backup_id)
+    }
+
+    /// A backup image was opened through the mount as `handle` by thread `tid`: a restore
+    /// its process feeds is judged by how far it got into the image.
+    pub fn image_opened(&self, handle: u64, image: &Image, tid: u32) {
+        self.inner.provenance.image_opened(
+            handle,
+            image.backup_id.as_str(),
+            image.last_data_block(),
+            provenance::Process::of_thread(tid),
+        );
+    }
+
+    pub fn image_closed(&self, handle: u64) {
+        self.inner.provenance.image_closed(handle);
+    }
+
+    /// A read of an image (`handle`) by thread `tid` was answered with `error`: a restore
+    /// its process feeds fails.
+    pub fn image_read_failed(&self, handle: u64, tid: u32, error: &EngineError) {
+        self.inner.provenance.read_failed(
+            handle,
+            provenance::Process::of_thread(tid),
+            &error.reason(),
+        );
     }
 
     pub fn image_allocated(&self, target: &str, backup_id: &BackupId) -> Result<u64> {

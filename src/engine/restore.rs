@@ -4,9 +4,11 @@
 //! the volume at once. It never writes a volume that something outside backupfs uses.
 
 use super::image::CheckedImage;
+use super::provenance::Process;
 use super::*;
 use crate::copy::{self, Range};
 use crate::volume::device::BlockDevice;
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 use tracing::{error, warn};
@@ -16,6 +18,9 @@ use tracing::{error, warn};
 pub const RESTORE_NOTE: &str = "restore";
 /// How long ended restores stay listed in `restores`.
 const ENDED_RESTORE_TTL: Duration = Duration::from_secs(2 * 3600);
+/// Threads of a restore's writers looked up in /proc, at most: a restore is judged by the
+/// processes of the first ones (a process with more threads is one of them already).
+const MAX_WRITER_THREADS: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreState {
@@ -133,6 +138,9 @@ pub(super) fn claim_restore(
                     written: AtomicU64::new(0),
                     copied: AtomicU64::new(0),
                     image_size: AtomicU64::new(0),
+                    reached: AtomicU64::new(0),
+                    copied_from: Mutex::new(None),
+                    writers: Mutex::new(Writers::default()),
                     failure: Mutex::new(None),
                     track: Mutex::new(None),
                     opened: Instant::now(),
@@ -199,14 +207,28 @@ pub struct RestoreSession {
     pool: String,
     written: AtomicU64,
     copied: AtomicU64,
-    /// The size of the image copied in server-side (0: not known), so that a restore cut
-    /// off before its end is told from a complete one.
+    /// The size of the image copied in server-side (0: not known): the total in
+    /// `restores`.
     image_size: AtomicU64,
+    /// The end of the furthest byte written or copied: a restore that fed on an image and
+    /// never reached its last data block ended short.
+    reached: AtomicU64,
+    /// The image copied in server-side: (backup id, start of its last data block).
+    copied_from: Mutex<Option<(String, u64)>>,
+    /// Who opened and changed the volume: what its data came from is judged by them.
+    writers: Mutex<Writers>,
     /// The first thing that went wrong: the volume is incomplete.
     failure: Mutex<Option<String>>,
     /// Listed in `restores` from the first change on.
     track: Mutex<Option<Arc<RestoreTrack>>>,
     opened: Instant,
+}
+
+/// The processes that opened or changed a restore's volume.
+#[derive(Default)]
+struct Writers {
+    threads: HashSet<u32>,
+    processes: Vec<Process>,
 }
 
 impl Drop for VolumeWriter {
@@ -243,23 +265,28 @@ impl RestoreSession {
     /// changes through a duplicated descriptor resume it.
     pub fn finish(&self) {
         let track = self.track.lock().clone();
-        let Some(track) = track else {
-            return; // Opened and closed without a change: no restore.
-        };
-        if track.ended_at.lock().is_some() {
+        if track
+            .as_ref()
+            .is_some_and(|track| track.ended_at.lock().is_some())
+        {
             return;
         }
+        // Judged anew at each end (a resumed restore may reach further), after the
+        // failures of its own I/O, which stay.
+        let judged = self.judge(track.is_some());
+        let failure = self.failure.lock().clone().or(judged);
+        let track = match track {
+            Some(track) => track,
+            // Opened and closed without a change, and nothing went wrong: no restore.
+            None if failure.is_none() => return,
+            // Refused before it changed anything (no room, the image's first read failed):
+            // a failed restore all the same, listed and noted on the volume.
+            None => self.listed(),
+        };
         let (written, copied) = (
             self.written.load(Ordering::Relaxed),
             self.copied.load(Ordering::Relaxed),
         );
-        let image_size = self.image_size.load(Ordering::Relaxed);
-        if image_size > 0 && copied < image_size {
-            self.fail(&format!(
-                "cut off after {copied} of the image's {image_size} bytes"
-            ));
-        }
-        let failure = self.failure.lock().clone();
         let secs = self.opened.elapsed().as_secs_f64();
         let note = match &failure {
             None => {
@@ -308,10 +335,75 @@ impl RestoreSession {
         self.inner.counters.restore_ended(state, 1);
     }
 
+    /// Judges what the restore's data came from: an image read that failed for a process
+    /// that fed it fails it; so does a restore that `changed` the volume and never wrote
+    /// into the last data block of the image it fed on (cut off, killed, `head -c`). The
+    /// last data block (not the image's end) is the bar, so a restore that skips zeros
+    /// (`cp --sparse=always`) and ends on a hole is whole.
+    fn judge(&self, changed: bool) -> Option<String> {
+        let writers = self.writers.lock().processes.clone();
+        let findings = self.inner.provenance.judge(&writers, self.opened);
+        if findings.failure.is_some() || !changed {
+            return findings.failure;
+        }
+        let copied_from = self.copied_from.lock().clone();
+        let bar = [findings.last_data_block, copied_from]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(_, at)| *at);
+        let reached = self.reached.load(Ordering::Relaxed);
+        match bar {
+            Some((backup_id, at)) if reached <= at => Some(format!(
+                "ended short: its writes ended at byte {reached}, before the last data of \
+                 backup {backup_id} (the block at byte {at})"
+            )),
+            _ => None,
+        }
+    }
+
+    /// A process (by one of its threads, as FUSE names it) opened or changed the volume.
+    pub fn took_part(&self, thread: u32) {
+        {
+            let mut writers = self.writers.lock();
+            if writers.threads.len() >= MAX_WRITER_THREADS || !writers.threads.insert(thread) {
+                return;
+            }
+        }
+        // Outside the lock: /proc is read for the process's pipes.
+        let process = Process::of_thread(thread);
+        let mut writers = self.writers.lock();
+        if !writers.processes.contains(&process) {
+            writers.processes.push(process);
+        }
+    }
+
+    /// The restore's line in `restores`, made on its first change (or when it ends,
+    /// refused before any).
+    fn listed(&self) -> Arc<RestoreTrack> {
+        let mut track = self.track.lock();
+        track
+            .get_or_insert_with(|| {
+                let new = Arc::new(RestoreTrack {
+                    status: Mutex::new(RestoreStatus {
+                        backend: self.key.0.clone(),
+                        volume_id: self.key.1.clone(),
+                        state: RestoreState::Restoring,
+                        done: 0,
+                        total: self.image_size.load(Ordering::Relaxed),
+                        error: None,
+                    }),
+                    ended_at: Mutex::new(None),
+                });
+                self.inner.restores.lock().push(new.clone());
+                new
+            })
+            .clone()
+    }
+
     /// A change begins: the restore is listed, and the volume noted as being restored
     /// (the note stays if backupfs dies before the end).
     fn begin(&self) {
-        let mut track = self.track.lock();
+        let track = self.track.lock();
         if let Some(existing) = track.as_ref() {
             // Resumed after its opener's close: the same restore, running again.
             let mut ended_at = existing.ended_at.lock();
@@ -323,21 +415,9 @@ impl RestoreSession {
             status.state = RestoreState::Restoring;
             status.error = None;
         } else {
-            let new = Arc::new(RestoreTrack {
-                status: Mutex::new(RestoreStatus {
-                    backend: self.key.0.clone(),
-                    volume_id: self.key.1.clone(),
-                    state: RestoreState::Restoring,
-                    done: 0,
-                    total: 0,
-                    error: None,
-                }),
-                ended_at: Mutex::new(None),
-            });
-            self.inner.restores.lock().push(new.clone());
-            *track = Some(new);
+            drop(track);
+            self.listed();
         }
-        drop(track);
         let note = format!("in progress since {}", now());
         if let Err(e) = self
             .driver
@@ -386,6 +466,12 @@ impl VolumeWriter {
     /// The restore this writer's changes count for.
     pub fn session(&self) -> Arc<RestoreSession> {
         self.session.clone()
+    }
+
+    /// A process (by one of its threads) opened or changed the volume: the restore is
+    /// judged by what that process read.
+    pub fn took_part(&self, thread: u32) {
+        self.session.took_part(thread);
     }
 
     pub fn volume_id(&self) -> &str {
@@ -439,6 +525,7 @@ impl VolumeWriter {
             .write_at(data, offset)
             .map_err(|e| self.io_error("write", e))?;
         self.size.fetch_max(end, Ordering::Relaxed);
+        self.session.reached.fetch_max(end, Ordering::Relaxed);
         self.session
             .written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -492,11 +579,21 @@ impl VolumeWriter {
         len: u64,
     ) -> Result<u64> {
         if !self.session.changed() {
-            // The whole image is coming: a restore that cannot fit fails before it writes.
-            self.check_room(image)?;
             self.session
                 .image_size
                 .fetch_max(image.size, Ordering::Relaxed);
+            // The whole image is coming: a restore that cannot fit fails before it writes
+            // (and is a failed restore, though it changed nothing).
+            if let Err(e) = self.check_room(image) {
+                self.session.fail(&e.reason());
+                return Err(e);
+            }
+        }
+        if let Some(at) = image.last_data_block() {
+            let mut copied_from = self.session.copied_from.lock();
+            if copied_from.as_ref().is_none_or(|(_, first)| at < *first) {
+                *copied_from = Some((image.backup_id.to_string(), at));
+            }
         }
         self.session
             .change(|| self.copy_in(image, offset_in, offset_out, len))
@@ -541,6 +638,9 @@ impl VolumeWriter {
             };
             copy::copy_unflushed_through(&CheckedImage(image), device, range)?;
             self.session.copied.fetch_add(len, Ordering::Relaxed);
+            self.session
+                .reached
+                .fetch_max(offset_out + len, Ordering::Relaxed);
             return Ok(len);
         }
         let piece_at = |done: u64| (len - done).min(CHECKED_COPY_PIECE);
@@ -571,14 +671,23 @@ impl VolumeWriter {
             }
             done = next;
             self.session.copied.fetch_add(piece, Ordering::Relaxed);
+            self.session
+                .reached
+                .fetch_max(offset_out + done, Ordering::Relaxed);
         }
         Ok(len)
     }
 
+    /// Makes what was written durable; a failure fails the restore (writes the storage
+    /// accepted may still be lost: the volume is not known to hold them).
     pub fn sync(&self) -> Result<()> {
-        self.device()?
-            .flush()
-            .map_err(|e| self.io_error("flush", e))
+        let synced = self
+            .device()
+            .and_then(|device| device.flush().map_err(|e| self.io_error("flush", e)));
+        if let Err(e) = &synced {
+            self.session.fail(&e.reason());
+        }
+        synced
     }
 }
 

@@ -44,7 +44,17 @@ impl Core {
     }
 
     pub(super) fn open_handle(&self, handle: Handle) -> FileHandle {
+        self.open_handle_with(handle, |_, _| {})
+    }
+
+    /// Opens a handle and runs `noted` with its number before any request can use it.
+    pub(super) fn open_handle_with(
+        &self,
+        handle: Handle,
+        noted: impl FnOnce(u64, &Handle),
+    ) -> FileHandle {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        noted(fh, &handle);
         self.handles.lock().insert(fh, Arc::new(handle));
         FileHandle(fh)
     }
@@ -113,6 +123,9 @@ impl Core {
         };
         match result {
             Ok(attached) => {
+                if let Attached::Write(writer) = &attached {
+                    writer.took_part(opener);
+                }
                 let fh = self.open_handle(Handle::Volume(VolumeHandle::new(
                     backend, volume_id, attached, opener,
                 )));
@@ -128,20 +141,24 @@ impl Core {
         node: &Node,
         size: u64,
         fh: Option<FileHandle>,
+        thread: u32,
     ) -> Result<(), Errno> {
         let Node::Volume(b, v) = node else {
             return Ok(());
         };
         let open = fh.and_then(|fh| self.handle(fh).ok());
         let result = match open.as_deref() {
-            Some(Handle::Volume(volume)) if volume.writable => volume
-                .writer(&self.engine)
-                .and_then(|writer| writer.set_size(size)),
+            Some(Handle::Volume(volume)) if volume.writable => {
+                volume.writer(&self.engine).and_then(|writer| {
+                    writer.took_part(thread);
+                    writer.set_size(size)
+                })
+            }
             // A truncate by path (`truncate -s`): a restore of its own, for the moment.
-            _ => self
-                .engine
-                .open_restore(b, v, false)
-                .and_then(|writer| writer.set_size(size)),
+            _ => self.engine.open_restore(b, v, false).and_then(|writer| {
+                writer.took_part(thread);
+                writer.set_size(size)
+            }),
         };
         result.map_err(|e| refuse(&format!("truncate of volume {b}/{v}"), &e))
     }
@@ -238,4 +255,27 @@ impl Core {
             .set_xattr(&t, &id, name, value, mode)
             .map_err(|e| refuse(&format!("setxattr {name} of {id}"), &e))
     }
+}
+
+/// Whether `process` holds a descriptor of the volume's node of this mount (its path ends
+/// as the node's and its inode number is the node's), as /proc shows it now. readlink and
+/// fdinfo never send a request to the mount.
+pub(super) fn holds_volume_open(process: u32, backend: &str, volume_id: &VolumeId) -> bool {
+    let ino = Node::Volume(backend.to_string(), volume_id.clone()).ino();
+    let suffix = format!("/volumes/{backend}/{volume_id}");
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{process}/fd")) else {
+        return false; // Gone, or exiting: its descriptors are being closed.
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|path| path.to_string_lossy().ends_with(&suffix))
+            && std::fs::read_to_string(format!(
+                "/proc/{process}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .is_ok_and(|info| {
+                info.lines()
+                    .filter_map(|line| line.strip_prefix("ino:"))
+                    .any(|n| n.trim().parse() == Ok(ino))
+            })
+    })
 }

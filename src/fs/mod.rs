@@ -166,7 +166,7 @@ impl Filesystem for BackupFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -182,6 +182,7 @@ impl Filesystem for BackupFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let pid = req.pid();
         guard("setattr", || {
             let node = match self.core.node(ino) {
                 Ok(node) => node,
@@ -206,7 +207,7 @@ impl Filesystem for BackupFs {
                 }
                 // Zeroing a volume's tail can take long (written zeros without hole punch).
                 Node::Volume(..) => self.slow("setattr", move |core| {
-                    match core.set_size(&node, size, fh) {
+                    match core.set_size(&node, size, fh, pid) {
                         Ok(()) => core.reply_attr(&node, ino.0, reply),
                         Err(e) => reply.error(e),
                     }
@@ -396,7 +397,12 @@ impl Filesystem for BackupFs {
                     let (t, id) = (t.clone(), id.clone());
                     self.slow("open", move |core| match core.engine.open_image(&t, &id) {
                         Ok(image) => {
-                            let fh = core.open_handle(Handle::Image(image));
+                            let fh = core.open_handle_with(Handle::Image(image), |fh, handle| {
+                                // A restore this process feeds is judged by this image.
+                                if let Handle::Image(image) = handle {
+                                    core.engine.image_opened(fh, image, pid);
+                                }
+                            });
                             // Images never change: pages the daemon checked may stay cached.
                             reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
                         }
@@ -417,7 +423,7 @@ impl Filesystem for BackupFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -458,6 +464,9 @@ impl Filesystem for BackupFs {
                     {
                         Ok(n) => reply.data(&buf[..n]),
                         Err(e) => {
+                            // Before the answer: the restore this reader feeds (ending once
+                            // it gives up) must find it.
+                            core.engine.image_read_failed(fh.0, req.pid(), &e);
                             return reply
                                 .error(refuse(&format!("read of backup {}", image.backup_id), &e));
                         }
@@ -494,7 +503,7 @@ impl Filesystem for BackupFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -513,9 +522,10 @@ impl Filesystem for BackupFs {
             match handle.as_ref() {
                 Handle::Control(control) => control.write(core, data.to_vec(), reply),
                 Handle::Volume(volume) => {
-                    let result = volume
-                        .writer(&core.engine)
-                        .and_then(|writer| writer.write_at(offset, data));
+                    let result = volume.writer(&core.engine).and_then(|writer| {
+                        writer.took_part(req.pid());
+                        writer.write_at(offset, data)
+                    });
                     match result {
                         Ok(n) => reply.written(n as u32),
                         Err(e) => reply.error(refuse(
@@ -551,15 +561,21 @@ impl Filesystem for BackupFs {
             let Handle::Volume(volume) = handle.as_ref() else {
                 return reply.ok();
             };
-            if !volume.closed_by_opener(process_of(pid)) {
+            let process = process_of(pid);
+            if !volume.closed_by_opener(process) {
                 return reply.ok();
             }
             let synced = match volume.detach() {
                 Some(Attached::Write(writer)) => writer.sync(),
                 _ => Ok(()),
             };
-            // The restore's outcome is known before the opener's close returns.
-            volume.finish_restore();
+            // The restore's outcome is known before the opener's close returns, unless
+            // the opener still holds a duplicate (`dd` opens its output, moves it to
+            // descriptor 1 and closes the first): then it goes on, and is judged when
+            // the last one is closed.
+            if !core::holds_volume_open(process, &volume.backend, &volume.volume_id) {
+                volume.finish_restore();
+            }
             match synced {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(refuse(
@@ -581,6 +597,9 @@ impl Filesystem for BackupFs {
         reply: ReplyEmpty,
     ) {
         let handle = self.core.handles.lock().remove(&fh.0);
+        if let Some(Handle::Image(_)) = handle.as_deref() {
+            self.core.engine.image_closed(fh.0);
+        }
         reply.ok();
         // Dropping the last handle of a volume detaches it, which may wait for a process.
         if let Some(handle) = handle {
@@ -798,6 +817,7 @@ impl Filesystem for BackupFs {
         self.slow("create", move |core| {
             match core.create_volume(parent, &name) {
                 Ok((backend, volume_id, writer)) => {
+                    writer.took_part(pid);
                     let node = Node::Volume(backend.clone(), volume_id.clone());
                     match core.attr(&node, 0) {
                         Ok(mut attr) => {
@@ -841,7 +861,7 @@ impl Filesystem for BackupFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -849,6 +869,7 @@ impl Filesystem for BackupFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let pid = req.pid();
         self.slow("fallocate", move |core| {
             let handle = match core.handle(fh) {
                 Ok(handle) => handle,
@@ -862,6 +883,7 @@ impl Filesystem for BackupFs {
                 Ok(writer) => writer,
                 Err(e) => return reply.error(refuse("fallocate", &e)),
             };
+            writer.took_part(pid);
             let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             let result = if mode == punch {
                 writer.discard(offset, length)
@@ -936,7 +958,7 @@ impl Filesystem for BackupFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -947,6 +969,7 @@ impl Filesystem for BackupFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let pid = req.pid();
         self.slow("copy_file_range", move |core| {
             let (Ok(input), Ok(out)) = (core.handle(fh_in), core.handle(fh_out)) else {
                 return reply.error(Errno::EBADF);
@@ -958,6 +981,7 @@ impl Filesystem for BackupFs {
                 return reply.error(Errno::EXDEV);
             };
             let result = volume.writer(&core.engine).and_then(|writer| {
+                writer.took_part(pid);
                 writer.copy_from_backup(image, offset_in, offset_out, len.min(COPY_RANGE_MAX))
             });
             match result {
