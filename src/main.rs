@@ -56,6 +56,20 @@ with status 2."
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Write a new random target key to FILE (mode 0600; an existing FILE is never replaced).
+    #[command(
+        long_about = "Write a new random 256-bit target key to FILE, one line of 64 hex digits, \
+mode 0600. FILE must not exist: a key is never overwritten (nor a link at that name followed). \
+Name it as `key` of a target in the configuration, and copy the same file (mode 0600) to every node \
+that serves the target: records and their checksums are then sealed with it, and a record whose \
+MAC does not check is damaged.\n\n\
+Exit status: 0 when the key is written, 1 otherwise (FILE exists, or cannot be written).",
+        after_help = "Examples:\n  backupfs keygen /etc/backupfs/hdd.key"
+    )]
+    Keygen {
+        /// The key file to create.
+        file: PathBuf,
+    },
     /// Build a throw-away sandbox, mount it, and walk through a backup and a restore.
     #[command(
         long_about = "Build a throw-away sandbox (two `file` backends, a backup target, three \
@@ -212,13 +226,26 @@ fn run(cli: Cli) -> u8 {
             }
         }
         Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(_) => {
+            Ok(loaded) => {
                 println!("{}: ok", config.display());
+                for note in loaded.notes() {
+                    println!("{note}");
+                }
                 0
             }
             Err(e) => {
                 eprintln!("backupfs: {e}");
                 2
+            }
+        },
+        Command::Keygen { file } => match backupfs::target::auth::generate(&file) {
+            Ok(()) => {
+                println!("{}: new key written", file.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("backupfs keygen: {e}");
+                1
             }
         },
         Command::Demo { dir } => {

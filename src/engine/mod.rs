@@ -165,9 +165,22 @@ fn rbd_target(
     let spec = backend
         .rbd_pool(&target.backend, &target.pool)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    Ok(Arc::new(crate::target::rbd::RbdTarget::open(
-        name, connection, &spec,
-    )?))
+    Ok(Arc::new(
+        crate::target::rbd::RbdTarget::open(name, connection, &spec)?
+            .with_key(target_key(name, target)?),
+    ))
+}
+
+/// The key of a target that names one (checked again: it may have changed since the
+/// configuration was checked).
+fn target_key(
+    name: &str,
+    target: &crate::config::TargetConfig,
+) -> Result<Option<Arc<crate::target::auth::TargetKey>>> {
+    Ok(target
+        .load_key(name)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?
+        .map(Arc::new))
 }
 
 impl Engine {
@@ -211,7 +224,7 @@ impl Engine {
                 continue;
             }
             let dir = &config.backends[&target.backend].pools[&target.pool];
-            let catalogue = DirCatalogue::open(name, dir)?;
+            let catalogue = DirCatalogue::open(name, dir)?.with_key(target_key(name, target)?);
             let opened = VolumeTarget::new(
                 name,
                 backend.driver.clone(),
@@ -538,6 +551,9 @@ impl Inner {
                 "backup {backup_id} is {}",
                 record.status.as_str()
             )));
+        }
+        if let Some(refused) = crate::target::untrusted(&record) {
+            return Err(refused.into());
         }
         let attachment = target.open_data(backup_id)?;
         let kind = match &record.checksums {
