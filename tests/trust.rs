@@ -1268,6 +1268,9 @@ fn on_a_keyed_target_an_image_and_sums_replaced_consistently_are_damaged_never_s
     // An incremental backup never builds on it: its parent is the real one.
     let next = d.backup("hdd", "v incremental wait");
     assert_eq!(d.record("hdd", &next)["parent_id"], older.as_str());
+    // It started from the real parent's leaf sums, checked against their MAC.
+    assert!(!d.log().contains("do not match their MAC"), "{}", d.log());
+    assert!(d.record("hdd", &older)["checksums"]["leaves_mac"].is_string());
     ok(&format!(
         "cmp '{}' '{}'",
         d.image("hdd", &next).display(),
@@ -1346,4 +1349,33 @@ fn an_available_record_without_checksums_or_with_too_few_is_damaged_never_served
         latest(&d, "v").as_deref(),
         Some(format!("../../{good}.img").as_str())
     );
+}
+
+#[test]
+fn on_a_keyed_target_forged_leaf_sums_are_not_built_on() {
+    let mut sb = Sandbox::new("trust-leaves");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    key_target(&sb, &l.config);
+    let source = random_volume(&l.gold, "v", 3);
+    let d = sb.start_daemon(&l.config);
+    let parent = d.backup("hdd", "v wait");
+    // A writer of the target changes the parent's leaf sums.
+    damage_bytes(
+        &l.backups.join(format!("backup-{parent}.leaves")),
+        8,
+        b"forged!!",
+    );
+    ok(&format!(
+        "dd if=/dev/urandom of='{}' bs=64K seek=3 count=1 conv=notrunc status=none",
+        source.display()
+    ));
+    let next = d.backup("hdd", "v incremental wait");
+    assert_eq!(d.record("hdd", &next)["parent_id"], parent.as_str());
+    assert!(d.log().contains("do not match their MAC"), "{}", d.log());
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &next).display(),
+        source.display()
+    ));
+    assert_eq!(verify_answer(&d, &next).0, None);
 }
