@@ -48,7 +48,9 @@ BACKUPFS_LOG=debug backupfs mount /mnt/backupfs --config ./backupfs.toml"
     #[command(
         long_about = "Check a configuration without mounting: parse it, then check it against the \
 disk (pool directories exist and are readable, no target's pool overlaps a volume pool, \
-admin_group exists). Prints `<path>: ok` and exits with status 0, or prints the error naming the key and exits \
+admin_group exists, each target's key file is a key that only root can read). Prints `<path>: ok`, \
+then `target <name>: no key: records are not authenticated` for each target without a key, and exits \
+with status 0, or prints the error naming the key and exits \
 with status 2."
     )]
     CheckConfig {
