@@ -1310,6 +1310,18 @@ fn on_a_keyed_target_a_hand_edited_record_is_damaged() {
         assert!(!out.status.success(), "{out:?}");
     }
     assert_eq!(latest(&d, "v"), None, "no sound backup of v is left");
+    // `backupfs status` lists both as damaged.
+    let status = run_timeout(
+        Command::new(BIN).arg("status").arg("--mount").arg(&d.mnt),
+        Duration::from_secs(30),
+    );
+    let status = String::from_utf8_lossy(&status.stdout);
+    for backup in [&id, &other] {
+        assert!(
+            status.contains(&format!("damaged hdd {backup} ")),
+            "{status}"
+        );
+    }
     // Setting an attribute rewrites the record: it stays damaged (never sealed anew).
     let _ = setxattr(&d.image("hdd", &id), "user.note", b"x");
     let (errno, _) = verify_answer(&d, &id);
