@@ -1391,3 +1391,86 @@ fn on_a_keyed_target_forged_leaf_sums_are_not_built_on() {
     ));
     assert_eq!(verify_answer(&d, &next).0, None);
 }
+
+#[test]
+fn on_a_keyed_rbd_target_records_carry_a_mac_and_a_hand_edited_one_is_damaged() {
+    use common::ceph::{self, POOL};
+    let cluster = ceph::cluster();
+    let mut sb = Sandbox::new("trust-rbdkey");
+    let namespace = format!("mac-{}", std::process::id());
+    cluster.rbd(&[
+        "namespace",
+        "create",
+        "--pool",
+        POOL,
+        "--namespace",
+        &namespace,
+    ]);
+    let client = cluster.client("cinder");
+    let main = sb.mkdir("files/main");
+    let key = sb.path("rbd.key");
+    assert_eq!(keygen(&key).0, 0);
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\n\
+         [backends.ceph]\ndriver = \"rbd\"\nceph_conf = \"{}\"\nclient = \"{}\"\ntimeout = 5\n\
+         pools = {{ backups = \"{POOL}/{namespace}\" }}\n\
+         [backends.files]\ndriver = \"file\"\npools = {{ main = \"{}\" }}\n\
+         [targets.rbd]\nbackend = \"ceph\"\npool = \"backups\"\nkey = \"{}\"\n",
+        sb.mkdir("state").display(),
+        client.conf.display(),
+        client.name,
+        main.display(),
+        key.display(),
+    ));
+    let source = random_volume(&main, "v", 3);
+    let d = sb.start_daemon(&config);
+    let id = d.backup("rbd", "v wait");
+    let object = format!("backupfs.record.{id}");
+    let rados = |args: &[&str]| {
+        let mut all = vec!["--pool", POOL, "--namespace", namespace.as_str()];
+        all.extend_from_slice(args);
+        ceph::run(&cluster.conf, 60, "rados", &all)
+    };
+    let stored = sb.path("record.json");
+    rados(&["get", &object, &stored.to_string_lossy()]);
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&stored).unwrap()).unwrap();
+    assert!(
+        record["mac"].as_str().unwrap().starts_with("hmac-sha256:"),
+        "{record}"
+    );
+    assert!(record["checksums"]["mac"].is_string(), "{record}");
+    assert_eq!(verify_answer_in(&d, "rbd", &id).0, None);
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("rbd", &id).display(),
+        source.display()
+    ));
+    assert!(d.stop().success());
+    // A holder of a `profile rbd` key edits the record in the pool.
+    record["size"] = serde_json::json!((3 << 20) - 4096);
+    std::fs::write(&stored, serde_json::to_vec(&record).unwrap()).unwrap();
+    rados(&["put", &object, &stored.to_string_lossy()]);
+    let d = sb.start_daemon(&config);
+    let (errno, answer) = verify_answer_in(&d, "rbd", &id);
+    assert_eq!(errno, Some(libc::EIO), "{answer}");
+    assert!(answer.contains("damaged"), "{answer}");
+    let out = sh(&format!(
+        "cat '{}' > /dev/null",
+        d.image("rbd", &id).display()
+    ));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(d.record("rbd", &id)["defect"].is_string());
+    assert!(d.stop().success());
+}
+
+/// `verify_answer` on target `target`.
+fn verify_answer_in(d: &Daemon, target: &str, backup_id: &str) -> (Option<i32>, String) {
+    let verify = d.target(target).join("verify");
+    let errno = write_errno(&verify, format!("{backup_id}\n").as_bytes());
+    let answer = sh(&format!(
+        "exec 3<>'{}'; echo {backup_id} >&3; cat <&3",
+        verify.display()
+    ));
+    (errno, String::from_utf8_lossy(&answer.stdout).into_owned())
+}
