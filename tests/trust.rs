@@ -1323,9 +1323,17 @@ fn on_a_keyed_target_a_hand_edited_record_is_damaged() {
         );
     }
     // Setting an attribute rewrites the record: it stays damaged (never sealed anew).
-    let _ = setxattr(&d.image("hdd", &id), "user.note", b"x");
+    setxattr(&d.image("hdd", &id), "user.note", b"x").unwrap();
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record_file(&l.backups, &id)).unwrap()).unwrap();
+    assert_eq!(stored["xattrs"]["user.note"], "x", "{stored}");
+    assert!(stored.get("mac").is_none(), "{stored}");
     let (errno, _) = verify_answer(&d, &id);
     assert_eq!(errno, Some(libc::EIO));
+    // And it can be deleted like any other backup.
+    ok(&format!("rm '{}'", d.image("hdd", &id).display()));
+    assert!(!l.backups.join(format!("backup-{id}.json")).exists());
+    assert!(!l.backups.join(format!("backup-{id}.img")).exists());
 }
 
 #[test]

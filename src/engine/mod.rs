@@ -553,6 +553,11 @@ impl Inner {
             )));
         }
         if let Some(refused) = crate::target::untrusted(&record) {
+            // The one line of this refusal: the FUSE layer answers opens with the errno only.
+            tracing::warn!(
+                target = target_name,
+                "backup {backup_id} not served: {refused}"
+            );
             return Err(refused.into());
         }
         let attachment = target.open_data(backup_id)?;

@@ -62,15 +62,10 @@ pub type Result<T> = std::result::Result<T, TargetError>;
 
 pub(crate) const LOCK_FILE: &str = ".backupfs.lock";
 
-/// The refusal to serve, verify or build on a record found defective (see `auth`): the
-/// record is damaged, whatever its data holds.
+/// The refusal to serve or verify a record found defective (see `auth`): the record is
+/// damaged, whatever its data holds. The caller logs it (once).
 pub fn untrusted(record: &Record) -> Option<TargetError> {
     let defect = record.defect.as_ref()?;
-    tracing::warn!(
-        target = record.target,
-        backup_id = %record.id,
-        "backup is damaged, not served: {defect}"
-    );
     Some(TargetError::BadRecord {
         path: PathBuf::from(record_file_name(&record.id)),
         message: format!("damaged: {defect}"),
