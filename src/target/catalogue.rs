@@ -286,11 +286,30 @@ impl Catalogue for DirCatalogue {
         let (bytes, mut entry) = Checksums::encode(sums, kind, sums_file_name(backup_id), leaves);
         if let Some(key) = &self.key {
             entry.mac = Some(key.sums_mac(backup_id, &bytes));
-            if let Some(name) = &entry.leaves {
+            if let Some(name) = entry.leaves.clone() {
                 // Complete and flushed (the caller says so): what the next backup starts from.
-                let path = self.dir.join(name);
-                let leaves = std::fs::read(&path).map_err(|e| TargetError::io("read", &path, e))?;
-                entry.leaves_mac = Some(key.leaves_mac(backup_id, &leaves));
+                let path = self.dir.join(&name);
+                let expected = sums.len() as u64 * crate::copy::LEAF_SUMS_PER_BLOCK_BYTES;
+                match read_regular(&path, expected) {
+                    Ok(leaves) if leaves.len() as u64 == expected => {
+                        entry.leaves_mac = Some(key.leaves_mac(backup_id, &leaves));
+                    }
+                    // Not what this backup wrote: no record names it, the next backup
+                    // reads changed blocks whole.
+                    found => {
+                        tracing::warn!(
+                            backup_id = %backup_id,
+                            "leaf sums not kept: {} is not the file this backup wrote ({})",
+                            path.display(),
+                            match found {
+                                Ok(bytes) => format!("{} bytes", bytes.len()),
+                                Err(e) => e.to_string(),
+                            }
+                        );
+                        entry.leaves = None;
+                        self.remove(&name)?;
+                    }
+                }
             }
         }
         self.write_atomic(&entry.file, &bytes)?;
@@ -442,4 +461,20 @@ fn copy_checked_leaves(
         return Ok(());
     }
     (&mut &*file).write_all(&bytes)
+}
+
+/// Reads a regular file whole, at most `limit` bytes and one more (so a longer one is told
+/// apart), without following a link or blocking on a FIFO at its name.
+fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
