@@ -304,9 +304,10 @@ impl Catalogue for RbdCatalogue {
             })?;
         bytes.push(b'\n');
         self.write_object(&name, &bytes)?;
-        self.records
-            .lock()
-            .insert(record.id.to_string(), Ok(record.clone()));
+        // What was stored (its MAC), still damaged in memory if it was.
+        let mut kept = written;
+        kept.defect = record.defect.clone();
+        self.records.lock().insert(record.id.to_string(), Ok(kept));
         Ok(())
     }
 
