@@ -187,6 +187,33 @@ pub struct TargetConfig {
     /// successful backup. 0 keeps all.
     #[serde(default)]
     pub keep_last: u32,
+    /// The target key file (`backupfs keygen`), the same on every node serving the target:
+    /// records and their checksums are then authenticated. Without one they are not.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl TargetConfig {
+    /// The key of target `name`, if it names one: a regular file of root's (the user
+    /// running backupfs) that group and others cannot read or write.
+    pub fn load_key(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::target::auth::TargetKey>, ConfigError> {
+        let Some(path) = &self.key else {
+            return Ok(None);
+        };
+        let key = format!("targets.{name}.key");
+        if !path.is_absolute() {
+            return Err(invalid(
+                key,
+                format!("{} is not an absolute path", path.display()),
+            ));
+        }
+        crate::target::auth::TargetKey::load(path)
+            .map(Some)
+            .map_err(|e| invalid(key, e.to_string()))
+    }
 }
 
 /// Where a directory really is: its canonical path and its device and inode, so that a
@@ -262,6 +289,16 @@ impl Config {
         })
     }
 
+    /// What `check-config` says of a valid configuration besides `ok`: one line per target
+    /// without a key.
+    pub fn notes(&self) -> Vec<String> {
+        self.targets
+            .iter()
+            .filter(|(_, target)| target.key.is_none())
+            .map(|(name, _)| format!("target {name}: no key: records are not authenticated"))
+            .collect()
+    }
+
     /// The storage rules of the spec, checked against the real directories. Every error
     /// is found in one run (`ConfigError::Several` when there is more than one).
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -326,6 +363,9 @@ impl Config {
             if !crate::volume::is_valid_id(name) {
                 errors.push(invalid(key, "not a valid name"));
                 continue;
+            }
+            if let Err(e) = target.load_key(name) {
+                errors.push(e);
             }
             let Some(backend) = self.backends.get(&target.backend) else {
                 errors.push(invalid(

@@ -48,13 +48,28 @@ BACKUPFS_LOG=debug backupfs mount /mnt/backupfs --config ./backupfs.toml"
     #[command(
         long_about = "Check a configuration without mounting: parse it, then check it against the \
 disk (pool directories exist and are readable, no target's pool overlaps a volume pool, \
-admin_group exists). Prints `<path>: ok` and exits with status 0, or prints every error, one line \
-each naming its key, and exits with status 2."
+admin_group exists, each target's key file is a key that only root can read). Prints `<path>: ok`, \
+then `target <name>: no key: records are not authenticated` for each target without a key, and exits \
+with status 0, or prints every error, one line each naming its key, and exits with status 2."
     )]
     CheckConfig {
         /// The configuration file.
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
+    },
+    /// Write a new random target key to FILE (mode 0600; an existing FILE is never replaced).
+    #[command(
+        long_about = "Write a new random 256-bit target key to FILE, one line of 64 hex digits, \
+mode 0600. FILE must not exist: a key is never overwritten (nor a link at that name followed). \
+Name it as `key` of a target in the configuration, and copy the same file (mode 0600) to every node \
+that serves the target: records and their checksums are then sealed with it, and a record whose \
+MAC does not check is damaged.\n\n\
+Exit status: 0 when the key is written, 1 otherwise (FILE exists, or cannot be written).",
+        after_help = "Examples:\n  backupfs keygen /etc/backupfs/hdd.key"
+    )]
+    Keygen {
+        /// The key file to create.
+        file: PathBuf,
     },
     /// Build a throw-away sandbox, mount it, and walk through a backup and a restore.
     #[command(
@@ -214,8 +229,11 @@ fn run(cli: Cli) -> u8 {
             }
         }
         Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(_) => {
+            Ok(loaded) => {
                 println!("{}: ok", config.display());
+                for note in loaded.notes() {
+                    println!("{note}");
+                }
                 0
             }
             Err(e) => {
@@ -224,6 +242,16 @@ fn run(cli: Cli) -> u8 {
                     eprintln!("backupfs: {line}");
                 }
                 2
+            }
+        },
+        Command::Keygen { file } => match backupfs::target::auth::generate(&file) {
+            Ok(()) => {
+                println!("{}: new key written", file.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("backupfs keygen: {e}");
+                1
             }
         },
         Command::Demo { dir } => {

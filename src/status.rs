@@ -182,6 +182,9 @@ pub struct RecordInfo {
     pub completed_at: Option<String>,
     pub verified_at: Option<String>,
     pub damaged_blocks: Vec<u64>,
+    /// Why the daemon found the record itself damaged (a MAC that does not check, no
+    /// checksums): `defect` in the mount's copy of the record.
+    pub defect: Option<String>,
     pub error: Option<String>,
     pub size: u64,
 }
@@ -202,6 +205,7 @@ impl RecordInfo {
                 .and_then(|blocks| blocks.as_array())
                 .map(|blocks| blocks.iter().filter_map(|b| b.as_u64()).collect())
                 .unwrap_or_default(),
+            defect: text("defect"),
             error: text("error").map(|e| one_line(&e)),
             size: value.get("size").and_then(|s| s.as_u64()).unwrap_or(0),
         })
@@ -216,10 +220,14 @@ impl RecordInfo {
     }
 
     pub fn is_damaged(&self) -> bool {
-        !self.damaged_blocks.is_empty()
+        self.defect.is_some() || !self.damaged_blocks.is_empty()
     }
 
+    /// The damaged blocks, or `record` when the record itself cannot be trusted.
     pub fn damaged_list(&self) -> String {
+        if self.defect.is_some() && self.damaged_blocks.is_empty() {
+            return "record".to_string();
+        }
         let blocks: Vec<String> = self.damaged_blocks.iter().map(u64::to_string).collect();
         blocks.join(",")
     }
@@ -1123,6 +1131,13 @@ pub fn find_backup(mount: &Mount, backup_id: &str) -> Result<Found, MountError> 
         if let Some(record) = mount.record(&target, backup_id) {
             let volume_id = record.volume_id.clone();
             return Ok(match record.status.as_str() {
+                "available" if record.defect.is_some() => Found::Failed {
+                    volume_id,
+                    reason: format!(
+                        "its record is damaged: {}",
+                        record.defect.unwrap_or_default()
+                    ),
+                },
                 "available" => Found::Available {
                     volume_id,
                     damaged_blocks: record.damaged_blocks,
@@ -1388,6 +1403,17 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_record_the_daemon_found_damaged_is_listed_damaged() {
+        let r = RecordInfo::parse(
+            r#"{"id":"a","volume_id":"v","status":"available","size":1,
+               "defect":"the record's MAC does not check against the target key"}"#,
+        )
+        .unwrap();
+        assert!(r.is_damaged());
+        assert_eq!(r.damaged_list(), "record");
+    }
+
     fn record(id: &str, volume: &str, status: &str, completed: &str) -> RecordInfo {
         RecordInfo {
             id: id.to_string(),
@@ -1397,6 +1423,7 @@ mod tests {
             completed_at: Some(completed.to_string()),
             verified_at: None,
             damaged_blocks: Vec::new(),
+            defect: None,
             error: None,
             size: 100,
         }

@@ -1073,3 +1073,412 @@ fn a_qcow2_volume_is_free_for_a_hypervisor_right_after_a_backup_a_read_or_a_rest
         }
     }
 }
+
+// Authenticity (issue 22, items 2 and 5): a writer of the target's storage cannot make
+// backupfs serve, verify as good, or build on a backup it did not make.
+
+/// `backupfs keygen FILE`: (exit code, stdout + stderr).
+fn keygen(file: &Path) -> (i32, String) {
+    let out = run_timeout(
+        Command::new(BIN).arg("keygen").arg(file),
+        Duration::from_secs(30),
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Makes a key with `backupfs keygen` and names it as the key of target `hdd` (the last
+/// table of the layout's configuration).
+fn key_target(sb: &Sandbox, config: &Path) -> PathBuf {
+    let key = sb.path("hdd.key");
+    let (code, out) = keygen(&key);
+    assert_eq!(code, 0, "{out}");
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text += &format!("key = \"{}\"\n", key.display());
+    std::fs::write(config, text).unwrap();
+    key
+}
+
+/// A record file of the target, edited as JSON.
+fn edit_record(pool: &Path, backup_id: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = record_file(pool, backup_id);
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut record);
+    std::fs::write(&path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
+}
+
+/// Where `by-volume/<volume>/latest.img` points, if it exists.
+fn latest(d: &Daemon, volume_id: &str) -> Option<String> {
+    std::fs::read_link(
+        d.target("hdd")
+            .join(format!("by-volume/{volume_id}/latest.img")),
+    )
+    .ok()
+    .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// `echo <id> > verify` on a fresh open, then what reading it answers: (errno, answer).
+fn verify_answer(d: &Daemon, backup_id: &str) -> (Option<i32>, String) {
+    let verify = d.target("hdd").join("verify");
+    let errno = write_errno(&verify, format!("{backup_id}\n").as_bytes());
+    let answer = sh(&format!(
+        "exec 3<>'{}'; echo {backup_id} >&3; cat <&3",
+        verify.display()
+    ));
+    (errno, String::from_utf8_lossy(&answer.stdout).into_owned())
+}
+
+#[test]
+fn keygen_writes_a_0600_key_once_and_never_overwrites_or_follows_a_link() {
+    use std::os::unix::fs::PermissionsExt;
+    let sb = Sandbox::new("trust-keygen");
+    let key = sb.path("t.key");
+    let (code, out) = keygen(&key);
+    assert_eq!(code, 0, "{out}");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600);
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert!(
+        text.len() == 65
+            && text.ends_with('\n')
+            && text[..64].bytes().all(|c| c.is_ascii_hexdigit()),
+        "one line of 64 hex digits: {text:?}"
+    );
+    // Another key is another key.
+    let (code, _) = keygen(&sb.path("u.key"));
+    assert_eq!(code, 0);
+    assert_ne!(std::fs::read_to_string(sb.path("u.key")).unwrap(), text);
+    // An existing file is never replaced.
+    let (code, out) = keygen(&key);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("exists already"), "{out}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), text);
+    // Nor is a link at that name followed.
+    let victim = sb.path("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    std::os::unix::fs::symlink(&victim, sb.path("link.key")).unwrap();
+    let (code, out) = keygen(&sb.path("link.key"));
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+}
+
+#[test]
+fn a_key_file_readable_by_others_is_refused_naming_the_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut sb = Sandbox::new("trust-keymode");
+    let l = layout(&mut sb, None, None, "");
+    let key = key_target(&sb, &l.config);
+    let (code, out) = check_config(&l.config);
+    assert_eq!(code, 0, "{out}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out) = check_config(&l.config);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("targets.hdd.key") && out.contains("0644"),
+        "the error names the key and its mode: {out}"
+    );
+    let (code, log) = mount_refused(&sb, &l.config);
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains("targets.hdd.key"), "{log}");
+}
+
+#[test]
+fn check_config_names_each_target_without_a_key() {
+    let sb = Sandbox::new("trust-unkeyed");
+    let pool = |name: &str| sb.mkdir(name).display().to_string();
+    let key = sb.path("b.key");
+    assert_eq!(keygen(&key).0, 0);
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\n\
+         [backends.hdd]\ndriver = \"file\"\npools = {{ main = \"{}\", a = \"{}\", b = \"{}\" }}\n\
+         [targets.a]\nbackend = \"hdd\"\npool = \"a\"\n\
+         [targets.b]\nbackend = \"hdd\"\npool = \"b\"\nkey = \"{}\"\n",
+        sb.path("state").display(),
+        pool("main"),
+        pool("a"),
+        pool("b"),
+        key.display()
+    ));
+    let (code, out) = check_config(&config);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("target a: no key: records are not authenticated"),
+        "{out}"
+    );
+    assert!(!out.contains("target b:"), "{out}");
+}
+
+#[test]
+fn on_a_keyed_target_an_image_and_sums_replaced_consistently_are_damaged_never_served() {
+    let mut sb = Sandbox::new("trust-forged");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    key_target(&sb, &l.config);
+    let source = random_volume(&l.gold, "v", 3);
+    let d = sb.start_daemon(&l.config);
+    let older = d.backup("hdd", "v wait");
+    random_volume(&l.gold, "v", 3);
+    let newer = d.backup("hdd", "v wait");
+    assert_eq!(
+        latest(&d, "v").as_deref(),
+        Some(format!("../../{newer}.img").as_str())
+    );
+    assert!(d.stop().success());
+    // A writer of the target puts the older backup's data and sums (its "payload") in
+    // place of the newer one's, consistently: the digest recomputed in the record.
+    let old_record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record_file(&l.backups, &older)).unwrap()).unwrap();
+    for ext in ["img", "sums"] {
+        std::fs::copy(
+            l.backups.join(format!("backup-{older}.{ext}")),
+            l.backups.join(format!("backup-{newer}.{ext}")),
+        )
+        .unwrap();
+    }
+    edit_record(&l.backups, &newer, |r| {
+        r["checksums"]["digest"] = old_record["checksums"]["digest"].clone();
+        r["checksums"]["mac"] = old_record["checksums"]["mac"].clone();
+        r.as_object_mut().unwrap().remove("mac");
+    });
+    let d = sb.start_daemon(&l.config);
+    let (errno, answer) = verify_answer(&d, &newer);
+    assert_eq!(errno, Some(libc::EIO), "verify fails: {answer}");
+    assert!(answer.contains("damaged"), "{answer}");
+    let out = sh(&format!(
+        "cat '{}' > /dev/null",
+        d.image("hdd", &newer).display()
+    ));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+        "{out:?}"
+    );
+    assert!(d.record("hdd", &newer)["defect"].is_string());
+    // The real backup is the newest again, and still reads.
+    assert_eq!(
+        latest(&d, "v").as_deref(),
+        Some(format!("../../{older}.img").as_str())
+    );
+    assert_eq!(verify_answer(&d, &older).0, None);
+    // An incremental backup never builds on it: its parent is the real one.
+    let next = d.backup("hdd", "v incremental wait");
+    assert_eq!(d.record("hdd", &next)["parent_id"], older.as_str());
+    // It started from the real parent's leaf sums, checked against their MAC.
+    assert!(!d.log().contains("do not match their MAC"), "{}", d.log());
+    assert!(d.record("hdd", &older)["checksums"]["leaves_mac"].is_string());
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &next).display(),
+        source.display()
+    ));
+}
+
+#[test]
+fn on_a_keyed_target_a_hand_edited_record_is_damaged() {
+    let mut sb = Sandbox::new("trust-edited");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    key_target(&sb, &l.config);
+    random_volume(&l.gold, "v", 3);
+    random_volume(&l.gold, "w", 3);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let other = d.backup("hdd", "w wait");
+    assert!(d.stop().success());
+    // The size shortened within its last block (the checksums still fit it), and the
+    // record made to belong to another volume.
+    edit_record(&l.backups, &id, |r| {
+        r["size"] = serde_json::json!((3 << 20) - 4096);
+    });
+    edit_record(&l.backups, &other, |r| {
+        r["volume_id"] = serde_json::json!("v");
+        r["completed_at"] = serde_json::json!("2099-01-01T00:00:00.000Z");
+    });
+    let d = sb.start_daemon(&l.config);
+    for backup in [&id, &other] {
+        let (errno, answer) = verify_answer(&d, backup);
+        assert_eq!(errno, Some(libc::EIO), "{answer}");
+        assert!(answer.contains("damaged"), "{answer}");
+        let out = sh(&format!(
+            "cat '{}' > /dev/null",
+            d.image("hdd", backup).display()
+        ));
+        assert!(!out.status.success(), "{out:?}");
+    }
+    assert_eq!(latest(&d, "v"), None, "no sound backup of v is left");
+    // `backupfs status` lists both as damaged.
+    let status = run_timeout(
+        Command::new(BIN).arg("status").arg("--mount").arg(&d.mnt),
+        Duration::from_secs(30),
+    );
+    let status = String::from_utf8_lossy(&status.stdout);
+    for backup in [&id, &other] {
+        assert!(
+            status.contains(&format!("damaged hdd {backup} ")),
+            "{status}"
+        );
+    }
+    // Setting an attribute rewrites the record: it stays damaged (never sealed anew).
+    setxattr(&d.image("hdd", &id), "user.note", b"x").unwrap();
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record_file(&l.backups, &id)).unwrap()).unwrap();
+    assert_eq!(stored["xattrs"]["user.note"], "x", "{stored}");
+    assert!(stored.get("mac").is_none(), "{stored}");
+    let (errno, _) = verify_answer(&d, &id);
+    assert_eq!(errno, Some(libc::EIO));
+    // And it can be deleted like any other backup.
+    ok(&format!("rm '{}'", d.image("hdd", &id).display()));
+    assert!(!l.backups.join(format!("backup-{id}.json")).exists());
+    assert!(!l.backups.join(format!("backup-{id}.img")).exists());
+}
+
+#[test]
+fn an_available_record_without_checksums_or_with_too_few_is_damaged_never_served() {
+    let mut sb = Sandbox::new("trust-nosums");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    random_volume(&l.gold, "v", 3);
+    let d = sb.start_daemon(&l.config);
+    let good = d.backup("hdd", "v wait");
+    let no_sums = d.backup("hdd", "v wait");
+    let short = d.backup("hdd", "v wait");
+    assert!(d.stop().success());
+    // No key on this target: the record's shape alone must refuse both.
+    edit_record(&l.backups, &no_sums, |r| {
+        r["checksums"] = serde_json::Value::Null
+    });
+    edit_record(&l.backups, &short, |r| {
+        r["size"] = serde_json::json!(5 << 20)
+    });
+    let d = sb.start_daemon(&l.config);
+    for backup in [&no_sums, &short] {
+        let (errno, answer) = verify_answer(&d, backup);
+        assert_eq!(errno, Some(libc::EIO), "{backup}: {answer}");
+        assert!(answer.contains("damaged"), "{answer}");
+        let out = sh(&format!(
+            "cat '{}' > /dev/null",
+            d.image("hdd", backup).display()
+        ));
+        assert!(!out.status.success(), "{out:?}");
+        assert!(d.record("hdd", backup)["defect"].is_string());
+    }
+    assert_eq!(
+        latest(&d, "v").as_deref(),
+        Some(format!("../../{good}.img").as_str())
+    );
+}
+
+#[test]
+fn on_a_keyed_target_forged_leaf_sums_are_not_built_on() {
+    let mut sb = Sandbox::new("trust-leaves");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    key_target(&sb, &l.config);
+    let source = random_volume(&l.gold, "v", 3);
+    let d = sb.start_daemon(&l.config);
+    let parent = d.backup("hdd", "v wait");
+    // A writer of the target changes the parent's leaf sums.
+    damage_bytes(
+        &l.backups.join(format!("backup-{parent}.leaves")),
+        8,
+        b"forged!!",
+    );
+    ok(&format!(
+        "dd if=/dev/urandom of='{}' bs=64K seek=3 count=1 conv=notrunc status=none",
+        source.display()
+    ));
+    let next = d.backup("hdd", "v incremental wait");
+    assert_eq!(d.record("hdd", &next)["parent_id"], parent.as_str());
+    assert!(d.log().contains("do not match their MAC"), "{}", d.log());
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &next).display(),
+        source.display()
+    ));
+    assert_eq!(verify_answer(&d, &next).0, None);
+}
+
+#[test]
+fn on_a_keyed_rbd_target_records_carry_a_mac_and_a_hand_edited_one_is_damaged() {
+    use common::ceph::{self, POOL};
+    let cluster = ceph::cluster();
+    let mut sb = Sandbox::new("trust-rbdkey");
+    let namespace = format!("mac-{}", std::process::id());
+    cluster.rbd(&[
+        "namespace",
+        "create",
+        "--pool",
+        POOL,
+        "--namespace",
+        &namespace,
+    ]);
+    let client = cluster.client("cinder");
+    let main = sb.mkdir("files/main");
+    let key = sb.path("rbd.key");
+    assert_eq!(keygen(&key).0, 0);
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\n\
+         [backends.ceph]\ndriver = \"rbd\"\nceph_conf = \"{}\"\nclient = \"{}\"\ntimeout = 5\n\
+         pools = {{ backups = \"{POOL}/{namespace}\" }}\n\
+         [backends.files]\ndriver = \"file\"\npools = {{ main = \"{}\" }}\n\
+         [targets.rbd]\nbackend = \"ceph\"\npool = \"backups\"\nkey = \"{}\"\n",
+        sb.mkdir("state").display(),
+        client.conf.display(),
+        client.name,
+        main.display(),
+        key.display(),
+    ));
+    let source = random_volume(&main, "v", 3);
+    let d = sb.start_daemon(&config);
+    let id = d.backup("rbd", "v wait");
+    let object = format!("backupfs.record.{id}");
+    let rados = |args: &[&str]| {
+        let mut all = vec!["--pool", POOL, "--namespace", namespace.as_str()];
+        all.extend_from_slice(args);
+        ceph::run(&cluster.conf, 60, "rados", &all)
+    };
+    let stored = sb.path("record.json");
+    rados(&["get", &object, &stored.to_string_lossy()]);
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&stored).unwrap()).unwrap();
+    assert!(
+        record["mac"].as_str().unwrap().starts_with("hmac-sha256:"),
+        "{record}"
+    );
+    assert!(record["checksums"]["mac"].is_string(), "{record}");
+    assert_eq!(verify_answer_in(&d, "rbd", &id).0, None);
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("rbd", &id).display(),
+        source.display()
+    ));
+    assert!(d.stop().success());
+    // A holder of a `profile rbd` key edits the record in the pool.
+    record["size"] = serde_json::json!((3 << 20) - 4096);
+    std::fs::write(&stored, serde_json::to_vec(&record).unwrap()).unwrap();
+    rados(&["put", &object, &stored.to_string_lossy()]);
+    let d = sb.start_daemon(&config);
+    let (errno, answer) = verify_answer_in(&d, "rbd", &id);
+    assert_eq!(errno, Some(libc::EIO), "{answer}");
+    assert!(answer.contains("damaged"), "{answer}");
+    let out = sh(&format!(
+        "cat '{}' > /dev/null",
+        d.image("rbd", &id).display()
+    ));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(d.record("rbd", &id)["defect"].is_string());
+    assert!(d.stop().success());
+}
+
+/// `verify_answer` on target `target`.
+fn verify_answer_in(d: &Daemon, target: &str, backup_id: &str) -> (Option<i32>, String) {
+    let verify = d.target(target).join("verify");
+    let errno = write_errno(&verify, format!("{backup_id}\n").as_bytes());
+    let answer = sh(&format!(
+        "exec 3<>'{}'; echo {backup_id} >&3; cat <&3",
+        verify.display()
+    ));
+    (errno, String::from_utf8_lossy(&answer.stdout).into_owned())
+}

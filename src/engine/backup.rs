@@ -70,6 +70,8 @@ impl Inner {
             changed_bytes: None,
             changes_found_by: None,
             xattrs: Default::default(),
+            mac: None,
+            defect: None,
         };
         let job = Arc::new(Job::new(
             JobKind::Backup,
@@ -692,7 +694,9 @@ impl Inner {
         let mut backups: Vec<Record> = records
             .into_iter()
             .filter(|r| {
+                // A damaged record (a forged one) neither counts nor is deleted here.
                 r.status == Status::Available
+                    && r.defect.is_none()
                     && r.volume_id == record.volume_id
                     && r.backend == record.backend
             })
@@ -735,6 +739,17 @@ pub(super) fn cleanup(target: &dyn BackupTarget, driver: &dyn VolumeDriver, reco
 /// Removes a record's temporary snapshot, if it names one; clears the name once it is gone.
 /// Records of earlier versions say only `snapshot_used`: their snapshot is looked for too.
 pub(super) fn remove_snapshot(driver: &dyn VolumeDriver, record: &mut Record) -> bool {
+    // A record that cannot be trusted (a forged one) names nothing for us to delete: its
+    // name is dropped, whatever it says stays.
+    if let Some(defect) = &record.defect {
+        if let Some(name) = record.temporary_snapshot.take() {
+            warn!(
+                backup_id = %record.id,
+                "not deleting snapshot {name}: the record naming it is damaged ({defect})"
+            );
+        }
+        return true;
+    }
     let name = match (&record.temporary_snapshot, record.snapshot_used) {
         (Some(name), _) => name.clone(),
         (None, true) if record.status == Status::Creating => snapshot_name(&record.id),

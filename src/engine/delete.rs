@@ -160,7 +160,9 @@ impl Inner {
         };
         let mut newest: std::collections::HashMap<(String, String), &Record> = Default::default();
         for record in &records {
+            // A record that cannot be trusted never makes a real base look old.
             if record.base_snapshot.is_none()
+                || record.defect.is_some()
                 || record.status != Status::Available
                 || self.is_running(&record.id)
             {

@@ -245,9 +245,22 @@ fn rbd_target(
     let spec = backend
         .rbd_pool(&target.backend, &target.pool)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    Ok(Arc::new(crate::target::rbd::RbdTarget::open(
-        name, connection, &spec,
-    )?))
+    Ok(Arc::new(
+        crate::target::rbd::RbdTarget::open(name, connection, &spec)?
+            .with_key(target_key(name, target)?),
+    ))
+}
+
+/// The key of a target that names one (checked again: it may have changed since the
+/// configuration was checked).
+fn target_key(
+    name: &str,
+    target: &crate::config::TargetConfig,
+) -> Result<Option<Arc<crate::target::auth::TargetKey>>> {
+    Ok(target
+        .load_key(name)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?
+        .map(Arc::new))
 }
 
 impl Engine {
@@ -291,7 +304,7 @@ impl Engine {
                 continue;
             }
             let dir = &config.backends[&target.backend].pools[&target.pool];
-            let catalogue = DirCatalogue::open(name, dir)?;
+            let catalogue = DirCatalogue::open(name, dir)?.with_key(target_key(name, target)?);
             let opened = VolumeTarget::new(
                 name,
                 backend.driver.clone(),
@@ -658,6 +671,14 @@ impl Inner {
                 "backup {backup_id} is {}",
                 record.status.as_str()
             )));
+        }
+        if let Some(refused) = crate::target::untrusted(&record) {
+            // The one line of this refusal: the FUSE layer answers opens with the errno only.
+            tracing::warn!(
+                target = target_name,
+                "backup {backup_id} not served: {refused}"
+            );
+            return Err(refused.into());
         }
         let attachment = target.open_data(backup_id)?;
         let kind = match &record.checksums {

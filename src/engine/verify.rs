@@ -19,6 +19,9 @@ impl Inner {
                 record.status.as_str()
             )));
         }
+        if let Some(refused) = crate::target::untrusted(&record) {
+            return Err(refused.into());
+        }
         if record.checksums.is_none() {
             return Err(EngineError::NotPermitted(format!(
                 "backup {backup_id} has no checksums to verify against"

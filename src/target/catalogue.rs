@@ -4,6 +4,7 @@
 //! without files (an RBD pool) keeps it in objects. A catalogue holds its target's lock
 //! and claim for as long as it is open, and removes only the files it names.
 
+use super::auth::{self, TargetKey};
 use super::claim;
 use super::record::{Checksums, FORMAT_VERSION, Record};
 use super::{LOCK_FILE, Result, TargetError, leaves_file_name, record_file_name, sums_file_name};
@@ -14,6 +15,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// How long a start waits for a lock held by another backupfs: one that was just
 /// unmounted takes a moment to exit and let go.
@@ -95,6 +97,8 @@ pub struct DirCatalogue {
     dir: PathBuf,
     /// Held while open: one daemon per target.
     _lock: File,
+    /// The target key: records and checksums are sealed with it and checked against it.
+    key: Option<Arc<TargetKey>>,
 }
 
 impl DirCatalogue {
@@ -126,7 +130,28 @@ impl DirCatalogue {
             target: target.to_string(),
             dir: dir.to_path_buf(),
             _lock: lock,
+            key: None,
         })
+    }
+
+    /// Seals what it writes with `key` and trusts only what checks against it (see
+    /// `target::auth`); without one, records are not authenticated.
+    pub fn with_key(mut self, key: Option<Arc<TargetKey>>) -> DirCatalogue {
+        self.key = key;
+        self
+    }
+
+    /// A record as read, inspected: marked defective (so damaged) when it is not the
+    /// record of the backup its name says, cannot check what it serves, or does not
+    /// authenticate.
+    fn load_record(&self, path: &Path) -> Result<Record> {
+        let mut record = Self::read_record_file(path)?;
+        auth::inspect(&mut record, self.key.as_deref());
+        let named = path.file_name().and_then(|n| n.to_str());
+        if record.defect.is_none() && named != Some(&record_file_name(&record.id)) {
+            record.defect = Some(format!("the file holds the record of {}", record.id));
+        }
+        Ok(record)
     }
 
     fn record_path(&self, backup_id: &BackupId) -> PathBuf {
@@ -207,7 +232,7 @@ impl Catalogue for DirCatalogue {
             if !(name.starts_with("backup-") && name.ends_with(".json")) {
                 continue;
             }
-            match Self::read_record_file(&entry.path()) {
+            match self.load_record(&entry.path()) {
                 Ok(record) => records.push(record),
                 // A record removed while listing is simply gone.
                 Err(TargetError::Io { source, .. })
@@ -222,7 +247,7 @@ impl Catalogue for DirCatalogue {
     }
 
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
-        match Self::read_record_file(&self.record_path(backup_id)) {
+        match self.load_record(&self.record_path(backup_id)) {
             Err(TargetError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
@@ -233,6 +258,7 @@ impl Catalogue for DirCatalogue {
     }
 
     fn write_record(&self, record: &Record) -> Result<()> {
+        let record = &auth::prepare(record, self.key.as_deref());
         let mut bytes = serde_json::to_vec_pretty(record).map_err(|e| TargetError::BadRecord {
             path: self.record_path(&record.id),
             message: e.to_string(),
@@ -257,7 +283,35 @@ impl Catalogue for DirCatalogue {
             self.remove(&leaves_file_name(backup_id))?;
         }
         let leaves = leaves.then(|| leaves_file_name(backup_id));
-        let (bytes, entry) = Checksums::encode(sums, kind, sums_file_name(backup_id), leaves);
+        let (bytes, mut entry) = Checksums::encode(sums, kind, sums_file_name(backup_id), leaves);
+        if let Some(key) = &self.key {
+            entry.mac = Some(key.sums_mac(backup_id, &bytes));
+            if let Some(name) = entry.leaves.clone() {
+                // Complete and flushed (the caller says so): what the next backup starts from.
+                let path = self.dir.join(&name);
+                let expected = sums.len() as u64 * crate::copy::LEAF_SUMS_PER_BLOCK_BYTES;
+                match read_regular(&path, expected) {
+                    Ok(leaves) if leaves.len() as u64 == expected => {
+                        entry.leaves_mac = Some(key.leaves_mac(backup_id, &leaves));
+                    }
+                    // Not what this backup wrote: no record names it, the next backup
+                    // reads changed blocks whole.
+                    found => {
+                        tracing::warn!(
+                            backup_id = %backup_id,
+                            "leaf sums not kept: {} is not the file this backup wrote ({})",
+                            path.display(),
+                            match found {
+                                Ok(bytes) => format!("{} bytes", bytes.len()),
+                                Err(e) => e.to_string(),
+                            }
+                        );
+                        entry.leaves = None;
+                        self.remove(&name)?;
+                    }
+                }
+            }
+        }
         self.write_atomic(&entry.file, &bytes)?;
         Ok(entry)
     }
@@ -298,7 +352,12 @@ impl Catalogue for DirCatalogue {
                 .truncate(true)
                 .mode(0o600)
                 .open(&path)?;
-            if let Some(base_file) = &base_file {
+            if let (Some(base_file), Some(key), Some(base)) = (&base_file, &self.key, base) {
+                // On a keyed target the parent's leaf sums are read whole and checked
+                // against their MAC, and the checked bytes written: xxh3 is no defence
+                // against a writer of the target who forges them.
+                copy_checked_leaves(key, base, base_file, &file, backup_id)?;
+            } else if let Some(base_file) = &base_file {
                 // copy_file_range: a reflink where the filesystem has them, instant.
                 if let Err(e) = std::io::copy(&mut &*base_file, &mut &file) {
                     tracing::warn!(
@@ -328,6 +387,14 @@ impl Catalogue for DirCatalogue {
         };
         let path = self.dir.join(sums_file_name(&record.id));
         let bytes = std::fs::read(&path).map_err(|e| TargetError::io("read", &path, e))?;
+        if let Some(key) = &self.key
+            && !key.sums_check(&record.id, checksums, &bytes)
+        {
+            return Err(TargetError::BadRecord {
+                path,
+                message: "checksum file does not match its MAC in the record".to_string(),
+            });
+        }
         checksums
             .decode(&bytes)
             .ok_or_else(|| TargetError::BadRecord {
@@ -363,4 +430,51 @@ impl Catalogue for DirCatalogue {
     fn foreign(&self) -> Vec<String> {
         claim::foreign_files(&self.dir)
     }
+}
+
+/// Copies the parent's leaf sums into a new backup's file if they check against the MAC
+/// in the parent's record; otherwise the new file starts as zeros (its changed blocks are
+/// then read whole), as for a parent without leaf sums.
+fn copy_checked_leaves(
+    key: &TargetKey,
+    base: &Record,
+    base_file: &File,
+    file: &File,
+    backup_id: &BackupId,
+) -> std::io::Result<()> {
+    use std::io::Read;
+    let Some(checksums) = &base.checksums else {
+        return Ok(());
+    };
+    // The one size the parent's file can have: a bigger one is not read whole.
+    let expected = checksums.blocks * crate::copy::LEAF_SUMS_PER_BLOCK_BYTES;
+    let mut bytes = Vec::new();
+    (&mut &*base_file)
+        .take(expected + 1)
+        .read_to_end(&mut bytes)?;
+    if !key.leaves_check(&base.id, checksums, &bytes) {
+        tracing::warn!(
+            backup_id = %backup_id,
+            "leaf sums of {} do not match their MAC in its record: its changed blocks are read whole",
+            base.id
+        );
+        return Ok(());
+    }
+    (&mut &*file).write_all(&bytes)
+}
+
+/// Reads a regular file whole, at most `limit` bytes and one more (so a longer one is told
+/// apart), without following a link or blocking on a FIFO at its name.
+fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }

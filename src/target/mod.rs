@@ -3,6 +3,7 @@
 //! is the spec's generic target: each backup is a volume in a backend's pool. Targets
 //! never copy data, and remove only what a record names.
 
+pub mod auth;
 pub mod catalogue;
 pub mod claim;
 pub mod rbd;
@@ -60,6 +61,16 @@ impl TargetError {
 pub type Result<T> = std::result::Result<T, TargetError>;
 
 pub(crate) const LOCK_FILE: &str = ".backupfs.lock";
+
+/// The refusal to serve or verify a record found defective (see `auth`): the record is
+/// damaged, whatever its data holds. The caller logs it (once).
+pub fn untrusted(record: &Record) -> Option<TargetError> {
+    let defect = record.defect.as_ref()?;
+    Some(TargetError::BadRecord {
+        path: PathBuf::from(record_file_name(&record.id)),
+        message: format!("damaged: {defect}"),
+    })
+}
 
 pub(crate) fn record_file_name(backup_id: &str) -> String {
     format!("backup-{backup_id}.json")

@@ -219,6 +219,8 @@ pub struct RbdCatalogue {
     /// id → the record, or why it cannot be read (it still owns its data).
     records: Mutex<BTreeMap<String, std::result::Result<Record, String>>>,
     foreign: Vec<String>,
+    /// The target key: records and checksums are sealed with it and checked against it.
+    key: Option<Arc<super::auth::TargetKey>>,
 }
 
 impl RbdCatalogue {
@@ -258,6 +260,8 @@ impl RbdCatalogue {
         if record_object(&record.id) != name {
             return Err(format!("holds the record of {}", record.id));
         }
+        let mut record = record;
+        super::auth::inspect(&mut record, None);
         Ok(record)
     }
 }
@@ -292,15 +296,18 @@ impl Catalogue for RbdCatalogue {
     /// `write_full`: the object is replaced whole, atomically.
     fn write_record(&self, record: &Record) -> Result<()> {
         let name = record_object(&record.id);
-        let mut bytes = serde_json::to_vec_pretty(record).map_err(|e| TargetError::BadRecord {
-            path: PathBuf::from(&name),
-            message: e.to_string(),
-        })?;
+        let written = super::auth::prepare(record, self.key.as_deref());
+        let mut bytes =
+            serde_json::to_vec_pretty(&written).map_err(|e| TargetError::BadRecord {
+                path: PathBuf::from(&name),
+                message: e.to_string(),
+            })?;
         bytes.push(b'\n');
         self.write_object(&name, &bytes)?;
-        self.records
-            .lock()
-            .insert(record.id.to_string(), Ok(record.clone()));
+        // What was stored (its MAC), still damaged in memory if it was.
+        let mut kept = written;
+        kept.defect = record.defect.clone();
+        self.records.lock().insert(record.id.to_string(), Ok(kept));
         Ok(())
     }
 
@@ -318,7 +325,8 @@ impl Catalogue for RbdCatalogue {
         _leaves: bool,
     ) -> Result<Checksums> {
         // No leaf sums kept in RADOS: an incremental reads whole changed blocks.
-        let (bytes, entry) = Checksums::encode(sums, kind, sums_object(backup_id), None);
+        let (bytes, mut entry) = Checksums::encode(sums, kind, sums_object(backup_id), None);
+        entry.mac = self.key.as_ref().map(|key| key.sums_mac(backup_id, &bytes));
         self.write_object(&entry.file, &bytes)?;
         Ok(entry)
     }
@@ -329,6 +337,14 @@ impl Catalogue for RbdCatalogue {
         };
         let name = sums_object(&record.id);
         let bytes = self.io.read_object(&name).map_err(target_error)?;
+        if let Some(key) = &self.key
+            && !key.sums_check(&record.id, checksums, &bytes)
+        {
+            return Err(TargetError::BadRecord {
+                path: PathBuf::from(name),
+                message: "checksum object does not match its MAC in the record".to_string(),
+            });
+        }
         checksums
             .decode(&bytes)
             .ok_or_else(|| TargetError::BadRecord {
@@ -459,11 +475,22 @@ impl RbdTarget {
                 lock,
                 records: Mutex::new(records),
                 foreign,
+                key: None,
             },
             members: Mutex::new(members),
             series_locks: Mutex::new(HashMap::new()),
             writing: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Seals what it writes with `key` and trusts only what checks against it (see
+    /// `target::auth`): the records read at open are inspected again with it.
+    pub fn with_key(mut self, key: Option<Arc<super::auth::TargetKey>>) -> RbdTarget {
+        for record in self.catalogue.records.get_mut().values_mut().flatten() {
+            super::auth::inspect(record, key.as_deref());
+        }
+        self.catalogue.key = key;
+        self
     }
 
     fn series_lock(&self, image: &str) -> Arc<Mutex<()>> {

@@ -44,6 +44,13 @@ pub struct Checksums {
     /// starts from. Each block's entries are checked against its checksum before use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leaves: Option<String>,
+    /// On a keyed target: the MAC of the sums file's exact bytes (`hmac-sha256:<hex>`),
+    /// checked whenever they are read; the record's own MAC covers this entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// On a keyed target: the MAC of the leaf-sums file `leaves` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaves_mac: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +100,16 @@ pub struct Record {
     /// Operators' `user.*` extended attributes of the image (Cinder's backup metadata).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub xattrs: BTreeMap<String, String>,
+    /// On a keyed target: `hmac-sha256:<hex>` over every other field
+    /// ([`Record::canonical_bytes`]), see `target::auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Why this record cannot be trusted (a MAC that does not check, checksums that do not
+    /// fit its size), found by the catalogue that read it; such a record is damaged. Never
+    /// read from storage (a writer of the target cannot clear it); shown in the mount's
+    /// copy of the record; not stored.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub defect: Option<String>,
 }
 
 impl Checksums {
@@ -112,6 +129,8 @@ impl Checksums {
             file,
             digest: digest(&bytes),
             leaves,
+            mac: None,
+            leaves_mac: None,
         };
         (bytes, entry)
     }
@@ -166,9 +185,20 @@ impl Record {
         self.status == Status::Available && !self.is_damaged()
     }
 
-    /// A verify found damaged blocks.
+    /// A verify found damaged blocks, or the record itself cannot be trusted (`defect`).
     pub fn is_damaged(&self) -> bool {
-        self.damaged_blocks.as_ref().is_some_and(|d| !d.is_empty())
+        self.defect.is_some() || self.damaged_blocks.as_ref().is_some_and(|d| !d.is_empty())
+    }
+
+    /// What the record's MAC covers: the compact JSON of every field but `mac` and
+    /// `defect`, in declaration order (attributes sorted), so every writer makes the same.
+    /// None only if it cannot be serialized (strings, numbers and a map with string keys
+    /// always can): such a record is never sealed, nor found authentic.
+    pub fn canonical_bytes(&self) -> Option<Vec<u8>> {
+        let mut fields = self.clone();
+        fields.mac = None;
+        fields.defect = None;
+        serde_json::to_vec(&fields).ok()
     }
 
     pub fn completed_time(&self) -> SystemTime {
