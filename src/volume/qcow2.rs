@@ -78,9 +78,16 @@ impl Qcow2Driver {
     /// What a listing shows of one image; `NotFound` when it is not a qcow2 image.
     fn info(pool: &str, volume_id: &str, path: &Path) -> Result<VolumeInfo> {
         let not_found = || VolumeError::NotFound(volume_id.to_string());
-        let file = File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => not_found(),
-            _ => VolumeError::io("stat", path, e),
+        // Never through a link or into a FIFO or device planted under a volume's name.
+        let file = super::dir::open_in(path, nix::fcntl::OFlag::O_RDONLY).map_err(|e| {
+            if super::dir::is_not_regular(&e) {
+                tracing::warn!("{} {e}: not a volume, refused", path.display());
+                return not_found();
+            }
+            match e.kind() {
+                std::io::ErrorKind::NotFound => not_found(),
+                _ => VolumeError::io("stat", path, e),
+            }
         })?;
         let meta = file
             .metadata()
