@@ -418,3 +418,95 @@ impl Catalogue for DirCatalogue {
         claim::foreign_files(&self.dir)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0c1e2f3a-aaaa-4bbb-8ccc-123456789abc";
+    const B: &str = "6b0c2f1e-1111-4222-8333-444455556666";
+
+    fn record(id: &str) -> Record {
+        serde_json::from_value(serde_json::json!({
+            "format": 1, "id": id, "volume_id": "v", "backend": "b", "pool": "p",
+            "target": "t", "status": "available", "size": 3 << 20,
+            "created_at": "2026-01-01T00:00:00.000Z", "completed_at": null, "name": null,
+            "snapshot_used": false, "parent_id": null, "checksums": null, "error": null,
+        }))
+        .unwrap()
+    }
+
+    fn damaged(result: Result<impl std::fmt::Debug>) -> String {
+        match result {
+            Err(TargetError::BadRecord { message, .. }) => message,
+            other => panic!("not damaged: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn records_and_sums_that_are_links_fifos_or_too_big_are_damaged_and_never_read() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let host = scratch.path().join("host");
+        std::fs::write(&host, b"{}").unwrap();
+        let catalogue = DirCatalogue::open("t", &pool).unwrap();
+        let mut good = record(A);
+        let sums = catalogue
+            .write_checksums(&good.id, &[1, 2, 3], SumKind::CURRENT, false)
+            .unwrap();
+        good.checksums = Some(sums);
+        catalogue.write_record(&good).unwrap();
+        assert_eq!(catalogue.read_checksums(&good).unwrap(), [1, 2, 3]);
+
+        // Sums longer than the record's 3 blocks (sparse: 1 GiB would be slow to read).
+        let sums_file = File::options()
+            .write(true)
+            .open(pool.join(sums_file_name(A)))
+            .unwrap();
+        sums_file.set_len(1 << 30).unwrap();
+        assert_eq!(
+            damaged(catalogue.read_checksums(&good)),
+            "larger than 24 bytes"
+        );
+
+        let b = BackupId::parse(B).unwrap();
+        let other = pool.join(record_file_name(B));
+        type Plant = fn(&Path);
+        let plants: [(&str, Plant); 3] = [
+            ("a symbolic link", |p| {
+                std::os::unix::fs::symlink("../host", p).unwrap()
+            }),
+            ("a FIFO", |p| {
+                nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
+            }),
+            ("big", |p| {
+                File::create(p).unwrap().set_len(RECORD_CAP + 1).unwrap()
+            }),
+        ];
+        for (what, plant) in plants {
+            plant(&other);
+            let message = damaged(catalogue.record(&b));
+            assert!(
+                message.contains(what) || message == format!("larger than {RECORD_CAP} bytes"),
+                "{what}: {message}"
+            );
+            let listed: Vec<String> = catalogue
+                .records()
+                .unwrap()
+                .iter()
+                .map(|r| r.id.to_string())
+                .collect();
+            assert_eq!(listed, [A], "{what}");
+            std::fs::remove_file(&other).unwrap();
+        }
+
+        // A link at a temporary's name is swept as a name; its target stays.
+        let tmp = pool.join(format!(".{}.1.0.tmp", record_file_name(A)));
+        std::os::unix::fs::symlink(&host, &tmp).unwrap();
+        catalogue.write_record(&good).unwrap();
+        catalogue.remove_temporaries().unwrap();
+        assert!(std::fs::symlink_metadata(&tmp).is_err());
+        assert_eq!(std::fs::read(&host).unwrap(), b"{}");
+    }
+}

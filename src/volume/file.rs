@@ -242,14 +242,12 @@ pub(crate) fn on_loop_device(path: &Path) -> std::io::Result<bool> {
 
 impl VolumeDriver for FileDriver {
     fn list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
-        let mut volumes = Vec::new();
-        for (id, _) in self.pools.list(pool)? {
-            // A volume deleted (or replaced by something else) since readdir is not listed.
-            if let Ok(stat) = self.pools.stat_object(pool, &id) {
-                volumes.push(Self::info(pool, &id, &stat));
-            }
-        }
-        Ok(volumes)
+        Ok(self
+            .pools
+            .list_stats(pool)?
+            .iter()
+            .map(|(id, _, stat)| Self::info(pool, id, stat))
+            .collect())
     }
 
     fn stat(&self, pool: &str, volume_id: &str) -> Result<VolumeInfo> {

@@ -169,6 +169,15 @@ impl PoolDirs {
     /// The objects of a pool: (ID, path), for the regular files named by the pool's role
     /// only (a link or a special file under such a name is skipped, and logged once).
     pub fn list(&self, pool: &str) -> Result<Vec<(String, PathBuf)>> {
+        Ok(self
+            .list_stats(pool)?
+            .into_iter()
+            .map(|(id, path, _)| (id, path))
+            .collect())
+    }
+
+    /// [`PoolDirs::list`], with what each file is (from the same look at it).
+    pub fn list_stats(&self, pool: &str) -> Result<Vec<(String, PathBuf, FileStat)>> {
         let role = self.role(pool)?;
         let dir = self.open_dir(pool)?;
         let names = dir
@@ -180,7 +189,7 @@ impl PoolDirs {
                 continue;
             };
             match dir.stat_regular(&name) {
-                Ok(_) => found.push((id.to_string(), dir.join(&name))),
+                Ok(stat) => found.push((id.to_string(), dir.join(&name), stat)),
                 // Gone since readdir: not listed.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -188,7 +197,7 @@ impl PoolDirs {
                 }
             }
         }
-        found.sort();
+        found.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         Ok(found)
     }
 
