@@ -11,7 +11,7 @@ use nix::sys::stat::{FileStat, Mode, SFlag};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -66,11 +66,13 @@ pub struct Dir {
 
 impl Dir {
     /// Opens the directory the configuration names (a link in that path is the
-    /// operator's choice, and followed).
+    /// operator's choice, and followed). O_PATH: opening a file in it needs no more than
+    /// opening it by path did (search permission, which is all a root-squashed NFS
+    /// share may give); listing and syncing open it for reading (`reopen`).
     pub fn open(path: &Path) -> io::Result<Dir> {
         let fd = nix::fcntl::open(
             path,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
         .map_err(nix_io)?;
@@ -87,10 +89,6 @@ impl Dir {
     /// Where `name` is, for messages only: nothing is ever opened by this path.
     pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
-    }
-
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
     }
 
     /// The entry `name` itself (a link is not followed).
@@ -200,22 +198,34 @@ impl Dir {
             .map_err(nix_io)
     }
 
+    /// The same directory, open for reading (an O_PATH descriptor can neither list nor
+    /// fsync).
+    fn reopen(&self) -> io::Result<OwnedFd> {
+        nix::fcntl::openat(
+            &self.fd,
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(nix_io)
+    }
+
     /// Makes the directory's entries durable.
     pub fn sync(&self) -> io::Result<()> {
-        nix::unistd::fsync(&self.fd).map_err(nix_io)
+        nix::unistd::fsync(self.reopen()?).map_err(nix_io)
     }
 
     /// The names in the directory (but `.` and `..`), read through its descriptor; a name
     /// that is not UTF-8 comes lossily converted (so it matches none of ours).
     pub fn names(&self) -> io::Result<Vec<String>> {
-        let dup = self.fd.try_clone()?;
-        // SAFETY: fdopendir takes ownership of the duplicate on success (closedir below
-        // closes it); on failure it is still ours and dropped with `dup`.
-        let stream = unsafe { libc::fdopendir(dup.as_raw_fd()) };
+        let listing = self.reopen()?;
+        // SAFETY: fdopendir takes ownership of the descriptor on success (closedir below
+        // closes it); on failure it is still ours and dropped with `listing`.
+        let stream = unsafe { libc::fdopendir(listing.as_raw_fd()) };
         if stream.is_null() {
             return Err(io::Error::last_os_error());
         }
-        std::mem::forget(dup);
+        std::mem::forget(listing);
         let mut names = Vec::new();
         let result = loop {
             // errno tells the end of the directory from an error.
@@ -237,7 +247,7 @@ impl Dir {
                 names.push(name.to_string_lossy().into_owned());
             }
         };
-        // SAFETY: closes the stream (and the duplicate descriptor) exactly once.
+        // SAFETY: closes the stream (and its descriptor) exactly once.
         unsafe { libc::closedir(stream) };
         result.map(|()| names)
     }
