@@ -112,6 +112,17 @@ impl PoolDirs {
         Dir::open(dir).map_err(|e| VolumeError::io("open pool", dir, e))
     }
 
+    /// [`PoolDirs::open_dir`], for a look at object `id`: a pool directory that is gone
+    /// holds no such object (so `find` goes on to the next pool, as a stat by path did).
+    fn open_dir_for(&self, pool: &str, id: &str) -> Result<Dir> {
+        match self.open_dir(pool) {
+            Err(VolumeError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Err(VolumeError::NotFound(id.to_string()))
+            }
+            other => other,
+        }
+    }
+
     /// The file name of object `id` (a volume, or a backup in a target's pool).
     fn object_name(&self, pool: &str, id: &str) -> Result<String> {
         // Callers validate IDs; this is the last guard before a name is built.
@@ -203,7 +214,7 @@ impl PoolDirs {
 
     /// What object `id`'s file is (a regular file, never what a link points at).
     pub fn stat_object(&self, pool: &str, id: &str) -> Result<FileStat> {
-        let (dir, name) = (self.open_dir(pool)?, self.object_name(pool, id)?);
+        let (dir, name) = (self.open_dir_for(pool, id)?, self.object_name(pool, id)?);
         dir.stat_regular(&name)
             .map_err(|e| self.refused("stat", id, dir.join(&name), e, true))
     }
@@ -217,7 +228,7 @@ impl PoolDirs {
         id: &str,
         flags: OFlag,
     ) -> Result<(File, PathBuf)> {
-        let (dir, name) = (self.open_dir(pool)?, self.object_name(pool, id)?);
+        let (dir, name) = (self.open_dir_for(pool, id)?, self.object_name(pool, id)?);
         match dir.open_file(&name, flags) {
             Ok(file) => Ok((file, dir.join(&name))),
             Err(e) => Err(self.refused(op, id, dir.join(&name), e, false)),
@@ -226,7 +237,7 @@ impl PoolDirs {
 
     /// Opens temporary snapshot `name` for reading (see [`PoolDirs::open_object`]).
     pub fn open_snapshot(&self, pool: &str, name: &str, flags: OFlag) -> Result<(File, PathBuf)> {
-        let (dir, file_name) = (self.open_dir(pool)?, self.snapshot_name(name)?);
+        let (dir, file_name) = (self.open_dir_for(pool, name)?, self.snapshot_name(name)?);
         match dir.open_file(file_name, flags) {
             Ok(file) => Ok((file, dir.join(file_name))),
             Err(e) => Err(self.refused("open snapshot", name, dir.join(file_name), e, false)),
@@ -249,8 +260,12 @@ impl PoolDirs {
     /// Deletes object `id`'s name (a link is removed, never what it points at); one that
     /// is gone already is fine.
     pub fn remove_object(&self, pool: &str, id: &str) -> Result<()> {
-        let (dir, name) = (self.open_dir(pool)?, self.object_name(pool, id)?);
-        remove_name(&dir, &name, "delete")
+        let name = self.object_name(pool, id)?;
+        match self.open_dir_for(pool, id) {
+            Ok(dir) => remove_name(&dir, &name, "delete"),
+            Err(VolumeError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// A snapshot of object `id` as a reflink of its file, `name` beside it.
@@ -288,8 +303,12 @@ impl PoolDirs {
 
     /// Removes snapshot `name`; one that is gone already is fine.
     pub fn remove_snapshot(&self, pool: &str, name: &str) -> Result<()> {
-        let (dir, file_name) = (self.open_dir(pool)?, self.snapshot_name(name)?);
-        remove_name(&dir, file_name, "delete snapshot")
+        let file_name = self.snapshot_name(name)?;
+        match self.open_dir_for(pool, name) {
+            Ok(dir) => remove_name(&dir, file_name, "delete snapshot"),
+            Err(VolumeError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// What reflinks allow in a pool (probed: a pool on ext4 has none): snapshots, and
