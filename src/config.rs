@@ -24,6 +24,17 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
+    /// Every error of a configuration, one per line.
+    #[error("{}", lines(.0))]
+    Several(Vec<ConfigError>),
+}
+
+fn lines(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -251,33 +262,44 @@ impl Config {
         })
     }
 
-    /// The storage rules of the spec, checked against the real directories.
+    /// The storage rules of the spec, checked against the real directories. Every error
+    /// is found in one run (`ConfigError::Several` when there is more than one).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        self.check(&mut errors);
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Several(errors)),
+        }
+    }
+
+    fn check(&self, errors: &mut Vec<ConfigError>) {
         if self.max_parallel_jobs == 0 || self.max_parallel_jobs > 64 {
-            return Err(invalid("max_parallel_jobs", "must be between 1 and 64"));
+            errors.push(invalid("max_parallel_jobs", "must be between 1 and 64"));
         }
         if !self.state_dir.is_absolute() {
-            return Err(invalid("state_dir", "must be an absolute path"));
+            errors.push(invalid("state_dir", "must be an absolute path"));
         }
         if !self.admin_group.is_empty() && self.admin_gid().is_none() {
-            return Err(invalid(
+            errors.push(invalid(
                 "admin_group",
                 format!("no such group {:?}", self.admin_group),
             ));
         }
         if self.backends.is_empty() {
-            return Err(invalid("backends", "at least one backend is needed"));
+            errors.push(invalid("backends", "at least one backend is needed"));
         }
         for (name, backend) in &self.backends {
             if !crate::volume::is_valid_id(name) {
-                return Err(invalid(format!("backends.{name}"), "not a valid name"));
+                errors.push(invalid(format!("backends.{name}"), "not a valid name"));
             }
             if backend.pools.is_empty() {
-                return Err(invalid(format!("backends.{name}.pools"), "no pools"));
+                errors.push(invalid(format!("backends.{name}.pools"), "no pools"));
             }
             for pool in backend.pools.keys() {
                 if !crate::volume::is_valid_id(pool) {
-                    return Err(invalid(
+                    errors.push(invalid(
                         format!("backends.{name}.pools.{pool}"),
                         "not a valid name",
                     ));
@@ -290,7 +312,7 @@ impl Config {
                     (backend.timeout.is_some(), "timeout"),
                 ] {
                     if set {
-                        return Err(invalid(
+                        errors.push(invalid(
                             format!("backends.{name}.{key}"),
                             "only for driver = \"rbd\"",
                         ));
@@ -302,42 +324,53 @@ impl Config {
         for (name, target) in &self.targets {
             let key = format!("targets.{name}");
             if !crate::volume::is_valid_id(name) {
-                return Err(invalid(key, "not a valid name"));
+                errors.push(invalid(key, "not a valid name"));
+                continue;
             }
-            let backend = self.backends.get(&target.backend).ok_or_else(|| {
-                invalid(
+            let Some(backend) = self.backends.get(&target.backend) else {
+                errors.push(invalid(
                     format!("{key}.backend"),
                     format!("no backend {:?}", target.backend),
-                )
-            })?;
-            let dir = backend.pools.get(&target.pool).ok_or_else(|| {
-                invalid(
+                ));
+                continue;
+            };
+            let Some(dir) = backend.pools.get(&target.pool) else {
+                errors.push(invalid(
                     format!("{key}.pool"),
                     format!(
                         "backend {:?} has no pool {:?}: a target needs a pool of its own",
                         target.backend, target.pool
                     ),
-                )
-            })?;
+                ));
+                continue;
+            };
             if backend.driver == DriverKind::Rbd {
                 // Checked against the cluster below.
                 continue;
             }
             let pool_key = format!("backends.{}.pools.{}", target.backend, target.pool);
-            let place = Place::of(pool_key.clone(), dir)?;
+            let place = match Place::of(pool_key.clone(), dir) {
+                Ok(place) => place,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
             // A pool holding anything backupfs did not make is never a target: backups
             // there would sit among (and be mistaken for) someone else's files.
-            crate::target::claim::inspect(&place.path, name).map_err(|e| {
-                invalid(
+            if let Err(e) = crate::target::claim::inspect(&place.path, name) {
+                errors.push(invalid(
                     format!("{key}.pool"),
                     format!("{pool_key} ({}) {e}", place.path.display()),
-                )
-            })?;
+                ));
+                continue;
+            }
             if let Some((other, _)) = target_pools.iter().find(|(_, p)| p.overlaps(&place)) {
-                return Err(invalid(
+                errors.push(invalid(
                     format!("{key}.pool"),
                     format!("targets.{other} already stores backups in {pool_key}"),
                 ));
+                continue;
             }
             target_pools.push((name.clone(), place));
         }
@@ -350,11 +383,17 @@ impl Config {
                 if self.is_target_pool(name, pool) {
                     continue;
                 }
-                let place = Place::of(format!("backends.{name}.pools.{pool}"), dir)?;
+                let place = match Place::of(format!("backends.{name}.pools.{pool}"), dir) {
+                    Ok(place) => place,
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                };
                 match crate::target::claim::read_marker(&place.path) {
                     Ok(None) => {}
                     Ok(Some(marker)) => {
-                        return Err(invalid(
+                        errors.push(invalid(
                             place.key.clone(),
                             format!(
                                 "{} holds the backups of target {:?} (claim marker {}): backups never serve as volumes; name it as that target's pool, or give the volumes another directory",
@@ -363,17 +402,19 @@ impl Config {
                                 crate::target::claim::MARKER
                             ),
                         ));
+                        continue;
                     }
                     Err(e) => {
-                        return Err(invalid(
+                        errors.push(invalid(
                             place.key.clone(),
                             format!("{} {e}", place.path.display()),
                         ));
+                        continue;
                     }
                 }
                 for (target, backup_place) in &target_pools {
                     if place.overlaps(backup_place) {
-                        return Err(invalid(
+                        errors.push(invalid(
                             format!("targets.{target}"),
                             format!(
                                 "its pool {} ({}) overlaps the volume pool {} ({}): volumes and backups must not share storage",
@@ -389,7 +430,7 @@ impl Config {
                     .iter()
                     .find(|p| p.dev == place.dev && p.ino == place.ino)
                 {
-                    return Err(invalid(
+                    errors.push(invalid(
                         place.key.clone(),
                         format!(
                             "{} is the same directory as {}: a directory serves one pool only",
@@ -397,18 +438,19 @@ impl Config {
                             same.key
                         ),
                     ));
+                    continue;
                 }
                 volume_pools.push(place);
             }
         }
-        self.validate_rbd()
+        self.check_rbd(errors);
     }
 
     /// The `rbd` backends, against their clusters: each connects (bounded by its
     /// timeout), each pool and namespace exists, a target's pool is empty or ours, a
     /// volume pool carries no claim marker, and no target shares a pool (and namespace)
     /// of one cluster with a volume pool or another target. Reads only.
-    fn validate_rbd(&self) -> Result<(), ConfigError> {
+    fn check_rbd(&self, errors: &mut Vec<ConfigError>) {
         // (key, cluster fsid, pool id, namespace)
         type Identity = (String, String, i64, String);
         let mut volume_pools: Vec<Identity> = Vec::new();
@@ -417,47 +459,66 @@ impl Config {
             if backend.driver != DriverKind::Rbd {
                 continue;
             }
+            let mut usable = true;
             if let Some(timeout) = backend.timeout
                 && !(1..=MAX_RBD_TIMEOUT).contains(&timeout)
             {
-                return Err(invalid(
+                errors.push(invalid(
                     format!("backends.{name}.timeout"),
                     format!("must be between 1 and {MAX_RBD_TIMEOUT} seconds"),
                 ));
+                usable = false;
             }
             if backend.ceph_client().is_empty()
                 || backend.ceph_client().starts_with("client.")
                 || !backend.ceph_client().bytes().all(|b| b.is_ascii_graphic())
             {
-                return Err(invalid(
+                errors.push(invalid(
                     format!("backends.{name}.client"),
                     "a cephx user name without \"client.\" (e.g. \"cinder\")",
                 ));
+                usable = false;
             }
-            let specs: Vec<(String, PoolSpec)> = backend
-                .pools
-                .keys()
-                .map(|pool| Ok((pool.clone(), backend.rbd_pool(name, pool)?)))
-                .collect::<Result<_, ConfigError>>()?;
-            let connection = backend.rbd_connect(name)?;
+            let mut specs: Vec<(String, PoolSpec)> = Vec::new();
+            for pool in backend.pools.keys() {
+                match backend.rbd_pool(name, pool) {
+                    Ok(spec) => specs.push((pool.clone(), spec)),
+                    Err(e) => errors.push(e),
+                }
+            }
+            if !usable {
+                continue;
+            }
+            let connection = match backend.rbd_connect(name) {
+                Ok(connection) => connection,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
             for (pool, spec) in specs {
                 let key = format!("backends.{name}.pools.{pool}");
-                let io = spec.open(&connection).map_err(|e| {
-                    let why = if e.is_not_found() {
-                        match &spec.namespace {
-                            Some(ns) => format!(
-                                "no pool {:?} with an RBD namespace {ns:?} in cluster {}",
-                                spec.pool, connection.fsid
-                            ),
-                            None => {
-                                format!("no pool {:?} in cluster {}", spec.pool, connection.fsid)
+                let io = match spec.open(&connection) {
+                    Ok(io) => io,
+                    Err(e) => {
+                        let why = if e.is_not_found() {
+                            match &spec.namespace {
+                                Some(ns) => format!(
+                                    "no pool {:?} with an RBD namespace {ns:?} in cluster {}",
+                                    spec.pool, connection.fsid
+                                ),
+                                None => format!(
+                                    "no pool {:?} in cluster {}",
+                                    spec.pool, connection.fsid
+                                ),
                             }
-                        }
-                    } else {
-                        e.to_string()
-                    };
-                    invalid(&key, why)
-                })?;
+                        } else {
+                            e.to_string()
+                        };
+                        errors.push(invalid(&key, why));
+                        continue;
+                    }
+                };
                 let identity = (
                     key.clone(),
                     connection.fsid.clone(),
@@ -471,18 +532,19 @@ impl Config {
                     .map(|(t, _)| t)
                     .collect();
                 if let Some(target) = targets.first() {
-                    crate::target::rbd::inspect(&io, target).map_err(|e| {
-                        invalid(
+                    if let Err(e) = crate::target::rbd::inspect(&io, target) {
+                        errors.push(invalid(
                             format!("targets.{target}.pool"),
                             format!("{key} (rbd:{spec}) {e}"),
-                        )
-                    })?;
+                        ));
+                        continue;
+                    }
                     target_pools.push((target.to_string(), identity));
                 } else {
                     match crate::target::rbd::read_marker(&io) {
                         Ok(None) => {}
                         Ok(Some(marker)) => {
-                            return Err(invalid(
+                            errors.push(invalid(
                                 &key,
                                 format!(
                                     "rbd:{spec} holds the backups of target {:?} (claim marker {}): backups never serve as volumes; name it as that target's pool, or give the volumes another pool",
@@ -490,8 +552,12 @@ impl Config {
                                     crate::target::rbd::MARKER_OBJECT
                                 ),
                             ));
+                            continue;
                         }
-                        Err(e) => return Err(invalid(&key, format!("rbd:{spec} {e}"))),
+                        Err(e) => {
+                            errors.push(invalid(&key, format!("rbd:{spec} {e}")));
+                            continue;
+                        }
                     }
                     volume_pools.push(identity);
                 }
@@ -500,7 +566,7 @@ impl Config {
         let same = |a: &Identity, b: &Identity| a.1 == b.1 && a.2 == b.2 && a.3 == b.3;
         for (i, (target, place)) in target_pools.iter().enumerate() {
             if let Some(volume) = volume_pools.iter().find(|v| same(v, place)) {
-                return Err(invalid(
+                errors.push(invalid(
                     format!("targets.{target}"),
                     format!(
                         "its pool {} is the volume pool {} (cluster {}, the same RADOS pool and namespace): volumes and backups must not share storage; another pool (or RBD namespace) of the cluster is fine",
@@ -509,7 +575,7 @@ impl Config {
                 ));
             }
             if let Some((other, _)) = target_pools[..i].iter().find(|(_, p)| same(p, place)) {
-                return Err(invalid(
+                errors.push(invalid(
                     format!("targets.{target}.pool"),
                     format!("targets.{other} already stores backups in {}", place.0),
                 ));
@@ -517,7 +583,7 @@ impl Config {
         }
         for (i, volume) in volume_pools.iter().enumerate() {
             if let Some(same_pool) = volume_pools[..i].iter().find(|v| same(v, volume)) {
-                return Err(invalid(
+                errors.push(invalid(
                     &volume.0,
                     format!(
                         "is the same RADOS pool and namespace as {}: a pool serves one backend pool only",
@@ -526,7 +592,6 @@ impl Config {
                 ));
             }
         }
-        Ok(())
     }
 
     /// A pool named by a target serves no volumes.

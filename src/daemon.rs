@@ -173,6 +173,7 @@ pub fn serve(config: Config, mountpoint: &Path) -> Result<(), DaemonError> {
         }
     };
     raise_readahead(mountpoint);
+    engine.note_serving(mountpoint);
     info!(mountpoint = %mountpoint.display(), "backupfs mounted");
     let reason = loop {
         if let Some(signal) = wait_stop_signal(Duration::from_millis(200)) {

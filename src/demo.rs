@@ -635,8 +635,20 @@ fn walk_through(shell: &Shell) -> Result<(), DemoError> {
     Ok(())
 }
 
+/// How the next steps name this program: `backupfs` once it is installed on PATH, else
+/// the path of this binary (after `cargo run`, `backupfs` is not a command yet).
+fn this_program() -> String {
+    if on_path("backupfs") {
+        return "backupfs".to_string();
+    }
+    std::env::current_exe()
+        .map(|exe| exe.display().to_string())
+        .unwrap_or_else(|_| "backupfs".to_string())
+}
+
 fn print_next_steps(root: &Path, backup_id: &str) {
     let backups = format!("mnt/backups/{TARGET}");
+    let backupfs = this_program();
     let image = format!("{backups}/{backup_id}.img");
     say!(
         "
@@ -644,7 +656,7 @@ fn print_next_steps(root: &Path, backup_id: &str) {
 cd {root}
 # the progress bar of every job of the target
 watch cat {backups}/jobs
-backupfs status --mount mnt --watch
+{backupfs} status --mount mnt --watch
 # incremental backups: only what changed is copied and stored (the first one is full;
 # this sandbox is on the machine's disk: without reflinks each one is full, and says so)
 echo \"{EXT4_VOLUME} incremental wait\" > {backups}/request

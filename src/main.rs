@@ -48,8 +48,8 @@ BACKUPFS_LOG=debug backupfs mount /mnt/backupfs --config ./backupfs.toml"
     #[command(
         long_about = "Check a configuration without mounting: parse it, then check it against the \
 disk (pool directories exist and are readable, no target's pool overlaps a volume pool, \
-admin_group exists). Prints `<path>: ok` and exits with status 0, or prints the error naming the key and exits \
-with status 2."
+admin_group exists). Prints `<path>: ok` and exits with status 0, or prints every error, one line \
+each naming its key, and exits with status 2."
     )]
     CheckConfig {
         /// The configuration file.
@@ -199,7 +199,9 @@ fn run(cli: Cli) -> u8 {
             let config = match Config::load(&config) {
                 Ok(config) => config,
                 Err(e) => {
-                    tracing::error!("{e}");
+                    for line in e.to_string().lines() {
+                        tracing::error!("{line}");
+                    }
                     return 2;
                 }
             };
@@ -217,7 +219,10 @@ fn run(cli: Cli) -> u8 {
                 0
             }
             Err(e) => {
-                eprintln!("backupfs: {e}");
+                // Every error of the configuration, one line each.
+                for line in e.to_string().lines() {
+                    eprintln!("backupfs: {line}");
+                }
                 2
             }
         },

@@ -799,6 +799,15 @@ pub fn render_terminal(
             id.chars().take(8).collect()
         }
     };
+    // Cinder's volume ids are UUIDs too: in a narrow terminal they shrink the same way,
+    // so that a progress line keeps its percentage, rate and ETA (issue 23).
+    let volume = |volume_id: &str| -> String {
+        if width >= 120 || volume_id.chars().count() <= 12 {
+            volume_id.to_string()
+        } else {
+            volume_id.chars().take(8).collect()
+        }
+    };
     let mut lines = vec![format!(
         "backupfs at {}, {}",
         mount.display(),
@@ -817,7 +826,7 @@ pub fn render_terminal(
             lines.push("  running and queued".to_string());
             let volume_width = active
                 .iter()
-                .map(|j| j.volume_id.len())
+                .map(|j| volume(&j.volume_id).chars().count())
                 .max()
                 .unwrap_or(0)
                 .min(24);
@@ -825,7 +834,7 @@ pub fn render_terminal(
                 let head = format!(
                     "    {} {:<volume_width$} {:<13}",
                     id(&job.backup_id),
-                    job.volume_id,
+                    volume(&job.volume_id),
                     job.state
                 );
                 let rate = rates.job_rate(&target.name, job);
@@ -846,7 +855,7 @@ pub fn render_terminal(
                 let mut line = format!(
                     "    {} {} {:<9} {:>12}",
                     id(&r.id),
-                    r.volume_id,
+                    volume(&r.volume_id),
                     r.status,
                     when
                 );
@@ -860,8 +869,14 @@ pub fn render_terminal(
         let newest = target.newest_per_volume();
         if !newest.is_empty() {
             lines.push("  newest backup per volume".to_string());
-            let volume_width = newest.keys().map(|v| v.len()).max().unwrap_or(0).min(24);
+            let volume_width = newest
+                .keys()
+                .map(|v| volume(v).chars().count())
+                .max()
+                .unwrap_or(0)
+                .min(24);
             for (volume_id, record) in newest {
+                let volume_id = volume(volume_id);
                 lines.push(match record {
                     Some(r) => format!(
                         "    {volume_id:<volume_width$} {:>13}  {}",
@@ -887,7 +902,7 @@ pub fn render_terminal(
                 lines.push(format!(
                     "    ! {} {} blocks {}{verified}",
                     id(&r.id),
-                    r.volume_id,
+                    volume(&r.volume_id),
                     r.damaged_list()
                 ));
             }
@@ -901,7 +916,7 @@ pub fn render_terminal(
             lines.push("restores".to_string());
         }
         for restore in restores {
-            let name = format!("{}/{}", restore.backend, restore.volume_id);
+            let name = format!("{}/{}", restore.backend, volume(&restore.volume_id));
             let head = format!("  {name} {:<9}", restore.state);
             lines.push(match &restore.error {
                 Some(error) => format!("{head}  {error}"),
@@ -919,8 +934,8 @@ pub fn render_terminal(
     lines.into_iter().map(|line| fit(&line, width)).collect()
 }
 
-/// `head [#####-----]  45%  12.3 MiB/s  ETA 42s`, the bar taking the room left (an
-/// unknown total shows bytes done instead).
+/// `head [#####-----]  45%  12.3 MiB/s  ETA 42s`, the bar taking the room left, and
+/// dropped before any number is (an unknown total shows bytes done instead).
 fn progress_line(head: &str, done: u64, total: u64, rate: Option<f64>, width: usize) -> String {
     let rate_text = rate.map_or_else(String::new, |r| format!("{}/s", format_bytes(r as u64)));
     if total == 0 {
@@ -936,7 +951,10 @@ fn progress_line(head: &str, done: u64, total: u64, rate: Option<f64>, width: us
         (fraction * 100.0).floor() as u64
     );
     let room = width.saturating_sub(head.chars().count() + tail.chars().count() + 3);
-    let bar_width = room.clamp(10, 40);
+    if room < 5 {
+        return format!("{head}{}", tail.trim_end());
+    }
+    let bar_width = room.min(40);
     let filled = (fraction * bar_width as f64).round() as usize;
     format!(
         "{head} [{}{}]{}",
@@ -1534,6 +1552,36 @@ mod tests {
         assert_eq!(fit("abcdef", 5), "ab...");
         let unknown = progress_line("x", 5 << 20, 0, None, 80);
         assert!(unknown.contains("5.0 MiB"), "{unknown}");
+    }
+
+    #[test]
+    fn an_80_column_terminal_shows_percentage_rate_and_eta_of_cinders_uuid_volumes() {
+        let volume_id = "5f0b7c1e-3a7d-4c2e-9b1a-0d6e2f4a8c31";
+        let t0 = Instant::now();
+        let at = |seconds: u64, done: u64| {
+            snapshot(
+                t0 + Duration::from_secs(seconds),
+                vec![job(ID, volume_id, "copying", done, 120 << 20)],
+                vec![],
+            )
+        };
+        let mut rates = Rates::default();
+        rates.observe(&at(0, 0));
+        rates.observe(&at(1, 30 << 20));
+        rates.observe(&at(2, 60 << 20));
+        let lines = render_terminal(Path::new("/mnt/backupfs"), &at(2, 60 << 20), &rates, 80);
+        let line = lines
+            .iter()
+            .find(|l| l.contains("copying"))
+            .unwrap_or_else(|| panic!("{lines:#?}"));
+        assert!(line.chars().count() <= 80, "{line}");
+        for part in ["5f0b7c1e", "50%", "30.0 MiB/s", "ETA 2s"] {
+            assert!(line.contains(part), "{part} missing: {line}");
+        }
+        assert!(!line.contains("..."), "cut: {line}");
+        // Wide enough, the whole id is shown.
+        let wide = render_terminal(Path::new("/mnt/backupfs"), &at(2, 60 << 20), &rates, 170);
+        assert!(wide.iter().any(|l| l.contains(volume_id)), "{wide:#?}");
     }
 
     #[test]

@@ -364,6 +364,77 @@ fn target_too_small_is_refused_with_enospc() {
 }
 
 #[test]
+fn two_requests_that_fit_alone_but_not_together_are_not_both_accepted() {
+    // Issue 23: the space check ignored jobs already accepted, so both were, and both
+    // failed mid-copy.
+    let mut sb = Sandbox::new("enospc-two");
+    let (ssd, _, config) = small_target(&mut sb, "small", 40);
+    random_volume(&ssd, "a", 18);
+    random_volume(&ssd, "b", 18);
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&config, &pause_env("started", &release));
+    let first = d.backup("small", "a");
+    assert_eq!(d.request("small", "b"), Some(libc::ENOSPC));
+    assert!(
+        d.log().contains("reserved by backups already accepted"),
+        "{}",
+        d.log()
+    );
+    release_jobs(&release);
+    assert_eq!(d.wait_job("small", &first), "available");
+    // Once the first backup is gone, the second fits.
+    std::fs::remove_file(d.image("small", &first)).expect("rm the first backup");
+    let second = d.backup("small", "b");
+    assert_eq!(d.wait_job("small", &second), "available");
+}
+
+#[test]
+fn an_incremental_request_is_not_refused_for_data_its_parent_already_holds() {
+    // Issue 23: the space check compared free space with all the data of the volume, so
+    // an incremental that stores a few MiB was refused on a target with less free space
+    // than that. On btrfs (reflinks) the incremental shares its parent's data.
+    let mut sb = Sandbox::new("enospc-incr");
+    let hdd = sb.loop_fs("hdd", Fs::Btrfs, 256);
+    let gold = sb.mkdir("ssd");
+    let backups = hdd.join("backups");
+    std::fs::create_dir_all(&backups).expect("pool dir");
+    let state = sb.mkdir("state");
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\n[backends.ssd]\ndriver = \"file\"\npools = {{ gold = \"{}\" }}\n\
+         [backends.hdd]\ndriver = \"file\"\npools = {{ backups = \"{}\" }}\n\
+         [targets.small]\nbackend = \"hdd\"\npool = \"backups\"\n",
+        state.display(),
+        gold.display(),
+        backups.display()
+    ));
+    let volume = random_volume(&gold, "v", 96);
+    let d = sb.start_daemon(&config);
+    let full = d.backup("small", "v incremental wait");
+    assert_eq!(d.record("small", &full)["status"], "available");
+    let free = nix::sys::statvfs::statvfs(&backups).expect("statvfs");
+    let free = free.blocks_available() as u64 * free.fragment_size() as u64;
+    assert!(
+        free < 96 << 20,
+        "the test needs less free space than the volume: {free}"
+    );
+    ok(&format!(
+        "dd if=/dev/urandom of='{}' bs=1M count=2 seek=10 conv=notrunc status=none",
+        volume.display()
+    ));
+    // A full backup would not fit; the incremental does.
+    assert_eq!(d.request("small", "v"), Some(libc::ENOSPC));
+    let incremental = d.backup("small", "v incremental wait");
+    let record = d.record("small", &incremental);
+    assert_eq!(record["status"], "available", "{record}");
+    assert_eq!(record["parent_id"], full.as_str());
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("small", &incremental).display(),
+        volume.display()
+    ));
+}
+
+#[test]
 fn backup_images_are_read_only_and_status_files_refuse_writes() {
     let mut sb = Sandbox::new("ro");
     let l = layout(&mut sb, None, Some(Fs::Btrfs), "");

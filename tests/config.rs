@@ -81,6 +81,65 @@ fn missing_pool_directory_is_named() {
 }
 
 #[test]
+fn check_config_reports_every_error_of_a_configuration_in_one_run() {
+    // Issue 23: one error at a time made an operator run it once per mistake.
+    let sb = Sandbox::new("cfg-every");
+    let other = sb.mkdir("other");
+    let cfg = sb.write_config(&format!(
+        "max_parallel_jobs = 0\nstate_dir = \"relative\"\n\
+         [backends.a]\ndriver = \"file\"\npools = {{ main = \"{}\", spare = \"{}\" }}\n\
+         [backends.b]\ndriver = \"file\"\npools = {{ vol = \"{}\" }}\n\
+         [targets.t]\nbackend = \"nope\"\npool = \"backups\"\n",
+        sb.path("nope").display(),
+        sb.path("gone").display(),
+        other.display()
+    ));
+    let (passed, stderr) = check(&cfg);
+    assert!(!passed);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("backupfs: "))
+        .collect();
+    for key in [
+        "max_parallel_jobs:",
+        "state_dir:",
+        "targets.t.backend:",
+        "backends.a.pools.main:",
+        "backends.a.pools.spare:",
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("backupfs: {key}"))),
+            "{key} not reported:\n{stderr}"
+        );
+    }
+    assert_eq!(lines.len(), 5, "one line per error:\n{stderr}");
+}
+
+#[test]
+fn the_shipped_example_configuration_names_every_placeholder_it_needs_edited() {
+    // The example's directories do not exist here: each is named, and its first lines
+    // say what to edit first.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/backupfs.toml.example");
+    let text = std::fs::read_to_string(&example).expect("example");
+    assert!(
+        text.lines().take(6).any(|l| l.contains("Edit first")),
+        "the example does not say what to edit first"
+    );
+    let (passed, stderr) = check(&example);
+    assert!(!passed, "the example's placeholders exist on this machine?");
+    for key in [
+        "backends.hdd.pools.backups",
+        "backends.hdd.pools.main",
+        "backends.ssd.pools.gold",
+        "backends.ceph.",
+    ] {
+        assert!(stderr.contains(key), "{key} not named:\n{stderr}");
+    }
+}
+
+#[test]
 fn target_on_a_pool_it_does_not_name_is_refused() {
     let sb = Sandbox::new("cfg-nopool");
     let (vols, other) = (sb.mkdir("vols"), sb.mkdir("other"));

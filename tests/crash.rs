@@ -296,10 +296,25 @@ fn second_daemon_on_the_same_target_is_refused() {
     let id = d.backup("hdd", "v wait");
     // The same configuration: the same state directory and the same target.
     let other = sb.mkdir("mnt2");
+    let started = std::time::Instant::now();
     let out = second_daemon(&l.config, &other);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("in use by another backupfs"), "{stderr}");
+    // A holder that serves its mount is not waited for (issue 23): refused at once,
+    // naming the mount.
+    assert!(
+        stderr.contains(&format!(
+            "in use by the backupfs serving {}",
+            d.mnt.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("waiting up to"), "{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "refused after {:?}",
+        started.elapsed()
+    );
     assert!(!is_fuse_mount(&other));
     // Another state directory, the same target: the target's own lock refuses it.
     let text = std::fs::read_to_string(&l.config).unwrap();

@@ -98,6 +98,23 @@ fn demo_backs_up_and_restores_through_the_mount_and_leaves_nothing_behind() {
             "missing {expected:?}\n{context}"
         );
     }
+    // The next steps name a program that runs as written (after `cargo run`,
+    // `backupfs` is not on PATH: issue 23).
+    let status_line = run
+        .stdout
+        .lines()
+        .find(|l| l.ends_with(" status --mount mnt --watch"))
+        .unwrap_or_else(|| panic!("no status step\n{context}"));
+    let program = status_line.split(' ').next().unwrap_or_default();
+    let runs = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        runs,
+        "the next steps name {program:?}, which does not run\n{context}"
+    );
     assert_eq!(mounts_under(&temp.dir), Vec::<PathBuf>::new(), "{context}");
     // The directory was given, so it stays; everything the demo made inside goes.
     let left: Vec<_> = std::fs::read_dir(&temp.dir)
@@ -164,4 +181,164 @@ fn the_shipped_man_page_is_current() {
         String::from_utf8_lossy(&output.stdout) == shipped,
         "contrib/backupfs.1 is stale: run `backupfs man > contrib/backupfs.1`"
     );
+}
+
+#[test]
+fn the_readmes_cinder_conf_lines_hold_no_inline_comments() {
+    // oslo.config keeps `# ...` after a value as part of the value: a copied line
+    // `backupfs_mountpoint = /mnt/backupfs  # the default` names a mount called that.
+    let readme = include_str!("../README.md");
+    let mut in_ini = false;
+    let mut values = 0;
+    for line in readme.lines() {
+        match line.trim() {
+            "```ini" => in_ini = true,
+            "```" => in_ini = false,
+            text if in_ini && !text.starts_with('#') && !text.starts_with('[') => {
+                if let Some((_, value)) = text.split_once('=') {
+                    values += 1;
+                    assert!(
+                        !value.contains('#'),
+                        "inline comment in cinder.conf: {line}"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(values >= 3, "the README's cinder.conf block was not found");
+}
+
+#[test]
+fn pip_install_of_the_cinder_driver_leaves_the_checkout_as_it_was() {
+    // The README's `pip install ./contrib/cinder` once left build/ and *.egg-info there.
+    let temp = Sandbox::new("pip-install");
+    let venv = temp.dir.join("venv");
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .expect("python3 -m venv");
+    assert!(made.success());
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/cinder");
+    let before = entries(&package);
+    let out = Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .arg(&package)
+        .output()
+        .expect("pip install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        entries(&package),
+        before,
+        "pip install wrote into the checkout"
+    );
+    assert!(venv.join("bin/python").exists());
+}
+
+fn entries(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn the_ceph_cluster_script_serves_rbd_on_its_own_ports_and_stops_only_its_own_daemons() {
+    // Issue 23: the old script killed whatever PIDs its state file listed. Ports other
+    // than the test harness's (3300/6789), so that it runs beside the tests' cluster.
+    if Command::new("sh")
+        .args(["-c", "command -v ceph-mon"])
+        .stdout(Stdio::null())
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        panic!("ceph-mon is missing: run ./contrib/test.sh, which installs it");
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ceph-cluster.sh");
+    let temp = Sandbox::new("ceph-script");
+    let dir = temp.dir.join("cluster");
+    // Stopped whatever happens below.
+    struct Stop<'a>(&'a Path, &'a Path);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(self.0).arg("stop").arg(self.1).status();
+        }
+    }
+    let _stop = Stop(&script, &dir);
+    let started = common::timed(Duration::from_secs(300), &script)
+        .arg("start")
+        .arg(&dir)
+        .args(["--mon-port", "3321", "--mon-port-v1", "6791"])
+        .output()
+        .expect("ceph-cluster.sh start");
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let conf = dir.join("ceph.conf");
+    let rbd = |args: &[&str]| {
+        common::timed(Duration::from_secs(60), "rbd")
+            .args(args)
+            .env("CEPH_CONF", &conf)
+            .output()
+            .expect("rbd")
+    };
+    assert!(
+        rbd(&["create", "--size", "4M", "rbd/tried"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&rbd(&["ls", "rbd"]).stdout).trim(),
+        "tried"
+    );
+    // A process that is not the script's, written into its PID list (as a reused PID
+    // would be), survives the stop.
+    let mut bystander = Command::new("sleep").arg("300").spawn().expect("sleep");
+    let mut pids = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("pids"))
+        .expect("pids");
+    std::io::Write::write_all(
+        &mut pids,
+        format!("osd.9 {} 1\nosd.8 {} \n", bystander.id(), bystander.id()).as_bytes(),
+    )
+    .expect("write pids");
+    let daemons: Vec<i32> = std::fs::read_to_string(dir.join("pids"))
+        .expect("pids")
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .filter(|pid| *pid != bystander.id() as i32)
+        .collect();
+    assert_eq!(daemons.len(), 3, "mon, mgr, osd");
+    let stopped = Command::new(&script)
+        .arg("stop")
+        .arg(&dir)
+        .status()
+        .expect("stop");
+    assert!(stopped.success());
+    assert!(!dir.exists(), "the cluster's directory is removed");
+    for pid in daemons {
+        // A zombie waiting for init to reap it has stopped too.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().unwrap_or("").chars().next();
+        assert!(
+            stat.is_empty() || state == Some('Z'),
+            "daemon {pid} still runs: {stat}"
+        );
+    }
+    assert!(
+        bystander.try_wait().expect("try_wait").is_none(),
+        "the stop killed a process it did not start"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
 }

@@ -309,3 +309,45 @@ fn a_new_daemon_waits_for_the_state_lock_of_one_that_is_still_stopping() {
         d.log()
     );
 }
+
+#[test]
+fn a_waiting_request_keeps_umount_busy_and_sigterm_stops_the_daemon_answering_ecanceled() {
+    // Issue 23: `umount` of a mount with a `wait` writer fails "target is busy"; the
+    // README says what stops backupfs then.
+    let mut sb = Sandbox::new("op-umount-busy");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    random_volume(&l.gold, "v", 4);
+    let d = sb.start_daemon_env(&l.config, &hold_env("started"));
+    let request = d.target("hdd").join("request");
+    let answer = sb.path("answer");
+    let writer = sb.spawn_sh(&format!(
+        "echo 'v wait' > '{}' 2> '{}'; echo \"exit $?\" >> '{}'",
+        request.display(),
+        answer.display(),
+        answer.display()
+    ));
+    wait_for(
+        || d.jobs("hdd").lines().any(|l| l.contains(" v ")),
+        "the job to be listed",
+    );
+    let umount = Command::new("umount").arg(&d.mnt).output().expect("umount");
+    assert!(!umount.status.success(), "umount with a waiting writer");
+    assert!(
+        String::from_utf8_lossy(&umount.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&umount.stderr)
+    );
+    d.stop_clean();
+    wait_for(
+        || {
+            std::fs::read_to_string(&answer)
+                .unwrap_or_default()
+                .contains("exit ")
+        },
+        "the waiting writer to be answered",
+    );
+    let text = std::fs::read_to_string(&answer).unwrap_or_default();
+    assert!(text.contains("Operation canceled"), "{text}");
+    assert!(text.contains("exit 1"), "{text}");
+    sb.release(writer);
+}

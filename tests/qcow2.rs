@@ -1,10 +1,13 @@
 //! The qcow2 driver through a real mount: qcow2 volumes backed up, restored and created
 //! with real tools (qemu-img, qemu-io, qemu-storage-daemon, cp, cmp), and nothing left
-//! behind: no qemu-storage-daemon of the daemon's, no export mount, no snapshot.
+//! behind: no qemu-storage-daemon of the daemon's, no export mount, no snapshot. Images
+//! whose header names another file of the host (made by the tests, never a real one) are
+//! refused, and that file is never read or written.
 
 mod common;
 
 use common::*;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -522,5 +525,218 @@ fn a_crashed_daemons_exports_are_stopped_and_removed() {
         "{}",
         d.log()
     );
+    stop_clean(d);
+}
+
+/// A file of the test's own that no volume may reach: `size` bytes of `byte`.
+fn host_file(sb: &Sandbox, name: &str, byte: u8, size: usize) -> (PathBuf, String) {
+    let path = sb.path(name);
+    std::fs::write(&path, vec![byte; size]).unwrap();
+    let sum = sha256(&path);
+    (path, sum)
+}
+
+/// Every way of using a volume through the mount is refused with `errno`: its attributes,
+/// a read, a backup request, a restore (an open for writing) and a grow (a truncate).
+#[track_caller]
+fn assert_every_use_refused(d: &Daemon, volume_id: &str, errno: i32) {
+    let node = d.volume("qc", volume_id);
+    assert_errno(std::fs::metadata(&node), errno, "stat");
+    assert_errno(std::fs::read(&node), errno, "read");
+    assert_eq!(d.request("raw", volume_id), Some(errno), "backup request");
+    assert_eq!(d.request("q", volume_id), Some(errno), "backup request");
+    assert_eq!(write_errno(&node, b"restored"), Some(errno), "restore");
+    assert_errno(truncate(&node, 8 << 20), errno, "grow");
+}
+
+#[test]
+fn qcow2_volume_with_a_backing_file_is_refused_and_never_read() {
+    let mut sb = Sandbox::new("q-backing");
+    let l = qlayout(&mut sb, None);
+    let (secret, secret_sum) = host_file(&sb, "secret", b's', 1 << 20);
+    let volume = l.vols.join("volume-leaky");
+    ok(&format!(
+        "qemu-img create -q -f qcow2 -b '{}' -F raw '{}' 1M",
+        secret.display(),
+        volume.display()
+    ));
+    let volume_sum = sha256(&volume);
+    qcow2_volume(&l.vols, "fine", "200M");
+    let d = sb.start_daemon(&l.config);
+
+    // Listed, so the operator sees it is there; everything else says EPERM.
+    assert_eq!(names_in(&d.mnt.join("volumes/qc")), ["fine", "leaky"]);
+    assert_every_use_refused(&d, "leaky", libc::EPERM);
+    assert!(
+        d.log().contains("names a backing file"),
+        "the log says why: {}",
+        d.log()
+    );
+    assert_eq!(sha256(&volume), volume_sum, "the image is untouched");
+    assert_eq!(sha256(&secret), secret_sum);
+    assert!(
+        files_mentioning(&l.backups, "leaky").is_empty()
+            && files_mentioning(&l.qbackups, "leaky").is_empty(),
+        "no backup of it was made"
+    );
+    // The other volume of the pool is served as before.
+    let id = d.backup("raw", "fine wait");
+    assert_eq!(d.record("raw", &id)["status"], "available");
+    stop_clean(d);
+}
+
+#[test]
+fn qcow2_volume_with_an_external_data_file_is_refused_and_the_file_untouched() {
+    let mut sb = Sandbox::new("q-datafile");
+    let l = qlayout(&mut sb, None);
+    let victim = sb.path("victim");
+    let volume = l.vols.join("volume-df");
+    ok(&format!(
+        "qemu-img create -q -f qcow2 -o data_file='{}',data_file_raw=on '{}' 1M",
+        victim.display(),
+        volume.display()
+    ));
+    // Written after qemu-img create, which empties the data file.
+    let (victim, victim_sum) = host_file(&sb, "victim", b'v', 1 << 20);
+    let d = sb.start_daemon(&l.config);
+
+    assert_every_use_refused(&d, "df", libc::EPERM);
+    let dd = sh(&format!(
+        "head -c 1M /dev/zero | dd of='{}' bs=64k conv=notrunc status=none",
+        d.volume("qc", "df").display()
+    ));
+    assert!(!dd.status.success(), "dd into it is refused");
+    assert_eq!(sha256(&victim), victim_sum, "the data file is untouched");
+    assert!(
+        d.log().contains("names an external data file"),
+        "{}",
+        d.log()
+    );
+    stop_clean(d);
+}
+
+#[test]
+fn qcow2_volume_with_unknown_incompatible_features_or_version_is_refused() {
+    let mut sb = Sandbox::new("q-features");
+    let l = qlayout(&mut sb, None);
+    // Bit 5 of the incompatible features (big-endian at 72): no QEMU defines it yet.
+    let future = qcow2_volume(&l.vols, "future", "200M");
+    damage_bytes(&future, 79, &[0x20]);
+    let v4 = qcow2_volume(&l.vols, "four", "200M");
+    damage_bytes(&v4, 7, &[4]);
+    let d = sb.start_daemon(&l.config);
+
+    assert_eq!(names_in(&d.mnt.join("volumes/qc")), ["four", "future"]);
+    assert_every_use_refused(&d, "future", libc::EPERM);
+    assert_every_use_refused(&d, "four", libc::EPERM);
+    let log = d.log();
+    assert!(
+        log.contains("features 0x20 that backupfs does not know"),
+        "{log}"
+    );
+    assert!(log.contains("qcow2 version 4"), "{log}");
+    stop_clean(d);
+}
+
+#[test]
+fn qcow2_volume_marked_corrupt_is_backed_up_but_not_written() {
+    let mut sb = Sandbox::new("q-corrupt");
+    let l = qlayout(&mut sb, None);
+    let volume = qcow2_volume(&l.vols, "bad", "200M");
+    // Bit 1 of the incompatible features: QEMU found the metadata inconsistent.
+    damage_bytes(&volume, 79, &[0x02]);
+    let d = sb.start_daemon(&l.config);
+
+    // A copy of what QEMU reads is the best an operator can have before repairing it.
+    let id = d.backup("raw", "bad wait");
+    assert_eq!(d.record("raw", &id)["status"], "available");
+    qcow2_compare(&volume, &d.image("raw", &id));
+    // Writing is what QEMU refuses for such an image: refused up front, with the repair.
+    let node = d.volume("qc", "bad");
+    assert_eq!(write_errno(&node, b"x"), Some(libc::EPERM));
+    assert_errno(truncate(&node, 300 << 20), libc::EPERM, "grow");
+    assert!(d.log().contains("qemu-img check -r all"), "{}", d.log());
+    stop_clean(d);
+}
+
+#[test]
+fn creating_a_qcow2_volume_follows_no_link_planted_at_a_temporary_name() {
+    let mut sb = Sandbox::new("q-create-link");
+    let l = qlayout(&mut sb, None);
+    let (victim, victim_sum) = host_file(&sb, "victim", b'v', 1 << 20);
+    let d = sb.start_daemon(&l.config);
+    // The names an earlier backupfs made its temporary image under: pool writers could
+    // plant links there to have qemu-img write a qcow2 header through them.
+    let planted: Vec<PathBuf> = (0..8)
+        .map(|n| l.vols.join(format!(".volume-new.creating-{}-{n}", d.pid())))
+        .collect();
+    for link in &planted {
+        std::os::unix::fs::symlink(&victim, link).unwrap();
+    }
+    let raw = sb.path("raw");
+    ok(&format!(
+        "head -c 4M /dev/urandom > '{r}' && cp '{r}' '{}'",
+        d.volume("qc", "new").display(),
+        r = raw.display()
+    ));
+    assert_eq!(
+        sha256(&victim),
+        victim_sum,
+        "the link's target is untouched"
+    );
+    let made = l.vols.join("volume-new");
+    qcow2_compare(&made, &raw);
+    let info: serde_json::Value = serde_json::from_str(&ok(&format!(
+        "qemu-img info --output=json '{}'",
+        made.display()
+    )))
+    .unwrap();
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    assert!(
+        info["format-specific"]["data"].get("data-file").is_none(),
+        "{info}"
+    );
+    assert_eq!(
+        std::fs::symlink_metadata(&made)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o600
+    );
+    for link in &planted {
+        std::fs::remove_file(link).unwrap();
+    }
+    assert_eq!(names_in(&l.vols), ["volume-new"], "no temporary is left");
+    stop_clean(d);
+}
+
+#[test]
+fn qcow2_backup_image_whose_header_was_changed_to_name_a_file_is_refused() {
+    let mut sb = Sandbox::new("q-target-backing");
+    let l = qlayout(&mut sb, None);
+    let (secret, secret_sum) = host_file(&sb, "secret", b's', 8 << 20);
+    sparse_volume(&l.main, "src", 8, 2, 1);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("q", "src wait");
+    let image = d.image("q", &id);
+    let stored = stored_data(&l.qbackups, &image);
+    // A writer of the target's storage points the stored image at a file of the host.
+    ok(&format!(
+        "qemu-img rebase -q -u -f qcow2 -b '{}' -F raw '{}'",
+        secret.display(),
+        stored.display()
+    ));
+
+    assert_errno(std::fs::metadata(&image), libc::EPERM, "stat of the image");
+    assert_errno(std::fs::read(&image), libc::EPERM, "read of the image");
+    let restore = sh(&format!(
+        "cp '{}' '{}'",
+        image.display(),
+        d.volume("raw", "back").display()
+    ));
+    assert!(!restore.status.success(), "a restore from it is refused");
+    assert_eq!(sha256(&secret), secret_sum);
+    assert!(d.log().contains("names a backing file"), "{}", d.log());
     stop_clean(d);
 }

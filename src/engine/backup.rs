@@ -43,14 +43,8 @@ impl Inner {
                 info.id
             )));
         }
-        if let Some(free) = target.free_space()?
-            && info.allocated > free
-        {
-            return Err(EngineError::NoSpace(format!(
-                "target {target_name} has {free} bytes free, volume {} holds {} bytes",
-                info.id, info.allocated
-            )));
-        }
+        let needed = self.space_needed(target.as_ref(), request, &backend_name, &info);
+        let free = target.free_space()?;
         let backup_id = BackupId::new();
         let record = Record {
             format: FORMAT_VERSION,
@@ -96,6 +90,25 @@ impl Inner {
             if let Some(busy) = state.busy.get(&key) {
                 return Err(busy_error(busy, &info.id));
             }
+            // The space check and the reservation under one lock: two requests that each
+            // fit but not together are not both accepted.
+            state.reservations.retain(|j| j.ended_at().is_none());
+            let reserved: u64 = state
+                .reservations
+                .iter()
+                .filter(|j| j.target == target_name)
+                .map(|j| j.still_reserved())
+                .sum();
+            if let Some(free) = free
+                && needed.saturating_add(reserved) > free
+            {
+                return Err(EngineError::NoSpace(format!(
+                    "target {target_name} has {free} bytes free, {reserved} of them reserved by backups already accepted; the backup of volume {} needs {needed} bytes",
+                    info.id
+                )));
+            }
+            job.reserved.store(needed, Ordering::Relaxed);
+            state.reservations.push(job.clone());
             // Reserve the volume, then write the record without holding the engine's lock
             // (two fsyncs: `jobs` and restores must not wait for them).
             state.busy.insert(key.clone(), Busy::Backup);
@@ -106,7 +119,11 @@ impl Inner {
             .map_err(EngineError::from)
             .and_then(|()| self.enqueue(&job));
         if let Err(e) = queued {
-            self.state.lock().busy.remove(&key);
+            {
+                let mut state = self.state.lock();
+                state.busy.remove(&key);
+                state.reservations.retain(|j| !Arc::ptr_eq(j, &job));
+            }
             // Refused (the daemon began to stop meanwhile): the record we just wrote goes,
             // and the refusal changes nothing.
             if let Err(remove) = target.remove_record(&job.backup_id) {
@@ -384,6 +401,29 @@ impl Inner {
         }
         self.apply_retention(target, record);
         Ok(outcome.bytes_written)
+    }
+
+    /// The target space a backup request needs up front: what the volume holds, unless
+    /// it is an incremental backup that will share its parent's data (a reflink target,
+    /// an RBD series), which stores only what changed. That is not known before the copy
+    /// has found it, so such a request is accepted without a reservation, and a copy
+    /// that then runs out of space fails and removes its partial data like any other.
+    fn space_needed(
+        &self,
+        target: &dyn BackupTarget,
+        request: &BackupRequest,
+        backend: &str,
+        info: &VolumeInfo,
+    ) -> u64 {
+        if !request.incremental || !target.shares_data() {
+            return info.allocated;
+        }
+        let has_parent = target.records().is_ok_and(|records| {
+            records
+                .iter()
+                .any(|r| r.is_sound() && r.volume_id.as_str() == info.id && r.backend == backend)
+        });
+        if has_parent { 0 } else { info.allocated }
     }
 
     /// The parent of an incremental backup: the newest available backup of the same volume

@@ -7,7 +7,7 @@ use crate::copy::Progress;
 use crate::ids::{BackupId, VolumeId};
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tracing::warn;
 
@@ -77,6 +77,9 @@ pub struct Job {
     ended: Condvar,
     pub progress: Progress,
     pub cancel: AtomicBool,
+    /// Bytes of the target's free space a backup was granted when it was accepted: what
+    /// it may store (see `still_reserved`).
+    pub reserved: AtomicU64,
 }
 
 impl std::fmt::Debug for Job {
@@ -146,6 +149,7 @@ impl Job {
             ended: Condvar::new(),
             progress: Progress::default(),
             cancel: AtomicBool::new(false),
+            reserved: AtomicU64::new(0),
         }
     }
 
@@ -159,6 +163,22 @@ impl Job {
 
     pub fn ended_at(&self) -> Option<Instant> {
         self.state.lock().ended_at
+    }
+
+    /// What is left of the job's reservation: the part of the volume it has not copied
+    /// yet (what it copied already takes the target's space, so it is no longer
+    /// reserved); nothing once the job has ended.
+    pub fn still_reserved(&self) -> u64 {
+        if self.ended_at().is_some() {
+            return 0;
+        }
+        let reserved = self.reserved.load(Ordering::Relaxed);
+        let (done, total) = self.progress.get();
+        if total == 0 {
+            return reserved;
+        }
+        let left = total.saturating_sub(done) as u128;
+        (reserved as u128 * left / total as u128) as u64
     }
 
     pub fn is_cancelled(&self) -> bool {

@@ -27,6 +27,7 @@ use crate::volume::{Access, Attachment, VolumeDriver, VolumeError, VolumeInfo};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -67,13 +68,18 @@ struct State {
     queue: VecDeque<Arc<Job>>,
     /// (backend, volume id) → what holds it.
     busy: HashMap<(String, String), Busy>,
+    /// Backups accepted and not ended, each holding part of its target's free space
+    /// (`Job::still_reserved`), so that two requests that each fit but not together are
+    /// not both accepted.
+    reservations: Vec<Arc<Job>>,
     stopping: bool,
 }
 
 struct Inner {
     config: Config,
-    /// Held for the daemon's lifetime: one daemon per state directory.
-    _state_lock: File,
+    /// Held for the daemon's lifetime: one daemon per state directory. While the daemon
+    /// serves, it holds `serving <mountpoint>` (see `take_state_lock`).
+    state_lock: File,
     backends: BTreeMap<String, Backend>,
     targets: BTreeMap<String, Arc<dyn BackupTarget>>,
     state: Mutex<State>,
@@ -116,9 +122,19 @@ fn take_state_lock(config: &Config) -> Result<File> {
     let state_lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&lock_path)
         .map_err(|source| EngineError::io(format!("open {}", lock_path.display()), source))?;
+    // A holder that still serves its mount is not about to let go: refused at once. The
+    // wait below is for one that is stopping (right after an `umount`).
+    if let Some(mountpoint) = serving_holder(&state_lock) {
+        return Err(EngineError::Busy(format!(
+            "state_dir {} is in use by the backupfs serving {mountpoint} (lock {})",
+            config.state_dir.display(),
+            lock_path.display()
+        )));
+    }
     if !crate::target::catalogue::lock_waiting(&state_lock, &lock_path) {
         return Err(EngineError::Busy(format!(
             "state_dir {} is in use by another backupfs (lock {})",
@@ -126,7 +142,68 @@ fn take_state_lock(config: &Config) -> Result<File> {
             lock_path.display()
         )));
     }
+    // What an earlier holder wrote is not ours to keep.
+    let _ = state_lock.set_len(0);
     Ok(state_lock)
+}
+
+const SERVING: &str = "serving ";
+
+/// The mountpoint that the backupfs holding the state lock wrote into it, if that process
+/// still holds the lock and the mountpoint is still a backupfs mount.
+fn serving_holder(lock: &File) -> Option<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(lock, 4096), &mut text).ok()?;
+    let mountpoint = text.strip_prefix(SERVING)?.strip_suffix('\n')?.to_string();
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .is_ok_and(|mounts| is_backupfs_mount(&mounts, &mountpoint));
+    // A lock we can take is held by nobody: the holder is gone, whatever it wrote.
+    let held = nix::fcntl::Flock::lock(
+        lock.try_clone().ok()?,
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .is_err();
+    (mounted && held).then_some(mountpoint)
+}
+
+/// Whether /proc/self/mountinfo (`mounts`) lists a backupfs mount at `mountpoint`.
+fn is_backupfs_mount(mounts: &str, mountpoint: &str) -> bool {
+    mounts.lines().any(|line| {
+        let mut halves = line.splitn(2, " - ");
+        let (Some(ours), Some(theirs)) = (halves.next(), halves.next()) else {
+            return false;
+        };
+        let mut fields = theirs.split(' ');
+        let (fstype, source) = (fields.next(), fields.next());
+        // Mounted by root without fusermount, the subtype is not shown: `fuse backupfs`.
+        ours.split(' ').nth(4).map(unescape_octal).as_deref() == Some(mountpoint)
+            && matches!(fstype, Some("fuse" | "fuse.backupfs"))
+            && source == Some("backupfs")
+    })
+}
+
+/// mountinfo's escapes (`\040` for a space, ...).
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let code = bytes.get(i + 1..i + 4).and_then(|digits| {
+            let text = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], code) {
+            (b'\\', Some(code)) => {
+                out.push(code);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// An `rbd` backend's driver over its volume pools, on the process's connection to its
@@ -232,7 +309,7 @@ impl Engine {
             restores: Mutex::new(Vec::new()),
             counters: metrics::Counters::default(),
             config,
-            _state_lock: state_lock,
+            state_lock,
         });
         inner.recover();
         inner.list_recent_jobs();
@@ -472,9 +549,23 @@ impl Engine {
         restore::claim_restore(&self.inner, backend_name, &info, None)
     }
 
+    /// Notes in the state lock that this daemon serves `mountpoint`: a second daemon
+    /// given the same state_dir is then refused at once instead of waiting for the lock.
+    pub fn note_serving(&self, mountpoint: &Path) {
+        let text = format!("{SERVING}{}\n", mountpoint.display());
+        let written = self.inner.state_lock.set_len(0).and_then(|()| {
+            std::os::unix::fs::FileExt::write_all_at(&self.inner.state_lock, text.as_bytes(), 0)
+        });
+        if let Err(e) = written {
+            tracing::debug!("cannot note the mountpoint in the state lock: {e}");
+        }
+    }
+
     /// Cancels every job, waits until each one is cleaned up as after a crash (queued
     /// ones recorded `error` too), and stops the workers.
     pub fn shutdown(&self) {
+        // From now on this daemon is stopping: a new one may wait for its lock.
+        let _ = self.inner.state_lock.set_len(0);
         {
             let mut state = self.inner.state.lock();
             state.stopping = true;
@@ -638,5 +729,26 @@ impl Inner {
                 self.finish_leftovers(name, target.as_ref());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backupfs_mount_is_found_in_mountinfo_with_its_escapes() {
+        let mounts = "\
+36 25 0:32 / /mnt/a\\040b rw,nosuid - fuse backupfs rw,user_id=0\n\
+39 25 0:34 / /mnt/e rw,nosuid - fuse.backupfs backupfs rw,user_id=0\n\
+37 25 0:33 / /mnt/c rw - fuse.sshfs host: rw\n\
+38 25 8:1 / /mnt/d rw shared:1 - ext4 /dev/sda1 rw\n";
+        assert!(is_backupfs_mount(mounts, "/mnt/a b"));
+        assert!(is_backupfs_mount(mounts, "/mnt/e"));
+        assert!(!is_backupfs_mount(mounts, "/mnt/c"));
+        assert!(!is_backupfs_mount(mounts, "/mnt/d"));
+        assert!(!is_backupfs_mount(mounts, "/mnt/a\\040b"));
+        assert_eq!(unescape_octal("a\\011b\\134"), "a\tb\\");
+        assert_eq!(unescape_octal("trailing\\04"), "trailing\\04");
     }
 }

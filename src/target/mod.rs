@@ -112,6 +112,11 @@ pub trait BackupTarget: Send + Sync {
     fn allocated(&self, backup_id: &BackupId) -> Result<u64>;
     /// Bytes free for new backups; None when the storage cannot tell.
     fn free_space(&self) -> Result<Option<u64>>;
+    /// Whether `create_data` with a base can share the base's data, so that an
+    /// incremental backup stores only what changed.
+    fn shares_data(&self) -> bool {
+        false
+    }
 
     fn records(&self) -> Result<Vec<Record>> {
         self.catalogue().records()
@@ -269,5 +274,9 @@ impl BackupTarget for VolumeTarget {
 
     fn free_space(&self) -> Result<Option<u64>> {
         Ok(self.driver.free_space(&self.pool)?)
+    }
+
+    fn shares_data(&self) -> bool {
+        self.driver.capabilities(&self.pool).shares_data
     }
 }

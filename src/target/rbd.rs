@@ -676,6 +676,11 @@ impl BackupTarget for RbdTarget {
         &self.name
     }
 
+    /// An incremental backup continues its parent's series image.
+    fn shares_data(&self) -> bool {
+        true
+    }
+
     fn catalogue(&self) -> &dyn Catalogue {
         &self.catalogue
     }

@@ -30,6 +30,10 @@ pub enum VolumeError {
     /// Something outside backupfs holds the volume (a lock, a loop device).
     #[error("{0}")]
     Busy(String),
+    /// An image backupfs will not hand to its tools: what it holds could make them open
+    /// another file of the host (a qcow2 header naming one, say).
+    #[error("{0}")]
+    Refused(String),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,

@@ -1,22 +1,30 @@
 //! The `qcow2` driver: a volume is the qcow2 image `volume-<id>` in a pool directory,
-//! made and grown with `qemu-img`; attaching gives its guest-visible raw contents through
-//! a `qemu-storage-daemon` FUSE export. Snapshots are reflinks of the image file.
-//! It never reads or writes qcow2 structures itself beyond the header's size field.
+//! made with `qemu-img`; attaching (and growing) goes through a `qemu-storage-daemon` FUSE
+//! export of its guest-visible raw contents. Snapshots are reflinks of the image file.
+//! It never writes qcow2 structures itself, and never hands QEMU an image whose header it
+//! has not checked (header.rs) on a descriptor of its own: QEMU gets that descriptor, its
+//! format pinned and `backing: null`, so no header makes it open another file.
 
 mod export;
+mod header;
 
 use super::device::FileDevice;
 use super::file::{lock_holder, on_loop_device};
 use super::pools::{PoolDirs, object_file_name};
 use super::{Access, Attachment, Capabilities, Result, VolumeDriver, VolumeError, VolumeInfo};
-use export::{Exports, Mode};
-use std::ffi::OsStr;
+use export::{ExportError, Exports, Mode};
+use header::HeaderError;
+use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, openat};
+use nix::sys::stat::{Mode as FileMode, fchmod};
+use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
+use parking_lot::Mutex;
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 const QEMU_IMG: &str = "qemu-img";
 /// qcow2 sizes are whole sectors.
@@ -25,25 +33,26 @@ const SECTOR: u64 = 512;
 /// image, which is what a qsd export can punch as holes.
 const MAX_CLUSTER: u64 = 2 << 20;
 
-/// The guest-visible size from a qcow2 header (version 2 or 3: magic, version, backing
-/// file offset and length, cluster bits, then the size, all big-endian). None when
-/// `header` (at least its first 32 bytes) is not a qcow2 header.
-pub fn virtual_size(header: &[u8]) -> Option<u64> {
-    let field = |at: usize, len: usize| header.get(at..at + len);
-    if field(0, 4)? != b"QFI\xfb" {
-        return None;
-    }
-    let version = u32::from_be_bytes(field(4, 4)?.try_into().ok()?);
-    if !(2..=3).contains(&version) {
-        return None;
-    }
-    Some(u64::from_be_bytes(field(24, 8)?.try_into().ok()?))
-}
+/// How many refusals are remembered as logged before the memory starts over.
+const LOGGED_REFUSALS: usize = 1024;
 
 pub struct Qcow2Driver {
     pools: PoolDirs,
     exports: Arc<Exports>,
-    next_temp: AtomicU64,
+    /// Refusals already logged, by image state (device, inode, ctime) and reason: one log
+    /// line per refused image however often it is looked up (`ls -l` does, every time).
+    logged: Mutex<HashSet<RefusalKey>>,
+}
+
+/// An image's device, inode and ctime (seconds, nanoseconds), and the refusal's text.
+type RefusalKey = (u64, u64, i64, i64, String);
+
+/// An image file as backupfs opened it, and what its header said.
+struct Image {
+    path: PathBuf,
+    file: File,
+    info: VolumeInfo,
+    header: std::result::Result<header::Header, HeaderError>,
 }
 
 impl Qcow2Driver {
@@ -71,17 +80,21 @@ impl Qcow2Driver {
         Ok(Qcow2Driver {
             pools,
             exports,
-            next_temp: AtomicU64::new(0),
+            logged: Mutex::new(HashSet::new()),
         })
     }
 
-    /// What a listing shows of one image; `NotFound` when it is not a qcow2 image.
-    fn info(pool: &str, volume_id: &str, path: &Path) -> Result<VolumeInfo> {
+    /// Opens one image and reads its header; `NotFound` when it is not a qcow2 image. A
+    /// header the check refuses still gives an `Image` (listed, with size 0): using it is
+    /// what `checked` refuses.
+    fn open_image(&self, pool: &str, volume_id: &str, path: &Path) -> Result<Image> {
         let not_found = || VolumeError::NotFound(volume_id.to_string());
-        // Never through a link or into a FIFO or device planted under a volume's name.
+        // Relative to the pool's directory (volume/dir.rs): no link is followed (the name
+        // must be the image itself), and a FIFO or device planted under a volume's name is
+        // neither opened nor waited on. Logged once per name by the pool's listing.
         let file = super::dir::open_in(path, nix::fcntl::OFlag::O_RDONLY).map_err(|e| {
             if super::dir::is_not_regular(&e) {
-                tracing::warn!("{} {e}: not a volume, refused", path.display());
+                tracing::debug!("{} {e}: not a volume", path.display());
                 return not_found();
             }
             match e.kind() {
@@ -95,41 +108,97 @@ impl Qcow2Driver {
         if !meta.is_file() {
             return Err(not_found());
         }
-        let mut header = [0u8; 32];
-        let size = match file.read_exact_at(&mut header, 0) {
-            Ok(()) => virtual_size(&header),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
-            Err(e) => return Err(VolumeError::io("read qcow2 header", path, e)),
+        let header = match header::check(&file) {
+            // A qcow2 pool holds qcow2 images only: probing another format would let a
+            // guest that wrote a qcow2 header into a raw volume choose what we open.
+            Err(HeaderError::NotQcow2) => {
+                tracing::debug!("{} is not a qcow2 image: not a volume", path.display());
+                return Err(not_found());
+            }
+            Err(HeaderError::Io(e)) => return Err(VolumeError::io("read qcow2 header", path, e)),
+            checked => checked,
         };
-        // A qcow2 pool holds qcow2 images only: probing another format would let a guest
-        // that wrote a qcow2 header into a raw volume choose what we open.
-        let size = size.ok_or_else(|| {
-            tracing::debug!("{} is not a qcow2 image: not a volume", path.display());
-            not_found()
-        })?;
-        Ok(VolumeInfo {
-            id: volume_id.to_string(),
-            pool: pool.to_string(),
-            size,
-            allocated: meta.blocks() * 512,
-            mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+        Ok(Image {
+            path: path.to_path_buf(),
+            info: VolumeInfo {
+                id: volume_id.to_string(),
+                pool: pool.to_string(),
+                size: header.as_ref().map_or(0, |h| h.size),
+                allocated: meta.blocks() * 512,
+                mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+            },
+            file,
+            header,
         })
     }
 
-    /// Exports an image (a volume or a snapshot) and opens its raw view.
-    fn attach_image(&self, image: &Path, volume_id: &str, access: Access) -> Result<Attachment> {
-        let image = image.canonicalize().map_err(|e| match e.kind() {
+    /// Refuses an image QEMU must not open (for writing, when `write`): its header names
+    /// another file, uses features backupfs does not know, or (for writing) QEMU marked
+    /// it corrupt. Logged once per image state.
+    fn checked(&self, image: &Image, write: bool) -> Result<()> {
+        let reason = match &image.header {
+            Ok(header) if write && header.corrupt => {
+                "QEMU marked it corrupt and opens it read-only only (`qemu-img check -r all` repairs it)".to_string()
+            }
+            Ok(_) => return Ok(()),
+            Err(e) => e.to_string(),
+        };
+        let message = format!("qcow2 image {} refused: {reason}", image.path.display());
+        self.log_refusal(&image.file, &message);
+        Err(VolumeError::Refused(message))
+    }
+
+    fn log_refusal(&self, file: &File, message: &str) {
+        let first = file.metadata().map_or(true, |meta| {
+            let key = (
+                meta.dev(),
+                meta.ino(),
+                meta.ctime(),
+                meta.ctime_nsec(),
+                message.to_string(),
+            );
+            let mut logged = self.logged.lock();
+            if logged.len() >= LOGGED_REFUSALS {
+                logged.clear();
+            }
+            logged.insert(key)
+        });
+        if first {
+            tracing::warn!("{message}");
+        } else {
+            tracing::debug!("{message}");
+        }
+    }
+
+    /// Checks an image and exports it (a volume, a snapshot or a backup image), and opens
+    /// its raw view.
+    fn attach_checked(
+        &self,
+        pool: &str,
+        volume_id: &str,
+        path: &Path,
+        access: Access,
+    ) -> Result<Attachment> {
+        let image = self.open_image(pool, volume_id, path)?;
+        self.checked(&image, access == Access::Write)?;
+        let canonical = image.path.canonicalize().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => VolumeError::NotFound(volume_id.to_string()),
-            _ => VolumeError::io("attach", image, e),
+            _ => VolumeError::io("attach", &image.path, e),
         })?;
         let mode = Mode {
             writable: access == Access::Write,
-            direct: access == Access::Stream && takes_o_direct(&image),
+            direct: access == Access::Stream && takes_o_direct(&image.file),
         };
         let export = self
             .exports
-            .get(&image, mode)
-            .map_err(|e| VolumeError::io("attach", &image, e))?;
+            .get(&canonical, &image.file, mode)
+            .map_err(|e| match e {
+                ExportError::Io(e) => VolumeError::io("attach", &canonical, e),
+                ExportError::Foreign(message) => {
+                    self.log_refusal(&image.file, &message);
+                    VolumeError::Refused(message)
+                }
+            })?;
         let file = open_export(&export.mountpoint, access)
             .map_err(|e| VolumeError::io("attach", &export.mountpoint, e))?;
         Ok(Attachment {
@@ -139,22 +208,26 @@ impl Qcow2Driver {
     }
 }
 
-/// Runs `qemu-img <args>`; its error output becomes the error.
-fn qemu_img(op: &'static str, path: &Path, args: &[&OsStr]) -> Result<()> {
-    let output = Command::new(QEMU_IMG)
-        .args(args)
-        .stdin(Stdio::null())
+/// Makes a new, empty qcow2 image of `size` in `file` (qemu-img writes the descriptor it
+/// is handed, whatever the file's name has become).
+fn qemu_img_create(file: &File, path: &Path, size: u64) -> Result<()> {
+    let size_arg = size.to_string();
+    let mut command = Command::new(QEMU_IMG);
+    command
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(export::handed_over(file))
+        .arg(&size_arg)
+        .stdin(Stdio::null());
+    export::hand_over(&mut command, file);
+    let output = command
         .output()
-        .map_err(|e| VolumeError::io(op, path, e))?;
+        .map_err(|e| VolumeError::io("create", path, e))?;
     if !output.status.success() {
         return Err(VolumeError::io(
-            op,
+            "create",
             path,
             std::io::Error::other(format!(
-                "{QEMU_IMG} {}: {}",
-                args.first()
-                    .map(|a| a.to_string_lossy())
-                    .unwrap_or_default(),
+                "{QEMU_IMG} create: {}",
                 String::from_utf8_lossy(&output.stderr).trim()
             )),
         ));
@@ -166,12 +239,13 @@ fn round_up(size: u64, to: u64) -> u64 {
     size.div_ceil(to) * to
 }
 
-/// Whether qsd can read this image with O_DIRECT (not on tmpfs, for one).
-fn takes_o_direct(image: &Path) -> bool {
+/// Whether qsd can read this image with O_DIRECT (not on tmpfs, for one): tried on the
+/// same inode, reopened the way qsd opens it.
+fn takes_o_direct(image: &File) -> bool {
     OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
-        .open(image)
+        .open(format!("/proc/self/fd/{}", image.as_raw_fd()))
         .is_ok()
 }
 
@@ -192,12 +266,14 @@ fn open_export(path: &Path, access: Access) -> std::io::Result<File> {
 }
 
 impl VolumeDriver for Qcow2Driver {
+    /// Every qcow2 image of the pool, also those whose header is refused (size 0): `ls`
+    /// shows them, and looking one up says why it is refused.
     fn list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
         let mut volumes = Vec::new();
         for (id, path) in self.pools.list(pool)? {
             // Gone since readdir, or not a qcow2 image: not listed.
-            match Self::info(pool, &id, &path) {
-                Ok(info) => volumes.push(info),
+            match self.open_image(pool, &id, &path) {
+                Ok(image) => volumes.push(image.info),
                 Err(VolumeError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -207,82 +283,63 @@ impl VolumeDriver for Qcow2Driver {
 
     fn stat(&self, pool: &str, volume_id: &str) -> Result<VolumeInfo> {
         let path = self.pools.object_path(pool, volume_id)?;
-        Self::info(pool, volume_id, &path)
+        let image = self.open_image(pool, volume_id, &path)?;
+        self.checked(&image, false)?;
+        Ok(image.info)
     }
 
     fn create(&self, pool: &str, volume_id: &str, size: u64) -> Result<VolumeInfo> {
-        let path = self.pools.object_path(pool, volume_id)?;
-        // qemu-img create overwrites: the image is made under a hidden name and linked into
-        // place, which fails rather than replace a volume that exists.
-        let temp = self.pools.dir(pool)?.join(format!(
-            ".{}.creating-{}-{}",
-            object_file_name(self.pools.role(pool)?, volume_id),
-            std::process::id(),
-            self.next_temp.fetch_add(1, Ordering::Relaxed)
-        ));
-        let size_arg = round_up(size, SECTOR).to_string();
-        let made = qemu_img(
-            "create",
-            &path,
-            &[
-                "create".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                temp.as_os_str(),
-                size_arg.as_ref(),
-            ],
+        let dir_path = self.pools.dir(pool)?;
+        let name = object_file_name(self.pools.role(pool)?, volume_id);
+        let path = dir_path.join(&name);
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(dir_path)
+            .map_err(|e| VolumeError::io("create", dir_path, e))?;
+        // qemu-img create overwrites: the image is made in a file created here (O_EXCL,
+        // under a name nobody can plant in advance), written through its descriptor, and
+        // linked into place, which fails rather than replace a volume that exists.
+        let temp_name = format!(".{name}.creating-{}", uuid::Uuid::new_v4().simple());
+        let temp = openat(
+            &dir,
+            temp_name.as_str(),
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            FileMode::from_bits_truncate(0o600),
         )
-        .and_then(|()| {
-            std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| VolumeError::io("create", &temp, e))?;
-            std::fs::hard_link(&temp, &path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    VolumeError::Exists(volume_id.to_string())
-                } else {
-                    VolumeError::io("create", &path, e)
-                }
-            })
-        });
-        let _ = std::fs::remove_file(&temp);
+        .map(File::from)
+        .map_err(|e| VolumeError::io("create", dir_path.join(&temp_name), e.into()))?;
+        let made = fchmod(&temp, FileMode::from_bits_truncate(0o600))
+            .map_err(|e| VolumeError::io("create", &path, e.into()))
+            .and_then(|()| qemu_img_create(&temp, &path, round_up(size, SECTOR)))
+            .and_then(|()| {
+                let by_descriptor = format!("/proc/self/fd/{}", temp.as_raw_fd());
+                linkat(
+                    AT_FDCWD,
+                    by_descriptor.as_str(),
+                    &dir,
+                    name.as_str(),
+                    AtFlags::AT_SYMLINK_FOLLOW,
+                )
+                .map_err(|e| match e {
+                    nix::errno::Errno::EEXIST => VolumeError::Exists(volume_id.to_string()),
+                    e => VolumeError::io("create", &path, e.into()),
+                })
+            });
+        let _ = unlinkat(&dir, temp_name.as_str(), UnlinkatFlags::NoRemoveDir);
         made?;
-        Self::info(pool, volume_id, &path)
+        self.stat(pool, volume_id)
     }
 
+    /// Through a writable export, like any write: the resize goes through the same checked
+    /// and pinned open (and through the export a restore of ours may already hold, which
+    /// has the image's locks and its own idea of the size).
     fn grow(&self, pool: &str, volume_id: &str, size: u64) -> Result<()> {
-        let path = self.pools.object_path(pool, volume_id)?;
-        let current = Self::info(pool, volume_id, &path)?.size;
-        let size = round_up(size, SECTOR);
-        if size <= current {
-            return Ok(());
-        }
-        let image = path
-            .canonicalize()
-            .map_err(|e| VolumeError::io("extend", &path, e))?;
-        // While we write into the volume our qsd holds it (and its locks, and its idea of
-        // the size): it must do the resize, through its export.
-        if let Some(export) = self.exports.writable(&image) {
-            let view = OpenOptions::new()
-                .write(true)
-                .open(&export.mountpoint)
-                .map_err(|e| VolumeError::io("extend", &export.mountpoint, e))?;
-            return view
-                .set_len(size)
-                .map_err(|e| VolumeError::io("extend", &path, e));
-        }
-        let size_arg = size.to_string();
-        qemu_img(
-            "extend",
-            &path,
-            &[
-                "resize".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                path.as_os_str(),
-                size_arg.as_ref(),
-            ],
-        )
+        let attachment = self.attach(pool, volume_id, Access::Write)?;
+        attachment
+            .device
+            .grow(round_up(size, SECTOR))
+            .map_err(|e| VolumeError::io("extend", attachment.device.describe(), e))
     }
 
     fn delete(&self, pool: &str, volume_id: &str) -> Result<()> {
@@ -328,15 +385,12 @@ impl VolumeDriver for Qcow2Driver {
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
         let path = self.pools.object_path(pool, volume_id)?;
-        // Only what a listing shows is exported (a qcow2 image, never a probed format).
-        Self::info(pool, volume_id, &path)?;
-        self.attach_image(&path, volume_id, access)
+        self.attach_checked(pool, volume_id, &path, access)
     }
 
     fn attach_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<Attachment> {
         let path = self.pools.snapshot_path(pool, snapshot_name)?;
-        Self::info(pool, snapshot_name, &path)?;
-        self.attach_image(&path, snapshot_name, Access::Stream)
+        self.attach_checked(pool, snapshot_name, &path, Access::Stream)
     }
 
     fn in_use(&self, pool: &str, volume_id: &str) -> Result<Option<String>> {
@@ -365,27 +419,6 @@ impl VolumeDriver for Qcow2Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn header(version: u32, size: u64) -> Vec<u8> {
-        let mut h = b"QFI\xfb".to_vec();
-        h.extend(version.to_be_bytes());
-        h.extend([0u8; 12]);
-        h.extend(16u32.to_be_bytes());
-        h.extend(size.to_be_bytes());
-        h
-    }
-
-    #[test]
-    fn the_size_comes_from_a_qcow2_header_only() {
-        assert_eq!(virtual_size(&header(3, 1 << 30)), Some(1 << 30));
-        assert_eq!(virtual_size(&header(2, 512)), Some(512));
-        assert_eq!(virtual_size(&header(4, 512)), None);
-        assert_eq!(virtual_size(&header(3, 512)[..31]), None);
-        let mut raw = header(3, 512);
-        raw[0] = b'X';
-        assert_eq!(virtual_size(&raw), None);
-        assert_eq!(virtual_size(&[]), None);
-    }
 
     #[test]
     fn sizes_round_up_to_sectors() {

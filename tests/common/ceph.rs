@@ -435,9 +435,13 @@ fn spawn_daemon(
     args: &[&str],
 ) {
     let log = File::create(dir.join("log").join(format!("{name}.out"))).expect("daemon log");
+    // `-c` puts the cluster's own directory on the daemon's command line: the sweep of
+    // a later run signals only processes that name it (a PID may have been reused).
     let child = Command::new(program)
         .args(args)
         .arg("-f")
+        .arg("-c")
+        .arg(dir.join("ceph.conf"))
         .env("CEPH_CONF", dir.join("ceph.conf"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("daemon log"))
@@ -494,11 +498,22 @@ extern "C" fn stop_at_exit() {
 }
 
 /// Stops daemons a previous owner of the lock left running (killed before its exit
-/// handler ran) and removes its directory. Only processes named ceph-* are signalled:
-/// a PID may have been reused since.
+/// handler ran) and removes its directory. Only Ceph daemons whose command line names
+/// that cluster's directory are signalled: a PID may have been reused since, even by
+/// another Ceph daemon of a real cluster on this machine.
 fn sweep_stale() {
     let state = Path::new(STATE_DIR);
-    let pids = std::fs::read_to_string(state.join("pids")).unwrap_or_default();
+    let dir = std::fs::read_to_string(state.join("dir"))
+        .map(|d| PathBuf::from(d.trim()))
+        .ok()
+        .filter(|d| {
+            d.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("backupfs-test-ceph-"))
+        });
+    let pids = match &dir {
+        Some(_) => std::fs::read_to_string(state.join("pids")).unwrap_or_default(),
+        None => String::new(),
+    };
     for line in pids.lines().rev() {
         let mut fields = line.split_whitespace();
         let (Some(name), Some(pid)) = (
@@ -508,11 +523,18 @@ fn sweep_stale() {
             continue;
         };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if !comm.trim().starts_with("ceph-") {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let conf = dir.as_ref().map(|d| d.join("ceph.conf"));
+        let names_our_dir = conf.is_some_and(|conf| {
+            cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg == conf.as_os_str().as_encoded_bytes())
+        });
+        if !comm.trim().starts_with("ceph-") || !names_our_dir {
             continue;
         }
         eprintln!("stopping {name} (pid {pid}) left by an earlier test run");
-        // SAFETY: kill(2) with a PID checked above to be a Ceph daemon.
+        // SAFETY: kill(2) with a PID checked above to be a Ceph daemon of our cluster.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
@@ -521,17 +543,13 @@ fn sweep_stale() {
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    if let Ok(dir) = std::fs::read_to_string(state.join("dir")) {
-        let dir = PathBuf::from(dir.trim());
-        let ours = dir
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("backupfs-test-ceph-"));
-        if ours {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
+    // A directory that is not the harness's (a benchmark's cluster, made by
+    // contrib/ceph-cluster.sh) stays named for its own script to stop.
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(state.join("dir"));
     }
     let _ = std::fs::remove_file(state.join("pids"));
-    let _ = std::fs::remove_file(state.join("dir"));
 }
 
 /// The machine-wide lock: another test binary's cluster runs until it exits, so wait.

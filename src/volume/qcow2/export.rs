@@ -2,13 +2,15 @@
 //! regular file under the runtime directory. Each daemon owns a directory there, held by
 //! a lock; a directory whose lock is free is a crashed daemon's and is cleaned at start.
 //! An export never outlives its attachments: dropping the last one stops qsd and unmounts.
+//! qsd gets the image as a descriptor backupfs opened and checked, with its format and
+//! `backing: null` pinned, and no export is used before qsd is seen to hold no other file.
 
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +29,17 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 const SETUP_GRACE: Duration = Duration::from_secs(60);
 const LOCK_FILE: &str = "lock";
 const EXPORT_PREFIX: &str = "export-";
+
+/// Why an export could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// qsd opened a file besides the image: the header it read was not the one backupfs
+    /// checked. It was stopped before anything read or wrote through it.
+    #[error("{0}")]
+    Foreign(String),
+}
 
 /// Where exports are mounted: systemd's RuntimeDirectory when set, else /run/backupfs.
 pub fn runtime_base() -> PathBuf {
@@ -126,7 +139,13 @@ impl Exports {
 
     /// An export of `image` fit for `mode`: a running one when there is one (a writable
     /// export also serves readers, who then see what the writer wrote), else a new qsd.
-    pub fn get(self: &Arc<Exports>, image: &Path, mode: Mode) -> std::io::Result<Arc<Export>> {
+    /// `file` is the image, opened by backupfs and its header checked; `image` its name.
+    pub fn get(
+        self: &Arc<Exports>,
+        image: &Path,
+        file: &File,
+        mode: Mode,
+    ) -> Result<Arc<Export>, ExportError> {
         let key = (image.to_path_buf(), mode.writable);
         let fits: &[bool] = if mode.writable {
             &[true]
@@ -155,7 +174,7 @@ impl Exports {
             }
             slots.insert(key.clone(), (Slot::Starting, Weak::new()));
         }
-        let started = self.start(image, mode);
+        let started = self.start(image, file, mode);
         let mut slots = self.slots.lock();
         match &started {
             Ok(export) => {
@@ -169,31 +188,17 @@ impl Exports {
         started
     }
 
-    /// The running writable export of `image`, waiting out one that is starting or
-    /// stopping; None when there is none.
-    pub fn writable(&self, image: &Path) -> Option<Arc<Export>> {
-        let key = (image.to_path_buf(), true);
-        let mut slots = self.slots.lock();
-        loop {
-            match slots.get(&key) {
-                None => return None,
-                Some((Slot::Live, weak)) => {
-                    if let Some(export) = weak.upgrade() {
-                        return Some(export);
-                    }
-                }
-                Some((Slot::Starting, _)) => {}
-            }
-            self.changed.wait(&mut slots);
-        }
-    }
-
     /// Whether a qsd of ours has `image` open for writing (and so holds its locks).
     pub fn holds_writable(&self, image: &Path) -> bool {
         self.slots.lock().contains_key(&(image.to_path_buf(), true))
     }
 
-    fn start(self: &Arc<Exports>, image: &Path, mode: Mode) -> std::io::Result<Arc<Export>> {
+    fn start(
+        self: &Arc<Exports>,
+        image: &Path,
+        file: &File,
+        mode: Mode,
+    ) -> Result<Arc<Export>, ExportError> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mountpoint = self.dir.join(format!("{EXPORT_PREFIX}{n}"));
         let pidfile = with_suffix(&mountpoint, ".pid");
@@ -209,20 +214,22 @@ impl Exports {
             .truncate(true)
             .mode(0o600)
             .open(&log_path)?;
+        // What qsd may hold besides the image: its log and its pidfile.
+        let log_id = id(&log.metadata()?);
         let mut command = Command::new(QSD);
         command
-            .args(qsd_args(image, &mountpoint, &pidfile, mode))
+            .args(qsd_args(&handed_over(file), &mountpoint, &pidfile, mode))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        hand_over(&mut command, file);
         let child = match spawn_tied(command) {
             Ok(child) => child,
             Err(e) => {
                 remove_files(&mountpoint);
-                return Err(std::io::Error::new(
-                    e.kind(),
-                    format!("cannot start {QSD}: {e}"),
-                ));
+                return Err(
+                    std::io::Error::new(e.kind(), format!("cannot start {QSD}: {e}")).into(),
+                );
             }
         };
         // From here the export's Drop stops qsd and removes the files, also on errors.
@@ -238,14 +245,15 @@ impl Exports {
                 Ok(meta) if meta.dev() != self.dir_dev => break,
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
             if let Some(status) = export.child.lock().try_wait()? {
                 return Err(std::io::Error::other(format!(
                     "{QSD} for {} exited ({status}) before its export was mounted: {}",
                     image.display(),
                     read_log(&log_path).trim()
-                )));
+                ))
+                .into());
             }
             if started.elapsed() > START_TIMEOUT {
                 return Err(std::io::Error::new(
@@ -256,9 +264,27 @@ impl Exports {
                         START_TIMEOUT.as_secs(),
                         read_log(&log_path).trim()
                     ),
-                ));
+                )
+                .into());
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+        // qsd opened every file of its block graph before it mounted the export. A header
+        // rewritten between backupfs' check and qsd's read could have named one (a data
+        // file cannot be pinned away: QEMU refuses the option on an image without one):
+        // such an export is stopped (its Drop) before anyone reads or writes through it.
+        let allowed = [
+            id(&file.metadata()?),
+            log_id,
+            id(&std::fs::metadata(&pidfile)?),
+        ];
+        let foreign = foreign_files(export.child.lock().id(), &allowed)?;
+        if !foreign.is_empty() {
+            return Err(ExportError::Foreign(format!(
+                "{QSD} exporting {} opened {} besides the image: its qcow2 header changed after backupfs checked it; export stopped unused",
+                image.display(),
+                foreign.join(", ")
+            )));
         }
         debug!(
             image = %image.display(),
@@ -350,9 +376,11 @@ impl Drop for Export {
     }
 }
 
-/// The command line of one export, in qsd's JSON syntax (no comma escaping of paths).
-fn qsd_args(image: &Path, mountpoint: &Path, pidfile: &Path, mode: Mode) -> Vec<String> {
-    let image = image.to_string_lossy();
+/// The command line of one export, in qsd's JSON syntax (no comma escaping of paths). The
+/// image is `image`, the name of the descriptor `hand_over` gives qsd; its format is pinned
+/// (no probing) and `backing: null` keeps QEMU from opening a backing file whatever the
+/// header says.
+fn qsd_args(image: &str, mountpoint: &Path, pidfile: &Path, mode: Mode) -> Vec<String> {
     let file = serde_json::json!({
         "driver": "file",
         "node-name": "file",
@@ -369,6 +397,7 @@ fn qsd_args(image: &Path, mountpoint: &Path, pidfile: &Path, mode: Mode) -> Vec<
         "driver": "qcow2",
         "node-name": "volume",
         "file": "file",
+        "backing": null,
         "read-only": !mode.writable,
     });
     if mode.writable {
@@ -395,6 +424,87 @@ fn qsd_args(image: &Path, mountpoint: &Path, pidfile: &Path, mode: Mode) -> Vec<
         "--pidfile".into(),
         pidfile.to_string_lossy().into_owned(),
     ]
+}
+
+/// The name a child that `hand_over` gave `file` opens it by: that inode, the one backupfs
+/// checked, whatever the pool directory's name points to by then.
+pub fn handed_over(file: &File) -> String {
+    format!("/proc/self/fd/{}", file.as_raw_fd())
+}
+
+/// Lets the child inherit `file` (at the same number) and no other descriptor beyond its
+/// standard ones, also none the daemon inherited itself: whatever else the child holds, it
+/// opened itself. (A descriptor below 3 would be the child's stdio: its QEMU tool then
+/// fails to open the image, which is safe.)
+pub fn hand_over(command: &mut Command, file: &File) {
+    let fd = file.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // system calls; `fd` stays open in the parent until the spawn returns (the caller
+    // holds `file` across it). Descriptors are marked close-on-exec, not closed, so the
+    // pipe std reports exec failures on still works.
+    unsafe {
+        command.pre_exec(move || {
+            for (first, last) in [(3, fd.saturating_sub(1)), (fd + 1, libc::c_int::MAX)] {
+                if first <= last
+                    && libc::syscall(
+                        libc::SYS_close_range,
+                        first as libc::c_uint,
+                        last as libc::c_uint,
+                        libc::CLOSE_RANGE_CLOEXEC,
+                    ) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A file's identity.
+fn id(meta: &std::fs::Metadata) -> (u64, u64) {
+    (meta.dev(), meta.ino())
+}
+
+/// What process `pid` holds open beyond the regular files `allowed` (by identity),
+/// /dev/null, /dev/fuse, anonymous pipes and anonymous inodes (eventfd, signalfd...):
+/// each as /proc names it.
+fn foreign_files(pid: u32, allowed: &[(u64, u64)]) -> std::io::Result<Vec<String>> {
+    let devices = [libc::makedev(1, 3), libc::makedev(10, 229)];
+    let mut foreign = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let path = entry?.path();
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        let name = match std::fs::read_link(&path) {
+            Ok(name) => name.to_string_lossy().into_owned(),
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        // Paths start with '/': these are no file's name.
+        if name.starts_with("anon_inode:") || name.starts_with("pipe:") {
+            continue;
+        }
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let kind = meta.file_type();
+        let fine = if kind.is_file() || kind.is_block_device() {
+            allowed.contains(&id(&meta))
+        } else if kind.is_char_device() {
+            devices.contains(&meta.rdev())
+        } else {
+            false
+        };
+        if !fine {
+            foreign.push(name);
+        }
+    }
+    Ok(foreign)
 }
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
@@ -653,10 +763,10 @@ mod tests {
     }
 
     #[test]
-    fn args_are_json_and_readers_take_no_locks() {
+    fn args_are_json_pin_the_format_and_readers_take_no_locks() {
         let args = qsd_args(
-            Path::new("/pool,with,commas/volume-a"),
-            Path::new("/run/x/export-0"),
+            "/proc/self/fd/7",
+            Path::new("/run/x,with,commas/export-0"),
             Path::new("/run/x/export-0.pid"),
             Mode {
                 writable: false,
@@ -664,16 +774,21 @@ mod tests {
             },
         );
         let file: serde_json::Value = serde_json::from_str(&args[1]).unwrap();
-        assert_eq!(file["filename"], "/pool,with,commas/volume-a");
+        assert_eq!(file["filename"], "/proc/self/fd/7");
         assert_eq!(file["locking"], "off");
         assert_eq!(file["read-only"], true);
         assert_eq!(file["cache"]["direct"], true);
+        let qcow2: serde_json::Value = serde_json::from_str(&args[3]).unwrap();
+        assert_eq!(qcow2["driver"], "qcow2");
+        assert_eq!(qcow2["file"], "file");
+        assert!(qcow2["backing"].is_null() && qcow2.get("backing").is_some());
         let export: serde_json::Value = serde_json::from_str(&args[5]).unwrap();
         assert_eq!(export["writable"], false);
+        assert_eq!(export["mountpoint"], "/run/x,with,commas/export-0");
         assert_eq!(args[7], "/run/x/export-0.pid");
 
         let args = qsd_args(
-            Path::new("/p/volume-a"),
+            "/proc/self/fd/7",
             Path::new("/run/x/export-1"),
             Path::new("/run/x/export-1.pid"),
             Mode {
@@ -685,5 +800,81 @@ mod tests {
         assert_eq!(file["locking"], "on");
         let qcow2: serde_json::Value = serde_json::from_str(&args[3]).unwrap();
         assert_eq!(qcow2["detect-zeroes"], "unmap");
+        assert!(qcow2["backing"].is_null() && qcow2.get("backing").is_some());
+    }
+
+    #[test]
+    fn files_a_child_holds_beyond_the_allowed_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, other) = (dir.path().join("image"), dir.path().join("other"));
+        std::fs::write(&image, b"image").unwrap();
+        std::fs::write(&other, b"other").unwrap();
+        let image_file = File::open(&image).unwrap();
+        // The child holds the image (handed over), and opens `other` on descriptor 5.
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("exec 5<'{}'; sleep 30", other.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        hand_over(&mut command, &image_file);
+        let mut child = command.spawn().unwrap();
+        let allowed = [id(&image_file.metadata().unwrap())];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let foreign = loop {
+            let foreign = foreign_files(child.id(), &allowed).unwrap();
+            if !foreign.is_empty() || Instant::now() > deadline {
+                break foreign;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(foreign, [other.display().to_string()]);
+    }
+
+    /// What a header rewritten between backupfs' check and qsd's open would do: qsd is
+    /// handed an image whose header names a data file. It is stopped before the export is
+    /// used, the data file untouched. (Needs root, FUSE and qemu-utils, as the tests in
+    /// tests/ do.)
+    #[test]
+    fn an_export_whose_qsd_opened_a_file_besides_the_image_is_refused_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, victim) = (dir.path().join("image"), dir.path().join("victim"));
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("data_file={},data_file_raw=on", victim.display()))
+            .arg(&image)
+            .arg("1M")
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Written after qemu-img create, which makes the data file empty.
+        let contents: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&victim, &contents).unwrap();
+        let exports = Exports::open(&dir.path().join("exports")).unwrap();
+        let file = File::open(&image).unwrap();
+        let mode = Mode {
+            writable: true,
+            direct: false,
+        };
+        match exports.get(&image, &file, mode) {
+            Err(ExportError::Foreign(message)) => {
+                assert!(message.contains(&victim.display().to_string()), "{message}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("exported an image whose qsd opened its data file"),
+        }
+        assert!(
+            std::fs::read(&victim).unwrap() == contents,
+            "the data file changed"
+        );
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        assert!(
+            !mounts.contains(&dir.path().display().to_string()),
+            "{mounts}"
+        );
+        assert!(exports.slots.lock().is_empty());
     }
 }
