@@ -327,8 +327,43 @@ mod tests {
     }
 
     #[test]
+    fn a_marker_that_is_a_link_a_fifo_or_too_big_is_refused_never_followed_or_waited_on() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let elsewhere = scratch.path().join("marker");
+        let marker = Marker {
+            format: FORMAT,
+            target: "t".into(),
+            id: "x".into(),
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+        };
+        std::fs::write(&elsewhere, serde_json::to_vec(&marker).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, pool.join(MARKER)).unwrap();
+        assert!(matches!(read_marker(&pool), Err(ClaimError::BadMarker(m)) if m.contains("link")));
+        std::fs::remove_file(pool.join(MARKER)).unwrap();
+        nix::unistd::mkfifo(
+            &pool.join(MARKER),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        assert!(matches!(read_marker(&pool), Err(ClaimError::BadMarker(m)) if m.contains("FIFO")));
+        std::fs::remove_file(pool.join(MARKER)).unwrap();
+        std::fs::File::create(pool.join(MARKER))
+            .unwrap()
+            .set_len(MARKER_CAP + 1)
+            .unwrap();
+        assert!(
+            matches!(read_marker(&pool), Err(ClaimError::BadMarker(m)) if m.contains("larger"))
+        );
+    }
+
+    #[test]
     fn marker_temporaries_are_recognised() {
         assert!(is_marker_temporary(".backupfs-target.123.tmp"));
+        assert!(is_marker_temporary(
+            ".backupfs-target.0c1e2f3aaaaa4bbb8ccc123456789abc.tmp"
+        ));
         assert!(!is_marker_temporary(".backupfs-target"));
         assert!(!is_marker_temporary(".backupfs-targetx.tmp"));
     }
