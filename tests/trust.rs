@@ -1482,3 +1482,257 @@ fn verify_answer_in(d: &Daemon, target: &str, backup_id: &str) -> (Option<i32>, 
     ));
     (errno, String::from_utf8_lossy(&answer.stdout).into_owned())
 }
+
+// ----------------------------------------------------------------------------------------
+// Issue 22, items 2 and 3: links, special files and temporary names in pools and targets.
+// Whoever writes a pool or a target's storage must not steer the root daemon to another
+// file of the host. The "host file" here is one the test made, outside every pool.
+
+/// A host file outside every pool: 1 MiB of one byte, and its sha256.
+fn host_file(sb: &Sandbox, name: &str) -> (PathBuf, String) {
+    let path = sb.path(name);
+    std::fs::write(&path, vec![0x5a; 1 << 20]).unwrap();
+    let sum = sha256(&path);
+    (path, sum)
+}
+
+/// Reading `path` through the mount must fail, or at least not give the host file.
+#[track_caller]
+fn never_reads_as(path: &Path, host: &Path) {
+    let out = sh_limit(
+        Duration::from_secs(60),
+        &format!(
+            "timeout 30 cmp '{}' '{}' 2>&1",
+            path.display(),
+            host.display()
+        ),
+    );
+    assert!(
+        !out.status.success(),
+        "{} serves the host file {}",
+        path.display(),
+        host.display()
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "reading {} hung",
+        path.display()
+    );
+}
+
+#[test]
+fn a_symlinked_volume_is_never_listed_read_backed_up_grown_or_restored_into() {
+    let mut sb = Sandbox::new("trust-link-volume");
+    let l = layout(&mut sb, None, None, "");
+    let (secret, sum) = host_file(&sb, "secret");
+    std::os::unix::fs::symlink(&secret, l.main.join("volume-linked")).unwrap();
+    random_volume(&l.main, "real", 2);
+    let d = sb.start_daemon(&l.config);
+
+    let listed = names_in(&d.mnt.join("volumes/hdd"));
+    assert!(listed.contains(&"real".to_string()), "{listed:?}");
+    assert!(!listed.contains(&"linked".to_string()), "{listed:?}");
+    let linked = d.volume("hdd", "linked");
+    assert_errno(std::fs::metadata(&linked), libc::ENOENT, "stat of a link");
+    assert_errno(std::fs::read(&linked), libc::ENOENT, "read of a link");
+    never_reads_as(&linked, &secret);
+    assert_errno(truncate(&linked, 4 << 20), libc::ENOENT, "grow of a link");
+    assert_errno(
+        getxattr(&linked, "user.backupfs.restore"),
+        libc::ENOENT,
+        "attributes of a link",
+    );
+    // A backup of it is refused; nothing of the host file reaches the target.
+    assert!(d.request("hdd", "linked wait").is_some(), "{}", d.log());
+    // A restore into it writes nothing through the link.
+    let id = d.backup("hdd", "real wait");
+    let out = sh(&format!(
+        "cp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        linked.display()
+    ));
+    assert!(!out.status.success(), "a restore into a link: {out:?}");
+
+    assert_eq!(sha256(&secret), sum, "the host file is untouched");
+    assert_eq!(std::fs::metadata(&secret).unwrap().len(), 1 << 20);
+    assert!(
+        listxattr(&secret).unwrap().is_empty(),
+        "no note on the host file"
+    );
+    assert!(
+        std::fs::symlink_metadata(l.main.join("volume-linked"))
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link itself stays"
+    );
+    for file in files_under(&l.backups) {
+        assert_ne!(sha256(&file), sum, "{} holds the host file", file.display());
+    }
+    assert!(
+        d.log()
+            .contains("volume-linked is a symbolic link, not a regular file"),
+        "the refusal is logged: {}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_symlinked_qcow2_volume_is_never_listed_nor_read() {
+    let mut sb = Sandbox::new("trust-link-qcow2");
+    let runtime = sb.mkdir("runtime");
+    let vols = sb.mkdir("vols");
+    let backups = sb.mkdir("backups");
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\n\
+         [backends.qc]\ndriver = \"qcow2\"\npools = {{ vols = \"{}\" }}\n\
+         [backends.ssd]\ndriver = \"file\"\npools = {{ backups = \"{}\" }}\n\
+         [targets.hdd]\nbackend = \"ssd\"\npool = \"backups\"\n",
+        sb.path("state").display(),
+        vols.display(),
+        backups.display()
+    ));
+    let (secret, _) = host_file(&sb, "secret.raw");
+    let image = sb.path("secret.qcow2");
+    ok(&format!(
+        "qemu-img convert -f raw -O qcow2 '{}' '{}'",
+        secret.display(),
+        image.display()
+    ));
+    std::os::unix::fs::symlink(&image, vols.join("volume-linked")).unwrap();
+    let env = [("RUNTIME_DIRECTORY", runtime.to_str().unwrap())];
+    let d = sb.start_daemon_env(&config, &env);
+    assert!(names_in(&d.mnt.join("volumes/qc")).is_empty());
+    let linked = d.volume("qc", "linked");
+    assert_errno(std::fs::metadata(&linked), libc::ENOENT, "stat of a link");
+    never_reads_as(&linked, &secret);
+    assert!(d.request("hdd", "linked wait").is_some(), "{}", d.log());
+    assert!(
+        d.log().contains("is a symbolic link, not a regular file"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_planted_record_with_a_symlinked_image_never_serves_the_host_file() {
+    let mut sb = Sandbox::new("trust-link-image");
+    let l = layout(&mut sb, None, None, "");
+    let (secret, sum) = host_file(&sb, "secret");
+    let d = sb.start_daemon(&l.config);
+    // What a writer of the target's storage can plant: an available record without
+    // checksums, and its data as a link to a host file.
+    let id = "6b0c2f1e-1111-4222-8333-444455556666";
+    let record = serde_json::json!({
+        "format": 1, "id": id, "volume_id": "v", "backend": "hdd", "pool": "main",
+        "target": "hdd", "status": "available", "size": 1 << 20,
+        "created_at": "2026-01-01T00:00:00.000Z", "completed_at": "2026-01-01T00:00:01.000Z",
+        "name": null, "snapshot_used": false, "parent_id": null, "checksums": null,
+        "error": null, "stored_bytes": 1 << 20,
+    });
+    std::fs::write(
+        l.backups.join(format!("backup-{id}.json")),
+        serde_json::to_vec(&record).unwrap(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&secret, l.backups.join(format!("backup-{id}.img"))).unwrap();
+
+    never_reads_as(&d.image("hdd", id), &secret);
+    never_reads_as(&d.target("hdd").join("by-volume/v/latest.img"), &secret);
+    // Nor is it what a restore writes.
+    let _ = sh(&format!(
+        "cp '{}' '{}'",
+        d.image("hdd", id).display(),
+        d.mnt.join("volumes/ssd/restored").display()
+    ));
+    let restored = l.gold.join("volume-restored");
+    if restored.exists() {
+        assert_ne!(sha256(&restored), sum, "a restore wrote the host file");
+    }
+    assert_eq!(sha256(&secret), sum);
+}
+
+#[test]
+fn a_fifo_planted_as_a_record_hangs_neither_ls_nor_start_up() {
+    let mut sb = Sandbox::new("trust-fifo-record");
+    let l = layout(&mut sb, None, None, "");
+    random_volume(&l.main, "v", 1);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let fifo = l
+        .backups
+        .join("backup-6b0c2f1e-1111-4222-8333-444455556666.json");
+    ok(&format!("mkfifo '{}'", fifo.display()));
+    let ls = |d: &Daemon| {
+        sh_limit(
+            Duration::from_secs(60),
+            &format!("timeout 20 ls -l '{}'", d.target("hdd").display()),
+        )
+    };
+    let out = ls(&d);
+    assert!(out.status.success(), "ls of the target: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&id),
+        "{out:?}"
+    );
+    d.stop_clean();
+    // Start-up reads every record (recovery): the FIFO is skipped, not waited on.
+    let d = sb.start_daemon(&l.config);
+    let out = ls(&d);
+    assert!(out.status.success(), "ls after a restart: {out:?}");
+    assert!(
+        d.log().contains("is a FIFO, not a regular file"),
+        "{}",
+        d.log()
+    );
+    assert!(fifo.exists(), "a file no record owns is left alone");
+}
+
+#[test]
+fn links_planted_at_predictable_temporary_names_never_let_a_setfattr_or_verify_write_a_host_file() {
+    let mut sb = Sandbox::new("trust-tmp-links");
+    let l = layout(&mut sb, None, None, "");
+    random_volume(&l.main, "v", 1);
+    let (victim, sum) = host_file(&sb, "victim");
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    // The names an earlier backupfs used: .backup-<id>.json.<pid>.<n>.tmp, for this
+    // daemon's pid and its neighbours, and the first writes' counters.
+    let pid = d.pid();
+    for p in pid.saturating_sub(2)..=pid + 2 {
+        for n in 0..100 {
+            let name = format!(".backup-{id}.json.{p}.{n}.tmp");
+            std::os::unix::fs::symlink(&victim, l.backups.join(name)).unwrap();
+        }
+    }
+    setxattr(&d.image("hdd", &id), "user.note", b"kept").unwrap();
+    assert_eq!(
+        write_errno(
+            &d.target("hdd").join("verify"),
+            format!("{id}\n").as_bytes()
+        ),
+        None,
+        "{}",
+        d.log()
+    );
+    assert_eq!(sha256(&victim), sum, "the host file is untouched");
+    let record = l.backups.join(format!("backup-{id}.json"));
+    assert!(
+        std::fs::symlink_metadata(&record).unwrap().is_file(),
+        "the record is a file of its own, not a planted link"
+    );
+    let written = d.record("hdd", &id);
+    assert_eq!(written["xattrs"]["user.note"], "kept", "{written}");
+    assert!(written["verified_at"].is_string(), "{written}");
+    // The start-up sweep removes the links themselves, never what they point at.
+    d.stop_clean();
+    let d = sb.start_daemon(&l.config);
+    assert_eq!(sha256(&victim), sum);
+    let left: Vec<String> = names_in(&l.backups)
+        .into_iter()
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    drop(d);
+}

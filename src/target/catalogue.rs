@@ -2,7 +2,10 @@
 //! data on the target's own storage (so a second node that mounts it sees the same
 //! backups), every change atomic. `DirCatalogue` keeps it in a pool directory; a store
 //! without files (an RBD pool) keeps it in objects. A catalogue holds its target's lock
-//! and claim for as long as it is open, and removes only the files it names.
+//! and claim for as long as it is open, and removes only the files it names. Others can
+//! write a target's directory: every file in it is opened relative to the directory's
+//! descriptor, never through a link, never a FIFO or device (`volume/dir.rs`), what is
+//! read whole has a size cap, and temporary files have unpredictable names.
 
 use super::auth::{self, TargetKey};
 use super::claim;
@@ -10,12 +13,17 @@ use super::record::{Checksums, FORMAT_VERSION, Record};
 use super::{LOCK_FILE, Result, TargetError, leaves_file_name, record_file_name, sums_file_name};
 use crate::copy::SumKind;
 use crate::ids::BackupId;
-use std::fs::{File, OpenOptions};
+use crate::volume::dir::{Dir, is_not_regular};
+use nix::fcntl::OFlag;
+use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The largest record read: a record is a few KiB (its `xattrs` at most 64 KiB); a bigger
+/// file under a record's name is damaged, not read.
+pub const RECORD_CAP: u64 = 1 << 20;
 
 /// How long a start waits for a lock held by another backupfs: one that was just
 /// unmounted takes a moment to exit and let go.
@@ -112,12 +120,8 @@ impl DirCatalogue {
         };
         claim::inspect(dir, target).map_err(refused)?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
+        let lock = Dir::open(dir)
+            .and_then(|dir| open_lock_file(&dir))
             .map_err(|e| TargetError::io("open lock", &lock_path, e))?;
         if !lock_waiting(&lock, &lock_path) {
             return Err(TargetError::Locked {
@@ -144,11 +148,10 @@ impl DirCatalogue {
     /// A record as read, inspected: marked defective (so damaged) when it is not the
     /// record of the backup its name says, cannot check what it serves, or does not
     /// authenticate.
-    fn load_record(&self, path: &Path) -> Result<Record> {
-        let mut record = Self::read_record_file(path)?;
+    fn load_record(&self, dir: &Dir, name: &str) -> Result<Record> {
+        let mut record = Self::read_record_file(dir, name)?;
         auth::inspect(&mut record, self.key.as_deref());
-        let named = path.file_name().and_then(|n| n.to_str());
-        if record.defect.is_none() && named != Some(&record_file_name(&record.id)) {
+        if record.defect.is_none() && name != record_file_name(&record.id) {
             record.defect = Some(format!("the file holds the record of {}", record.id));
         }
         Ok(record)
@@ -158,62 +161,97 @@ impl DirCatalogue {
         self.dir.join(record_file_name(backup_id))
     }
 
-    fn read_record_file(path: &Path) -> Result<Record> {
-        let text = std::fs::read(path).map_err(|e| TargetError::io("read", path, e))?;
+    fn open_dir(&self) -> Result<Dir> {
+        Dir::open(&self.dir).map_err(|e| TargetError::io("open", &self.dir, e))
+    }
+
+    /// Reads a file that is read whole (a record, checksums) of at most `cap` bytes: one
+    /// that is not a regular file or is bigger is damaged (`BadRecord`), never followed,
+    /// waited on or read.
+    fn read_whole(dir: &Dir, name: &str, cap: u64) -> Result<Vec<u8>> {
+        let path = dir.join(name);
+        dir.read_capped(name, cap).map_err(|e| {
+            if is_not_regular(&e) {
+                TargetError::BadRecord {
+                    path,
+                    message: e.to_string(),
+                }
+            } else if e.raw_os_error() == Some(libc::EFBIG) {
+                TargetError::BadRecord {
+                    path,
+                    message: format!("larger than {cap} bytes"),
+                }
+            } else {
+                TargetError::io("read", &path, e)
+            }
+        })
+    }
+
+    fn read_record_file(dir: &Dir, name: &str) -> Result<Record> {
+        let text = Self::read_whole(dir, name, RECORD_CAP)?;
+        let path = dir.join(name);
         let record: Record = serde_json::from_slice(&text).map_err(|e| TargetError::BadRecord {
-            path: path.to_path_buf(),
+            path: path.clone(),
             message: e.to_string(),
         })?;
         if record.format != FORMAT_VERSION {
             return Err(TargetError::BadRecord {
-                path: path.to_path_buf(),
+                path,
                 message: format!("unknown format version {}", record.format),
             });
         }
         Ok(record)
     }
 
-    fn sync_dir(&self) -> Result<()> {
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
+    /// Writes `bytes` to `name` in the pool directory: a new temporary file (a random
+    /// name, O_EXCL, so a link planted at a name we might use is never written through),
+    /// fsync, rename within the directory, fsync of the directory. A crash leaves the old
+    /// file or the new one, never half.
+    fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let dir = self.open_dir()?;
+        let path = dir.join(name);
+        let (tmp, file) = dir
+            .create_temporary(&format!(".{name}."), ".tmp")
+            .map_err(|e| TargetError::io("write", &path, e))?;
+        let write = || -> std::io::Result<()> {
+            (&file).write_all(bytes)?;
+            file.sync_all()?;
+            dir.rename(&tmp, name)
+        };
+        if let Err(e) = write() {
+            let _ = dir.remove(&tmp);
+            return Err(TargetError::io("write", &path, e));
+        }
+        dir.sync()
             .map_err(|e| TargetError::io("fsync", &self.dir, e))
     }
 
-    /// Writes `bytes` to `name` in the pool directory: temporary file, fsync, rename,
-    /// fsync of the directory. A crash leaves the old file or the new one, never half.
-    fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let path = self.dir.join(name);
-        // Unique per write: two writers of one record never share a temporary file.
-        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self
-            .dir
-            .join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(TargetError::io("write", &path, e));
-        }
-        self.sync_dir()
-    }
-
     fn remove(&self, name: &str) -> Result<()> {
-        let path = self.dir.join(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(),
+        let dir = self.open_dir()?;
+        match dir.remove(name) {
+            Ok(()) => dir
+                .sync()
+                .map_err(|e| TargetError::io("fsync", &self.dir, e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(TargetError::io("remove", &path, e)),
+            Err(e) => Err(TargetError::io("remove", &dir.join(name), e)),
         }
+    }
+}
+
+/// Opens (or makes, mode 0600) the target's lock file: a regular file of its own, never
+/// one a link points at.
+fn open_lock_file(dir: &Dir) -> std::io::Result<File> {
+    match dir.open_file(LOCK_FILE, OFlag::O_WRONLY) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match dir.create_new(LOCK_FILE, OFlag::O_WRONLY, 0o600) {
+                // Made by another start between the two calls.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    dir.open_file(LOCK_FILE, OFlag::O_WRONLY)
+                }
+                other => other,
+            }
+        }
+        other => other,
     }
 }
 
@@ -223,16 +261,16 @@ impl Catalogue for DirCatalogue {
     }
 
     fn records(&self) -> Result<Vec<Record>> {
-        let entries =
-            std::fs::read_dir(&self.dir).map_err(|e| TargetError::io("list", &self.dir, e))?;
+        let dir = self.open_dir()?;
+        let names = dir
+            .names()
+            .map_err(|e| TargetError::io("list", &self.dir, e))?;
         let mut records = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
+        for name in names {
             if !(name.starts_with("backup-") && name.ends_with(".json")) {
                 continue;
             }
-            match self.load_record(&entry.path()) {
+            match self.load_record(&dir, &name) {
                 Ok(record) => records.push(record),
                 // A record removed while listing is simply gone.
                 Err(TargetError::Io { source, .. })
@@ -247,7 +285,7 @@ impl Catalogue for DirCatalogue {
     }
 
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
-        match self.load_record(&self.record_path(backup_id)) {
+        match self.load_record(&self.open_dir()?, &record_file_name(backup_id)) {
             Err(TargetError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
@@ -288,9 +326,11 @@ impl Catalogue for DirCatalogue {
             entry.mac = Some(key.sums_mac(backup_id, &bytes));
             if let Some(name) = entry.leaves.clone() {
                 // Complete and flushed (the caller says so): what the next backup starts from.
-                let path = self.dir.join(&name);
                 let expected = sums.len() as u64 * crate::copy::LEAF_SUMS_PER_BLOCK_BYTES;
-                match read_regular(&path, expected) {
+                let found = self
+                    .open_dir()
+                    .and_then(|dir| Self::read_whole(&dir, &name, expected));
+                match found {
                     Ok(leaves) if leaves.len() as u64 == expected => {
                         entry.leaves_mac = Some(key.leaves_mac(backup_id, &leaves));
                     }
@@ -299,8 +339,7 @@ impl Catalogue for DirCatalogue {
                     found => {
                         tracing::warn!(
                             backup_id = %backup_id,
-                            "leaf sums not kept: {} is not the file this backup wrote ({})",
-                            path.display(),
+                            "leaf sums not kept: {name} is not the file this backup wrote ({})",
                             match found {
                                 Ok(bytes) => format!("{} bytes", bytes.len()),
                                 Err(e) => e.to_string(),
@@ -322,7 +361,9 @@ impl Catalogue for DirCatalogue {
         base: Option<&Record>,
         blocks: u64,
     ) -> Result<Option<File>> {
-        let path = self.dir.join(leaves_file_name(backup_id));
+        let dir = self.open_dir()?;
+        let name = leaves_file_name(backup_id);
+        let path = dir.join(&name);
         // The base's file, if its record names it (by the one name we give it). Without
         // it the new file starts as zeros: entries of blocks not read fail their check
         // (unless the block is all zeros, whose entries are zeros), so the next backups
@@ -332,7 +373,7 @@ impl Catalogue for DirCatalogue {
             if base.checksums.as_ref()?.leaves.as_ref()? != &name {
                 return None;
             }
-            match File::open(self.dir.join(&name)) {
+            match dir.open_file(&name, OFlag::O_RDONLY) {
                 Ok(file) => Some(file),
                 Err(e) => {
                     tracing::warn!(
@@ -345,13 +386,15 @@ impl Catalogue for DirCatalogue {
             }
         });
         let make = || -> std::io::Result<File> {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)?;
+            // A new file: whatever has the name already (a link, a leftover) goes first,
+            // and is never written through.
+            let file = match dir.create_new(&name, OFlag::O_RDWR, 0o600) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    dir.remove(&name)?;
+                    dir.create_new(&name, OFlag::O_RDWR, 0o600)?
+                }
+                other => other?,
+            };
             if let (Some(base_file), Some(key), Some(base)) = (&base_file, &self.key, base) {
                 // On a keyed target the parent's leaf sums are read whole and checked
                 // against their MAC, and the checked bytes written: xxh3 is no defence
@@ -375,7 +418,7 @@ impl Catalogue for DirCatalogue {
         match make() {
             Ok(file) => Ok(Some(file)),
             Err(e) => {
-                let _ = std::fs::remove_file(&path);
+                let _ = dir.remove(&name);
                 Err(TargetError::io("write", &path, e))
             }
         }
@@ -385,8 +428,18 @@ impl Catalogue for DirCatalogue {
         let Some(checksums) = &record.checksums else {
             return Ok(Vec::new());
         };
-        let path = self.dir.join(sums_file_name(&record.id));
-        let bytes = std::fs::read(&path).map_err(|e| TargetError::io("read", &path, e))?;
+        let dir = self.open_dir()?;
+        let name = sums_file_name(&record.id);
+        let path = dir.join(&name);
+        // Eight bytes per block the record names, not one more.
+        let cap = checksums
+            .blocks
+            .checked_mul(8)
+            .ok_or_else(|| TargetError::BadRecord {
+                path: self.record_path(&record.id),
+                message: format!("{} checksum blocks", checksums.blocks),
+            })?;
+        let bytes = Self::read_whole(&dir, &name, cap)?;
         if let Some(key) = &self.key
             && !key.sums_check(&record.id, checksums, &bytes)
         {
@@ -409,11 +462,11 @@ impl Catalogue for DirCatalogue {
     }
 
     fn remove_temporaries(&self) -> Result<()> {
-        let entries =
-            std::fs::read_dir(&self.dir).map_err(|e| TargetError::io("list", &self.dir, e))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
+        let dir = self.open_dir()?;
+        let names = dir
+            .names()
+            .map_err(|e| TargetError::io("list", &self.dir, e))?;
+        for name in names {
             if (name.starts_with(".backup-") && name.ends_with(".tmp"))
                 || claim::is_marker_temporary(&name)
             {
@@ -421,7 +474,8 @@ impl Catalogue for DirCatalogue {
                     target = self.target,
                     "removing {name} left by an interrupted write"
                 );
-                let _ = std::fs::remove_file(entry.path());
+                // unlinkat: a link under such a name goes, never what it points at.
+                let _ = dir.remove(&name);
             }
         }
         Ok(())
@@ -463,18 +517,94 @@ fn copy_checked_leaves(
     (&mut &*file).write_all(&bytes)
 }
 
-/// Reads a regular file whole, at most `limit` bytes and one more (so a longer one is told
-/// apart), without following a link or blocking on a FIFO at its name.
-fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
-    if !file.metadata()?.file_type().is_file() {
-        return Err(std::io::Error::other("not a regular file"));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0c1e2f3a-aaaa-4bbb-8ccc-123456789abc";
+    const B: &str = "6b0c2f1e-1111-4222-8333-444455556666";
+
+    fn record(id: &str) -> Record {
+        serde_json::from_value(serde_json::json!({
+            "format": 1, "id": id, "volume_id": "v", "backend": "b", "pool": "p",
+            "target": "t", "status": "available", "size": 3 << 20,
+            "created_at": "2026-01-01T00:00:00.000Z", "completed_at": null, "name": null,
+            "snapshot_used": false, "parent_id": null, "checksums": null, "error": null,
+        }))
+        .unwrap()
     }
-    let mut bytes = Vec::new();
-    file.take(limit + 1).read_to_end(&mut bytes)?;
-    Ok(bytes)
+
+    fn damaged(result: Result<impl std::fmt::Debug>) -> String {
+        match result {
+            Err(TargetError::BadRecord { message, .. }) => message,
+            other => panic!("not damaged: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn records_and_sums_that_are_links_fifos_or_too_big_are_damaged_and_never_read() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let host = scratch.path().join("host");
+        std::fs::write(&host, b"{}").unwrap();
+        let catalogue = DirCatalogue::open("t", &pool).unwrap();
+        let mut good = record(A);
+        let sums = catalogue
+            .write_checksums(&good.id, &[1, 2, 3], SumKind::CURRENT, false)
+            .unwrap();
+        good.checksums = Some(sums);
+        catalogue.write_record(&good).unwrap();
+        assert_eq!(catalogue.read_checksums(&good).unwrap(), [1, 2, 3]);
+
+        // Sums longer than the record's 3 blocks (sparse: 1 GiB would be slow to read).
+        let sums_file = File::options()
+            .write(true)
+            .open(pool.join(sums_file_name(A)))
+            .unwrap();
+        sums_file.set_len(1 << 30).unwrap();
+        assert_eq!(
+            damaged(catalogue.read_checksums(&good)),
+            "larger than 24 bytes"
+        );
+
+        let b = BackupId::parse(B).unwrap();
+        let other = pool.join(record_file_name(B));
+        type Plant = fn(&Path);
+        let plants: [(&str, Plant); 3] = [
+            ("a symbolic link", |p| {
+                std::os::unix::fs::symlink("../host", p).unwrap()
+            }),
+            ("a FIFO", |p| {
+                nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
+            }),
+            ("big", |p| {
+                File::create(p).unwrap().set_len(RECORD_CAP + 1).unwrap()
+            }),
+        ];
+        for (what, plant) in plants {
+            plant(&other);
+            let message = damaged(catalogue.record(&b));
+            assert!(
+                message.contains(what) || message == format!("larger than {RECORD_CAP} bytes"),
+                "{what}: {message}"
+            );
+            let listed: Vec<String> = catalogue
+                .records()
+                .unwrap()
+                .iter()
+                .map(|r| r.id.to_string())
+                .collect();
+            assert_eq!(listed, [A], "{what}");
+            std::fs::remove_file(&other).unwrap();
+        }
+
+        // A link at a temporary's name is swept as a name; its target stays.
+        let tmp = pool.join(format!(".{}.1.0.tmp", record_file_name(A)));
+        std::os::unix::fs::symlink(&host, &tmp).unwrap();
+        catalogue.write_record(&good).unwrap();
+        catalogue.remove_temporaries().unwrap();
+        assert!(std::fs::symlink_metadata(&tmp).is_err());
+        assert_eq!(std::fs::read(&host).unwrap(), b"{}");
+    }
 }

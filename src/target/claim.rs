@@ -3,16 +3,17 @@
 //! pool that holds anything else without that marker is never used as a target. So a
 //! misconfigured `pool = ...` can never make backupfs delete an operator's volumes.
 //! Inspecting writes nothing; only `claim` (called by the daemon, under the target lock)
-//! writes, and it renames or removes only files that a record names.
+//! writes, and it renames or removes only files that a record names. Like every file in
+//! a target, the marker is opened relative to the directory's descriptor, never through a
+//! link (`volume/dir.rs`), and written under an unpredictable temporary name.
 
 use super::LOCK_FILE;
 use super::record::{is_backup_id, rfc3339};
+use crate::volume::dir::{Dir, is_not_regular};
 use crate::volume::pools::{PoolRole, object_file_name};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -21,6 +22,8 @@ pub const MARKER: &str = ".backupfs-target";
 const FORMAT: u32 = 1;
 /// How many of the files found a refusal names.
 const NAMED_FILES: usize = 5;
+/// The largest marker read (one is about 150 bytes).
+const MARKER_CAP: u64 = 64 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Marker {
@@ -69,9 +72,15 @@ fn name_files(files: &[String], total: usize) -> String {
 
 /// The marker of a pool directory, if it has one.
 pub fn read_marker(dir: &Path) -> Result<Option<Marker>, ClaimError> {
-    let text = match std::fs::read(dir.join(MARKER)) {
+    let text = match Dir::open(dir)?.read_capped(MARKER, MARKER_CAP) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if is_not_regular(&e) => return Err(ClaimError::BadMarker(e.to_string())),
+        Err(e) if e.raw_os_error() == Some(libc::EFBIG) => {
+            return Err(ClaimError::BadMarker(format!(
+                "larger than {MARKER_CAP} bytes"
+            )));
+        }
         Err(e) => return Err(e.into()),
     };
     let marker: Marker =
@@ -129,11 +138,7 @@ fn legacy_backups(names: &BTreeSet<String>) -> Result<BTreeSet<String>, Vec<Stri
 }
 
 fn entries(dir: &Path) -> Result<BTreeSet<String>, ClaimError> {
-    let mut names = BTreeSet::new();
-    for entry in std::fs::read_dir(dir)? {
-        names.insert(entry?.file_name().to_string_lossy().into_owned());
-    }
-    Ok(names)
+    Ok(Dir::open(dir)?.names()?.into_iter().collect())
 }
 
 /// What `dir` is for target `target`; refuses a pool that another target claimed or that
@@ -177,37 +182,36 @@ pub fn claim(dir: &Path, target: &str) -> Result<Marker, ClaimError> {
         total: foreign.len(),
         files: foreign.into_iter().take(NAMED_FILES).collect(),
     })?;
+    let pool = Dir::open(dir)?;
+    // Names only: a link is renamed as a link (and never opened as data later).
+    let exists = |name: &str| pool.stat(name).is_ok();
     for id in &records {
-        let old = dir.join(format!("volume-{id}"));
-        let new = dir.join(object_file_name(PoolRole::Backups, id));
-        if !old.exists() {
+        let old = format!("volume-{id}");
+        let new = object_file_name(PoolRole::Backups, id);
+        if !exists(&old) {
             continue;
         }
-        if new.exists() {
+        if exists(&new) {
             tracing::error!(
-                "{}: both {} and {} exist; leaving both for an operator to look at",
+                "{}: both {old} and {new} exist; leaving both for an operator to look at",
                 dir.display(),
-                old.display(),
-                new.display()
             );
             continue;
         }
-        std::fs::rename(&old, &new)?;
+        pool.rename(&old, &new)?;
         tracing::info!(
-            "{}: backup {id}'s data renamed from {} to {}",
+            "{}: backup {id}'s data renamed from {old} to {new}",
             dir.display(),
-            old.display(),
-            new.display()
         );
     }
     for name in &names {
         // A qcow2 image an earlier version was creating when it crashed: a temporary name
         // only backupfs makes, for a record it names.
         if name.starts_with(".volume-") && name.contains(".creating-") {
-            let _ = std::fs::remove_file(dir.join(name));
+            let _ = pool.remove(name);
         }
     }
-    sync_dir(dir)?;
+    pool.sync()?;
     let marker = Marker {
         format: FORMAT,
         target: target.to_string(),
@@ -228,21 +232,18 @@ pub fn claim(dir: &Path, target: &str) -> Result<Marker, ClaimError> {
 /// Writes the marker so that it appears whole or not at all, and never replaces one that
 /// is there (link(2) fails with EEXIST).
 fn write_new(dir: &Path, marker: &Marker) -> Result<(), ClaimError> {
-    let tmp = dir.join(format!("{MARKER}.{}.tmp", std::process::id()));
     let mut bytes = serde_json::to_vec_pretty(marker).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
+    let pool = Dir::open(dir)?;
+    // A new file under a random name (O_EXCL, mode 0600 set on the descriptor): a link
+    // planted in the pool is never written through.
+    let (tmp, mut file) = pool.create_temporary(&format!("{MARKER}."), ".tmp")?;
     let result = (|| -> std::io::Result<()> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
         file.write_all(&bytes)?;
         file.sync_all()?;
-        std::fs::hard_link(&tmp, dir.join(MARKER))
+        pool.link(&tmp, MARKER)
     })();
-    let _ = std::fs::remove_file(&tmp);
+    let _ = pool.remove(&tmp);
     match result {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -251,7 +252,7 @@ fn write_new(dir: &Path, marker: &Marker) -> Result<(), ClaimError> {
         }
         Err(e) => return Err(e.into()),
     }
-    Ok(sync_dir(dir)?)
+    Ok(pool.sync()?)
 }
 
 /// Whether `name` is a temporary file of a marker write that a crash interrupted.
@@ -259,10 +260,6 @@ pub fn is_marker_temporary(name: &str) -> bool {
     name.strip_prefix(MARKER)
         .and_then(|rest| rest.strip_prefix('.'))
         .is_some_and(|rest| rest.ends_with(".tmp"))
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Every name in a claimed target pool that backupfs did not make (for the start-up log).
@@ -330,8 +327,43 @@ mod tests {
     }
 
     #[test]
+    fn a_marker_that_is_a_link_a_fifo_or_too_big_is_refused_never_followed_or_waited_on() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let elsewhere = scratch.path().join("marker");
+        let marker = Marker {
+            format: FORMAT,
+            target: "t".into(),
+            id: "x".into(),
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+        };
+        std::fs::write(&elsewhere, serde_json::to_vec(&marker).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, pool.join(MARKER)).unwrap();
+        assert!(matches!(read_marker(&pool), Err(ClaimError::BadMarker(m)) if m.contains("link")));
+        std::fs::remove_file(pool.join(MARKER)).unwrap();
+        nix::unistd::mkfifo(
+            &pool.join(MARKER),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        assert!(matches!(read_marker(&pool), Err(ClaimError::BadMarker(m)) if m.contains("FIFO")));
+        std::fs::remove_file(pool.join(MARKER)).unwrap();
+        std::fs::File::create(pool.join(MARKER))
+            .unwrap()
+            .set_len(MARKER_CAP + 1)
+            .unwrap();
+        assert!(
+            matches!(read_marker(&pool), Err(ClaimError::BadMarker(m)) if m.contains("larger"))
+        );
+    }
+
+    #[test]
     fn marker_temporaries_are_recognised() {
         assert!(is_marker_temporary(".backupfs-target.123.tmp"));
+        assert!(is_marker_temporary(
+            ".backupfs-target.0c1e2f3aaaaa4bbb8ccc123456789abc.tmp"
+        ));
         assert!(!is_marker_temporary(".backupfs-target"));
         assert!(!is_marker_temporary(".backupfs-targetx.tmp"));
     }

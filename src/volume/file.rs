@@ -1,14 +1,19 @@
 //! The `file` driver: a volume is the sparse raw file `volume-<id>` in a pool directory
 //! (Cinder's RemoteFS naming); snapshots are reflinks (`FICLONE`) beside it.
+//! Every file is opened through the pool's directory descriptor (`pools.rs`, `dir.rs`):
+//! a link or a special file named like a volume is no volume.
 //! It never writes to a volume file except through an attachment the engine asked for.
 
 use super::device::FileDevice;
+use super::dir::Dir;
 use super::pools::PoolDirs;
 use super::{Access, Attachment, Capabilities, Result, VolumeDriver, VolumeError, VolumeInfo};
-use std::fs::{File, OpenOptions};
+use nix::fcntl::OFlag;
+use nix::sys::stat::FileStat;
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
 
 pub struct FileDriver {
     pools: PoolDirs,
@@ -19,32 +24,36 @@ impl FileDriver {
         FileDriver { pools }
     }
 
-    fn info(pool: &str, volume_id: &str, meta: &std::fs::Metadata) -> VolumeInfo {
+    fn info(pool: &str, volume_id: &str, stat: &FileStat) -> VolumeInfo {
+        let mtime = u64::try_from(stat.st_mtime)
+            .map(|secs| UNIX_EPOCH + Duration::new(secs, stat.st_mtime_nsec as u32))
+            .unwrap_or(UNIX_EPOCH);
         VolumeInfo {
             id: volume_id.to_string(),
             pool: pool.to_string(),
-            size: meta.len(),
-            allocated: meta.blocks() * 512,
-            mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+            size: stat.st_size as u64,
+            allocated: stat.st_blocks as u64 * 512,
+            mtime,
         }
     }
 }
 
-/// Opens a volume file. A stream (a backup's one pass) uses O_DIRECT where the
-/// filesystem takes it, so a backup does not push the node's page cache out; it falls
-/// back to buffered I/O (tmpfs, some FUSE).
-fn open_volume_file(path: &Path, access: Access) -> std::io::Result<File> {
-    let mut options = OpenOptions::new();
-    options.read(true);
+/// Opens a volume file with `open` (the pool's guarded open of one name). A stream (a
+/// backup's one pass) uses O_DIRECT where the filesystem takes it, so a backup does not
+/// push the node's page cache out; it falls back to buffered I/O (tmpfs, some FUSE).
+fn open_volume_file(
+    access: Access,
+    open: impl Fn(OFlag) -> Result<(File, PathBuf)>,
+) -> Result<(File, PathBuf)> {
     match access {
-        Access::Write => return options.write(true).open(path),
-        Access::Read => return options.open(path),
-        Access::Stream => {}
-    }
-    match options.clone().custom_flags(libc::O_DIRECT).open(path) {
-        Ok(file) => Ok(file),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => options.open(path),
-        Err(e) => Err(e),
+        Access::Write => open(OFlag::O_RDWR),
+        Access::Read => open(OFlag::O_RDONLY),
+        Access::Stream => match open(OFlag::O_RDONLY | OFlag::O_DIRECT) {
+            Err(VolumeError::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                open(OFlag::O_RDONLY)
+            }
+            other => other,
+        },
     }
 }
 
@@ -64,7 +73,7 @@ pub(crate) fn loop_backing_files() -> Vec<PathBuf> {
 /// The first process holding a POSIX or OFD lock that conflicts with a write lock on the
 /// whole file (QEMU's image locks are OFD locks on single bytes), or a flock.
 pub(crate) fn lock_holder(path: &Path) -> std::io::Result<Option<String>> {
-    let file = File::open(path)?;
+    let file = super::dir::open_in(path, OFlag::O_RDONLY)?;
     let mut lock = libc::flock {
         l_type: libc::F_WRLCK as i16,
         l_whence: libc::SEEK_SET as i16,
@@ -157,64 +166,17 @@ pub(crate) fn is_no_reflink(e: &std::io::Error) -> bool {
     )
 }
 
-/// A point-in-time copy of `source` as the new file `dest` (mode 0600), sharing its
-/// blocks; on failure nothing is left at `dest`.
-pub(crate) fn reflink_copy(source: &Path, dest: &Path) -> std::io::Result<()> {
-    let from = File::open(source)?;
-    let to = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dest)?;
+/// A point-in-time copy of `source` as the new file `dest` in `dir` (O_EXCL, mode 0600),
+/// sharing its blocks; on failure nothing is left at `dest`.
+pub(crate) fn reflink_copy(source: &File, dir: &Dir, dest: &str) -> std::io::Result<()> {
+    let to = dir.create_new(dest, OFlag::O_WRONLY, 0o600)?;
     small_cow_extents(&to);
-    if let Err(e) = reflink(&from, &to).and_then(|()| to.sync_all()) {
+    if let Err(e) = reflink(source, &to).and_then(|()| to.sync_all()) {
         drop(to);
-        let _ = std::fs::remove_file(dest);
+        let _ = dir.remove(dest);
         return Err(e);
     }
     Ok(())
-}
-
-/// Whether `dir` can hold reflink snapshots: clones a small probe file there.
-/// Snapshots a volume file as a reflink beside it (both drivers keep volumes as files).
-pub(crate) fn reflink_snapshot(
-    backend: &str,
-    pool: &str,
-    volume_id: &str,
-    source_path: &Path,
-    snapshot_path: &Path,
-) -> Result<()> {
-    reflink_copy(source_path, snapshot_path).map_err(|e| {
-        if is_no_reflink(&e) {
-            VolumeError::SnapshotUnsupported(format!(
-                "pool {backend}/{pool} ({}) has no reflinks: {e}",
-                snapshot_path.parent().unwrap_or(Path::new("")).display()
-            ))
-        } else if e.kind() == std::io::ErrorKind::NotFound {
-            VolumeError::NotFound(volume_id.to_string())
-        } else {
-            VolumeError::io("snapshot", snapshot_path, e)
-        }
-    })
-}
-
-/// Deletes a volume file; one that is gone already is fine.
-pub(crate) fn remove_volume_file(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VolumeError::io("delete", path, e)),
-    }
-}
-
-/// Removes a reflinked snapshot file; one that is gone already is fine (recovery calls
-/// this blindly).
-pub(crate) fn remove_snapshot_file(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VolumeError::io("delete snapshot", path, e)),
-    }
 }
 
 /// Whether a pool directory can hold reflink snapshots, as `snapshot_support` says it.
@@ -231,33 +193,21 @@ pub(crate) fn reflink_support(
     })
 }
 
+/// Clones a 4 KiB probe file in `dir`. The probe's names are unpredictable and made
+/// with O_EXCL, so a link planted in the pool cannot turn the probe into a write
+/// elsewhere.
 pub(crate) fn probe_reflink(dir: &Path) -> std::io::Result<()> {
-    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let probe = |suffix: &str| {
-        dir.join(format!(
-            ".backupfs-reflink-probe-{}-{n}{suffix}",
-            std::process::id()
-        ))
-    };
-    let (a, b) = (probe("a"), probe("b"));
+    const PROBE: &str = ".backupfs-reflink-probe-";
+    let dir = Dir::open(dir)?;
+    let (source_name, source) = dir.create_temporary(PROBE, "")?;
     let result = (|| -> std::io::Result<()> {
-        let source = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&a)?;
         std::io::Write::write_all(&mut &source, &[0u8; 4096])?;
-        let dest = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&b)?;
-        reflink(&source, &dest)
+        let (dest_name, dest) = dir.create_temporary(PROBE, "")?;
+        let cloned = reflink(&source, &dest);
+        let _ = dir.remove(&dest_name);
+        cloned
     })();
-    let _ = std::fs::remove_file(&a);
-    let _ = std::fs::remove_file(&b);
+    let _ = dir.remove(&source_name);
     result
 }
 
@@ -292,61 +242,35 @@ pub(crate) fn on_loop_device(path: &Path) -> std::io::Result<bool> {
 
 impl VolumeDriver for FileDriver {
     fn list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
-        let mut volumes = Vec::new();
-        for (id, path) in self.pools.list(pool)? {
-            // A volume deleted between readdir and stat simply is not listed.
-            if let Ok(meta) = std::fs::metadata(&path)
-                && meta.is_file()
-            {
-                volumes.push(Self::info(pool, &id, &meta));
-            }
-        }
-        Ok(volumes)
+        Ok(self
+            .pools
+            .list_stats(pool)?
+            .iter()
+            .map(|(id, _, stat)| Self::info(pool, id, stat))
+            .collect())
     }
 
     fn stat(&self, pool: &str, volume_id: &str) -> Result<VolumeInfo> {
-        let path = self.pools.object_path(pool, volume_id)?;
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => Ok(Self::info(pool, volume_id, &meta)),
-            Ok(_) => Err(VolumeError::NotFound(volume_id.to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(VolumeError::NotFound(volume_id.to_string()))
-            }
-            Err(e) => Err(VolumeError::io("stat", path, e)),
-        }
+        let stat = self.pools.stat_object(pool, volume_id)?;
+        Ok(Self::info(pool, volume_id, &stat))
     }
 
     fn create(&self, pool: &str, volume_id: &str, size: u64) -> Result<VolumeInfo> {
-        let path = self.pools.object_path(pool, volume_id)?;
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    VolumeError::Exists(volume_id.to_string())
-                } else {
-                    VolumeError::io("create", &path, e)
-                }
-            })?;
+        let (file, path) = self.pools.create_object(pool, volume_id)?;
         if let Err(e) = file.set_len(size) {
-            // We made it a moment ago (create_new): ours to remove.
-            let _ = std::fs::remove_file(&path);
+            // We made it a moment ago (O_EXCL): ours to remove.
+            let _ = self.pools.remove_object(pool, volume_id);
             return Err(VolumeError::io("create", path, e));
         }
-        let meta = file
-            .metadata()
-            .map_err(|e| VolumeError::io("create", &path, e))?;
-        Ok(Self::info(pool, volume_id, &meta))
+        let stat =
+            nix::sys::stat::fstat(&file).map_err(|e| VolumeError::io("create", &path, e.into()))?;
+        Ok(Self::info(pool, volume_id, &stat))
     }
 
     fn grow(&self, pool: &str, volume_id: &str, size: u64) -> Result<()> {
-        let path = self.pools.object_path(pool, volume_id)?;
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|e| VolumeError::io("extend", &path, e))?;
+        let (file, path) = self
+            .pools
+            .open_object("extend", pool, volume_id, OFlag::O_WRONLY)?;
         let current = file
             .metadata()
             .map_err(|e| VolumeError::io("extend", &path, e))?
@@ -384,11 +308,9 @@ impl VolumeDriver for FileDriver {
         range: std::ops::Range<u64>,
     ) -> Result<Option<Vec<std::ops::Range<u64>>>> {
         let open = |name: &str| {
-            let path = self.pools.snapshot_path(pool, name)?;
-            File::open(&path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => VolumeError::NotFound(name.to_string()),
-                _ => VolumeError::io("open snapshot", &path, e),
-            })
+            self.pools
+                .open_snapshot(pool, name, OFlag::O_RDONLY)
+                .map(|(file, _)| file)
         };
         let (base, new) = (open(from)?, open(to)?);
         match super::fiemap::changed(&base, &new, range) {
@@ -420,13 +342,8 @@ impl VolumeDriver for FileDriver {
     }
 
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
-        let path = self.pools.object_path(pool, volume_id)?;
-        let file = open_volume_file(&path, access).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                VolumeError::NotFound(volume_id.to_string())
-            } else {
-                VolumeError::io("attach", &path, e)
-            }
+        let (file, path) = open_volume_file(access, |flags| {
+            self.pools.open_object("attach", pool, volume_id, flags)
         })?;
         if access == Access::Write {
             // Locked first, then checked: a hypervisor that starts from here on finds the
@@ -446,14 +363,16 @@ impl VolumeDriver for FileDriver {
     }
 
     fn attach_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<Attachment> {
-        let path = self.pools.snapshot_path(pool, snapshot_name)?;
-        let file = open_volume_file(&path, Access::Stream)
-            .map_err(|e| VolumeError::io("attach", &path, e))?;
+        let (file, path) = open_volume_file(Access::Stream, |flags| {
+            self.pools.open_snapshot(pool, snapshot_name, flags)
+        })?;
         Ok(Attachment::new(FileDevice::new(file, path)))
     }
 
     fn in_use(&self, pool: &str, volume_id: &str) -> Result<Option<String>> {
         let path = self.pools.object_path(pool, volume_id)?;
+        // Only a volume is asked about: a link planted under its name is refused here.
+        self.pools.stat_object(pool, volume_id)?;
         if on_loop_device(&path).map_err(|e| VolumeError::io("check in-use", &path, e))? {
             return Ok(Some("bound to a loop device".to_string()));
         }

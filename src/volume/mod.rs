@@ -4,6 +4,7 @@
 //! calls the engine or the FUSE layer.
 
 pub mod device;
+pub mod dir;
 pub mod fiemap;
 pub mod file;
 pub mod pools;

@@ -2,11 +2,20 @@
 //! directory a pool is, what it holds by configuration, and the one naming rule for the
 //! files in it. A volume pool holds Cinder's `volume-<id>`; a target's pool holds
 //! backupfs' own `backup-<id>.img`, a name no volume driver uses, so neither is ever
-//! taken for the other. It never creates or removes a file itself.
+//! taken for the other. Every file in a pool is opened relative to
+//! the pool's directory descriptor (`dir.rs`): a link or a special file planted under a
+//! volume's name is no volume. It never creates or removes a file on its own.
 
+use super::dir::{Dir, is_not_regular, xattr};
 use super::{Result, VolumeError, is_valid_id};
-use std::collections::BTreeMap;
+use nix::fcntl::OFlag;
+use nix::sys::stat::FileStat;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// What a pool holds, as the configuration says: a pool named by a target holds backups
 /// only and serves no volumes.
@@ -46,6 +55,8 @@ pub fn object_id(role: PoolRole, file_name: &str) -> Option<&str> {
 pub struct PoolDirs {
     backend: String,
     pools: BTreeMap<String, (PathBuf, PoolRole)>,
+    /// Names refused as not regular files and logged already: a listing logs each once.
+    skipped: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl PoolDirs {
@@ -69,6 +80,7 @@ impl PoolDirs {
         PoolDirs {
             backend: backend.to_string(),
             pools,
+            skipped: Arc::default(),
         }
     }
 
@@ -94,79 +106,209 @@ impl PoolDirs {
         Ok(self.entry(pool)?.1)
     }
 
-    /// The file of object `id` (a volume, or a backup in a target's pool).
-    pub fn object_path(&self, pool: &str, id: &str) -> Result<PathBuf> {
-        // Callers validate IDs; this is the last guard before a path is built.
+    /// The pool's directory, open: every file of the pool is opened relative to it.
+    fn open_dir(&self, pool: &str) -> Result<Dir> {
+        let dir = self.dir(pool)?;
+        Dir::open(dir).map_err(|e| VolumeError::io("open pool", dir, e))
+    }
+
+    /// [`PoolDirs::open_dir`], for a look at object `id`: a pool directory that is gone
+    /// holds no such object (so `find` goes on to the next pool, as a stat by path did).
+    fn open_dir_for(&self, pool: &str, id: &str) -> Result<Dir> {
+        match self.open_dir(pool) {
+            Err(VolumeError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Err(VolumeError::NotFound(id.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    /// The file name of object `id` (a volume, or a backup in a target's pool).
+    fn object_name(&self, pool: &str, id: &str) -> Result<String> {
+        // Callers validate IDs; this is the last guard before a name is built.
         if !is_valid_id(id) {
             return Err(VolumeError::NotFound(id.to_string()));
         }
-        let (dir, role) = self.entry(pool)?;
-        Ok(dir.join(object_file_name(*role, id)))
+        Ok(object_file_name(self.role(pool)?, id))
     }
 
-    /// The file of a temporary snapshot `name` (made by the engine, always
+    /// The file name of a temporary snapshot `name` (made by the engine, always
     /// `snapshot-backupfs-<backup-id>`).
-    pub fn snapshot_path(&self, pool: &str, name: &str) -> Result<PathBuf> {
+    fn snapshot_name<'a>(&self, name: &'a str) -> Result<&'a str> {
         if !is_valid_id(name) || !name.starts_with(SNAPSHOT_PREFIX) {
             return Err(VolumeError::NotFound(name.to_string()));
         }
-        Ok(self.dir(pool)?.join(name))
+        Ok(name)
     }
 
-    /// The objects of a pool: (ID, path), for the files named by the pool's role only.
+    /// Where object `id` is, for messages and for the tools that take a path (qemu-img);
+    /// backupfs itself opens it with [`PoolDirs::open_object`].
+    pub fn object_path(&self, pool: &str, id: &str) -> Result<PathBuf> {
+        Ok(self.dir(pool)?.join(self.object_name(pool, id)?))
+    }
+
+    /// Where temporary snapshot `name` is (see [`PoolDirs::object_path`]).
+    pub fn snapshot_path(&self, pool: &str, name: &str) -> Result<PathBuf> {
+        Ok(self.dir(pool)?.join(self.snapshot_name(name)?))
+    }
+
+    /// What a failed look at `what` (object or snapshot `id`, at `path`) means: a name
+    /// that is gone, or is not a regular file (a link, a FIFO, a device someone put in
+    /// the pool), is no volume of ours (`NotFound`, ENOENT at the mount). `quiet`: a
+    /// listing or a stat, logged once per name for the daemon's life, where an operation
+    /// on the name is logged each time.
+    fn refused(
+        &self,
+        op: &'static str,
+        id: &str,
+        path: PathBuf,
+        e: io::Error,
+        quiet: bool,
+    ) -> VolumeError {
+        if e.kind() == io::ErrorKind::NotFound {
+            return VolumeError::NotFound(id.to_string());
+        }
+        if is_not_regular(&e) {
+            if !quiet || self.skipped.lock().insert(path.clone()) {
+                tracing::warn!("{} {e}: not a volume, refused ({op})", path.display());
+            }
+            return VolumeError::NotFound(id.to_string());
+        }
+        VolumeError::io(op, path, e)
+    }
+
+    /// The objects of a pool: (ID, path), for the regular files named by the pool's role
+    /// only (a link or a special file under such a name is skipped, and logged once).
     pub fn list(&self, pool: &str) -> Result<Vec<(String, PathBuf)>> {
-        let (dir, role) = self.entry(pool)?;
-        let entries = std::fs::read_dir(dir).map_err(|e| VolumeError::io("list", dir, e))?;
+        Ok(self
+            .list_stats(pool)?
+            .into_iter()
+            .map(|(id, path, _)| (id, path))
+            .collect())
+    }
+
+    /// [`PoolDirs::list`], with what each file is (from the same look at it).
+    pub fn list_stats(&self, pool: &str) -> Result<Vec<(String, PathBuf, FileStat)>> {
+        let role = self.role(pool)?;
+        let dir = self.open_dir(pool)?;
+        let names = dir
+            .names()
+            .map_err(|e| VolumeError::io("list", dir.path(), e))?;
         let mut found = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if let Some(id) = name.to_str().and_then(|n| object_id(*role, n)) {
-                found.push((id.to_string(), entry.path()));
+        for name in names {
+            let Some(id) = object_id(role, &name) else {
+                continue;
+            };
+            match dir.stat_regular(&name) {
+                Ok(stat) => found.push((id.to_string(), dir.join(&name), stat)),
+                // Gone since readdir: not listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    self.refused("list", id, dir.join(&name), e, true);
+                }
             }
         }
-        found.sort();
+        found.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         Ok(found)
     }
 
-    /// Deletes object `id`'s file; one that is gone already is fine.
+    /// What object `id`'s file is (a regular file, never what a link points at).
+    pub fn stat_object(&self, pool: &str, id: &str) -> Result<FileStat> {
+        let (dir, name) = (self.open_dir_for(pool, id)?, self.object_name(pool, id)?);
+        dir.stat_regular(&name)
+            .map_err(|e| self.refused("stat", id, dir.join(&name), e, true))
+    }
+
+    /// Opens object `id`'s file with `flags` (see [`Dir::open_file`]); `op` names the
+    /// operation in messages.
+    pub fn open_object(
+        &self,
+        op: &'static str,
+        pool: &str,
+        id: &str,
+        flags: OFlag,
+    ) -> Result<(File, PathBuf)> {
+        let (dir, name) = (self.open_dir_for(pool, id)?, self.object_name(pool, id)?);
+        match dir.open_file(&name, flags) {
+            Ok(file) => Ok((file, dir.join(&name))),
+            Err(e) => Err(self.refused(op, id, dir.join(&name), e, false)),
+        }
+    }
+
+    /// Opens temporary snapshot `name` for reading (see [`PoolDirs::open_object`]).
+    pub fn open_snapshot(&self, pool: &str, name: &str, flags: OFlag) -> Result<(File, PathBuf)> {
+        let (dir, file_name) = (self.open_dir_for(pool, name)?, self.snapshot_name(name)?);
+        match dir.open_file(file_name, flags) {
+            Ok(file) => Ok((file, dir.join(file_name))),
+            Err(e) => Err(self.refused("open snapshot", name, dir.join(file_name), e, false)),
+        }
+    }
+
+    /// Creates object `id`'s file, new (O_EXCL: `Exists` if anything has the name),
+    /// mode 0600, open for reading and writing.
+    pub fn create_object(&self, pool: &str, id: &str) -> Result<(File, PathBuf)> {
+        let (dir, name) = (self.open_dir(pool)?, self.object_name(pool, id)?);
+        match dir.create_new(&name, OFlag::O_RDWR, 0o600) {
+            Ok(file) => Ok((file, dir.join(&name))),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                Err(VolumeError::Exists(id.to_string()))
+            }
+            Err(e) => Err(VolumeError::io("create", dir.join(&name), e)),
+        }
+    }
+
+    /// Deletes object `id`'s name (a link is removed, never what it points at); one that
+    /// is gone already is fine.
     pub fn remove_object(&self, pool: &str, id: &str) -> Result<()> {
-        super::file::remove_volume_file(&self.object_path(pool, id)?)
+        let name = self.object_name(pool, id)?;
+        match self.open_dir_for(pool, id) {
+            Ok(dir) => remove_name(&dir, &name, "delete"),
+            Err(VolumeError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// A snapshot of object `id` as a reflink of its file, `name` beside it.
     pub fn reflink_snapshot(&self, pool: &str, id: &str, name: &str) -> Result<()> {
-        super::file::reflink_snapshot(
-            &self.backend,
-            pool,
-            id,
-            &self.object_path(pool, id)?,
-            &self.snapshot_path(pool, name)?,
-        )
+        let (source, _) = self.open_object("snapshot", pool, id, OFlag::O_RDONLY)?;
+        let dir = self.open_dir(pool)?;
+        let snapshot = self.snapshot_name(name)?;
+        super::file::reflink_copy(&source, &dir, snapshot).map_err(|e| {
+            if super::file::is_no_reflink(&e) {
+                VolumeError::SnapshotUnsupported(format!(
+                    "pool {}/{pool} ({}) has no reflinks: {e}",
+                    self.backend,
+                    dir.path().display()
+                ))
+            } else {
+                VolumeError::io("snapshot", dir.join(snapshot), e)
+            }
+        })
     }
 
     /// A new object `new_id` as a reflink of `source_id`'s file (same bytes, shared
     /// blocks); false where the filesystem has no reflinks.
     pub fn reflink_object(&self, pool: &str, source_id: &str, new_id: &str) -> Result<bool> {
-        let (source, dest) = (
-            self.object_path(pool, source_id)?,
-            self.object_path(pool, new_id)?,
-        );
-        match super::file::reflink_copy(&source, &dest) {
+        let (source, _) = self.open_object("clone", pool, source_id, OFlag::O_RDONLY)?;
+        let (dir, name) = (self.open_dir(pool)?, self.object_name(pool, new_id)?);
+        match super::file::reflink_copy(&source, &dir, &name) {
             Ok(()) => Ok(true),
             Err(e) if super::file::is_no_reflink(&e) => Ok(false),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(VolumeError::NotFound(source_id.to_string()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 Err(VolumeError::Exists(new_id.to_string()))
             }
-            Err(e) => Err(VolumeError::io("clone", dest, e)),
+            Err(e) => Err(VolumeError::io("clone", dir.join(&name), e)),
         }
     }
 
     /// Removes snapshot `name`; one that is gone already is fine.
     pub fn remove_snapshot(&self, pool: &str, name: &str) -> Result<()> {
-        super::file::remove_snapshot_file(&self.snapshot_path(pool, name)?)
+        let file_name = self.snapshot_name(name)?;
+        match self.open_dir_for(pool, name) {
+            Ok(dir) => remove_name(&dir, file_name, "delete snapshot"),
+            Err(VolumeError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// What reflinks allow in a pool (probed: a pool on ext4 has none): snapshots, and
@@ -183,19 +325,17 @@ impl PoolDirs {
     }
 
     /// Sets (None: removes) the note `key` of object `id`: an extended attribute
-    /// `user.backupfs.<key>` of its file. A filesystem without user attributes keeps none.
+    /// `user.backupfs.<key>` of its file, set on the descriptor. A filesystem without user
+    /// attributes keeps none.
     pub fn set_note(&self, pool: &str, id: &str, key: &str, value: Option<&str>) -> Result<()> {
-        let path = self.object_path(pool, id)?;
+        let (file, path) = self.open_object("note", pool, id, OFlag::O_RDONLY)?;
         let name = format!("user.backupfs.{key}");
         let done = match value {
-            Some(value) => xattr::set(&path, &name, value.as_bytes()),
-            None => xattr::remove(&path, &name),
+            Some(value) => xattr::set(&file, &name, value.as_bytes()),
+            None => xattr::remove(&file, &name),
         };
         match done {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(VolumeError::NotFound(id.to_string()))
-            }
             Err(e) => Err(VolumeError::io("note", path, e)),
             Ok(()) => Ok(()),
         }
@@ -203,14 +343,11 @@ impl PoolDirs {
 
     /// The note `key` of object `id`.
     pub fn note(&self, pool: &str, id: &str, key: &str) -> Result<Option<String>> {
-        let path = self.object_path(pool, id)?;
-        match xattr::get(&path, &format!("user.backupfs.{key}")) {
+        let (file, path) = self.open_object("note", pool, id, OFlag::O_RDONLY)?;
+        match xattr::get(&file, &format!("user.backupfs.{key}")) {
             Ok(value) => Ok(Some(String::from_utf8_lossy(&value).into_owned())),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => {
                 Ok(None)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(VolumeError::NotFound(id.to_string()))
             }
             Err(e) => Err(VolumeError::io("note", path, e)),
         }
@@ -227,61 +364,12 @@ impl PoolDirs {
     }
 }
 
-/// Extended attributes of a file, by path.
-mod xattr {
-    use std::ffi::CString;
-    use std::io;
-    use std::os::unix::ffi::OsStrExt;
-    use std::path::Path;
-
-    fn c(text: &[u8]) -> io::Result<CString> {
-        CString::new(text).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-    }
-
-    pub fn set(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-        let (path, name) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
-        // SAFETY: valid C strings and a buffer of value.len() bytes.
-        let rc = unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    pub fn remove(path: &Path, name: &str) -> io::Result<()> {
-        let (path, name) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
-        // SAFETY: valid C strings.
-        if unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    pub fn get(path: &Path, name: &str) -> io::Result<Vec<u8>> {
-        let (path, name) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
-        let mut value = vec![0u8; 4096];
-        // SAFETY: valid C strings and a buffer of value.len() bytes.
-        let n = unsafe {
-            libc::getxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        value.truncate(n as usize);
-        Ok(value)
+/// Removes `name` from `dir`; gone already is fine.
+fn remove_name(dir: &Dir, name: &str, op: &'static str) -> Result<()> {
+    match dir.remove(name) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(VolumeError::io(op, dir.join(name), e)),
     }
 }
 

@@ -89,20 +89,19 @@ impl Qcow2Driver {
     /// what `checked` refuses.
     fn open_image(&self, pool: &str, volume_id: &str, path: &Path) -> Result<Image> {
         let not_found = || VolumeError::NotFound(volume_id.to_string());
-        // No link is followed (the name must be the image itself), and a FIFO planted under
-        // a volume's name is not waited on.
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOENT) => not_found(),
-                Some(libc::ELOOP) => {
-                    tracing::debug!("{} is a symbolic link: not a volume", path.display());
-                    not_found()
-                }
+        // Relative to the pool's directory (volume/dir.rs): no link is followed (the name
+        // must be the image itself), and a FIFO or device planted under a volume's name is
+        // neither opened nor waited on. Logged once per name by the pool's listing.
+        let file = super::dir::open_in(path, nix::fcntl::OFlag::O_RDONLY).map_err(|e| {
+            if super::dir::is_not_regular(&e) {
+                tracing::debug!("{} {e}: not a volume", path.display());
+                return not_found();
+            }
+            match e.kind() {
+                std::io::ErrorKind::NotFound => not_found(),
                 _ => VolumeError::io("stat", path, e),
-            })?;
+            }
+        })?;
         let meta = file
             .metadata()
             .map_err(|e| VolumeError::io("stat", path, e))?;
