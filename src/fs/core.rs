@@ -4,7 +4,7 @@
 //! engine errors into errnos through `errno` only, and never touches storage itself.
 
 use super::errno::errno;
-use super::handles::{Attached, Handle, VolumeHandle};
+use super::handles::{Attached, Handle, Slot, Table, VolumeHandle};
 use super::inodes::Inodes;
 use super::tree::{self, Modes, Node};
 use super::{XATTR_PREFIX, pool, refuse};
@@ -14,11 +14,8 @@ use fuser::{
     Errno, FileAttr, FileHandle, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags,
     ReplyAttr, ReplyEntry, ReplyOpen,
 };
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 use tracing::warn;
 
@@ -26,8 +23,7 @@ use tracing::warn;
 pub(crate) struct Core {
     pub(super) engine: Arc<Engine>,
     pub(super) inodes: Inodes,
-    pub(super) handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    pub(super) next_fh: AtomicU64,
+    pub(super) handles: Table,
     pub(super) modes: Modes,
     pub(super) mounted_at: SystemTime,
     pub(super) pool: pool::Pool,
@@ -40,13 +36,20 @@ impl Core {
     }
 
     pub(super) fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
-        self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+        self.handles.get(fh.0).ok_or(Errno::EBADF)
     }
 
-    pub(super) fn open_handle(&self, handle: Handle) -> FileHandle {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, Arc::new(handle));
-        FileHandle(fh)
+    /// Room for one more open file of `uid`, or EMFILE (logged) past the caps.
+    pub(super) fn reserve(&self, uid: u32, what: &str) -> Result<Slot, Errno> {
+        self.handles.reserve(uid).map_err(|e| {
+            let code = super::errno::limit(&e);
+            warn!("open of {what} refused ({}): {e}", super::errno::name(code));
+            code
+        })
+    }
+
+    pub(super) fn open_handle(&self, slot: Slot, handle: Handle) -> FileHandle {
+        FileHandle(self.handles.insert(slot, handle))
     }
 
     pub(super) fn attr(&self, node: &Node, ino: u64) -> Result<FileAttr, EngineError> {
@@ -99,6 +102,7 @@ impl Core {
         volume_id: &VolumeId,
         flags: OpenFlags,
         opener: u32,
+        slot: Slot,
         reply: ReplyOpen,
     ) {
         let result = match flags.acc_mode() {
@@ -113,9 +117,10 @@ impl Core {
         };
         match result {
             Ok(attached) => {
-                let fh = self.open_handle(Handle::Volume(VolumeHandle::new(
-                    backend, volume_id, attached, opener,
-                )));
+                let fh = self.open_handle(
+                    slot,
+                    Handle::Volume(VolumeHandle::new(backend, volume_id, attached, opener)),
+                );
                 // Volumes change behind our back (a hypervisor may write them): no caching.
                 reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
             }

@@ -1,7 +1,8 @@
 //! Open files of the mount. A volume's handle holds its attachment only while the file is
 //! in use: `close` (FUSE flush) detaches it at once, so a hypervisor that starts right
 //! after `cp` or a backup finds the volume free; a later write through a duplicated
-//! descriptor attaches it again.
+//! descriptor attaches it again. Open files are counted per user and in all, and an open
+//! beyond the caps is refused before any work is done for it.
 
 use super::control::ControlFile;
 use super::tree::Node;
@@ -10,7 +11,9 @@ use crate::ids::VolumeId;
 use crate::volume::Attachment;
 use crate::volume::device::BlockDevice;
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub(super) enum Handle {
     /// `request` or `verify`: a write starts work, a read gives its answer.
@@ -132,5 +135,192 @@ impl VolumeHandle {
     /// a qcow2 export waits for qemu-storage-daemon).
     pub(super) fn detach(&self) -> Option<Attached> {
         self.attached.lock().take()
+    }
+}
+
+/// Descriptors kept back from the handle and export budgets for everything else the
+/// daemon holds: pools, targets, locks, the FUSE device, librados' sockets.
+const RESERVED_DESCRIPTORS: u64 = 256;
+/// Beyond this many open files the daemon's memory (a checksum table per image), not its
+/// descriptors, is what runs out.
+const MAX_HANDLES: usize = 4096;
+
+/// How many files of the mount may be open at once: in all, and per user other than
+/// root. Each open file may hold up to two descriptors of the daemon (an image's data and
+/// its sums; a volume's device), so both follow from RLIMIT_NOFILE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub total: usize,
+    pub per_user: usize,
+}
+
+impl Limits {
+    /// The caps for a soft RLIMIT_NOFILE of `nofile` (README.md, "Limits").
+    pub(crate) fn for_descriptors(nofile: u64) -> Limits {
+        let spare =
+            usize::try_from(nofile.saturating_sub(RESERVED_DESCRIPTORS) / 2).unwrap_or(MAX_HANDLES);
+        let total = spare.clamp(8, MAX_HANDLES);
+        Limits {
+            total,
+            // Eight users at their cap fill the table: one user never locks out the rest.
+            per_user: (total / 8).max(2),
+        }
+    }
+
+    /// The caps for this process's soft RLIMIT_NOFILE.
+    pub(crate) fn of_process() -> (Limits, u64) {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit(2) writes one rlimit into the struct we own.
+        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        // The usual default if the call fails (it cannot for this resource).
+        let nofile = if got == 0 { limit.rlim_cur } else { 1024 };
+        (Limits::for_descriptors(nofile), nofile)
+    }
+}
+
+/// Why an open was refused for want of room (EMFILE).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LimitError {
+    #[error("{open} files of the mount are open, the most it serves at once")]
+    Total { open: usize },
+    #[error("uid {uid} has {open} files of the mount open, the most one user other than root may")]
+    PerUser { uid: u32, open: usize },
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_uid: HashMap<u32, usize>,
+}
+
+/// The open files, counted per user against the `Limits`.
+pub(super) struct Table {
+    handles: Mutex<HashMap<u64, (Arc<Handle>, Slot)>>,
+    counts: Arc<Mutex<Counts>>,
+    limits: Limits,
+    next_fh: AtomicU64,
+}
+
+/// Room for one open file, taken before the work of the open (attaching a volume may
+/// start a process) and given back when dropped, whether the open succeeded or not.
+pub(super) struct Slot {
+    counts: Arc<Mutex<Counts>>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock();
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(open) = counts.per_uid.get_mut(&self.uid) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                counts.per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+impl Table {
+    pub(super) fn new(limits: Limits) -> Table {
+        Table {
+            handles: Mutex::new(HashMap::new()),
+            counts: Arc::new(Mutex::new(Counts::default())),
+            limits,
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// Room for one more open file of `uid`; root is held to the total only.
+    pub(super) fn reserve(&self, uid: u32) -> Result<Slot, LimitError> {
+        let mut counts = self.counts.lock();
+        if counts.total >= self.limits.total {
+            return Err(LimitError::Total { open: counts.total });
+        }
+        let open = counts.per_uid.get(&uid).copied().unwrap_or(0);
+        if uid != 0 && open >= self.limits.per_user {
+            return Err(LimitError::PerUser { uid, open });
+        }
+        counts.total += 1;
+        counts.per_uid.insert(uid, open + 1);
+        Ok(Slot {
+            counts: self.counts.clone(),
+            uid,
+        })
+    }
+
+    /// Puts `handle` in the room `slot` holds, until `remove`.
+    pub(super) fn insert(&self, slot: Slot, handle: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, (Arc::new(handle), slot));
+        fh
+    }
+
+    pub(super) fn get(&self, fh: u64) -> Option<Arc<Handle>> {
+        self.handles
+            .lock()
+            .get(&fh)
+            .map(|(handle, _)| handle.clone())
+    }
+
+    /// Takes a released file out; its room is free again at once.
+    pub(super) fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
+        let removed = self.handles.lock().remove(&fh);
+        removed.map(|(handle, _slot)| handle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_follow_the_descriptor_limit() {
+        assert_eq!(
+            Limits::for_descriptors(1024),
+            Limits {
+                total: 384,
+                per_user: 48
+            }
+        );
+        assert_eq!(
+            Limits::for_descriptors(320),
+            Limits {
+                total: 32,
+                per_user: 4
+            }
+        );
+        // Tiny or huge limits still give a usable, bounded table.
+        assert_eq!(Limits::for_descriptors(0).total, 8);
+        assert_eq!(Limits::for_descriptors(0).per_user, 2);
+        assert_eq!(Limits::for_descriptors(u64::MAX).total, MAX_HANDLES);
+    }
+
+    #[test]
+    fn per_user_cap_spares_root_and_rooms_come_back() {
+        let table = Table::new(Limits {
+            total: 5,
+            per_user: 2,
+        });
+        let first = table.reserve(1000).unwrap();
+        let _second = table.reserve(1000).unwrap();
+        assert!(matches!(
+            table.reserve(1000),
+            Err(LimitError::PerUser { uid: 1000, open: 2 })
+        ));
+        // Another user and root still get room, root past the per-user cap.
+        let _other = table.reserve(1001).unwrap();
+        let _root = [table.reserve(0).unwrap(), table.reserve(0).unwrap()];
+        assert!(matches!(
+            table.reserve(0),
+            Err(LimitError::Total { open: 5 })
+        ));
+        // A released file (or a failed open) gives its room back.
+        let fh = table.insert(first, Handle::Text(Vec::new()));
+        assert!(table.remove(fh).is_some());
+        let _again = table.reserve(1000).unwrap();
     }
 }

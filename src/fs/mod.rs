@@ -24,17 +24,14 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use handles::{Attached, Handle, VolumeHandle, process_of};
+use handles::{Attached, Handle, Limits, Table, VolumeHandle, process_of};
 use inodes::Inodes;
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::SystemTime;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 use tree::{Modes, Node};
 
 /// Largest piece of a server-side copy answered at once (the reply counts in u32).
@@ -81,12 +78,16 @@ impl BackupFs {
             gid: gid.unwrap_or(0),
             group_read: gid.is_some(),
         };
+        let (limits, nofile) = Limits::of_process();
+        info!(
+            "open files of the mount capped at {} in all, {} per user other than root (RLIMIT_NOFILE {nofile})",
+            limits.total, limits.per_user
+        );
         Ok(BackupFs {
             core: Arc::new(Core {
                 engine,
                 inodes: Inodes::default(),
-                handles: Mutex::new(HashMap::new()),
-                next_fh: AtomicU64::new(1),
+                handles: Table::new(limits),
                 modes,
                 mounted_at: SystemTime::now(),
                 pool: pool::Pool::new(SLOW_THREADS)?,
@@ -330,11 +331,16 @@ impl Filesystem for BackupFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let pid = req.pid();
+        let (pid, uid) = (req.pid(), req.uid());
         guard("open", || {
             let core = &self.core;
             let node = match core.node(ino) {
                 Ok(node) => node,
+                Err(e) => return reply.error(e),
+            };
+            // Before any work: an open past the caps must not attach a volume first.
+            let slot = match core.reserve(uid, &format!("inode {}", ino.0)) {
+                Ok(slot) => slot,
                 Err(e) => return reply.error(e),
             };
             let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
@@ -345,7 +351,7 @@ impl Filesystem for BackupFs {
                     } else {
                         Control::Verify
                     };
-                    let fh = core.open_handle(Handle::Control(ControlFile::new(kind, t)));
+                    let fh = core.open_handle(slot, Handle::Control(ControlFile::new(kind, t)));
                     reply.opened(
                         fh,
                         FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
@@ -363,12 +369,13 @@ impl Filesystem for BackupFs {
                         text.push_str(&restore.line());
                         text.push('\n');
                     }
-                    let fh = core.open_handle(Handle::Text(text.into_bytes()));
+                    let fh = core.open_handle(slot, Handle::Text(text.into_bytes()));
                     reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                 }
                 // Reads every record of every target, at each scrape.
                 Node::MetricsFile => self.slow("open", move |core| {
-                    let fh = core.open_handle(Handle::Text(core.engine.metrics().into_bytes()));
+                    let text = core.engine.metrics().into_bytes();
+                    let fh = core.open_handle(slot, Handle::Text(text));
                     reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                 }),
                 Node::Jobs(t) => {
@@ -377,12 +384,12 @@ impl Filesystem for BackupFs {
                         text.push_str(&job.line());
                         text.push('\n');
                     }
-                    let fh = core.open_handle(Handle::Text(text.into_bytes()));
+                    let fh = core.open_handle(slot, Handle::Text(text.into_bytes()));
                     reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                 }
                 Node::Record(t, id) => match core.engine.record(t, id) {
                     Ok(record) => {
-                        let fh = core.open_handle(Handle::Text(tree::record_json(&record)));
+                        let fh = core.open_handle(slot, Handle::Text(tree::record_json(&record)));
                         reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                     }
                     Err(e) => reply.error(errno(&e)),
@@ -396,7 +403,7 @@ impl Filesystem for BackupFs {
                     let (t, id) = (t.clone(), id.clone());
                     self.slow("open", move |core| match core.engine.open_image(&t, &id) {
                         Ok(image) => {
-                            let fh = core.open_handle(Handle::Image(image));
+                            let fh = core.open_handle(slot, Handle::Image(image));
                             // Images never change: pages the daemon checked may stay cached.
                             reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
                         }
@@ -407,7 +414,7 @@ impl Filesystem for BackupFs {
                 Node::Volume(b, v) => {
                     let (b, v) = (b.clone(), v.clone());
                     self.slow("open", move |core| {
-                        core.open_volume(&b, &v, flags, process_of(pid), reply)
+                        core.open_volume(&b, &v, flags, process_of(pid), slot, reply)
                     })
                 }
                 _ => reply.error(Errno::EISDIR),
@@ -580,7 +587,7 @@ impl Filesystem for BackupFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let handle = self.core.handles.lock().remove(&fh.0);
+        let handle = self.core.handles.remove(fh.0);
         reply.ok();
         // Dropping the last handle of a volume detaches it, which may wait for a process.
         if let Some(handle) = handle {
@@ -608,16 +615,21 @@ impl Filesystem for BackupFs {
         })
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let uid = req.uid();
         guard("opendir", || {
             let core = &self.core;
             let node = match core.node(ino) {
                 Ok(node) => node,
                 Err(e) => return reply.error(e),
             };
+            let slot = match core.reserve(uid, &format!("directory inode {}", ino.0)) {
+                Ok(slot) => slot,
+                Err(e) => return reply.error(e),
+            };
             match tree::children(&core.engine, &node) {
                 Ok(entries) => {
-                    let fh = core.open_handle(Handle::Dir(entries));
+                    let fh = core.open_handle(slot, Handle::Dir(entries));
                     reply.opened(fh, FopenFlags::empty());
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -659,7 +671,7 @@ impl Filesystem for BackupFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.core.handles.lock().remove(&fh.0);
+        self.core.handles.remove(fh.0);
         reply.ok();
     }
 
@@ -793,6 +805,10 @@ impl Filesystem for BackupFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let slot = match self.core.reserve(req.uid(), &format!("new file {name:?}")) {
+            Ok(slot) => slot,
+            Err(e) => return reply.error(e),
+        };
         let name = name.to_owned();
         let pid = req.pid();
         self.slow("create", move |core| {
@@ -802,12 +818,15 @@ impl Filesystem for BackupFs {
                     match core.attr(&node, 0) {
                         Ok(mut attr) => {
                             attr.ino = INodeNo(core.inodes.lookup(&node));
-                            let fh = core.open_handle(Handle::Volume(VolumeHandle::new(
-                                &backend,
-                                &volume_id,
-                                Attached::Write(writer),
-                                process_of(pid),
-                            )));
+                            let fh = core.open_handle(
+                                slot,
+                                Handle::Volume(VolumeHandle::new(
+                                    &backend,
+                                    &volume_id,
+                                    Attached::Write(writer),
+                                    process_of(pid),
+                                )),
+                            );
                             reply.created(
                                 &tree::ttl(&node),
                                 &attr,
