@@ -3,17 +3,24 @@
 //! run as systemd runs them, with the installed paths mapped into the sandbox), and
 //! `mount.backupfs`, called exactly as mount(8) calls it and also through mount(8) itself
 //! (`mount -t backupfs` and an fstab line), installed as /sbin/mount.backupfs in a
-//! private mount namespace so that nothing outside the test sees it.
+//! private mount namespace so that nothing outside the test sees it. The unit's
+//! confinement: rated by `systemd-analyze security --offline=yes`, and its capability
+//! bounding set, NoNewPrivileges, UMask and LimitNOFILE applied to the daemon it runs
+//! (systemd is not PID 1 here: the system-call and device filters are only rated).
 
 mod common;
 
 use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 const UNIT: &str = include_str!("../contrib/backupfs.service");
 const HELPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/mount.backupfs");
+const UNIT_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/backupfs.service");
+const README: &str = include_str!("../README.md");
 
 /// Where the README installs things, which the unit names.
 const INSTALLED_BIN: &str = "/usr/local/bin/backupfs";
@@ -74,10 +81,64 @@ impl UnitRun {
                     .replace(INSTALLED_MNT, self.mnt.to_str().unwrap())
             })
             .collect();
+        // The unit's confinement that needs no systemd: its capability bounding set and
+        // NoNewPrivileges through setpriv(1), its UMask and LimitNOFILE before exec.
+        let mut words = words;
+        if let [bounding] = unit_values("Service", "CapabilityBoundingSet").as_slice() {
+            let mut caps = vec!["-all".to_string()];
+            for cap in bounding.split_whitespace() {
+                let name = cap.strip_prefix("CAP_").expect("CAP_ names");
+                caps.push(format!("+{}", name.to_lowercase()));
+            }
+            let mut setpriv = vec![
+                "setpriv".to_string(),
+                format!("--bounding-set={}", caps.join(",")),
+            ];
+            if unit_values("Service", "NoNewPrivileges") == ["yes"] {
+                setpriv.push("--no-new-privs".to_string());
+            }
+            setpriv.push("--".to_string());
+            words.splice(0..0, setpriv);
+        }
+        let umask = unit_values("Service", "UMask")
+            .first()
+            .map(|m| u32::from_str_radix(m, 8).expect("an octal UMask"));
+        // Raising the hard limit needs CAP_SYS_RESOURCE, which systemd has and a test
+        // in a container may not: at most the hard limit the test has.
+        let mut hard = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit(2) fills the struct we own.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+            0
+        );
+        let nofile: Option<u64> = unit_values("Service", "LimitNOFILE")
+            .first()
+            .map(|n| n.parse::<u64>().expect("a number").min(hard.rlim_max));
         let mut command = match limit {
             Some(limit) => timed(limit, &words[0]),
             None => Command::new(&words[0]),
         };
+        // SAFETY: umask(2) and setrlimit(2) only, between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(umask) = umask {
+                    libc::umask(umask);
+                }
+                if let Some(nofile) = nofile {
+                    let limit = libc::rlimit {
+                        rlim_cur: nofile,
+                        rlim_max: nofile,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
         command
             .args(&words[1..])
             .env_clear()
@@ -125,6 +186,102 @@ fn signal_number(name: &str) -> libc::c_int {
 }
 
 #[test]
+fn systemd_unit_is_rated_at_most_6_by_systemd_analyze() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("skipped: systemd-analyze is not installed (Debian package systemd)");
+        return;
+    }
+    let out = timed(Duration::from_secs(60), "systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager", UNIT_PATH])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for backupfs.service:")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {out:?}"));
+    assert!(level <= 6.0, "exposure {level}, more than 6.0:\n{text}");
+}
+
+#[test]
+fn systemd_unit_keeps_its_mount_visible_to_the_host() {
+    // Each of these gives the service a mount namespace of its own, whose mounts systemd
+    // keeps from propagating to the host: Cinder would see an empty mountpoint.
+    for key in [
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "PrivateMounts",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "ProtectProc",
+        "ProcSubset",
+        "ReadWritePaths",
+        "ReadOnlyPaths",
+        "InaccessiblePaths",
+        "BindPaths",
+        "BindReadOnlyPaths",
+        "TemporaryFileSystem",
+        "RootDirectory",
+        "RootImage",
+        "MountFlags",
+    ] {
+        assert_eq!(
+            unit_values("Service", key),
+            Vec::<String>::new(),
+            "{key}= would hide the FUSE mount from the host"
+        );
+    }
+    // What the daemon and qemu-storage-daemon need stays allowed.
+    let caps = unit_value("Service", "CapabilityBoundingSet");
+    assert!(
+        caps.split_whitespace().any(|c| c == "CAP_SYS_ADMIN"),
+        "{caps}"
+    );
+    assert_eq!(unit_value("Service", "DeviceAllow"), "/dev/fuse rw");
+    assert!(unit_values("Service", "SystemCallFilter")[0].contains("@mount"));
+}
+
+#[test]
+fn systemd_unit_names_only_paths_the_readme_installs() {
+    let install = README
+        .split("## Running it for real")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("the README's install steps");
+    for key in ["ExecStartPre", "ExecStart", "ExecStopPost"] {
+        for line in unit_values("Service", key) {
+            for path in line
+                .split_whitespace()
+                .filter(|w| w.starts_with("-/") || w.starts_with('/'))
+            {
+                let path = path.trim_start_matches('-');
+                if path.starts_with("/bin/") || path.starts_with("/usr/bin/") {
+                    // A system tool: it must be there.
+                    assert!(Path::new(path).exists(), "{key}={line}: {path} is missing");
+                } else {
+                    assert!(
+                        install.contains(path),
+                        "{key}={line}: {path} is not in the README's install steps"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn systemd_unit_starts_serves_stops_and_recovers_the_daemon() {
     // The unit names the paths the README installs to.
     let exec_start = unit_value("Service", "ExecStart");
@@ -147,6 +304,30 @@ fn systemd_unit_starts_serves_stops_and_recovers_the_daemon() {
 
     // systemctl start: ExecStartPre makes the mountpoint, ExecStart serves it.
     let mut d = run.start(&mut sb);
+    // ... confined as the unit says, and still mounting and backing up.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let bit = |cap: &str| match cap {
+        "CAP_DAC_OVERRIDE" => 1u64 << 1,
+        "CAP_DAC_READ_SEARCH" => 1 << 2,
+        "CAP_FOWNER" => 1 << 3,
+        "CAP_SYS_ADMIN" => 1 << 21,
+        other => panic!("{other}: add its number here"),
+    };
+    let bounding: u64 = unit_value("Service", "CapabilityBoundingSet")
+        .split_whitespace()
+        .map(bit)
+        .sum();
+    assert_eq!(field("CapBnd:"), format!("{bounding:016x}"));
+    assert_eq!(field("CapEff:"), format!("{bounding:016x}"));
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Umask:"), unit_value("Service", "UMask"));
     let id = d.backup("hdd", "v wait");
     ok(&format!(
         "cmp '{}' '{}'",
@@ -307,6 +488,35 @@ fn mount_helper_starts_the_daemon_in_the_background_and_umount_stops_it() {
     );
     assert!(!is_fuse_mount(&mnt));
     assert_eq!(daemons_of(&mnt), Vec::<i32>::new());
+}
+
+#[test]
+fn mount_helper_log_is_root_s_only() {
+    let mut sb = Sandbox::new("helper-log");
+    let l = layout(&mut sb, None, None, "");
+    let mnt = sb.mkdir("mnt");
+    let log = sb.path("mount.log");
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    // A new log, and one an earlier version left world-readable.
+    for existing in [false, true] {
+        if existing {
+            std::fs::write(&log, "an earlier start\n").unwrap();
+            std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let out = helper(
+            &sb,
+            &[l.config.to_str().unwrap(), mnt.to_str().unwrap()],
+            &sb.dir,
+        );
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(mode(&log), 0o600, "the log (existing before: {existing})");
+        ok(&format!("umount '{}'", mnt.display()));
+        wait_for(
+            || daemons_of(&mnt).is_empty(),
+            "the daemon to exit after umount",
+        );
+        std::fs::remove_file(&log).unwrap();
+    }
 }
 
 #[test]
