@@ -40,9 +40,10 @@ impl Core {
     }
 
     /// Room for one more open file of `uid`, or EMFILE (logged) past the caps.
-    pub(super) fn reserve(&self, uid: u32, what: &str) -> Result<Slot, Errno> {
+    pub(super) fn reserve(&self, uid: u32, what: impl FnOnce() -> String) -> Result<Slot, Errno> {
         self.handles.reserve(uid).map_err(|e| {
             let code = super::errno::limit(&e);
+            let what = what();
             warn!("open of {what} refused ({}): {e}", super::errno::name(code));
             code
         })

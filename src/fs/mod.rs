@@ -339,7 +339,7 @@ impl Filesystem for BackupFs {
                 Err(e) => return reply.error(e),
             };
             // Before any work: an open past the caps must not attach a volume first.
-            let slot = match core.reserve(uid, &format!("inode {}", ino.0)) {
+            let slot = match core.reserve(uid, || format!("{node:?}")) {
                 Ok(slot) => slot,
                 Err(e) => return reply.error(e),
             };
@@ -623,7 +623,7 @@ impl Filesystem for BackupFs {
                 Ok(node) => node,
                 Err(e) => return reply.error(e),
             };
-            let slot = match core.reserve(uid, &format!("directory inode {}", ino.0)) {
+            let slot = match core.reserve(uid, || format!("{node:?}")) {
                 Ok(slot) => slot,
                 Err(e) => return reply.error(e),
             };
@@ -805,7 +805,10 @@ impl Filesystem for BackupFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let slot = match self.core.reserve(req.uid(), &format!("new file {name:?}")) {
+        let slot = match self
+            .core
+            .reserve(req.uid(), || format!("new file {name:?}"))
+        {
             Ok(slot) => slot,
             Err(e) => return reply.error(e),
         };
