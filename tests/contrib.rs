@@ -6,7 +6,8 @@
 //! private mount namespace so that nothing outside the test sees it. The unit's
 //! confinement: rated by `systemd-analyze security --offline=yes`, and its capability
 //! bounding set, NoNewPrivileges, UMask and LimitNOFILE applied to the daemon it runs
-//! (systemd is not PID 1 here: the system-call and device filters are only rated).
+//! (systemd is not PID 1 here: the device filter is only rated, and the system-call
+//! filter is checked against every call the daemon and qemu-storage-daemon make).
 
 mod common;
 
@@ -251,6 +252,148 @@ fn systemd_unit_keeps_its_mount_visible_to_the_host() {
     );
     assert_eq!(unit_value("Service", "DeviceAllow"), "/dev/fuse rw");
     assert!(unit_values("Service", "SystemCallFilter")[0].contains("@mount"));
+}
+
+/// The system calls of systemd's groups (`systemd-analyze syscall-filter`), each group
+/// expanded to its calls.
+fn syscall_groups() -> std::collections::HashMap<String, Vec<String>> {
+    let out = timed(Duration::from_secs(60), "systemd-analyze")
+        .arg("syscall-filter")
+        .output()
+        .unwrap();
+    let mut groups: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut current = String::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let word = line.trim();
+        if word.is_empty() || word.starts_with('#') {
+            continue;
+        }
+        if !line.starts_with(' ') {
+            current = word.to_string();
+        } else {
+            groups
+                .entry(current.clone())
+                .or_default()
+                .push(word.to_string());
+        }
+    }
+    groups
+}
+
+fn expand(
+    groups: &std::collections::HashMap<String, Vec<String>>,
+    name: &str,
+    into: &mut std::collections::BTreeSet<String>,
+) {
+    match name.strip_prefix('@') {
+        Some(_) => {
+            for member in groups.get(name).map(Vec::as_slice).unwrap_or_default() {
+                expand(groups, member, into);
+            }
+        }
+        None => {
+            into.insert(name.to_string());
+        }
+    }
+}
+
+#[test]
+fn systemd_unit_system_call_filter_allows_every_call_the_daemon_makes() {
+    for tool in ["systemd-analyze", "strace"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            println!("skipped: {tool} is not installed");
+            return;
+        }
+    }
+    // What the unit allows: its allow list, less its deny list.
+    let groups = syscall_groups();
+    let filters = unit_values("Service", "SystemCallFilter");
+    let (mut allowed, mut denied) = (Default::default(), Default::default());
+    for filter in &filters {
+        let (list, set) = match filter.strip_prefix('~') {
+            Some(list) => (list, &mut denied),
+            None => (filter.as_str(), &mut allowed),
+        };
+        for name in list.split_whitespace() {
+            expand(&groups, name, set);
+        }
+    }
+    assert!(
+        allowed.contains("mount") && allowed.contains("read"),
+        "{filters:?}"
+    );
+
+    // The daemon, traced with its qemu-storage-daemon children: a backup, reads of an
+    // image, a restore with cp, a qcow2 volume read and written through its export.
+    let mut sb = Sandbox::new("unit-syscalls");
+    let vols = sb.mkdir("vols");
+    ok(&format!(
+        "qemu-img create -q -f qcow2 '{}' 8M",
+        vols.join("volume-q").display()
+    ));
+    let l = layout(
+        &mut sb,
+        None,
+        None,
+        &format!(
+            "[backends.qc]\ndriver = \"qcow2\"\npools = {{ vols = \"{}\" }}",
+            vols.display()
+        ),
+    );
+    let source = random_volume(&l.gold, "v", 2);
+    let (mnt, runtime_dir, trace) = (sb.path("mnt"), sb.path("run"), sb.path("strace.txt"));
+    let mut command = Command::new("strace");
+    command
+        .args(["-f", "-qq", "-c", "-o"])
+        .arg(&trace)
+        .arg("--")
+        .arg(BIN)
+        .arg("mount")
+        .arg(&mnt)
+        .arg("--config")
+        .arg(&l.config)
+        .env("RUNTIME_DIRECTORY", &runtime_dir);
+    let mut d = sb.start_daemon_command(command, &mnt, &runtime_dir);
+    let id = d.backup("hdd", "v wait");
+    ok(&format!(
+        "cmp '{}' '{}' && cp '{}' '{}' && cmp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        source.display(),
+        d.image("hdd", &id).display(),
+        d.volume("ssd", "r").display(),
+        d.volume("ssd", "r").display(),
+        source.display()
+    ));
+    let qcow2 = d.volume("qc", "q");
+    ok(&format!(
+        "dd if=/dev/urandom of='{q}' bs=1M count=1 conv=notrunc status=none && cat '{q}' >/dev/null",
+        q = qcow2.display()
+    ));
+    // umount ends the daemon, and strace with it: then it writes its count.
+    ok(&format!("umount '{}'", mnt.display()));
+    assert!(d.wait_exit().success(), "log:\n{}", d.log());
+
+    let counted = std::fs::read_to_string(&trace).unwrap();
+    let mut called = Vec::new();
+    for line in counted.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.len() >= 5
+            && words[0].parse::<f64>().is_ok()
+            && let Some(name) = words.last()
+            && *name != "total"
+        {
+            called.push(name.to_string());
+        }
+    }
+    assert!(called.iter().any(|c| c == "mount"), "{counted}");
+    let refused: Vec<&String> = called
+        .iter()
+        .filter(|c| !allowed.contains(*c) || denied.contains(*c))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the unit's SystemCallFilter refuses {refused:?}, which the daemon calls:\n{counted}"
+    );
 }
 
 #[test]
