@@ -5,7 +5,8 @@
 //! (`mount -t backupfs` and an fstab line), installed as /sbin/mount.backupfs in a
 //! private mount namespace so that nothing outside the test sees it. The unit's
 //! confinement: rated by `systemd-analyze security --offline=yes`, and its capability
-//! bounding set, NoNewPrivileges, UMask and LimitNOFILE applied to the daemon it runs
+//! bounding set, NoNewPrivileges, UMask, LimitNOFILE and MemoryDenyWriteExecute (the
+//! kernel's PR_SET_MDWE) applied to the daemon it runs
 //! (systemd is not PID 1 here: the device filter is only rated, and the system-call
 //! filter is checked against every call the daemon and qemu-storage-daemon make).
 
@@ -118,15 +119,19 @@ impl UnitRun {
         let nofile: Option<u64> = unit_values("Service", "LimitNOFILE")
             .first()
             .map(|n| n.parse::<u64>().expect("a number").min(hard.rlim_max));
+        let deny_write_execute = unit_values("Service", "MemoryDenyWriteExecute") == ["yes"];
         let mut command = match limit {
             Some(limit) => timed(limit, &words[0]),
             None => Command::new(&words[0]),
         };
-        // SAFETY: umask(2) and setrlimit(2) only, between fork and exec.
+        // SAFETY: umask(2), setrlimit(2) and prctl(2) only, between fork and exec.
         unsafe {
             command.pre_exec(move || {
                 if let Some(umask) = umask {
                     libc::umask(umask);
+                }
+                if deny_write_execute {
+                    deny_write_execute_memory()?;
                 }
                 if let Some(nofile) = nofile {
                     let limit = libc::rlimit {
@@ -174,6 +179,25 @@ impl UnitRun {
         let (command, _) = self.command(&unit_value("Service", "ExecStart"), None);
         sb.start_daemon_command(command, &self.mnt, Path::new("/run/backupfs"))
     }
+}
+
+/// MemoryDenyWriteExecute without systemd: the kernel's own switch (Linux 6.3), which
+/// children inherit. Only between fork and exec.
+fn deny_write_execute_memory() -> std::io::Result<()> {
+    // SAFETY: prctl(2) with integer arguments only.
+    let done = unsafe {
+        libc::prctl(
+            libc::PR_SET_MDWE,
+            libc::PR_MDWE_REFUSE_EXEC_GAIN as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn signal_number(name: &str) -> libc::c_int {
@@ -324,7 +348,8 @@ fn systemd_unit_system_call_filter_allows_every_call_the_daemon_makes() {
     );
 
     // The daemon, traced with its qemu-storage-daemon children: a backup, reads of an
-    // image, a restore with cp, a qcow2 volume read and written through its export.
+    // image, a restore with cp, a qcow2 volume read and written through its export
+    // (with no writable-executable memory, as the unit says).
     let mut sb = Sandbox::new("unit-syscalls");
     let vols = sb.mkdir("vols");
     ok(&format!(
@@ -353,6 +378,10 @@ fn systemd_unit_system_call_filter_allows_every_call_the_daemon_makes() {
         .arg("--config")
         .arg(&l.config)
         .env("RUNTIME_DIRECTORY", &runtime_dir);
+    if unit_values("Service", "MemoryDenyWriteExecute") == ["yes"] {
+        // SAFETY: prctl(2) only, between fork and exec.
+        unsafe { command.pre_exec(deny_write_execute_memory) };
+    }
     let mut d = sb.start_daemon_command(command, &mnt, &runtime_dir);
     let id = d.backup("hdd", "v wait");
     ok(&format!(
