@@ -250,7 +250,8 @@ time.sleep(600)
 
 /// The soft and hard RLIMIT_NOFILE the limit tests give the daemon. The caps follow
 /// from it (README.md, "Limits"): (320 - 256) / 2 = 32 open files in all, 32 / 8 = 4
-/// per user other than root, (320 - 256) / 16 = 4 qcow2 exports.
+/// per user other than root, 24 for those users together, (320 - 256) / 16 = 4 qcow2
+/// exports.
 const NOFILE: u64 = 320;
 
 /// A daemon of `config` whose RLIMIT_NOFILE is `NOFILE`.
@@ -390,7 +391,7 @@ fn open_files_past_the_per_user_and_total_caps_fail_emfile() {
     // The caps are in the log, for an operator to see.
     assert!(
         d.log()
-            .contains("capped at 32 in all, 4 per user other than root (RLIMIT_NOFILE 320)"),
+            .contains("capped at 32 in all, 4 per user other than root and 24 for those users together (RLIMIT_NOFILE 320)"),
         "{}",
         d.log()
     );

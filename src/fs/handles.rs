@@ -151,6 +151,9 @@ const MAX_HANDLES: usize = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {
     pub total: usize,
+    /// What users other than root may hold together: root (Cinder, the operator) always
+    /// keeps the rest, however many users fill theirs.
+    pub users: usize,
     pub per_user: usize,
 }
 
@@ -162,7 +165,8 @@ impl Limits {
         let total = spare.clamp(8, MAX_HANDLES);
         Limits {
             total,
-            // Eight users at their cap fill the table: one user never locks out the rest.
+            users: total - total / 4,
+            // Six users at their cap fill the users' share: one never locks out the rest.
             per_user: (total / 8).max(2),
         }
     }
@@ -186,6 +190,10 @@ impl Limits {
 pub(crate) enum LimitError {
     #[error("{open} files of the mount are open, the most it serves at once")]
     Total { open: usize },
+    #[error(
+        "users other than root have {open} files of the mount open, the most they may together"
+    )]
+    Users { open: usize },
     #[error("uid {uid} has {open} files of the mount open, the most one user other than root may")]
     PerUser { uid: u32, open: usize },
 }
@@ -241,8 +249,14 @@ impl Table {
             return Err(LimitError::Total { open: counts.total });
         }
         let open = counts.per_uid.get(&uid).copied().unwrap_or(0);
-        if uid != 0 && open >= self.limits.per_user {
-            return Err(LimitError::PerUser { uid, open });
+        if uid != 0 {
+            let users = counts.total - counts.per_uid.get(&0).copied().unwrap_or(0);
+            if users >= self.limits.users {
+                return Err(LimitError::Users { open: users });
+            }
+            if open >= self.limits.per_user {
+                return Err(LimitError::PerUser { uid, open });
+            }
         }
         counts.total += 1;
         counts.per_uid.insert(uid, open + 1);
@@ -283,6 +297,7 @@ mod tests {
             Limits::for_descriptors(1024),
             Limits {
                 total: 384,
+                users: 288,
                 per_user: 48
             }
         );
@@ -290,6 +305,7 @@ mod tests {
             Limits::for_descriptors(320),
             Limits {
                 total: 32,
+                users: 24,
                 per_user: 4
             }
         );
@@ -303,6 +319,7 @@ mod tests {
     fn per_user_cap_spares_root_and_rooms_come_back() {
         let table = Table::new(Limits {
             total: 5,
+            users: 4,
             per_user: 2,
         });
         let first = table.reserve(1000).unwrap();
@@ -322,5 +339,27 @@ mod tests {
         let fh = table.insert(first, Handle::Text(Vec::new()));
         assert!(table.remove(fh).is_some());
         let _again = table.reserve(1000).unwrap();
+    }
+
+    #[test]
+    fn users_together_leave_roots_share() {
+        let table = Table::new(Limits {
+            total: 8,
+            users: 6,
+            per_user: 2,
+        });
+        let _users: Vec<Slot> = (1000..1003)
+            .flat_map(|uid| [table.reserve(uid).unwrap(), table.reserve(uid).unwrap()])
+            .collect();
+        // A fourth user finds the users' share full; root still opens.
+        assert!(matches!(
+            table.reserve(1003),
+            Err(LimitError::Users { open: 6 })
+        ));
+        let _root = [table.reserve(0).unwrap(), table.reserve(0).unwrap()];
+        assert!(matches!(
+            table.reserve(0),
+            Err(LimitError::Total { open: 8 })
+        ));
     }
 }

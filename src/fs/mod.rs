@@ -80,8 +80,8 @@ impl BackupFs {
         };
         let (limits, nofile) = Limits::of_process();
         info!(
-            "open files of the mount capped at {} in all, {} per user other than root (RLIMIT_NOFILE {nofile})",
-            limits.total, limits.per_user
+            "open files of the mount capped at {} in all, {} per user other than root and {} for those users together (RLIMIT_NOFILE {nofile})",
+            limits.total, limits.per_user, limits.users
         );
         Ok(BackupFs {
             core: Arc::new(Core {
