@@ -414,6 +414,11 @@ fn qcow2_exports_past_the_cap_fail_emfile() {
         ));
     }
     let d = start_with_nofile(&mut sb, &config);
+    assert!(
+        d.log().contains("qcow2 exports: at most 4 running at once"),
+        "{}",
+        d.log()
+    );
     let volumes: Vec<PathBuf> = (1..=5).map(|n| d.volume("qc", &format!("q{n}"))).collect();
 
     // Each open volume is one qemu-storage-daemon: the fifth is refused, not started.

@@ -116,6 +116,10 @@ impl Exports {
             changed: Condvar::new(),
         });
         *instance = Arc::downgrade(&exports);
+        info!(
+            "qcow2 exports: at most {} running at once (README.md, \"limits\")",
+            live_cap()
+        );
         static AT_EXIT: std::sync::Once = std::sync::Once::new();
         // SAFETY: registers a plain function; it runs once, at exit.
         AT_EXIT.call_once(|| unsafe {
