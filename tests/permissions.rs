@@ -399,13 +399,20 @@ fn open_files_past_the_per_user_and_total_caps_fail_emfile() {
 
 #[test]
 fn qcow2_exports_past_the_cap_fail_emfile() {
+    let accounts = Accounts::new('x');
     let mut sb = Sandbox::new("exports");
+    ok(&format!("chmod 755 '{}'", sb.dir.display()));
     let vols = sb.mkdir("vols");
+    let qbackups = sb.mkdir("qbackups");
     let state = sb.mkdir("state");
     let config = sb.write_config(&format!(
-        "state_dir = \"{}\"\n[backends.qc]\ndriver = \"qcow2\"\npools = {{ vols = \"{}\" }}\n",
+        "state_dir = \"{}\"\nallow_other = true\nadmin_group = \"{}\"\n\
+         [backends.qc]\ndriver = \"qcow2\"\npools = {{ vols = \"{}\", qbackups = \"{}\" }}\n\
+         [targets.q]\nbackend = \"qc\"\npool = \"qbackups\"\n",
         state.display(),
-        vols.display()
+        accounts.group,
+        vols.display(),
+        qbackups.display()
     ));
     for n in 1..=5 {
         ok(&format!(
@@ -437,5 +444,40 @@ fn qcow2_exports_past_the_cap_fail_emfile() {
     wait_for(
         || std::fs::File::open(&volumes[4]).is_ok(),
         "the fifth volume to open once the others are closed",
+    );
+
+    // Users other than root hold a share of the exports (images of a qcow2 target are
+    // read through one), so that they cannot starve backups: here 1 each, 2 together.
+    wait_for(
+        || processes_under(&d.runtime_dir).is_empty(),
+        "the exports to stop",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let id = d.backup("q", "q1 wait");
+    let image = d.image("q", &id);
+    let (admin_uid, gid) = (accounts.uid(&accounts.admin), accounts.gid());
+    let (admin_holder, held) =
+        hold_open(&mut sb, admin_uid, &[gid], 3, std::slice::from_ref(&image));
+    assert_eq!(held, "1 EMFILE");
+    assert!(
+        d.log().contains(&format!(
+            "refused (EMFILE): uid {admin_uid} has 1 images of qcow2 targets open"
+        )),
+        "{}",
+        d.log()
+    );
+    // The admin still reads what holds no export; root still opens the image.
+    accounts.expect(
+        &accounts.admin,
+        "read",
+        &d.target("q").join("jobs"),
+        "",
+        "ok",
+    );
+    std::fs::read(&image).expect("root reads the image");
+    sb.release(admin_holder);
+    wait_for(
+        || accounts.try_as(&accounts.admin, "read", &image, "") == "ok",
+        "the admin to read the image again",
     );
 }

@@ -39,9 +39,29 @@ impl Core {
         self.handles.get(fh.0).ok_or(Errno::EBADF)
     }
 
-    /// Room for one more open file of `uid`, or EMFILE (logged) past the caps.
-    pub(super) fn reserve(&self, uid: u32, what: impl FnOnce() -> String) -> Result<Slot, Errno> {
-        self.handles.reserve(uid).map_err(|e| {
+    /// Whether opening `node` starts (or shares) a qcow2 export: an image of a target
+    /// kept on a `qcow2` backend.
+    pub(super) fn holds_export(&self, node: &Node) -> bool {
+        let Node::Image(target, _) = node else {
+            return false;
+        };
+        let config = self.engine.config();
+        config
+            .targets
+            .get(target)
+            .and_then(|t| config.backends.get(&t.backend))
+            .is_some_and(|b| b.driver == crate::config::DriverKind::Qcow2)
+    }
+
+    /// Room for one more open file of `uid` (holding a qcow2 export if `exporting`), or
+    /// EMFILE (logged) past the caps.
+    pub(super) fn reserve(
+        &self,
+        uid: u32,
+        exporting: bool,
+        what: impl FnOnce() -> String,
+    ) -> Result<Slot, Errno> {
+        self.handles.reserve(uid, exporting).map_err(|e| {
             let code = super::errno::limit(&e);
             let what = what();
             warn!("open of {what} refused ({}): {e}", super::errno::name(code));

@@ -80,8 +80,12 @@ impl BackupFs {
         };
         let (limits, nofile) = Limits::of_process();
         info!(
-            "open files of the mount capped at {} in all, {} per user other than root and {} for those users together (RLIMIT_NOFILE {nofile})",
-            limits.total, limits.per_user, limits.users
+            "open files of the mount capped at {} in all, {} per user other than root and {} for those users together (RLIMIT_NOFILE {nofile}); of images of qcow2 targets {} per user other than root and {} together",
+            limits.total,
+            limits.per_user,
+            limits.users,
+            limits.exporting_per_user,
+            limits.exporting_users
         );
         Ok(BackupFs {
             core: Arc::new(Core {
@@ -339,7 +343,8 @@ impl Filesystem for BackupFs {
                 Err(e) => return reply.error(e),
             };
             // Before any work: an open past the caps must not attach a volume first.
-            let slot = match core.reserve(uid, || format!("{node:?}")) {
+            let exporting = core.holds_export(&node);
+            let slot = match core.reserve(uid, exporting, || format!("{node:?}")) {
                 Ok(slot) => slot,
                 Err(e) => return reply.error(e),
             };
@@ -623,7 +628,7 @@ impl Filesystem for BackupFs {
                 Ok(node) => node,
                 Err(e) => return reply.error(e),
             };
-            let slot = match core.reserve(uid, || format!("{node:?}")) {
+            let slot = match core.reserve(uid, false, || format!("{node:?}")) {
                 Ok(slot) => slot,
                 Err(e) => return reply.error(e),
             };
@@ -807,7 +812,7 @@ impl Filesystem for BackupFs {
     ) {
         let slot = match self
             .core
-            .reserve(req.uid(), || format!("new file {name:?}"))
+            .reserve(req.uid(), false, || format!("new file {name:?}"))
         {
             Ok(slot) => slot,
             Err(e) => return reply.error(e),

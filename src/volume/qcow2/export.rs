@@ -369,7 +369,8 @@ fn live_cap_for(nofile: u64) -> usize {
         .clamp(1, MAX_LIVE_EXPORTS)
 }
 
-fn live_cap() -> usize {
+/// How many exports may run at once in this process (from its RLIMIT_NOFILE).
+pub fn live_cap() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
