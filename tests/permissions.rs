@@ -1,12 +1,16 @@
 //! Who may do what through the mount: root does everything; with `allow_other` the
 //! `admin_group` reads images, records and jobs; nobody else reads anything; nobody but
 //! root writes `request`, writes volumes or deletes backups. Each refusal is checked for
-//! its errno: a test that passed on any failure would pass on a crash too.
+//! its errno: a test that passed on any failure would pass on a crash too. How much each
+//! may hold open is capped too (README.md, "Limits"): past a cap, EMFILE.
 
 mod common;
 
 use common::*;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// A group and two users made for one test, removed on Drop. Named after this process,
@@ -86,6 +90,10 @@ impl Accounts {
             "{user}: {op} {} {arg}",
             path.display()
         );
+    }
+
+    fn uid(&self, user: &str) -> u32 {
+        ok(&format!("id -u {user}")).trim().parse().expect("a uid")
     }
 
     fn gid(&self) -> u32 {
@@ -217,5 +225,259 @@ fn without_allow_other_only_root_enters_the_mount() {
     assert_eq!(
         names_in(&d.mnt),
         ["backups", "metrics", "restores", "volumes"]
+    );
+}
+
+/// Opens the paths given (round robin, read-only) as `uid` with groups `gids` until
+/// `most` are open or an open fails; prints "<opened> <ok|errno name>" and keeps them
+/// open until killed. It drops root itself, so killing it closes the files.
+const HOLD_OPEN: &str = r#"
+import errno, os, sys, time
+uid, gids, most, paths = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+if uid != 0:
+    groups = [int(g) for g in gids.split(",") if g]
+    os.setgroups(groups); os.setgid(groups[0] if groups else uid); os.setuid(uid)
+fds, outcome = [], "ok"
+while len(fds) < most:
+    try:
+        fds.append(os.open(paths[len(fds) % len(paths)], os.O_RDONLY))
+    except OSError as e:
+        outcome = errno.errorcode[e.errno]
+        break
+print(len(fds), outcome, flush=True)
+time.sleep(600)
+"#;
+
+/// The soft and hard RLIMIT_NOFILE the limit tests give the daemon. The caps follow
+/// from it (README.md, "Limits"): (320 - 256) / 2 = 32 open files in all, 32 / 8 = 4
+/// per user other than root, 24 for those users together, (320 - 256) / 16 = 4 qcow2
+/// exports.
+const NOFILE: u64 = 320;
+
+/// A daemon of `config` whose RLIMIT_NOFILE is `NOFILE`.
+fn start_with_nofile(sb: &mut Sandbox, config: &Path) -> Daemon {
+    let (mnt, runtime_dir) = (sb.path("mnt"), sb.path("run"));
+    let mut command = Command::new(BIN);
+    command
+        .arg("mount")
+        .arg(&mnt)
+        .arg("--config")
+        .arg(config)
+        .env("RUNTIME_DIRECTORY", &runtime_dir);
+    // SAFETY: setrlimit(2) only, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: NOFILE,
+                rlim_max: NOFILE,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    sb.start_daemon_command(command, &mnt, &runtime_dir)
+}
+
+/// Starts a `HOLD_OPEN` as `uid`; (its child index, "<opened> <outcome>").
+fn hold_open(
+    sb: &mut Sandbox,
+    uid: u32,
+    gids: &[u32],
+    most: usize,
+    paths: &[PathBuf],
+) -> (usize, String) {
+    static HOLDERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = HOLDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = sb.path(&format!("held-{n}"));
+    let gids: Vec<String> = gids.iter().map(u32::to_string).collect();
+    let child = sb.spawn(
+        Command::new(PYTHON)
+            .arg("-c")
+            .arg(HOLD_OPEN)
+            .arg(uid.to_string())
+            .arg(gids.join(","))
+            .arg(most.to_string())
+            .args(paths)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("holder output")),
+    );
+    let mut line = String::new();
+    wait_for(
+        || {
+            line = std::fs::read_to_string(&out).unwrap_or_default();
+            line.ends_with('\n')
+        },
+        "the holder to open its files",
+    );
+    (child, line.trim().to_string())
+}
+
+#[test]
+fn open_files_past_the_per_user_and_total_caps_fail_emfile() {
+    let accounts = Accounts::new('l');
+    let mut sb = Sandbox::new("limits");
+    ok(&format!("chmod 755 '{}'", sb.dir.display()));
+    let l = layout(
+        &mut sb,
+        None,
+        None,
+        &format!("allow_other = true\nadmin_group = \"{}\"", accounts.group),
+    );
+    random_volume(&l.gold, "v", 1);
+    let d = start_with_nofile(&mut sb, &l.config);
+    let id = d.backup("hdd", "v wait");
+    let img = d.image("hdd", &id);
+    let (admin, other) = (accounts.admin.as_str(), accounts.other.as_str());
+    let (admin_uid, gid) = (accounts.uid(admin), accounts.gid());
+    // Let the kernel's releases of the set-up's files arrive (they are sent after close).
+    std::thread::sleep(Duration::from_millis(300));
+
+    // An admin opening one image again and again holds 4 files, then EMFILE.
+    let (admin_holder, held) =
+        hold_open(&mut sb, admin_uid, &[gid], 100, std::slice::from_ref(&img));
+    assert_eq!(held, "4 EMFILE");
+    assert!(
+        d.log().contains(&format!(
+            "refused (EMFILE): uid {admin_uid} has 4 files of the mount open"
+        )),
+        "{}",
+        d.log()
+    );
+    accounts.expect(admin, "read", &img, "", "EMFILE");
+    // Meanwhile root and other users still open.
+    accounts.expect(other, "list", &d.mnt.join("backups"), "", "ok");
+    std::fs::read(&img).expect("root reads the image");
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Root is held to the total only: 28 beside the admin's 4, then EMFILE for all.
+    // The kernel sends a release after close returns: a file closed just before may
+    // still count, so fewer is retried; more is never allowed.
+    let mut tries = 0;
+    let root_holder = loop {
+        let (holder, held) = hold_open(&mut sb, 0, &[], 100, std::slice::from_ref(&img));
+        if held == "28 EMFILE" {
+            break holder;
+        }
+        let opened: usize = held.split(' ').next().unwrap().parse().unwrap();
+        assert!(opened < 28 && held.ends_with(" EMFILE"), "{held}");
+        sb.release(holder);
+        tries += 1;
+        assert!(tries < 20, "root kept getting {held}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_errno(
+        std::fs::File::open(&img),
+        libc::EMFILE,
+        "root past the total",
+    );
+    accounts.expect(other, "list", &d.mnt.join("backups"), "", "EMFILE");
+    assert!(
+        d.log()
+            .contains("refused (EMFILE): 32 files of the mount are open")
+    );
+
+    // Closing gives the room back.
+    sb.release(root_holder);
+    wait_for(|| std::fs::File::open(&img).is_ok(), "root to open again");
+    accounts.expect(other, "list", &d.mnt.join("backups"), "", "ok");
+    accounts.expect(admin, "read", &img, "", "EMFILE");
+    sb.release(admin_holder);
+    wait_for(
+        || accounts.try_as(admin, "read", &img, "") == "ok",
+        "the admin to open again",
+    );
+    // The caps are in the log, for an operator to see.
+    assert!(
+        d.log()
+            .contains("capped at 32 in all, 4 per user other than root and 24 for those users together (RLIMIT_NOFILE 320)"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn qcow2_exports_past_the_cap_fail_emfile() {
+    let accounts = Accounts::new('x');
+    let mut sb = Sandbox::new("exports");
+    ok(&format!("chmod 755 '{}'", sb.dir.display()));
+    let vols = sb.mkdir("vols");
+    let qbackups = sb.mkdir("qbackups");
+    let state = sb.mkdir("state");
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\nallow_other = true\nadmin_group = \"{}\"\n\
+         [backends.qc]\ndriver = \"qcow2\"\npools = {{ vols = \"{}\", qbackups = \"{}\" }}\n\
+         [targets.q]\nbackend = \"qc\"\npool = \"qbackups\"\n",
+        state.display(),
+        accounts.group,
+        vols.display(),
+        qbackups.display()
+    ));
+    for n in 1..=5 {
+        ok(&format!(
+            "qemu-img create -q -f qcow2 '{}' 1M",
+            vols.join(format!("volume-q{n}")).display()
+        ));
+    }
+    let d = start_with_nofile(&mut sb, &config);
+    assert!(
+        d.log().contains("qcow2 exports: at most 4 running at once"),
+        "{}",
+        d.log()
+    );
+    let volumes: Vec<PathBuf> = (1..=5).map(|n| d.volume("qc", &format!("q{n}"))).collect();
+
+    // Each open volume is one qemu-storage-daemon: the fifth is refused, not started.
+    let (holder, held) = hold_open(&mut sb, 0, &[], 5, &volumes);
+    assert_eq!(held, "4 EMFILE");
+    assert_eq!(
+        processes_under(&d.runtime_dir).len(),
+        4,
+        "one export per open volume"
+    );
+    assert!(d.log().contains("Too many open files"), "{}", d.log());
+    // Another open of an exported volume shares its export.
+    std::fs::read(&volumes[0]).expect("an exported volume reads");
+
+    sb.release(holder);
+    wait_for(
+        || std::fs::File::open(&volumes[4]).is_ok(),
+        "the fifth volume to open once the others are closed",
+    );
+
+    // Users other than root hold a share of the exports (images of a qcow2 target are
+    // read through one), so that they cannot starve backups: here 1 each, 2 together.
+    wait_for(
+        || processes_under(&d.runtime_dir).is_empty(),
+        "the exports to stop",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let id = d.backup("q", "q1 wait");
+    let image = d.image("q", &id);
+    let (admin_uid, gid) = (accounts.uid(&accounts.admin), accounts.gid());
+    let (admin_holder, held) =
+        hold_open(&mut sb, admin_uid, &[gid], 3, std::slice::from_ref(&image));
+    assert_eq!(held, "1 EMFILE");
+    assert!(
+        d.log().contains(&format!(
+            "refused (EMFILE): uid {admin_uid} has 1 images of qcow2 targets open"
+        )),
+        "{}",
+        d.log()
+    );
+    // The admin still reads what holds no export; root still opens the image.
+    accounts.expect(
+        &accounts.admin,
+        "read",
+        &d.target("q").join("jobs"),
+        "",
+        "ok",
+    );
+    std::fs::read(&image).expect("root reads the image");
+    sb.release(admin_holder);
+    wait_for(
+        || accounts.try_as(&accounts.admin, "read", &image, "") == "ok",
+        "the admin to read the image again",
     );
 }

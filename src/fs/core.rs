@@ -4,7 +4,7 @@
 //! engine errors into errnos through `errno` only, and never touches storage itself.
 
 use super::errno::errno;
-use super::handles::{Attached, Handle, VolumeHandle};
+use super::handles::{Attached, Handle, Slot, Table, VolumeHandle};
 use super::inodes::Inodes;
 use super::tree::{self, Modes, Node};
 use super::{XATTR_PREFIX, pool, refuse};
@@ -14,11 +14,8 @@ use fuser::{
     Errno, FileAttr, FileHandle, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags,
     ReplyAttr, ReplyEntry, ReplyOpen,
 };
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 use tracing::warn;
 
@@ -26,8 +23,7 @@ use tracing::warn;
 pub(crate) struct Core {
     pub(super) engine: Arc<Engine>,
     pub(super) inodes: Inodes,
-    pub(super) handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    pub(super) next_fh: AtomicU64,
+    pub(super) handles: Table,
     pub(super) modes: Modes,
     pub(super) mounted_at: SystemTime,
     pub(super) pool: pool::Pool,
@@ -40,23 +36,51 @@ impl Core {
     }
 
     pub(super) fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
-        self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+        self.handles.get(fh.0).ok_or(Errno::EBADF)
     }
 
-    pub(super) fn open_handle(&self, handle: Handle) -> FileHandle {
-        self.open_handle_with(handle, |_, _| {})
+    /// Whether opening `node` starts (or shares) a qcow2 export: an image of a target
+    /// kept on a `qcow2` backend.
+    pub(super) fn holds_export(&self, node: &Node) -> bool {
+        let Node::Image(target, _) = node else {
+            return false;
+        };
+        let config = self.engine.config();
+        config
+            .targets
+            .get(target)
+            .and_then(|t| config.backends.get(&t.backend))
+            .is_some_and(|b| b.driver == crate::config::DriverKind::Qcow2)
+    }
+
+    /// Room for one more open file of `uid` (holding a qcow2 export if `exporting`), or
+    /// EMFILE (logged) past the caps.
+    pub(super) fn reserve(
+        &self,
+        uid: u32,
+        exporting: bool,
+        what: impl FnOnce() -> String,
+    ) -> Result<Slot, Errno> {
+        self.handles.reserve(uid, exporting).map_err(|e| {
+            let code = super::errno::limit(&e);
+            let what = what();
+            warn!("open of {what} refused ({}): {e}", super::errno::name(code));
+            code
+        })
+    }
+
+    pub(super) fn open_handle(&self, slot: Slot, handle: Handle) -> FileHandle {
+        FileHandle(self.handles.insert(slot, handle))
     }
 
     /// Opens a handle and runs `noted` with its number before any request can use it.
     pub(super) fn open_handle_with(
         &self,
+        slot: Slot,
         handle: Handle,
         noted: impl FnOnce(u64, &Handle),
     ) -> FileHandle {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        noted(fh, &handle);
-        self.handles.lock().insert(fh, Arc::new(handle));
-        FileHandle(fh)
+        FileHandle(self.handles.insert_with(slot, handle, noted))
     }
 
     pub(super) fn attr(&self, node: &Node, ino: u64) -> Result<FileAttr, EngineError> {
@@ -109,6 +133,7 @@ impl Core {
         volume_id: &VolumeId,
         flags: OpenFlags,
         opener: u32,
+        slot: Slot,
         reply: ReplyOpen,
     ) {
         let result = match flags.acc_mode() {
@@ -126,9 +151,10 @@ impl Core {
                 if let Attached::Write(writer) = &attached {
                     writer.took_part(opener);
                 }
-                let fh = self.open_handle(Handle::Volume(VolumeHandle::new(
-                    backend, volume_id, attached, opener,
-                )));
+                let fh = self.open_handle(
+                    slot,
+                    Handle::Volume(VolumeHandle::new(backend, volume_id, attached, opener)),
+                );
                 // Volumes change behind our back (a hypervisor may write them): no caching.
                 reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
             }

@@ -44,6 +44,12 @@ pub fn errno(e: &EngineError) -> Errno {
     }
 }
 
+/// An open refused for want of room: the caller's "too many open files", as when a
+/// process reaches its own RLIMIT_NOFILE.
+pub(super) fn limit(_: &super::handles::LimitError) -> Errno {
+    Errno::from_i32(libc::EMFILE)
+}
+
 /// The symbolic name of an errno, as an operator looks it up (`ENOENT`).
 pub fn name(errno: Errno) -> String {
     let code = errno.code();
@@ -64,6 +70,7 @@ pub fn name(errno: Errno) -> String {
         (libc::ETIMEDOUT, "ETIMEDOUT"),
         (libc::ECANCELED, "ECANCELED"),
         (libc::EHOSTDOWN, "EHOSTDOWN"),
+        (libc::EMFILE, "EMFILE"),
     ];
     known
         .iter()

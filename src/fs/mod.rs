@@ -24,17 +24,14 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use handles::{Attached, Handle, VolumeHandle, process_of};
+use handles::{Attached, Handle, Limits, Table, VolumeHandle, process_of};
 use inodes::Inodes;
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::SystemTime;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 use tree::{Modes, Node};
 
 /// Largest piece of a server-side copy answered at once (the reply counts in u32).
@@ -81,12 +78,20 @@ impl BackupFs {
             gid: gid.unwrap_or(0),
             group_read: gid.is_some(),
         };
+        let (limits, nofile) = Limits::of_process();
+        info!(
+            "open files of the mount capped at {} in all, {} per user other than root and {} for those users together (RLIMIT_NOFILE {nofile}); of images of qcow2 targets {} per user other than root and {} together",
+            limits.total,
+            limits.per_user,
+            limits.users,
+            limits.exporting_per_user,
+            limits.exporting_users
+        );
         Ok(BackupFs {
             core: Arc::new(Core {
                 engine,
                 inodes: Inodes::default(),
-                handles: Mutex::new(HashMap::new()),
-                next_fh: AtomicU64::new(1),
+                handles: Table::new(limits),
                 modes,
                 mounted_at: SystemTime::now(),
                 pool: pool::Pool::new(SLOW_THREADS)?,
@@ -331,11 +336,17 @@ impl Filesystem for BackupFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let pid = req.pid();
+        let (pid, uid) = (req.pid(), req.uid());
         guard("open", || {
             let core = &self.core;
             let node = match core.node(ino) {
                 Ok(node) => node,
+                Err(e) => return reply.error(e),
+            };
+            // Before any work: an open past the caps must not attach a volume first.
+            let exporting = core.holds_export(&node);
+            let slot = match core.reserve(uid, exporting, || format!("{node:?}")) {
+                Ok(slot) => slot,
                 Err(e) => return reply.error(e),
             };
             let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
@@ -346,7 +357,7 @@ impl Filesystem for BackupFs {
                     } else {
                         Control::Verify
                     };
-                    let fh = core.open_handle(Handle::Control(ControlFile::new(kind, t)));
+                    let fh = core.open_handle(slot, Handle::Control(ControlFile::new(kind, t)));
                     reply.opened(
                         fh,
                         FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
@@ -364,12 +375,13 @@ impl Filesystem for BackupFs {
                         text.push_str(&restore.line());
                         text.push('\n');
                     }
-                    let fh = core.open_handle(Handle::Text(text.into_bytes()));
+                    let fh = core.open_handle(slot, Handle::Text(text.into_bytes()));
                     reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                 }
                 // Reads every record of every target, at each scrape.
                 Node::MetricsFile => self.slow("open", move |core| {
-                    let fh = core.open_handle(Handle::Text(core.engine.metrics().into_bytes()));
+                    let text = core.engine.metrics().into_bytes();
+                    let fh = core.open_handle(slot, Handle::Text(text));
                     reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                 }),
                 Node::Jobs(t) => {
@@ -378,12 +390,12 @@ impl Filesystem for BackupFs {
                         text.push_str(&job.line());
                         text.push('\n');
                     }
-                    let fh = core.open_handle(Handle::Text(text.into_bytes()));
+                    let fh = core.open_handle(slot, Handle::Text(text.into_bytes()));
                     reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                 }
                 Node::Record(t, id) => match core.engine.record(t, id) {
                     Ok(record) => {
-                        let fh = core.open_handle(Handle::Text(tree::record_json(&record)));
+                        let fh = core.open_handle(slot, Handle::Text(tree::record_json(&record)));
                         reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
                     }
                     Err(e) => reply.error(errno(&e)),
@@ -397,7 +409,7 @@ impl Filesystem for BackupFs {
                     let (t, id) = (t.clone(), id.clone());
                     self.slow("open", move |core| match core.engine.open_image(&t, &id) {
                         Ok(image) => {
-                            let fh = core.open_handle_with(Handle::Image(image), |fh, handle| {
+                            let fh = core.open_handle_with(slot, Handle::Image(image), |fh, handle| {
                                 // A restore this process feeds is judged by this image.
                                 if let Handle::Image(image) = handle {
                                     core.engine.image_opened(fh, image, pid);
@@ -413,7 +425,7 @@ impl Filesystem for BackupFs {
                 Node::Volume(b, v) => {
                     let (b, v) = (b.clone(), v.clone());
                     self.slow("open", move |core| {
-                        core.open_volume(&b, &v, flags, process_of(pid), reply)
+                        core.open_volume(&b, &v, flags, process_of(pid), slot, reply)
                     })
                 }
                 _ => reply.error(Errno::EISDIR),
@@ -596,7 +608,7 @@ impl Filesystem for BackupFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let handle = self.core.handles.lock().remove(&fh.0);
+        let handle = self.core.handles.remove(fh.0);
         if let Some(Handle::Image(_)) = handle.as_deref() {
             self.core.engine.image_closed(fh.0);
         }
@@ -627,16 +639,21 @@ impl Filesystem for BackupFs {
         })
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let uid = req.uid();
         guard("opendir", || {
             let core = &self.core;
             let node = match core.node(ino) {
                 Ok(node) => node,
                 Err(e) => return reply.error(e),
             };
+            let slot = match core.reserve(uid, false, || format!("{node:?}")) {
+                Ok(slot) => slot,
+                Err(e) => return reply.error(e),
+            };
             match tree::children(&core.engine, &node) {
                 Ok(entries) => {
-                    let fh = core.open_handle(Handle::Dir(entries));
+                    let fh = core.open_handle(slot, Handle::Dir(entries));
                     reply.opened(fh, FopenFlags::empty());
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -678,7 +695,7 @@ impl Filesystem for BackupFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.core.handles.lock().remove(&fh.0);
+        self.core.handles.remove(fh.0);
         reply.ok();
     }
 
@@ -812,6 +829,13 @@ impl Filesystem for BackupFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let slot = match self
+            .core
+            .reserve(req.uid(), false, || format!("new file {name:?}"))
+        {
+            Ok(slot) => slot,
+            Err(e) => return reply.error(e),
+        };
         let name = name.to_owned();
         let pid = req.pid();
         self.slow("create", move |core| {
@@ -822,12 +846,15 @@ impl Filesystem for BackupFs {
                     match core.attr(&node, 0) {
                         Ok(mut attr) => {
                             attr.ino = INodeNo(core.inodes.lookup(&node));
-                            let fh = core.open_handle(Handle::Volume(VolumeHandle::new(
-                                &backend,
-                                &volume_id,
-                                Attached::Write(writer),
-                                process_of(pid),
-                            )));
+                            let fh = core.open_handle(
+                                slot,
+                                Handle::Volume(VolumeHandle::new(
+                                    &backend,
+                                    &volume_id,
+                                    Attached::Write(writer),
+                                    process_of(pid),
+                                )),
+                            );
                             reply.created(
                                 &tree::ttl(&node),
                                 &attr,

@@ -8,6 +8,10 @@
 mod export;
 mod header;
 
+/// How many qemu-storage-daemon exports run at once, at most: the FUSE layer gives users
+/// other than root a share of them.
+pub use export::live_cap as max_live_exports;
+
 use super::device::FileDevice;
 use super::file::{lock_holder, on_loop_device};
 use super::pools::{PoolDirs, object_file_name};

@@ -136,12 +136,31 @@ class BackupfsBackupDriver(driver.BackupDriver):
         return backup.container or CONF.backupfs_target
 
     def _location(self, backup):
-        """(target, backupfs id) of a backup that backupfs made."""
+        """(target, backupfs id) of a backup that backupfs made.
+
+        Both become paths under the mount: an imported backup's container and
+        service_metadata are whatever its record said, so both are checked.
+        """
         if not backup.service_metadata:
             raise exception.BackupUnavailable(
                 'backup %s has no backupfs id: backupfs never made it'
                 % backup.id)
-        return self._target(backup), backup.service_metadata
+        target = self._target(backup)
+        mount.check_target_name(target)
+        mount.check_backup_id(backup.service_metadata)
+        return target, backup.service_metadata
+
+    def _check_made_for(self, backup, target, backupfs_id):
+        """Raises unless the backupfs backup was made for this Cinder backup.
+
+        An imported record can name any backupfs id: without this, it could
+        restore (or delete) another Cinder backup's data.
+        """
+        record = _native(self.mount.record, target, backupfs_id)
+        if record is not None and record.get('name') != backup.id:
+            raise exception.BackupUnavailable(
+                'backup %s on target %s was made for backup %s, not %s'
+                % (backupfs_id, target, record.get('name'), backup.id))
 
     def backup(self, backup, volume_file, backup_metadata=True):
         """Has backupfs back up the backup's volume, and waits for the end.
@@ -222,6 +241,7 @@ class BackupfsBackupDriver(driver.BackupDriver):
         read fails first (DamagedBackup) and the restore stops.
         """
         target, backupfs_id = self._location(backup)
+        self._check_made_for(backup, target, backupfs_id)
         self._check_not_cancelled(backup, volume_id)
         with _native(self.mount.open_image, target, backupfs_id) as image:
             self._copy(image, backup, volume_id, volume_file, volume_is_new)
@@ -310,6 +330,8 @@ class BackupfsBackupDriver(driver.BackupDriver):
                       'delete.', backup.id)
             return
         target, backupfs_id = self._location(backup)
+        _native(self.mount.check_target, target)
+        self._check_made_for(backup, target, backupfs_id)
         _native(self.mount.delete, target, backupfs_id)
 
     def export_record(self, backup):
@@ -330,6 +352,9 @@ class BackupfsBackupDriver(driver.BackupDriver):
                 'the record of backup %s was not exported by the backupfs '
                 'driver: no backupfs_target and backupfs_id in %r'
                 % (backup.id, driver_info)) from None
+        # Both come from the exported record, which anyone could have written.
+        mount.check_target_name(target)
+        mount.check_backup_id(backupfs_id)
         _native(self.mount.check_target, target)
         record = _native(self.mount.record, target, backupfs_id)
         if record is None or record.get('status') != 'available':

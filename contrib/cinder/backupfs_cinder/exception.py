@@ -30,6 +30,14 @@ class TargetNotFound(BackupfsError):
     """No target of that name (``backupfs_target``, or a container)."""
 
 
+class InvalidContainer(BackupfsError):
+    """A backup's container (its target) breaks backupfs' name rule."""
+
+
+class InvalidBackupfsId(BackupfsError):
+    """A backupfs id (service_metadata, an import's) is not a backup id."""
+
+
 class RequestRefused(BackupfsError):
     """backupfs found the request malformed (EINVAL)."""
 

@@ -17,6 +17,30 @@ from backupfs_cinder import exception
 
 _BACKUP_ID = re.compile(
     r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z')
+# backupfs' rule for target names (README.md, "names"): they become one path
+# component, so no '/', no '..', no leading dot, no NUL.
+_TARGET_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z')
+
+
+def check_target_name(target):
+    """Raises InvalidContainer unless ``target`` can be a backupfs target.
+
+    A backup's container comes from whoever created (or imported) the backup
+    and is joined to paths the root daemon's mount answers: it must never
+    leave ``<mountpoint>/backups/``.
+    """
+    if not isinstance(target, str) or not _TARGET_NAME.match(target):
+        raise exception.InvalidContainer(
+            'container %r is not a backupfs target name (1 to 128 of '
+            'A-Z a-z 0-9 . _ -, starting with a letter or digit)' % (target,))
+
+
+def check_backup_id(backup_id):
+    """Raises InvalidBackupfsId unless ``backup_id`` is a backupfs id."""
+    if not isinstance(backup_id, str) or not _BACKUP_ID.match(backup_id):
+        raise exception.InvalidBackupfsId(
+            '%r is not a backupfs backup id (a lowercase UUID)'
+            % (backup_id,))
 _MOUNTINFO_ESCAPE = re.compile(r'\\([0-7]{3})')
 
 
@@ -84,7 +108,10 @@ class Mount:
                 'no backupfs target is configured: set backupfs_target in '
                 'cinder.conf to one of the targets of %s: %s'
                 % (self.mountpoint, ', '.join(self.targets()) or 'none'))
-        if not os.path.isfile(self._path('backups', target, 'request')):
+        check_target_name(target)
+        if (target not in self.targets()
+                or not os.path.isfile(self._path('backups', target,
+                                                 'request'))):
             raise exception.TargetNotFound(
                 'backupfs at %s has no target %r (its targets: %s)'
                 % (self.mountpoint, target,

@@ -204,8 +204,80 @@ class BackupRestoreTest(base.BackupfsTestCase):
         self.assertIn('was made for backup %s, not %s'
                       % (self.backup.id, other.id), str(e))
 
+    def test_restore_and_delete_refuse_a_container_or_id_off_the_name_rule(self):
+        image = mount_image(self.node, self.backup)
+        backupfs_id = self.backup.service_metadata
+        new = self.create_volume(status='restoring-backup')
+        for container, service_metadata, error in (
+                ('../t', backupfs_id, exception.InvalidContainer),
+                ('t/../t', backupfs_id, exception.InvalidContainer),
+                ('t', '../t/' + backupfs_id, exception.InvalidBackupfsId),
+                ('t', backupfs_id.upper(), exception.InvalidBackupfsId)):
+            self.backup.container = container
+            self.backup.service_metadata = service_metadata
+            self.backup.save()
+            self.assertRaises(error, self.restore, self.backup, new, True)
+            self.assertRaises(error, self.driver.delete_backup, self.backup)
+            self.assertRaises(error, self.driver.export_record, self.backup)
+        self.assertTrue(os.path.exists(image))
+
+    def test_import_refuses_a_target_or_id_off_the_name_rule(self):
+        backupfs_id = self.backup.service_metadata
+        for info, error in (
+                ({'backupfs_target': '../backups/t', 'backupfs_id':
+                  backupfs_id}, exception.InvalidContainer),
+                ({'backupfs_target': '.t', 'backupfs_id': backupfs_id},
+                 exception.InvalidContainer),
+                ({'backupfs_target': 't', 'backupfs_id': '../t/' +
+                  backupfs_id}, exception.InvalidBackupfsId),
+                ({'backupfs_target': 't', 'backupfs_id': 1},
+                 exception.InvalidBackupfsId)):
+            self.assertRaises(error, self.driver.import_record, self.backup,
+                              info)
+
+    def test_another_cinder_backups_data_is_neither_restored_nor_deleted(self):
+        # An imported record may name any backupfs id: here this backup's.
+        other = self.create_backup(self.volume)
+        other.container = 't'
+        other.service_metadata = self.backup.service_metadata
+        other.save()
+        new = self.create_volume(status='restoring-backup')
+        e = self.assertRaises(exception.BackupUnavailable, self.restore,
+                              other, new, True)
+        self.assertIn('was made for backup %s, not %s'
+                      % (self.backup.id, other.id), str(e))
+        self.assertRaises(exception.BackupUnavailable,
+                          self.driver.delete_backup, other)
+        self.assertTrue(os.path.exists(mount_image(self.node, self.backup)))
+        # Cinder opened it with 'wb': nothing was written into it since.
+        self.assertEqual(0, os.path.getsize(self.node.volume_path(new.id)))
+
 
 class FailureTest(base.BackupfsTestCase):
+
+    def test_a_container_off_the_name_rule_is_refused_before_any_request(self):
+        # A directory outside the mount with a file named like a request:
+        # the driver must never write there as root.
+        outside = self.sandbox.mkdir('outside')
+        planted = os.path.join(outside, 'request')
+        with open(planted, 'w') as f:
+            f.write('keep\n')
+        escape = os.path.relpath(outside, os.path.join(self.node.mountpoint,
+                                                       'backups'))
+        volume = self.create_volume(base.random_pieces((0, MiB)))
+        for container in (escape, '..', '.', '.hidden', 'a/b', 't\x00',
+                          '-t', 'x' * 129):
+            backup = self.create_backup(volume, container=container)
+            self.assertRaises(exception.InvalidContainer, self.driver.backup,
+                              backup, None)
+        with open(planted) as f:
+            self.assertEqual('keep\n', f.read())
+        target = os.path.join(self.node.mountpoint, 'backups', 't')
+        self.assertEqual([], [n for n in os.listdir(target)
+                              if n.endswith('.json')])
+        backup = self.create_backup(volume, container='nope')
+        self.assertRaises(exception.TargetNotFound, self.driver.backup,
+                          backup, None)
 
     def test_a_volume_backupfs_does_not_serve_fails_naming_the_backends(self):
         volume = self.create_volume()  # in Cinder's database only

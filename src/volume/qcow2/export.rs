@@ -129,6 +129,10 @@ impl Exports {
             changed: Condvar::new(),
         });
         *instance = Arc::downgrade(&exports);
+        info!(
+            "qcow2 exports: at most {} running at once (README.md, \"limits\")",
+            live_cap()
+        );
         static AT_EXIT: std::sync::Once = std::sync::Once::new();
         // SAFETY: registers a plain function; it runs once, at exit.
         AT_EXIT.call_once(|| unsafe {
@@ -172,6 +176,7 @@ impl Exports {
                 }
                 self.changed.wait(&mut slots);
             }
+            room_for_another(slots.len(), live_cap())?;
             slots.insert(key.clone(), (Slot::Starting, Weak::new()));
         }
         let started = self.start(image, file, mode);
@@ -374,6 +379,40 @@ impl Drop for Export {
         }
         self.exports.changed.notify_all();
     }
+}
+
+/// Descriptors kept back for everything but exports (the same reserve as the FUSE
+/// layer's open-file caps, README.md "Limits").
+const RESERVED_DESCRIPTORS: u64 = 256;
+/// Exports running at once, at most: each is a qemu-storage-daemon process.
+const MAX_LIVE_EXPORTS: usize = 64;
+
+/// How many exports may run at once: one per 16 spare descriptors of RLIMIT_NOFILE (an
+/// export holds a few of ours, and a process), between 1 and `MAX_LIVE_EXPORTS`.
+fn live_cap_for(nofile: u64) -> usize {
+    usize::try_from(nofile.saturating_sub(RESERVED_DESCRIPTORS) / 16)
+        .unwrap_or(MAX_LIVE_EXPORTS)
+        .clamp(1, MAX_LIVE_EXPORTS)
+}
+
+/// How many exports may run at once in this process (from its RLIMIT_NOFILE).
+pub fn live_cap() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes one rlimit into the struct we own.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    live_cap_for(if got == 0 { limit.rlim_cur } else { 1024 })
+}
+
+/// EMFILE once `live` exports (running, starting or stopping) reach `cap`: a user
+/// opening many qcow2 volumes must not start hundreds of processes.
+fn room_for_another(live: usize, cap: usize) -> std::io::Result<()> {
+    if live >= cap {
+        return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    Ok(())
 }
 
 /// The command line of one export, in qsd's JSON syntax (no comma escaping of paths). The
@@ -745,6 +784,17 @@ fn read_log(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_exports_are_capped_by_the_descriptor_limit() {
+        assert_eq!(live_cap_for(1024), 48);
+        assert_eq!(live_cap_for(320), 4);
+        assert_eq!(live_cap_for(0), 1);
+        assert_eq!(live_cap_for(u64::MAX), MAX_LIVE_EXPORTS);
+        assert!(room_for_another(3, 4).is_ok());
+        let refused = room_for_another(4, 4).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EMFILE));
+    }
 
     #[test]
     fn only_export_files_are_ours() {
