@@ -219,7 +219,8 @@ impl Inner {
         record: &mut Record,
     ) -> Result<u64> {
         let driver = backend.driver.as_ref();
-        let snapshot = snapshot_name(&job.backup_id);
+        // Named by the driver (on RBD it carries the time): the record keeps the name.
+        let snapshot = driver.snapshot_name(&job.backup_id);
         let in_use = driver.in_use(&job.pool, &job.volume_id)?;
         let before = driver.stat(&job.pool, &job.volume_id)?;
         // An incremental backup reads a snapshot where it can: the snapshot is kept as the
@@ -227,7 +228,7 @@ impl Inner {
         // (Asked only then: on file pools the answer is a reflink probe.)
         let from_snapshot = in_use.is_some()
             || (job.incremental && driver.capabilities(&job.pool).snapshots.is_ok());
-        let parent = if job.incremental {
+        let mut parent = if job.incremental {
             self.parent_of(target, job)
         } else {
             None
@@ -271,6 +272,26 @@ impl Inner {
             .device
             .size()
             .map_err(|e| EngineError::io(format!("size of {}", source.device.describe()), e))?;
+        let changed = match parent.as_ref().filter(|_| from_snapshot) {
+            Some(base) => match self.changes_since(job, driver, base, &snapshot, size) {
+                Changes::Found(changed) => Some(changed),
+                Changes::Unknown => None,
+                Changes::BaseGone(base_snapshot) => {
+                    // The volume was deleted (Cinder's delete takes our snapshots along)
+                    // and made again with its ID, or the base was removed by hand: its
+                    // data has nothing to do with the parent's any more.
+                    info!(
+                        backup_id = %job.backup_id,
+                        volume_id = %job.volume_id,
+                        "incremental: the base snapshot {base_snapshot} of backup {} is gone: full backup",
+                        base.id
+                    );
+                    parent = None;
+                    None
+                }
+            },
+            None => None,
+        };
         let (destination, parent) = self.new_data(target, job, size, parent)?;
         // A volume read in place could mix old and new data should anything attach it
         // meanwhile: it is watched, and the backup fails.
@@ -303,11 +324,11 @@ impl Inner {
             let result = self.copy_data(
                 job,
                 target,
-                driver,
                 &source,
                 &destination,
                 size,
                 parent.as_ref(),
+                changed.as_deref(),
                 cancel,
             );
             copying.store(false, Ordering::Relaxed);
@@ -460,11 +481,11 @@ impl Inner {
         &self,
         job: &Job,
         target: &dyn BackupTarget,
-        driver: &dyn VolumeDriver,
         source: &Attachment,
         destination: &Attachment,
         size: u64,
         parent: Option<&Record>,
+        changed: Option<&[std::ops::Range<u64>]>,
         cancel: &AtomicBool,
     ) -> Result<(copy::CopyOutcome, Option<&'static str>, bool)> {
         let bps_limit = self.config.copy_bps_limit;
@@ -520,7 +541,6 @@ impl Inner {
             }
         };
         let (sums, kind) = sums;
-        let changed = self.changes_since(job, driver, parent, size);
         let found_by = if changed.is_some() {
             "snapshot-diff"
         } else {
@@ -529,7 +549,7 @@ impl Inner {
         let base = copy::Base {
             sums: &sums,
             size: parent.size,
-            changed: changed.as_deref(),
+            changed,
             kind,
         };
         // The parent's leaf sums to start from; or, for a parent made before them (whose
@@ -562,28 +582,33 @@ impl Inner {
         Ok((outcome, Some(found_by), kept))
     }
 
-    /// What changed in the volume since the parent's base snapshot, as the storage tells
-    /// it; None (read everything, compare checksums) when it cannot, or the base is gone.
+    /// What changed in the volume (its new `snapshot`) since the parent's base snapshot,
+    /// as the storage tells it.
     fn changes_since(
         &self,
         job: &Job,
         driver: &dyn VolumeDriver,
         parent: &Record,
+        snapshot: &str,
         size: u64,
-    ) -> Option<Vec<std::ops::Range<u64>>> {
-        let base = parent
+    ) -> Changes {
+        let Some(base) = parent
             .base_snapshot
             .as_deref()
-            .filter(|_| parent.pool == job.pool)?;
-        let snapshot = snapshot_name(&job.backup_id);
-        match driver.changed_extents(&job.pool, base, &snapshot, 0..size) {
-            Ok(changed) => changed,
+            .filter(|_| parent.pool == job.pool)
+        else {
+            return Changes::Unknown;
+        };
+        match driver.changed_extents(&job.pool, base, snapshot, 0..size) {
+            Ok(Some(changed)) => Changes::Found(changed),
+            Ok(None) => Changes::Unknown,
+            Err(VolumeError::NotFound(name)) if name == base => Changes::BaseGone(name),
             Err(e) => {
                 warn!(
                     backup_id = %job.backup_id,
                     "incremental: cannot tell what changed since snapshot {base} ({e}): reading everything"
                 );
-                None
+                Changes::Unknown
             }
         }
     }
@@ -673,6 +698,15 @@ impl Inner {
     }
 }
 
+/// What the storage says changed since an incremental backup's parent.
+enum Changes {
+    Found(Vec<std::ops::Range<u64>>),
+    /// It cannot tell: every block is read and compared with the parent's checksums.
+    Unknown,
+    /// The parent's base snapshot (named) no longer exists on the volume.
+    BaseGone(String),
+}
+
 fn busy_error(busy: &Busy, volume_id: &str) -> EngineError {
     EngineError::Busy(match busy {
         Busy::Backup => format!("volume {volume_id} already has a backup queued or running"),
@@ -694,18 +728,37 @@ pub(super) fn cleanup(target: &dyn BackupTarget, driver: &dyn VolumeDriver, reco
 
 /// Removes a record's temporary snapshot, if it names one; clears the name once it is gone.
 /// Records of earlier versions say only `snapshot_used`: their snapshot is looked for too.
+/// Only a snapshot of the record's own volume whose name is one backupfs makes for this
+/// very backup is removed: a record may have been written by someone else. A name that is
+/// not is dropped from the record (nothing of ours to wait for), with one warning.
 pub(super) fn remove_snapshot(driver: &dyn VolumeDriver, record: &mut Record) -> bool {
     let name = match (&record.temporary_snapshot, record.snapshot_used) {
         (Some(name), _) => name.clone(),
-        (None, true) if record.status == Status::Creating => snapshot_name(&record.id),
+        (None, true) if record.status == Status::Creating => legacy_snapshot_name(&record.id),
         _ => return true,
     };
-    match driver.delete_snapshot(&record.pool, &name) {
-        Ok(()) => {
+    let refused = if crate::volume::snapnames::backup_id_of(&name) != Some(record.id.as_str()) {
+        Some(VolumeError::NotOurSnapshot(name.clone()))
+    } else {
+        driver
+            .delete_snapshot(&record.pool, &record.volume_id, &name)
+            .err()
+    };
+    match refused {
+        None => {
             record.temporary_snapshot = None;
             true
         }
-        Err(e) => {
+        Some(e @ VolumeError::NotOurSnapshot(_)) => {
+            warn!(
+                backup_id = %record.id,
+                volume_id = %record.volume_id,
+                "not deleting snapshot {name:?} named by the record: {e}"
+            );
+            record.temporary_snapshot = None;
+            true
+        }
+        Some(e) => {
             error!(
                 backup_id = %record.id,
                 "cannot delete temporary snapshot {name} (retried later): {e}"

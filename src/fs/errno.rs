@@ -15,6 +15,7 @@ fn volume(e: &VolumeError) -> Errno {
         VolumeError::Exists(_) => Errno::EEXIST,
         VolumeError::SnapshotUnsupported(_) => Errno::from_i32(libc::EOPNOTSUPP),
         VolumeError::Busy(_) => Errno::EBUSY,
+        VolumeError::NotOurSnapshot(_) => Errno::EPERM,
         VolumeError::Io { source, .. } => os(source),
     }
 }

@@ -9,6 +9,7 @@ pub mod file;
 pub mod pools;
 pub mod qcow2;
 pub mod rbd;
+pub mod snapnames;
 
 use device::BlockDevice;
 use std::path::PathBuf;
@@ -29,6 +30,9 @@ pub enum VolumeError {
     /// Something outside backupfs holds the volume (a lock, a loop device).
     #[error("{0}")]
     Busy(String),
+    /// A snapshot name that is not of a form backupfs makes (`snapnames`): never removed.
+    #[error("snapshot {0:?} is not one backupfs makes: left alone")]
+    NotOurSnapshot(String),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -137,8 +141,11 @@ pub trait VolumeDriver: Send + Sync {
     fn delete(&self, pool: &str, volume_id: &str) -> Result<()>;
     /// A point-in-time copy of a volume that may be attached and read.
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()>;
-    /// Deleting a snapshot that is gone is not an error (recovery calls this blindly).
-    fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()>;
+    /// Deletes snapshot `snapshot_name` of volume `volume_id` (the volume a record names),
+    /// and only a name of a form backupfs makes (`NotOurSnapshot` otherwise: names come
+    /// from records, which others may write). Deleting a snapshot that is gone, or one of
+    /// a volume that is gone, is not an error (recovery calls this blindly).
+    fn delete_snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()>;
     /// Attaches a volume. For `Access::Write` the driver holds the volume the way a
     /// hypervisor would see it (a lock), and fails with `Busy` if something else uses it.
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment>;
@@ -149,6 +156,12 @@ pub trait VolumeDriver: Send + Sync {
 
     fn capabilities(&self, _pool: &str) -> Capabilities {
         Capabilities::default()
+    }
+
+    /// The name of the snapshot backup `backup_id` takes of a volume (kept in its record,
+    /// which is what later calls name it by); always one `snapnames::is_ours` accepts.
+    fn snapshot_name(&self, backup_id: &str) -> String {
+        snapnames::legacy(backup_id)
     }
 
     /// The parts of `range` that may differ between two snapshots of one volume (`from`
