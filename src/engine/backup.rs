@@ -228,7 +228,7 @@ impl Inner {
         // (Asked only then: on file pools the answer is a reflink probe.)
         let from_snapshot = in_use.is_some()
             || (job.incremental && driver.capabilities(&job.pool).snapshots.is_ok());
-        let mut parent = if job.incremental {
+        let parent = if job.incremental {
             self.parent_of(target, job)
         } else {
             None
@@ -272,26 +272,6 @@ impl Inner {
             .device
             .size()
             .map_err(|e| EngineError::io(format!("size of {}", source.device.describe()), e))?;
-        let changed = match parent.as_ref().filter(|_| from_snapshot) {
-            Some(base) => match self.changes_since(job, driver, base, &snapshot, size) {
-                Changes::Found(changed) => Some(changed),
-                Changes::Unknown => None,
-                Changes::BaseGone(base_snapshot) => {
-                    // The volume was deleted (Cinder's delete takes our snapshots along)
-                    // and made again with its ID, or the base was removed by hand: its
-                    // data has nothing to do with the parent's any more.
-                    info!(
-                        backup_id = %job.backup_id,
-                        volume_id = %job.volume_id,
-                        "incremental: the base snapshot {base_snapshot} of backup {} is gone: full backup",
-                        base.id
-                    );
-                    parent = None;
-                    None
-                }
-            },
-            None => None,
-        };
         let (destination, parent) = self.new_data(target, job, size, parent)?;
         // A volume read in place could mix old and new data should anything attach it
         // meanwhile: it is watched, and the backup fails.
@@ -324,11 +304,12 @@ impl Inner {
             let result = self.copy_data(
                 job,
                 target,
+                driver,
                 &source,
                 &destination,
                 size,
                 parent.as_ref(),
-                changed.as_deref(),
+                from_snapshot.then_some(snapshot.as_str()),
                 cancel,
             );
             copying.store(false, Ordering::Relaxed);
@@ -481,11 +462,12 @@ impl Inner {
         &self,
         job: &Job,
         target: &dyn BackupTarget,
+        driver: &dyn VolumeDriver,
         source: &Attachment,
         destination: &Attachment,
         size: u64,
         parent: Option<&Record>,
-        changed: Option<&[std::ops::Range<u64>]>,
+        snapshot: Option<&str>,
         cancel: &AtomicBool,
     ) -> Result<(copy::CopyOutcome, Option<&'static str>, bool)> {
         let bps_limit = self.config.copy_bps_limit;
@@ -541,6 +523,8 @@ impl Inner {
             }
         };
         let (sums, kind) = sums;
+        let changed =
+            snapshot.and_then(|snapshot| self.changes_since(job, driver, parent, snapshot, size));
         let found_by = if changed.is_some() {
             "snapshot-diff"
         } else {
@@ -549,7 +533,7 @@ impl Inner {
         let base = copy::Base {
             sums: &sums,
             size: parent.size,
-            changed,
+            changed: changed.as_deref(),
             kind,
         };
         // The parent's leaf sums to start from; or, for a parent made before them (whose
@@ -583,7 +567,9 @@ impl Inner {
     }
 
     /// What changed in the volume (its new `snapshot`) since the parent's base snapshot,
-    /// as the storage tells it.
+    /// as the storage tells it; None (read everything, compare checksums) when it cannot,
+    /// or the base is gone (removed by hand; or the volume was deleted, which on RBD takes
+    /// our snapshots along, and made again with its ID).
     fn changes_since(
         &self,
         job: &Job,
@@ -591,24 +577,19 @@ impl Inner {
         parent: &Record,
         snapshot: &str,
         size: u64,
-    ) -> Changes {
-        let Some(base) = parent
+    ) -> Option<Vec<std::ops::Range<u64>>> {
+        let base = parent
             .base_snapshot
             .as_deref()
-            .filter(|_| parent.pool == job.pool)
-        else {
-            return Changes::Unknown;
-        };
+            .filter(|_| parent.pool == job.pool)?;
         match driver.changed_extents(&job.pool, base, snapshot, 0..size) {
-            Ok(Some(changed)) => Changes::Found(changed),
-            Ok(None) => Changes::Unknown,
-            Err(VolumeError::NotFound(name)) if name == base => Changes::BaseGone(name),
+            Ok(changed) => changed,
             Err(e) => {
                 warn!(
                     backup_id = %job.backup_id,
                     "incremental: cannot tell what changed since snapshot {base} ({e}): reading everything"
                 );
-                Changes::Unknown
+                None
             }
         }
     }
@@ -696,15 +677,6 @@ impl Inner {
             }
         }
     }
-}
-
-/// What the storage says changed since an incremental backup's parent.
-enum Changes {
-    Found(Vec<std::ops::Range<u64>>),
-    /// It cannot tell: every block is read and compared with the parent's checksums.
-    Unknown,
-    /// The parent's base snapshot (named) no longer exists on the volume.
-    BaseGone(String),
 }
 
 fn busy_error(busy: &Busy, volume_id: &str) -> EngineError {
