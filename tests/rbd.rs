@@ -635,11 +635,23 @@ fn kill9_after_available_before_the_snapshot_keeps_the_backup_and_its_first_read
         [format!("backup-{id}")],
         "the first reader took the snapshot"
     );
-    // An incremental continues the series from it, and both read as they should.
-    let raw2 = sb.path("v2.raw");
-    let sum2 = sparse_file(&raw2, 12, &[(0, 1), (5, 1)]);
-    cluster.rbd(&["rm", "--no-progress", &format!("{}/volume-vol", s.volumes)]);
-    import(&cluster, &s.volumes, "volume-vol", &raw2);
+    // An incremental continues the series from it, and both read as they should. (The
+    // volume is written in place: one deleted and made again would be another volume,
+    // backed up full.)
+    cluster.rbd(&[
+        "bench",
+        "--io-type",
+        "write",
+        "--io-size",
+        "1M",
+        "--io-total",
+        "2M",
+        "--io-pattern",
+        "rand",
+        &format!("{}/volume-vol", s.volumes),
+    ]);
+    let sum2 = cluster.export_sha256(&s.volumes, "volume-vol");
+    assert_ne!(sum2, sum);
     let next = d.backup("rbd", "vol incremental wait");
     assert_eq!(
         d.record("rbd", &next)["parent_id"].as_str(),
@@ -969,7 +981,7 @@ fn is_cinder_style(name: &str, backup_id: &str) -> bool {
 }
 
 #[test]
-fn cinders_rbd_driver_deletes_an_incrementally_backed_up_volume_whole_and_one_made_again_backs_up_whole()
+fn cinders_rbd_driver_deletes_an_incrementally_backed_up_volume_whole_and_one_made_again_backs_up_full()
  {
     let cluster = ceph::cluster();
     let mut sb = Sandbox::new("rbd-cinder-delete");
@@ -1010,16 +1022,21 @@ fn cinders_rbd_driver_deletes_an_incrementally_backed_up_volume_whole_and_one_ma
         "nothing of the volume is left in the RBD trash"
     );
 
-    // A volume made again with that ID: its base is gone, so every block is read and
-    // compared with the parent's checksums; nothing fails.
+    // A volume made again with that ID is another volume: a full backup.
     let raw = sb.path("v2.raw");
     let sum = sparse_file(&raw, 16, &[(5, 2)]);
     import(&cluster, &pool, &image, &raw);
     let third = d.backup("rbd", &format!("{volume_id} incremental wait"));
     let record = d.record("rbd", &third);
     assert_eq!(record["status"], "available", "{record}");
-    assert_eq!(record["changes_found_by"], "checksums", "{record}");
+    assert!(record["parent_id"].is_null(), "a full backup: {record}");
     assert_eq!(sha256(&d.image("rbd", &third)), sum);
+    assert!(
+        d.log()
+            .contains("the volume was made after its newest backup began"),
+        "the log says why: {}",
+        d.log()
+    );
     // The old base is no longer named by any record: records stay true.
     for id in [&first, &second] {
         let record = d.record("rbd", id);

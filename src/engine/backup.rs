@@ -230,6 +230,7 @@ impl Inner {
             || (job.incremental && driver.capabilities(&job.pool).snapshots.is_ok());
         let parent = if job.incremental {
             self.parent_of(target, job)
+                .filter(|parent| !made_after(job, driver, parent))
         } else {
             None
         };
@@ -676,6 +677,25 @@ impl Inner {
                 Err(e) => warn!(backup_id = %old.id, "retention: cannot delete: {e}"),
             }
         }
+    }
+}
+
+/// Whether the volume was made after `parent` began (deleted and made again with its ID;
+/// Cinder's RBD delete takes our base snapshot along): nothing of the parent is this
+/// volume's, so the backup is full. Where the storage does not say, the parent stands.
+fn made_after(job: &Job, driver: &dyn VolumeDriver, parent: &Record) -> bool {
+    let began = crate::target::record::parse_rfc3339(&parent.created_at);
+    match (driver.created(&job.pool, &job.volume_id), began) {
+        (Ok(Some(created)), Some(began)) if created > began => {
+            info!(
+                backup_id = %job.backup_id,
+                volume_id = %job.volume_id,
+                parent_id = %parent.id,
+                "incremental: the volume was made after its newest backup began (deleted and made again): full backup"
+            );
+            true
+        }
+        _ => false,
     }
 }
 

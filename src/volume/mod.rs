@@ -190,6 +190,13 @@ pub trait VolumeDriver: Send + Sync {
         Ok(None)
     }
 
+    /// When the volume was made, where the storage keeps that; None when it does not. A
+    /// volume made after a backup of its ID began is another volume (deleted and made
+    /// again): that backup is no parent of its next one.
+    fn created(&self, _pool: &str, _volume_id: &str) -> Result<Option<SystemTime>> {
+        Ok(None)
+    }
+
     /// Bytes free for new data in the pool; None when the storage cannot tell.
     fn free_space(&self, _pool: &str) -> Result<Option<u64>> {
         Ok(None)

@@ -236,6 +236,18 @@ impl VolumeDriver for RbdDriver {
         }
     }
 
+    /// librbd's create timestamp of the image.
+    fn created(&self, pool: &str, volume_id: &str) -> Result<Option<std::time::SystemTime>> {
+        let io = self.io(pool)?.clone();
+        let name = image_name(volume_id);
+        self.connection
+            .bounded(&format!("created {}/{name}", io.location()), move || {
+                io.open_image_read_only(&name, None)?.create_time()
+            })
+            .map(Some)
+            .map_err(|e| or_not_found(e, volume_id))
+    }
+
     /// An RBD snapshot of the image (librbd asks the exclusive lock's owner, e.g. QEMU,
     /// to make it: crash-consistent while the VM runs).
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
