@@ -1052,6 +1052,14 @@ fn cinders_rbd_driver_deletes_an_incrementally_backed_up_volume_whole_and_one_ma
     cinder_delete_volume(&sb, &cluster, &pool, &volume_id);
     assert!(!images(&cluster, &pool).contains(&image));
     assert!(!trash(&cluster, &pool).contains(&image));
+    // With the volume gone for good, the record forgets its base at the next start, once.
+    let d = sb.start_daemon(&s.config);
+    let record = d.record("rbd", &third);
+    assert!(record["base_snapshot"].is_null(), "{record}");
+    assert!(record["temporary_snapshot"].is_null(), "{record}");
+    assert!(d.log().contains("the volume is gone"), "{}", d.log());
+    assert!(!d.log().contains("ERROR"), "{}", d.log());
+    d.stop_clean();
 }
 
 #[test]
@@ -1103,6 +1111,9 @@ fn a_planted_record_never_makes_backupfs_delete_another_images_or_a_foreign_snap
     let stranger = BackupId::new();
     plant(&stranger, "victim", &planted_snapshots[1]);
     plant(&cinders, "victim", &planted_snapshots[2]);
+    // Of our form, on the volume it names, but another backup's.
+    let thief = BackupId::new();
+    plant(&thief, "victim", &planted_snapshots[0]);
 
     // Start-up removes the temporary snapshots records name.
     let d = sb.start_daemon(&s.config);
