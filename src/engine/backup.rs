@@ -741,11 +741,11 @@ pub(super) fn remove_snapshot(driver: &dyn VolumeDriver, record: &mut Record) ->
             record.temporary_snapshot = None;
             true
         }
-        Some(e @ VolumeError::NotOurSnapshot(_)) => {
+        Some(VolumeError::NotOurSnapshot(_)) => {
             warn!(
                 backup_id = %record.id,
                 volume_id = %record.volume_id,
-                "not deleting snapshot {name:?} named by the record: {e}"
+                "not deleting snapshot {name:?}: the record names a snapshot backupfs did not make for this backup; it is left alone and no longer named"
             );
             record.temporary_snapshot = None;
             true

@@ -31,7 +31,7 @@ pub enum VolumeError {
     #[error("{0}")]
     Busy(String),
     /// A snapshot name that is not of a form backupfs makes (`snapnames`): never removed.
-    #[error("snapshot {0:?} is not one backupfs makes: left alone")]
+    #[error("snapshot {0:?} is not of a form backupfs makes")]
     NotOurSnapshot(String),
     #[error("{op} {path}: {source}")]
     Io {
