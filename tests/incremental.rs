@@ -466,3 +466,36 @@ fn leaf_sums_carry_on_from_older_backups_and_a_damaged_leaf_file_costs_only_read
     assert!(!leaves.exists());
     d.stop_clean();
 }
+
+#[test]
+fn a_base_snapshot_whose_volume_was_deleted_is_removed_and_its_backups_stay() {
+    let mut sb = Sandbox::new("inc-volume-gone");
+    let s = setup(&mut sb, "", "");
+    let volume = random_volume(&s.gold, "v", 8);
+    random_volume(&s.gold, "kept", 4);
+    let d = sb.start_daemon(&s.config);
+    let gone = incremental(&d, "a", "v");
+    let kept = incremental(&d, "a", "kept");
+    let sum = sha256(&d.image("a", &gone));
+    assert_eq!(snapshots_in(&s.gold).len(), 2);
+    assert!(d.stop().success());
+    // As Cinder's NFS driver deletes a volume: the file goes, our snapshot beside it stays.
+    std::fs::remove_file(&volume).unwrap();
+    let d = sb.start_daemon(&s.config);
+    assert_eq!(
+        snapshots_in(&s.gold),
+        vec![format!("snapshot-backupfs-{kept}")],
+        "only the base of a volume that still exists is kept: {}",
+        d.log()
+    );
+    let record = d.record("a", &gone);
+    assert!(record["base_snapshot"].is_null(), "{record}");
+    assert!(record["temporary_snapshot"].is_null(), "{record}");
+    assert_eq!(record["status"], "available", "{record}");
+    assert_eq!(sha256(&d.image("a", &gone)), sum, "the backup stays whole");
+    assert!(d.log().contains("the volume is gone"), "{}", d.log());
+    assert_eq!(
+        d.record("a", &kept)["base_snapshot"],
+        format!("snapshot-backupfs-{kept}").as_str()
+    );
+}

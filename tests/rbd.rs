@@ -635,11 +635,23 @@ fn kill9_after_available_before_the_snapshot_keeps_the_backup_and_its_first_read
         [format!("backup-{id}")],
         "the first reader took the snapshot"
     );
-    // An incremental continues the series from it, and both read as they should.
-    let raw2 = sb.path("v2.raw");
-    let sum2 = sparse_file(&raw2, 12, &[(0, 1), (5, 1)]);
-    cluster.rbd(&["rm", "--no-progress", &format!("{}/volume-vol", s.volumes)]);
-    import(&cluster, &s.volumes, "volume-vol", &raw2);
+    // An incremental continues the series from it, and both read as they should. (The
+    // volume is written in place: one deleted and made again would be another volume,
+    // backed up full.)
+    cluster.rbd(&[
+        "bench",
+        "--io-type",
+        "write",
+        "--io-size",
+        "1M",
+        "--io-total",
+        "2M",
+        "--io-pattern",
+        "rand",
+        &format!("{}/volume-vol", s.volumes),
+    ]);
+    let sum2 = cluster.export_sha256(&s.volumes, "volume-vol");
+    assert_ne!(sum2, sum);
     let next = d.backup("rbd", "vol incremental wait");
     assert_eq!(
         d.record("rbd", &next)["parent_id"].as_str(),
@@ -889,4 +901,231 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
     drop(connection);
     // librados must not outlive the cluster the harness stops at exit.
     connection::disconnect_all();
+}
+
+/// Cinder's own RBD volume driver (cinder==29.0.0, in the virtualenv contrib/test.sh
+/// makes) deletes `volume-<volume_id>` of `pool` as `cinder-volume` would, as
+/// client.cinder. The venv sees Debian's rados and rbd bindings and nothing else of the
+/// system's Python. Fails, never skips, without the virtualenv.
+fn cinder_delete_volume(sb: &Sandbox, cluster: &CephCluster, pool: &str, volume_id: &str) {
+    const SCRIPT: &str = r#"
+import sys, types
+from oslo_config import cfg
+from cinder.volume import configuration
+from cinder.volume.drivers import rbd
+pool, conf, user, name = sys.argv[1:5]
+cfg.CONF([], project='cinder', default_config_files=[])
+config = configuration.Configuration(rbd.RBD_OPTS, config_group='ceph')
+for key, value in (('rbd_pool', pool), ('rbd_ceph_conf', conf), ('rbd_user', user),
+                   ('rados_connect_timeout', 30)):
+    cfg.CONF.set_override(key, value, group='ceph')
+driver = rbd.RBDDriver(configuration=config)
+assert driver.rbd is not None, 'the rbd bindings are not importable'
+driver.do_setup(None)
+driver.delete_volume(types.SimpleNamespace(name=name))
+print('deleted', name)
+"#;
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cinder-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run ./contrib/test.sh, which makes the virtualenv with \
+         cinder==29.0.0 for this test",
+        python.display()
+    );
+    let bindings = sb.mkdir("python-ceph");
+    for entry in std::fs::read_dir("/usr/lib/python3/dist-packages").expect("dist-packages") {
+        let entry = entry.expect("dist-packages entry");
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if (file.starts_with("rados.") || file.starts_with("rbd.")) && file.ends_with(".so") {
+            let link = bindings.join(&file);
+            if !link.exists() {
+                std::os::unix::fs::symlink(entry.path(), link).expect("link a binding");
+            }
+        }
+    }
+    let client = cluster.client("cinder");
+    let out = run_timeout(
+        std::process::Command::new(&python)
+            .arg("-c")
+            .arg(SCRIPT)
+            .args([pool, &client.conf.to_string_lossy(), &client.name])
+            .arg(format!("volume-{volume_id}"))
+            .env("PYTHONPATH", &bindings),
+        Duration::from_secs(180),
+    );
+    assert!(
+        out.status.success(),
+        "Cinder's RBDDriver.delete_volume failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The names in `rbd trash ls` of a pool.
+fn trash(cluster: &CephCluster, pool: &str) -> Vec<String> {
+    let out = cluster.rbd(&["trash", "ls", "--format", "json", "--pool", pool]);
+    let list: serde_json::Value = serde_json::from_str(&out).expect("rbd trash ls is JSON");
+    list.as_array()
+        .map(|s| {
+            s.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `name` is `backup.<backup_id>.snap.<unix seconds>`.
+fn is_cinder_style(name: &str, backup_id: &str) -> bool {
+    name.strip_prefix(&format!("backup.{backup_id}.snap."))
+        .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[test]
+fn cinders_rbd_driver_deletes_an_incrementally_backed_up_volume_whole_and_one_made_again_backs_up_full()
+ {
+    let cluster = ceph::cluster();
+    let mut sb = Sandbox::new("rbd-cinder-delete");
+    // Cinder's RBD driver knows pools, not namespaces: a pool of its own.
+    let pool = cluster.pool("backupfs-cinder");
+    let backups = namespace(&cluster, "cinderdel-backups");
+    let s = setup_with(&mut sb, &cluster, &pool, &backups, "");
+    let volume_id = uuid::Uuid::new_v4().to_string();
+    let image = format!("volume-{volume_id}");
+    let raw = sb.path("v.raw");
+    sparse_file(&raw, 16, &[(1, 3)]);
+    import(&cluster, &pool, &image, &raw);
+    let d = sb.start_daemon(&s.config);
+
+    let first = d.backup("rbd", &format!("{volume_id} incremental wait"));
+    let second = d.backup("rbd", &format!("{volume_id} incremental wait"));
+    let record = d.record("rbd", &second);
+    assert_eq!(record["status"], "available", "{record}");
+    assert_eq!(record["parent_id"], first.as_str(), "{record}");
+    let base = record["base_snapshot"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(is_cinder_style(&base, &second), "{record}");
+    assert_eq!(
+        snapshots(&cluster, &pool, &image),
+        std::slice::from_ref(&base),
+        "one base per volume, named as Cinder's backup snapshots are"
+    );
+
+    cinder_delete_volume(&sb, &cluster, &pool, &volume_id);
+    assert!(
+        !images(&cluster, &pool).contains(&image),
+        "the image is gone"
+    );
+    assert!(
+        !trash(&cluster, &pool).contains(&image),
+        "nothing of the volume is left in the RBD trash"
+    );
+
+    // A volume made again with that ID is another volume: a full backup.
+    let raw = sb.path("v2.raw");
+    let sum = sparse_file(&raw, 16, &[(5, 2)]);
+    import(&cluster, &pool, &image, &raw);
+    let third = d.backup("rbd", &format!("{volume_id} incremental wait"));
+    let record = d.record("rbd", &third);
+    assert_eq!(record["status"], "available", "{record}");
+    assert!(record["parent_id"].is_null(), "a full backup: {record}");
+    assert_eq!(sha256(&d.image("rbd", &third)), sum);
+    assert!(
+        d.log()
+            .contains("the volume was made after its newest backup began"),
+        "the log says why: {}",
+        d.log()
+    );
+    // The old base is no longer named by any record: records stay true.
+    for id in [&first, &second] {
+        let record = d.record("rbd", id);
+        assert!(record["base_snapshot"].is_null(), "{record}");
+        assert!(record["temporary_snapshot"].is_null(), "{record}");
+    }
+    let base = d.record("rbd", &third)["base_snapshot"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(snapshots(&cluster, &pool, &image), [base]);
+    d.stop_clean();
+    cinder_delete_volume(&sb, &cluster, &pool, &volume_id);
+    assert!(!images(&cluster, &pool).contains(&image));
+    assert!(!trash(&cluster, &pool).contains(&image));
+    // With the volume gone for good, the record forgets its base at the next start, once.
+    let d = sb.start_daemon(&s.config);
+    let record = d.record("rbd", &third);
+    assert!(record["base_snapshot"].is_null(), "{record}");
+    assert!(record["temporary_snapshot"].is_null(), "{record}");
+    assert!(d.log().contains("the volume is gone"), "{}", d.log());
+    assert!(!d.log().contains("ERROR"), "{}", d.log());
+    d.stop_clean();
+}
+
+#[test]
+fn a_planted_record_never_makes_backupfs_delete_another_images_or_a_foreign_snapshot() {
+    let cluster = ceph::cluster();
+    let mut sb = Sandbox::new("rbd-planted");
+    let s = setup(&mut sb, &cluster, "planted", "");
+    let raw = sb.path("v.raw");
+    sparse_file(&raw, 8, &[(1, 1)]);
+    import(&cluster, &s.volumes, "volume-victim", &raw);
+    import(&cluster, &s.volumes, "volume-other", &raw);
+    let (ours, cinders) = (BackupId::new().to_string(), BackupId::new().to_string());
+    let planted_snapshots = [
+        // Of our own form, but on another image than the record names.
+        format!("snapshot-backupfs-{ours}"),
+        // A Cinder snapshot of the volume the record names.
+        format!("snapshot-{}", BackupId::new()),
+        // Cinder's Ceph backup driver's (time.time(), a float).
+        format!("backup.{cinders}.snap.1733550000.25"),
+    ];
+    for name in &planted_snapshots {
+        cluster.rbd(&[
+            "snap",
+            "create",
+            &format!("{}/volume-victim@{name}", s.volumes),
+        ]);
+    }
+    let d = sb.start_daemon(&s.config);
+    let template = d.backup("files", "other wait");
+    d.stop_clean();
+    let template_file = record_file(&sb.path("files/backups"), &template);
+    let mut template: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&template_file).unwrap()).unwrap();
+    template["status"] = "error".into();
+    template["checksums"] = serde_json::Value::Null;
+    template["error"] = "planted".into();
+    let plant = |id: &str, volume: &str, snapshot: &str| {
+        let mut record = template.clone();
+        record["id"] = id.into();
+        record["volume_id"] = volume.into();
+        record["temporary_snapshot"] = snapshot.into();
+        std::fs::write(
+            template_file.with_file_name(format!("backup-{id}.json")),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+    };
+    plant(&ours, "other", &planted_snapshots[0]);
+    let stranger = BackupId::new();
+    plant(&stranger, "victim", &planted_snapshots[1]);
+    plant(&cinders, "victim", &planted_snapshots[2]);
+    // Of our form, on the volume it names, but another backup's.
+    let thief = BackupId::new();
+    plant(&thief, "victim", &planted_snapshots[0]);
+
+    // Start-up removes the temporary snapshots records name.
+    let d = sb.start_daemon(&s.config);
+    let mut left = snapshots(&cluster, &s.volumes, "volume-victim");
+    left.sort();
+    let mut planted = planted_snapshots.to_vec();
+    planted.sort();
+    assert_eq!(left, planted, "{}", d.log());
+    assert!(
+        d.log().contains("not deleting snapshot"),
+        "each refusal is logged: {}",
+        d.log()
+    );
+    d.stop_clean();
 }

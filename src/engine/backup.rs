@@ -238,7 +238,8 @@ impl Inner {
         record: &mut Record,
     ) -> Result<u64> {
         let driver = backend.driver.as_ref();
-        let snapshot = snapshot_name(&job.backup_id);
+        // Named by the driver (on RBD it carries the time): the record keeps the name.
+        let snapshot = driver.snapshot_name(&job.backup_id);
         let in_use = driver.in_use(&job.pool, &job.volume_id)?;
         let before = driver.stat(&job.pool, &job.volume_id)?;
         // An incremental backup reads a snapshot where it can: the snapshot is kept as the
@@ -248,6 +249,7 @@ impl Inner {
             || (job.incremental && driver.capabilities(&job.pool).snapshots.is_ok());
         let parent = if job.incremental {
             self.parent_of(target, job)
+                .filter(|parent| !made_after(job, driver, parent))
         } else {
             None
         };
@@ -327,6 +329,7 @@ impl Inner {
                 &destination,
                 size,
                 parent.as_ref(),
+                from_snapshot.then_some(snapshot.as_str()),
                 cancel,
             );
             copying.store(false, Ordering::Relaxed);
@@ -507,6 +510,7 @@ impl Inner {
         destination: &Attachment,
         size: u64,
         parent: Option<&Record>,
+        snapshot: Option<&str>,
         cancel: &AtomicBool,
     ) -> Result<(copy::CopyOutcome, Option<&'static str>, bool)> {
         let bps_limit = self.config.copy_bps_limit;
@@ -562,7 +566,8 @@ impl Inner {
             }
         };
         let (sums, kind) = sums;
-        let changed = self.changes_since(job, driver, parent, size);
+        let changed =
+            snapshot.and_then(|snapshot| self.changes_since(job, driver, parent, snapshot, size));
         let found_by = if changed.is_some() {
             "snapshot-diff"
         } else {
@@ -604,21 +609,23 @@ impl Inner {
         Ok((outcome, Some(found_by), kept))
     }
 
-    /// What changed in the volume since the parent's base snapshot, as the storage tells
-    /// it; None (read everything, compare checksums) when it cannot, or the base is gone.
+    /// What changed in the volume (its new `snapshot`) since the parent's base snapshot,
+    /// as the storage tells it; None (read everything, compare checksums) when it cannot,
+    /// or the base is gone (removed by hand; or the volume was deleted, which on RBD takes
+    /// our snapshots along, and made again with its ID).
     fn changes_since(
         &self,
         job: &Job,
         driver: &dyn VolumeDriver,
         parent: &Record,
+        snapshot: &str,
         size: u64,
     ) -> Option<Vec<std::ops::Range<u64>>> {
         let base = parent
             .base_snapshot
             .as_deref()
             .filter(|_| parent.pool == job.pool)?;
-        let snapshot = snapshot_name(&job.backup_id);
-        match driver.changed_extents(&job.pool, base, &snapshot, 0..size) {
+        match driver.changed_extents(&job.pool, base, snapshot, 0..size) {
             Ok(changed) => changed,
             Err(e) => {
                 warn!(
@@ -717,6 +724,25 @@ impl Inner {
     }
 }
 
+/// Whether the volume was made after `parent` began (deleted and made again with its ID;
+/// Cinder's RBD delete takes our base snapshot along): nothing of the parent is this
+/// volume's, so the backup is full. Where the storage does not say, the parent stands.
+fn made_after(job: &Job, driver: &dyn VolumeDriver, parent: &Record) -> bool {
+    let began = crate::target::record::parse_rfc3339(&parent.created_at);
+    match (driver.created(&job.pool, &job.volume_id), began) {
+        (Ok(Some(created)), Some(began)) if created > began => {
+            info!(
+                backup_id = %job.backup_id,
+                volume_id = %job.volume_id,
+                parent_id = %parent.id,
+                "incremental: the volume was made after its newest backup began (deleted and made again): full backup"
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
 fn busy_error(busy: &Busy, volume_id: &str) -> EngineError {
     EngineError::Busy(match busy {
         Busy::Backup => format!("volume {volume_id} already has a backup queued or running"),
@@ -738,6 +764,9 @@ pub(super) fn cleanup(target: &dyn BackupTarget, driver: &dyn VolumeDriver, reco
 
 /// Removes a record's temporary snapshot, if it names one; clears the name once it is gone.
 /// Records of earlier versions say only `snapshot_used`: their snapshot is looked for too.
+/// Only a snapshot of the record's own volume whose name is one backupfs makes for this
+/// very backup is removed: a record may have been written by someone else. A name that is
+/// not is dropped from the record (nothing of ours to wait for), with one warning.
 pub(super) fn remove_snapshot(driver: &dyn VolumeDriver, record: &mut Record) -> bool {
     // A record that cannot be trusted (a forged one) names nothing for us to delete: its
     // name is dropped, whatever it says stays.
@@ -752,15 +781,31 @@ pub(super) fn remove_snapshot(driver: &dyn VolumeDriver, record: &mut Record) ->
     }
     let name = match (&record.temporary_snapshot, record.snapshot_used) {
         (Some(name), _) => name.clone(),
-        (None, true) if record.status == Status::Creating => snapshot_name(&record.id),
+        (None, true) if record.status == Status::Creating => legacy_snapshot_name(&record.id),
         _ => return true,
     };
-    match driver.delete_snapshot(&record.pool, &name) {
-        Ok(()) => {
+    let refused = if crate::volume::snapnames::backup_id_of(&name) != Some(record.id.as_str()) {
+        Some(VolumeError::NotOurSnapshot(name.clone()))
+    } else {
+        driver
+            .delete_snapshot(&record.pool, &record.volume_id, &name)
+            .err()
+    };
+    match refused {
+        None => {
             record.temporary_snapshot = None;
             true
         }
-        Err(e) => {
+        Some(VolumeError::NotOurSnapshot(_)) => {
+            warn!(
+                backup_id = %record.id,
+                volume_id = %record.volume_id,
+                "not deleting snapshot {name:?}: the record names a snapshot backupfs did not make for this backup; it is left alone and no longer named"
+            );
+            record.temporary_snapshot = None;
+            true
+        }
+        Some(e) => {
             error!(
                 backup_id = %record.id,
                 "cannot delete temporary snapshot {name} (retried later): {e}"

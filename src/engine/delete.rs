@@ -150,6 +150,59 @@ impl Inner {
             }
         }
         self.keep_one_base_per_volume(target);
+        self.drop_bases_of_gone_volumes(target_name, target);
+    }
+
+    /// A base snapshot whose volume is gone will never be used: on file and qcow2 pools
+    /// its file would stay beside where the volume was, forever (Cinder's RBD driver
+    /// removes ours with the volume; the record then only forgets the name).
+    fn drop_bases_of_gone_volumes(&self, target_name: &str, target: &dyn BackupTarget) {
+        let Ok(records) = target.records() else {
+            return;
+        };
+        for record in records {
+            if record.base_snapshot.is_none() || self.is_running(&record.id) {
+                continue;
+            }
+            let Some(driver) = self.backends.get(&record.backend).map(|b| &b.driver) else {
+                continue;
+            };
+            let volume = (record.backend.clone(), record.volume_id.to_string());
+            if self.state.lock().busy.contains_key(&volume) {
+                continue;
+            }
+            // Only a volume the storage says is not there; any other failure proves nothing.
+            if !matches!(
+                driver.stat(&record.pool, &record.volume_id),
+                Err(VolumeError::NotFound(_))
+            ) {
+                continue;
+            }
+            let _updating = self.record_updates.lock();
+            let Ok(mut record) = target.record(&record.id) else {
+                continue;
+            };
+            let Some(base) = record.base_snapshot.take() else {
+                continue;
+            };
+            // Named temporary first, so that a crash cannot forget it.
+            record.temporary_snapshot = Some(base.clone());
+            if let Err(e) = target.write_record(&record) {
+                error!(backup_id = %record.id, "cannot update record: {e}");
+                continue;
+            }
+            if remove_snapshot(driver.as_ref(), &mut record) {
+                match target.write_record(&record) {
+                    Ok(()) => info!(
+                        target = target_name,
+                        backup_id = %record.id,
+                        volume_id = %record.volume_id,
+                        "the volume is gone: its base snapshot {base} is removed"
+                    ),
+                    Err(e) => error!(backup_id = %record.id, "cannot update record: {e}"),
+                }
+            }
+        }
     }
 
     /// After a crash between a new base and the removal of the old one, a volume may have

@@ -106,8 +106,10 @@ pub struct Engine {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-fn snapshot_name(backup_id: &str) -> String {
-    format!("{}{backup_id}", crate::volume::pools::SNAPSHOT_PREFIX)
+/// The snapshot name of records made before they named their snapshot (they say only
+/// `snapshot_used`); new snapshots are named by their driver (`snapshot_name`).
+fn legacy_snapshot_name(backup_id: &str) -> String {
+    crate::volume::snapnames::legacy(backup_id)
 }
 
 fn now() -> String {

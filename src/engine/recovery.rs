@@ -57,7 +57,7 @@ impl Inner {
                         let named = record.temporary_snapshot.is_some();
                         // (A base kept for incremental backups is not a leftover.)
                         if record.snapshot_used && !named && record.base_snapshot.is_none() {
-                            record.temporary_snapshot = Some(snapshot_name(&record.id));
+                            record.temporary_snapshot = Some(legacy_snapshot_name(&record.id));
                         }
                         if let Some(driver) = driver
                             && record.temporary_snapshot.is_some()

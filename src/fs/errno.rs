@@ -16,6 +16,7 @@ fn volume(e: &VolumeError) -> Errno {
         VolumeError::SnapshotUnsupported(_) => Errno::from_i32(libc::EOPNOTSUPP),
         VolumeError::Busy(_) => Errno::EBUSY,
         VolumeError::Refused(_) => Errno::EPERM,
+        VolumeError::NotOurSnapshot(_) => Errno::EPERM,
         VolumeError::Io { source, .. } => os(source),
     }
 }

@@ -290,7 +290,9 @@ impl VolumeDriver for FileDriver {
         self.pools.reflink_snapshot(pool, volume_id, snapshot_name)
     }
 
-    fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
+    // Snapshots are files named by backup, not by volume: the name's form is the check.
+    fn delete_snapshot(&self, pool: &str, _volume_id: &str, snapshot_name: &str) -> Result<()> {
+        super::snapnames::refuse_foreign(snapshot_name)?;
         self.pools.remove_snapshot(pool, snapshot_name)
     }
 

@@ -10,6 +10,7 @@ pub mod file;
 pub mod pools;
 pub mod qcow2;
 pub mod rbd;
+pub mod snapnames;
 
 use device::BlockDevice;
 use std::path::PathBuf;
@@ -34,6 +35,9 @@ pub enum VolumeError {
     /// another file of the host (a qcow2 header naming one, say).
     #[error("{0}")]
     Refused(String),
+    /// A snapshot name that is not of a form backupfs makes (`snapnames`): never removed.
+    #[error("snapshot {0:?} is not of a form backupfs makes")]
+    NotOurSnapshot(String),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -142,8 +146,11 @@ pub trait VolumeDriver: Send + Sync {
     fn delete(&self, pool: &str, volume_id: &str) -> Result<()>;
     /// A point-in-time copy of a volume that may be attached and read.
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()>;
-    /// Deleting a snapshot that is gone is not an error (recovery calls this blindly).
-    fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()>;
+    /// Deletes snapshot `snapshot_name` of volume `volume_id` (the volume a record names),
+    /// and only a name of a form backupfs makes (`NotOurSnapshot` otherwise: names come
+    /// from records, which others may write). Deleting a snapshot that is gone, or one of
+    /// a volume that is gone, is not an error (recovery calls this blindly).
+    fn delete_snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()>;
     /// Attaches a volume. For `Access::Write` the driver holds the volume the way a
     /// hypervisor would see it (a lock), and fails with `Busy` if something else uses it.
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment>;
@@ -154,6 +161,12 @@ pub trait VolumeDriver: Send + Sync {
 
     fn capabilities(&self, _pool: &str) -> Capabilities {
         Capabilities::default()
+    }
+
+    /// The name of the snapshot backup `backup_id` takes of a volume (kept in its record,
+    /// which is what later calls name it by); always one `snapnames::is_ours` accepts.
+    fn snapshot_name(&self, backup_id: &str) -> String {
+        snapnames::legacy(backup_id)
     }
 
     /// The parts of `range` that may differ between two snapshots of one volume (`from`
@@ -179,6 +192,13 @@ pub trait VolumeDriver: Send + Sync {
         _source_id: &str,
         _new_id: &str,
     ) -> Result<Option<VolumeInfo>> {
+        Ok(None)
+    }
+
+    /// When the volume was made, where the storage keeps that; None when it does not. A
+    /// volume made after a backup of its ID began is another volume (deleted and made
+    /// again): that backup is no parent of its next one.
+    fn created(&self, _pool: &str, _volume_id: &str) -> Result<Option<SystemTime>> {
         Ok(None)
     }
 

@@ -1426,6 +1426,20 @@ impl Image {
             + Duration::from_nanos(ts.tv_nsec.clamp(0, 999_999_999) as u64))
     }
 
+    /// When the image was created (by the creating client's clock).
+    pub fn create_time(&self) -> Result<SystemTime> {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid image; writes one timespec.
+        let rc = unsafe { (self.api().rbd_get_create_timestamp)(self.handle, &mut ts) };
+        self.check(rc.into(), "get create timestamp")?;
+        Ok(UNIX_EPOCH
+            + Duration::from_secs(ts.tv_sec.max(0) as u64)
+            + Duration::from_nanos(ts.tv_nsec.clamp(0, 999_999_999) as u64))
+    }
+
     /// Takes the image's exclusive lock and keeps it: unlike the lock librbd takes by
     /// itself for a write, this one is not handed over when another client asks for it
     /// (its writes fail instead), until [`release_lock`](Self::release_lock) or close.

@@ -108,8 +108,8 @@ pub struct RbdDriver {
     connection: Arc<Connection>,
     /// The volume pools (a target's pool is the target's own business).
     pools: BTreeMap<String, (PoolSpec, IoCtx)>,
-    /// (pool, snapshot name) → the image it belongs to: the engine names snapshots
-    /// only. Filled when a snapshot is made or found.
+    /// (pool, snapshot name) → the image it belongs to, for the calls that name a
+    /// snapshot only (attach, diff). Filled when a snapshot is made.
     snapshots: Mutex<HashMap<(String, String), String>>,
 }
 
@@ -153,27 +153,14 @@ impl RbdDriver {
         Attachment::new(RbdDevice::new(image, self.connection.clone()))
     }
 
-    /// The image a snapshot of ours belongs to: remembered, or found by asking each
-    /// volume of the pool (after a restart: recovery and the janitor).
-    fn snapshot_image(&self, pool: &str, snapshot: &str) -> Result<Option<String>> {
-        let key = (pool.to_string(), snapshot.to_string());
-        if let Some(image) = self.snapshots.lock().get(&key) {
-            return Ok(Some(image.clone()));
-        }
-        let io = self.io(pool)?;
-        for volume_id in volume_ids(io).map_err(volume_error)? {
-            let name = image_name(&volume_id);
-            let image = match io.open_image_read_only(&name, None) {
-                Ok(image) => image,
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(volume_error(e)),
-            };
-            if image.snapshot_exists(snapshot).map_err(volume_error)? {
-                self.snapshots.lock().insert(key, name.clone());
-                return Ok(Some(name));
-            }
-        }
-        Ok(None)
+    /// The image a snapshot of ours belongs to, as remembered since it was made (the
+    /// engine attaches and diffs only snapshots it has just made). Never found by asking
+    /// every image for the name: a name read from a record must not reach another image.
+    fn snapshot_image(&self, pool: &str, snapshot: &str) -> Option<String> {
+        self.snapshots
+            .lock()
+            .get(&(pool.to_string(), snapshot.to_string()))
+            .cloned()
     }
 }
 
@@ -249,6 +236,18 @@ impl VolumeDriver for RbdDriver {
         }
     }
 
+    /// librbd's create timestamp of the image.
+    fn created(&self, pool: &str, volume_id: &str) -> Result<Option<std::time::SystemTime>> {
+        let io = self.io(pool)?.clone();
+        let name = image_name(volume_id);
+        self.connection
+            .bounded(&format!("created {}/{name}", io.location()), move || {
+                io.open_image_read_only(&name, None)?.create_time()
+            })
+            .map(Some)
+            .map_err(|e| or_not_found(e, volume_id))
+    }
+
     /// An RBD snapshot of the image (librbd asks the exclusive lock's owner, e.g. QEMU,
     /// to make it: crash-consistent while the VM runs).
     fn snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
@@ -264,16 +263,16 @@ impl VolumeDriver for RbdDriver {
         Ok(())
     }
 
-    fn delete_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<()> {
-        let Some(name) = self.snapshot_image(pool, snapshot_name)? else {
-            return Ok(());
-        };
+    /// Only on the image of the volume the record names, and only a name of ours.
+    fn delete_snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
+        crate::volume::snapnames::refuse_foreign(snapshot_name)?;
         let forget = || {
             self.snapshots
                 .lock()
                 .remove(&(pool.to_string(), snapshot_name.to_string()));
         };
-        let image = match self.io(pool)?.open_image(&name) {
+        // The volume is gone (Cinder's delete removes our snapshots with it).
+        let image = match self.io(pool)?.open_image(&image_name(volume_id)) {
             Ok(image) => image,
             Err(e) if e.is_not_found() => {
                 forget();
@@ -329,7 +328,7 @@ impl VolumeDriver for RbdDriver {
 
     fn attach_snapshot(&self, pool: &str, snapshot_name: &str) -> Result<Attachment> {
         let name = self
-            .snapshot_image(pool, snapshot_name)?
+            .snapshot_image(pool, snapshot_name)
             .ok_or_else(|| VolumeError::NotFound(snapshot_name.to_string()))?;
         let image = self
             .io(pool)?
@@ -349,6 +348,16 @@ impl VolumeDriver for RbdDriver {
                 foreign_watchers(&io.open_image_read_only(&name, None)?)
             })
             .map_err(|e| or_not_found(e, volume_id))
+    }
+
+    /// `backup.<backup-id>.snap.<unix-seconds>`: Cinder's RBD driver removes snapshots of
+    /// that form before it deletes a volume, so a volume backupfs keeps a base on is still
+    /// deleted whole (any other snapshot sends it to the RBD trash, its data kept).
+    fn snapshot_name(&self, backup_id: &str) -> String {
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        crate::volume::snapnames::cinder_style(backup_id, seconds)
     }
 
     fn capabilities(&self, _pool: &str) -> Capabilities {
@@ -371,7 +380,7 @@ impl VolumeDriver for RbdDriver {
         range: Range<u64>,
     ) -> Result<Option<Vec<Range<u64>>>> {
         let name = self
-            .snapshot_image(pool, to)?
+            .snapshot_image(pool, to)
             .ok_or_else(|| VolumeError::NotFound(to.to_string()))?;
         let image = self
             .io(pool)?

@@ -248,6 +248,7 @@ api! {
     rbd fn rbd_namespace_exists(IoctxHandle, *const c_char, *mut bool) -> c_int;
     rbd fn rbd_get_id(ImageHandle, *mut c_char, usize) -> c_int;
     rbd fn rbd_get_modify_timestamp(ImageHandle, *mut libc::timespec) -> c_int;
+    rbd fn rbd_get_create_timestamp(ImageHandle, *mut libc::timespec) -> c_int;
     rbd fn rbd_lock_acquire(ImageHandle, c_int) -> c_int;
     rbd fn rbd_lock_release(ImageHandle) -> c_int;
     rbd fn rbd_lock_get_owners(ImageHandle, *mut c_int, *mut *mut c_char, *mut usize) -> c_int;
