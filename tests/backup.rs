@@ -1001,3 +1001,30 @@ fn backups_and_records_survive_a_restart() {
         "ended jobs are listed again after a restart:\n{jobs}"
     );
 }
+
+#[test]
+fn a_volume_with_remotefs_snapshot_overlays_is_backed_up_and_the_log_says_what_it_holds() {
+    // Issue 23: such a request was accepted silently; the backup holds `volume-<id>`, not
+    // the newer data of Cinder's overlay `volume-<id>.<snapshot-id>`.
+    let mut sb = Sandbox::new("overlays");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    let volume = random_volume(&l.gold, "v", 2);
+    let snapshot = "2b9e3c1a-5d6f-4a7b-8c9d-0e1f2a3b4c5d";
+    std::fs::write(l.gold.join(format!("volume-v.{snapshot}")), b"newer data").unwrap();
+    std::fs::write(l.gold.join("volume-v.info"), b"{}").unwrap();
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    assert_eq!(d.record("hdd", &id)["status"], "available");
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("snapshot overlays"))
+        .unwrap_or_else(|| panic!("no warning:\n{log}"));
+    assert!(line.contains(&format!("volume-v.{snapshot}")), "{line}");
+    assert!(!line.contains("volume-v.info"), "{line}");
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        volume.display()
+    ));
+}

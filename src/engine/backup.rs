@@ -43,6 +43,17 @@ impl Inner {
                 info.id
             )));
         }
+        match backend.driver.overlays(&info.pool, &info.id) {
+            Ok(overlays) if !overlays.is_empty() => warn!(
+                volume_id = %info.id,
+                "volume {} has snapshot overlays beside it ({}): the backup holds volume-{} as it was when the first was made, not the newer data in them (a Cinder snapshot of a RemoteFS volume; Cinder's own backup of it uses a temporary snapshot, which is fine)",
+                info.id,
+                overlays.join(", "),
+                info.id
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(volume_id = %info.id, "cannot look for snapshot overlays: {e}"),
+        }
         let needed = self.space_needed(target.as_ref(), request, &backend_name, &info);
         let free = target.free_space()?;
         let backup_id = BackupId::new();

@@ -409,12 +409,13 @@ impl Filesystem for BackupFs {
                     let (t, id) = (t.clone(), id.clone());
                     self.slow("open", move |core| match core.engine.open_image(&t, &id) {
                         Ok(image) => {
-                            let fh = core.open_handle_with(slot, Handle::Image(image), |fh, handle| {
-                                // A restore this process feeds is judged by this image.
-                                if let Handle::Image(image) = handle {
-                                    core.engine.image_opened(fh, image, pid);
-                                }
-                            });
+                            let fh =
+                                core.open_handle_with(slot, Handle::Image(image), |fh, handle| {
+                                    // A restore this process feeds is judged by this image.
+                                    if let Handle::Image(image) = handle {
+                                        core.engine.image_opened(fh, image, pid);
+                                    }
+                                });
                             // Images never change: pages the daemon checked may stay cached.
                             reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
                         }

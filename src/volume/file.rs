@@ -384,4 +384,8 @@ impl VolumeDriver for FileDriver {
     fn free_space(&self, pool: &str) -> Result<Option<u64>> {
         self.pools.free_space(pool)
     }
+
+    fn overlays(&self, pool: &str, volume_id: &str) -> Result<Vec<String>> {
+        self.pools.overlays(pool, volume_id)
+    }
 }

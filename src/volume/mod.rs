@@ -207,6 +207,14 @@ pub trait VolumeDriver: Send + Sync {
         Ok(None)
     }
 
+    /// Files beside the volume that hold newer data than it: Cinder's RemoteFS snapshot
+    /// overlays `volume-<id>.<snapshot-id>`, which take the volume's writes once a Cinder
+    /// snapshot exists. A backup reads `volume-<id>` only, which then holds the data as
+    /// it was when the first snapshot was taken.
+    fn overlays(&self, _pool: &str, _volume_id: &str) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     /// A note kept with a volume on its storage (`key` = "restore": a restore in progress,
     /// or one that left the volume incomplete), so that it outlives the daemon; None
     /// removes it. Storage that cannot keep notes ignores them.

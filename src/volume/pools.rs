@@ -187,6 +187,22 @@ impl PoolDirs {
             .collect())
     }
 
+    /// Names in the pool that start with volume `id`'s file name and a dot: Cinder's
+    /// RemoteFS snapshot overlays (`volume-<id>.<snapshot-id>`) and their info file.
+    pub fn overlays(&self, pool: &str, id: &str) -> Result<Vec<String>> {
+        let prefix = format!("{}.", self.object_name(pool, id)?);
+        let dir = self.open_dir_for(pool, id)?;
+        let names = dir
+            .names()
+            .map_err(|e| VolumeError::io("list", dir.path(), e))?;
+        let mut found: Vec<String> = names
+            .into_iter()
+            .filter(|name| name.starts_with(&prefix) && !name.ends_with(".info"))
+            .collect();
+        found.sort();
+        Ok(found)
+    }
+
     /// [`PoolDirs::list`], with what each file is (from the same look at it).
     pub fn list_stats(&self, pool: &str) -> Result<Vec<(String, PathBuf, FileStat)>> {
         let role = self.role(pool)?;

@@ -420,6 +420,10 @@ impl VolumeDriver for Qcow2Driver {
     fn free_space(&self, pool: &str) -> Result<Option<u64>> {
         self.pools.free_space(pool)
     }
+
+    fn overlays(&self, pool: &str, volume_id: &str) -> Result<Vec<String>> {
+        self.pools.overlays(pool, volume_id)
+    }
 }
 
 #[cfg(test)]
