@@ -553,9 +553,12 @@ fn kill9_mid_copy_to_an_rbd_target_leaves_no_image_snapshot_or_half_made_record(
     );
     let series = format!("backupfs-series-{id}");
     assert!(images(&cluster, &s.backups).contains(&series));
-    assert_eq!(
-        snapshots(&cluster, &s.volumes, "volume-victim"),
-        [format!("snapshot-backupfs-{id}")]
+    // The temporary snapshot, named as Cinder's RBD driver deletes with its volume.
+    let temporary = snapshots(&cluster, &s.volumes, "volume-victim");
+    assert_eq!(temporary.len(), 1, "{temporary:?}");
+    assert!(
+        temporary[0].starts_with(&format!("backup.{id}.snap.")),
+        "{temporary:?}"
     );
     d.kill9();
     drop(watch);

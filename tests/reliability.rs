@@ -159,27 +159,51 @@ fn kill9_during_a_restore_keeps_the_backup_and_allows_a_new_restore() {
 fn full_target_fails_the_waiting_write_with_enospc_and_leaves_nothing() {
     let mut sb = Sandbox::new("full");
     let (ssd, backups, config) = small_target_with(&mut sb, "hdd", 48, "max_parallel_jobs = 1");
-    // Each fits alone; together they do not: the pool fills during the second copy.
     random_volume(&ssd, "blocker", 1);
     let one = random_volume(&ssd, "one", 30);
     random_volume(&ssd, "two", 30);
     random_volume(&ssd, "small", 2);
     let release = sb.path("release");
-    let d = sb.start_daemon_env(&config, &pause_env("finishing", &release));
+    let d = sb.start_daemon_env(&config, &pause_env("started", &release));
     let empty = allocated_under(&backups);
-    // Both are accepted while the pool is still empty: a job held by the one worker keeps
-    // them queued, so neither copy has begun when the other is checked for space.
+    // Each fits alone; together they do not: the second is refused at the door, since
+    // the first holds its share of the free space (issue 23), and nothing is recorded.
     let blocker = d.backup("hdd", "blocker");
-    d.wait_state("hdd", &blocker, "finishing");
     let one_id = d.backup("hdd", "one");
+    assert_eq!(
+        d.request("hdd", "two wait").map(errno_name),
+        Some(errno_name(libc::ENOSPC))
+    );
+    assert!(!d.jobs("hdd").contains(" two "), "{}", d.jobs("hdd"));
+    release_jobs(&release);
+    assert_eq!(d.wait_job("hdd", &blocker), "available");
+    assert_eq!(d.wait_job("hdd", &one_id), "available");
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &one_id).display(),
+        one.display()
+    ));
+    for id in [&blocker, &one_id] {
+        std::fs::remove_file(d.image("hdd", id)).unwrap();
+    }
+    // Accepted while it fits, then the filesystem fills (another writer of it) before
+    // the copy: the copy fails mid-way with ENOSPC, deterministically.
+    std::fs::remove_file(&release).unwrap();
     let two_result = std::thread::scope(|s| {
         let two = s.spawn(|| d.request("hdd", "two wait"));
         wait_for(
-            || d.jobs("hdd").lines().any(|l| l.contains(" two queued ")),
-            "the second request to be queued",
+            || d.jobs("hdd").lines().any(|l| l.contains(" two ")),
+            "the second request to be accepted",
         );
+        let filler = backups.parent().unwrap().join("filler");
+        let _ = sh(&format!(
+            "dd if=/dev/zero of='{}' bs=1M status=none; sync",
+            filler.display()
+        ));
         release_jobs(&release);
-        two.join().unwrap()
+        let result = two.join().unwrap();
+        std::fs::remove_file(&filler).unwrap();
+        result
     });
     assert_eq!(two_result.map(errno_name), Some(errno_name(libc::ENOSPC)));
     let two_id = d
@@ -210,22 +234,12 @@ fn full_target_fails_the_waiting_write_with_enospc_and_leaves_nothing() {
         "the image of a failed backup",
     );
     assert!(d.log().contains(&two_id), "{}", d.log());
-    // The first is whole.
-    assert_eq!(d.wait_job("hdd", &one_id), "available");
-    ok(&format!(
-        "cmp '{}' '{}'",
-        d.image("hdd", &one_id).display(),
-        one.display()
-    ));
-    // Nothing of the failed copy is left: only its record mentions it, and once the
-    // good backups are deleted the pool holds no more than records.
+    // Nothing of the failed copy is left: only its record mentions it, and the pool
+    // holds no more than records.
     assert_eq!(
         files_mentioning(&backups, &two_id),
         [record_file(&backups, &two_id)]
     );
-    for id in [&blocker, &one_id] {
-        std::fs::remove_file(d.image("hdd", id)).unwrap();
-    }
     assert!(
         allocated_under(&backups) < empty + (256 << 10),
         "{} bytes allocated, {empty} when empty",
