@@ -112,10 +112,8 @@ impl UnitRun {
             rlim_max: 0,
         };
         // SAFETY: getrlimit(2) fills the struct we own.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
-            0
-        );
+        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) };
+        assert_eq!(got, 0);
         let nofile: Option<u64> = unit_values("Service", "LimitNOFILE")
             .first()
             .map(|n| n.parse::<u64>().expect("a number").min(hard.rlim_max));

@@ -5,6 +5,8 @@
 mod common;
 
 use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -883,7 +885,7 @@ fn slow_releases_and_waits_never_stall_the_mount() {
     let qsds = qsd_children(pid);
     assert_eq!(qsds.len(), 6, "one export per reader");
     for qsd in &qsds {
-        unsafe { libc::kill(*qsd as i32, libc::SIGSTOP) };
+        let _ = kill(Pid::from_raw(*qsd as i32), Signal::SIGSTOP);
     }
     for i in 0..6 {
         std::fs::write(sb.path(&format!("go-{i}")), b"").unwrap();
@@ -921,7 +923,7 @@ fn slow_releases_and_waits_never_stall_the_mount() {
         );
     }
     for qsd in &qsds {
-        unsafe { libc::kill(*qsd as i32, libc::SIGCONT) };
+        let _ = kill(Pid::from_raw(*qsd as i32), Signal::SIGCONT);
     }
     for mut closer in closers {
         assert!(closer.wait().unwrap().success());
