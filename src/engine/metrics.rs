@@ -41,18 +41,16 @@ impl Counters {
             .or_default() += 1;
     }
 
-    /// A restore ended (`by` 1), or one that had ended resumed (`by` -1).
-    pub(super) fn restore_ended(&self, state: RestoreState, by: i64) {
+    /// A restore ended. A counter never goes down (Prometheus takes a decrease for a
+    /// restart and counts the whole value again), so a restore that resumes after its
+    /// opener's close and ends again is counted at each end.
+    pub(super) fn restore_ended(&self, state: RestoreState) {
         let counter = match state {
             RestoreState::Failed => &self.restore_failed,
             RestoreState::Restored => &self.restored,
             RestoreState::Restoring => return,
         };
-        if by >= 0 {
-            counter.fetch_add(by as u64, Ordering::Relaxed);
-        } else {
-            counter.fetch_sub(by.unsigned_abs(), Ordering::Relaxed);
-        }
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -332,7 +332,7 @@ impl RestoreSession {
             status.error = failure;
         }
         *track.ended_at.lock() = Some(Instant::now());
-        self.inner.counters.restore_ended(state, 1);
+        self.inner.counters.restore_ended(state);
     }
 
     /// Judges what the restore's data came from: an image read that failed for a process
@@ -411,7 +411,6 @@ impl RestoreSession {
                 return;
             }
             let mut status = existing.status.lock();
-            self.inner.counters.restore_ended(status.state, -1);
             status.state = RestoreState::Restoring;
             status.error = None;
         } else {
