@@ -41,6 +41,11 @@ modprobe -a loop fuse btrfs xfs overlay 2>/dev/null || true
 # the package list below changes.
 venv=target/cinder-venv
 cinder_packages="cinder==29.0.0 ddt fixtures oslotest testtools"
+mkdir -p target
+# Two runs in one checkout at once: the second waits while the first makes the
+# virtualenv, instead of using (or clearing) a half-made one.
+exec 8>target/cinder-venv.lock
+flock 8
 if [ "$(cat "$venv/packages" 2>/dev/null)" != "$cinder_packages" ]; then
     echo "making $venv: $cinder_packages"
     python3 -m venv --clear "$venv"
@@ -48,6 +53,7 @@ if [ "$(cat "$venv/packages" 2>/dev/null)" != "$cinder_packages" ]; then
     "$venv/bin/pip" install -q --disable-pip-version-check $cinder_packages
     echo "$cinder_packages" > "$venv/packages"
 fi
+flock -u 8
 
 # --no-fail-fast: a failing test file must not hide the results of the others.
 cargo test --all-targets --no-fail-fast -- --test-threads=4
