@@ -632,3 +632,46 @@ for at in range(0, 64 << 20, 1 << 20):
     assert!(pool_note(&pool_file).is_some_and(|n| n.starts_with("incomplete: ")));
     assert_eq!(restores_counted(&d, "failed"), 1);
 }
+
+#[test]
+fn a_read_failure_before_the_writer_opened_the_volume_fails_its_restore() {
+    let mut sb = Sandbox::new("restore-read-first");
+    let (l, d, ids) = with_sparse_backups(&mut sb, 1);
+    damage_bytes(
+        &l.backups.join(format!("backup-{}.img", ids[0])),
+        10,
+        b"\xde\xad",
+    );
+    let pool_file = sparse_volume(&l.gold, "readfirst", 64, 30, 4);
+    // A tool that reads the whole image first (zeros for what it cannot read), still
+    // holding it, then opens the volume and writes all of it, and exits 0: the data it
+    // writes is the image's, with the damaged block lost.
+    let script = r#"
+import os, sys
+image = os.open(sys.argv[1], os.O_RDONLY)
+data = []
+for at in range(0, 64 << 20, 1 << 20):
+    try:
+        data.append(os.pread(image, 1 << 20, at))
+    except OSError:
+        data.append(bytes(1 << 20))
+volume = os.open(sys.argv[2], os.O_WRONLY)
+for i, block in enumerate(data):
+    os.pwrite(volume, block, i << 20)
+os.close(volume)
+"#;
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(d.image("hdd", &ids[0]))
+        .arg(d.volume("ssd", "readfirst"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let line = restore_line(&d, "readfirst");
+    assert!(line.starts_with("ssd readfirst failed "), "{line}");
+    assert!(line.contains("a read of backup"), "{line}");
+    assert!(pool_note(&pool_file).is_some_and(|n| n.starts_with("incomplete: ")));
+    assert_eq!(restores_counted(&d, "failed"), 1);
+    assert_eq!(restores_counted(&d, "restored"), 0);
+}
