@@ -104,6 +104,9 @@ fn fd_access_mode(fdinfo: &str) -> Option<i32> {
 /// A backup image open through the mount.
 #[derive(Debug, Clone)]
 struct ImageUse {
+    /// The mount's handle number (reused once closed: `opened` tells the uses apart).
+    handle: u64,
+    opened: Instant,
     backup_id: String,
     /// Where the image's last block holding data starts (None: no data, or no checksums
     /// to tell).
@@ -116,6 +119,8 @@ struct ImageUse {
 #[derive(Debug, Clone)]
 struct ReadFailure {
     at: Instant,
+    /// The image handle read through.
+    handle: u64,
     backup_id: String,
     reason: String,
     /// The process that asked, and the one that opened the image (they share the open
@@ -158,6 +163,8 @@ impl Provenance {
         self.state.lock().open.insert(
             handle,
             ImageUse {
+                handle,
+                opened: Instant::now(),
                 backup_id: backup_id.to_string(),
                 last_data_block,
                 opener,
@@ -183,6 +190,7 @@ impl Provenance {
         };
         state.failures.push_back(ReadFailure {
             at: Instant::now(),
+            handle,
             backup_id,
             reason: reason.to_string(),
             reader,
@@ -194,18 +202,29 @@ impl Provenance {
     /// What fed a restore that began at `since` and whose writers (its openers and every
     /// process that changed it) are `writers`. A read failure counts if one of the writers
     /// was handed it (or shares the image's open file with the one that was) since the
-    /// restore began, or if the process handed it holds a pipe into a writer (then also
-    /// just before: `cat` may fail before `dd` opens the volume). An image counts if such
-    /// a process held it open while the restore ran.
+    /// restore began, or earlier through an image file still open when the restore began
+    /// (a tool that reads the whole image before it opens the volume), or if the process
+    /// handed it holds a pipe into a writer (then also just before: `cat` may fail before
+    /// `dd` opens the volume). An image counts if such a process held it open while the
+    /// restore ran.
     pub(super) fn judge(&self, writers: &[Process], since: Instant) -> Findings {
         let state = self.state.lock();
         let mut findings = Findings::default();
         for failure in &state.failures {
+            // The image file the failed read went through, still open when the restore
+            // began (the use of that handle that was open at the failure).
+            let held = || {
+                state.open.values().chain(state.closed.iter()).any(|used| {
+                    used.handle == failure.handle
+                        && used.opened <= failure.at
+                        && used.closed.is_none_or(|closed| closed >= since)
+                })
+            };
             let linked = writers.iter().any(|w| {
                 let same = [&failure.reader, &failure.opener]
                     .iter()
                     .any(|p| p.tgid != 0 && p.tgid == w.tgid);
-                (same && failure.at >= since)
+                (same && (failure.at >= since || held()))
                     || failure.reader.feeds_by_pipe(w)
                     || failure.opener.feeds_by_pipe(w)
             });
@@ -280,13 +299,37 @@ mod tests {
         let cp = process(10, &[], &[]);
         provenance.image_opened(1, "old", Some(0), cp.clone());
         provenance.read_failed(1, cp.clone(), "EIO");
+        provenance.image_closed(1);
+        std::thread::sleep(Duration::from_millis(2));
         let since = Instant::now();
+        assert_eq!(
+            provenance.judge(std::slice::from_ref(&cp), since).failure,
+            None
+        );
+        // The same handle number, reused by a later open: not the image that failed.
+        provenance.image_opened(1, "new", Some(0), cp.clone());
         assert_eq!(
             provenance.judge(std::slice::from_ref(&cp), since).failure,
             None
         );
         provenance.read_failed(1, cp.clone(), "EIO");
         assert!(provenance.judge(&[cp], since).failure.is_some());
+    }
+
+    #[test]
+    fn a_failure_through_an_image_still_open_when_the_restore_began_counts() {
+        let provenance = Provenance::default();
+        // A tool reads the whole image (one read fails), then opens the volume.
+        let tool = process(11, &[], &[]);
+        provenance.image_opened(1, "bad", Some(0), tool.clone());
+        provenance.read_failed(1, tool.clone(), "EIO");
+        std::thread::sleep(Duration::from_millis(2));
+        let since = Instant::now();
+        let found = provenance.judge(std::slice::from_ref(&tool), since);
+        assert!(found.failure.unwrap().contains("backup bad"));
+        // Also once it closed the image during the restore.
+        provenance.image_closed(1);
+        assert!(provenance.judge(&[tool], since).failure.is_some());
     }
 
     #[test]
