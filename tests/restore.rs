@@ -675,3 +675,84 @@ os.close(volume)
     assert_eq!(restores_counted(&d, "failed"), 1);
     assert_eq!(restores_counted(&d, "restored"), 0);
 }
+
+#[test]
+fn read_failures_of_other_users_cannot_push_a_restores_failure_out_of_memory() {
+    let mut sb = Sandbox::new("restore-flood");
+    ok(&format!("chmod 755 '{}'", sb.dir.display()));
+    // Group root may read images: a user other than root, with it as a supplementary
+    // group, reads the damaged image again and again while root restores from it.
+    let l = layout(
+        &mut sb,
+        Some(Fs::Xfs),
+        Some(Fs::Xfs),
+        "allow_other = true\nadmin_group = \"root\"",
+    );
+    let source = sparse_volume(&l.main, "src", 64, 20, 3);
+    ok(&format!(
+        "dd if=/dev/urandom of='{}' bs=1M count=1 conv=notrunc status=none",
+        source.display()
+    ));
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "src wait");
+    damage_bytes(
+        &l.backups.join(format!("backup-{id}.img")),
+        (20 << 20) + 10,
+        b"\xde\xad",
+    );
+    let pool_file = sparse_volume(&l.gold, "flooded", 64, 30, 4);
+    let image = d.image("hdd", &id);
+    // Root's restore reads every block (zeros for the one that fails), writes it all,
+    // and holds the volume until the flood is over.
+    let restorer = r#"
+import os, sys, time
+image = os.open(sys.argv[1], os.O_RDONLY)
+volume = os.open(sys.argv[2], os.O_WRONLY)
+for at in range(0, 64 << 20, 1 << 20):
+    try:
+        block = os.pread(image, 1 << 20, at)
+    except OSError:
+        block = bytes(1 << 20)
+    os.pwrite(volume, block, at)
+open(sys.argv[3], "w").close()
+deadline = time.time() + 120
+while not os.path.exists(sys.argv[4]) and time.time() < deadline:
+    time.sleep(0.05)
+os.close(volume)
+"#;
+    let (wrote, flooded) = (sb.path("wrote"), sb.path("flooded"));
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(restorer)
+        .arg(&image)
+        .arg(d.volume("ssd", "flooded"))
+        .arg(&wrote)
+        .arg(&flooded)
+        .spawn()
+        .unwrap();
+    wait_for(|| wrote.exists(), "the restorer wrote the volume");
+    let flood = r#"
+import os, sys
+os.setgroups([0]); os.setgid(65534); os.setuid(65534)
+image = os.open(sys.argv[1], os.O_RDONLY)
+failed = 0
+for i in range(3000):
+    try:
+        os.pread(image, 4096, (20 << 20) + (i % 256) * 4096)
+    except OSError:
+        failed += 1
+assert failed == 3000, failed
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(flood)
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(&flooded, b"").unwrap();
+    assert!(child.wait().unwrap().success());
+    let line = restore_line(&d, "flooded");
+    assert!(line.starts_with("ssd flooded failed "), "{line}");
+    assert!(pool_note(&pool_file).is_some_and(|n| n.starts_with("incomplete: ")));
+}
