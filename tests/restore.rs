@@ -632,3 +632,127 @@ for at in range(0, 64 << 20, 1 << 20):
     assert!(pool_note(&pool_file).is_some_and(|n| n.starts_with("incomplete: ")));
     assert_eq!(restores_counted(&d, "failed"), 1);
 }
+
+#[test]
+fn a_read_failure_before_the_writer_opened_the_volume_fails_its_restore() {
+    let mut sb = Sandbox::new("restore-read-first");
+    let (l, d, ids) = with_sparse_backups(&mut sb, 1);
+    damage_bytes(
+        &l.backups.join(format!("backup-{}.img", ids[0])),
+        10,
+        b"\xde\xad",
+    );
+    let pool_file = sparse_volume(&l.gold, "readfirst", 64, 30, 4);
+    // A tool that reads the whole image first (zeros for what it cannot read), still
+    // holding it, then opens the volume and writes all of it, and exits 0: the data it
+    // writes is the image's, with the damaged block lost.
+    let script = r#"
+import os, sys
+image = os.open(sys.argv[1], os.O_RDONLY)
+data = []
+for at in range(0, 64 << 20, 1 << 20):
+    try:
+        data.append(os.pread(image, 1 << 20, at))
+    except OSError:
+        data.append(bytes(1 << 20))
+volume = os.open(sys.argv[2], os.O_WRONLY)
+for i, block in enumerate(data):
+    os.pwrite(volume, block, i << 20)
+os.close(volume)
+"#;
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(d.image("hdd", &ids[0]))
+        .arg(d.volume("ssd", "readfirst"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let line = restore_line(&d, "readfirst");
+    assert!(line.starts_with("ssd readfirst failed "), "{line}");
+    assert!(line.contains("a read of backup"), "{line}");
+    assert!(pool_note(&pool_file).is_some_and(|n| n.starts_with("incomplete: ")));
+    assert_eq!(restores_counted(&d, "failed"), 1);
+    assert_eq!(restores_counted(&d, "restored"), 0);
+}
+
+#[test]
+fn read_failures_of_other_users_cannot_push_a_restores_failure_out_of_memory() {
+    let mut sb = Sandbox::new("restore-flood");
+    ok(&format!("chmod 755 '{}'", sb.dir.display()));
+    // Group root may read images: a user other than root, with it as a supplementary
+    // group, reads the damaged image again and again while root restores from it.
+    let l = layout(
+        &mut sb,
+        Some(Fs::Xfs),
+        Some(Fs::Xfs),
+        "allow_other = true\nadmin_group = \"root\"",
+    );
+    let source = sparse_volume(&l.main, "src", 64, 20, 3);
+    ok(&format!(
+        "dd if=/dev/urandom of='{}' bs=1M count=1 conv=notrunc status=none",
+        source.display()
+    ));
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "src wait");
+    damage_bytes(
+        &l.backups.join(format!("backup-{id}.img")),
+        (20 << 20) + 10,
+        b"\xde\xad",
+    );
+    let pool_file = sparse_volume(&l.gold, "flooded", 64, 30, 4);
+    let image = d.image("hdd", &id);
+    // Root's restore reads every block (zeros for the one that fails), writes it all,
+    // and holds the volume until the flood is over.
+    let restorer = r#"
+import os, sys, time
+image = os.open(sys.argv[1], os.O_RDONLY)
+volume = os.open(sys.argv[2], os.O_WRONLY)
+for at in range(0, 64 << 20, 1 << 20):
+    try:
+        block = os.pread(image, 1 << 20, at)
+    except OSError:
+        block = bytes(1 << 20)
+    os.pwrite(volume, block, at)
+open(sys.argv[3], "w").close()
+deadline = time.time() + 120
+while not os.path.exists(sys.argv[4]) and time.time() < deadline:
+    time.sleep(0.05)
+os.close(volume)
+"#;
+    let (wrote, flooded) = (sb.path("wrote"), sb.path("flooded"));
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(restorer)
+        .arg(&image)
+        .arg(d.volume("ssd", "flooded"))
+        .arg(&wrote)
+        .arg(&flooded)
+        .spawn()
+        .unwrap();
+    wait_for(|| wrote.exists(), "the restorer wrote the volume");
+    let flood = r#"
+import os, sys
+os.setgroups([0]); os.setgid(65534); os.setuid(65534)
+image = os.open(sys.argv[1], os.O_RDONLY)
+failed = 0
+for i in range(3000):
+    try:
+        os.pread(image, 4096, (20 << 20) + (i % 256) * 4096)
+    except OSError:
+        failed += 1
+assert failed == 3000, failed
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(flood)
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(&flooded, b"").unwrap();
+    assert!(child.wait().unwrap().success());
+    let line = restore_line(&d, "flooded");
+    assert!(line.starts_with("ssd flooded failed "), "{line}");
+    assert!(pool_note(&pool_file).is_some_and(|n| n.starts_with("incomplete: ")));
+}

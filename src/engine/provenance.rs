@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 /// How long image uses and read failures are remembered (as long as `restores` lists).
 const KEPT: Duration = Duration::from_secs(2 * 3600);
-/// At most this many closed image uses and read failures are remembered: memory stays
-/// bounded whatever readers do.
+/// At most this many closed image uses and read failures of root's processes are
+/// remembered, and as many of other users' (admin_group): memory stays bounded whatever
+/// readers do, and no other user can push root's out (only root restores).
 const MAX_KEPT: usize = 1024;
 
 /// A process (thread group) and the pipes it held when it was seen.
@@ -17,6 +18,8 @@ const MAX_KEPT: usize = 1024;
 pub struct Process {
     /// 0: not known (the thread was gone before /proc could say).
     pub tgid: u32,
+    /// Runs as root (real uid 0); false when not known.
+    root: bool,
     /// Pipes whose write end it held (pipefs inode numbers).
     pipes_out: Vec<u64>,
     /// Pipes whose read end it held.
@@ -27,17 +30,18 @@ impl Process {
     /// The process of thread `tid` (FUSE requests carry the caller's thread id), and its
     /// pipes, as /proc shows them now; just the thread id if /proc cannot tell.
     pub fn of_thread(tid: u32) -> Process {
-        let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find_map(|line| line.strip_prefix("Tgid:"))
-                    .and_then(|tgid| tgid.trim().parse().ok())
-            })
-            .unwrap_or(tid);
+        let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| value.split_whitespace().next())
+                .and_then(|value| value.parse::<u32>().ok())
+        };
+        let tgid = field("Tgid:").unwrap_or(tid);
         let mut process = Process {
             tgid,
+            root: field("Uid:") == Some(0),
             ..Process::default()
         };
         if tgid == 0 {
@@ -104,6 +108,9 @@ fn fd_access_mode(fdinfo: &str) -> Option<i32> {
 /// A backup image open through the mount.
 #[derive(Debug, Clone)]
 struct ImageUse {
+    /// The mount's handle number (reused once closed: `opened` tells the uses apart).
+    handle: u64,
+    opened: Instant,
     backup_id: String,
     /// Where the image's last block holding data starts (None: no data, or no checksums
     /// to tell).
@@ -116,6 +123,8 @@ struct ImageUse {
 #[derive(Debug, Clone)]
 struct ReadFailure {
     at: Instant,
+    /// The image handle read through.
+    handle: u64,
     backup_id: String,
     reason: String,
     /// The process that asked, and the one that opened the image (they share the open
@@ -158,6 +167,8 @@ impl Provenance {
         self.state.lock().open.insert(
             handle,
             ImageUse {
+                handle,
+                opened: Instant::now(),
                 backup_id: backup_id.to_string(),
                 last_data_block,
                 opener,
@@ -171,7 +182,7 @@ impl Provenance {
         if let Some(mut used) = state.open.remove(&handle) {
             used.closed = Some(Instant::now());
             state.closed.push_back(used);
-            prune(&mut state.closed, |u| u.closed);
+            prune(&mut state.closed, |u| u.closed, |u| u.opener.root);
         }
     }
 
@@ -183,29 +194,41 @@ impl Provenance {
         };
         state.failures.push_back(ReadFailure {
             at: Instant::now(),
+            handle,
             backup_id,
             reason: reason.to_string(),
             reader,
             opener,
         });
-        prune(&mut state.failures, |f| Some(f.at));
+        prune(&mut state.failures, |f| Some(f.at), |f| f.reader.root);
     }
 
     /// What fed a restore that began at `since` and whose writers (its openers and every
     /// process that changed it) are `writers`. A read failure counts if one of the writers
     /// was handed it (or shares the image's open file with the one that was) since the
-    /// restore began, or if the process handed it holds a pipe into a writer (then also
-    /// just before: `cat` may fail before `dd` opens the volume). An image counts if such
-    /// a process held it open while the restore ran.
+    /// restore began, or earlier through an image file still open when the restore began
+    /// (a tool that reads the whole image before it opens the volume), or if the process
+    /// handed it holds a pipe into a writer (then also just before: `cat` may fail before
+    /// `dd` opens the volume). An image counts if such a process held it open while the
+    /// restore ran.
     pub(super) fn judge(&self, writers: &[Process], since: Instant) -> Findings {
         let state = self.state.lock();
         let mut findings = Findings::default();
         for failure in &state.failures {
+            // The image file the failed read went through, still open when the restore
+            // began (the use of that handle that was open at the failure).
+            let held = || {
+                state.open.values().chain(state.closed.iter()).any(|used| {
+                    used.handle == failure.handle
+                        && used.opened <= failure.at
+                        && used.closed.is_none_or(|closed| closed >= since)
+                })
+            };
             let linked = writers.iter().any(|w| {
                 let same = [&failure.reader, &failure.opener]
                     .iter()
                     .any(|p| p.tgid != 0 && p.tgid == w.tgid);
-                (same && failure.at >= since)
+                (same && (failure.at >= since || held()))
                     || failure.reader.feeds_by_pipe(w)
                     || failure.opener.feeds_by_pipe(w)
             });
@@ -237,13 +260,31 @@ impl Provenance {
     }
 }
 
-/// Forgets the oldest entries past `MAX_KEPT` and those older than `KEPT`.
-fn prune<T>(entries: &mut VecDeque<T>, at: impl Fn(&T) -> Option<Instant>) {
-    while entries.len() > MAX_KEPT
-        || entries
-            .front()
-            .and_then(&at)
-            .is_some_and(|t| t.elapsed() > KEPT)
+/// Forgets the oldest entries of root's, or of other users', past `MAX_KEPT` each, and
+/// those older than `KEPT`.
+fn prune<T>(
+    entries: &mut VecDeque<T>,
+    at: impl Fn(&T) -> Option<Instant>,
+    root: impl Fn(&T) -> bool,
+) {
+    for class in [true, false] {
+        let mut excess = entries
+            .iter()
+            .filter(|e| root(e) == class)
+            .count()
+            .saturating_sub(MAX_KEPT);
+        while excess > 0 {
+            let Some(oldest) = entries.iter().position(|e| root(e) == class) else {
+                break;
+            };
+            entries.remove(oldest);
+            excess -= 1;
+        }
+    }
+    while entries
+        .front()
+        .and_then(&at)
+        .is_some_and(|t| t.elapsed() > KEPT)
     {
         entries.pop_front();
     }
@@ -256,9 +297,34 @@ mod tests {
     fn process(tgid: u32, pipes_out: &[u64], pipes_in: &[u64]) -> Process {
         Process {
             tgid,
+            root: false,
             pipes_out: pipes_out.to_vec(),
             pipes_in: pipes_in.to_vec(),
         }
+    }
+
+    #[test]
+    fn other_users_failures_never_push_roots_out() {
+        let provenance = Provenance::default();
+        let root_dd = Process {
+            root: true,
+            ..process(40, &[], &[])
+        };
+        let since = Instant::now();
+        provenance.image_opened(1, "bad", Some(0), root_dd.clone());
+        provenance.read_failed(1, root_dd.clone(), "EIO");
+        for i in 0..3 * MAX_KEPT as u64 {
+            let reader = process(41, &[], &[]);
+            provenance.image_opened(100 + i, "bad", Some(0), reader.clone());
+            provenance.read_failed(100 + i, reader, "EIO");
+            provenance.image_closed(100 + i);
+        }
+        let state = provenance.state.lock();
+        assert_eq!(state.failures.len(), MAX_KEPT + 1, "bounded all the same");
+        assert_eq!(state.closed.len(), MAX_KEPT);
+        drop(state);
+        let found = provenance.judge(&[root_dd], since);
+        assert!(found.failure.unwrap().contains("backup bad"));
     }
 
     #[test]
@@ -280,13 +346,37 @@ mod tests {
         let cp = process(10, &[], &[]);
         provenance.image_opened(1, "old", Some(0), cp.clone());
         provenance.read_failed(1, cp.clone(), "EIO");
+        provenance.image_closed(1);
+        std::thread::sleep(Duration::from_millis(2));
         let since = Instant::now();
+        assert_eq!(
+            provenance.judge(std::slice::from_ref(&cp), since).failure,
+            None
+        );
+        // The same handle number, reused by a later open: not the image that failed.
+        provenance.image_opened(1, "new", Some(0), cp.clone());
         assert_eq!(
             provenance.judge(std::slice::from_ref(&cp), since).failure,
             None
         );
         provenance.read_failed(1, cp.clone(), "EIO");
         assert!(provenance.judge(&[cp], since).failure.is_some());
+    }
+
+    #[test]
+    fn a_failure_through_an_image_still_open_when_the_restore_began_counts() {
+        let provenance = Provenance::default();
+        // A tool reads the whole image (one read fails), then opens the volume.
+        let tool = process(11, &[], &[]);
+        provenance.image_opened(1, "bad", Some(0), tool.clone());
+        provenance.read_failed(1, tool.clone(), "EIO");
+        std::thread::sleep(Duration::from_millis(2));
+        let since = Instant::now();
+        let found = provenance.judge(std::slice::from_ref(&tool), since);
+        assert!(found.failure.unwrap().contains("backup bad"));
+        // Also once it closed the image during the restore.
+        provenance.image_closed(1);
+        assert!(provenance.judge(&[tool], since).failure.is_some());
     }
 
     #[test]
