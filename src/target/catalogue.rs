@@ -439,6 +439,19 @@ impl Catalogue for DirCatalogue {
                 path: self.record_path(&record.id),
                 message: format!("{} checksum blocks", checksums.blocks),
             })?;
+        // The sums are held in memory whole (twice while decoded). On a target without a
+        // key a record's block count is whatever its writer says: a claim the machine
+        // cannot hold is refused, not read (reading it would end the daemon).
+        let room = available_memory() / 8;
+        if cap > room {
+            return Err(TargetError::BadRecord {
+                path: self.record_path(&record.id),
+                message: format!(
+                    "its {} checksum blocks would take {cap} bytes of memory, more than an eighth of what is available ({room} bytes)",
+                    checksums.blocks
+                ),
+            });
+        }
         let bytes = Self::read_whole(&dir, &name, cap)?;
         if let Some(key) = &self.key
             && !key.sums_check(&record.id, checksums, &bytes)
@@ -484,6 +497,18 @@ impl Catalogue for DirCatalogue {
     fn foreign(&self) -> Vec<String> {
         claim::foreign_files(&self.dir)
     }
+}
+
+/// Bytes of memory available now (`MemAvailable`), or 1 GiB when that cannot be read.
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        })
+        .unwrap_or(1 << 30)
 }
 
 /// Copies the parent's leaf sums into a new backup's file if they check against the MAC
@@ -539,6 +564,31 @@ mod tests {
             Err(TargetError::BadRecord { message, .. }) => message,
             other => panic!("not damaged: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_record_claiming_more_checksums_than_memory_can_hold_is_damaged_not_read() {
+        // A writer of an unkeyed target planted a record of 2^33 blocks and a sparse 64 GiB
+        // sums file: reading it whole ended the daemon (out of memory).
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let catalogue = DirCatalogue::open("t", &pool).unwrap();
+        let mut claim = record(A);
+        let mut sums = catalogue
+            .write_checksums(&claim.id, &[1, 2, 3], SumKind::CURRENT, false)
+            .unwrap();
+        sums.blocks = 1 << 33;
+        claim.size = 1 << 53;
+        claim.checksums = Some(sums);
+        File::options()
+            .write(true)
+            .open(pool.join(sums_file_name(A)))
+            .unwrap()
+            .set_len(1 << 36)
+            .unwrap();
+        let message = damaged(catalogue.read_checksums(&claim));
+        assert!(message.contains("bytes of memory"), "{message}");
     }
 
     #[test]
