@@ -78,6 +78,9 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum DriverKind {
+    /// Block devices (or links to them) named `volume-<id>` in a directory (LVM's
+    /// `/dev/<vg>/`): volumes only, never a target.
+    Block,
     File,
     Qcow2,
     Rbd,
@@ -386,6 +389,17 @@ impl Config {
             };
             if backend.driver == DriverKind::Rbd {
                 // Checked against the cluster below.
+                continue;
+            }
+            if backend.driver == DriverKind::Block {
+                // Backups are files; a block pool holds devices only.
+                errors.push(invalid(
+                    format!("{key}.pool"),
+                    format!(
+                        "backends.{}.pools.{} is a pool of driver = \"block\" (devices): it cannot hold backups; give the target a pool of a \"file\", \"qcow2\" or \"rbd\" backend",
+                        target.backend, target.pool
+                    ),
+                ));
                 continue;
             }
             let pool_key = format!("backends.{}.pools.{}", target.backend, target.pool);

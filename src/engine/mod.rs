@@ -21,6 +21,7 @@ use crate::ids::{BackupId, VolumeId};
 use crate::target::catalogue::DirCatalogue;
 use crate::target::record::{Record, rfc3339};
 use crate::target::{BackupTarget, VolumeTarget};
+use crate::volume::block::BlockDriver;
 use crate::volume::file::FileDriver;
 use crate::volume::pools::PoolDirs;
 use crate::volume::qcow2::Qcow2Driver;
@@ -286,6 +287,7 @@ impl Engine {
                 .cloned()
                 .collect();
             let driver: Arc<dyn VolumeDriver> = match backend.driver {
+                DriverKind::Block => Arc::new(BlockDriver::new(pools)),
                 DriverKind::File => Arc::new(FileDriver::new(pools)),
                 DriverKind::Qcow2 => Arc::new(Qcow2Driver::new(pools)?),
                 DriverKind::Rbd => Arc::new(rbd_driver(name, backend, &volume_pools)?),
