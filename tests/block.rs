@@ -258,3 +258,72 @@ fn check_config_refuses_a_target_on_a_block_pool_naming_the_key() {
     assert!(stderr.contains("targets.t.pool"), "{stderr}");
     assert!(stderr.contains("block"), "{stderr}");
 }
+
+#[test]
+fn a_request_naming_a_device_backs_it_up_and_refuses_paths_that_are_no_free_block_device() {
+    let mut sb = Sandbox::new("blk-device");
+    let l = block_layout(&mut sb);
+    // A device in no pool, as Cinder attaches one; named through a link, as by-path is.
+    let file = sb.path("attached.lv");
+    std::fs::File::create(&file)
+        .and_then(|f| f.set_len(24 << 20))
+        .unwrap();
+    ok(&format!(
+        "head -c 3M /dev/urandom | dd of='{}' bs=1M seek=7 conv=notrunc status=none",
+        file.display()
+    ));
+    let dev = sb.attach_loop(&file);
+    let link = sb.path("by-path-lun");
+    std::os::unix::fs::symlink(&dev, &link).unwrap();
+    let d = sb.start_daemon(&l.config);
+
+    let id = d.backup("hdd", &format!("cinder-vol device={} wait", link.display()));
+    let record = d.record("hdd", &id);
+    assert_eq!(record["status"], "available", "{record}");
+    assert_eq!(record["volume_id"], "cinder-vol");
+    assert_eq!(record["device"], link.display().to_string(), "{record}");
+    assert_eq!(record["size"], 24 << 20);
+    let image = d.image("hdd", &id);
+    ok(&format!("cmp '{}' {dev}", image.display()));
+    let stored = std::fs::metadata(&image).unwrap().blocks() * 512;
+    assert!(stored <= 4 << 20, "the image stores {stored} bytes");
+    // The device is no volume of the mount.
+    assert!(names_in(&d.mnt.join("volumes/lvm")).is_empty());
+
+    // Incrementals of the same volume ID from the device compare checksums.
+    ok(&format!(
+        "head -c 1M /dev/urandom | dd of={dev} bs=1M seek=1 oflag=direct conv=notrunc status=none"
+    ));
+    let next = d.backup("hdd", &format!("cinder-vol device={dev} incremental wait"));
+    let record = d.record("hdd", &next);
+    assert_eq!(record["parent_id"], id.as_str(), "{record}");
+    assert_eq!(record["changes_found_by"], "checksums", "{record}");
+    ok(&format!("cmp '{}' {dev}", d.image("hdd", &next).display()));
+
+    // Not absolute, not there, not a block device: EINVAL.
+    let plain = sb.path("plain");
+    std::fs::write(&plain, b"x").unwrap();
+    for bad in [
+        "dev/loop0".to_string(),
+        sb.path("nothing").display().to_string(),
+        plain.display().to_string(),
+        "/dev/null".to_string(),
+    ] {
+        assert_eq!(
+            d.request("hdd", &format!("cinder-vol device={bad} wait")),
+            Some(libc::EINVAL),
+            "device={bad}"
+        );
+    }
+    // In use: EBUSY.
+    let holder = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&dev)
+        .unwrap();
+    assert_eq!(
+        d.request("hdd", &format!("cinder-vol device={dev} wait")),
+        Some(libc::EBUSY)
+    );
+    drop(holder);
+}

@@ -83,6 +83,8 @@ struct Inner {
     /// serves, it holds `serving <mountpoint>` (see `take_state_lock`).
     state_lock: File,
     backends: BTreeMap<String, Backend>,
+    /// The devices requests name (`device=<path>`), as the backend `@device`.
+    devices: Backend,
     targets: BTreeMap<String, Arc<dyn BackupTarget>>,
     state: Mutex<State>,
     /// Wakes the workers: a job was queued, or the daemon is stopping.
@@ -319,6 +321,10 @@ impl Engine {
         }
         let inner = Arc::new(Inner {
             backends,
+            devices: Backend {
+                driver: Arc::new(crate::volume::block::DeviceDriver::default()),
+                volume_pools: Vec::new(),
+            },
             targets,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
@@ -635,6 +641,9 @@ impl Inner {
     }
 
     fn backend(&self, backend: &str) -> Result<&Backend> {
+        if backend == crate::volume::block::DEVICE_BACKEND {
+            return Ok(&self.devices);
+        }
         self.backends
             .get(backend)
             .ok_or_else(|| EngineError::NotFound(format!("no backend {backend}")))

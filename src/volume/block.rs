@@ -561,28 +561,10 @@ impl VolumeDriver for BlockDriver {
         super::snapnames::refuse_foreign(snapshot_name)
     }
 
-    /// Stream (a backup's pass) and Write (a restore) hold the device O_EXCL for the
-    /// attachment's life: nothing can mount or claim it meanwhile. A plain read (through
-    /// the mount) holds nothing, as reading a file volume locks nothing.
     fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
-        let (flags, exclusive, direct) = match access {
-            Access::Read => (OFlag::O_RDONLY, false, false),
-            Access::Stream => (OFlag::O_RDONLY | OFlag::O_DIRECT, true, true),
-            Access::Write => (OFlag::O_RDWR, true, false),
-        };
+        let (flags, exclusive, direct) = access_mode(access);
         let opened = self.open("attach", pool, volume_id, flags, exclusive, false)?;
-        if exclusive && let Some(why) = used_by_others(opened.rdev) {
-            return Err(VolumeError::Busy(format!(
-                "volume {volume_id} is in-use ({why})"
-            )));
-        }
-        let hold = exclusive.then(|| self.holds.take(opened.rdev));
-        let device = RawBlockDevice::new(opened.file, opened.path.clone(), direct)
-            .map_err(|e| VolumeError::io("size", &opened.path, e))?;
-        Ok(Attachment {
-            device: Box::new(device),
-            keep_alive: hold.map(|h| Box::new(h) as Box<dyn Send + Sync>),
-        })
+        attach_opened(&self.holds, volume_id, opened, exclusive, direct)
     }
 
     fn attach_snapshot(&self, _pool: &str, snapshot_name: &str) -> Result<Attachment> {
@@ -598,19 +580,177 @@ impl VolumeDriver for BlockDriver {
             false,
             true,
         )?;
-        if let Some(why) = used_by_others(opened.rdev) {
-            return Ok(Some(why));
+        in_use_opened(&self.holds, opened)
+    }
+}
+
+/// How an attachment opens a device (flags, O_EXCL, O_DIRECT). Stream (a backup's pass)
+/// and Write (a restore) hold the device O_EXCL for the attachment's life: nothing can
+/// mount or claim it meanwhile. A plain read (through the mount) holds nothing, as
+/// reading a file volume locks nothing.
+fn access_mode(access: Access) -> (OFlag, bool, bool) {
+    match access {
+        Access::Read => (OFlag::O_RDONLY, false, false),
+        Access::Stream => (OFlag::O_RDONLY | OFlag::O_DIRECT, true, true),
+        Access::Write => (OFlag::O_RDWR, true, false),
+    }
+}
+
+/// The attachment of an opened device. An exclusive one is refused while the device is
+/// mounted or has holders: the O_EXCL open already fails then, these checks say why
+/// (and cover a claim the kernel does not make exclusive).
+fn attach_opened(
+    holds: &Holds,
+    volume_id: &str,
+    opened: Opened,
+    exclusive: bool,
+    direct: bool,
+) -> Result<Attachment> {
+    if exclusive && let Some(why) = used_by_others(opened.rdev) {
+        return Err(VolumeError::Busy(format!(
+            "volume {volume_id} is in-use ({why})"
+        )));
+    }
+    let hold = exclusive.then(|| holds.take(opened.rdev));
+    let device = RawBlockDevice::new(opened.file, opened.path.clone(), direct)
+        .map_err(|e| VolumeError::io("size", &opened.path, e))?;
+    Ok(Attachment {
+        device: Box::new(device),
+        keep_alive: hold.map(|h| Box::new(h) as Box<dyn Send + Sync>),
+    })
+}
+
+/// Why something outside backupfs uses an opened device: mounted, held in sysfs, or
+/// open O_EXCL elsewhere (not by backupfs itself).
+fn in_use_opened(holds: &Holds, opened: Opened) -> Result<Option<String>> {
+    if let Some(why) = used_by_others(opened.rdev) {
+        return Ok(Some(why));
+    }
+    // Our own exclusive hold (a backup or restore running) is no use by others.
+    if holds.held(opened.rdev) {
+        return Ok(None);
+    }
+    drop(opened.file);
+    match exclusively_held(&opened.path) {
+        Ok(true) => Ok(Some("open exclusively by another process".to_string())),
+        Ok(false) => Ok(None),
+        Err(e) => Err(VolumeError::io("check in-use", &opened.path, e)),
+    }
+}
+
+/// The name of the engine's backend for the devices a request names (`device=<path>`):
+/// not a valid configured backend name (it starts with `@`), so never one of theirs.
+pub const DEVICE_BACKEND: &str = "@device";
+
+/// The block devices a request names by path (`device=<path>`: what Cinder attached to
+/// this node). Its "pool" is the device's real path (resolved when the request came);
+/// it has the one volume the request named there. Read only: nothing is created, grown,
+/// snapshotted or restored here.
+#[derive(Default)]
+pub struct DeviceDriver {
+    holds: Holds,
+}
+
+impl DeviceDriver {
+    /// The device at `path` (absolute; links resolved) as volume `volume_id`, its pool
+    /// the real path. An error for which `is_not_block` holds, or NotFound, or ENXIO,
+    /// says the path is no block device.
+    pub fn resolve(path: &Path, volume_id: &str) -> io::Result<VolumeInfo> {
+        if !path.is_absolute() {
+            return Err(not_block("is not an absolute path"));
         }
-        // Our own exclusive hold (a backup or restore running) is no use by others.
-        if self.holds.held(opened.rdev) {
-            return Ok(None);
+        let opened = open_device(path, OFlag::O_RDONLY, false)?;
+        let size = device_size(&opened.file)?;
+        let pool = opened
+            .path
+            .to_str()
+            .ok_or_else(|| not_block("resolves to a path that is not UTF-8"))?
+            .to_string();
+        Ok(VolumeInfo {
+            id: volume_id.to_string(),
+            pool,
+            size,
+            allocated: size,
+            mtime: opened.mtime,
+        })
+    }
+
+    fn open(&self, pool: &str, volume_id: &str, flags: OFlag, exclusive: bool) -> Result<Opened> {
+        open_device(Path::new(pool), flags, exclusive).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ENXIO)
+                || is_not_block(&e)
+            {
+                tracing::warn!("device {pool} of volume {volume_id}: {e}");
+                VolumeError::NotFound(volume_id.to_string())
+            } else if e.raw_os_error() == Some(libc::EBUSY) {
+                VolumeError::Busy(format!(
+                    "device {pool} of volume {volume_id} is open exclusively elsewhere (mounted, or claimed by another driver or process)"
+                ))
+            } else {
+                VolumeError::io("open device", pool, e)
+            }
+        })
+    }
+
+    fn refuse(op: &str, pool: &str, volume_id: &str) -> VolumeError {
+        let why = format!(
+            "cannot {op} volume {volume_id} on device {pool}: a device named by a request is only read"
+        );
+        tracing::warn!("{why}");
+        VolumeError::Refused(why)
+    }
+}
+
+impl VolumeDriver for DeviceDriver {
+    // Devices named by requests are in no listing: the mount shows none.
+    fn list(&self, _pool: &str) -> Result<Vec<VolumeInfo>> {
+        Ok(Vec::new())
+    }
+
+    fn stat(&self, pool: &str, volume_id: &str) -> Result<VolumeInfo> {
+        let opened = self.open(pool, volume_id, OFlag::O_RDONLY, false)?;
+        BlockDriver::info(pool, volume_id, &opened)
+    }
+
+    fn create(&self, pool: &str, volume_id: &str, _size: u64) -> Result<VolumeInfo> {
+        Err(Self::refuse("create", pool, volume_id))
+    }
+
+    fn grow(&self, pool: &str, volume_id: &str, _size: u64) -> Result<()> {
+        Err(Self::refuse("grow", pool, volume_id))
+    }
+
+    fn delete(&self, pool: &str, volume_id: &str) -> Result<()> {
+        Err(Self::refuse("delete", pool, volume_id))
+    }
+
+    fn snapshot(&self, pool: &str, _volume_id: &str, _snapshot_name: &str) -> Result<()> {
+        Err(VolumeError::SnapshotUnsupported(format!(
+            "device {pool} has no snapshots"
+        )))
+    }
+
+    fn delete_snapshot(&self, _pool: &str, _volume_id: &str, snapshot_name: &str) -> Result<()> {
+        super::snapnames::refuse_foreign(snapshot_name)
+    }
+
+    fn attach(&self, pool: &str, volume_id: &str, access: Access) -> Result<Attachment> {
+        if access == Access::Write {
+            return Err(Self::refuse("write", pool, volume_id));
         }
-        drop(opened.file);
-        match exclusively_held(&opened.path) {
-            Ok(true) => Ok(Some("open exclusively by another process".to_string())),
-            Ok(false) => Ok(None),
-            Err(e) => Err(VolumeError::io("check in-use", &opened.path, e)),
-        }
+        let (flags, exclusive, direct) = access_mode(access);
+        let opened = self.open(pool, volume_id, flags, exclusive)?;
+        attach_opened(&self.holds, volume_id, opened, exclusive, direct)
+    }
+
+    fn attach_snapshot(&self, _pool: &str, snapshot_name: &str) -> Result<Attachment> {
+        Err(VolumeError::NotFound(snapshot_name.to_string()))
+    }
+
+    fn in_use(&self, pool: &str, volume_id: &str) -> Result<Option<String>> {
+        let opened = self.open(pool, volume_id, OFlag::O_RDONLY, false)?;
+        in_use_opened(&self.holds, opened)
     }
 }
 
