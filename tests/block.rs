@@ -327,3 +327,62 @@ fn a_request_naming_a_device_backs_it_up_and_refuses_paths_that_are_no_free_bloc
     );
     drop(holder);
 }
+
+#[test]
+fn a_block_volume_whose_partition_is_mounted_is_refused_ebusy_naming_the_partition() {
+    let mut sb = Sandbox::new("blk-part");
+    let l = block_layout(&mut sb);
+    // A disk with one partition (an MBR written by hand: type 83, from sector 2048 to
+    // the end), its partition mounted, as a VM's disk looks when a node mounts it.
+    let file = sb.path("disk.lv");
+    let sectors: u32 = (32 << 20) / 512;
+    let mut mbr = vec![0u8; 512];
+    mbr[446 + 4] = 0x83;
+    mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&(sectors - 2048).to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    std::fs::write(&file, &mbr).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_len(32 << 20))
+        .unwrap();
+    let dev = sb.attach_loop_partitioned(&file);
+    let part = format!("{dev}p1");
+    // The kernel here does not scan it at attach: partx adds it (BLKPG).
+    sh(&format!("partx -a {dev}"));
+    wait_for_limit(
+        Duration::from_secs(10),
+        || Path::new(&part).exists(),
+        "the partition's device node",
+    );
+    std::os::unix::fs::symlink(&dev, l.vg.join("volume-disk")).unwrap();
+    ok(&format!("mkfs.ext4 -q -F {part} >/dev/null 2>&1"));
+    let mnt = sb.mkdir("part-mnt");
+    sb.mount(&part, &mnt, "");
+    let d = sb.start_daemon(&l.config);
+
+    assert_eq!(d.request("hdd", "disk wait"), Some(libc::EBUSY));
+    // The refusal says why: the partition, and where it is mounted.
+    let name = part.trim_start_matches("/dev/");
+    let why = format!("partition {name} mounted at {}", mnt.display());
+    assert!(
+        d.log().contains(&why),
+        "{why:?} not in the log:\n{}",
+        d.log()
+    );
+    assert_eq!(
+        d.request("hdd", &format!("disk2 device={dev} wait")),
+        Some(libc::EBUSY)
+    );
+    assert_errno(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.volume("lvm", "disk")),
+        libc::EBUSY,
+        "a restore onto a disk whose partition is mounted",
+    );
+    sb.umount(&mnt);
+    assert_eq!(d.request("hdd", "disk wait"), None, "{}", d.log());
+}

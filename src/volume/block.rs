@@ -168,29 +168,53 @@ fn dev_name(rdev: u64) -> String {
 }
 
 /// Why something outside backupfs uses block device `rdev`, from what the kernel shows
-/// without opening it: a filesystem of it mounted (in any mount namespace we can see),
-/// or holders in sysfs (device-mapper, md, bcache on top of it).
+/// without opening it: a filesystem of it, or of one of its partitions, mounted (in any
+/// mount namespace we can see), or holders in sysfs (device-mapper, md, bcache on top
+/// of it or of a partition). A partition's user matters as much as the disk's: a backup
+/// of the disk would read that filesystem while it changes, and an O_EXCL open of the
+/// whole disk does not see a partition's claim.
 pub fn used_by_others(rdev: u64) -> Option<String> {
     let name = dev_name(rdev);
-    if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo")
-        && let Some(line) = mountinfo
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut devices = vec![(name.clone(), String::new())];
+    devices.extend(partitions(&name));
+    for (dev, label) in &devices {
+        if let Some(line) = mountinfo
             .lines()
-            .find(|line| line.split(' ').nth(2) == Some(name.as_str()))
-    {
-        let at = line.split(' ').nth(4).unwrap_or("?");
-        return Some(format!("mounted at {at}"));
-    }
-    let holders = PathBuf::from(format!("/sys/dev/block/{name}/holders"));
-    if let Ok(entries) = std::fs::read_dir(&holders) {
-        let names: Vec<String> = entries
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        if !names.is_empty() {
-            return Some(format!("held by {}", names.join(", ")));
+            .find(|line| line.split(' ').nth(2) == Some(dev.as_str()))
+        {
+            let at = line.split(' ').nth(4).unwrap_or("?");
+            return Some(format!("{label}mounted at {at}"));
+        }
+        let holders = PathBuf::from(format!("/sys/dev/block/{dev}/holders"));
+        if let Ok(entries) = std::fs::read_dir(&holders) {
+            let names: Vec<String> = entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            if !names.is_empty() {
+                return Some(format!("{label}held by {}", names.join(", ")));
+            }
         }
     }
     None
+}
+
+/// The partitions of disk `name` (`major:minor`) as sysfs lists them: (their
+/// `major:minor`, "partition <name> ").
+fn partitions(name: &str) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(format!("/sys/dev/block/{name}")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().join("partition").exists())
+        .filter_map(|e| {
+            let dev = std::fs::read_to_string(e.path().join("dev")).ok()?;
+            let label = format!("partition {} ", e.file_name().to_string_lossy());
+            Some((dev.trim().to_string(), label))
+        })
+        .collect()
 }
 
 /// Whether an O_EXCL open of `path` fails with EBUSY: another exclusive opener (a
