@@ -260,6 +260,40 @@ fn check_config_refuses_a_target_on_a_block_pool_naming_the_key() {
 }
 
 #[test]
+fn check_config_refuses_a_block_pool_others_may_change() {
+    let sb = Sandbox::new("blk-cfg-mode");
+    let vg = sb.mkdir("vg");
+    let config = sb.write_config(&format!(
+        "state_dir = \"{}\"\n\
+         [backends.lvm]\ndriver = \"block\"\npools = {{ vg = \"{}\" }}\n",
+        sb.path("state").display(),
+        vg.display()
+    ));
+    let check = || {
+        let out = timed(Duration::from_secs(60), BIN)
+            .arg("check-config")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(check().0, Some(0), "{}", check().1);
+    // Anyone may add a link: the node's own disks could be named as volumes.
+    std::fs::set_permissions(&vg, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let (code, stderr) = check();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("backends.lvm.pools.vg"), "{stderr}");
+    assert!(
+        stderr.contains("writable by its group or others"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_request_naming_a_device_backs_it_up_and_refuses_paths_that_are_no_free_block_device() {
     let mut sb = Sandbox::new("blk-device");
     let l = block_layout(&mut sb);
