@@ -145,6 +145,7 @@ fn restores_by_cp_and_dd_onto_a_block_device_zero_its_holes_and_it_cannot_be_cre
     let l = block_layout(&mut sb);
     let source = loop_volume(&mut sb, &l.vg, "src", 32, &[(3, 2), (20, 1)]);
     let dest = loop_volume(&mut sb, &l.vg, "dst", 32, &[(0, 32)]);
+    loop_volume(&mut sb, &l.vg, "small", 16, &[]);
     let d = sb.start_daemon(&l.config);
     let id = d.backup("hdd", "src wait");
     let image = d.image("hdd", &id);
@@ -186,6 +187,23 @@ fn restores_by_cp_and_dd_onto_a_block_device_zero_its_holes_and_it_cannot_be_cre
         "creating a block volume",
     );
     assert!(!l.vg.join("volume-new").exists());
+
+    // An image bigger than the device does not fit: the copy fails, nothing grows.
+    let out = sh(&format!(
+        "cp '{}' '{}'",
+        image.display(),
+        d.volume("lvm", "small").display()
+    ));
+    assert!(!out.status.success(), "a 32 MiB image fit a 16 MiB device");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Operation not permitted") || stderr.contains("No space left"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::metadata(d.volume("lvm", "small")).unwrap().len(),
+        16 << 20
+    );
 }
 
 #[test]
