@@ -78,6 +78,9 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum DriverKind {
+    /// Block devices (or links to them) named `volume-<id>` in a directory (LVM's
+    /// `/dev/<vg>/`): volumes only, never a target.
+    Block,
     File,
     Qcow2,
     Rbd,
@@ -214,6 +217,25 @@ impl TargetConfig {
             .map(Some)
             .map_err(|e| invalid(key, e.to_string()))
     }
+}
+
+/// Why someone other than root may change the directory at `path`: not root's, or
+/// writable by its group or others; None when only root may.
+fn writable_by_others(path: &Path) -> Option<String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) => return Some(format!("cannot be checked ({e})")),
+    };
+    if meta.uid() != 0 {
+        return Some(format!("is owned by uid {}, not root", meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Some(format!(
+            "is writable by its group or others (mode {:o})",
+            meta.mode() & 0o7777
+        ));
+    }
+    None
 }
 
 /// Where a directory really is: its canonical path and its device and inode, so that a
@@ -388,6 +410,17 @@ impl Config {
                 // Checked against the cluster below.
                 continue;
             }
+            if backend.driver == DriverKind::Block {
+                // Backups are files; a block pool holds devices only.
+                errors.push(invalid(
+                    format!("{key}.pool"),
+                    format!(
+                        "backends.{}.pools.{} is a pool of driver = \"block\" (devices): it cannot hold backups; give the target a pool of a \"file\", \"qcow2\" or \"rbd\" backend",
+                        target.backend, target.pool
+                    ),
+                ));
+                continue;
+            }
             let pool_key = format!("backends.{}.pools.{}", target.backend, target.pool);
             let place = match Place::of(pool_key.clone(), dir) {
                 Ok(place) => place,
@@ -430,6 +463,21 @@ impl Config {
                         continue;
                     }
                 };
+                if backend.driver == DriverKind::Block
+                    && let Some(why) = writable_by_others(&place.path)
+                {
+                    // Its links name the devices backupfs reads and restores into: whoever
+                    // may add one could have the node's own disks backed up (and readable
+                    // to admin_group) or written over.
+                    errors.push(invalid(
+                        place.key.clone(),
+                        format!(
+                            "{} {why}: a block pool's links choose the devices backupfs reads and writes, so only root may change it (as /dev/<volume_group>/ is)",
+                            place.path.display()
+                        ),
+                    ));
+                    continue;
+                }
                 match crate::target::claim::read_marker(&place.path) {
                     Ok(None) => {}
                     Ok(Some(marker)) => {

@@ -13,6 +13,24 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 use tracing::{error, warn};
 
+/// The block device a request names (`device=<path>`) as volume `volume_id`: an absolute
+/// path resolving to a block device, else `Invalid` (EINVAL).
+fn named_device(volume_id: &crate::ids::VolumeId, path: &str) -> Result<VolumeInfo> {
+    use crate::volume::block::{DeviceDriver, is_not_block};
+    DeviceDriver::resolve(std::path::Path::new(path), volume_id.as_str()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound
+            || e.raw_os_error() == Some(libc::ENXIO)
+            || is_not_block(&e)
+        {
+            EngineError::Invalid(format!(
+                "device={path} of volume {volume_id}: {e}: not a block device"
+            ))
+        } else {
+            EngineError::io(format!("open device={path}"), e)
+        }
+    })
+}
+
 /// How often a copy of a volume that was idle at its start checks that it still is.
 const IN_USE_POLL: Duration = Duration::from_millis(200);
 
@@ -23,7 +41,13 @@ impl Inner {
         request: &BackupRequest,
     ) -> Result<Arc<Job>> {
         let target = self.target(target_name)?;
-        let (backend_name, info) = self.find_anywhere(&request.volume_id)?;
+        let (backend_name, info) = match &request.device {
+            Some(path) => (
+                crate::volume::block::DEVICE_BACKEND.to_string(),
+                named_device(&request.volume_id, path)?,
+            ),
+            None => self.find_anywhere(&request.volume_id)?,
+        };
         let backend = self.backend(&backend_name)?;
         let key = (backend_name.clone(), info.id.clone());
         {
@@ -80,6 +104,7 @@ impl Inner {
             base_snapshot: None,
             changed_bytes: None,
             changes_found_by: None,
+            device: request.device.clone(),
             xattrs: Default::default(),
             mac: None,
             defect: None,

@@ -21,6 +21,7 @@ use crate::ids::{BackupId, VolumeId};
 use crate::target::catalogue::DirCatalogue;
 use crate::target::record::{Record, rfc3339};
 use crate::target::{BackupTarget, VolumeTarget};
+use crate::volume::block::BlockDriver;
 use crate::volume::file::FileDriver;
 use crate::volume::pools::PoolDirs;
 use crate::volume::qcow2::Qcow2Driver;
@@ -82,6 +83,8 @@ struct Inner {
     /// serves, it holds `serving <mountpoint>` (see `take_state_lock`).
     state_lock: File,
     backends: BTreeMap<String, Backend>,
+    /// The devices requests name (`device=<path>`), as the backend `@device`.
+    devices: Backend,
     targets: BTreeMap<String, Arc<dyn BackupTarget>>,
     state: Mutex<State>,
     /// Wakes the workers: a job was queued, or the daemon is stopping.
@@ -286,6 +289,7 @@ impl Engine {
                 .cloned()
                 .collect();
             let driver: Arc<dyn VolumeDriver> = match backend.driver {
+                DriverKind::Block => Arc::new(BlockDriver::new(pools)),
                 DriverKind::File => Arc::new(FileDriver::new(pools)),
                 DriverKind::Qcow2 => Arc::new(Qcow2Driver::new(pools)?),
                 DriverKind::Rbd => Arc::new(rbd_driver(name, backend, &volume_pools)?),
@@ -317,6 +321,10 @@ impl Engine {
         }
         let inner = Arc::new(Inner {
             backends,
+            devices: Backend {
+                driver: Arc::new(crate::volume::block::DeviceDriver::default()),
+                volume_pools: Vec::new(),
+            },
             targets,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
@@ -633,6 +641,9 @@ impl Inner {
     }
 
     fn backend(&self, backend: &str) -> Result<&Backend> {
+        if backend == crate::volume::block::DEVICE_BACKEND {
+            return Ok(&self.devices);
+        }
         self.backends
             .get(backend)
             .ok_or_else(|| EngineError::NotFound(format!("no backend {backend}")))

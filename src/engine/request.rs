@@ -1,5 +1,6 @@
 //! The grammar of one write to `backups/<target>/request`:
-//! `<volume-id> [wait] [name=<label>]`, one line, at most one trailing newline.
+//! `<volume-id> [wait] [incremental] [name=<label>] [device=<path>]`, one line, at most
+//! one trailing newline.
 //! Pure parsing: it never looks a volume up.
 
 use crate::ids::VolumeId;
@@ -14,14 +15,18 @@ pub struct BackupRequest {
     pub name: Option<String>,
     /// Copy only what changed since the volume's newest available backup on the target.
     pub incremental: bool,
+    /// Back up the block device at this absolute path as the volume (what Cinder attached
+    /// to this node), instead of looking the volume up in the backends.
+    pub device: Option<String>,
 }
 
 pub const USAGE: &str = "\
-usage: echo \"<volume-id> [wait] [incremental] [name=<label>]\" > request
+usage: echo \"<volume-id> [wait] [incremental] [name=<label>] [device=<path>]\" > request
        (a label with spaces in double quotes: name=\"nightly db\")
   wait          the write returns when the backup has ended (fails with its errno)
   incremental   copy only what changed since the volume's newest backup here
   name=<label>  a label kept in the backup's record
+  device=<path> back up the block device at <path> (absolute) as the volume
 After a write, reading the same open file gives the new backup's id.
 ";
 
@@ -81,6 +86,7 @@ pub fn parse(bytes: &[u8]) -> Result<BackupRequest, String> {
         wait: false,
         name: None,
         incremental: false,
+        device: None,
     };
     for word in words {
         if word == "wait" {
@@ -96,6 +102,14 @@ pub fn parse(bytes: &[u8]) -> Result<BackupRequest, String> {
                 return Err(format!("name must be 1 to {MAX_LABEL} bytes"));
             }
             request.name = Some(label.to_string());
+        } else if let Some(path) = word.strip_prefix("device=") {
+            if request.device.is_some() {
+                return Err("option device given twice".to_string());
+            }
+            if !path.starts_with('/') {
+                return Err(format!("device={path:?} is not an absolute path"));
+            }
+            request.device = Some(path.to_string());
         } else if word == "incremental" {
             if request.incremental {
                 return Err("option incremental given twice".to_string());
@@ -121,8 +135,11 @@ mod tests {
                 wait: false,
                 name: None,
                 incremental: false,
+                device: None,
             }
         );
+        let r = parse(b"vol-1 device=/dev/sdb wait").unwrap();
+        assert_eq!(r.device.as_deref(), Some("/dev/sdb"));
         let r = parse(b"vol-1 wait name=nightly").unwrap();
         assert!(r.wait);
         assert_eq!(r.name.as_deref(), Some("nightly"));
@@ -154,6 +171,9 @@ mod tests {
             b"vol name=\"open\n",
             b"vol name=\"a\\b\"\n",
             b"vol name=\"\"\n",
+            b"vol device=\n",
+            b"vol device=dev/sdb\n",
+            b"vol device=/dev/a device=/dev/b\n",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }

@@ -332,6 +332,7 @@ mod tests {
             base_snapshot: None,
             changed_bytes: None,
             changes_found_by: None,
+            device: None,
             xattrs: Default::default(),
             mac: None,
             defect: None,

@@ -97,6 +97,10 @@ pub struct Record {
     /// parent's checksums); null for a full backup.
     #[serde(default)]
     pub changes_found_by: Option<String>,
+    /// The block device a request named (`device=<path>`) that this backup read, as the
+    /// request gave it; null for a volume of a backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Operators' `user.*` extended attributes of the image (Cinder's backup metadata).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub xattrs: BTreeMap<String, String>,

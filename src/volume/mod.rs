@@ -3,6 +3,7 @@
 //! give. The generic backup is written once in the engine against these; a driver never
 //! calls the engine or the FUSE layer.
 
+pub mod block;
 pub mod device;
 pub mod dir;
 pub mod fiemap;

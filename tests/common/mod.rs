@@ -809,6 +809,16 @@ impl Sandbox {
         self.losetup(file, false)
     }
 
+    /// Binds a file holding a partition table to a loop device that shows its
+    /// partitions (`losetup -P`: `<dev>p1`...); detached on Drop.
+    pub fn attach_loop_partitioned(&mut self, file: &Path) -> String {
+        let dev = ok(&format!("losetup -P -f --show '{}'", file.display()))
+            .trim()
+            .to_string();
+        self.loops.push(dev.clone());
+        dev
+    }
+
     /// Binds a file to a read-only loop device (`losetup -r`), as admins look into a backup.
     pub fn attach_loop_ro(&mut self, file: &Path) -> String {
         let dev = ok(&format!("losetup -r -f --show '{}'", file.display()))

@@ -109,6 +109,33 @@ def _attached_volume(volume_file):
     return _FileDescriptorVolume(fd)
 
 
+def _attached_device(volume_file):
+    """The path of the block device Cinder attached as ``volume_file``; None
+    when it is no block device (or has no descriptor).
+
+    The path is the descriptor's own (/proc/self/fd/N), checked to name the
+    same device: backupfs opens the path, and must read what Cinder attached.
+    """
+    try:
+        fd = volume_file.fileno()
+    except (OSError, AttributeError, ValueError):
+        return None
+    attached = os.fstat(fd)
+    if not stat.S_ISBLK(attached.st_mode):
+        return None
+    path = os.readlink('/proc/self/fd/%d' % fd)
+    try:
+        named = os.stat(path)
+    except OSError:
+        named = None
+    if (named is None or not stat.S_ISBLK(named.st_mode)
+            or named.st_rdev != attached.st_rdev):
+        raise exception.NotSupported(
+            'the block device Cinder attached (%s) is not found by its path '
+            'any more: backupfs reads it by path' % path)
+    return path
+
+
 def _pwrite_all(fd, data, offset):
     while data:
         written = os.pwrite(fd, data, offset)
@@ -166,7 +193,10 @@ class BackupfsBackupDriver(driver.BackupDriver):
         """Has backupfs back up the backup's volume, and waits for the end.
 
         backupfs reads the volume from its own pool: ``volume_file``, the
-        device Cinder attached, is not read. An in-use volume is copied from
+        device Cinder attached, is not read. A volume on no backend backupfs
+        serves (LVM, an array) handed over as a block device is read there
+        instead (``device=<path>``: the device, or Cinder's temporary snapshot
+        of an in-use volume, attached to this node). An in-use volume is copied from
         a snapshot backupfs makes itself; Cinder's temporary snapshot for the
         backup (an overlay file) leaves ``volume-<id>`` as it was when it was
         taken, which is what is copied. With ``backup.parent_id`` set
@@ -178,6 +208,40 @@ class BackupfsBackupDriver(driver.BackupDriver):
                 'backup %s is of snapshot %s: backupfs backs up volumes, not '
                 'Cinder snapshots' % (backup.id, backup.snapshot_id))
         volume = objects.Volume.get_by_id(self.context, backup.volume_id)
+        target = self._target(backup)
+        _native(self.mount.check_target, target)
+        device = None
+        if not _native(self.mount.serves, volume.name_id):
+            # On no backend backupfs serves (LVM, an array): the device
+            # Cinder attached to this node is read, if it is a block device.
+            device = _native(_attached_device, volume_file)
+        if device is None:
+            self._check_pool_volume(volume, backup)
+        backup.container = target
+        backup.save()
+        try:
+            backupfs_id = _native(self.mount.backup, target, volume.name_id,
+                                  backup.id, bool(backup.parent_id), device)
+        except exception.BackupfsError as e:
+            if e.backup_id:
+                # Its record stays, for the operator, until Cinder deletes
+                # this backup.
+                backup.service_metadata = e.backup_id
+                backup.save()
+            raise
+        backup.service_metadata = backupfs_id
+        backup.save()
+        LOG.info('backupfs made backup %(backupfs_id)s of volume %(volume)s '
+                 'on target %(target)s for backup %(backup)s.',
+                 {'backupfs_id': backupfs_id, 'volume': volume.id,
+                  'target': target, 'backup': backup.id})
+        if backup_metadata:
+            self._keep_metadata(backup, target, backupfs_id)
+
+    def _check_pool_volume(self, volume, backup):
+        """Raises unless backupfs can find the volume in a pool as it is:
+        named volume-<id>, with no RemoteFS snapshot overlays beside it.
+        """
         if volume.name != 'volume-%s' % volume.name_id:
             raise exception.NotSupported(
                 'volume %s is named %s: backupfs finds a volume only as '
@@ -194,28 +258,6 @@ class BackupfsBackupDriver(driver.BackupDriver):
                 'volume %s has Cinder snapshots (%s): its newer data is in '
                 'their overlay files, which backupfs does not read; back it '
                 'up once they are deleted' % (volume.id, ', '.join(snapshots)))
-        target = self._target(backup)
-        _native(self.mount.check_target, target)
-        backup.container = target
-        backup.save()
-        try:
-            backupfs_id = _native(self.mount.backup, target, volume.name_id,
-                                  backup.id, bool(backup.parent_id))
-        except exception.BackupfsError as e:
-            if e.backup_id:
-                # Its record stays, for the operator, until Cinder deletes
-                # this backup.
-                backup.service_metadata = e.backup_id
-                backup.save()
-            raise
-        backup.service_metadata = backupfs_id
-        backup.save()
-        LOG.info('backupfs made backup %(backupfs_id)s of volume %(volume)s '
-                 'on target %(target)s for backup %(backup)s.',
-                 {'backupfs_id': backupfs_id, 'volume': volume.id,
-                  'target': target, 'backup': backup.id})
-        if backup_metadata:
-            self._keep_metadata(backup, target, backupfs_id)
 
     def _keep_metadata(self, backup, target, backupfs_id):
         """Stores the volume's metadata with the backup (commit last)."""

@@ -119,11 +119,24 @@ class Mount:
 
     # -- backups -----------------------------------------------------------
 
-    def backup(self, target, volume_id, name, incremental=False):
-        """Backs up the volume and waits for the end; the new backup's id."""
+    def serves(self, volume_id):
+        """Whether a backend of the mount has the volume."""
+        return any(os.path.exists(self._path('volumes', backend, volume_id))
+                   for backend in self.backends())
+
+    def backup(self, target, volume_id, name, incremental=False, device=None):
+        """Backs up the volume and waits for the end; the new backup's id.
+
+        With ``device`` (an absolute path), backupfs reads the block device
+        there as the volume instead of looking for it in its backends.
+        """
         words = [volume_id, 'wait', 'name=%s' % name]
         if incremental:
             words.append('incremental')
+        if device is not None:
+            # Quoted, as the request's grammar wants a word with spaces.
+            words.append('device="%s"' % device.replace('\\', '\\\\')
+                         .replace('"', '\\"'))
         line = ' '.join(words)
         try:
             fd = os.open(self._path('backups', target, 'request'), os.O_RDWR)
@@ -182,8 +195,11 @@ class Mount:
                 'volume %s is not on any backend that backupfs serves '
                 '(backends: %s); backupfs sees a volume of a file or qcow2 '
                 'backend as the file volume-%s in a pool directory of the '
-                'backend' % (volume_id, ', '.join(self.backends()) or 'none',
-                             volume_id), code)
+                'backend, of a block backend as a device (or a link to one) '
+                'of that name, and reads a volume on none of them only when '
+                'Cinder attaches it as a block device'
+                % (volume_id, ', '.join(self.backends()) or 'none',
+                   volume_id), code)
         if code == errno.EBUSY:
             if not reason:
                 said = ('a backup of it is queued or running, it is being '

@@ -290,6 +290,29 @@ class FailureTest(base.BackupfsTestCase):
         self.assertIsNone(
             objects.Backup.get_by_id(self.ctxt, backup.id).service_metadata)
 
+    def test_a_volume_on_no_backend_is_read_from_the_block_device_attached(
+            self):
+        # An LVM or array volume: in no pool of backupfs, attached by Cinder
+        # to this node as a block device (a loop device stands for the LUN).
+        pieces = base.random_pieces((2 * MiB, 3 * MiB), (700 * MiB, MiB))
+        lun = os.path.join(self.sandbox.mkdir('luns'), 'lun')
+        base.write_pieces(lun, pieces, GiB)
+        device = self.sandbox.loop(lun)
+        volume = self.create_volume()  # in Cinder's database only
+        backup = self.create_backup(volume)
+        with open(device, 'rb') as volume_file:
+            self.driver.backup(backup, volume_file)
+        self.sandbox.unloop(device)
+        backup = objects.Backup.get_by_id(self.ctxt, backup.id)
+        record = self.record(backup)
+        self.assertEqual('available', record['status'])
+        self.assertEqual(volume.id, record['volume_id'])
+        self.assertEqual(device, record['device'])
+        self.assertLess(record['stored_bytes'], 8 * MiB)
+        new = self.create_volume(status='restoring-backup')
+        path = self.restore(backup, new, volume_is_new=True)
+        self.assertContent(path, pieces)
+
     def test_a_full_target_fails_with_target_full(self):
         small = self.sandbox.small_fs('small', 16)
         node = self.sandbox.node('f', os.path.join(small, 'backups'))
