@@ -202,7 +202,7 @@ impl TargetConfig {
     pub fn load_key(
         &self,
         name: &str,
-    ) -> Result<Option<crate::target::auth::TargetKey>, ConfigError> {
+    ) -> Result<Option<crate::targets::auth::TargetKey>, ConfigError> {
         let Some(path) = &self.key else {
             return Ok(None);
         };
@@ -213,7 +213,7 @@ impl TargetConfig {
                 format!("{} is not an absolute path", path.display()),
             ));
         }
-        crate::target::auth::TargetKey::load(path)
+        crate::targets::auth::TargetKey::load(path)
             .map(Some)
             .map_err(|e| invalid(key, e.to_string()))
     }
@@ -431,7 +431,7 @@ impl Config {
             };
             // A pool holding anything backupfs did not make is never a target: backups
             // there would sit among (and be mistaken for) someone else's files.
-            if let Err(e) = crate::target::claim::inspect(&place.path, name) {
+            if let Err(e) = crate::targets::claim::inspect(&place.path, name) {
                 errors.push(invalid(
                     format!("{key}.pool"),
                     format!("{pool_key} ({}) {e}", place.path.display()),
@@ -478,7 +478,7 @@ impl Config {
                     ));
                     continue;
                 }
-                match crate::target::claim::read_marker(&place.path) {
+                match crate::targets::claim::read_marker(&place.path) {
                     Ok(None) => {}
                     Ok(Some(marker)) => {
                         errors.push(invalid(
@@ -487,7 +487,7 @@ impl Config {
                                 "{} holds the backups of target {:?} (claim marker {}): backups never serve as volumes; name it as that target's pool, or give the volumes another directory",
                                 place.path.display(),
                                 marker.target,
-                                crate::target::claim::MARKER
+                                crate::targets::claim::MARKER
                             ),
                         ));
                         continue;
@@ -620,7 +620,7 @@ impl Config {
                     .map(|(t, _)| t)
                     .collect();
                 if let Some(target) = targets.first() {
-                    if let Err(e) = crate::target::rbd::inspect(&io, target) {
+                    if let Err(e) = crate::targets::rbd::inspect(&io, target) {
                         errors.push(invalid(
                             format!("targets.{target}.pool"),
                             format!("{key} (rbd:{spec}) {e}"),
@@ -629,7 +629,7 @@ impl Config {
                     }
                     target_pools.push((target.to_string(), identity));
                 } else {
-                    match crate::target::rbd::read_marker(&io) {
+                    match crate::targets::rbd::read_marker(&io) {
                         Ok(None) => {}
                         Ok(Some(marker)) => {
                             errors.push(invalid(
@@ -637,7 +637,7 @@ impl Config {
                                 format!(
                                     "rbd:{spec} holds the backups of target {:?} (claim marker {}): backups never serve as volumes; name it as that target's pool, or give the volumes another pool",
                                     marker.target,
-                                    crate::target::rbd::MARKER_OBJECT
+                                    crate::targets::rbd::MARKER_OBJECT
                                 ),
                             ));
                             continue;

@@ -45,7 +45,7 @@ impl DaemonError {
         matches!(
             self,
             DaemonError::Engine(EngineError::Target(
-                crate::target::TargetError::Claim { .. }
+                crate::targets::TargetError::Claim { .. }
             ))
         )
     }

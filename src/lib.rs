@@ -10,5 +10,5 @@ pub mod engine;
 pub mod fs;
 pub mod ids;
 pub mod status;
-pub mod target;
+pub mod targets;
 pub mod volume;

@@ -244,7 +244,7 @@ fn run(cli: Cli) -> u8 {
                 2
             }
         },
-        Command::Keygen { file } => match backupfs::target::auth::generate(&file) {
+        Command::Keygen { file } => match backupfs::targets::auth::generate(&file) {
             Ok(()) => {
                 println!("{}: new key written", file.display());
                 0

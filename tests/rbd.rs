@@ -6,8 +6,8 @@
 mod common;
 
 use backupfs::ids::BackupId;
-use backupfs::target::BackupTarget;
-use backupfs::target::rbd::RbdTarget;
+use backupfs::targets::BackupTarget;
+use backupfs::targets::rbd::RbdTarget;
 use backupfs::volume::rbd::{PoolSpec, Timeouts, connection};
 use common::ceph::{self, CephCluster, POOL};
 use common::*;
@@ -786,7 +786,7 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
     // One daemon per target: a second opener is refused while the first holds it.
     assert!(matches!(
         RbdTarget::open("series", connection.clone(), &spec),
-        Err(backupfs::target::TargetError::Locked { .. })
+        Err(backupfs::targets::TargetError::Locked { .. })
     ));
 
     let size = 24 * MIB as usize;

@@ -7,8 +7,8 @@ use super::job::{Failure, JobSubject, pause_point};
 use super::*;
 use crate::copy::{self, CopyOptions, Range};
 use crate::ids::BackupId;
-use crate::target::TargetError;
-use crate::target::record::{FORMAT_VERSION, Record, Status};
+use crate::targets::TargetError;
+use crate::targets::record::{FORMAT_VERSION, Record, Status};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 use tracing::{error, warn};
@@ -176,7 +176,7 @@ impl Inner {
             backup_id = %job.backup_id,
             volume_id = %job.volume_id,
             backend = job.backend,
-            target = target_name,
+            backup_target = target_name,
             size = job.size,
             "backup queued"
         );
@@ -192,7 +192,7 @@ impl Inner {
             info!(
                 backup_id = %job.backup_id,
                 volume_id = %job.volume_id,
-                target = job.target,
+                backup_target = job.target,
                 size = job.size,
                 "backup started"
             );
@@ -205,7 +205,7 @@ impl Inner {
                 info!(
                     backup_id = %job.backup_id,
                     volume_id = %job.volume_id,
-                    target = job.target,
+                    backup_target = job.target,
                     bytes = job.size,
                     stored_bytes = stored,
                     seconds = format!("{secs:.2}"),
@@ -219,7 +219,7 @@ impl Inner {
                 error!(
                     backup_id = %job.backup_id,
                     volume_id = %job.volume_id,
-                    target = job.target,
+                    backup_target = job.target,
                     "backup failed: {}; the source volume is untouched, request a new backup once the cause is fixed",
                     failure.reason
                 );
@@ -748,7 +748,7 @@ impl Inner {
         for old in backups.into_iter().skip(keep) {
             match self.delete_backup(target.name(), &old.id) {
                 Ok(()) => info!(
-                    target = target.name(),
+                    backup_target = target.name(),
                     backup_id = %old.id,
                     volume_id = %old.volume_id,
                     keep_last = keep,
@@ -764,7 +764,7 @@ impl Inner {
 /// Cinder's RBD delete takes our base snapshot along): nothing of the parent is this
 /// volume's, so the backup is full. Where the storage does not say, the parent stands.
 fn made_after(job: &Job, driver: &dyn VolumeDriver, parent: &Record) -> bool {
-    let began = crate::target::record::parse_rfc3339(&parent.created_at);
+    let began = crate::targets::record::parse_rfc3339(&parent.created_at);
     match (driver.created(&job.pool, &job.volume_id), began) {
         (Ok(Some(created)), Some(began)) if created > began => {
             info!(

@@ -6,7 +6,7 @@
 use super::backup::remove_snapshot;
 use super::*;
 use crate::ids::BackupId;
-use crate::target::record::Status;
+use crate::targets::record::Status;
 use tracing::{error, warn};
 
 impl Inner {
@@ -23,7 +23,7 @@ impl Inner {
             ))),
             Status::Available | Status::Error => {
                 self.delete(target_name, target.as_ref(), record)?;
-                info!(target = target_name, backup_id = %backup_id, "backup deleted");
+                info!(backup_target = target_name, backup_id = %backup_id, "backup deleted");
                 Ok(())
             }
         }
@@ -41,7 +41,7 @@ impl Inner {
         }
         self.delete(target_name, target.as_ref(), record)?;
         info!(
-            target = target_name,
+            backup_target = target_name,
             backup_id = %backup_id,
             "record of failed backup removed"
         );
@@ -83,7 +83,7 @@ impl Inner {
             if !gone {
                 target.write_record(&record)?;
                 warn!(
-                    target = target_name,
+                    backup_target = target_name,
                     backup_id = %record.id,
                     "backup data removed; its record stays (deleting) until its snapshot can be removed"
                 );
@@ -100,7 +100,10 @@ impl Inner {
         let records = match target.records() {
             Ok(records) => records,
             Err(e) => {
-                warn!(target = target_name, "cannot read the catalogue: {e}");
+                warn!(
+                    backup_target = target_name,
+                    "cannot read the catalogue: {e}"
+                );
                 return;
             }
         };
@@ -119,13 +122,13 @@ impl Inner {
                 Status::Deleting => {
                     match self.finish_deletion(target_name, target, record.clone()) {
                         Ok(()) if target.record(&record.id).is_err() => info!(
-                            target = target_name,
+                            backup_target = target_name,
                             backup_id = %record.id,
                             "finished an earlier deletion"
                         ),
                         Ok(()) => {}
                         Err(e) => error!(
-                            target = target_name,
+                            backup_target = target_name,
                             backup_id = %record.id,
                             "cannot finish deletion: {e}"
                         ),
@@ -138,7 +141,7 @@ impl Inner {
                     if remove_snapshot(driver.as_ref(), &mut record) {
                         match target.write_record(&record) {
                             Ok(()) => info!(
-                                target = target_name,
+                                backup_target = target_name,
                                 backup_id = %record.id,
                                 "removed a temporary snapshot left by an earlier failure"
                             ),
@@ -194,7 +197,7 @@ impl Inner {
             if remove_snapshot(driver.as_ref(), &mut record) {
                 match target.write_record(&record) {
                     Ok(()) => info!(
-                        target = target_name,
+                        backup_target = target_name,
                         backup_id = %record.id,
                         volume_id = %record.volume_id,
                         "the volume is gone: its base snapshot {base} is removed"

@@ -2,7 +2,7 @@
 //! the FUSE layer turns it into an errno in exactly one place (`fs::errno`).
 
 use crate::copy::CopyError;
-use crate::target::TargetError;
+use crate::targets::TargetError;
 use crate::volume::VolumeError;
 
 #[derive(Debug, thiserror::Error)]

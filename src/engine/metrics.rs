@@ -4,7 +4,7 @@
 
 use super::restore::RestoreState;
 use super::*;
-use crate::target::record::Status;
+use crate::targets::record::Status;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::time::UNIX_EPOCH;

@@ -18,9 +18,9 @@ mod xattrs;
 
 use crate::config::{Config, DriverKind};
 use crate::ids::{BackupId, VolumeId};
-use crate::target::catalogue::DirCatalogue;
-use crate::target::record::{Record, rfc3339};
-use crate::target::{BackupTarget, VolumeTarget};
+use crate::targets::catalogue::DirCatalogue;
+use crate::targets::record::{Record, rfc3339};
+use crate::targets::{BackupTarget, VolumeTarget};
 use crate::volume::block::BlockDriver;
 use crate::volume::file::FileDriver;
 use crate::volume::pools::PoolDirs;
@@ -143,7 +143,7 @@ fn take_state_lock(config: &Config) -> Result<File> {
             lock_path.display()
         )));
     }
-    if !crate::target::catalogue::lock_waiting(&state_lock, &lock_path) {
+    if !crate::targets::catalogue::lock_waiting(&state_lock, &lock_path) {
         return Err(EngineError::Busy(format!(
             "state_dir {} is in use by another backupfs (lock {})",
             config.state_dir.display(),
@@ -251,7 +251,7 @@ fn rbd_target(
         .rbd_pool(&target.backend, &target.pool)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
     Ok(Arc::new(
-        crate::target::rbd::RbdTarget::open(name, connection, &spec)?
+        crate::targets::rbd::RbdTarget::open(name, connection, &spec)?
             .with_key(target_key(name, target)?),
     ))
 }
@@ -261,7 +261,7 @@ fn rbd_target(
 fn target_key(
     name: &str,
     target: &crate::config::TargetConfig,
-) -> Result<Option<Arc<crate::target::auth::TargetKey>>> {
+) -> Result<Option<Arc<crate::targets::auth::TargetKey>>> {
     Ok(target
         .load_key(name)
         .map_err(|e| EngineError::Invalid(e.to_string()))?
@@ -679,16 +679,16 @@ impl Inner {
     fn open_image(&self, target_name: &str, backup_id: &BackupId) -> Result<Image> {
         let target = self.target(target_name)?;
         let record = target.record(backup_id)?;
-        if record.status != crate::target::record::Status::Available {
+        if record.status != crate::targets::record::Status::Available {
             return Err(EngineError::NotFound(format!(
                 "backup {backup_id} is {}",
                 record.status.as_str()
             )));
         }
-        if let Some(refused) = crate::target::untrusted(&record) {
+        if let Some(refused) = crate::targets::untrusted(&record) {
             // The one line of this refusal: the FUSE layer answers opens with the errno only.
             tracing::warn!(
-                target = target_name,
+                backup_target = target_name,
                 "backup {backup_id} not served: {refused}"
             );
             return Err(refused.into());

@@ -5,7 +5,7 @@
 use super::backup::{cleanup, remove_snapshot};
 use super::job::{Failure, JobSubject};
 use super::*;
-use crate::target::record::Status;
+use crate::targets::record::Status;
 use tracing::{error, warn};
 
 impl Inner {
@@ -16,7 +16,7 @@ impl Inner {
             let records = match target.records() {
                 Ok(records) => records,
                 Err(e) => {
-                    error!(target = name, "cannot read the catalogue: {e}");
+                    error!(backup_target = name, "cannot read the catalogue: {e}");
                     continue;
                 }
             };
@@ -40,7 +40,7 @@ impl Inner {
                         );
                         match target.write_record(&record) {
                             Ok(()) => warn!(
-                                target = name,
+                                backup_target = name,
                                 backup_id = %record.id,
                                 volume_id = %record.volume_id,
                                 "interrupted backup recorded as error; its partial data is removed"
@@ -76,19 +76,19 @@ impl Inner {
             // Deletions cut short are finished as the janitor finishes them.
             self.finish_leftovers(name, target.as_ref());
             if let Err(e) = target.catalogue().remove_temporaries() {
-                error!(target = name, "cannot remove temporary files: {e}");
+                error!(backup_target = name, "cannot remove temporary files: {e}");
             }
             // Only what a record says backupfs made is ever removed: anything else here
             // (an operator's file, data whose record was removed by hand) stays.
             match target.strays() {
                 Ok(strays) if !strays.is_empty() => warn!(
-                    target = name,
+                    backup_target = name,
                     "leaving {} files in place that no backup record owns: {}",
                     strays.len(),
                     strays.join(", ")
                 ),
                 Ok(_) => {}
-                Err(e) => error!(target = name, "cannot list the target: {e}"),
+                Err(e) => error!(backup_target = name, "cannot list the target: {e}"),
             }
         }
     }

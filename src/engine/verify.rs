@@ -5,7 +5,7 @@
 use super::job::{Failure, JobSubject, pause_point};
 use super::*;
 use crate::ids::BackupId;
-use crate::target::record::Status;
+use crate::targets::record::Status;
 use std::time::Instant;
 use tracing::error;
 
@@ -19,7 +19,7 @@ impl Inner {
                 record.status.as_str()
             )));
         }
-        if let Some(refused) = crate::target::untrusted(&record) {
+        if let Some(refused) = crate::targets::untrusted(&record) {
             return Err(refused.into());
         }
         if record.checksums.is_none() {
@@ -81,7 +81,7 @@ impl Inner {
         }
         if bad.is_empty() {
             info!(
-                target = job.target,
+                backup_target = job.target,
                 backup_id = %job.backup_id,
                 seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
                 "backup verified: every block matches its checksum"
@@ -90,7 +90,7 @@ impl Inner {
         } else {
             let e = image::damaged(&job.backup_id, &bad);
             error!(
-                target = job.target,
+                backup_target = job.target,
                 backup_id = %job.backup_id,
                 "verify: {e}; restore from another backup and check the target's storage"
             );

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::ids::BackupId;
-use crate::target::record::Status;
+use crate::targets::record::Status;
 
 /// Room for all of a backup's attributes together (the record stays small).
 const XATTRS_MAX: usize = 256 << 10;
@@ -68,7 +68,7 @@ impl Inner {
         }
         target.write_record(&record)?;
         info!(
-            target = target_name,
+            backup_target = target_name,
             backup_id = %backup_id,
             name,
             "attribute of backup updated"

@@ -111,7 +111,10 @@ impl ControlFile {
         let parsed = match request::parse(&data) {
             Ok(parsed) => parsed,
             Err(reason) => {
-                warn!(target = self.target, "request refused (EINVAL): {reason}");
+                warn!(
+                    backup_target = self.target,
+                    "request refused (EINVAL): {reason}"
+                );
                 set(&self.answer, error_line(&reason, Errno::EINVAL));
                 return reply.error(Errno::EINVAL);
             }
@@ -163,7 +166,7 @@ impl ControlFile {
         let backup_id = match crate::ids::BackupId::parse(&backup_id) {
             Ok(backup_id) => backup_id,
             Err(e) => {
-                warn!(target = self.target, "verify refused (EINVAL): {e}");
+                warn!(backup_target = self.target, "verify refused (EINVAL): {e}");
                 set(&self.answer, error_line(&e.to_string(), Errno::EINVAL));
                 return reply.error(Errno::EINVAL);
             }

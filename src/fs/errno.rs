@@ -1,7 +1,7 @@
 //! The one place where an engine error becomes an errno for the kernel.
 
 use crate::engine::EngineError;
-use crate::target::TargetError;
+use crate::targets::TargetError;
 use crate::volume::VolumeError;
 use fuser::Errno;
 

@@ -4,7 +4,7 @@
 
 use crate::engine::{Engine, EngineError};
 use crate::ids::{BackupId, VolumeId};
-use crate::target::record::{Record, Status};
+use crate::targets::record::{Record, Status};
 use fuser::{FileAttr, FileType, INodeNo};
 use std::time::{Duration, SystemTime};
 
@@ -187,7 +187,7 @@ pub fn latest_backup(records: &[Record], volume_id: &VolumeId) -> Option<BackupI
         .max_by_key(|r| {
             (
                 r.completed_time(),
-                crate::target::record::parse_rfc3339(&r.created_at),
+                crate::targets::record::parse_rfc3339(&r.created_at),
             )
         })
         .map(|r| r.id.clone())

@@ -484,7 +484,7 @@ impl Catalogue for DirCatalogue {
                 || claim::is_marker_temporary(&name)
             {
                 tracing::warn!(
-                    target = self.target,
+                    backup_target = self.target,
                     "removing {name} left by an interrupted write"
                 );
                 // unlinkat: a link under such a name goes, never what it points at.

@@ -407,7 +407,7 @@ impl RbdTarget {
                 .map_err(|e| refused(ClaimError::Io(std::io::Error::other(e))))?;
             bytes.push(b'\n');
             match io.create_object(MARKER_OBJECT, &bytes) {
-                Ok(()) => tracing::info!(target = name, "claimed rbd:{spec} for backups"),
+                Ok(()) => tracing::info!(backup_target = name, "claimed rbd:{spec} for backups"),
                 // Another node claimed it first: fine if for this very target.
                 Err(e) if e.is_exists() => {
                     inspect(&io, name).map_err(refused)?;
@@ -428,7 +428,7 @@ impl RbdTarget {
                 };
                 if let Err(message) = &parsed {
                     tracing::warn!(
-                        target = name,
+                        backup_target = name,
                         "skipping unreadable record {object}: {message}"
                     );
                 }
@@ -629,15 +629,15 @@ impl RbdTarget {
                     .filter(|o| owner_id(o).is_none_or(|id| !ours.contains(&id)))
                 {
                     tracing::warn!(
-                        target = self.name,
+                        backup_target = self.name,
                         "{image_name}: breaking the exclusive lock of {owner}, a writer that is not this daemon (it died, or lost the target)"
                     );
                     if let Err(e) = writable.break_lock(&owner) {
-                        tracing::warn!(target = self.name, "{e}");
+                        tracing::warn!(backup_target = self.name, "{e}");
                     }
                 }
             }
-            Err(e) => tracing::warn!(target = self.name, "{e}"),
+            Err(e) => tracing::warn!(backup_target = self.name, "{e}"),
         }
         let deadline = Instant::now() + WATCH_EXPIRY;
         while others(&image) && Instant::now() < deadline {
@@ -733,7 +733,7 @@ impl BackupTarget for RbdTarget {
                 });
             }
             tracing::info!(
-                target = self.name,
+                backup_target = self.name,
                 backup_id = %backup_id,
                 "base {base} cannot be shared here: a new series"
             );
