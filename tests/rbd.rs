@@ -806,7 +806,7 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
             }
             new.attachment.device.flush().unwrap();
             drop(new);
-            target.seal_data(id).unwrap();
+            target.finish_data(id).unwrap();
         };
     let first = BackupId::new();
     write(&first, None, &volume, &[(0, size)]);
@@ -852,7 +852,7 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
         .write_at(&branch[MIB as usize..MIB as usize + 4096], MIB)
         .unwrap();
     drop(new);
-    target.seal_data(&from_old).unwrap();
+    target.finish_data(&from_old).unwrap();
     expected.push((from_old.clone(), branch));
     // An incremental cut short (never sealed) is removed, and its base is untouched.
     let cut = BackupId::new();

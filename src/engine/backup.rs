@@ -408,7 +408,7 @@ impl Inner {
         }
         // Nothing writes the data any more (an RBD target snapshots it once the backup is
         // available: `settle_data`).
-        target.seal_data(&job.backup_id)?;
+        target.finish_data(&job.backup_id)?;
         record.checksums = Some(target.write_checksums(
             &job.backup_id,
             &outcome.checksums,
@@ -789,7 +789,7 @@ fn busy_error(busy: &Busy, volume_id: &str) -> EngineError {
 /// Removes what a failed or interrupted backup left, as its record names it: its partial
 /// data and its temporary snapshot (which stays named in the record if it cannot go).
 pub(super) fn cleanup(target: &dyn BackupTarget, driver: &dyn VolumeDriver, record: &mut Record) {
-    if let Err(e) = target.delete_data(&record.id) {
+    if let Err(e) = target.remove_data_and_checksums(&record.id) {
         error!(
             backup_id = %record.id,
             "cannot remove partial backup data: {e}"

@@ -72,7 +72,7 @@ impl Inner {
         target: &dyn BackupTarget,
         mut record: Record,
     ) -> Result<()> {
-        target.delete_data(&record.id)?;
+        target.remove_data_and_checksums(&record.id)?;
         if let Some(driver) = self.backends.get(&record.backend).map(|b| &b.driver) {
             // The temporary snapshot, then the base kept for incremental backups.
             let mut gone = remove_snapshot(driver.as_ref(), &mut record);

@@ -96,7 +96,7 @@ impl BlockCache {
 }
 
 /// An open backup image.
-pub struct Image {
+pub struct BackupImage {
     pub backup_id: BackupId,
     pub size: u64,
     /// Bytes of data really stored (the rest are holes).
@@ -110,7 +110,7 @@ pub struct Image {
     blocks: Arc<BlockCache>,
 }
 
-impl Image {
+impl BackupImage {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         backup_id: &BackupId,
@@ -121,9 +121,9 @@ impl Image {
         kind: SumKind,
         verify: bool,
         blocks: Arc<BlockCache>,
-    ) -> Image {
+    ) -> BackupImage {
         let verify = verify && !sums.is_empty();
-        Image {
+        BackupImage {
             backup_id: backup_id.clone(),
             size,
             stored_bytes,
@@ -345,7 +345,7 @@ pub(super) fn damaged(backup_id: &BackupId, blocks: &[u64]) -> EngineError {
 /// in one pass (read, check, write) where the kernel cannot copy the backing file itself.
 /// Its data extents are the blocks whose checksum says they hold data, whatever the
 /// backing store says: a block that lost its data to a hole is read, and fails its check.
-pub struct CheckedImage<'a>(pub &'a Image);
+pub struct CheckedImage<'a>(pub &'a BackupImage);
 
 impl CheckedImage<'_> {
     fn read_only() -> std::io::Error {
@@ -481,12 +481,12 @@ mod tests {
         assert!(cache.get("x", BLOCKS_CACHED as u64 + 4).is_none());
     }
 
-    fn image_of(data: &[u8], sums: Vec<u64>, kind: SumKind) -> (tempfile::TempDir, Image) {
+    fn image_of(data: &[u8], sums: Vec<u64>, kind: SumKind) -> (tempfile::TempDir, BackupImage) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         std::fs::write(&path, data).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        let image = Image::new(
+        let image = BackupImage::new(
             &BackupId::new(),
             data.len() as u64,
             data.len() as u64,

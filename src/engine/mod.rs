@@ -37,7 +37,7 @@ use std::time::{Duration, SystemTime};
 use tracing::info;
 
 pub use error::{EngineError, Result};
-pub use image::Image;
+pub use image::BackupImage;
 pub use job::{Failure, Job, JobKind, JobStatus, Phase};
 pub use request::BackupRequest;
 pub use restore::{RESTORE_NOTE, RestoreSession, RestoreState, RestoreStatus, VolumeWriter};
@@ -460,13 +460,13 @@ impl Engine {
 
     /// An available backup's image, for reading; its blocks are checked against their
     /// checksums each time they are read from storage (unless `verify_reads = false`).
-    pub fn open_image(&self, target: &str, backup_id: &BackupId) -> Result<Image> {
+    pub fn open_image(&self, target: &str, backup_id: &BackupId) -> Result<BackupImage> {
         self.inner.open_image(target, backup_id)
     }
 
     /// A backup image was opened through the mount as `handle` by thread `tid`: a restore
     /// its process feeds is judged by how far it got into the image.
-    pub fn image_opened(&self, handle: u64, image: &Image, tid: u32) {
+    pub fn image_opened(&self, handle: u64, image: &BackupImage, tid: u32) {
         self.inner.provenance.image_opened(
             handle,
             image.backup_id.as_str(),
@@ -676,7 +676,7 @@ impl Inner {
         )))
     }
 
-    fn open_image(&self, target_name: &str, backup_id: &BackupId) -> Result<Image> {
+    fn open_image(&self, target_name: &str, backup_id: &BackupId) -> Result<BackupImage> {
         let target = self.target(target_name)?;
         let record = target.record(backup_id)?;
         if record.status != crate::targets::record::Status::Available {
@@ -711,7 +711,7 @@ impl Inner {
         let sums = self
             .sums
             .get(backup_id, || Ok(target.read_checksums(&record)?))?;
-        Ok(Image::new(
+        Ok(BackupImage::new(
             backup_id,
             record.size,
             record.stored_bytes,

@@ -29,7 +29,7 @@ impl Inner {
                     Status::Creating => {
                         if let Some(driver) = driver {
                             cleanup(target.as_ref(), driver, &mut record);
-                        } else if let Err(e) = target.delete_data(&record.id) {
+                        } else if let Err(e) = target.remove_data_and_checksums(&record.id) {
                             error!(backup_id = %record.id, "cannot remove partial data: {e}");
                         }
                         record.status = Status::Error;

@@ -572,7 +572,7 @@ impl VolumeWriter {
     /// readable to the end of the copy, as any open file does.
     pub fn copy_from_backup(
         &self,
-        image: &Image,
+        image: &BackupImage,
         offset_in: u64,
         offset_out: u64,
         len: u64,
@@ -599,7 +599,7 @@ impl VolumeWriter {
     }
 
     /// Whether the volume's pool can take the image's data (beyond what the volume holds).
-    fn check_room(&self, image: &Image) -> Result<()> {
+    fn check_room(&self, image: &BackupImage) -> Result<()> {
         let Some(free) = self.session.driver.free_space(&self.session.pool)? else {
             return Ok(());
         };
@@ -620,7 +620,13 @@ impl VolumeWriter {
         Ok(())
     }
 
-    fn copy_in(&self, image: &Image, offset_in: u64, offset_out: u64, len: u64) -> Result<u64> {
+    fn copy_in(
+        &self,
+        image: &BackupImage,
+        offset_in: u64,
+        offset_out: u64,
+        len: u64,
+    ) -> Result<u64> {
         let len = len.min(image.size.saturating_sub(offset_in));
         if len == 0 {
             return Ok(0);

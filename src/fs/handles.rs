@@ -6,7 +6,7 @@
 
 use super::control::ControlFile;
 use super::tree::Node;
-use crate::engine::{Engine, EngineError, Image, RestoreSession, VolumeWriter};
+use crate::engine::{BackupImage, Engine, EngineError, RestoreSession, VolumeWriter};
 use crate::ids::VolumeId;
 use crate::volume::Attachment;
 use crate::volume::device::BlockDevice;
@@ -20,7 +20,7 @@ pub(super) enum Handle {
     Control(ControlFile),
     /// A status file rendered at open (procfs-like, read with direct I/O).
     Text(Vec<u8>),
-    Image(Image),
+    Image(BackupImage),
     Volume(VolumeHandle),
     Dir(Vec<(Node, String)>),
 }

@@ -102,7 +102,7 @@ pub trait BackupTarget: Send + Sync {
     ) -> Result<NewData>;
     /// Makes a backup's written data final, before its record says `available`: nothing
     /// writes it any more.
-    fn seal_data(&self, _backup_id: &BackupId) -> Result<()> {
+    fn finish_data(&self, _backup_id: &BackupId) -> Result<()> {
         Ok(())
     }
     /// Work on an available backup's data that nobody waits for, done once its requester
@@ -170,7 +170,7 @@ pub trait BackupTarget: Send + Sync {
     }
 
     /// Removes the data and checksums of a backup (its record stays); gone is fine.
-    fn delete_data(&self, backup_id: &BackupId) -> Result<()> {
+    fn remove_data_and_checksums(&self, backup_id: &BackupId) -> Result<()> {
         self.remove_data(backup_id)?;
         self.catalogue().remove_checksums(backup_id)
     }

@@ -79,7 +79,7 @@ fn snapshot_name(backup_id: &str) -> String {
 /// backup's id. Call with the series lock held and no backup writing the head: the head
 /// then holds an available backup not settled yet, or the data of a failed one whose
 /// removal failed too (kept: its removal, retried, takes the snapshot with it).
-fn seal_held(image: &Image) -> Result<Option<String>> {
+fn snapshot_held(image: &Image) -> Result<Option<String>> {
     let Some(head) = image.metadata_get(HEAD_KEY).map_err(target_error)? else {
         return Ok(None);
     };
@@ -510,16 +510,16 @@ impl RbdTarget {
     }
 
     /// Takes the snapshot of the backup the head of `image_name` holds, if it has none
-    /// yet ([`seal_held`]); whether `backup_id`'s snapshot exists now. Not while a backup
+    /// yet ([`snapshot_held`]); whether `backup_id`'s snapshot exists now. Not while a backup
     /// writes the head. Call with the series lock held.
-    fn seal_head(&self, image_name: &str, backup_id: &BackupId) -> Result<bool> {
+    fn snapshot_head(&self, image_name: &str, backup_id: &BackupId) -> Result<bool> {
         if self.writing.lock().contains(image_name) {
             return Ok(false);
         }
         let Some(image) = self.open_existing(image_name)? else {
             return Ok(false);
         };
-        seal_held(&image)?;
+        snapshot_held(&image)?;
         image
             .snapshot_exists(&snapshot_name(backup_id))
             .map_err(target_error)
@@ -554,7 +554,7 @@ impl RbdTarget {
         };
         // The backup the head holds (the base, or a later one about to be rolled back
         // over) keeps its data as a snapshot first, if it has none yet.
-        let head = seal_held(&image)?;
+        let head = snapshot_held(&image)?;
         let head_is_base = head.as_deref() == Some(base.as_str());
         let base_snapshot = snapshot_name(base);
         let Some(base_size) = image
@@ -760,7 +760,7 @@ impl BackupTarget for RbdTarget {
 
     /// The head holds the backup's data from now on, and no backup is writing it: a later
     /// backup may continue the series (which snapshots this one first).
-    fn seal_data(&self, backup_id: &BackupId) -> Result<()> {
+    fn finish_data(&self, backup_id: &BackupId) -> Result<()> {
         let image_name = self
             .image_of(backup_id)
             .ok_or_else(|| TargetError::NotFound(backup_id.to_string()))?;
@@ -780,7 +780,7 @@ impl BackupTarget for RbdTarget {
         };
         let lock = self.series_lock(&image_name);
         let _series = lock.lock();
-        self.seal_head(&image_name, backup_id).map(drop)
+        self.snapshot_head(&image_name, backup_id).map(drop)
     }
 
     /// Read-only at the backup's snapshot (no watch, no lock: other clients do not see
@@ -804,7 +804,7 @@ impl BackupTarget for RbdTarget {
         {
             let lock = self.series_lock(&image_name);
             let _series = lock.lock();
-            if self.seal_head(&image_name, backup_id)? {
+            if self.snapshot_head(&image_name, backup_id)? {
                 return at_snapshot()
                     .map(|image| self.attachment(image))
                     .map_err(target_error);
