@@ -256,6 +256,93 @@ fn keep_last_deletes_a_volumes_oldest_backups_beyond_n() {
     );
 }
 
+/// The backup ids that have a record in a target, sorted.
+fn recorded_ids(d: &Daemon, target: &str) -> Vec<String> {
+    let mut ids: Vec<String> = names_in(&d.target(target))
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn keep_last_keeps_exactly_the_newest_available_of_the_volume_on_its_backend() {
+    let mut sb = Sandbox::new("inc-keep-exact");
+    // A second backend whose volume has the same ID: its backups are not this volume's.
+    let silver = sb.mkdir("silver");
+    let extra = format!(
+        "[backends.silver]\ndriver = \"file\"\npools = {{ silver = \"{}\" }}\n",
+        silver.display()
+    );
+    let s = setup(&mut sb, &extra, "");
+    let keep_config = sb.path("keep.toml");
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let with_keep = text.replace(
+        "[targets.a]\nbackend = \"hdd\"\npool = \"a\"\n",
+        "[targets.a]\nbackend = \"hdd\"\npool = \"a\"\nkeep_last = 2\n",
+    );
+    assert_ne!(with_keep, text, "keep_last set on target a");
+    std::fs::write(&keep_config, with_keep).unwrap();
+    let full = |d: &Daemon| {
+        let id = d.backup("a", "v wait");
+        assert_eq!(d.record("a", &id)["status"], "available", "{}", d.log());
+        id
+    };
+
+    // Without retention: one backup of silver's v, three of gold's v.
+    random_volume(&silver, "v", 2);
+    let d = sb.start_daemon(&s.config);
+    let silvers = full(&d);
+    assert_eq!(d.record("a", &silvers)["backend"], "silver");
+    std::fs::remove_file(silver.join("volume-v")).unwrap();
+    let volume = random_volume(&s.gold, "v", 4);
+    let mut golds = Vec::new();
+    let mut rng = Lcg(27);
+    for _ in 0..3 {
+        round_of_writes(&volume, &mut rng);
+        golds.push((full(&d), sha256(&volume)));
+    }
+    d.stop_clean();
+    // A failed backup of gold's v, newer than all three: recorded `error`.
+    let d = sb.start_daemon_env(&s.config, &hold_env("finishing"));
+    let failed = d.backup("a", "v");
+    wait_for(
+        || d.log().contains("holding at finishing"),
+        "the pause point",
+    );
+    d.stop_clean();
+
+    // With keep_last = 2, one more backup: two deletions in one round, the failed record
+    // neither counted nor deleted, silver's backup untouched.
+    let d = sb.start_daemon(&keep_config);
+    assert_eq!(d.record("a", &failed)["status"], "error");
+    round_of_writes(&volume, &mut rng);
+    golds.push((full(&d), sha256(&volume)));
+    let mut expected = vec![
+        silvers.clone(),
+        failed.clone(),
+        golds[2].0.clone(),
+        golds[3].0.clone(),
+    ];
+    expected.sort();
+    assert_eq!(recorded_ids(&d, "a"), expected, "{}", d.log());
+    for (id, _) in &golds[..2] {
+        assert!(!d.image("a", id).exists(), "{id} is beyond keep_last");
+    }
+    for (id, sum) in &golds[2..] {
+        assert_eq!(&sha256(&d.image("a", id)), sum);
+    }
+    assert_eq!(
+        d.log().matches("retention: deleted").count(),
+        2,
+        "one line per deletion: {}",
+        d.log()
+    );
+    assert_eq!(d.record("a", &silvers)["status"], "available");
+    d.stop_clean();
+}
+
 #[test]
 fn kill9_at_every_step_of_an_incremental_leaves_the_parent_and_base_intact() {
     for point in ["snapshotting", "finishing"] {
