@@ -237,6 +237,67 @@ fn volume_attached_during_the_copy_fails_that_backup() {
 }
 
 #[test]
+fn volume_written_or_grown_during_the_copy_fails_that_backup() {
+    let mut sb = Sandbox::new("written-late");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "copy_bps_limit = 4000000");
+    let d = sb.start_daemon(&l.config);
+    // Each change alone: a write in place (the mtime moves, the size stays) and a growth
+    // whose mtime is put back (only the size moves). Neither takes a lock or a loop
+    // device, so only the stat after the copy can tell.
+    let reference = sb.path("mtime-reference");
+    let changes: [(&str, String); 2] = [
+        (
+            "written",
+            "dd if=/dev/urandom of='{vol}' bs=4k seek=256 count=1 conv=notrunc status=none"
+                .to_string(),
+        ),
+        (
+            "grown",
+            format!(
+                "touch -r '{{vol}}' '{r}' && truncate -s +1M '{{vol}}' && touch -m -r '{r}' '{{vol}}'",
+                r = reference.display()
+            ),
+        ),
+    ];
+    for (volume_id, change) in changes {
+        let source = random_volume(&l.gold, volume_id, 24);
+        let stored = allocated_under(&l.backups);
+        let id = d.backup("hdd", volume_id);
+        // 6 s of copying at 4 MB/s (the check comes when it ends): changed as soon as
+        // the copy has begun.
+        wait_for(
+            || {
+                d.jobs("hdd").lines().any(|l| {
+                    l.starts_with(&id) && l.contains(" copying ") && !l.contains(" copying 0/")
+                })
+            },
+            "the copy to begin",
+        );
+        ok(&change.replace("{vol}", &source.to_string_lossy()));
+        assert_eq!(d.wait_job("hdd", &id), "error", "{volume_id}");
+        let record = d.record("hdd", &id);
+        assert!(
+            record["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("written during the copy"),
+            "{volume_id}: {record}"
+        );
+        assert_errno(
+            std::fs::metadata(d.image("hdd", &id)),
+            libc::ENOENT,
+            "the image of a failed backup",
+        );
+        assert_eq!(
+            files_mentioning(&l.backups, &id),
+            [record_file(&l.backups, &id)]
+        );
+        assert!(allocated_under(&l.backups) < stored + (256 << 10));
+    }
+    d.stop_clean();
+}
+
+#[test]
 fn in_use_volume_without_reflinks_is_refused_with_ebusy() {
     let mut sb = Sandbox::new("noreflink");
     // gold is on ext4: no reflinks, so no snapshots.
