@@ -297,6 +297,69 @@ fn volume_written_or_grown_during_the_copy_fails_that_backup() {
     d.stop_clean();
 }
 
+/// Until some job of `volume_id` has copied more than nothing.
+#[track_caller]
+fn wait_copying(d: &Daemon, target: &str, volume_id: &str) {
+    wait_for(
+        || {
+            d.jobs(target).lines().any(|l| {
+                let fields: Vec<&str> = l.split(' ').collect();
+                fields.get(1) == Some(&volume_id)
+                    && fields.get(2) == Some(&"copying")
+                    && !fields.get(3).is_some_and(|done| done.starts_with("0/"))
+            })
+        },
+        "the copy to begin",
+    );
+}
+
+#[test]
+fn a_request_with_wait_fails_with_ecanceled_ebusy_or_eio_as_its_job_ended() {
+    let mut sb = Sandbox::new("wait-errnos");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "copy_bps_limit = 4000000");
+    for volume_id in ["cut", "written", "shrunk"] {
+        random_volume(&l.gold, volume_id, 24);
+    }
+    // Each `wait` request runs in a thread of its own: the write returns when the job
+    // has ended, with its errno.
+    let request_in_thread = |d: &Daemon, line: &str| {
+        let (request, line) = (d.target("hdd").join("request"), format!("{line}\n"));
+        std::thread::spawn(move || write_errno(&request, line.as_bytes()))
+    };
+
+    // Cut off by a stop: ECANCELED.
+    let d = sb.start_daemon_env(&l.config, &hold_env("started"));
+    let cut = request_in_thread(&d, "cut wait");
+    wait_for(
+        || d.log().contains("holding at started"),
+        "the job to be held",
+    );
+    assert!(d.stop().success());
+    assert_eq!(cut.join().unwrap(), Some(libc::ECANCELED), "a wait cut off");
+
+    let d = sb.start_daemon(&l.config);
+    // Written during the copy: EBUSY.
+    let written = request_in_thread(&d, "written wait");
+    wait_copying(&d, "hdd", "written");
+    ok(&format!(
+        "dd if=/dev/urandom of='{}' bs=4k seek=256 count=1 conv=notrunc status=none",
+        l.gold.join("volume-written").display()
+    ));
+    assert_eq!(written.join().unwrap(), Some(libc::EBUSY), "written");
+    // Shrunk under the copy: the source ends early, a failure with no errno of its own:
+    // EIO.
+    let shrunk = request_in_thread(&d, "shrunk wait");
+    wait_copying(&d, "hdd", "shrunk");
+    truncate(&l.gold.join("volume-shrunk"), 1 << 20).unwrap();
+    assert_eq!(
+        shrunk.join().unwrap(),
+        Some(libc::EIO),
+        "shrunk:\n{}",
+        d.log()
+    );
+    d.stop_clean();
+}
+
 #[test]
 fn in_use_volume_without_reflinks_is_refused_with_ebusy() {
     let mut sb = Sandbox::new("noreflink");
