@@ -3,7 +3,9 @@
 mod common;
 
 use common::*;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 
 #[test]
 fn backup_with_wait_gives_an_image_identical_to_the_source() {
@@ -862,6 +864,132 @@ fn every_record_field_is_an_extended_attribute_of_the_image() {
         libc::EOPNOTSUPP,
         "an attribute outside user.*",
     );
+}
+
+/// setxattr(2) with `flags` (XATTR_CREATE, XATTR_REPLACE).
+fn setxattr_flags(path: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+    let (path, name) = (
+        c_string(path.as_os_str().as_bytes()),
+        c_string(name.as_bytes()),
+    );
+    // SAFETY: valid C strings, a buffer of the length given.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn removexattr(path: &Path, name: &str) -> std::io::Result<()> {
+    let (path, name) = (
+        c_string(path.as_os_str().as_bytes()),
+        c_string(name.as_bytes()),
+    );
+    // SAFETY: valid C strings.
+    if unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn c_string(bytes: &[u8]) -> std::ffi::CString {
+    std::ffi::CString::new(bytes).expect("no NUL")
+}
+
+#[test]
+fn operator_attributes_are_utf8_256_kib_together_honour_create_replace_and_only_user() {
+    let mut sb = Sandbox::new("xattr-rules");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    let source = random_volume(&l.gold, "v", 2);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let image = d.image("hdd", &id);
+
+    // XATTR_CREATE and XATTR_REPLACE.
+    setxattr_flags(&image, "user.a", b"one", libc::XATTR_CREATE).unwrap();
+    assert_errno(
+        setxattr_flags(&image, "user.a", b"two", libc::XATTR_CREATE),
+        libc::EEXIST,
+        "XATTR_CREATE of a set attribute",
+    );
+    assert_errno(
+        setxattr_flags(&image, "user.b", b"two", libc::XATTR_REPLACE),
+        libc::ENODATA,
+        "XATTR_REPLACE of an unset attribute",
+    );
+    assert_errno(getxattr(&image, "user.b"), libc::ENODATA, "not made");
+    setxattr_flags(&image, "user.a", b"two", libc::XATTR_REPLACE).unwrap();
+    assert_eq!(getxattr(&image, "user.a").unwrap(), b"two");
+    // UTF-8 only: the record keeps text.
+    assert_errno(
+        setxattr(&image, "user.bin", b"\xff\xfe"),
+        libc::EINVAL,
+        "a value that is not UTF-8",
+    );
+    assert_errno(getxattr(&image, "user.bin"), libc::ENODATA, "not kept");
+    // Other namespaces: set and remove are not supported; a read of a name that is not
+    // set (whatever its namespace) finds nothing.
+    for name in ["trusted.note", "security.note"] {
+        assert_errno(setxattr(&image, name, b"x"), libc::EOPNOTSUPP, name);
+        assert_errno(removexattr(&image, name), libc::EOPNOTSUPP, name);
+        assert_errno(getxattr(&image, name), libc::ENODATA, name);
+    }
+    removexattr(&image, "user.a").unwrap();
+
+    // 256 KiB of names and values together, counted as the record stores them.
+    let big = |name: &str| vec![b'a'; (64 << 10) - name.len()];
+    for n in 0..4 {
+        let name = format!("user.big{n}");
+        setxattr(&image, &name, &big(&name))
+            .unwrap_or_else(|e| panic!("{name}: {e}; log:\n{}", d.log()));
+    }
+    assert_errno(
+        setxattr(&image, "user.x", b"1"),
+        libc::ENOSPC,
+        "one byte beyond 256 KiB",
+    );
+    let mut longer = big("user.big0");
+    longer.push(b'a');
+    assert_errno(
+        setxattr(&image, "user.big0", &longer),
+        libc::ENOSPC,
+        "a replacement one byte longer",
+    );
+    setxattr(&image, "user.big0", &vec![b'b'; (64 << 10) - 9]).unwrap();
+    for n in 0..4 {
+        removexattr(&image, &format!("user.big{n}")).unwrap();
+    }
+    // Control characters are UTF-8 too, and take six bytes each in the record's JSON:
+    // 64 KiB of them count 384 KiB (uncounted, three such values made the record too
+    // large to read back, and the backup with it).
+    let control = vec![1u8; (64 << 10) - 9];
+    assert_errno(
+        setxattr(&image, "user.ctl0", &control),
+        libc::ENOSPC,
+        "64 KiB of control characters",
+    );
+    let fits = vec![1u8; 40 << 10];
+    setxattr(&image, "user.ctl1", &fits).unwrap();
+    assert_eq!(
+        d.record("hdd", &id)["xattrs"]["user.ctl1"]
+            .as_str()
+            .map(str::len),
+        Some(40 << 10)
+    );
+    d.stop_clean();
+    let d = sb.start_daemon(&l.config);
+    assert_eq!(d.record("hdd", &id)["status"], "available", "{}", d.log());
+    assert_eq!(getxattr(&image, "user.ctl1").unwrap(), fits);
+    assert_eq!(sha256(&image), sha256(&source));
+    d.stop_clean();
 }
 
 #[test]
