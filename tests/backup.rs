@@ -182,6 +182,72 @@ fn in_use_volume_is_backed_up_from_a_temporary_snapshot() {
 }
 
 #[test]
+fn an_in_use_backup_that_fails_mid_run_leaves_no_temporary_snapshot() {
+    let mut sb = Sandbox::new("inuse-fails");
+    let l = layout(&mut sb, Some(Fs::Btrfs), Some(Fs::Xfs), "");
+    let source = random_volume(&l.gold, "busy-vol", 32);
+    let holder = sb.hold_lock(&source);
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&l.config, &pause_env("snapshotting", &release));
+
+    // Fails at run time: the target's filesystem fills up (4 MiB left: records
+    // still fit) while the job holds its temporary snapshot.
+    let id = d.backup("hdd", "busy-vol");
+    wait_for(
+        || d.log().contains("holding at snapshotting"),
+        "the snapshot to be taken",
+    );
+    assert_eq!(
+        names_in(&l.gold).len(),
+        2,
+        "volume and its temporary snapshot"
+    );
+    let hdd = l.backups.parent().unwrap();
+    ok(&format!(
+        "fallocate -l $(( $(stat -f -c '%a' '{h}') * $(stat -f -c '%S' '{h}') - 4194304 )) '{h}/filler'",
+        h = hdd.display()
+    ));
+    release_jobs(&release);
+    assert_eq!(d.wait_job("hdd", &id), "error");
+    let record = d.record("hdd", &id);
+    assert_eq!(record["snapshot_used"], true, "{record}");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("No space left"),
+        "{record}"
+    );
+    assert!(record["temporary_snapshot"].is_null(), "{record}");
+    assert_eq!(
+        names_in(&l.gold),
+        ["volume-busy-vol"],
+        "the temporary snapshot is gone with the failure: {}",
+        d.log()
+    );
+    std::fs::remove_file(hdd.join("filler")).unwrap();
+
+    // Cut off by a stop while holding its snapshot: gone as well.
+    let id = d.backup("hdd", "busy-vol");
+    wait_for(
+        || d.log().matches("holding at snapshotting").count() == 2,
+        "the second snapshot to be taken",
+    );
+    assert_eq!(
+        names_in(&l.gold).len(),
+        2,
+        "volume and its temporary snapshot"
+    );
+    assert!(d.stop().success());
+    assert_eq!(names_in(&l.gold), ["volume-busy-vol"], "after a stop");
+    let d = sb.start_daemon(&l.config);
+    assert_eq!(d.record("hdd", &id)["status"], "error");
+    assert!(d.record("hdd", &id)["temporary_snapshot"].is_null());
+    d.stop_clean();
+    sb.release(holder);
+}
+
+#[test]
 fn volume_bound_to_a_loop_device_is_backed_up_from_a_snapshot() {
     let mut sb = Sandbox::new("loopuse");
     let l = layout(&mut sb, None, Some(Fs::Btrfs), "");

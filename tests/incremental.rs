@@ -555,6 +555,43 @@ fn leaf_sums_carry_on_from_older_backups_and_a_damaged_leaf_file_costs_only_read
 }
 
 #[test]
+fn deleting_the_backup_that_holds_the_base_snapshot_removes_the_snapshot() {
+    let mut sb = Sandbox::new("inc-delete-base");
+    let s = setup(&mut sb, "", "");
+    let volume = random_volume(&s.gold, "v", 8);
+    let d = sb.start_daemon(&s.config);
+    let first = incremental(&d, "a", "v");
+    round_of_writes(&volume, &mut Lcg(7));
+    let second = incremental(&d, "a", "v");
+    let base = format!("snapshot-backupfs-{second}");
+    assert_eq!(snapshots_in(&s.gold), std::slice::from_ref(&base));
+    assert_eq!(d.record("a", &second)["base_snapshot"], base.as_str());
+    let first_sum = sha256(&d.image("a", &first));
+
+    std::fs::remove_file(d.image("a", &second)).unwrap();
+    assert_eq!(
+        snapshots_in(&s.gold),
+        Vec::<String>::new(),
+        "the base went with its backup: {}",
+        d.log()
+    );
+    assert_eq!(sha256(&d.image("a", &first)), first_sum);
+    // The next incremental has a parent without a base: it compares checksums, and its
+    // own snapshot is the one base again.
+    round_of_writes(&volume, &mut Lcg(8));
+    let third = incremental(&d, "a", "v");
+    let record = d.record("a", &third);
+    assert_eq!(record["parent_id"], first.as_str(), "{record}");
+    assert_eq!(record["changes_found_by"], "checksums", "{record}");
+    assert_eq!(sha256(&d.image("a", &third)), sha256(&volume));
+    assert_eq!(
+        snapshots_in(&s.gold),
+        vec![format!("snapshot-backupfs-{third}")]
+    );
+    d.stop_clean();
+}
+
+#[test]
 fn a_base_snapshot_whose_volume_was_deleted_is_removed_and_its_backups_stay() {
     let mut sb = Sandbox::new("inc-volume-gone");
     let s = setup(&mut sb, "", "");
