@@ -477,6 +477,42 @@ fn a_byte_damaged_after_a_full_read_is_never_handed_out() {
 }
 
 #[test]
+fn with_verify_reads_false_damaged_data_reads_unchecked_and_only_verify_finds_it() {
+    let mut sb = Sandbox::new("trust-unchecked");
+    let l = layout(
+        &mut sb,
+        Some(Fs::Xfs),
+        Some(Fs::Xfs),
+        "verify_reads = false",
+    );
+    let source = random_volume(&l.main, "v", 8);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let image = d.image("hdd", &id);
+    let offset = 5 * (1 << 20) + 12345;
+    let data = flip_byte(&l.backups, offset);
+    evict(&data);
+    evict(&image);
+    // The read hands out the damaged byte, as the README says of `false`...
+    let out = sh(&format!("cmp '{}' '{}'", image.display(), source.display()));
+    assert_eq!(out.status.code(), Some(1), "differ, no read error: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("byte {}", offset + 1)),
+        "{out:?}"
+    );
+    // ...and a verify still finds it.
+    assert_eq!(
+        write_errno(&d.target("hdd").join("verify"), id.as_bytes()),
+        Some(libc::EIO)
+    );
+    assert_eq!(
+        d.record("hdd", &id)["damaged_blocks"],
+        serde_json::json!([5])
+    );
+    d.stop_clean();
+}
+
+#[test]
 fn data_lost_to_a_hole_in_the_backing_store_is_never_restored_as_zeros() {
     // A restore between two filesystems copies through the daemon in one pass, reading
     // only where data is: where data is must come from the checksums, not the store.
