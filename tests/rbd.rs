@@ -1018,6 +1018,70 @@ fn deleting_the_oldest_middle_or_newest_of_an_rbd_series_keeps_every_other_backu
     d.stop_clean();
 }
 
+#[test]
+fn an_rbd_volumes_snapshots_go_with_the_backup_holding_the_base_and_with_a_failed_backup() {
+    let cluster = ceph::cluster();
+    let mut sb = Sandbox::new("rbd-snap-leaks");
+    let s = setup(&mut sb, &cluster, "snapleak", "");
+    let raw = sb.path("v.raw");
+    sparse_file(&raw, 16, &[(1, 2)]);
+    import(&cluster, &s.volumes, "volume-v", &raw);
+
+    // The base snapshot goes with the backup that holds it.
+    let d = sb.start_daemon(&s.config);
+    let first = d.backup("rbd", "v incremental wait");
+    rbd_write(
+        &sb,
+        &cluster,
+        &s.volumes,
+        "volume-v",
+        6 * MIB,
+        &pattern(7, 64 << 10),
+    );
+    let second = d.backup("rbd", "v incremental wait");
+    let record = d.record("rbd", &second);
+    assert_eq!(record["parent_id"], first.as_str(), "{record}");
+    let base = record["base_snapshot"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        snapshots(&cluster, &s.volumes, "volume-v"),
+        std::slice::from_ref(&base),
+        "{record}"
+    );
+    std::fs::remove_file(d.image("rbd", &second)).unwrap();
+    assert_eq!(
+        snapshots(&cluster, &s.volumes, "volume-v"),
+        Vec::<String>::new(),
+        "the base went with its backup: {}",
+        d.log()
+    );
+    d.stop_clean();
+
+    // An in-use backup cut off while it holds its temporary snapshot: gone with it.
+    let watch = cluster.hold_watch(&s.volumes, "volume-v");
+    let d = sb.start_daemon_env(&s.config, &hold_env("snapshotting"));
+    let failed = d.backup("files", "v");
+    wait_for(
+        || d.log().contains("holding at snapshotting"),
+        "the snapshot to be taken",
+    );
+    assert_eq!(snapshots(&cluster, &s.volumes, "volume-v").len(), 1);
+    assert!(d.stop().success());
+    assert_eq!(
+        snapshots(&cluster, &s.volumes, "volume-v"),
+        Vec::<String>::new(),
+        "the temporary snapshot went with the failure"
+    );
+    drop(watch);
+    let d = sb.start_daemon(&s.config);
+    let record = d.record("files", &failed);
+    assert_eq!(record["status"], "error", "{record}");
+    assert!(record["temporary_snapshot"].is_null(), "{record}");
+    d.stop_clean();
+}
+
 /// Cinder's own RBD volume driver (cinder==29.0.0, in the virtualenv contrib/test.sh
 /// makes) deletes `volume-<volume_id>` of `pool` as `cinder-volume` would, as
 /// client.cinder. The venv sees Debian's rados and rbd bindings and nothing else of the
