@@ -256,6 +256,87 @@ fn keep_last_deletes_a_volumes_oldest_backups_beyond_n() {
     );
 }
 
+/// Free bytes of the filesystem holding `dir`, once everything written is on disk.
+fn free_bytes(dir: &Path) -> i64 {
+    ok(&format!("sync -f '{}'", dir.display()));
+    ok(&format!("stat -f -c '%a %S' '{}'", dir.display()))
+        .split_whitespace()
+        .map(|n| n.parse::<i64>().unwrap())
+        .product()
+}
+
+#[test]
+fn incremental_backups_share_unchanged_data_on_disk_and_a_deleted_parent_frees_only_its_own() {
+    const MIB: i64 = 1 << 20;
+    let mut sb = Sandbox::new("inc-on-disk");
+    let s = setup(&mut sb, "", "");
+    let volume = random_volume(&s.gold, "v", 32);
+    let hdd = s.b.parent().unwrap().to_path_buf();
+    let d = sb.start_daemon(&s.config);
+    let write_mib = |at_mib: u64| {
+        ok(&format!(
+            "dd if=/dev/urandom of='{}' bs=1M seek={at_mib} count=1 conv=notrunc status=none",
+            volume.display()
+        ))
+    };
+    // What each step takes (or gives back) on the target's filesystem, measured there,
+    // not as the daemon reports it: 1 MiB of slack for records, checksums and leaf sums.
+    let mut free = free_bytes(&hdd);
+    let mut step = |what: &str, low: i64, high: i64, taken: bool| {
+        // XFS frees an unlinked file's blocks in the background (deferred inode
+        // inactivation): a deletion is given up to 10 s to show.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (mut now, mut moved);
+        loop {
+            now = free_bytes(&hdd);
+            moved = if taken { free - now } else { now - free };
+            if taken || moved >= low || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        free = now;
+        eprintln!("{what}: {} KiB", moved / 1024);
+        assert!(
+            (low..=high).contains(&moved),
+            "{what}: {moved} bytes, not within {low}..={high}"
+        );
+    };
+    let full = incremental(&d, "a", "v");
+    step("the full backup takes", 32 * MIB, 33 * MIB, true);
+    write_mib(8);
+    let by_map = incremental(&d, "a", "v");
+    assert_eq!(d.record("a", &by_map)["changes_found_by"], "snapshot-diff");
+    step(
+        "an incremental found by the snapshot takes",
+        MIB,
+        2 * MIB,
+        true,
+    );
+    // Without the base snapshot, the checksums find the change: still only it is stored.
+    std::fs::remove_file(s.gold.join(format!("snapshot-backupfs-{by_map}"))).unwrap();
+    write_mib(20);
+    let by_sums = incremental(&d, "a", "v");
+    assert_eq!(d.record("a", &by_sums)["changes_found_by"], "checksums");
+    step(
+        "an incremental found by checksums takes",
+        MIB,
+        2 * MIB,
+        true,
+    );
+    let sum = sha256(&volume);
+
+    // The full backup's own data is the MiB at 8 that both others rewrote.
+    std::fs::remove_file(d.image("a", &full)).unwrap();
+    step("deleting the full backup frees", MIB / 2, 2 * MIB, false);
+    std::fs::remove_file(d.image("a", &by_map)).unwrap();
+    step("deleting the middle backup frees", MIB / 2, 2 * MIB, false);
+    assert_eq!(sha256(&d.image("a", &by_sums)), sum);
+    std::fs::remove_file(d.image("a", &by_sums)).unwrap();
+    step("deleting the last backup frees", 32 * MIB, 33 * MIB, false);
+    d.stop_clean();
+}
+
 /// The backup ids that have a record in a target, sorted.
 fn recorded_ids(d: &Daemon, target: &str) -> Vec<String> {
     let mut ids: Vec<String> = names_in(&d.target(target))
