@@ -226,11 +226,14 @@ fn an_in_use_backup_that_fails_mid_run_leaves_no_temporary_snapshot() {
         d.log()
     );
     std::fs::remove_file(hdd.join("filler")).unwrap();
+    d.stop_clean();
 
-    // Cut off by a stop while holding its snapshot: gone as well.
+    // Cut off by a stop while holding its snapshot: gone as well. (A daemon of its own:
+    // the release file above would let this job go on at once.)
+    let d = sb.start_daemon_env(&l.config, &hold_env("snapshotting"));
     let id = d.backup("hdd", "busy-vol");
     wait_for(
-        || d.log().matches("holding at snapshotting").count() == 2,
+        || d.log().contains("holding at snapshotting"),
         "the second snapshot to be taken",
     );
     assert_eq!(
