@@ -3,7 +3,9 @@
 mod common;
 
 use common::*;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 
 #[test]
 fn backup_with_wait_gives_an_image_identical_to_the_source() {
@@ -180,6 +182,75 @@ fn in_use_volume_is_backed_up_from_a_temporary_snapshot() {
 }
 
 #[test]
+fn an_in_use_backup_that_fails_mid_run_leaves_no_temporary_snapshot() {
+    let mut sb = Sandbox::new("inuse-fails");
+    let l = layout(&mut sb, Some(Fs::Btrfs), Some(Fs::Xfs), "");
+    let source = random_volume(&l.gold, "busy-vol", 32);
+    let holder = sb.hold_lock(&source);
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&l.config, &pause_env("snapshotting", &release));
+
+    // Fails at run time: the target's filesystem fills up (4 MiB left: records
+    // still fit) while the job holds its temporary snapshot.
+    let id = d.backup("hdd", "busy-vol");
+    wait_for(
+        || d.log().contains("holding at snapshotting"),
+        "the snapshot to be taken",
+    );
+    assert_eq!(
+        names_in(&l.gold).len(),
+        2,
+        "volume and its temporary snapshot"
+    );
+    let hdd = l.backups.parent().unwrap();
+    ok(&format!(
+        "fallocate -l $(( $(stat -f -c '%a' '{h}') * $(stat -f -c '%S' '{h}') - 4194304 )) '{h}/filler'",
+        h = hdd.display()
+    ));
+    release_jobs(&release);
+    assert_eq!(d.wait_job("hdd", &id), "error");
+    let record = d.record("hdd", &id);
+    assert_eq!(record["snapshot_used"], true, "{record}");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("No space left"),
+        "{record}"
+    );
+    assert!(record["temporary_snapshot"].is_null(), "{record}");
+    assert_eq!(
+        names_in(&l.gold),
+        ["volume-busy-vol"],
+        "the temporary snapshot is gone with the failure: {}",
+        d.log()
+    );
+    std::fs::remove_file(hdd.join("filler")).unwrap();
+    d.stop_clean();
+
+    // Cut off by a stop while holding its snapshot: gone as well. (A daemon of its own:
+    // the release file above would let this job go on at once.)
+    let d = sb.start_daemon_env(&l.config, &hold_env("snapshotting"));
+    let id = d.backup("hdd", "busy-vol");
+    wait_for(
+        || d.log().contains("holding at snapshotting"),
+        "the second snapshot to be taken",
+    );
+    assert_eq!(
+        names_in(&l.gold).len(),
+        2,
+        "volume and its temporary snapshot"
+    );
+    assert!(d.stop().success());
+    assert_eq!(names_in(&l.gold), ["volume-busy-vol"], "after a stop");
+    let d = sb.start_daemon(&l.config);
+    assert_eq!(d.record("hdd", &id)["status"], "error");
+    assert!(d.record("hdd", &id)["temporary_snapshot"].is_null());
+    d.stop_clean();
+    sb.release(holder);
+}
+
+#[test]
 fn volume_bound_to_a_loop_device_is_backed_up_from_a_snapshot() {
     let mut sb = Sandbox::new("loopuse");
     let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
@@ -234,6 +305,130 @@ fn volume_attached_during_the_copy_fails_that_backup() {
     assert!(allocated_under(&l.backups) < stored + (256 << 10));
     sb.detach_loop(&dev);
     assert_eq!(sha256(&source), before);
+}
+
+#[test]
+fn volume_written_or_grown_during_the_copy_fails_that_backup() {
+    let mut sb = Sandbox::new("written-late");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "copy_bps_limit = 4000000");
+    let d = sb.start_daemon(&l.config);
+    // Each change alone: a write in place (the mtime moves, the size stays) and a growth
+    // whose mtime is put back (only the size moves). Neither takes a lock or a loop
+    // device, so only the stat after the copy can tell.
+    let reference = sb.path("mtime-reference");
+    let changes: [(&str, String); 2] = [
+        (
+            "written",
+            "dd if=/dev/urandom of='{vol}' bs=4k seek=256 count=1 conv=notrunc status=none"
+                .to_string(),
+        ),
+        (
+            "grown",
+            format!(
+                "touch -r '{{vol}}' '{r}' && truncate -s +1M '{{vol}}' && touch -m -r '{r}' '{{vol}}'",
+                r = reference.display()
+            ),
+        ),
+    ];
+    for (volume_id, change) in changes {
+        let source = random_volume(&l.gold, volume_id, 24);
+        let stored = allocated_under(&l.backups);
+        let id = d.backup("hdd", volume_id);
+        // 6 s of copying at 4 MB/s (the check comes when it ends): changed as soon as
+        // the copy has begun.
+        wait_for(
+            || {
+                d.jobs("hdd").lines().any(|l| {
+                    l.starts_with(&id) && l.contains(" copying ") && !l.contains(" copying 0/")
+                })
+            },
+            "the copy to begin",
+        );
+        ok(&change.replace("{vol}", &source.to_string_lossy()));
+        assert_eq!(d.wait_job("hdd", &id), "error", "{volume_id}");
+        let record = d.record("hdd", &id);
+        assert!(
+            record["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("written during the copy"),
+            "{volume_id}: {record}"
+        );
+        assert_errno(
+            std::fs::metadata(d.image("hdd", &id)),
+            libc::ENOENT,
+            "the image of a failed backup",
+        );
+        assert_eq!(
+            files_mentioning(&l.backups, &id),
+            [record_file(&l.backups, &id)]
+        );
+        assert!(allocated_under(&l.backups) < stored + (256 << 10));
+    }
+    d.stop_clean();
+}
+
+/// Until some job of `volume_id` has copied more than nothing.
+#[track_caller]
+fn wait_copying(d: &Daemon, target: &str, volume_id: &str) {
+    wait_for(
+        || {
+            d.jobs(target).lines().any(|l| {
+                let fields: Vec<&str> = l.split(' ').collect();
+                fields.get(1) == Some(&volume_id)
+                    && fields.get(2) == Some(&"copying")
+                    && !fields.get(3).is_some_and(|done| done.starts_with("0/"))
+            })
+        },
+        "the copy to begin",
+    );
+}
+
+#[test]
+fn a_request_with_wait_fails_with_ecanceled_ebusy_or_eio_as_its_job_ended() {
+    let mut sb = Sandbox::new("wait-errnos");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "copy_bps_limit = 4000000");
+    for volume_id in ["cut", "written", "shrunk"] {
+        random_volume(&l.gold, volume_id, 24);
+    }
+    // Each `wait` request runs in a thread of its own: the write returns when the job
+    // has ended, with its errno.
+    let request_in_thread = |d: &Daemon, line: &str| {
+        let (request, line) = (d.target("hdd").join("request"), format!("{line}\n"));
+        std::thread::spawn(move || write_errno(&request, line.as_bytes()))
+    };
+
+    // Cut off by a stop: ECANCELED.
+    let d = sb.start_daemon_env(&l.config, &hold_env("started"));
+    let cut = request_in_thread(&d, "cut wait");
+    wait_for(
+        || d.log().contains("holding at started"),
+        "the job to be held",
+    );
+    assert!(d.stop().success());
+    assert_eq!(cut.join().unwrap(), Some(libc::ECANCELED), "a wait cut off");
+
+    let d = sb.start_daemon(&l.config);
+    // Written during the copy: EBUSY.
+    let written = request_in_thread(&d, "written wait");
+    wait_copying(&d, "hdd", "written");
+    ok(&format!(
+        "dd if=/dev/urandom of='{}' bs=4k seek=256 count=1 conv=notrunc status=none",
+        l.gold.join("volume-written").display()
+    ));
+    assert_eq!(written.join().unwrap(), Some(libc::EBUSY), "written");
+    // Shrunk under the copy: the source ends early, a failure with no errno of its own:
+    // EIO.
+    let shrunk = request_in_thread(&d, "shrunk wait");
+    wait_copying(&d, "hdd", "shrunk");
+    truncate(&l.gold.join("volume-shrunk"), 1 << 20).unwrap();
+    assert_eq!(
+        shrunk.join().unwrap(),
+        Some(libc::EIO),
+        "shrunk:\n{}",
+        d.log()
+    );
+    d.stop_clean();
 }
 
 #[test]
@@ -738,6 +933,132 @@ fn every_record_field_is_an_extended_attribute_of_the_image() {
         libc::EOPNOTSUPP,
         "an attribute outside user.*",
     );
+}
+
+/// setxattr(2) with `flags` (XATTR_CREATE, XATTR_REPLACE).
+fn setxattr_flags(path: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+    let (path, name) = (
+        c_string(path.as_os_str().as_bytes()),
+        c_string(name.as_bytes()),
+    );
+    // SAFETY: valid C strings, a buffer of the length given.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn removexattr(path: &Path, name: &str) -> std::io::Result<()> {
+    let (path, name) = (
+        c_string(path.as_os_str().as_bytes()),
+        c_string(name.as_bytes()),
+    );
+    // SAFETY: valid C strings.
+    if unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn c_string(bytes: &[u8]) -> std::ffi::CString {
+    std::ffi::CString::new(bytes).expect("no NUL")
+}
+
+#[test]
+fn operator_attributes_are_utf8_256_kib_together_honour_create_replace_and_only_user() {
+    let mut sb = Sandbox::new("xattr-rules");
+    let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
+    let source = random_volume(&l.gold, "v", 2);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let image = d.image("hdd", &id);
+
+    // XATTR_CREATE and XATTR_REPLACE.
+    setxattr_flags(&image, "user.a", b"one", libc::XATTR_CREATE).unwrap();
+    assert_errno(
+        setxattr_flags(&image, "user.a", b"two", libc::XATTR_CREATE),
+        libc::EEXIST,
+        "XATTR_CREATE of a set attribute",
+    );
+    assert_errno(
+        setxattr_flags(&image, "user.b", b"two", libc::XATTR_REPLACE),
+        libc::ENODATA,
+        "XATTR_REPLACE of an unset attribute",
+    );
+    assert_errno(getxattr(&image, "user.b"), libc::ENODATA, "not made");
+    setxattr_flags(&image, "user.a", b"two", libc::XATTR_REPLACE).unwrap();
+    assert_eq!(getxattr(&image, "user.a").unwrap(), b"two");
+    // UTF-8 only: the record keeps text.
+    assert_errno(
+        setxattr(&image, "user.bin", b"\xff\xfe"),
+        libc::EINVAL,
+        "a value that is not UTF-8",
+    );
+    assert_errno(getxattr(&image, "user.bin"), libc::ENODATA, "not kept");
+    // Other namespaces: set and remove are not supported; a read of a name that is not
+    // set (whatever its namespace) finds nothing.
+    for name in ["trusted.note", "security.note"] {
+        assert_errno(setxattr(&image, name, b"x"), libc::EOPNOTSUPP, name);
+        assert_errno(removexattr(&image, name), libc::EOPNOTSUPP, name);
+        assert_errno(getxattr(&image, name), libc::ENODATA, name);
+    }
+    removexattr(&image, "user.a").unwrap();
+
+    // 256 KiB of names and values together, counted as the record stores them.
+    let big = |name: &str| vec![b'a'; (64 << 10) - name.len()];
+    for n in 0..4 {
+        let name = format!("user.big{n}");
+        setxattr(&image, &name, &big(&name))
+            .unwrap_or_else(|e| panic!("{name}: {e}; log:\n{}", d.log()));
+    }
+    assert_errno(
+        setxattr(&image, "user.x", b"1"),
+        libc::ENOSPC,
+        "one byte beyond 256 KiB",
+    );
+    let mut longer = big("user.big0");
+    longer.push(b'a');
+    assert_errno(
+        setxattr(&image, "user.big0", &longer),
+        libc::ENOSPC,
+        "a replacement one byte longer",
+    );
+    setxattr(&image, "user.big0", &vec![b'b'; (64 << 10) - 9]).unwrap();
+    for n in 0..4 {
+        removexattr(&image, &format!("user.big{n}")).unwrap();
+    }
+    // Control characters are UTF-8 too, and take six bytes each in the record's JSON:
+    // 64 KiB of them count 384 KiB (uncounted, three such values made the record too
+    // large to read back, and the backup with it).
+    let control = vec![1u8; (64 << 10) - 9];
+    assert_errno(
+        setxattr(&image, "user.ctl0", &control),
+        libc::ENOSPC,
+        "64 KiB of control characters",
+    );
+    let fits = vec![1u8; 40 << 10];
+    setxattr(&image, "user.ctl1", &fits).unwrap();
+    assert_eq!(
+        d.record("hdd", &id)["xattrs"]["user.ctl1"]
+            .as_str()
+            .map(str::len),
+        Some(40 << 10)
+    );
+    d.stop_clean();
+    let d = sb.start_daemon(&l.config);
+    assert_eq!(d.record("hdd", &id)["status"], "available", "{}", d.log());
+    assert_eq!(getxattr(&image, "user.ctl1").unwrap(), fits);
+    assert_eq!(sha256(&image), sha256(&source));
+    d.stop_clean();
 }
 
 #[test]

@@ -234,6 +234,65 @@ fn nested_and_symlinked_pools_are_refused() {
 }
 
 #[test]
+fn a_volume_pool_inside_a_claimed_target_pool_is_refused_for_the_overlap() {
+    let mut sb = Sandbox::new("cfg-inside-claimed");
+    let (vols, backups, other) = (sb.mkdir("vols"), sb.mkdir("backups"), sb.mkdir("other"));
+    let target = "[targets.t]\nbackend = \"a\"\npool = \"backups\"\n";
+    let pools = |main: &Path| {
+        format!(
+            "main = \"{}\", backups = \"{}\"",
+            main.display(),
+            backups.display()
+        )
+    };
+    // A first start claims the target's pool: from then on its contents are not what
+    // check-config looks at (a claimed pool is the target's, whatever it holds), so
+    // only the containment rule can refuse what follows.
+    let cfg = config(&sb, &pools(&vols), &other, target);
+    assert!(check(&cfg).0, "the claimable layout passes");
+    sb.start_daemon(&cfg).stop_clean();
+    let inside = sb.mkdir("backups/inside");
+    let cfg = config(&sb, &pools(&inside), &other, target);
+    let (passed, stderr) = check(&cfg);
+    assert!(!passed, "a volume pool inside the claimed target pool");
+    assert!(stderr.contains("targets.t"), "{stderr}");
+    assert!(stderr.contains("overlaps the volume pool"), "{stderr}");
+    assert!(stderr.contains("backends.a.pools.main"), "{stderr}");
+    assert!(
+        !stderr.contains("not empty"),
+        "not the claim check: {stderr}"
+    );
+}
+
+#[test]
+fn an_admin_group_that_does_not_exist_is_refused_naming_the_key() {
+    let sb = Sandbox::new("cfg-no-group");
+    let (vols, backups, other) = (sb.mkdir("vols"), sb.mkdir("backups"), sb.mkdir("other"));
+    let pools = format!(
+        "main = \"{}\", backups = \"{}\"",
+        vols.display(),
+        backups.display()
+    );
+    let target = "[targets.t]\nbackend = \"a\"\npool = \"backups\"\n";
+    let text = std::fs::read_to_string(config(&sb, &pools, &other, target)).unwrap();
+    // A group name no system has (groupadd refuses names this long).
+    let missing = "bfs-no-such-group-27-zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz";
+    let cfg = sb.write_config(&text.replacen(
+        "state_dir",
+        &format!("admin_group = \"{missing}\"\nstate_dir"),
+        1,
+    ));
+    let (passed, stderr) = check(&cfg);
+    assert!(!passed, "an admin_group that does not exist");
+    assert!(stderr.contains("admin_group"), "{stderr}");
+    assert!(stderr.contains(missing), "{stderr}");
+    // The same with a group that exists passes.
+    let cfg = sb.write_config(&text.replacen("state_dir", "admin_group = \"root\"\nstate_dir", 1));
+    let (passed, stderr) = check(&cfg);
+    assert!(passed, "{stderr}");
+}
+
+#[test]
 fn bind_mount_of_a_volume_pool_is_the_same_storage() {
     let mut sb = Sandbox::new("cfg-bind");
     let vols = sb.mkdir("vols");

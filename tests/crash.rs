@@ -467,3 +467,39 @@ fn what_a_dead_run_left_is_swept_by_the_next() {
         "its account is removed"
     );
 }
+
+#[test]
+fn kill9_during_a_verify_leaves_the_backup_available_and_unverified() {
+    let mut sb = Sandbox::new("crash-verify");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    let source = random_volume(&l.gold, "v", 8);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    d.stop_clean();
+    let d = sb.start_daemon_env(&l.config, &hold_env("verifying"));
+    sb.spawn_sh(&format!(
+        "echo {id} > '{}'",
+        d.target("hdd").join("verify").display()
+    ));
+    wait_for(
+        || d.log().contains("holding at verifying"),
+        "the verify to be held",
+    );
+    d.kill9();
+
+    let d = sb.start_daemon(&l.config);
+    let record = d.record("hdd", &id);
+    assert_eq!(record["status"], "available", "{record}");
+    assert!(record["verified_at"].is_null(), "no verify ended: {record}");
+    assert!(record["damaged_blocks"].is_null(), "{record}");
+    assert_eq!(sha256(&d.image("hdd", &id)), sha256(&source));
+    assert_eq!(
+        write_errno(&d.target("hdd").join("verify"), id.as_bytes()),
+        None,
+        "a verify after the crash"
+    );
+    let record = d.record("hdd", &id);
+    assert!(record["verified_at"].is_string(), "{record}");
+    assert_eq!(record["damaged_blocks"], serde_json::json!([]), "{record}");
+    d.stop_clean();
+}

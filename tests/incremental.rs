@@ -256,6 +256,174 @@ fn keep_last_deletes_a_volumes_oldest_backups_beyond_n() {
     );
 }
 
+/// Free bytes of the filesystem holding `dir`, once everything written is on disk.
+fn free_bytes(dir: &Path) -> i64 {
+    ok(&format!("sync -f '{}'", dir.display()));
+    ok(&format!("stat -f -c '%a %S' '{}'", dir.display()))
+        .split_whitespace()
+        .map(|n| n.parse::<i64>().unwrap())
+        .product()
+}
+
+#[test]
+fn incremental_backups_share_unchanged_data_on_disk_and_a_deleted_parent_frees_only_its_own() {
+    const MIB: i64 = 1 << 20;
+    let mut sb = Sandbox::new("inc-on-disk");
+    let s = setup(&mut sb, "", "");
+    let volume = random_volume(&s.gold, "v", 32);
+    let hdd = s.b.parent().unwrap().to_path_buf();
+    let d = sb.start_daemon(&s.config);
+    let write_mib = |at_mib: u64| {
+        ok(&format!(
+            "dd if=/dev/urandom of='{}' bs=1M seek={at_mib} count=1 conv=notrunc status=none",
+            volume.display()
+        ))
+    };
+    // What each step takes (or gives back) on the target's filesystem, measured there,
+    // not as the daemon reports it: 1 MiB of slack for records, checksums and leaf sums.
+    let mut free = free_bytes(&hdd);
+    let mut step = |what: &str, low: i64, high: i64, taken: bool| {
+        // XFS frees an unlinked file's blocks in the background (deferred inode
+        // inactivation): a deletion is given up to 10 s to show.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (mut now, mut moved);
+        loop {
+            now = free_bytes(&hdd);
+            moved = if taken { free - now } else { now - free };
+            if taken || moved >= low || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        free = now;
+        eprintln!("{what}: {} KiB", moved / 1024);
+        assert!(
+            (low..=high).contains(&moved),
+            "{what}: {moved} bytes, not within {low}..={high}"
+        );
+    };
+    let full = incremental(&d, "a", "v");
+    step("the full backup takes", 32 * MIB, 33 * MIB, true);
+    write_mib(8);
+    let by_map = incremental(&d, "a", "v");
+    assert_eq!(d.record("a", &by_map)["changes_found_by"], "snapshot-diff");
+    step(
+        "an incremental found by the snapshot takes",
+        MIB,
+        2 * MIB,
+        true,
+    );
+    // Without the base snapshot, the checksums find the change: still only it is stored.
+    std::fs::remove_file(s.gold.join(format!("snapshot-backupfs-{by_map}"))).unwrap();
+    write_mib(20);
+    let by_sums = incremental(&d, "a", "v");
+    assert_eq!(d.record("a", &by_sums)["changes_found_by"], "checksums");
+    step(
+        "an incremental found by checksums takes",
+        MIB,
+        2 * MIB,
+        true,
+    );
+    let sum = sha256(&volume);
+
+    // The full backup's own data is the MiB at 8 that both others rewrote.
+    std::fs::remove_file(d.image("a", &full)).unwrap();
+    step("deleting the full backup frees", MIB / 2, 2 * MIB, false);
+    std::fs::remove_file(d.image("a", &by_map)).unwrap();
+    step("deleting the middle backup frees", MIB / 2, 2 * MIB, false);
+    assert_eq!(sha256(&d.image("a", &by_sums)), sum);
+    std::fs::remove_file(d.image("a", &by_sums)).unwrap();
+    step("deleting the last backup frees", 32 * MIB, 33 * MIB, false);
+    d.stop_clean();
+}
+
+/// The backup ids that have a record in a target, sorted.
+fn recorded_ids(d: &Daemon, target: &str) -> Vec<String> {
+    let mut ids: Vec<String> = names_in(&d.target(target))
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn keep_last_keeps_exactly_the_newest_available_of_the_volume_on_its_backend() {
+    let mut sb = Sandbox::new("inc-keep-exact");
+    // A second backend whose volume has the same ID: its backups are not this volume's.
+    let silver = sb.mkdir("silver");
+    let extra = format!(
+        "[backends.silver]\ndriver = \"file\"\npools = {{ silver = \"{}\" }}\n",
+        silver.display()
+    );
+    let s = setup(&mut sb, &extra, "");
+    let keep_config = sb.path("keep.toml");
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let with_keep = text.replace(
+        "[targets.a]\nbackend = \"hdd\"\npool = \"a\"\n",
+        "[targets.a]\nbackend = \"hdd\"\npool = \"a\"\nkeep_last = 2\n",
+    );
+    assert_ne!(with_keep, text, "keep_last set on target a");
+    std::fs::write(&keep_config, with_keep).unwrap();
+    let full = |d: &Daemon| {
+        let id = d.backup("a", "v wait");
+        assert_eq!(d.record("a", &id)["status"], "available", "{}", d.log());
+        id
+    };
+
+    // Without retention: one backup of silver's v, three of gold's v.
+    random_volume(&silver, "v", 2);
+    let d = sb.start_daemon(&s.config);
+    let silvers = full(&d);
+    assert_eq!(d.record("a", &silvers)["backend"], "silver");
+    std::fs::remove_file(silver.join("volume-v")).unwrap();
+    let volume = random_volume(&s.gold, "v", 4);
+    let mut golds = Vec::new();
+    let mut rng = Lcg(27);
+    for _ in 0..3 {
+        round_of_writes(&volume, &mut rng);
+        golds.push((full(&d), sha256(&volume)));
+    }
+    d.stop_clean();
+    // A failed backup of gold's v, newer than all three: recorded `error`.
+    let d = sb.start_daemon_env(&s.config, &hold_env("finishing"));
+    let failed = d.backup("a", "v");
+    wait_for(
+        || d.log().contains("holding at finishing"),
+        "the pause point",
+    );
+    d.stop_clean();
+
+    // With keep_last = 2, one more backup: two deletions in one round, the failed record
+    // neither counted nor deleted, silver's backup untouched.
+    let d = sb.start_daemon(&keep_config);
+    assert_eq!(d.record("a", &failed)["status"], "error");
+    round_of_writes(&volume, &mut rng);
+    golds.push((full(&d), sha256(&volume)));
+    let mut expected = vec![
+        silvers.clone(),
+        failed.clone(),
+        golds[2].0.clone(),
+        golds[3].0.clone(),
+    ];
+    expected.sort();
+    assert_eq!(recorded_ids(&d, "a"), expected, "{}", d.log());
+    for (id, _) in &golds[..2] {
+        assert!(!d.image("a", id).exists(), "{id} is beyond keep_last");
+    }
+    for (id, sum) in &golds[2..] {
+        assert_eq!(&sha256(&d.image("a", id)), sum);
+    }
+    assert_eq!(
+        d.log().matches("retention: deleted").count(),
+        2,
+        "one line per deletion: {}",
+        d.log()
+    );
+    assert_eq!(d.record("a", &silvers)["status"], "available");
+    d.stop_clean();
+}
+
 #[test]
 fn kill9_at_every_step_of_an_incremental_leaves_the_parent_and_base_intact() {
     for point in ["snapshotting", "finishing"] {
@@ -464,6 +632,43 @@ fn leaf_sums_carry_on_from_older_backups_and_a_damaged_leaf_file_costs_only_read
     // Deleting a backup takes its leaf sums with it.
     std::fs::remove_file(d.image("b", &second)).unwrap();
     assert!(!leaves.exists());
+    d.stop_clean();
+}
+
+#[test]
+fn deleting_the_backup_that_holds_the_base_snapshot_removes_the_snapshot() {
+    let mut sb = Sandbox::new("inc-delete-base");
+    let s = setup(&mut sb, "", "");
+    let volume = random_volume(&s.gold, "v", 8);
+    let d = sb.start_daemon(&s.config);
+    let first = incremental(&d, "a", "v");
+    round_of_writes(&volume, &mut Lcg(7));
+    let second = incremental(&d, "a", "v");
+    let base = format!("snapshot-backupfs-{second}");
+    assert_eq!(snapshots_in(&s.gold), std::slice::from_ref(&base));
+    assert_eq!(d.record("a", &second)["base_snapshot"], base.as_str());
+    let first_sum = sha256(&d.image("a", &first));
+
+    std::fs::remove_file(d.image("a", &second)).unwrap();
+    assert_eq!(
+        snapshots_in(&s.gold),
+        Vec::<String>::new(),
+        "the base went with its backup: {}",
+        d.log()
+    );
+    assert_eq!(sha256(&d.image("a", &first)), first_sum);
+    // The next incremental has a parent without a base: it compares checksums, and its
+    // own snapshot is the one base again.
+    round_of_writes(&volume, &mut Lcg(8));
+    let third = incremental(&d, "a", "v");
+    let record = d.record("a", &third);
+    assert_eq!(record["parent_id"], first.as_str(), "{record}");
+    assert_eq!(record["changes_found_by"], "checksums", "{record}");
+    assert_eq!(sha256(&d.image("a", &third)), sha256(&volume));
+    assert_eq!(
+        snapshots_in(&s.gold),
+        vec![format!("snapshot-backupfs-{third}")]
+    );
     d.stop_clean();
 }
 

@@ -300,6 +300,79 @@ fn metrics_pass_promtool_and_count_what_happened() {
     assert!((now - at).abs() < 600.0, "{last}");
 }
 
+/// The value of each sample line of `metrics/backupfs.prom` whose name and labels are
+/// `key` (as written there), or None when it has no such line.
+fn metric(d: &Daemon, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(d.mnt.join("metrics/backupfs.prom")).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_count_failures_damage_and_failed_verifies_and_byte_gauges_follow_backups() {
+    let mut sb = Sandbox::new("op-metrics-move");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "max_parallel_jobs = 1");
+    for volume_id in ["a", "b", "gone"] {
+        random_volume(&l.gold, volume_id, 2);
+    }
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&l.config, &pause_env("started", &release));
+    let m = |key: &str| metric(&d, key).unwrap_or_else(|| panic!("no {key}"));
+    let (completed, stored, written, backups) = (
+        "backupfs_backups_completed_total{target=\"hdd\",result=",
+        "backupfs_stored_bytes{target=\"hdd\"}",
+        "backupfs_written_bytes_total{target=\"hdd\"}",
+        "backupfs_backups{target=\"hdd\",status=",
+    );
+    assert_eq!(m(stored), 0.0);
+    assert_eq!(m(written), 0.0);
+
+    // Two backups of 2 MiB, and one whose volume goes away while it is queued.
+    let a = d.backup("hdd", "a");
+    let b = d.backup("hdd", "b");
+    let gone = d.backup("hdd", "gone");
+    d.wait_state("hdd", &gone, "queued");
+    std::fs::remove_file(l.gold.join("volume-gone")).unwrap();
+    release_jobs(&release);
+    for id in [&a, &b] {
+        assert_eq!(d.wait_job("hdd", id), "available");
+    }
+    assert_eq!(d.wait_job("hdd", &gone), "error");
+    assert_eq!(m(&format!("{completed}\"available\"}}")), 2.0);
+    assert_eq!(m(&format!("{completed}\"error\"}}")), 1.0);
+    assert_eq!(m(&format!("{backups}\"available\"}}")), 2.0);
+    assert_eq!(m(&format!("{backups}\"error\"}}")), 1.0);
+    assert_eq!(m(stored), (4 << 20) as f64);
+    assert_eq!(m(written), (4 << 20) as f64);
+
+    // a damaged, found by a verify; b's data gone behind the daemon's back: its verify
+    // fails (neither good nor damaged).
+    let a_data = stored_data(&l.backups, &d.image("hdd", &a));
+    let b_data = stored_data(&l.backups, &d.image("hdd", &b));
+    damage_bytes(&a_data, 4096, b"\xde\xad");
+    let verify = d.target("hdd").join("verify");
+    assert_eq!(write_errno(&verify, a.as_bytes()), Some(libc::EIO));
+    std::fs::remove_file(&b_data).unwrap();
+    assert!(
+        write_errno(&verify, b.as_bytes()).is_some(),
+        "verify of b fails"
+    );
+    let verifies = "backupfs_verifies_total{target=\"hdd\",result=";
+    assert_eq!(m(&format!("{verifies}\"damaged\"}}")), 1.0);
+    assert_eq!(m(&format!("{verifies}\"failed\"}}")), 1.0);
+    assert_eq!(m(&format!("{verifies}\"good\"}}")), 0.0);
+    assert_eq!(m("backupfs_damaged_backups{target=\"hdd\"}"), 1.0);
+
+    // Deleting a backup takes its bytes off the gauge; the counter stays.
+    std::fs::remove_file(d.image("hdd", &a)).unwrap();
+    assert_eq!(m(stored), (2 << 20) as f64, "{}", d.log());
+    assert_eq!(m(written), (4 << 20) as f64);
+    assert_eq!(m(&format!("{backups}\"available\"}}")), 1.0);
+    assert_eq!(m("backupfs_damaged_backups{target=\"hdd\"}"), 0.0);
+    d.stop_clean();
+}
+
 #[test]
 fn a_new_daemon_waits_for_the_state_lock_of_one_that_is_still_stopping() {
     let mut sb = Sandbox::new("op-relock");

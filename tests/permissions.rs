@@ -152,6 +152,9 @@ fn admin_group_reads_and_nobody_else_writes_or_reads() {
         (t.join("request"), 0o100600, 0),
         (vol.clone(), 0o100600, 0),
         (d.mnt.join("volumes/ssd"), 0o040700, 0),
+        (d.mnt.join("metrics"), 0o040750, gid),
+        (d.mnt.join("metrics/backupfs.prom"), 0o100440, gid),
+        (d.mnt.join("restores"), 0o100440, gid),
     ] {
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(
@@ -170,6 +173,13 @@ fn admin_group_reads_and_nobody_else_writes_or_reads() {
     accounts.expect(admin, "list", &t.join("by-volume"), "", "ok");
     accounts.expect(admin, "getxattr", &img, "user.backupfs.id", "ok");
     accounts.expect(admin, "read", &t.join("by-volume/v/latest.img"), "", "ok");
+    // ...and the metrics (node_exporter in the group) and the restores.
+    let prom = d.mnt.join("metrics/backupfs.prom");
+    accounts.expect(admin, "list", &d.mnt.join("metrics"), "", "ok");
+    accounts.expect(admin, "read", &prom, "", "ok");
+    accounts.expect(admin, "read", &d.mnt.join("restores"), "", "ok");
+    accounts.expect(other, "read", &prom, "", "EACCES");
+    accounts.expect(other, "read", &d.mnt.join("restores"), "", "EACCES");
 
     // Neither user writes anything, deletes anything or touches a volume.
     for user in [admin, other] {

@@ -397,6 +397,56 @@ fn cp_of_a_dense_image_is_a_server_side_copy() {
     assert!(line.starts_with("ssd copied restored "), "{line}");
 }
 
+#[test]
+fn cp_of_an_image_onto_its_own_filesystem_is_a_reflink() {
+    let mut sb = Sandbox::new("cp-reflink");
+    // Backend hdd's volume pool `main` and the target's pool share one XFS.
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    random_volume(&l.main, "dense", 24);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "dense wait");
+    let fs = l.main.parent().unwrap();
+    let free = || {
+        ok(&format!("sync -f '{}'", fs.display()));
+        ok(&format!("stat -f -c '%a %S' '{}'", fs.display()))
+            .split_whitespace()
+            .map(|n| n.parse::<i64>().unwrap())
+            .product::<i64>()
+    };
+    let before = free();
+    ok(&format!(
+        "cp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        d.volume("hdd", "copied").display()
+    ));
+    let restored = l.main.join("volume-copied");
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &id).display(),
+        restored.display()
+    ));
+    let taken = before - free();
+    eprintln!("the restore took {} KiB", taken / 1024);
+    assert!(
+        taken < 2 << 20,
+        "24 MiB restored took {taken} bytes: not a reflink"
+    );
+    // FIEMAP: every extent of the restored volume is shared (with the backup's data).
+    let map = ok(&format!("filefrag -v '{}'", restored.display()));
+    let extents: Vec<&str> = map
+        .lines()
+        .filter(|l| {
+            l.trim_start()
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit())
+        })
+        .collect();
+    assert!(!extents.is_empty(), "{map}");
+    assert!(extents.iter().all(|l| l.contains("shared")), "{map}");
+    d.stop_clean();
+}
+
 /// The line of `restores` for a volume of backend `ssd` (its last one).
 fn restore_line(d: &Daemon, volume_id: &str) -> String {
     let listed = std::fs::read_to_string(d.mnt.join("restores")).unwrap();

@@ -371,6 +371,58 @@ fn wait_exits_0_when_available_1_with_the_reason_when_failed_and_2_3_4_otherwise
 }
 
 #[test]
+fn wait_exits_1_for_a_damaged_backup_and_3_for_one_deleted_while_waiting() {
+    let mut sb = Sandbox::new("wait-damaged-deleted");
+    let l = layout(&mut sb, None, None, "");
+    random_volume(&l.gold, "vol-a", 3);
+    random_volume(&l.gold, "vol-b", 2);
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&l.config, &pause_env("started", &release));
+
+    // Held: `wait` sees it pending, and is stopped (SIGSTOP) so that it cannot see the
+    // backup end; meanwhile it becomes available and is deleted.
+    let b = d.backup("hdd", "vol-b");
+    let waiting = spawn_wait(&d.mnt, &b);
+    wait_for(
+        || d.log().contains("holding at started"),
+        "the job to be held",
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(waiting.id() as i32, libc::SIGSTOP) };
+    release_jobs(&release);
+    assert_eq!(d.wait_job("hdd", &b), "available");
+    std::fs::remove_file(d.image("hdd", &b)).expect("rm the image");
+    // SAFETY: as above.
+    unsafe { libc::kill(waiting.id() as i32, libc::SIGCONT) };
+    let out = finished(waiting);
+    assert_exit(&out, 3, "wait for a backup deleted while waiting");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("deleted while waiting"),
+        "{out:?}"
+    );
+
+    // Available, then found damaged by a verify.
+    let a = d.backup("hdd", "vol-a wait");
+    assert_exit(&wait(&d.mnt, &[&a]), 0, "wait for a good backup");
+    let stored = stored_data(&l.backups, &d.image("hdd", &a));
+    damage_bytes(&stored, (1 << 20) + 99, b"\xde\xad");
+    assert_eq!(
+        write_errno(&d.target("hdd").join("verify"), format!("{a}\n").as_bytes()),
+        Some(libc::EIO),
+        "a verify of the damaged backup"
+    );
+    let out = wait(&d.mnt, &[&a]);
+    assert_exit(&out, 1, "wait for a damaged backup");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("backupfs wait: backup {a} of vol-a is damaged: a verify found blocks 1 bad\n")
+    );
+    d.stop_clean();
+}
+
+#[test]
 fn status_and_wait_on_what_is_not_a_live_backupfs_mount_exit_1_with_one_line() {
     let mut sb = Sandbox::new("status-nomount");
     let plain = sb.mkdir("plain");

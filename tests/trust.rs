@@ -318,21 +318,46 @@ fn every_delete_path_leaves_a_foreign_file_beside_it() {
 fn the_cleanup_of_a_backup_that_ran_out_of_space_leaves_a_foreign_file_beside_it() {
     let mut sb = Sandbox::new("trust-enospc");
     let (gold, backups, config) = small_target(&mut sb, "hdd", 48);
-    random_volume(&gold, "big", 40);
-    random_volume(&gold, "big2", 40);
+    random_volume(&gold, "big", 30);
     let keep = backups.join("keep.txt");
-    let d = sb.start_daemon(&config);
+    let release = sb.path("release");
+    let d = sb.start_daemon_env(&config, &pause_env("started", &release));
     std::fs::write(&keep, b"the operator's").unwrap();
-    // Two at once: each fits the free space checked at the start, both do not.
-    let a = std::thread::spawn({
-        let request = d.target("hdd").join("request");
-        move || write_errno(&request, b"big wait\n")
-    });
-    let b = d.request("hdd", "big2 wait");
-    let a = a.join().unwrap();
+    // Accepted while it fits; then the filesystem fills up (4 MiB left: the record still
+    // fits) before its copy begins, so the copy runs out of space mid-way, every time.
+    let id = d.backup("hdd", "big");
+    wait_for(
+        || d.log().contains("holding at started"),
+        "the job to be held",
+    );
+    let fs = backups.parent().unwrap();
+    ok(&format!(
+        "fallocate -l $(( $(stat -f -c '%a' '{f}') * $(stat -f -c '%S' '{f}') - 4194304 )) '{f}/filler'",
+        f = fs.display()
+    ));
+    let free_before = ok(&format!("stat -f -c '%a' '{}'", fs.display()));
+    release_jobs(&release);
+    assert_eq!(d.wait_job("hdd", &id), "error");
+    let record = d.record("hdd", &id);
     assert!(
-        a == Some(libc::ENOSPC) || b == Some(libc::ENOSPC),
-        "one backup runs out of space: {a:?} {b:?}"
+        record["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("No space left"),
+        "{record}"
+    );
+    // The partial data is gone: only the record names the backup, and the space the
+    // copy took is free again.
+    assert_eq!(
+        files_mentioning(&backups, &id),
+        [record_file(&backups, &id)],
+        "{}",
+        d.log()
+    );
+    let free_after = ok(&format!("stat -f -c '%a' '{}'", fs.display()));
+    assert!(
+        free_after.trim().parse::<u64>().unwrap() + 2 >= free_before.trim().parse::<u64>().unwrap(),
+        "free blocks {free_before} before the copy, {free_after} after its cleanup"
     );
     assert!(keep.exists(), "the foreign file survives the cleanup");
     assert!(d.stop().success());
@@ -476,6 +501,42 @@ fn a_byte_damaged_after_a_full_read_is_never_handed_out() {
         image.display(),
         source.display()
     ));
+}
+
+#[test]
+fn with_verify_reads_false_damaged_data_reads_unchecked_and_only_verify_finds_it() {
+    let mut sb = Sandbox::new("trust-unchecked");
+    let l = layout(
+        &mut sb,
+        Some(Fs::Xfs),
+        Some(Fs::Xfs),
+        "verify_reads = false",
+    );
+    let source = random_volume(&l.main, "v", 8);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let image = d.image("hdd", &id);
+    let offset = 5 * (1 << 20) + 12345;
+    let data = flip_byte(&l.backups, offset);
+    evict(&data);
+    evict(&image);
+    // The read hands out the damaged byte, as the README says of `false`...
+    let out = sh(&format!("cmp '{}' '{}'", image.display(), source.display()));
+    assert_eq!(out.status.code(), Some(1), "differ, no read error: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("byte {}", offset + 1)),
+        "{out:?}"
+    );
+    // ...and a verify still finds it.
+    assert_eq!(
+        write_errno(&d.target("hdd").join("verify"), id.as_bytes()),
+        Some(libc::EIO)
+    );
+    assert_eq!(
+        d.record("hdd", &id)["damaged_blocks"],
+        serde_json::json!([5])
+    );
+    d.stop_clean();
 }
 
 #[test]

@@ -9,6 +9,14 @@ use crate::targets::record::Status;
 /// Room for all of a backup's attributes together (the record stays small).
 const XATTRS_MAX: usize = 256 << 10;
 
+/// What a name or value takes in the record's JSON, escapes included (quotes not): the
+/// limit holds for the record as stored, or text within it could make a record larger
+/// than the catalogue reads back (a control character takes six bytes there), leaving
+/// the backup unreadable.
+fn stored_len(text: &str) -> usize {
+    serde_json::to_string(text).map_or(usize::MAX, |json| json.len().saturating_sub(2))
+}
+
 /// setxattr's flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XattrMode {
@@ -49,13 +57,18 @@ impl Inner {
         }
         match value {
             Some(value) => {
-                let others: usize = record
+                let others = record
                     .xattrs
                     .iter()
                     .filter(|(k, _)| k.as_str() != name)
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum();
-                if others + name.len() + value.len() > XATTRS_MAX {
+                    .fold(0usize, |sum, (k, v)| {
+                        sum.saturating_add(stored_len(k))
+                            .saturating_add(stored_len(v))
+                    });
+                let total = others
+                    .saturating_add(stored_len(name))
+                    .saturating_add(stored_len(&value));
+                if total > XATTRS_MAX {
                     return Err(EngineError::NoSpace(format!(
                         "a backup's attributes hold at most {XATTRS_MAX} bytes together"
                     )));
@@ -74,5 +87,18 @@ impl Inner {
             "attribute of backup updated"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_len_counts_json_escapes() {
+        assert_eq!(stored_len("plain text"), 10);
+        assert_eq!(stored_len("\u{1}"), 6);
+        assert_eq!(stored_len("\"\\"), 4);
+        assert_eq!(stored_len("é"), 2);
     }
 }
