@@ -5,10 +5,8 @@
 pub mod config;
 pub mod copy;
 pub mod daemon;
-pub mod demo;
 pub mod engine;
 pub mod fs;
 pub mod ids;
-pub mod status;
 pub mod targets;
 pub mod volume;

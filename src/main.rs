@@ -1,11 +1,14 @@
 //! The thin binary: parses the command line and calls into the library.
 
 use backupfs::config::{self, Config};
-use backupfs::{daemon, demo, status};
+use backupfs::daemon;
 use clap::{CommandFactory, Parser, Subcommand};
+use cli::{demo, status};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod cli;
 
 #[derive(Parser)]
 #[command(

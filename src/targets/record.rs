@@ -276,7 +276,9 @@ pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
 }
 
 // Howard Hinnant's civil calendar algorithms.
-pub(crate) fn civil_from_days(z: i64) -> (i64, i64, i64) {
+/// The (year, month, day) of a day counted from 1970-01-01; public for `backupfs status`,
+/// which shows times as calendar dates.
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;

@@ -3,8 +3,8 @@
 //! restore made through the mount with the shell commands an operator would type.
 //! It never removes anything it did not make, nor a directory that has a mount inside.
 
-use crate::config::{Config, ConfigError};
-use crate::daemon::{self, DaemonError};
+use backupfs::config::{Config, ConfigError};
+use backupfs::daemon::{self, DaemonError};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -601,7 +601,7 @@ fn walk_through(shell: &Shell) -> Result<(), DemoError> {
         "exec 3<>{backups}/request; echo \"{SPARSE_VOLUME} name=sparse-demo\" >&3; read -r id <&3; echo \"$id\""
     ))?;
     let sparse_id = sparse_id.trim().to_string();
-    if !crate::volume::is_valid_id(&sparse_id) {
+    if !backupfs::volume::is_valid_id(&sparse_id) {
         return Err(DemoError::WalkThrough(format!(
             "the request file gave {sparse_id:?} instead of a backup id"
         )));

@@ -9,9 +9,9 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::engine::error::one_line;
-pub use crate::ids::is_backup_id;
-pub use crate::targets::record::parse_rfc3339;
+use backupfs::engine::error::one_line;
+pub use backupfs::ids::is_backup_id;
+pub use backupfs::targets::record::parse_rfc3339;
 
 /// Where `status` and `wait` look when no `--mount` is given (the systemd unit's mountpoint).
 pub const DEFAULT_MOUNT: &str = "/mnt/backupfs";
@@ -649,7 +649,7 @@ pub fn format_utc(time: SystemTime) -> String {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (year, month, day) = crate::targets::record::civil_from_days(days);
+    let (year, month, day) = backupfs::targets::record::civil_from_days(days);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
         rem / 3600,
