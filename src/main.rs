@@ -3,7 +3,7 @@
 use backupfs::config::{self, Config};
 use backupfs::daemon;
 use clap::{CommandFactory, Parser, Subcommand};
-use cli::{demo, status};
+use cli::{demo, status, wait};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,17 +96,17 @@ Exit status: 0 when the walk-through succeeded and the sandbox is removed, 1 oth
     #[command(long_about = status::STATUS_ABOUT, after_help = status::STATUS_EXAMPLES)]
     Status {
         /// The backupfs mountpoint.
-        #[arg(long, value_name = "DIR", default_value = status::DEFAULT_MOUNT)]
+        #[arg(long, value_name = "DIR", default_value = cli::DEFAULT_MOUNT)]
         mount: PathBuf,
         /// Redraw every second until Ctrl-C.
         #[arg(long)]
         watch: bool,
     },
     /// Wait until a backup has ended; exit 0 when it is available, non-zero with the reason.
-    #[command(long_about = status::WAIT_ABOUT, after_help = status::WAIT_EXAMPLES)]
+    #[command(long_about = wait::WAIT_ABOUT, after_help = wait::WAIT_EXAMPLES)]
     Wait {
         /// The backupfs mountpoint.
-        #[arg(long, value_name = "DIR", default_value = status::DEFAULT_MOUNT)]
+        #[arg(long, value_name = "DIR", default_value = cli::DEFAULT_MOUNT)]
         mount: PathBuf,
         /// Give up after SECS seconds (exit status 4).
         #[arg(long, value_name = "SECS")]
@@ -278,7 +278,7 @@ fn run(cli: Cli) -> u8 {
             mount,
             timeout,
             backup_id,
-        } => status::wait_command(
+        } => wait::wait_command(
             &mount,
             &backup_id,
             timeout.map(std::time::Duration::from_secs),
