@@ -1,8 +1,9 @@
-//! The command-line programs beside the daemon: `status` and `wait` (clients of the
-//! mounted tree) and `demo` (a sandbox and a walk-through). They live in the binary, not
+//! The command-line programs beside the daemon: `status` and `wait` (clients of the mounted
+//! tree), `demo` (a sandbox and a walk-through), the manual page. They live in the binary, not
 //! the library: they use only the library's public API and never reach into a daemon.
 
 pub mod demo;
+pub mod man;
 pub mod mount;
 pub mod render;
 pub mod status;
