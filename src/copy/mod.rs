@@ -14,8 +14,8 @@ mod workers;
 
 pub use kernel::{copy_kernel, copy_unflushed_through};
 pub use sums::{
-    CHECKSUM_BLOCK, LEAF, LEAF_SUMS_PER_BLOCK_BYTES, LEAVES_PER_BLOCK, SumKind, is_zero, leaf_sums,
-    sum_of_leaves,
+    CHECKSUM_BLOCK, LEAF, LEAF_SUMS_PER_BLOCK_BYTES, LEAVES_PER_BLOCK, SUM_BYTES, Sum, SumKind,
+    decode_sums, encode_sums, is_zero, leaf_sums, sum_of_leaves, sums_file_digest,
 };
 
 use crate::volume::device::BlockDevice;
@@ -75,7 +75,7 @@ pub struct CopyOptions {
 #[derive(Debug, Default)]
 pub struct CopyOutcome {
     /// One per `CHECKSUM_BLOCK` of the source range, taken as `kind` says.
-    pub checksums: Vec<u64>,
+    pub checksums: Vec<Sum>,
     pub kind: SumKind,
     /// A leaf-sums file was given and every entry the copy wrote went into it.
     pub leaves_whole: bool,
@@ -90,7 +90,7 @@ pub struct CopyOutcome {
 #[derive(Debug, Clone, Copy)]
 pub struct Base<'a> {
     /// One per block of the base, as in its record.
-    pub sums: &'a [u64],
+    pub sums: &'a [Sum],
     /// The base's size; what lies past it is new.
     pub size: u64,
     /// The ranges of the source that may differ from the base, in order, as the storage

@@ -3,7 +3,8 @@
 //! trusts a leaf-sums entry that does not make the base's checksum of its block.
 
 use super::sums::{
-    LEAF, LEAF_SUMS_PER_BLOCK_BYTES, LEAVES_PER_BLOCK, SumKind, flat_sum, sum_of_leaves,
+    LEAF, LEAF_SUMS_PER_BLOCK_BYTES, LEAVES_PER_BLOCK, SUM_BYTES, Sum, SumKind, decode_sum,
+    decode_sums, encode_sums_into, flat_sum, sum_of_leaves,
 };
 use super::workers::Shared;
 use super::{Base, CHECKSUM_BLOCK, CopyError};
@@ -35,7 +36,7 @@ enum Plan {
     /// Not at all: the base cannot differ there.
     Keep,
     /// The base's leaf sums, and which leaves to read (those a changed range touches).
-    Leaves([u64; LEAVES_PER_BLOCK], [bool; LEAVES_PER_BLOCK]),
+    Leaves([Sum; LEAVES_PER_BLOCK], [bool; LEAVES_PER_BLOCK]),
     /// Whole: its checksum needs all of it.
     Whole,
 }
@@ -59,22 +60,22 @@ impl Shared<'_> {
     /// The base's leaf sums of `block` (`n` leaves), if the leaf-sums file holds them and
     /// they make the base's checksum of the block: a damaged or missing entry only costs
     /// a read of the whole block.
-    fn base_leaves(&self, base: &Base, block: u64, n: usize) -> Option<[u64; LEAVES_PER_BLOCK]> {
+    fn base_leaves(&self, base: &Base, block: u64, n: usize) -> Option<[Sum; LEAVES_PER_BLOCK]> {
         let file = self.how.leaves?;
         if base.kind != SumKind::Leaves {
             return None;
         }
         let expected = *base.sums.get(block as usize)?;
-        let mut bytes = [0u8; LEAVES_PER_BLOCK * 8];
+        let mut bytes = [0u8; LEAVES_PER_BLOCK * SUM_BYTES];
         std::os::unix::fs::FileExt::read_exact_at(
             file,
             &mut bytes,
             block * LEAF_SUMS_PER_BLOCK_BYTES,
         )
         .ok()?;
-        let mut leaves = [0u64; LEAVES_PER_BLOCK];
-        for (leaf, b) in leaves.iter_mut().zip(bytes.chunks_exact(8)) {
-            *leaf = u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+        let mut leaves = [0; LEAVES_PER_BLOCK];
+        for (leaf, sum) in leaves.iter_mut().zip(decode_sums(&bytes)) {
+            *leaf = sum;
         }
         (sum_of_leaves(&leaves[..n]) == expected).then_some(leaves)
     }
@@ -189,17 +190,16 @@ impl Shared<'_> {
                         sums[l] = flat_sum(leaf);
                     }
                 }
-                leaves.extend(sums.iter().flat_map(|l| l.to_le_bytes()));
+                encode_sums_into(&mut leaves, &sums);
                 sum_of_leaves(&sums[..n])
             }
         };
         self.sums[block as usize].store(sum, Ordering::Relaxed);
-        let new_leaf =
-            |l: usize| u64::from_le_bytes(leaves[l * 8..l * 8 + 8].try_into().unwrap_or([0; 8]));
+        let new_leaf = |l: usize| decode_sum(leaves.get(l * SUM_BYTES..).unwrap_or_default());
         // The file holds the base's entries: an unchanged block's are not rewritten (no
         // write per MiB, and the file keeps sharing its parent's blocks).
         let entry_kept = base_leaves.is_some_and(|old| {
-            leaves.len() == LEAVES_PER_BLOCK * 8
+            leaves.len() == LEAVES_PER_BLOCK * SUM_BYTES
                 && (0..LEAVES_PER_BLOCK).all(|l| old[l] == new_leaf(l))
         });
         if !entry_kept {

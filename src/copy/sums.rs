@@ -5,6 +5,44 @@
 /// The unit of checksums (and the granularity of chunks).
 pub const CHECKSUM_BLOCK: u64 = 1 << 20;
 
+/// One checksum, of a block or of one of its leaves; 0 only for zeros. A wider digest
+/// is a change here and in the encoding below: the files hold `SUM_BYTES` per sum.
+pub type Sum = u64;
+/// Bytes of one sum in a sums or leaf-sums file (little-endian).
+pub const SUM_BYTES: usize = std::mem::size_of::<Sum>();
+
+/// Appends `sums` to `out` as a sums or leaf-sums file holds them.
+pub fn encode_sums_into(out: &mut Vec<u8>, sums: &[Sum]) {
+    out.extend(sums.iter().flat_map(|s| s.to_le_bytes()));
+}
+
+/// `sums` as a sums or leaf-sums file holds them.
+pub fn encode_sums(sums: &[Sum]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(sums.len() * SUM_BYTES);
+    encode_sums_into(&mut out, sums);
+    out
+}
+
+/// The sum in the first `SUM_BYTES` of `bytes`; 0 (the sum of zeros) if they are fewer,
+/// which a caller that checked the length never sees.
+pub fn decode_sum(bytes: &[u8]) -> Sum {
+    bytes
+        .get(..SUM_BYTES)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, Sum::from_le_bytes)
+}
+
+/// The sums `bytes` hold, one per whole `SUM_BYTES` (callers check the length first).
+pub fn decode_sums(bytes: &[u8]) -> impl Iterator<Item = Sum> + '_ {
+    bytes.chunks_exact(SUM_BYTES).map(decode_sum)
+}
+
+/// The digest a record keeps of a sums file, so a damaged sums file is told from damaged
+/// data: xxh3-64, in hex.
+pub fn sums_file_digest(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
 /// How the checksum of a block is taken: the record's `checksums.algorithm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SumKind {
@@ -36,11 +74,11 @@ impl SumKind {
 
     /// The checksum of one block: 0 for an all-zero block (so holes need no hashing),
     /// never 0 for a block holding data.
-    pub fn block_sum(self, block: &[u8]) -> u64 {
+    pub fn block_sum(self, block: &[u8]) -> Sum {
         match self {
             SumKind::Flat => flat_sum(block),
             SumKind::Leaves => {
-                let mut leaves = [0u64; LEAVES_PER_BLOCK];
+                let mut leaves = [0; LEAVES_PER_BLOCK];
                 let n = leaf_sums(block, &mut leaves);
                 sum_of_leaves(&leaves[..n])
             }
@@ -54,10 +92,10 @@ pub const LEAF: u64 = 64 << 10;
 pub const LEAVES_PER_BLOCK: usize = (CHECKSUM_BLOCK / LEAF) as usize;
 /// Bytes of leaf sums per block in a leaf-sums file (a short last block's are padded
 /// with zeros).
-pub const LEAF_SUMS_PER_BLOCK_BYTES: u64 = LEAVES_PER_BLOCK as u64 * 8;
+pub const LEAF_SUMS_PER_BLOCK_BYTES: u64 = (LEAVES_PER_BLOCK * SUM_BYTES) as u64;
 
 /// The sums of the leaves of `block` into `out`; how many leaves it has.
-pub fn leaf_sums(block: &[u8], out: &mut [u64; LEAVES_PER_BLOCK]) -> usize {
+pub fn leaf_sums(block: &[u8], out: &mut [Sum; LEAVES_PER_BLOCK]) -> usize {
     let mut n = 0;
     for (slot, leaf) in out.iter_mut().zip(block.chunks(LEAF as usize)) {
         *slot = flat_sum(leaf);
@@ -67,19 +105,19 @@ pub fn leaf_sums(block: &[u8], out: &mut [u64; LEAVES_PER_BLOCK]) -> usize {
 }
 
 /// A block's checksum from its leaves' sums: 0 if every leaf is zero.
-pub fn sum_of_leaves(leaves: &[u64]) -> u64 {
+pub fn sum_of_leaves(leaves: &[Sum]) -> Sum {
     if leaves.iter().all(|&l| l == 0) {
         return 0;
     }
-    let mut bytes = [0u8; LEAVES_PER_BLOCK * 8];
-    for (slot, leaf) in bytes.chunks_exact_mut(8).zip(leaves) {
+    let mut bytes = [0u8; LEAVES_PER_BLOCK * SUM_BYTES];
+    for (slot, leaf) in bytes.chunks_exact_mut(SUM_BYTES).zip(leaves) {
         slot.copy_from_slice(&leaf.to_le_bytes());
     }
-    data_sum(&bytes[..leaves.len() * 8])
+    data_sum(&bytes[..leaves.len() * SUM_BYTES])
 }
 
 /// xxh3-64 of a piece, 0 for an all-zero one.
-pub(super) fn flat_sum(piece: &[u8]) -> u64 {
+pub(super) fn flat_sum(piece: &[u8]) -> Sum {
     if is_zero(piece) {
         return 0;
     }
@@ -87,7 +125,7 @@ pub(super) fn flat_sum(piece: &[u8]) -> u64 {
 }
 
 /// The checksum of bytes known to hold data (never 0).
-fn data_sum(block: &[u8]) -> u64 {
+fn data_sum(block: &[u8]) -> Sum {
     match xxhash_rust::xxh3::xxh3_64(block) {
         0 => 1,
         sum => sum,
@@ -112,6 +150,18 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn sums_files_hold_each_sum_as_eight_little_endian_bytes() {
+        // The layout of every `.sums` and `.leaves` file already written: fixed.
+        let bytes = encode_sums(&[1, 0x0102_0304_0506_0708]);
+        assert_eq!(bytes, [1, 0, 0, 0, 0, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1]);
+        let back: Vec<Sum> = decode_sums(&bytes).collect();
+        assert_eq!(back, [1, 0x0102_0304_0506_0708]);
+        assert_eq!(decode_sum(&bytes[SUM_BYTES..]), 0x0102_0304_0506_0708);
+        assert_eq!(decode_sum(&bytes[..3]), 0);
+        assert_eq!(sums_file_digest(&bytes).len(), 16);
+    }
 
     #[test]
     fn block_sum_of_zeros_is_zero_and_of_data_is_not() {

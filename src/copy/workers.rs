@@ -3,7 +3,8 @@
 //! never holds more than one buffer, nor writes outside the destination range it was given.
 
 use super::sums::{
-    LEAF_SUMS_PER_BLOCK_BYTES, LEAVES_PER_BLOCK, SumKind, is_zero, leaf_sums, sum_of_leaves,
+    LEAF_SUMS_PER_BLOCK_BYTES, LEAVES_PER_BLOCK, Sum, SumKind, encode_sums_into, is_zero,
+    leaf_sums, sum_of_leaves,
 };
 use super::{Base, CHECKSUM_BLOCK, CopyError, CopyOptions, CopyOutcome, Progress, Range};
 use crate::volume::device::{AlignedBuf, BlockDevice};
@@ -76,6 +77,8 @@ pub(super) struct Shared<'a> {
     pub(super) chunk: u64,
     pub(super) chunks: u64,
     pub(super) next: AtomicU64,
+    /// One `Sum` per block, filled by whichever worker copies the block (a `Sum` wider
+    /// than 64 bits needs another cell than an atomic).
     pub(super) sums: Vec<AtomicU64>,
     pub(super) bytes_read: AtomicU64,
     pub(super) bytes_written: AtomicU64,
@@ -179,13 +182,13 @@ impl Shared<'_> {
 
     /// A block's checksum as this copy takes them; with a leaf-sums file, its leaves'
     /// sums are appended to `leaves`.
-    pub(super) fn block_sum(&self, block: &[u8], leaves: &mut Vec<u8>) -> u64 {
+    pub(super) fn block_sum(&self, block: &[u8], leaves: &mut Vec<u8>) -> Sum {
         if self.how.leaves.is_none() {
             return SumKind::CURRENT.block_sum(block);
         }
-        let mut sums = [0u64; LEAVES_PER_BLOCK];
+        let mut sums = [0; LEAVES_PER_BLOCK];
         let n = leaf_sums(block, &mut sums);
-        leaves.extend(sums.iter().flat_map(|l| l.to_le_bytes()));
+        encode_sums_into(leaves, &sums);
         sum_of_leaves(&sums[..n])
     }
 
