@@ -1,6 +1,7 @@
 //! The backup record: one JSON object per backup, kept on the target beside its data.
 //! Format version 1; a reader refuses versions it does not know instead of guessing.
 
+use crate::copy::sums::{self, Sum};
 use crate::ids::{BackupId, VolumeId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -117,21 +118,21 @@ pub struct Record {
 }
 
 impl Checksums {
-    /// What a catalogue stores for `sums` (one little-endian u64 each, under `file`), and
-    /// the record's entry for it.
+    /// What a catalogue stores for `sums` (encoded by `copy::sums`, under `file`), and the
+    /// record's entry for it.
     pub fn encode(
-        sums: &[u64],
+        sums: &[Sum],
         kind: crate::copy::SumKind,
         file: String,
         leaves: Option<String>,
     ) -> (Vec<u8>, Checksums) {
-        let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let bytes = sums::encode_sums(sums);
         let entry = Checksums {
             algorithm: kind.name().to_string(),
             block_size: crate::copy::CHECKSUM_BLOCK,
             blocks: sums.len() as u64,
             file,
-            digest: digest(&bytes),
+            digest: sums::sums_file_digest(&bytes),
             leaves,
             mac: None,
             leaves_mac: None,
@@ -140,18 +141,11 @@ impl Checksums {
     }
 
     /// The sums stored as `bytes`, if they are what this entry describes.
-    pub fn decode(&self, bytes: &[u8]) -> Option<Vec<u64>> {
-        (digest(bytes) == self.digest && bytes.len() as u64 == self.blocks * 8).then(|| {
-            bytes
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect()
-        })
+    pub fn decode(&self, bytes: &[u8]) -> Option<Vec<Sum>> {
+        (sums::sums_file_digest(bytes) == self.digest
+            && bytes.len() as u64 == self.blocks * sums::SUM_BYTES as u64)
+            .then(|| sums::decode_sums(bytes).collect())
     }
-}
-
-fn digest(bytes: &[u8]) -> String {
-    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
 }
 
 impl Record {
