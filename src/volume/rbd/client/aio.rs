@@ -8,6 +8,7 @@ use super::{RbdError, Result, check};
 use std::collections::VecDeque;
 use std::ffi::c_int;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// What an asynchronous request did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,21 +180,24 @@ impl Image {
     /// Starts writing all of `buffer` at `offset` (within the image's size) and returns
     /// at once; the write keeps its buffer until it is waited for (or dropped, which
     /// waits). With zero-copy writes (the connection allows them) librbd sends the
-    /// buffer itself: it must not change meanwhile, which owning it guarantees.
-    pub fn submit_write(&self, offset: u64, buffer: Vec<u8>) -> Result<PendingWrite> {
+    /// buffer itself: it must not change meanwhile, which owning it guarantees. The
+    /// write holds the image too (hence `Arc`): it outlives no handle it was sent on.
+    pub fn submit_write(self: &Arc<Self>, offset: u64, buffer: Vec<u8>) -> Result<PendingWrite> {
         let len = buffer.len() as u64;
         Ok(PendingWrite {
             request: self.submit(AioKind::Write, offset, len, buffer, 0)?,
-            describe: self.describe(),
+            image: Arc::clone(self),
         })
     }
 }
 
-/// A write in flight on its own (see [`Image::submit_write`]). The image must stay open
-/// until it is waited for.
+/// A write in flight on its own (see [`Image::submit_write`]): it keeps its image open
+/// until it has been waited for, by [`PendingWrite::wait`] or on drop.
 pub struct PendingWrite {
+    // Fields drop in order: the request (whose Drop waits for librbd) before the image
+    // it was sent on, so the image is never closed under it.
     request: InFlight,
-    describe: String,
+    image: Arc<Image>,
 }
 
 impl std::fmt::Debug for PendingWrite {
@@ -201,7 +205,9 @@ impl std::fmt::Debug for PendingWrite {
         write!(
             f,
             "write {}+{} to {}",
-            self.request.offset, self.request.len, self.describe
+            self.request.offset,
+            self.request.len,
+            self.image.describe()
         )
     }
 }
@@ -217,7 +223,7 @@ impl PendingWrite {
         let rc = self.request.wait();
         let (offset, len) = (self.request.offset, self.request.len);
         check(rc as i64, "write", || {
-            format!("{} at {offset}+{len}", self.describe)
+            format!("{} at {offset}+{len}", self.image.describe())
         })?;
         Ok(std::mem::take(&mut self.request.buffer))
     }

@@ -65,7 +65,8 @@ impl std::fmt::Debug for Image {
 impl Drop for Image {
     fn drop(&mut self) {
         // SAFETY: opened by rbd_open*, closed exactly once; no AioQueue can outlive the
-        // borrow of this image, so no request is in flight.
+        // borrow of this image and a PendingWrite holds an Arc of it, so no request is
+        // in flight.
         let rc = unsafe { (self.api().rbd_close)(self.handle) };
         if rc < 0 {
             tracing::warn!(
