@@ -10,6 +10,7 @@ use backupfs::volume::rbd::client::{
 use common::ceph::{self, POOL};
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -293,6 +294,31 @@ fn reads_and_queued_writes_round_trip_and_match_rbd_export() {
     drop(image);
     io.remove_image(name).unwrap();
     io.remove_image("io-imported").unwrap();
+}
+
+#[test]
+fn a_pending_write_keeps_its_image_open_after_the_caller_lets_go() {
+    let cluster = ceph::cluster();
+    let dir = scratch("pending");
+    let client = connect(&cluster.client("cinder"));
+    let io = client.ioctx(POOL, None).unwrap();
+    let name = "pending-volume-1";
+    let size = 8 * MIB;
+    io.create_image(name, size, &ImageOptions::default())
+        .unwrap();
+    let image = Arc::new(io.open_image(name).unwrap());
+    let data = pattern(3, (4 * MIB) as usize);
+    let write = image.submit_write(MIB, data.clone()).unwrap();
+    assert_eq!(write.range(), MIB..5 * MIB);
+    // The caller's handle goes first: the write still holds the image open.
+    drop(image);
+    assert_eq!(write.wait().unwrap(), data);
+
+    let mut expected = vec![0u8; size as usize];
+    expected[MIB as usize..][..data.len()].copy_from_slice(&data);
+    let want = sha256_of(&expected, &dir.path().join("expected"));
+    assert_eq!(cluster.export_sha256(POOL, name), want);
+    io.remove_image(name).unwrap();
 }
 
 #[test]

@@ -132,9 +132,11 @@ impl RbdDevice {
         }
     }
 
-    fn image(&self) -> io::Result<&Image> {
+    /// The open image, shared: a write in flight holds it too, so that it is not closed
+    /// under the write.
+    fn image(&self) -> io::Result<&Arc<Image>> {
         self.image
-            .as_deref()
+            .as_ref()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
     }
 
