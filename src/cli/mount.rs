@@ -205,6 +205,18 @@ impl MountError {
     }
 }
 
+/// The most `status` and `wait` read of one file of the tree (`jobs`, a record,
+/// `restores`): far more than the daemon ever serves.
+const TREE_FILE_CAP: u64 = 64 << 20;
+
+/// Reads a file of the mounted tree whole. `--mount` may name a directory that is no
+/// backupfs mount, so this opens only a regular file, never through a link, never
+/// waits on a FIFO, and reads at most `TREE_FILE_CAP` bytes (EFBIG past that).
+fn read_tree_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    let (dir, name) = backupfs::volume::dir::split(path)?;
+    backupfs::volume::dir::Dir::open(dir)?.read_capped(name, TREE_FILE_CAP)
+}
+
 /// A directory laid out like a backupfs mount: `backups/` and `volumes/`.
 #[derive(Debug, Clone)]
 pub struct Mount {
@@ -268,7 +280,7 @@ impl Mount {
     /// A target's `jobs`, in its order (oldest first); malformed lines skipped.
     pub fn jobs(&self, target: &str) -> Result<Vec<JobLine>, MountError> {
         let path = self.target_dir(target).join("jobs");
-        let bytes = std::fs::read(&path).map_err(|e| MountError::of(&path, e))?;
+        let bytes = read_tree_file(&path).map_err(|e| MountError::of(&path, e))?;
         Ok(String::from_utf8_lossy(&bytes)
             .lines()
             .filter_map(JobLine::parse)
@@ -298,14 +310,14 @@ impl Mount {
     /// record removed meanwhile, or one this client does not understand).
     pub fn record(&self, target: &str, backup_id: &str) -> Option<RecordInfo> {
         let path = self.target_dir(target).join(format!("{backup_id}.json"));
-        let bytes = std::fs::read(path).ok()?;
+        let bytes = read_tree_file(&path).ok()?;
         RecordInfo::parse(&String::from_utf8_lossy(&bytes)).filter(|r| r.id == backup_id)
     }
 
     /// `<mnt>/restores`; None when the daemon does not provide it.
     pub fn restores(&self) -> Result<Option<Vec<RestoreLine>>, MountError> {
         let path = self.root.join("restores");
-        match std::fs::read(&path) {
+        match read_tree_file(&path) {
             Ok(bytes) => Ok(Some(
                 String::from_utf8_lossy(&bytes)
                     .lines()
@@ -489,6 +501,28 @@ pub(crate) mod tests {
     use std::time::UNIX_EPOCH;
 
     pub(crate) const ID: &str = "0c9e4a8e-5f7b-4d3a-9c1e-2b6f8d0a7e31";
+
+    #[test]
+    fn files_of_the_tree_are_read_only_when_regular_never_through_a_link_or_a_fifo() {
+        let scratch = std::env::temp_dir().join(format!("backupfs-cli-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).unwrap();
+        let host = scratch.join("host");
+        std::fs::write(&host, b"secret").unwrap();
+        std::fs::write(scratch.join("jobs"), b"a line").unwrap();
+        std::os::unix::fs::symlink(&host, scratch.join("linked")).unwrap();
+        nix::unistd::mkfifo(
+            &scratch.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let read = |name: &str| read_tree_file(&scratch.join(name));
+        assert_eq!(read("jobs").unwrap(), b"a line");
+        assert!(read("linked").is_err(), "a link is never followed");
+        // Would block forever if the FIFO were opened for reading.
+        assert!(read("fifo").is_err(), "a FIFO is never opened");
+        std::fs::remove_dir_all(&scratch).unwrap();
+    }
 
     #[test]
     fn job_lines_parse_with_and_without_an_error_and_malformed_ones_are_refused() {
