@@ -480,9 +480,7 @@ impl Catalogue for DirCatalogue {
             .names()
             .map_err(|e| TargetError::io("list", &self.dir, e))?;
         for name in names {
-            if (name.starts_with(".backup-") && name.ends_with(".tmp"))
-                || claim::is_marker_temporary(&name)
-            {
+            if claim::is_temporary(&name) {
                 tracing::warn!(
                     backup_target = self.target,
                     "removing {name} left by an interrupted write"

@@ -110,7 +110,7 @@ fn legacy_backups(names: &BTreeSet<String>) -> Result<BTreeSet<String>, Vec<Stri
         .filter(|name| {
             let name = name.as_str();
             let ours = name == LOCK_FILE
-                || (name.starts_with(".backup-") && name.ends_with(".tmp"))
+                || is_temporary(name)
                 || name
                     .strip_prefix("backup-")
                     .and_then(|n| {
@@ -262,6 +262,15 @@ pub fn is_marker_temporary(name: &str) -> bool {
         .is_some_and(|rest| rest.ends_with(".tmp"))
 }
 
+/// Whether `name` is one of the temporary names only backupfs makes in a target pool (a
+/// record or checksum rewrite, a marker write, a reflink probe): what a crash can leave
+/// behind, removed at start-up, never counted as someone else's file.
+pub fn is_temporary(name: &str) -> bool {
+    (name.starts_with(".backup-") && name.ends_with(".tmp"))
+        || is_marker_temporary(name)
+        || name.starts_with(crate::volume::file::REFLINK_PROBE_PREFIX)
+}
+
 /// Every name in a claimed target pool that backupfs did not make (for the start-up log).
 pub fn foreign_files(dir: &Path) -> Vec<String> {
     let Ok(names) = entries(dir) else {
@@ -272,8 +281,7 @@ pub fn foreign_files(dir: &Path) -> Vec<String> {
         .filter(|name| {
             let ours = name == MARKER
                 || name == LOCK_FILE
-                || is_marker_temporary(name)
-                || (name.starts_with(".backup-") && name.ends_with(".tmp"))
+                || is_temporary(name)
                 || name
                     .strip_prefix("backup-")
                     .and_then(|n| {
@@ -366,5 +374,38 @@ mod tests {
         ));
         assert!(!is_marker_temporary(".backupfs-target"));
         assert!(!is_marker_temporary(".backupfs-targetx.tmp"));
+    }
+
+    #[test]
+    fn a_pool_holding_only_what_a_crash_left_mid_claim_or_mid_probe_is_claimed() {
+        // A crash between the marker's temporary and its link, or inside a reflink probe,
+        // left a name only backupfs makes: the next start must not call the pool foreign.
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        std::fs::write(pool.join(".backupfs-target.5d1c0e2b.tmp"), b"{").unwrap();
+        std::fs::write(
+            pool.join(format!(
+                "{}0c1e2f3a",
+                crate::volume::file::REFLINK_PROBE_PREFIX
+            )),
+            [0u8; 4096],
+        )
+        .unwrap();
+        std::fs::write(pool.join("someone-elses"), b"x").unwrap();
+        assert!(matches!(
+            inspect(&pool, "t"),
+            Err(ClaimError::Foreign { total: 1, .. })
+        ));
+        std::fs::remove_file(pool.join("someone-elses")).unwrap();
+        assert!(matches!(
+            claim(&pool, "t").map(|m| m.target),
+            Ok(target) if target == "t"
+        ));
+        assert!(
+            foreign_files(&pool).is_empty(),
+            "{:?}",
+            foreign_files(&pool)
+        );
     }
 }

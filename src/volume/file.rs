@@ -193,16 +193,19 @@ pub(crate) fn reflink_support(
     })
 }
 
+/// The names of reflink probes (a random part follows): a crash can leave one behind,
+/// which a target's start-up removes as a temporary of its own.
+pub(crate) const REFLINK_PROBE_PREFIX: &str = ".backupfs-reflink-probe-";
+
 /// Clones a 4 KiB probe file in `dir`. The probe's names are unpredictable and made
 /// with O_EXCL, so a link planted in the pool cannot turn the probe into a write
 /// elsewhere.
 pub(crate) fn probe_reflink(dir: &Path) -> std::io::Result<()> {
-    const PROBE: &str = ".backupfs-reflink-probe-";
     let dir = Dir::open(dir)?;
-    let (source_name, source) = dir.create_temporary(PROBE, "")?;
+    let (source_name, source) = dir.create_temporary(REFLINK_PROBE_PREFIX, "")?;
     let result = (|| -> std::io::Result<()> {
         std::io::Write::write_all(&mut &source, &[0u8; 4096])?;
-        let (dest_name, dest) = dir.create_temporary(PROBE, "")?;
+        let (dest_name, dest) = dir.create_temporary(REFLINK_PROBE_PREFIX, "")?;
         let cloned = reflink(&source, &dest);
         let _ = dir.remove(&dest_name);
         cloned
