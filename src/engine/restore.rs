@@ -9,7 +9,7 @@ use super::*;
 use crate::copy::{self, Range};
 use crate::volume::device::BlockDevice;
 use std::collections::HashSet;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Instant;
 use tracing::{error, warn};
 
@@ -141,6 +141,7 @@ pub(super) fn claim_restore(
                     reached: AtomicU64::new(0),
                     copied_from: Mutex::new(None),
                     writers: Mutex::new(Writers::default()),
+                    last_writer: AtomicU32::new(u32::MAX),
                     failure: Mutex::new(None),
                     track: Mutex::new(None),
                     opened: Instant::now(),
@@ -217,6 +218,9 @@ pub struct RestoreSession {
     copied_from: Mutex<Option<(String, u64)>>,
     /// Who opened and changed the volume: what its data came from is judged by them.
     writers: Mutex<Writers>,
+    /// The thread `took_part` saw last: a copy's writes come from one thread, so each
+    /// write after its first needs no lock (FUSE writes pass here).
+    last_writer: AtomicU32,
     /// The first thing that went wrong: the volume is incomplete.
     failure: Mutex<Option<String>>,
     /// Listed in `restores` from the first change on.
@@ -363,6 +367,9 @@ impl RestoreSession {
 
     /// A process (by one of its threads, as FUSE names it) opened or changed the volume.
     pub fn took_part(&self, thread: u32) {
+        if self.last_writer.swap(thread, Ordering::Relaxed) == thread {
+            return;
+        }
         {
             let mut writers = self.writers.lock();
             if writers.threads.len() >= MAX_WRITER_THREADS || !writers.threads.insert(thread) {
