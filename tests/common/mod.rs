@@ -1007,7 +1007,10 @@ impl Drop for Sandbox {
             // SAFETY: umount2 with a valid C string.
             unsafe { libc::umount2(cpath(mnt).as_ptr(), libc::MNT_DETACH) };
         }
-        for dev in self.loops.iter().rev() {
+        // Only devices still backed by a file of this sandbox: one released meanwhile may
+        // have been taken by another test, whose device this is now.
+        let ours = loops_under(&self.dir);
+        for dev in self.loops.iter().rev().filter(|dev| ours.contains(dev)) {
             detach_loop_device(dev);
         }
         undo_everything_under(&self.dir);
