@@ -1,14 +1,16 @@
 //! The TOML configuration (README.md, "Configuration reference"), parsed into typed
 //! structs and checked against the spec's storage rules before anything is mounted.
-//! It never touches volume data nor writes anything: it reads directory metadata, and
-//! for `rbd` backends connects to the cluster to read pool ids and claim markers.
+//! Each storage kind's own keys and checks live beside its driver and are listed once in
+//! `registry`; here are the keys every backend and target has and the rules every pool
+//! directory follows. It never touches volume data nor writes anything.
 
-use crate::volume::rbd::{Connection, PoolSpec};
-use serde::Deserialize;
+use crate::registry::{DriverConfig, TargetKind};
+use crate::targets::PoolTargetConfig;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 pub const DEFAULT_PATH: &str = "/etc/backupfs/backupfs.toml";
 
@@ -37,7 +39,7 @@ fn lines(errors: &[ConfigError]) -> String {
         .join("\n")
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
@@ -75,128 +77,114 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum DriverKind {
-    /// Block devices (or links to them) named `volume-<id>` in a directory (LVM's
-    /// `/dev/<vg>/`): volumes only, never a target.
-    Block,
-    File,
-    Qcow2,
-    Rbd,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[backends.<name>]`: a driver kind and its keys (`registry::DriverConfig`, each kind's
+/// beside its driver).
+#[derive(Debug, Clone)]
 pub struct BackendConfig {
-    pub driver: DriverKind,
-    /// Pool name → directory (`file`, `qcow2`) or `pool[/namespace]` (`rbd`).
-    pub pools: BTreeMap<String, PathBuf>,
-    /// `rbd`: the cluster's configuration file (monitors, keyring).
-    #[serde(default)]
-    pub ceph_conf: Option<PathBuf>,
-    /// `rbd`: the cephx user (`client.<name>`).
-    #[serde(default)]
-    pub client: Option<String>,
-    /// `rbd`: seconds any one request to the cluster may wait (connect, monitors, OSDs).
-    #[serde(default)]
-    pub timeout: Option<u64>,
+    pub driver: DriverConfig,
+    /// Keys of another driver kind given to this one, with that kind (`client` on a
+    /// `file` backend): refused by the check, naming the key and its kind.
+    misplaced: Vec<(String, &'static str)>,
 }
-
-pub const DEFAULT_CEPH_CONF: &str = "/etc/ceph/ceph.conf";
-pub const DEFAULT_CEPH_CLIENT: &str = "admin";
-/// Seconds; librbd operations take up to three requests in a row, so a request of a
-/// stalled cluster fails well within two minutes.
-pub const DEFAULT_RBD_TIMEOUT: u64 = 30;
-const MAX_RBD_TIMEOUT: u64 = 30;
 
 impl BackendConfig {
-    pub fn ceph_conf(&self) -> PathBuf {
-        self.ceph_conf
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CEPH_CONF))
+    /// Pool name → what the driver makes of it (a directory, `pool[/namespace]`).
+    pub fn pools(&self) -> &BTreeMap<String, PathBuf> {
+        self.driver.pools()
     }
+}
 
-    pub fn ceph_client(&self) -> &str {
-        self.client.as_deref().unwrap_or(DEFAULT_CEPH_CLIENT)
+impl<'de> Deserialize<'de> for BackendConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let misplaced = crate::registry::misplaced_keys(&mut table);
+        let driver =
+            DriverConfig::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)?;
+        Ok(BackendConfig { driver, misplaced })
     }
+}
 
-    pub fn rbd_timeouts(&self) -> crate::volume::rbd::Timeouts {
-        let each = std::time::Duration::from_secs(self.timeout.unwrap_or(DEFAULT_RBD_TIMEOUT));
-        crate::volume::rbd::Timeouts {
-            connect: each,
-            mon_op: each,
-            osd_op: each,
+/// `[targets.<name>]`: its kind with that kind's keys (`kind`, `pool` when absent: a pool
+/// of a volume backend), and the keys every target has.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub kind: TargetKind,
+    /// Per volume, the newest available backups kept; older ones are deleted after each
+    /// successful backup. 0 keeps all.
+    pub keep_last: u32,
+    /// The target key file (`backupfs keygen`), the same on every node serving the target:
+    /// records and their checksums are then authenticated. Without one they are not.
+    pub key: Option<PathBuf>,
+}
+
+/// The keys of `TargetConfig` that every kind of target has.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetCommon {
+    #[serde(default)]
+    keep_last: u32,
+    #[serde(default)]
+    key: Option<PathBuf>,
+}
+
+impl<'de> Deserialize<'de> for TargetConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let mut common = toml::Table::new();
+        for key in ["keep_last", "key"] {
+            if let Some(value) = table.remove(key) {
+                common.insert(key.to_string(), value);
+            }
         }
-    }
-
-    /// The `rbd` pool spec of `pool` (checked by `validate`).
-    pub fn rbd_pool(&self, backend: &str, pool: &str) -> Result<PoolSpec, ConfigError> {
-        let key = format!("backends.{backend}.pools.{pool}");
-        let text = self
-            .pools
-            .get(pool)
-            .ok_or_else(|| invalid(&key, "no such pool"))?;
-        let text = text.to_str().ok_or_else(|| invalid(&key, "not UTF-8"))?;
-        PoolSpec::parse(text).map_err(|reason| invalid(key, reason))
-    }
-
-    /// The connection of an `rbd` backend (shared by the whole process); an error names
-    /// the key at fault: the library (`driver`), the conf file or an unreachable
-    /// cluster (`ceph_conf`), a refused user or key (`client`).
-    pub fn rbd_connect(&self, backend: &str) -> Result<Arc<Connection>, ConfigError> {
-        let key = |k: &str| format!("backends.{backend}.{k}");
-        crate::volume::rbd::check_available().map_err(|e| invalid(key("driver"), e.to_string()))?;
-        let conf = self.ceph_conf();
-        let client = self.ceph_client();
-        let timeouts = self.rbd_timeouts();
-        crate::volume::rbd::connection::connect(&conf, client, timeouts).map_err(|e| {
-            let (which, why) = match e.errno() {
-                libc::ETIMEDOUT => (
-                    "ceph_conf",
-                    format!(
-                        "no monitor of {} answered within {} s (mon host in that file)",
-                        conf.display(),
-                        timeouts.connect.as_secs()
-                    ),
-                ),
-                libc::EACCES | libc::EPERM => (
-                    "client",
-                    format!("the cluster refused client.{client}: unknown user or wrong key"),
-                ),
-                libc::ENOENT if e.to_string().starts_with("read conf") => {
-                    ("ceph_conf", format!("cannot read {}", conf.display()))
-                }
-                libc::ENOENT => (
-                    "client",
-                    format!(
-                        "no keyring for client.{client} (the keyring named in {}, or /etc/ceph/ceph.client.{client}.keyring)",
-                        conf.display()
-                    ),
-                ),
-                _ => ("ceph_conf", "cannot connect".to_string()),
-            };
-            invalid(key(which), format!("{why}: {e}"))
+        let TargetCommon { keep_last, key } =
+            TargetCommon::deserialize(toml::Value::Table(common)).map_err(D::Error::custom)?;
+        if !table.contains_key("kind") {
+            table.insert(
+                "kind".to_string(),
+                crate::registry::DEFAULT_TARGET_KIND.into(),
+            );
+        }
+        let kind = TargetKind::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)?;
+        Ok(TargetConfig {
+            kind,
+            keep_last,
+            key,
         })
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TargetConfig {
-    pub backend: String,
-    pub pool: String,
-    /// Per volume, the newest available backups kept; older ones are deleted after each
-    /// successful backup. 0 keeps all.
-    #[serde(default)]
-    pub keep_last: u32,
-    /// The target key file (`backupfs keygen`), the same on every node serving the target:
-    /// records and their checksums are then authenticated. Without one they are not.
-    #[serde(default)]
-    pub key: Option<PathBuf>,
+/// What a driver whose pools are directories asks of them beyond the rules every pool
+/// directory follows (absolute, readable, no overlap with another pool, no foreign claim
+/// marker): each kind's own, beside its driver (`registry::DriverConfig::dir_rules`).
+#[derive(Debug, Clone, Copy)]
+pub struct DirRules {
+    /// Why its pools cannot hold a target's backups (None: they can).
+    pub no_backups: Option<&'static str>,
+    /// Why only root may change its pool directories (None: no such rule).
+    pub root_only: Option<&'static str>,
+}
+
+impl DirRules {
+    pub const PLAIN: DirRules = DirRules {
+        no_backups: None,
+        root_only: None,
+    };
 }
 
 impl TargetConfig {
+    /// The backend and pool of a target kept in a pool of a volume backend.
+    pub fn pool_target(&self) -> Option<&PoolTargetConfig> {
+        match &self.kind {
+            TargetKind::Pool(pool_target) => Some(pool_target),
+        }
+    }
+
+    /// Whether this target keeps its backups in `pool` of `backend`.
+    pub fn is_pool(&self, backend: &str, pool: &str) -> bool {
+        self.pool_target()
+            .is_some_and(|t| t.backend == backend && t.pool == pool)
+    }
+
     /// The key of target `name`, if it names one: a regular file of root's (the user
     /// running backupfs) that group and others cannot read or write.
     pub fn load_key(
@@ -353,10 +341,10 @@ impl Config {
             if !crate::volume::is_valid_id(name) {
                 errors.push(invalid(format!("backends.{name}"), "not a valid name"));
             }
-            if backend.pools.is_empty() {
+            if backend.pools().is_empty() {
                 errors.push(invalid(format!("backends.{name}.pools"), "no pools"));
             }
-            for pool in backend.pools.keys() {
+            for pool in backend.pools().keys() {
                 if !crate::volume::is_valid_id(pool) {
                     errors.push(invalid(
                         format!("backends.{name}.pools.{pool}"),
@@ -364,19 +352,11 @@ impl Config {
                     ));
                 }
             }
-            if backend.driver != DriverKind::Rbd {
-                for (set, key) in [
-                    (backend.ceph_conf.is_some(), "ceph_conf"),
-                    (backend.client.is_some(), "client"),
-                    (backend.timeout.is_some(), "timeout"),
-                ] {
-                    if set {
-                        errors.push(invalid(
-                            format!("backends.{name}.{key}"),
-                            "only for driver = \"rbd\"",
-                        ));
-                    }
-                }
+            for (key, kind) in &backend.misplaced {
+                errors.push(invalid(
+                    format!("backends.{name}.{key}"),
+                    format!("only for driver = \"{kind}\""),
+                ));
             }
         }
         let mut target_pools: Vec<(String, Place)> = Vec::new();
@@ -389,6 +369,10 @@ impl Config {
             if let Err(e) = target.load_key(name) {
                 errors.push(e);
             }
+            let Some(target) = target.pool_target() else {
+                // A kind of its own checks itself (`registry::check`).
+                continue;
+            };
             let Some(backend) = self.backends.get(&target.backend) else {
                 errors.push(invalid(
                     format!("{key}.backend"),
@@ -396,7 +380,7 @@ impl Config {
                 ));
                 continue;
             };
-            let Some(dir) = backend.pools.get(&target.pool) else {
+            let Some(dir) = backend.pools().get(&target.pool) else {
                 errors.push(invalid(
                     format!("{key}.pool"),
                     format!(
@@ -406,17 +390,18 @@ impl Config {
                 ));
                 continue;
             };
-            if backend.driver == DriverKind::Rbd {
-                // Checked against the cluster below.
+            let Some(rules) = backend.driver.dir_rules() else {
+                // Checked by its kind (`registry::check`).
                 continue;
-            }
-            if backend.driver == DriverKind::Block {
-                // Backups are files; a block pool holds devices only.
+            };
+            if let Some(why) = rules.no_backups {
                 errors.push(invalid(
                     format!("{key}.pool"),
                     format!(
-                        "backends.{}.pools.{} is a pool of driver = \"block\" (devices): it cannot hold backups; give the target a pool of a \"file\", \"qcow2\" or \"rbd\" backend",
-                        target.backend, target.pool
+                        "backends.{}.pools.{} is a pool of driver = \"{}\" {why}",
+                        target.backend,
+                        target.pool,
+                        backend.driver.name()
                     ),
                 ));
                 continue;
@@ -449,10 +434,10 @@ impl Config {
         }
         let mut volume_pools: Vec<Place> = Vec::new();
         for (name, backend) in &self.backends {
-            if backend.driver == DriverKind::Rbd {
+            let Some(rules) = backend.driver.dir_rules() else {
                 continue;
-            }
-            for (pool, dir) in &backend.pools {
+            };
+            for (pool, dir) in backend.pools() {
                 if self.is_target_pool(name, pool) {
                     continue;
                 }
@@ -463,18 +448,12 @@ impl Config {
                         continue;
                     }
                 };
-                if backend.driver == DriverKind::Block
+                if let Some(reason) = rules.root_only
                     && let Some(why) = writable_by_others(&place.path)
                 {
-                    // Its links name the devices backupfs reads and restores into: whoever
-                    // may add one could have the node's own disks backed up (and readable
-                    // to admin_group) or written over.
                     errors.push(invalid(
                         place.key.clone(),
-                        format!(
-                            "{} {why}: a block pool's links choose the devices backupfs reads and writes, so only root may change it (as /dev/<volume_group>/ is)",
-                            place.path.display()
-                        ),
+                        format!("{} {why}: {reason}", place.path.display()),
                     ));
                     continue;
                 }
@@ -531,162 +510,12 @@ impl Config {
                 volume_pools.push(place);
             }
         }
-        self.check_rbd(errors);
-    }
-
-    /// The `rbd` backends, against their clusters: each connects (bounded by its
-    /// timeout), each pool and namespace exists, a target's pool is empty or ours, a
-    /// volume pool carries no claim marker, and no target shares a pool (and namespace)
-    /// of one cluster with a volume pool or another target. Reads only.
-    fn check_rbd(&self, errors: &mut Vec<ConfigError>) {
-        // (key, cluster fsid, pool id, namespace)
-        type Identity = (String, String, i64, String);
-        let mut volume_pools: Vec<Identity> = Vec::new();
-        let mut target_pools: Vec<(String, Identity)> = Vec::new();
-        for (name, backend) in &self.backends {
-            if backend.driver != DriverKind::Rbd {
-                continue;
-            }
-            let mut usable = true;
-            if let Some(timeout) = backend.timeout
-                && !(1..=MAX_RBD_TIMEOUT).contains(&timeout)
-            {
-                errors.push(invalid(
-                    format!("backends.{name}.timeout"),
-                    format!("must be between 1 and {MAX_RBD_TIMEOUT} seconds"),
-                ));
-                usable = false;
-            }
-            if backend.ceph_client().is_empty()
-                || backend.ceph_client().starts_with("client.")
-                || !backend.ceph_client().bytes().all(|b| b.is_ascii_graphic())
-            {
-                errors.push(invalid(
-                    format!("backends.{name}.client"),
-                    "a cephx user name without \"client.\" (e.g. \"cinder\")",
-                ));
-                usable = false;
-            }
-            let mut specs: Vec<(String, PoolSpec)> = Vec::new();
-            for pool in backend.pools.keys() {
-                match backend.rbd_pool(name, pool) {
-                    Ok(spec) => specs.push((pool.clone(), spec)),
-                    Err(e) => errors.push(e),
-                }
-            }
-            if !usable {
-                continue;
-            }
-            let connection = match backend.rbd_connect(name) {
-                Ok(connection) => connection,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
-            for (pool, spec) in specs {
-                let key = format!("backends.{name}.pools.{pool}");
-                let io = match spec.open(&connection) {
-                    Ok(io) => io,
-                    Err(e) => {
-                        let why = if e.is_not_found() {
-                            match &spec.namespace {
-                                Some(ns) => format!(
-                                    "no pool {:?} with an RBD namespace {ns:?} in cluster {}",
-                                    spec.pool, connection.fsid
-                                ),
-                                None => format!(
-                                    "no pool {:?} in cluster {}",
-                                    spec.pool, connection.fsid
-                                ),
-                            }
-                        } else {
-                            e.to_string()
-                        };
-                        errors.push(invalid(&key, why));
-                        continue;
-                    }
-                };
-                let identity = (
-                    key.clone(),
-                    connection.fsid.clone(),
-                    io.pool_id(),
-                    io.namespace().to_string(),
-                );
-                let targets: Vec<&String> = self
-                    .targets
-                    .iter()
-                    .filter(|(_, t)| t.backend == *name && t.pool == pool)
-                    .map(|(t, _)| t)
-                    .collect();
-                if let Some(target) = targets.first() {
-                    if let Err(e) = crate::targets::rbd::inspect(&io, target) {
-                        errors.push(invalid(
-                            format!("targets.{target}.pool"),
-                            format!("{key} (rbd:{spec}) {e}"),
-                        ));
-                        continue;
-                    }
-                    target_pools.push((target.to_string(), identity));
-                } else {
-                    match crate::targets::rbd::read_marker(&io) {
-                        Ok(None) => {}
-                        Ok(Some(marker)) => {
-                            errors.push(invalid(
-                                &key,
-                                format!(
-                                    "rbd:{spec} holds the backups of target {:?} (claim marker {}): backups never serve as volumes; name it as that target's pool, or give the volumes another pool",
-                                    marker.target,
-                                    crate::targets::rbd::MARKER_OBJECT
-                                ),
-                            ));
-                            continue;
-                        }
-                        Err(e) => {
-                            errors.push(invalid(&key, format!("rbd:{spec} {e}")));
-                            continue;
-                        }
-                    }
-                    volume_pools.push(identity);
-                }
-            }
-        }
-        let same = |a: &Identity, b: &Identity| a.1 == b.1 && a.2 == b.2 && a.3 == b.3;
-        for (i, (target, place)) in target_pools.iter().enumerate() {
-            if let Some(volume) = volume_pools.iter().find(|v| same(v, place)) {
-                errors.push(invalid(
-                    format!("targets.{target}"),
-                    format!(
-                        "its pool {} is the volume pool {} (cluster {}, the same RADOS pool and namespace): volumes and backups must not share storage; another pool (or RBD namespace) of the cluster is fine",
-                        place.0, volume.0, place.1
-                    ),
-                ));
-            }
-            if let Some((other, _)) = target_pools[..i].iter().find(|(_, p)| same(p, place)) {
-                errors.push(invalid(
-                    format!("targets.{target}.pool"),
-                    format!("targets.{other} already stores backups in {}", place.0),
-                ));
-            }
-        }
-        for (i, volume) in volume_pools.iter().enumerate() {
-            if let Some(same_pool) = volume_pools[..i].iter().find(|v| same(v, volume)) {
-                errors.push(invalid(
-                    &volume.0,
-                    format!(
-                        "is the same RADOS pool and namespace as {}: a pool serves one backend pool only",
-                        same_pool.0
-                    ),
-                ));
-            }
-        }
+        crate::registry::check(self, errors);
     }
 
     /// A pool named by a target serves no volumes.
     pub fn is_target_pool(&self, backend: &str, pool: &str) -> bool {
-        self.targets
-            .values()
-            .any(|t| t.backend == backend && t.pool == pool)
+        self.targets.values().any(|t| t.is_pool(backend, pool))
     }
 
     pub fn admin_gid(&self) -> Option<u32> {
@@ -711,32 +540,6 @@ mod tests {
         let err =
             Config::parse("[backends.a]\ndriver = \"file\"\npools = {}\ncolour = 1\n").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
-    }
-
-    #[test]
-    fn rbd_keys_are_refused_on_other_drivers_and_parsed_on_rbd() {
-        let config = Config::parse(
-            "[backends.a]\ndriver = \"file\"\npools = { p = \"/x\" }\nclient = \"cinder\"\n",
-        )
-        .unwrap();
-        let err = config.validate().unwrap_err();
-        assert!(err.to_string().starts_with("backends.a.client:"), "{err}");
-        let config = Config::parse(
-            "[backends.c]\ndriver = \"rbd\"\npools = { v = \"volumes\", b = \"rbd/backups\" }\n",
-        )
-        .unwrap();
-        let backend = &config.backends["c"];
-        assert_eq!(backend.ceph_conf(), PathBuf::from("/etc/ceph/ceph.conf"));
-        assert_eq!(backend.ceph_client(), "admin");
-        assert_eq!(backend.rbd_timeouts().osd_op.as_secs(), 30);
-        assert_eq!(
-            backend.rbd_pool("c", "b").unwrap().namespace.as_deref(),
-            Some("backups")
-        );
-        let bad =
-            Config::parse("[backends.c]\ndriver = \"rbd\"\npools = { v = \"a/b/c\" }\n").unwrap();
-        let err = bad.backends["c"].rbd_pool("c", "v").unwrap_err();
-        assert!(err.to_string().starts_with("backends.c.pools.v:"), "{err}");
     }
 
     #[test]

@@ -8,5 +8,6 @@ pub mod daemon;
 pub mod engine;
 pub mod fs;
 pub mod ids;
+pub mod registry;
 pub mod targets;
 pub mod volume;

@@ -164,9 +164,11 @@ fn example_configuration_parses_with_every_key() {
     assert!(config.is_target_pool("ceph", "backups"));
     assert_eq!(config.backends.len(), 3);
     assert_eq!(config.targets.len(), 2);
-    let ceph = &config.backends["ceph"];
+    let backupfs::registry::DriverConfig::Rbd(ceph) = &config.backends["ceph"].driver else {
+        panic!("the ceph backend is an rbd backend");
+    };
     assert_eq!(ceph.ceph_client(), "cinder");
-    assert_eq!(ceph.rbd_timeouts().osd_op.as_secs(), 30);
+    assert_eq!(ceph.timeouts().osd_op.as_secs(), 30);
 }
 
 #[test]

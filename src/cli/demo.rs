@@ -704,7 +704,7 @@ mod tests {
         assert_eq!(config.backends.len(), 2);
         assert!(config.is_target_pool("hdd", "backups"));
         assert_eq!(
-            config.backends["ssd"].pools["gold"],
+            config.backends["ssd"].pools()["gold"],
             sandbox.path("ssd/gold")
         );
     }

@@ -16,15 +16,10 @@ mod restore;
 mod verify;
 mod xattrs;
 
-use crate::config::{Config, DriverKind};
+use crate::config::Config;
 use crate::ids::{BackupId, VolumeId};
-use crate::targets::catalogue::DirCatalogue;
+use crate::targets::BackupTarget;
 use crate::targets::record::{Record, rfc3339};
-use crate::targets::{BackupTarget, VolumeTarget};
-use crate::volume::block::BlockDriver;
-use crate::volume::file::FileDriver;
-use crate::volume::pools::PoolDirs;
-use crate::volume::qcow2::Qcow2Driver;
 use crate::volume::{Access, Attachment, VolumeDriver, VolumeError, VolumeInfo};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -214,111 +209,24 @@ fn unescape_octal(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// An `rbd` backend's driver over its volume pools, on the process's connection to its
-/// cluster (made while the configuration was checked).
-fn rbd_driver(
-    name: &str,
-    backend: &crate::config::BackendConfig,
-    volume_pools: &[String],
-) -> Result<crate::volume::rbd::RbdDriver> {
-    let connection = backend
-        .rbd_connect(name)
-        .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    let mut pools = BTreeMap::new();
-    for pool in volume_pools {
-        let spec = backend
-            .rbd_pool(name, pool)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        pools.insert(pool.clone(), spec);
-    }
-    Ok(crate::volume::rbd::RbdDriver::open(
-        name, connection, &pools,
-    )?)
-}
-
-/// A target in an `rbd` backend's pool: backups as RBD snapshots, its catalogue in
-/// RADOS objects beside them.
-fn rbd_target(
-    name: &str,
-    config: &Config,
-    target: &crate::config::TargetConfig,
-) -> Result<Arc<dyn BackupTarget>> {
-    let backend = &config.backends[&target.backend];
-    let connection = backend
-        .rbd_connect(&target.backend)
-        .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    let spec = backend
-        .rbd_pool(&target.backend, &target.pool)
-        .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    Ok(Arc::new(
-        crate::targets::rbd::RbdTarget::open(name, connection, &spec)?
-            .with_key(target_key(name, target)?),
-    ))
-}
-
-/// The key of a target that names one (checked again: it may have changed since the
-/// configuration was checked).
-fn target_key(
-    name: &str,
-    target: &crate::config::TargetConfig,
-) -> Result<Option<Arc<crate::targets::auth::TargetKey>>> {
-    Ok(target
-        .load_key(name)
-        .map_err(|e| EngineError::Invalid(e.to_string()))?
-        .map(Arc::new))
-}
-
 impl Engine {
     /// Opens every backend and target (claiming target pools), recovers what a crash left,
     /// starts the workers.
     pub fn start(config: Config) -> Result<Engine> {
         let state_lock = take_state_lock(&config)?;
-        let mut backends = BTreeMap::new();
-        for (name, backend) in &config.backends {
-            let backup_pools: Vec<String> = config
-                .targets
-                .values()
-                .filter(|t| &t.backend == name)
-                .map(|t| t.pool.clone())
-                .collect();
-            let pools = PoolDirs::new(name, &backend.pools, &backup_pools);
-            let volume_pools: Vec<String> = backend
-                .pools
-                .keys()
-                .filter(|pool| !backup_pools.contains(pool))
-                .cloned()
-                .collect();
-            let driver: Arc<dyn VolumeDriver> = match backend.driver {
-                DriverKind::Block => Arc::new(BlockDriver::new(pools)),
-                DriverKind::File => Arc::new(FileDriver::new(pools)),
-                DriverKind::Qcow2 => Arc::new(Qcow2Driver::new(pools)?),
-                DriverKind::Rbd => Arc::new(rbd_driver(name, backend, &volume_pools)?),
-            };
-            backends.insert(
-                name.clone(),
-                Backend {
-                    driver,
-                    volume_pools,
-                },
-            );
-        }
-        let mut targets: BTreeMap<String, Arc<dyn BackupTarget>> = BTreeMap::new();
-        for (name, target) in &config.targets {
-            let backend = &backends[&target.backend];
-            if config.backends[&target.backend].driver == DriverKind::Rbd {
-                targets.insert(name.clone(), rbd_target(name, &config, target)?);
-                continue;
-            }
-            let dir = &config.backends[&target.backend].pools[&target.pool];
-            let catalogue = DirCatalogue::open(name, dir)?.with_key(target_key(name, target)?);
-            let opened = VolumeTarget::new(
-                name,
-                backend.driver.clone(),
-                &target.pool,
-                Box::new(catalogue),
-            );
-            targets.insert(name.clone(), Arc::new(opened));
-        }
+        let opened = crate::registry::open(&config)?;
+        let backends = opened
+            .backends
+            .into_iter()
+            .map(|(name, backend)| {
+                let backend = Backend {
+                    driver: backend.driver,
+                    volume_pools: backend.volume_pools,
+                };
+                (name, backend)
+            })
+            .collect();
+        let targets = opened.targets;
         let inner = Arc::new(Inner {
             backends,
             devices: Backend {

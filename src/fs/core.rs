@@ -49,8 +49,9 @@ impl Core {
         config
             .targets
             .get(target)
+            .and_then(|t| t.pool_target())
             .and_then(|t| config.backends.get(&t.backend))
-            .is_some_and(|b| b.driver == crate::config::DriverKind::Qcow2)
+            .is_some_and(|b| b.driver.holds_export())
     }
 
     /// Room for one more open file of `uid` (holding a qcow2 export if `exporting`), or

@@ -18,6 +18,16 @@ use record::{Checksums, Record};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// `[targets.<name>]` of kind `pool` (the default, the spec's generic target): the
+/// backups are kept in a pool of a volume backend (`VolumeTarget`; `RbdTarget` on an
+/// `rbd` backend).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolTargetConfig {
+    pub backend: String,
+    pub pool: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("backup {0} not found")]

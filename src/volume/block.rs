@@ -429,6 +429,19 @@ impl BlockDevice for RawBlockDevice {
     }
 }
 
+/// What the `block` driver asks of its pool directories beyond every pool's rules
+/// (config.rs): backups are files, so a pool of devices holds none; and its links choose
+/// the devices backupfs reads and restores into, so whoever may add one could have the
+/// node's own disks backed up (and readable to `admin_group`) or written over.
+pub const DIR_RULES: crate::config::DirRules = crate::config::DirRules {
+    no_backups: Some(
+        "(devices): it cannot hold backups; give the target a pool of a \"file\", \"qcow2\" or \"rbd\" backend",
+    ),
+    root_only: Some(
+        "a block pool's links choose the devices backupfs reads and writes, so only root may change it (as /dev/<volume_group>/ is)",
+    ),
+};
+
 pub struct BlockDriver {
     pools: PoolDirs,
     holds: Holds,

@@ -17,6 +17,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// `[backends.<name>]` of a driver whose pools are directories (`file`, `qcow2`, `block`):
+/// pool name → absolute path of the directory.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirPoolsConfig {
+    pub pools: BTreeMap<String, PathBuf>,
+}
+
 /// What a pool holds, as the configuration says: a pool named by a target holds backups
 /// only and serves no volumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
