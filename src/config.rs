@@ -1,4 +1,4 @@
-//! The TOML configuration (README.md, "Configuration reference"), parsed into typed
+//! The TOML configuration (docs/configuration.md), parsed into typed
 //! structs and checked against the spec's storage rules before anything is mounted.
 //! Each storage kind's own keys and checks live beside its driver and are listed once in
 //! `registry`; here are the keys every backend and target has and the rules every pool
@@ -151,6 +151,41 @@ impl<'de> Deserialize<'de> for TargetConfig {
             key,
         })
     }
+}
+
+/// Every key a configuration takes, as docs/configuration.md names them
+/// (`backends.<name>.client`): each kind's keys come from its options struct, so a test
+/// can hold the reference to the code.
+pub fn keys() -> Vec<String> {
+    use crate::registry::{driver_kinds, keys_of, target_kinds};
+    let mut keys: Vec<String> = Vec::new();
+    let mut add = |key: String| {
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    };
+    for key in keys_of::<Config>() {
+        match *key {
+            "backends" | "targets" => add(format!("{key}.<name>")),
+            _ => add(key.to_string()),
+        }
+    }
+    add("backends.<name>.driver".to_string());
+    for (_, kind_keys) in driver_kinds() {
+        for key in kind_keys {
+            add(format!("backends.<name>.{key}"));
+        }
+    }
+    add("targets.<name>.kind".to_string());
+    for (_, kind_keys) in target_kinds() {
+        for key in kind_keys {
+            add(format!("targets.<name>.{key}"));
+        }
+    }
+    for key in keys_of::<TargetCommon>() {
+        add(format!("targets.<name>.{key}"));
+    }
+    keys
 }
 
 /// What a driver whose pools are directories asks of them beyond the rules every pool

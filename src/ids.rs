@@ -1,4 +1,4 @@
-//! Identifiers that carry rules (README.md, "names"): a value of these types has been
+//! Identifiers that carry rules (docs/operating.md, "names"): a value of these types has been
 //! checked, so it can reach a driver or a path. Anything else is refused with EINVAL at
 //! the edge (the request parser, a lookup in the mount) and never gets this far.
 

@@ -33,7 +33,7 @@ pub enum DriverConfig {
 }
 
 /// Every driver kind, as `driver` names it, with the keys its options take.
-fn driver_kinds() -> [(&'static str, &'static [&'static str]); 4] {
+pub(crate) fn driver_kinds() -> [(&'static str, &'static [&'static str]); 4] {
     [
         ("block", keys_of::<DirPoolsConfig>()),
         ("file", keys_of::<DirPoolsConfig>()),
@@ -91,6 +91,11 @@ pub enum TargetKind {
 /// The kind a target without `kind` is.
 pub const DEFAULT_TARGET_KIND: &str = "pool";
 
+/// Every target kind, as `kind` names it, with the keys its options take.
+pub(crate) fn target_kinds() -> [(&'static str, &'static [&'static str]); 1] {
+    [("pool", keys_of::<PoolTargetConfig>())]
+}
+
 /// The checks of each kind that checks its own storage (`dir_rules` None), over the
 /// whole configuration (a kind may compare its backends and targets with each other).
 pub fn check(config: &Config, errors: &mut Vec<ConfigError>) {
@@ -119,7 +124,7 @@ pub fn misplaced_keys(table: &mut toml::Table) -> Vec<(String, &'static str)> {
 
 /// The keys struct `T` takes, read from its `Deserialize` (serde hands a struct's field
 /// names to the deserializer), so that no list of them can drift from the struct.
-fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
+pub(crate) fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
     use serde::de::{Error, Visitor};
     struct Fields<'a>(&'a mut &'static [&'static str]);
     impl<'de> serde::Deserializer<'de> for Fields<'_> {

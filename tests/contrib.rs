@@ -22,9 +22,9 @@ use std::time::Duration;
 const UNIT: &str = include_str!("../contrib/backupfs.service");
 const HELPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/mount.backupfs");
 const UNIT_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/backupfs.service");
-const README: &str = include_str!("../README.md");
+const OPERATING: &str = include_str!("../docs/operating.md");
 
-/// Where the README installs things, which the unit names.
+/// Where the manual installs things (docs/operating.md), which the unit names.
 const INSTALLED_BIN: &str = "/usr/local/bin/backupfs";
 const INSTALLED_CONFIG: &str = "/etc/backupfs/backupfs.toml";
 const INSTALLED_MNT: &str = "/mnt/backupfs";
@@ -424,12 +424,12 @@ fn systemd_unit_system_call_filter_allows_every_call_the_daemon_makes() {
 }
 
 #[test]
-fn systemd_unit_names_only_paths_the_readme_installs() {
-    let install = README
+fn systemd_unit_names_only_paths_the_manual_installs() {
+    let install = OPERATING
         .split("## Running it for real")
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
-        .expect("the README's install steps");
+        .expect("the manual's install steps (docs/operating.md)");
     for key in ["ExecStartPre", "ExecStart", "ExecStopPost"] {
         for line in unit_values("Service", key) {
             for path in line
@@ -443,7 +443,7 @@ fn systemd_unit_names_only_paths_the_readme_installs() {
                 } else {
                     assert!(
                         install.contains(path),
-                        "{key}={line}: {path} is not in the README's install steps"
+                        "{key}={line}: {path} is not in the install steps of docs/operating.md"
                     );
                 }
             }
@@ -453,7 +453,7 @@ fn systemd_unit_names_only_paths_the_readme_installs() {
 
 #[test]
 fn systemd_unit_starts_serves_stops_and_recovers_the_daemon() {
-    // The unit names the paths the README installs to.
+    // The unit names the paths the manual (docs/operating.md) installs to.
     let exec_start = unit_value("Service", "ExecStart");
     for path in [INSTALLED_BIN, INSTALLED_CONFIG, INSTALLED_MNT] {
         assert!(exec_start.contains(path), "ExecStart={exec_start}");
@@ -716,7 +716,7 @@ sbin=$(readlink -f /sbin)
 mount -t overlay overlay -o lowerdir="$sbin",upperdir='{upper}',workdir='{work}' "$sbin"
 install -m 755 '{helper}' /sbin/mount.backupfs
 live() {{ grep -q " {mnt} fuse" /proc/self/mounts && [ -d '{mnt}/backups' ]; }}
-# After umount the daemon takes a moment to exit and free its locks (README).
+# After umount the daemon takes a moment to exit and free its locks (docs/troubleshooting.md).
 serving() {{
     for p in /proc/[0-9]*; do
         [ "$(readlink "$p/exe" 2>/dev/null)" = '{bin}' ] && grep -qF '{mnt}' "$p/cmdline" 2>/dev/null && return 0

@@ -186,10 +186,10 @@ fn the_shipped_man_page_is_current() {
 }
 
 #[test]
-fn the_readmes_cinder_conf_lines_hold_no_inline_comments() {
+fn the_cinder_guides_cinder_conf_lines_hold_no_inline_comments() {
     // oslo.config keeps `# ...` after a value as part of the value: a copied line
     // `backupfs_mountpoint = /mnt/backupfs  # the default` names a mount called that.
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../docs/cinder.md");
     let mut in_ini = false;
     let mut values = 0;
     for line in readme.lines() {
@@ -208,12 +208,15 @@ fn the_readmes_cinder_conf_lines_hold_no_inline_comments() {
             _ => {}
         }
     }
-    assert!(values >= 3, "the README's cinder.conf block was not found");
+    assert!(
+        values >= 3,
+        "the cinder.conf block of docs/cinder.md was not found"
+    );
 }
 
 #[test]
 fn pip_install_of_the_cinder_driver_leaves_the_checkout_as_it_was() {
-    // The README's `pip install ./contrib/cinder` once left build/ and *.egg-info there.
+    // docs/cinder.md's `pip install ./contrib/cinder` once left build/ and *.egg-info there.
     let temp = Sandbox::new("pip-install");
     let venv = temp.dir.join("venv");
     let made = Command::new("python3")

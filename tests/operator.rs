@@ -398,7 +398,7 @@ fn a_new_daemon_waits_for_the_state_lock_of_one_that_is_still_stopping() {
 #[test]
 fn a_waiting_request_keeps_umount_busy_and_sigterm_stops_the_daemon_answering_ecanceled() {
     // Issue 23: `umount` of a mount with a `wait` writer fails "target is busy"; the
-    // README says what stops backupfs then.
+    // docs/troubleshooting.md says what stops backupfs then.
     let mut sb = Sandbox::new("op-umount-busy");
     let l = layout(&mut sb, None, Some(Fs::Btrfs), "");
     random_volume(&l.gold, "v", 4);

@@ -2,7 +2,7 @@
 //! `admin_group` reads images, records and jobs; nobody else reads anything; nobody but
 //! root writes `request`, writes volumes or deletes backups. Each refusal is checked for
 //! its errno: a test that passed on any failure would pass on a crash too. How much each
-//! may hold open is capped too (README.md, "Limits"): past a cap, EMFILE.
+//! may hold open is capped too (docs/operating.md, "limits"): past a cap, EMFILE.
 
 mod common;
 
@@ -259,7 +259,7 @@ time.sleep(600)
 "#;
 
 /// The soft and hard RLIMIT_NOFILE the limit tests give the daemon. The caps follow
-/// from it (README.md, "Limits"): (320 - 256) / 2 = 32 open files in all, 32 / 8 = 4
+/// from it (docs/operating.md, "limits"): (320 - 256) / 2 = 32 open files in all, 32 / 8 = 4
 /// per user other than root, 24 for those users together, (320 - 256) / 16 = 4 qcow2
 /// exports.
 const NOFILE: u64 = 320;

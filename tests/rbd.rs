@@ -740,7 +740,7 @@ fn a_cluster_stopped_mid_copy_fails_the_job_with_etimedout_and_the_mount_keeps_a
     let failed_after = stopped.elapsed();
     eprintln!("the job failed {failed_after:?} after the OSD stopped ({took:?} in all)");
     assert_eq!(errno, Some(libc::ETIMEDOUT), "log:\n{}", d.log());
-    // README: "a running backup within about three `timeout`s" (one more for slack).
+    // docs/ceph.md: "a running backup within about three `timeout`s" (one more for slack).
     assert!(
         failed_after < Duration::from_secs(4 * TIMEOUT),
         "the job failed {failed_after:?} after the OSD stopped, timeout = {TIMEOUT} s"

@@ -249,7 +249,7 @@ fn full_target_fails_the_waiting_write_with_enospc_and_leaves_nothing() {
     assert_eq!(d.request("hdd", "small wait"), None);
 }
 
-/// The README's rule, written down here: "1 to 128 characters of ASCII letters, digits,
+/// The manual's rule (docs/operating.md, "names"), written down here: "1 to 128 characters of ASCII letters, digits,
 /// `-`, `_` and `.`, starting with a letter or digit".
 fn readme_volume_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
@@ -301,8 +301,8 @@ fn hundreds_of_malformed_requests_are_refused_and_change_nothing() {
             libc::ENOENT,
         ),
     ];
-    // Random lines from pieces whose effect the README states: the volume ID part is
-    // judged by the README's rule above, each option piece says whether it is valid.
+    // Random lines from pieces whose effect the manual states: the volume ID part is
+    // judged by the manual's rule above, each option piece says whether it is valid.
     let prefixes = [
         "", "", "a", "a", "9", "Vol_", "../", "/", ".", "-", "_", "\t", "\u{ff}", "real/", "~",
     ];

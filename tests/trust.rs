@@ -520,7 +520,7 @@ fn with_verify_reads_false_damaged_data_reads_unchecked_and_only_verify_finds_it
     let data = flip_byte(&l.backups, offset);
     evict(&data);
     evict(&image);
-    // The read hands out the damaged byte, as the README says of `false`...
+    // The read hands out the damaged byte, as docs/configuration.md says of `false`...
     let out = sh(&format!("cmp '{}' '{}'", image.display(), source.display()));
     assert_eq!(out.status.code(), Some(1), "differ, no read error: {out:?}");
     assert!(

@@ -1,4 +1,4 @@
-//! What `status` and `wait` read: the mount's files the README documents (`jobs`, the
+//! What `status` and `wait` read: the mount's files docs/operating.md documents (`jobs`, the
 //! records `<id>.json`, `restores`), by plain file I/O as any script could, never the
 //! daemon's internals; a line or record it cannot parse is skipped, never a panic.
 

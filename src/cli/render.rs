@@ -1,5 +1,5 @@
 //! What `status` shows: rates measured between snapshots of the mount, and a snapshot in
-//! its two forms, plain lines for scripts (a stable format the README documents) and a
+//! its two forms, plain lines for scripts (a stable format docs/operating.md documents) and a
 //! terminal view cut to its width. It formats what it is given and never reads the mount.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -177,7 +177,7 @@ pub fn format_bytes(bytes: u64) -> String {
 // Plain output: one line per item, the first word says what it is, fields separated by
 // one space, `-` for unknown; a free text (an error) comes last. Stable: scripts parse it.
 
-/// The plain (script) form of a snapshot; see the README for the line formats.
+/// The plain (script) form of a snapshot; see docs/operating.md for the line formats.
 pub fn render_plain(snapshot: &Snapshot, rates: &Rates) -> String {
     let mut out = String::new();
     let dash = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());

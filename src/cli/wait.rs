@@ -25,7 +25,7 @@ exec 3<>/mnt/backupfs/backups/hdd/request; echo \"$VOL\" >&3; read -r id <&3; ex
 backupfs wait \"$id\" || echo \"backup $id failed\"\n  \
 backupfs wait --timeout 3600 \"$id\"";
 
-/// `wait`'s exit statuses, as documented in its help and the README.
+/// `wait`'s exit statuses, as documented in its help and docs/operating.md.
 pub mod exit {
     pub const AVAILABLE: u8 = 0;
     pub const FAILED: u8 = 1;

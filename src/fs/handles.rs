@@ -163,7 +163,7 @@ pub(crate) struct Limits {
 
 impl Limits {
     /// The caps for a soft RLIMIT_NOFILE of `nofile` and at most `exports` qcow2 exports
-    /// (README.md, "Limits").
+    /// (docs/operating.md, "limits").
     pub(crate) fn for_descriptors(nofile: u64, exports: usize) -> Limits {
         let spare =
             usize::try_from(nofile.saturating_sub(RESERVED_DESCRIPTORS) / 2).unwrap_or(MAX_HANDLES);

@@ -1,4 +1,4 @@
-//! The mounted tree (README.md, "The mounted tree") as data: which node a path is, its
+//! The mounted tree (docs/operating.md, "The mounted tree") as data: which node a path is, its
 //! stable inode number, its attributes and its children. Asks the engine; never touches a
 //! pool itself.
 

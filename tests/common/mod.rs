@@ -41,7 +41,7 @@ pub enum Fs {
     Ext4,
 }
 
-/// How another process holds a volume, the ways the README names for "in-use".
+/// How another process holds a volume, the ways docs/operating.md names for "in-use".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lock {
     /// An fcntl (POSIX) record lock, `lockf`.

@@ -1,4 +1,4 @@
-"""The mounted backupfs tree, used as the backupfs README describes it.
+"""The mounted backupfs tree, used as backupfs' docs/operating.md describes it.
 
 One method per question the Cinder driver asks backupfs: is it mounted, which
 targets and backends it serves, make a backup and wait for it, read a record,
@@ -17,7 +17,7 @@ from backupfs_cinder import exception
 
 _BACKUP_ID = re.compile(
     r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z')
-# backupfs' rule for target names (README.md, "names"): they become one path
+# backupfs' rule for target names (docs/operating.md, "names"): they become one path
 # component, so no '/', no '..', no leading dot, no NUL.
 _TARGET_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z')
 

@@ -130,7 +130,7 @@ impl Exports {
         });
         *instance = Arc::downgrade(&exports);
         info!(
-            "qcow2 exports: at most {} running at once (README.md, \"limits\")",
+            "qcow2 exports: at most {} running at once (docs/operating.md, \"limits\")",
             live_cap()
         );
         static AT_EXIT: std::sync::Once = std::sync::Once::new();
@@ -382,7 +382,7 @@ impl Drop for Export {
 }
 
 /// Descriptors kept back for everything but exports (the same reserve as the FUSE
-/// layer's open-file caps, README.md "Limits").
+/// layer's open-file caps, docs/operating.md, "limits").
 const RESERVED_DESCRIPTORS: u64 = 256;
 /// Exports running at once, at most: each is a qemu-storage-daemon process.
 const MAX_LIVE_EXPORTS: usize = 64;
