@@ -7,7 +7,8 @@ use super::errno::errno;
 use super::handles::{Attached, Handle, Slot, Table, VolumeHandle};
 use super::inodes::Inodes;
 use super::tree::{self, Modes, Node};
-use super::{XATTR_PREFIX, pool, refuse};
+use super::xattrs::XATTR_PREFIX;
+use super::{pool, refuse};
 use crate::engine::{Engine, EngineError};
 use crate::ids::{BackupId, VolumeId};
 use fuser::{

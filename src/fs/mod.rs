@@ -8,23 +8,23 @@ mod core;
 mod errno;
 mod handles;
 mod inodes;
+mod io;
+mod open;
 mod pool;
 mod store;
 pub mod tree;
+mod xattrs;
 
-use crate::engine::image::CheckedImage;
 use crate::engine::{Engine, EngineError};
-use crate::volume::device::{AlignedBuf, BlockDevice};
-use control::{Control, ControlFile};
 use core::Core;
 use errno::errno;
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use handles::{Attached, Handle, Limits, Table, VolumeHandle, process_of};
+use handles::{Handle, Limits, Table};
 use inodes::Inodes;
 use std::ffi::OsStr;
 use std::panic::AssertUnwindSafe;
@@ -34,19 +34,8 @@ use std::time::SystemTime;
 use tracing::{debug, error, info, warn};
 use tree::{Modes, Node};
 
-/// Largest piece of a server-side copy answered at once (the reply counts in u32).
-const COPY_RANGE_MAX: u64 = 1 << 30;
-const XATTR_PREFIX: &str = "user.backupfs.";
-/// A volume's note about restores: "incomplete: <reason> (<time>)".
-const VOLUME_RESTORE_XATTR: &str = "user.backupfs.restore";
 /// Threads for slow requests (see `pool`).
 const SLOW_THREADS: usize = 8;
-
-thread_local! {
-    /// The buffer image reads are served from, one per session thread.
-    static READ_BUFFER: std::cell::RefCell<Option<AlignedBuf>> =
-        const { std::cell::RefCell::new(None) };
-}
 
 /// Runs a handler; a panic is logged and the dropped reply answers EIO.
 fn guard(op: &str, f: impl FnOnce()) {
@@ -336,102 +325,7 @@ impl Filesystem for BackupFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (pid, uid) = (req.pid(), req.uid());
-        guard("open", || {
-            let core = &self.core;
-            let node = match core.node(ino) {
-                Ok(node) => node,
-                Err(e) => return reply.error(e),
-            };
-            // Before any work: an open past the caps must not attach a volume first.
-            let exporting = core.holds_export(&node);
-            let slot = match core.reserve(uid, exporting, || format!("{node:?}")) {
-                Ok(slot) => slot,
-                Err(e) => return reply.error(e),
-            };
-            let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
-            match &node {
-                Node::Request(t) | Node::Verify(t) => {
-                    let kind = if matches!(node, Node::Request(_)) {
-                        Control::Request
-                    } else {
-                        Control::Verify
-                    };
-                    let fh = core.open_handle(slot, Handle::Control(ControlFile::new(kind, t)));
-                    reply.opened(
-                        fh,
-                        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-                    );
-                }
-                Node::Jobs(_) | Node::Record(..) | Node::Restores | Node::MetricsFile
-                    if writing =>
-                {
-                    warn!("write to a status file refused (EACCES)");
-                    reply.error(Errno::EACCES)
-                }
-                Node::Restores => {
-                    let mut text = String::new();
-                    for restore in core.engine.restores() {
-                        text.push_str(&restore.line());
-                        text.push('\n');
-                    }
-                    let fh = core.open_handle(slot, Handle::Text(text.into_bytes()));
-                    reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
-                }
-                // Reads every record of every target, at each scrape.
-                Node::MetricsFile => self.slow("open", move |core| {
-                    let text = core.engine.metrics().into_bytes();
-                    let fh = core.open_handle(slot, Handle::Text(text));
-                    reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
-                }),
-                Node::Jobs(t) => {
-                    let mut text = String::new();
-                    for job in core.engine.jobs(Some(t)) {
-                        text.push_str(&job.line());
-                        text.push('\n');
-                    }
-                    let fh = core.open_handle(slot, Handle::Text(text.into_bytes()));
-                    reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
-                }
-                Node::Record(t, id) => match core.engine.record(t, id) {
-                    Ok(record) => {
-                        let fh = core.open_handle(slot, Handle::Text(tree::record_json(&record)));
-                        reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
-                    }
-                    Err(e) => reply.error(errno(&e)),
-                },
-                Node::Image(..) if writing => {
-                    warn!("write to a backup image refused (EROFS)");
-                    reply.error(Errno::EROFS)
-                }
-                // Reads the checksums (megabytes for a large backup).
-                Node::Image(t, id) => {
-                    let (t, id) = (t.clone(), id.clone());
-                    self.slow("open", move |core| match core.engine.open_image(&t, &id) {
-                        Ok(image) => {
-                            let fh =
-                                core.open_handle_with(slot, Handle::Image(image), |fh, handle| {
-                                    // A restore this process feeds is judged by this image.
-                                    if let Handle::Image(image) = handle {
-                                        core.engine.image_opened(fh, image, pid);
-                                    }
-                                });
-                            // Images never change: pages the daemon checked may stay cached.
-                            reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
-                        }
-                        Err(e) => reply.error(errno(&e)),
-                    })
-                }
-                // Attaching can take long (a qcow2 export starts a process).
-                Node::Volume(b, v) => {
-                    let (b, v) = (b.clone(), v.clone());
-                    self.slow("open", move |core| {
-                        core.open_volume(&b, &v, flags, process_of(pid), slot, reply)
-                    })
-                }
-                _ => reply.error(Errno::EISDIR),
-            }
-        })
+        self.open_node(req, ino, flags, reply)
     }
 
     fn read(
@@ -445,73 +339,7 @@ impl Filesystem for BackupFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        guard("read", || {
-            let core = &self.core;
-            let handle = match core.handle(fh) {
-                Ok(handle) => handle,
-                Err(e) => return reply.error(e),
-            };
-            match handle.as_ref() {
-                Handle::Control(control) => reply.data(&control.read(offset, size)),
-                Handle::Text(bytes) => {
-                    let start = (offset as usize).min(bytes.len());
-                    let end = start.saturating_add(size as usize).min(bytes.len());
-                    reply.data(&bytes[start..end])
-                }
-                Handle::Dir(_) => reply.error(Errno::EISDIR),
-                Handle::Image(image) => READ_BUFFER.with(|cell| {
-                    let mut slot = cell.borrow_mut();
-                    // One aligned buffer per session thread: the backing file may be read
-                    // with O_DIRECT, and a 1 MiB buffer is not zeroed for every request.
-                    // (2 MiB, one huge page, read faster from cold, but the four threads
-                    // then keep 4 MiB more for good: contrib/bench/README.md.)
-                    if slot.as_ref().is_none_or(|b| b.len() < size as usize) {
-                        *slot = AlignedBuf::new((size as usize).max(1 << 20)).ok();
-                    }
-                    let Some(buf) = slot.as_mut() else {
-                        return reply.error(Errno::ENOMEM);
-                    };
-                    let buf = &mut buf[..size as usize];
-                    let mut checked = Vec::new();
-                    match image.read_at_with(buf, offset, &mut |at, data| checked.push((at, data)))
-                    {
-                        Ok(n) => reply.data(&buf[..n]),
-                        Err(e) => {
-                            // Before the answer: the restore this reader feeds (ending once
-                            // it gives up) must find it.
-                            core.engine.image_read_failed(fh.0, req.pid(), &e);
-                            return reply
-                                .error(refuse(&format!("read of backup {}", image.backup_id), &e));
-                        }
-                    }
-                    // After the answer: the pages of the read were locked until then.
-                    for (at, data) in checked {
-                        core.stores.offer(ino.0, at, data);
-                    }
-                }),
-                Handle::Volume(volume) => {
-                    let attached = match volume.attached(&core.engine) {
-                        Ok(attached) => attached,
-                        Err(e) => return reply.error(refuse("read of a volume", &e)),
-                    };
-                    let device = match attached.device() {
-                        Ok(device) => device,
-                        Err(e) => return reply.error(errno(&e)),
-                    };
-                    let mut buf = vec![0u8; size as usize];
-                    match device.read_at(&mut buf, offset) {
-                        Ok(done) => reply.data(&buf[..done]),
-                        Err(e) => {
-                            warn!(
-                                "read of volume {}/{} at {offset} failed: {e}",
-                                volume.backend, volume.volume_id
-                            );
-                            reply.error(Errno::from(e))
-                        }
-                    }
-                }
-            }
-        })
+        self.read_file(req, ino, fh, offset, size, reply)
     }
 
     fn write(
@@ -526,31 +354,7 @@ impl Filesystem for BackupFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        guard("write", || {
-            let core = &self.core;
-            let handle = match core.handle(fh) {
-                Ok(handle) => handle,
-                Err(e) => return reply.error(e),
-            };
-            match handle.as_ref() {
-                Handle::Control(control) => control.write(core, data.to_vec(), reply),
-                Handle::Volume(volume) => {
-                    let result = volume.writer(&core.engine).and_then(|writer| {
-                        writer.took_part(req.pid());
-                        writer.write_at(offset, data)
-                    });
-                    match result {
-                        Ok(n) => reply.written(n as u32),
-                        Err(e) => reply.error(refuse(
-                            &format!("write to volume {}/{}", volume.backend, volume.volume_id),
-                            &e,
-                        )),
-                    }
-                }
-                Handle::Image(_) => reply.error(Errno::EROFS),
-                _ => reply.error(Errno::EBADF),
-            }
-        })
+        self.write_file(req, fh, offset, data, reply)
     }
 
     fn flush(
@@ -561,42 +365,7 @@ impl Filesystem for BackupFs {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let Ok(handle) = self.core.handle(fh) else {
-            return reply.ok();
-        };
-        if !matches!(handle.as_ref(), Handle::Volume(_)) {
-            return reply.ok();
-        }
-        let pid = req.pid();
-        // close(2) waits for this: once the opener's close returns, the volume is free
-        // (no lock, no export) for a hypervisor that starts right away.
-        self.slow("flush", move |_| {
-            let Handle::Volume(volume) = handle.as_ref() else {
-                return reply.ok();
-            };
-            let process = process_of(pid);
-            if !volume.closed_by_opener(process) {
-                return reply.ok();
-            }
-            let synced = match volume.detach() {
-                Some(Attached::Write(writer)) => writer.sync(),
-                _ => Ok(()),
-            };
-            // The restore's outcome is known before the opener's close returns, unless
-            // the opener still holds a duplicate (`dd` opens its output, moves it to
-            // descriptor 1 and closes the first): then it goes on, and is judged when
-            // the last one is closed.
-            if !core::holds_volume_open(process, &volume.backend, &volume.volume_id) {
-                volume.finish_restore();
-            }
-            match synced {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(refuse(
-                    &format!("close of volume {}/{}", volume.backend, volume.volume_id),
-                    &e,
-                )),
-            }
-        })
+        self.flush_file(req, fh, reply)
     }
 
     fn release(
@@ -628,16 +397,7 @@ impl Filesystem for BackupFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.slow("fsync", move |core| match core.handle(fh).as_deref() {
-            Ok(Handle::Volume(volume)) if volume.writable => {
-                match volume.writer(&core.engine).and_then(|w| w.sync()) {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(errno(&e)),
-                }
-            }
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(*e),
-        })
+        self.fsync_file(fh, reply)
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -746,73 +506,11 @@ impl Filesystem for BackupFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        guard("getxattr", || {
-            let node = self.core.node(ino);
-            if let Ok(Node::Volume(b, v)) = &node {
-                // A volume's note: a restore that left it incomplete.
-                if name.to_str() != Some(VOLUME_RESTORE_XATTR) {
-                    return reply.error(Errno::NO_XATTR);
-                }
-                return match self.core.engine.volume_note(b, v) {
-                    Ok(Some(note)) => reply_xattr(note.as_bytes(), size, reply),
-                    Ok(None) => reply.error(Errno::NO_XATTR),
-                    Err(e) => reply.error(errno(&e)),
-                };
-            }
-            let Ok(Node::Image(t, id)) = node else {
-                return reply.error(Errno::NO_XATTR);
-            };
-            let record = match self.core.engine.record(&t, &id) {
-                Ok(record) => record,
-                Err(e) => return reply.error(errno(&e)),
-            };
-            let Some(name) = name.to_str() else {
-                return reply.error(Errno::NO_XATTR);
-            };
-            let value = match name.strip_prefix(XATTR_PREFIX) {
-                Some(field) => record
-                    .scalar_fields()
-                    .into_iter()
-                    .find(|(k, _)| *k == field)
-                    .map(|(_, v)| v),
-                None => record.xattrs.get(name).cloned(),
-            };
-            match value {
-                Some(value) => reply_xattr(value.as_bytes(), size, reply),
-                None => reply.error(Errno::NO_XATTR),
-            }
-        })
+        self.get_xattr(ino, name, size, reply)
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        guard("listxattr", || {
-            let node = self.core.node(ino);
-            if let Ok(Node::Volume(b, v)) = &node {
-                let names = match self.core.engine.volume_note(b, v) {
-                    Ok(Some(_)) => format!("{VOLUME_RESTORE_XATTR}\0").into_bytes(),
-                    _ => Vec::new(),
-                };
-                return reply_xattr(&names, size, reply);
-            }
-            let Ok(Node::Image(t, id)) = node else {
-                return reply_xattr(&[], size, reply);
-            };
-            let record = match self.core.engine.record(&t, &id) {
-                Ok(record) => record,
-                Err(e) => return reply.error(errno(&e)),
-            };
-            let mut names = Vec::new();
-            for (field, _) in record.scalar_fields() {
-                names.extend_from_slice(XATTR_PREFIX.as_bytes());
-                names.extend_from_slice(field.as_bytes());
-                names.push(0);
-            }
-            for name in record.xattrs.keys() {
-                names.extend_from_slice(name.as_bytes());
-                names.push(0);
-            }
-            reply_xattr(&names, size, reply)
-        })
+        self.list_xattrs(ino, size, reply)
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -830,46 +528,7 @@ impl Filesystem for BackupFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let slot = match self
-            .core
-            .reserve(req.uid(), false, || format!("new file {name:?}"))
-        {
-            Ok(slot) => slot,
-            Err(e) => return reply.error(e),
-        };
-        let name = name.to_owned();
-        let pid = req.pid();
-        self.slow("create", move |core| {
-            match core.create_volume(parent, &name) {
-                Ok((backend, volume_id, writer)) => {
-                    writer.took_part(pid);
-                    let node = Node::Volume(backend.clone(), volume_id.clone());
-                    match core.attr(&node, 0) {
-                        Ok(mut attr) => {
-                            attr.ino = INodeNo(core.inodes.lookup(&node));
-                            let fh = core.open_handle(
-                                slot,
-                                Handle::Volume(VolumeHandle::new(
-                                    &backend,
-                                    &volume_id,
-                                    Attached::Write(writer),
-                                    process_of(pid),
-                                )),
-                            );
-                            reply.created(
-                                &tree::ttl(&node),
-                                &attr,
-                                Generation(0),
-                                fh,
-                                FopenFlags::FOPEN_DIRECT_IO,
-                            );
-                        }
-                        Err(e) => reply.error(errno(&e)),
-                    }
-                }
-                Err(e) => reply.error(e),
-            }
-        })
+        self.create_file(req, parent, name, reply)
     }
 
     fn ioctl(
@@ -897,38 +556,7 @@ impl Filesystem for BackupFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let pid = req.pid();
-        self.slow("fallocate", move |core| {
-            let handle = match core.handle(fh) {
-                Ok(handle) => handle,
-                Err(e) => return reply.error(e),
-            };
-            let Handle::Volume(volume) = handle.as_ref() else {
-                warn!("fallocate refused (EBADF): only volumes open for writing");
-                return reply.error(Errno::EBADF);
-            };
-            let writer = match volume.writer(&core.engine) {
-                Ok(writer) => writer,
-                Err(e) => return reply.error(refuse("fallocate", &e)),
-            };
-            writer.took_part(pid);
-            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            let result = if mode == punch {
-                writer.discard(offset, length)
-            } else if mode == 0 {
-                // Thin volumes allocate on write; only the size matters.
-                writer.set_size(writer.size().max(offset + length))
-            } else if mode == libc::FALLOC_FL_KEEP_SIZE {
-                Ok(())
-            } else {
-                warn!("fallocate mode {mode:#x} refused (EOPNOTSUPP)");
-                return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
-            };
-            match result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(refuse("fallocate", &e)),
-            }
-        })
+        self.fallocate_volume(req, fh, offset, length, mode, reply)
     }
 
     fn lseek(
@@ -940,48 +568,7 @@ impl Filesystem for BackupFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        guard("lseek", || {
-            let core = &self.core;
-            let handle = match core.handle(fh) {
-                Ok(handle) => handle,
-                Err(e) => return reply.error(e),
-            };
-            let attached;
-            let checked;
-            let device: &dyn BlockDevice = match handle.as_ref() {
-                // Where data is comes from the checksums: data the store lost to a hole
-                // is data, whose reads fail their check.
-                Handle::Image(image) => {
-                    checked = CheckedImage(image);
-                    &checked
-                }
-                Handle::Volume(volume) => {
-                    attached = match volume.attached(&core.engine) {
-                        Ok(attached) => attached,
-                        Err(e) => return reply.error(errno(&e)),
-                    };
-                    match attached.device() {
-                        Ok(device) => device,
-                        Err(e) => return reply.error(errno(&e)),
-                    }
-                }
-                _ => return reply.error(Errno::EINVAL),
-            };
-            let Ok(offset) = u64::try_from(offset) else {
-                return reply.error(Errno::ENXIO);
-            };
-            // The kernel sends only SEEK_DATA and SEEK_HOLE (it answers the others).
-            let found = match whence {
-                libc::SEEK_DATA => device.seek_data(offset),
-                libc::SEEK_HOLE => device.seek_hole(offset),
-                _ => return reply.error(Errno::EINVAL),
-            };
-            match found {
-                Ok(Some(at)) => reply.offset(at as i64),
-                Ok(None) => reply.error(Errno::ENXIO),
-                Err(e) => reply.error(Errno::from(e)),
-            }
-        })
+        self.seek_file(fh, offset, whence, reply)
     }
 
     fn copy_file_range(
@@ -997,35 +584,6 @@ impl Filesystem for BackupFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let pid = req.pid();
-        self.slow("copy_file_range", move |core| {
-            let (Ok(input), Ok(out)) = (core.handle(fh_in), core.handle(fh_out)) else {
-                return reply.error(Errno::EBADF);
-            };
-            // Only image → volume is ours; otherwise the kernel falls back to reading and
-            // writing.
-            let (Handle::Image(image), Handle::Volume(volume)) = (input.as_ref(), out.as_ref())
-            else {
-                return reply.error(Errno::EXDEV);
-            };
-            let result = volume.writer(&core.engine).and_then(|writer| {
-                writer.took_part(pid);
-                writer.copy_from_backup(image, offset_in, offset_out, len.min(COPY_RANGE_MAX))
-            });
-            match result {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(refuse("server-side copy", &e)),
-            }
-        })
-    }
-}
-
-fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
-    if size == 0 {
-        reply.size(value.len() as u32)
-    } else if (size as usize) < value.len() {
-        reply.error(Errno::ERANGE)
-    } else {
-        reply.data(value)
+        self.copy_range(req, (fh_in, offset_in), (fh_out, offset_out), len, reply)
     }
 }
