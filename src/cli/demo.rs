@@ -496,10 +496,8 @@ fn walk_through_then_stop(shell: &Shell, auto_exit: bool) -> Result<(), DemoErro
 /// A SIGTERM to ourselves: `serve` waits for it on the main thread, as for a stop from
 /// outside, and unmounts.
 fn stop_daemon() {
-    // SAFETY: kill with our own pid and a standard signal.
-    unsafe {
-        libc::kill(libc::getpid(), libc::SIGTERM);
-    }
+    // To the process, not this thread (raise): the main thread is the one that waits.
+    let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGTERM);
 }
 
 fn wait_for_mount(shell: &Shell) -> Result<(), DemoError> {

@@ -461,13 +461,14 @@ pub fn terminal_size() -> (usize, usize) {
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
+    nix::ioctl_read_bad!(tiocgwinsz, libc::TIOCGWINSZ, libc::winsize);
     // SAFETY: TIOCGWINSZ writes a winsize into the one we own.
-    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+    let got = unsafe { tiocgwinsz(libc::STDOUT_FILENO, &mut size) };
     let or = |value: u16, default: usize| match usize::from(value) {
         0 => default,
         value => value,
     };
-    if rc == 0 {
+    if got.is_ok() {
         (or(size.ws_col, 80), or(size.ws_row, 24))
     } else {
         (80, 24)

@@ -25,11 +25,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// `_IOR(0x12, 114, size_t)` of <linux/fs.h>: the device's size in bytes.
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-/// `_IO(0x12, 127)`: zero a byte range (the kernel writes zeros where the device has no
-/// faster way).
-const BLKZEROOUT: libc::c_ulong = 0x127f;
+// `BLKGETSIZE64`, `_IOR(0x12, 114, size_t)` of <linux/fs.h>: the device's size in bytes.
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+// `BLKZEROOUT`, `_IO(0x12, 127)` though it reads two u64 (start, length): zero a byte
+// range (the kernel writes zeros where the device has no faster way).
+nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
 /// O_DIRECT wants buffers, offsets and lengths in whole logical blocks; a page covers
 /// every logical block size in use (512 B, 4 KiB).
 const DIRECT_ALIGN: u64 = 4096;
@@ -40,10 +40,7 @@ const SECTOR: u64 = 512;
 pub fn device_size(file: &File) -> io::Result<u64> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 into the variable we own.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }?;
     Ok(size)
 }
 
@@ -322,29 +319,17 @@ impl RawBlockDevice {
 /// device: a thin LV gives its blocks back, and reads of them are zeros, guaranteed),
 /// then BLKZEROOUT (the kernel writes zeros where the device has no faster way).
 fn zero_sectors(file: &File, range: &Range<u64>) -> io::Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
     let len = range.end - range.start;
-    // SAFETY: plain syscall on a descriptor we borrow.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            range.start as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if !matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) {
-        return Err(err);
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(file, punch, range.start as libc::off_t, len as libc::off_t) {
+        Ok(()) => return Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(e.into()),
     }
     let span: [u64; 2] = [range.start, len];
     // SAFETY: BLKZEROOUT reads two u64 (start, length) from the array we own.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT as _, span.as_ptr()) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { blkzeroout(file.as_raw_fd(), &span) }?;
     Ok(())
 }
 

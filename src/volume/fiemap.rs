@@ -9,8 +9,13 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 
-/// _IOWR('f', 11, struct fiemap)
-const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+// `FS_IOC_FIEMAP`, `_IOWR('f', 11, struct fiemap)`: the code carries the size of the
+// header (32 bytes), the buffer holds `EXTENTS_PER_CALL` extents after it.
+nix::ioctl_readwrite_bad!(
+    fs_ioc_fiemap,
+    nix::request_code_readwrite!(b'f', 11, 32),
+    Fiemap
+);
 const FIEMAP_FLAG_SYNC: u32 = 0x1;
 const FIEMAP_EXTENT_LAST: u32 = 0x1;
 /// Extents whose physical address says nothing reliable about their bytes.
@@ -72,10 +77,7 @@ pub fn extents(file: &File, range: Range<u64>) -> io::Result<Vec<Extent>> {
         });
         // SAFETY: FS_IOC_FIEMAP reads the header and fills up to extent_count extents of
         // the buffer we own, which has room for exactly that many.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut *map) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        unsafe { fs_ioc_fiemap(file.as_raw_fd(), &mut *map) }?;
         let mapped = (map.mapped_extents as usize).min(EXTENTS_PER_CALL);
         if mapped == 0 {
             break;

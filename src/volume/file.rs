@@ -95,25 +95,22 @@ pub(crate) fn lock_holder(path: &Path) -> std::io::Result<Option<String>> {
         return Ok(Some(format!("locked by {who} (fcntl lock)")));
     }
     // flock locks are invisible to F_OFD_GETLK; probing takes the lock for an instant
-    // and lets it go when the descriptor closes.
-    // SAFETY: plain syscall on a descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc < 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Ok(Some("locked by another process (flock)".to_string()));
+    // and lets it go at once (the `Flock` is dropped).
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(_probe) => Ok(None),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            Ok(Some("locked by another process (flock)".to_string()))
         }
-        return Err(err);
+        Err((_, e)) => Err(e.into()),
     }
-    Ok(None)
 }
 
+// `FICLONE`, `_IOW(0x94, 9, int)`: the source descriptor as its argument.
+nix::ioctl_write_int!(ficlone, 0x94, 9);
+
 fn reflink(from: &File, to: &File) -> std::io::Result<()> {
-    // SAFETY: FICLONE takes the source descriptor as its argument.
-    let rc = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: FICLONE takes a descriptor, which stays open for the call.
+    unsafe { ficlone(to.as_raw_fd(), from.as_raw_fd() as _) }?;
     Ok(())
 }
 
@@ -129,8 +126,8 @@ struct FsXattr {
     pad: [u8; 8],
 }
 
-const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801C_581F;
-const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401C_5820;
+nix::ioctl_read!(fs_ioc_fsgetxattr, b'X', 31, FsXattr);
+nix::ioctl_write_ptr!(fs_ioc_fssetxattr, b'X', 32, FsXattr);
 const FS_XFLAG_COWEXTSIZE: u32 = 0x0001_0000;
 
 /// Asks XFS to give copy-on-write writes into `file` only the blocks they write. Its
@@ -141,19 +138,14 @@ const FS_XFLAG_COWEXTSIZE: u32 = 0x0001_0000;
 fn small_cow_extents(file: &File) {
     let mut attr = FsXattr::default();
     // SAFETY: both ioctls take a pointer to a struct fsxattr we own.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FSGETXATTR as _, &mut attr) };
-    if rc < 0 {
+    if unsafe { fs_ioc_fsgetxattr(file.as_raw_fd(), &mut attr) }.is_err() {
         return;
     }
     attr.xflags |= FS_XFLAG_COWEXTSIZE;
     attr.cowextsize = 4096;
     // SAFETY: as above.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FSSETXATTR as _, &attr) };
-    if rc < 0 {
-        tracing::debug!(
-            "no copy-on-write extent hint: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = unsafe { fs_ioc_fssetxattr(file.as_raw_fd(), &attr) } {
+        tracing::debug!("no copy-on-write extent hint: {e}");
     }
 }
 

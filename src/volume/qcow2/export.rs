@@ -5,6 +5,9 @@
 //! qsd gets the image as a descriptor backupfs opened and checked, with its format and
 //! `backing: null` pinned, and no export is used before qsd is seen to hold no other file.
 
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -71,7 +74,7 @@ type Key = (PathBuf, bool);
 pub struct Exports {
     dir: PathBuf,
     dir_dev: u64,
-    _lock: File,
+    _lock: Flock<File>,
     next: AtomicU64,
     slots: Mutex<HashMap<Key, (Slot, Weak<Export>)>>,
     changed: Condvar,
@@ -104,13 +107,14 @@ impl Exports {
         let setup = base.join(format!(".{pid}.setup"));
         let _ = remove_export_dir(&setup);
         std::fs::DirBuilder::new().mode(0o700).create(&setup)?;
-        let lock = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(setup.join(LOCK_FILE))?;
-        flock_nb(&lock)?;
+        let lock = flock_nb(
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(setup.join(LOCK_FILE))?,
+        )?;
         let dir = base.join(pid.to_string());
         if let Err(e) = std::fs::rename(&setup, &dir) {
             let _ = remove_export_dir(&setup);
@@ -332,10 +336,10 @@ extern "C" fn remove_dir_at_exit() {
 impl Drop for Export {
     fn drop(&mut self) {
         let mut child = self.child.lock();
-        let pid = child.id() as libc::pid_t;
-        // SIGTERM: qsd flushes the image (its qcow2 metadata caches) and unmounts.
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let pid = Pid::from_raw(child.id() as libc::pid_t);
+        // SIGTERM: qsd flushes the image (its qcow2 metadata caches) and unmounts. Our own
+        // child, not yet reaped: the pid is still its.
+        let _ = kill(pid, Signal::SIGTERM);
         let started = Instant::now();
         let status = loop {
             match child.try_wait() {
@@ -624,7 +628,7 @@ fn clean_stale(base: &Path) {
         }
         let held = File::open(path.join(LOCK_FILE))
             .ok()
-            .is_some_and(|lock| flock_nb(&lock).is_err());
+            .is_some_and(|lock| flock_nb(lock).is_err());
         if held {
             continue;
         }
@@ -663,13 +667,12 @@ fn stop_stale_qsd(pidfile: &Path) {
         return;
     };
     warn!("stopping {QSD} pid {pid} left by a backupfs that is gone");
-    // SAFETY: kill(2); the pid holds the pidfile's lock, so it is that qsd.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // The pid holds the pidfile's lock, so it is that qsd.
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
     let started = Instant::now();
     while posix_lock_holder(&file) == Some(pid) {
         if started.elapsed() > Duration::from_secs(10) {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -690,12 +693,9 @@ fn posix_lock_holder(file: &File) -> Option<libc::pid_t> {
     (rc == 0 && lock.l_type != libc::F_UNLCK as i16 && lock.l_pid > 0).then_some(lock.l_pid)
 }
 
-fn flock_nb(file: &File) -> std::io::Result<()> {
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+/// `file` locked (flock, exclusive), or the error at once if another holds it.
+fn flock_nb(file: File) -> std::io::Result<Flock<File>> {
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| e.into())
 }
 
 /// Lazily unmounts whatever is mounted on `path`; nothing mounted is fine.
