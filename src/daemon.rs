@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::engine::{Engine, EngineError};
 use crate::fs::BackupFs;
 use fuser::{MountOption, SessionACL};
+use nix::sys::signal::{SigSet, Signal};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,18 +25,19 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
-const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+const STOP_SIGNALS: [Signal; 4] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
 
-fn stop_signal_set() -> libc::sigset_t {
-    // SAFETY: sigemptyset/sigaddset initialise a set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for signal in STOP_SIGNALS {
-            libc::sigaddset(&mut set, signal);
-        }
-        set
+fn stop_signal_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in STOP_SIGNALS {
+        set.add(signal);
     }
+    set
 }
 
 impl DaemonError {
@@ -54,13 +56,9 @@ impl DaemonError {
 /// Blocks the stop signals in the calling thread; threads spawned afterwards inherit the
 /// mask, so only `sigtimedwait` below ever sees them.
 pub fn block_stop_signals() -> Result<(), DaemonError> {
-    let set = stop_signal_set();
-    // SAFETY: pthread_sigmask with a valid set.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(DaemonError::Signals(std::io::Error::from_raw_os_error(rc)));
-    }
-    Ok(())
+    stop_signal_set()
+        .thread_block()
+        .map_err(|e| DaemonError::Signals(e.into()))
 }
 
 /// Waits up to `timeout` for a stop signal.
@@ -71,7 +69,7 @@ fn wait_stop_signal(timeout: Duration) -> Option<libc::c_int> {
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
     // SAFETY: sigtimedwait with a valid set and timespec; siginfo may be null.
-    let signal = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    let signal = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
     (signal > 0).then_some(signal)
 }
 

@@ -180,14 +180,9 @@ impl Limits {
 
     /// The caps for this process's soft RLIMIT_NOFILE.
     pub(crate) fn of_process() -> (Limits, u64) {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit(2) writes one rlimit into the struct we own.
-        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        use nix::sys::resource::{Resource, getrlimit};
         // The usual default if the call fails (it cannot for this resource).
-        let nofile = if got == 0 { limit.rlim_cur } else { 1024 };
+        let nofile = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
         let exports = crate::volume::qcow2::max_live_exports();
         (Limits::for_descriptors(nofile, exports), nofile)
     }

@@ -4,10 +4,11 @@
 //! copy_file_range, reflinks) are reached only through `local_file()`, where there is one.
 //! A device never decides policy (what to copy, what to check): the engine does.
 
+use nix::fcntl::FallocateFlags;
+use nix::unistd::Whence;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -268,17 +269,12 @@ impl FileDevice {
         &self.path
     }
 
-    fn lseek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-        // SAFETY: lseek on a descriptor we own.
-        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                return Ok(None);
-            }
-            return Err(err);
+    fn lseek(&self, offset: u64, whence: Whence) -> io::Result<Option<u64>> {
+        match nix::unistd::lseek(&self.file, offset as libc::off_t, whence) {
+            Ok(at) => Ok(Some(at as u64)),
+            Err(nix::errno::Errno::ENXIO) => Ok(None),
+            Err(e) => Err(e.into()),
         }
-        Ok(Some(rc as u64))
     }
 }
 
@@ -362,7 +358,7 @@ impl BlockDevice for FileDevice {
                 at = end;
                 continue;
             }
-            let start = match self.lseek(at, libc::SEEK_DATA) {
+            let start = match self.lseek(at, Whence::SeekData) {
                 Ok(Some(start)) if start < range.end => start,
                 Ok(_) => break,
                 // No SEEK_DATA here: everything may be data.
@@ -372,7 +368,7 @@ impl BlockDevice for FileDevice {
                 }
                 Err(e) => return Err(e),
             };
-            let end = match self.lseek(start, libc::SEEK_HOLE) {
+            let end = match self.lseek(start, Whence::SeekHole) {
                 Ok(Some(end)) => {
                     *self.known_data.lock() = start..end;
                     end.min(range.end)
@@ -399,48 +395,35 @@ impl BlockDevice for FileDevice {
     }
 
     fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
-        self.lseek(offset, libc::SEEK_DATA)
+        self.lseek(offset, Whence::SeekData)
     }
 
     fn seek_hole(&self, offset: u64) -> io::Result<Option<u64>> {
-        self.lseek(offset, libc::SEEK_HOLE)
+        self.lseek(offset, Whence::SeekHole)
     }
 }
 
 fn clear_direct(file: &File) -> io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we borrow.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?);
+    fcntl(file, FcntlArg::F_SETFL(flags.difference(OFlag::O_DIRECT)))?;
     Ok(())
 }
 
-fn fallocate(file: &File, mode: libc::c_int, range: &Range<u64>) -> io::Result<()> {
-    // SAFETY: plain syscall on a descriptor we own.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            mode,
-            range.start as libc::off_t,
-            (range.end - range.start) as libc::off_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+fn fallocate(file: &File, mode: FallocateFlags, range: &Range<u64>) -> io::Result<()> {
+    nix::fcntl::fallocate(
+        file,
+        mode,
+        range.start as libc::off_t,
+        (range.end - range.start) as libc::off_t,
+    )?;
     Ok(())
 }
 
 fn punch_hole(file: &File, range: &Range<u64>) -> io::Result<()> {
     fallocate(
         file,
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
         range,
     )
 }
@@ -448,7 +431,7 @@ fn punch_hole(file: &File, range: &Range<u64>) -> io::Result<()> {
 fn zero_fill(file: &File, range: &Range<u64>) -> io::Result<()> {
     fallocate(
         file,
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
         range,
     )
 }

@@ -260,13 +260,9 @@ fn regular_descriptor(file: &File) -> io::Result<()> {
     if let Some(kind) = kind_of(stat.st_mode) {
         return Err(not_regular(kind));
     }
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we borrow.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use nix::fcntl::{FcntlArg, fcntl};
+    let flags = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?);
+    fcntl(file, FcntlArg::F_SETFL(flags.difference(OFlag::O_NONBLOCK)))?;
     Ok(())
 }
 

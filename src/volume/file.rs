@@ -81,11 +81,7 @@ pub(crate) fn lock_holder(path: &Path) -> std::io::Result<Option<String>> {
         l_len: 0,
         l_pid: 0,
     };
-    // SAFETY: F_OFD_GETLK reads and writes the flock struct we own.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut lock))?;
     if lock.l_type != libc::F_UNLCK as i16 {
         let who = if lock.l_pid > 0 {
             format!("pid {}", lock.l_pid)
@@ -217,16 +213,11 @@ pub(crate) fn lock_for_write(file: &File) -> std::io::Result<bool> {
         l_len: 0,
         l_pid: 0,
     };
-    // SAFETY: F_OFD_SETLK reads the flock struct we own.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
-    if rc < 0 {
-        let err = std::io::Error::last_os_error();
-        if matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
-            return Ok(false);
-        }
-        return Err(err);
+    match nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)) {
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => Ok(false),
+        Err(e) => Err(e.into()),
     }
-    Ok(true)
 }
 
 /// Whether the file at `path` is bound to a loop device.

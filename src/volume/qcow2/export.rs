@@ -401,13 +401,8 @@ fn live_cap_for(nofile: u64) -> usize {
 
 /// How many exports may run at once in this process (from its RLIMIT_NOFILE).
 pub fn live_cap() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit(2) writes one rlimit into the struct we own.
-    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    live_cap_for(if got == 0 { limit.rlim_cur } else { 1024 })
+    use nix::sys::resource::{Resource, getrlimit};
+    live_cap_for(getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft))
 }
 
 /// EMFILE once `live` exports (running, starting or stopping) reach `cap`: a user
@@ -688,9 +683,8 @@ fn posix_lock_holder(file: &File) -> Option<libc::pid_t> {
         l_len: 0,
         l_pid: 0,
     };
-    // SAFETY: F_GETLK reads and writes the flock struct we own.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
-    (rc == 0 && lock.l_type != libc::F_UNLCK as i16 && lock.l_pid > 0).then_some(lock.l_pid)
+    let got = nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_GETLK(&mut lock));
+    (got.is_ok() && lock.l_type != libc::F_UNLCK as i16 && lock.l_pid > 0).then_some(lock.l_pid)
 }
 
 /// `file` locked (flock, exclusive), or the error at once if another holds it.
