@@ -120,8 +120,8 @@ fn raise_readahead(mountpoint: &Path) {
 
 /// glibc's mmap threshold slides up to 32 MiB as large blocks are freed, after which
 /// every copy buffer and I/O reply (1 MiB and more; librados allocates one per request in
-/// its messenger threads) is kept in a per-thread arena and never handed back. Fixing it at 256 KiB returns them at once: eight concurrent
-/// backups peaked at 113 MiB resident without it, 60 MiB with it (contrib/bench).
+/// its messenger threads) is kept in a per-thread arena and never handed back. Fixing it
+/// at 256 KiB returns them at once (what it saves: contrib/bench/README.md, "Memory").
 fn limit_malloc_retention() {
     // SAFETY: mallopt only changes allocator parameters; called before any thread.
     if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) } != 1 {

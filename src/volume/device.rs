@@ -118,9 +118,8 @@ pub trait BlockDevice: Send + Sync {
 /// O_DIRECT request into it is a few physically contiguous segments instead of one per
 /// 4 KiB page, so a loop device (128 segments of at most 64 KiB) and a virtio disk (254
 /// segments) take it in one or two requests instead of four or more, and the checksum
-/// pass walks it with 512 times fewer TLB entries. Four threads reading 2 GiB in 2 MiB
-/// O_DIRECT pieces from XFS on a loop device: 0.67-0.93 s instead of 1.05-1.50 s
-/// (contrib/bench/README.md, "Where a checksum incremental's time goes").
+/// pass walks it with 512 times fewer TLB entries (measured: contrib/bench/README.md,
+/// "Where a checksum incremental's time goes").
 pub struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
@@ -244,8 +243,8 @@ impl FileDevice {
             fixed_size: false,
             size_unit: 1,
             // 4 requests of 4 MiB: 16 MiB in flight keeps the disk busy while a worker
-            // checksums what it read (reading and hashing 2 GiB: 0.77-0.89 s, against
-            // 0.81-1.09 s with 2 MiB; contrib/bench/README.md).
+            // checksums what it read (faster than 4 of 2 MiB or 8 of 2 MiB: measured in
+            // contrib/bench/README.md, "Where a checksum incremental's time goes").
             hints: IoHints {
                 request_size: 4 << 20,
                 queue_depth: 4,

@@ -18,9 +18,9 @@ use std::sync::mpsc;
 /// cluster's speed without splitting.
 pub const REQUEST_SIZE: usize = 4 << 20;
 /// Requests in flight: the copier's workers, each with one 4 MiB request (a read, or a
-/// zero-copy write it waits for) and librados' buffer for a read's reply. Measured with
-/// contrib/bench/rbd_backupfs.sh (1 GiB, RBD to RBD, one OSD): 8 took 3.3-3.8 s, 12
-/// took 2.95-3.25 s (peak RSS 94-98 MiB), 16 no faster for 16 MiB more.
+/// zero-copy write it waits for) and librados' buffer for a read's reply. Chosen by
+/// measuring 8, 12 and 16 with contrib/bench/rbd_backupfs.sh: more were no faster and
+/// held more memory (contrib/bench/README.md, "backupfs with an `rbd` backend").
 pub const QUEUE_DEPTH: usize = 12;
 /// Writes kept in flight behind the callers (each holds its buffer until done).
 pub const WRITES_BEHIND: usize = 4;
