@@ -1,6 +1,6 @@
 //! The documentation held to the code and to itself: the README's two commands are the
 //! ones CI runs, docs/configuration.md has a row for every key the configuration takes
-//! and for no other, and every relative link of the README, ARCHITECTURE.md and docs/
+//! and for no other, the example configuration shows every key, and every relative link of the README, ARCHITECTURE.md and docs/
 //! leads to a file, and a heading, that exist. Nothing here needs root or a mount.
 
 use std::collections::BTreeSet;
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 const README: &str = include_str!("../README.md");
 const CI: &str = include_str!("../.ci/run");
 const CONFIGURATION: &str = include_str!("../docs/configuration.md");
+const EXAMPLE: &str = include_str!("../contrib/backupfs.toml.example");
 
 /// The README's set-up block: the demo command, then the test command.
 fn readme_commands() -> Vec<&'static str> {
@@ -64,6 +65,27 @@ fn the_configuration_reference_has_a_row_for_every_key_and_no_other() {
     assert!(
         unknown.is_empty(),
         "rows of docs/configuration.md for keys the code does not take: {unknown:?}"
+    );
+}
+
+#[test]
+fn the_example_configuration_shows_every_key() {
+    // Set, or commented out where it is optional: `key = ...` or `# key = ...`.
+    let shown = |key: &str| {
+        EXAMPLE.lines().any(|line| {
+            let line = line.trim_start_matches('#').trim_start();
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+    };
+    let missing: Vec<String> = backupfs::config::keys()
+        .into_iter()
+        .filter(|key| !key.ends_with("<name>"))
+        .filter(|key| !shown(key.rsplit('.').next().unwrap_or(key)))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys contrib/backupfs.toml.example does not show: {missing:?}"
     );
 }
 
