@@ -218,38 +218,16 @@ impl Dir {
     /// The names in the directory (but `.` and `..`), read through its descriptor; a name
     /// that is not UTF-8 comes lossily converted (so it matches none of ours).
     pub fn names(&self) -> io::Result<Vec<String>> {
-        let listing = self.reopen()?;
-        // SAFETY: fdopendir takes ownership of the descriptor on success (closedir below
-        // closes it); on failure it is still ours and dropped with `listing`.
-        let stream = unsafe { libc::fdopendir(listing.as_raw_fd()) };
-        if stream.is_null() {
-            return Err(io::Error::last_os_error());
-        }
-        std::mem::forget(listing);
+        let mut listing = nix::dir::Dir::from_fd(self.reopen()?).map_err(nix_io)?;
         let mut names = Vec::new();
-        let result = loop {
-            // errno tells the end of the directory from an error.
-            // SAFETY: __errno_location is the calling thread's errno.
-            unsafe { *libc::__errno_location() = 0 };
-            // SAFETY: a stream we opened and have not closed.
-            let entry = unsafe { libc::readdir64(stream) };
-            if entry.is_null() {
-                let err = io::Error::last_os_error();
-                break match err.raw_os_error() {
-                    Some(0) | None => Ok(()),
-                    _ => Err(err),
-                };
-            }
-            // SAFETY: readdir gives a NUL-terminated d_name valid until the next call.
-            let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
-            let name = OsStr::from_bytes(name.to_bytes());
+        for entry in listing.iter() {
+            let entry = entry.map_err(nix_io)?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if name != "." && name != ".." {
                 names.push(name.to_string_lossy().into_owned());
             }
-        };
-        // SAFETY: closes the stream (and its descriptor) exactly once.
-        unsafe { libc::closedir(stream) };
-        result.map(|()| names)
+        }
+        Ok(names)
     }
 }
 
