@@ -131,8 +131,8 @@ impl<'de> Deserialize<'de> for TargetConfig {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let mut table = toml::Table::deserialize(deserializer)?;
         let mut common = toml::Table::new();
-        for key in ["keep_last", "key"] {
-            if let Some(value) = table.remove(key) {
+        for key in crate::registry::keys_of::<TargetCommon>() {
+            if let Some(value) = table.remove(*key) {
                 common.insert(key.to_string(), value);
             }
         }
