@@ -5,7 +5,7 @@
 use super::workers::{How, copy_unflushed};
 use super::{CopyError, CopyOptions, Progress, Range};
 use crate::volume::device::BlockDevice;
-use std::os::fd::AsRawFd;
+use nix::errno::Errno;
 use std::sync::atomic::AtomicBool;
 
 /// Copies `range` with the kernel's copy_file_range for each data extent (a reflink or a
@@ -36,35 +36,29 @@ pub fn copy_kernel(
         }
         let mut at = extent.start;
         while at < extent.end {
-            let mut off_in = at as libc::loff_t;
-            let mut off_out = range.dst_of(at) as libc::loff_t;
+            let mut off_in = at as i64;
+            let mut off_out = range.dst_of(at) as i64;
             let want = (extent.end - at).min(1 << 30) as usize;
-            // SAFETY: copy_file_range on borrowed descriptors with offsets we own.
-            let n = unsafe {
-                libc::copy_file_range(
-                    src_file.as_raw_fd(),
-                    &mut off_in,
-                    dst_file.as_raw_fd(),
-                    &mut off_out,
-                    want,
-                    0,
-                )
-            };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => {
-                        return generic_rest(src, dst, range, at);
-                    }
-                    Some(libc::EINTR) => continue,
-                    _ => {
-                        return Err(CopyError::Write {
-                            offset: range.dst_of(at),
-                            source: err,
-                        });
-                    }
+            let copied = nix::fcntl::copy_file_range(
+                src_file,
+                Some(&mut off_in),
+                dst_file,
+                Some(&mut off_out),
+                want,
+            );
+            let n = match copied {
+                Ok(n) => n,
+                Err(Errno::EXDEV | Errno::EOPNOTSUPP | Errno::EINVAL | Errno::ENOSYS) => {
+                    return generic_rest(src, dst, range, at);
                 }
-            }
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(CopyError::Write {
+                        offset: range.dst_of(at),
+                        source: e.into(),
+                    });
+                }
+            };
             if n == 0 {
                 return Err(CopyError::ShortSource { offset: at });
             }

@@ -333,15 +333,12 @@ impl Shared<'_> {
                     | libc::SYNC_FILE_RANGE_WRITE
                     | libc::SYNC_FILE_RANGE_WAIT_AFTER,
             );
-            // SAFETY: fadvise takes integers and a borrowed descriptor.
-            unsafe {
-                libc::posix_fadvise(
-                    file.as_raw_fd(),
-                    at as libc::off_t,
-                    old_len as libc::off_t,
-                    libc::POSIX_FADV_DONTNEED,
-                )
-            };
+            let _ = nix::fcntl::posix_fadvise(
+                file,
+                at as libc::off_t,
+                old_len as libc::off_t,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
         }
     }
 
