@@ -105,6 +105,7 @@ impl Inner {
             changed_bytes: None,
             changes_found_by: None,
             device: request.device.clone(),
+            node: Some(self.config.node_name()),
             xattrs: Default::default(),
             mac: None,
             defect: None,
@@ -151,6 +152,27 @@ impl Inner {
             // (two fsyncs: `jobs` and restores must not wait for them).
             state.busy.insert(key.clone(), Busy::Backup);
         }
+        // On a target other nodes serve too, the volume is claimed there: one node at a
+        // time backs it up.
+        if let Some(coordinator) = target.catalogue().coordinator() {
+            match coordinator.claim(&key.0, &key.1, &job.backup_id) {
+                Ok(claim) => {
+                    let _ = job.claim.set(claim);
+                }
+                Err(e) => {
+                    let mut state = self.state.lock();
+                    state.busy.remove(&key);
+                    state.reservations.retain(|j| !Arc::ptr_eq(j, &job));
+                    return Err(match e {
+                        crate::targets::lease::LeaseError::Busy(why) => EngineError::Busy(why),
+                        other => EngineError::io(
+                            "claim the volume",
+                            std::io::Error::other(other.to_string()),
+                        ),
+                    });
+                }
+            }
+        }
         // The record comes first, so a crash from here on is found and cleaned at start-up.
         let queued = target
             .write_record(&record)
@@ -170,6 +192,7 @@ impl Inner {
                     "cannot remove the record of a refused backup: {remove}"
                 );
             }
+            self.release_claim(target.as_ref(), &job);
             return Err(e);
         }
         info!(
@@ -226,6 +249,9 @@ impl Inner {
                 Some(failure)
             }
         };
+        if let Ok(target) = self.target(&job.target) {
+            self.release_claim(target.as_ref(), job);
+        }
         self.state
             .lock()
             .busy
@@ -255,6 +281,19 @@ impl Inner {
             self.backup_steps(job, target.as_ref(), backend, &mut record)
         };
         if let Err(e) = &result {
+            // Taken over by another node (this one was paused or cut off past its lease):
+            // that node records the failure and removes the partial data.
+            if !self.decide(target.as_ref(), job, "error") {
+                warn!(
+                    backup_id = %job.backup_id,
+                    "another node took this backup over: it records the outcome, not this one"
+                );
+                return Err(EngineError::Busy(format!(
+                    "backup {} was taken over by another node after this node's claim lapsed ({})",
+                    job.backup_id,
+                    e.reason()
+                )));
+            }
             cleanup(target.as_ref(), backend.driver.as_ref(), &mut record);
             record.status = Status::Error;
             record.completed_at = Some(now());
@@ -289,11 +328,13 @@ impl Inner {
         } else {
             None
         };
+        let parent = self.hold_parent(target, job, parent)?;
         let source = if from_snapshot {
             job.set_phase(Phase::Snapshotting);
             record.snapshot_used = true;
             record.temporary_snapshot = Some(snapshot.clone());
             // Recorded before the snapshot exists, so recovery knows to look for it.
+            self.still_holds(job)?;
             target.write_record(record)?;
             match &in_use {
                 Some(why) => info!(
@@ -406,6 +447,9 @@ impl Inner {
         if job.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
+        // Nothing more is written (checksums, the record) for a backup another node may
+        // have taken over.
+        self.still_holds(job)?;
         // Nothing writes the data any more (an RBD target snapshots it once the backup is
         // available: `settle_data`).
         target.finish_data(&job.backup_id)?;
@@ -428,6 +472,12 @@ impl Inner {
             // atomic write that makes the backup available.
             record.base_snapshot = record.temporary_snapshot.take();
         }
+        if !self.decide(target, job, "available") {
+            return Err(EngineError::Busy(format!(
+                "backup {}: this node's claim lapsed before the backup was recorded",
+                job.backup_id
+            )));
+        }
         target.write_record(record)?;
         if keep_base {
             self.drop_older_bases(target, record);
@@ -442,6 +492,70 @@ impl Inner {
         }
         self.apply_retention(target, record);
         Ok(outcome.bytes_written)
+    }
+
+    /// Whether this node may still write for the backup: true where no other node serves
+    /// the target.
+    fn still_holds(&self, job: &Job) -> Result<()> {
+        match job.claim.get() {
+            Some(claim) if !claim.valid(self.config.lease()) => Err(EngineError::Busy(format!(
+                "backup {}: this node's claim lapsed (another node may have taken it over)",
+                job.backup_id
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Decides, for good, how the backup ends (`available` or `error`): false if another
+    /// node took it over (it then records the outcome). True where no other node serves
+    /// the target.
+    fn decide(&self, target: &dyn BackupTarget, job: &Job, outcome: &str) -> bool {
+        match (job.claim.get(), target.catalogue().coordinator()) {
+            (Some(claim), Some(coordinator)) => coordinator.decide(claim, outcome),
+            _ => true,
+        }
+    }
+
+    /// Lets go of the backup's claim on its volume, once its record is written.
+    pub(super) fn release_claim(&self, target: &dyn BackupTarget, job: &Job) {
+        if let (Some(claim), Some(coordinator)) =
+            (job.claim.get(), target.catalogue().coordinator())
+        {
+            coordinator.release(claim);
+        }
+    }
+
+    /// Names the parent in the backup's claim, so that no node deletes it meanwhile, then
+    /// checks it is still there (a delete elsewhere marks it `deleting` before it looks at
+    /// the claims): a parent that went makes the backup full.
+    fn hold_parent(
+        &self,
+        target: &dyn BackupTarget,
+        job: &Job,
+        parent: Option<Record>,
+    ) -> Result<Option<Record>> {
+        let (Some(claim), Some(coordinator)) = (job.claim.get(), target.catalogue().coordinator())
+        else {
+            return Ok(parent);
+        };
+        let Some(parent) = parent else {
+            return Ok(None);
+        };
+        coordinator
+            .set_parent(claim, Some(&parent.id))
+            .map_err(|e| EngineError::Busy(e.to_string()))?;
+        match target.record(&parent.id) {
+            Ok(again) if again.is_sound() => Ok(Some(again)),
+            _ => {
+                info!(
+                    backup_id = %job.backup_id,
+                    parent_id = %parent.id,
+                    "incremental: the parent was deleted meanwhile: full backup"
+                );
+                let _ = coordinator.set_parent(claim, None);
+                Ok(None)
+            }
+        }
     }
 
     /// The target space a backup request needs up front: what the volume holds, unless

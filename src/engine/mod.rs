@@ -310,7 +310,8 @@ impl Engine {
                 continue;
             }
             let dir = &config.backends[&target.backend].pools[&target.pool];
-            let catalogue = DirCatalogue::open(name, dir)?.with_key(target_key(name, target)?);
+            let catalogue = DirCatalogue::open(name, dir, &config.node_name(), config.lease())?
+                .with_key(target_key(name, target)?);
             let opened = VolumeTarget::new(
                 name,
                 backend.driver.clone(),
@@ -339,6 +340,8 @@ impl Engine {
             state_lock,
         });
         inner.recover();
+        // The claims this node's previous run left go before the tree is served.
+        inner.coordinate();
         inner.list_recent_jobs();
         let spawn = |name: String, run: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -359,6 +362,17 @@ impl Engine {
             "janitor".to_string(),
             Box::new(move || janitor.janitor()),
         )?);
+        if inner
+            .targets
+            .values()
+            .any(|t| t.catalogue().coordinator().is_some())
+        {
+            let coordinator = inner.clone();
+            threads.push(spawn(
+                "nodes".to_string(),
+                Box::new(move || coordinator.coordinator_loop()),
+            )?);
+        }
         Ok(Engine {
             inner,
             threads: Mutex::new(threads),
@@ -630,6 +644,13 @@ impl Engine {
         for thread in self.threads.lock().drain(..) {
             let _ = thread.join();
         }
+        // Every job has ended and let go of its claims: the node leaves its targets, so
+        // that its next start need not wait for its heartbeat to lapse.
+        for target in self.inner.targets.values() {
+            if let Some(coordinator) = target.catalogue().coordinator() {
+                coordinator.leave();
+            }
+        }
     }
 }
 
@@ -773,6 +794,31 @@ impl Inner {
             .jobs
             .iter()
             .any(|job| job.backup_id == *backup_id && job.ended_at().is_none())
+    }
+
+    /// Runs [`Inner::coordinate`] six times per lease until the daemon stops.
+    fn coordinator_loop(&self) {
+        let period = self.config.lease() / 6;
+        loop {
+            self.coordinate();
+            let mut state = self.state.lock();
+            // A stopping daemon's jobs still record how they ended: their claims are kept
+            // alive until they have.
+            let done = |state: &State| {
+                state.stopping && state.jobs.iter().all(|job| job.ended_at().is_some())
+            };
+            if !done(&state) {
+                let wait = if state.stopping {
+                    Duration::from_millis(100)
+                } else {
+                    period
+                };
+                self.stop.wait_for(&mut state, wait);
+            }
+            if done(&state) {
+                return;
+            }
+        }
     }
 
     /// Retries, now and then, the removals that failed (a temporary snapshot, the rest of
