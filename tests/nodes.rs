@@ -127,7 +127,9 @@ fn unowned(backups: &Path) -> Vec<String> {
             let end_of_record = n
                 .strip_prefix("backupfs.end.")
                 .is_some_and(|id| names_in(backups).contains(&format!("backup-{id}.json")));
-            let ours = n == ".backupfs-target" || n.starts_with("backupfs.node.") || end_of_record;
+            // A node's heartbeat (and its spare) stay while the node may come back.
+            let heartbeat = n.trim_start_matches('.').starts_with("backupfs.node.");
+            let ours = n == ".backupfs-target" || heartbeat || end_of_record;
             let error_record = n.ends_with(".json")
                 && std::fs::read_to_string(backups.join(n))
                     .unwrap_or_default()
@@ -273,7 +275,7 @@ fn data_of(backups: &Path, id: &str) -> Vec<String> {
 fn claims(backups: &Path) -> Vec<String> {
     names_in(backups)
         .into_iter()
-        .filter(|n| n.contains("backupfs.claim."))
+        .filter(|n| n.starts_with("backupfs.claim."))
         .collect()
 }
 

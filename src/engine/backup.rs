@@ -282,19 +282,28 @@ impl Inner {
         };
         if let Err(e) = &result {
             // Taken over by another node (this one was paused or cut off past its lease):
-            // that node records the failure and removes the partial data.
-            if !self.decide(target.as_ref(), job, "error") {
+            // that node records the failure and removes the partial data. Else the data
+            // goes first (on a full target, that makes room for the decision and record).
+            let taken_over = || {
                 warn!(
                     backup_id = %job.backup_id,
                     "another node took this backup over: it records the outcome, not this one"
                 );
-                return Err(EngineError::Busy(format!(
+                Err(EngineError::Busy(format!(
                     "backup {} was taken over by another node after this node's claim lapsed ({})",
                     job.backup_id,
                     e.reason()
-                )));
+                )))
+            };
+            if self.still_holds(job).is_err() {
+                return taken_over();
             }
             cleanup(target.as_ref(), backend.driver.as_ref(), &mut record);
+            // (A decision that cannot be stored leaves the claim this node's: the failure
+            // is recorded as ever.)
+            if matches!(self.decide(target.as_ref(), job, "error"), Ok(false)) {
+                return taken_over();
+            }
             record.status = Status::Error;
             record.completed_at = Some(now());
             record.error = Some(e.reason());
@@ -472,7 +481,7 @@ impl Inner {
             // atomic write that makes the backup available.
             record.base_snapshot = record.temporary_snapshot.take();
         }
-        if !self.decide(target, job, "available") {
+        if !self.decide(target, job, "available")? {
             return Err(EngineError::Busy(format!(
                 "backup {}: this node's claim lapsed before the backup was recorded",
                 job.backup_id
@@ -509,10 +518,12 @@ impl Inner {
     /// Decides, for good, how the backup ends (`available` or `error`): false if another
     /// node took it over (it then records the outcome). True where no other node serves
     /// the target.
-    fn decide(&self, target: &dyn BackupTarget, job: &Job, outcome: &str) -> bool {
+    fn decide(&self, target: &dyn BackupTarget, job: &Job, outcome: &str) -> Result<bool> {
         match (job.claim.get(), target.catalogue().coordinator()) {
-            (Some(claim), Some(coordinator)) => coordinator.decide(claim, outcome),
-            _ => true,
+            (Some(claim), Some(coordinator)) => coordinator
+                .decide(claim, outcome)
+                .map_err(|e| EngineError::io("record how the backup ended", e)),
+            _ => Ok(true),
         }
     }
 

@@ -286,6 +286,7 @@ pub fn foreign_files(dir: &Path) -> Vec<String> {
             let ours = name == MARKER
                 || name == LOCK_FILE
                 || is_temporary(name)
+                || super::lease::is_coordination(name)
                 || name
                     .strip_prefix("backup-")
                     .and_then(|n| {

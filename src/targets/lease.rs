@@ -168,6 +168,7 @@ impl Coordinator {
             .put_if_absent(&node_object, &ours)
             .map_err(io_err("create", &node_object))?
         {
+            coordinator.store.remove_leftovers(&node_object);
             return Ok(coordinator);
         }
         // Someone beats (or beat) under our name.
@@ -186,6 +187,7 @@ impl Coordinator {
                     .put_if_absent(&node_object, &ours)
                     .map_err(io_err("create", &node_object))?
                 {
+                    coordinator.store.remove_leftovers(&node_object);
                     return Ok(coordinator);
                 }
                 continue;
@@ -229,6 +231,7 @@ impl Coordinator {
             .put(&node_object, &ours)
             .map_err(io_err("write", &node_object))?;
         tracing::info!("node {node}: took over the heartbeat its earlier daemon left");
+        coordinator.store.remove_leftovers(&node_object);
         Ok(coordinator)
     }
 
@@ -376,29 +379,24 @@ impl Coordinator {
         lost
     }
 
-    /// Decides how the claimed backup ends (`available` or `error`): false, and nothing
-    /// to write, if this node no longer may (another node took it over).
-    pub fn decide(&self, claim: &Claim, outcome: &str) -> bool {
+    /// Decides how the claimed backup ends (`available` or `error`): Ok(false), and
+    /// nothing to write, if this node no longer may (another node took it over); an error
+    /// if the decision could not be stored (the claim is still this node's).
+    pub fn decide(&self, claim: &Claim, outcome: &str) -> io::Result<bool> {
         if !claim.valid(self.lease) {
             claim.lost.store(true, Ordering::Relaxed);
-            return false;
+            return Ok(false);
         }
         let object = format!("{END_PREFIX}{}", claim.backup_id);
         let end = encode(&End {
             node: self.node.clone(),
             outcome: outcome.to_string(),
         });
-        match self.store.put_if_absent(&object, &end) {
-            Ok(true) => true,
-            Ok(false) => {
-                claim.lost.store(true, Ordering::Relaxed);
-                false
-            }
-            Err(e) => {
-                tracing::error!("cannot record how backup {} ended: {e}", claim.backup_id);
-                false
-            }
+        let won = self.store.put_if_absent(&object, &end)?;
+        if !won {
+            claim.lost.store(true, Ordering::Relaxed);
         }
+        Ok(won)
     }
 
     /// Lets go of a claim once its record is written. A claim that was lost is left to
@@ -526,6 +524,7 @@ impl Coordinator {
         if let Err(e) = self.store.delete(&stale.object) {
             tracing::warn!("cannot remove {}: {e}", stale.object);
         }
+        self.store.remove_leftovers(&stale.object);
         self.observed.lock().remove(&stale.object);
     }
 
@@ -706,7 +705,7 @@ mod tests {
         assert!(won_b != won_c, "exactly one takes over");
         // a, resumed, is fenced: it may not decide, and its renewal marks the claim lost.
         assert!(!claim.valid(LEASE));
-        assert!(!a.decide(&claim, "available"));
+        assert!(!a.decide(&claim, "available").unwrap());
         assert!(claim.is_lost());
         a.release(&claim);
         assert!(
@@ -728,7 +727,7 @@ mod tests {
         let a = Coordinator::join(store.clone(), "a", LEASE).unwrap();
         let b = Coordinator::join(store.clone(), "b", LEASE).unwrap();
         let claim = a.claim("files", "v1", "b1").unwrap();
-        assert!(a.decide(&claim, "available"));
+        assert!(a.decide(&claim, "available").unwrap());
         // b finds the claim stale later (a died right after deciding): it may clean up the
         // claim, but the decision stays a's.
         b.stale().unwrap();
