@@ -100,7 +100,9 @@ class ThreeHostsTest(test_manager.ManagerTestCase):
         open(self.release, 'w').close()
 
     def backing_up(self, volume, host, **kwargs):
-        """A backup row of the volume, as the API makes it for ``host``."""
+        """A backup of the volume as the API hands it to ``host``, started
+        there (create_backup); the copy is continue_backup's.
+        """
         volume.status = 'backing-up'
         volume.previous_status = 'available'
         volume.save()
