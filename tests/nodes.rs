@@ -423,3 +423,46 @@ fn two_daemons_with_one_node_name_are_refused_and_a_node_name_is_checked() {
     // A clean stop leaves the target: no heartbeat is left to wait for.
     assert!(!names_in(&c.backups).iter().any(|n| n == "backupfs.node.a"));
 }
+
+#[test]
+fn xattrs_set_on_every_node_at_once_are_all_kept() {
+    let mut sb = Sandbox::new("nodes-xattr");
+    let c = cluster(&mut sb, "");
+    random_volume(&c.gold, "v1", 1);
+    let daemons: Vec<Daemon> = (0..3).map(|i| start(&mut sb, &c, i, &[])).collect();
+    let id = daemons[0].backup("hdd", "v1");
+    assert_eq!(daemons[0].wait_job("hdd", &id), "available");
+    within(
+        Duration::from_secs(5),
+        || daemons.iter().all(|d| listed(d, &id)),
+        "every node to list the backup",
+    );
+    // A read-change-write of one record from three nodes at once: none writes back a
+    // record another has just changed.
+    std::thread::scope(|s| {
+        for (n, d) in daemons.iter().enumerate() {
+            let image = d.image("hdd", &id);
+            s.spawn(move || {
+                for i in 0..10 {
+                    setxattr(&image, &format!("user.n{n}.k{i}"), b"v").unwrap();
+                }
+            });
+        }
+    });
+    let names = listxattr(&daemons[2].image("hdd", &id)).unwrap();
+    for n in 0..3 {
+        for i in 0..10 {
+            let name = format!("user.n{n}.k{i}");
+            assert!(names.contains(&name), "{name} lost: {names:?}");
+        }
+    }
+    assert!(
+        !names_in(&c.backups)
+            .iter()
+            .any(|n| n.contains("backupfs.lock.")),
+        "no record lock is left"
+    );
+    for d in daemons {
+        d.stop_clean();
+    }
+}

@@ -491,10 +491,14 @@ impl Inner {
         if keep_base {
             self.drop_older_bases(target, record);
         } else if record.temporary_snapshot.is_some() && remove_snapshot(driver, record) {
-            // The job still runs: nobody else updates this record meanwhile, and the lock
-            // is held for the write only.
-            let _updating = self.record_updates.lock();
-            if let Err(e) = target.write_record(record) {
+            // The backup is available: another node (an operator's xattr) may have
+            // changed the record meanwhile, so it is read again under its lock.
+            let updated = self.updating(target, &job.backup_id).and_then(|_updating| {
+                let mut stored = target.record(&job.backup_id)?;
+                stored.temporary_snapshot = None;
+                Ok(target.write_record(&stored)?)
+            });
+            if let Err(e) = updated {
                 // The snapshot is gone; the janitor finds it gone and says so.
                 warn!(backup_id = %job.backup_id, "cannot update the record: {e}");
             }
@@ -825,7 +829,9 @@ impl Inner {
             {
                 continue;
             }
-            let _updating = self.record_updates.lock();
+            let Ok(_updating) = self.updating(target, &older.id) else {
+                continue;
+            };
             let Ok(mut older) = target.record(&older.id) else {
                 continue;
             };

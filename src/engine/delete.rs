@@ -12,7 +12,7 @@ use tracing::{error, warn};
 impl Inner {
     pub(super) fn delete_backup(&self, target_name: &str, backup_id: &BackupId) -> Result<()> {
         let target = self.target(target_name)?;
-        let _updating = self.record_updates.lock();
+        let _updating = self.updating(target.as_ref(), backup_id)?;
         let record = target.record(backup_id)?;
         match record.status {
             Status::Creating => Err(EngineError::Busy(format!(
@@ -31,7 +31,7 @@ impl Inner {
 
     pub(super) fn delete_record(&self, target_name: &str, backup_id: &BackupId) -> Result<()> {
         let target = self.target(target_name)?;
-        let _updating = self.record_updates.lock();
+        let _updating = self.updating(target.as_ref(), backup_id)?;
         let record = target.record(backup_id)?;
         if record.status != Status::Error {
             return Err(EngineError::NotPermitted(format!(
@@ -145,7 +145,9 @@ impl Inner {
             if !pending || self.is_running(&record.id) {
                 continue;
             }
-            let _updating = self.record_updates.lock();
+            let Ok(_updating) = self.updating(target, &record.id) else {
+                continue;
+            };
             // Read again under the lock: a delete may have just changed it.
             let Ok(mut record) = target.record(&record.id) else {
                 continue;
@@ -213,7 +215,9 @@ impl Inner {
             ) {
                 continue;
             }
-            let _updating = self.record_updates.lock();
+            let Ok(_updating) = self.updating(target, &record.id) else {
+                continue;
+            };
             let Ok(mut record) = target.record(&record.id) else {
                 continue;
             };

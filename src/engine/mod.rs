@@ -103,6 +103,12 @@ struct Inner {
     counters: metrics::Counters,
 }
 
+/// A record held for a read-change-write (`Inner::updating`).
+struct Updating<'a> {
+    _local: parking_lot::MutexGuard<'a, ()>,
+    _remote: Option<crate::targets::lease::RecordLock<'a>>,
+}
+
 /// The engine; cheap to share (`Arc` inside).
 pub struct Engine {
     inner: Arc<Inner>,
@@ -659,6 +665,29 @@ impl Inner {
         self.targets
             .get(target)
             .ok_or_else(|| EngineError::NotFound(format!("no target {target}")))
+    }
+
+    /// Holds a backup's record for a read-change-write: the other nodes that serve the
+    /// target wait (the record's lock on the target, taken first), and so do this daemon's
+    /// other changes of records (`record_updates`).
+    fn updating<'a>(
+        &'a self,
+        target: &'a dyn BackupTarget,
+        backup_id: &str,
+    ) -> Result<Updating<'a>> {
+        let remote = match target.catalogue().coordinator() {
+            Some(coordinator) => Some(coordinator.lock_record(backup_id).map_err(|e| match e {
+                crate::targets::lease::LeaseError::Busy(why) => EngineError::Busy(why),
+                other => {
+                    EngineError::io("lock the record", std::io::Error::other(other.to_string()))
+                }
+            })?),
+            None => None,
+        };
+        Ok(Updating {
+            _local: self.record_updates.lock(),
+            _remote: remote,
+        })
     }
 
     fn backend(&self, backend: &str) -> Result<&Backend> {

@@ -139,8 +139,7 @@ impl Inner {
                 }
             };
             for stale in stale {
-                if coordinator.take_over(&stale) {
-                    self.reap(name, target.as_ref(), &stale);
+                if coordinator.take_over(&stale) && self.reap(name, target.as_ref(), &stale) {
                     coordinator.forget(&stale);
                 }
             }
@@ -148,21 +147,33 @@ impl Inner {
     }
 
     /// Records `error` the backup of a claim this node took over, and removes its partial
-    /// data and temporary snapshot (the record names them).
-    fn reap(&self, name: &str, target: &dyn BackupTarget, stale: &crate::targets::lease::Stale) {
+    /// data and temporary snapshot (the record names them). False if that is to be tried
+    /// again (the claim stays).
+    fn reap(
+        &self,
+        name: &str,
+        target: &dyn BackupTarget,
+        stale: &crate::targets::lease::Stale,
+    ) -> bool {
         let Some(id) = stale
             .beat
             .backup_id
             .as_deref()
             .and_then(|id| BackupId::parse(id).ok())
         else {
-            return;
+            return true;
         };
-        let _updating = self.record_updates.lock();
+        let Ok(_updating) = self.updating(target, &id) else {
+            return false;
+        };
         let mut record = match target.record(&id) {
             Ok(record) if record.status == Status::Creating => record,
             // Ended already (its node decided, then died), or never recorded.
-            _ => return,
+            Ok(_) | Err(crate::targets::TargetError::NotFound(_)) => return true,
+            Err(e) => {
+                warn!(backup_target = name, backup_id = %id, "cannot read the record of a backup to take over: {e}");
+                return false;
+            }
         };
         match self.backends.get(&record.backend) {
             Some(backend) => cleanup(target, backend.driver.as_ref(), &mut record),
@@ -180,14 +191,20 @@ impl Inner {
             self.config.node_name()
         ));
         match target.write_record(&record) {
-            Ok(()) => warn!(
-                backup_target = name,
-                backup_id = %record.id,
-                volume_id = %record.volume_id,
-                node = stale.beat.node,
-                "took over the backup of a node whose claim lapsed: recorded as error, its partial data removed"
-            ),
-            Err(e) => error!(backup_id = %record.id, "cannot record the takeover: {e}"),
+            Ok(()) => {
+                warn!(
+                    backup_target = name,
+                    backup_id = %record.id,
+                    volume_id = %record.volume_id,
+                    node = stale.beat.node,
+                    "took over the backup of a node whose claim lapsed: recorded as error, its partial data removed"
+                );
+                true
+            }
+            Err(e) => {
+                error!(backup_id = %record.id, "cannot record the takeover: {e}");
+                false
+            }
         }
     }
 

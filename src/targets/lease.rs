@@ -13,6 +13,10 @@
 //!   the node that made it (`available` or `error`), or a node that found its claim
 //!   unchanged for a whole lease and took it over (`reaped`). Exactly one decides.
 //!
+//! - `backupfs.lock.<backup>`: held (made with put-if-absent, removed after) while a node
+//!   reads, changes and writes back that backup's record (an xattr, a verify, a delete),
+//!   so that no node writes back a record another has just changed.
+//!
 //! Liveness is observed, never compared across clocks: another node's claim is stale once
 //! its bytes have not changed for `lease` by the observer's own monotonic clock. A holder
 //! whose last successful renewal is older than two thirds of a lease (paused, cut off) no
@@ -30,6 +34,9 @@ use std::time::{Duration, Instant};
 pub const NODE_PREFIX: &str = "backupfs.node.";
 pub const CLAIM_PREFIX: &str = "backupfs.claim.";
 pub const END_PREFIX: &str = "backupfs.end.";
+pub const LOCK_PREFIX: &str = "backupfs.lock.";
+/// How long a change of a record waits for another node's change of it to end.
+const RECORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// The largest coordination object read (one is a few hundred bytes).
 const CAP: u64 = 64 << 10;
 /// How long a start waits for a daemon of the same node on this machine that is stopping
@@ -39,7 +46,10 @@ const STOPPING_WAIT: Duration = Duration::from_secs(10);
 /// Whether `name` is one of the coordination objects (or a temporary of one).
 pub fn is_coordination(name: &str) -> bool {
     let name = name.strip_prefix('.').unwrap_or(name);
-    name.starts_with(NODE_PREFIX) || name.starts_with(CLAIM_PREFIX) || name.starts_with(END_PREFIX)
+    name.starts_with(NODE_PREFIX)
+        || name.starts_with(CLAIM_PREFIX)
+        || name.starts_with(END_PREFIX)
+        || name.starts_with(LOCK_PREFIX)
 }
 
 /// Whether `node` can name a node: what a host name may hold.
@@ -541,6 +551,74 @@ impl Coordinator {
             .unwrap_or(true)
     }
 
+    /// Holds the record of `backup_id` for a read-change-write, waiting (up to 10 s) while
+    /// another node holds it. A lock whose holder is a dead process of this machine, or
+    /// that has not changed for a whole lease, is broken.
+    pub fn lock_record(&self, backup_id: &str) -> Result<RecordLock<'_>, LeaseError> {
+        let object = format!("{LOCK_PREFIX}{backup_id}");
+        let bytes = encode(&Beat {
+            node: self.node.clone(),
+            holder: self.holder.clone(),
+            backup_id: Some(backup_id.to_string()),
+            parent: None,
+            beat: u64::from_le_bytes(
+                *uuid::Uuid::new_v4()
+                    .as_bytes()
+                    .first_chunk()
+                    .unwrap_or(&[0; 8]),
+            ),
+        });
+        let started = Instant::now();
+        let mut seen: Option<(Vec<u8>, Instant)> = None;
+        loop {
+            if self
+                .store
+                .put_if_absent(&object, &bytes)
+                .map_err(io_err("create", &object))?
+            {
+                return Ok(RecordLock {
+                    coordinator: self,
+                    object,
+                    bytes,
+                });
+            }
+            let current = self
+                .store
+                .get(&object, CAP)
+                .map_err(io_err("read", &object))?;
+            let Some(current) = current else {
+                continue;
+            };
+            let holder = serde_json::from_slice::<Beat>(&current).ok();
+            let dead = holder.as_ref().is_some_and(|b| holder_is_dead(&b.holder));
+            let alive_here = holder
+                .as_ref()
+                .is_some_and(|b| holder_is_alive_here(&b.holder));
+            let unchanged_for = match &seen {
+                Some((bytes, since)) if *bytes == current => since.elapsed(),
+                _ => {
+                    seen = Some((current.clone(), Instant::now()));
+                    Duration::ZERO
+                }
+            };
+            if dead || (!alive_here && unchanged_for >= self.lease) {
+                tracing::warn!(
+                    "breaking the lock on the record of backup {backup_id} that {} left",
+                    holder.map_or_else(|| "a writer".to_string(), |b| format!("node {}", b.node))
+                );
+                let _ = self.store.delete(&object);
+                continue;
+            }
+            if started.elapsed() >= RECORD_LOCK_WAIT {
+                return Err(LeaseError::Busy(format!(
+                    "the record of backup {backup_id} is being changed by node {}",
+                    holder.map_or_else(|| "?".to_string(), |b| b.node)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Leaves the target (a clean stop): the node's heartbeat goes, so a restart need not
     /// wait for it.
     pub fn leave(&self) {
@@ -553,6 +631,23 @@ impl Coordinator {
             .is_some_and(|b| b.holder == self.holder);
         if ours {
             let _ = self.store.delete(&self.node_object);
+        }
+    }
+}
+
+/// A record held for a read-change-write ([`Coordinator::lock_record`]); let go on drop.
+pub struct RecordLock<'a> {
+    coordinator: &'a Coordinator,
+    object: String,
+    bytes: Vec<u8>,
+}
+
+impl Drop for RecordLock<'_> {
+    fn drop(&mut self) {
+        // Only while it is still ours (a lock broken as stale may be another's by now).
+        let store = &self.coordinator.store;
+        if store.get(&self.object, CAP).ok().flatten().as_ref() == Some(&self.bytes) {
+            let _ = store.delete(&self.object);
         }
     }
 }
@@ -737,6 +832,46 @@ mod tests {
         let end: End =
             serde_json::from_slice(&store.get("backupfs.end.b1", CAP).unwrap().unwrap()).unwrap();
         assert_eq!(end.outcome, "available");
+    }
+
+    #[test]
+    fn a_record_is_changed_by_one_node_at_a_time() {
+        let store = store();
+        let a = Coordinator::join(store.clone(), "a", LEASE).unwrap();
+        let b = Coordinator::join(store.clone(), "b", LEASE).unwrap();
+        let held = a.lock_record("r1").unwrap();
+        let counter = Arc::new(AtomicU64::new(0));
+        let waited = std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let started = Instant::now();
+                let _lock = b.lock_record("r1").unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                started.elapsed()
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(
+                counter.load(Ordering::SeqCst),
+                0,
+                "b waits while a holds it"
+            );
+            drop(held);
+            waiter.join().unwrap()
+        });
+        assert!(waited >= Duration::from_millis(100));
+        // Another record is not held up, and a lock left by a holder that stopped is
+        // broken after a lease.
+        let _other = b.lock_record("r2").unwrap();
+        let elsewhere = Beat {
+            node: "x".into(),
+            holder: "other-boot.1.1.x".into(),
+            backup_id: Some("r3".into()),
+            parent: None,
+            beat: 1,
+        };
+        store.put("backupfs.lock.r3", &encode(&elsewhere)).unwrap();
+        let started = Instant::now();
+        let _r3 = b.lock_record("r3").unwrap();
+        assert!(started.elapsed() >= LEASE);
     }
 
     #[test]
