@@ -270,7 +270,9 @@ pub fn is_marker_temporary(name: &str) -> bool {
 /// behind, removed at start-up, never counted as someone else's file.
 pub fn is_temporary(name: &str) -> bool {
     (name.starts_with(".backup-") && name.ends_with(".tmp"))
-        || (super::lease::is_coordination(name) && name.starts_with('.') && name.ends_with(".tmp"))
+        || (super::lease::is_coordination(name)
+            && name.starts_with('.')
+            && (name.ends_with(".tmp") || name.ends_with(".spare")))
         || is_marker_temporary(name)
         || name.starts_with(crate::volume::file::REFLINK_PROBE_PREFIX)
 }

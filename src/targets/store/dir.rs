@@ -7,7 +7,7 @@
 //! An object rewritten again and again (a heartbeat) is not given a new file each time:
 //! where the file system can swap two names atomically (`RENAME_EXCHANGE`: ext4, XFS,
 //! btrfs), the previous file is kept under its temporary name as a spare, rewritten with
-//! the next bytes and swapped in. So a heartbeat needs no new block, and keeps beating on
+//! the next bytes and swapped in (`.<name>.<random>.spare`). So a heartbeat needs no new block, and keeps beating on
 //! a full target. A spare is used only while it is a regular file with one link.
 
 use super::{ObjectStore, bad_name, valid_name};
@@ -37,8 +37,10 @@ impl DirStore {
         self.dir.path()
     }
 
-    fn temporary(&self, name: &str, bytes: &[u8]) -> io::Result<String> {
-        let (tmp, file) = self.dir.create_temporary(&format!(".{name}."), ".tmp")?;
+    /// A new file holding `bytes`, named `.<name>.<random><suffix>`: `.tmp` for one
+    /// that goes at once, `.spare` for one that may stay as the spare of `name`.
+    fn temporary(&self, name: &str, bytes: &[u8], suffix: &str) -> io::Result<String> {
+        let (tmp, file) = self.dir.create_temporary(&format!(".{name}."), suffix)?;
         let written = (&file).write_all(bytes).and_then(|()| file.sync_all());
         if let Err(e) = written {
             let _ = self.dir.remove(&tmp);
@@ -110,7 +112,7 @@ impl ObjectStore for DirStore {
             return Err(bad_name(name));
         }
         if !self.put_by_spare(name, bytes)? {
-            let tmp = self.temporary(name, bytes)?;
+            let tmp = self.temporary(name, bytes, ".spare")?;
             self.swap_in(name, tmp)?;
         }
         self.dir.sync()
@@ -120,7 +122,7 @@ impl ObjectStore for DirStore {
         if !valid_name(name) {
             return Err(bad_name(name));
         }
-        let tmp = self.temporary(name, bytes)?;
+        let tmp = self.temporary(name, bytes, ".tmp")?;
         let linked = self.dir.link(&tmp, name);
         let _ = self.dir.remove(&tmp);
         match linked {
@@ -149,7 +151,7 @@ impl ObjectStore for DirStore {
         let ours = self.spares.lock().get(name).cloned();
         for leftover in self.dir.names().unwrap_or_default() {
             if leftover.starts_with(&prefix)
-                && leftover.ends_with(".tmp")
+                && (leftover.ends_with(".tmp") || leftover.ends_with(".spare"))
                 && Some(&leftover) != ours.as_ref()
             {
                 let _ = self.dir.remove(&leftover);
