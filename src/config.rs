@@ -39,6 +39,13 @@ fn lines(errors: &[ConfigError]) -> String {
         .join("\n")
 }
 
+/// The machine's host name (the kernel's, as `hostname` prints it).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default()
+}
+
 pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -61,6 +68,15 @@ pub struct Config {
     pub admin_group: String,
     #[serde(default = "default_true")]
     pub verify_reads: bool,
+    /// This daemon's name among the nodes that serve the same targets (default: the host
+    /// name); records say which node made a backup.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// How long a node's claim on a backup in progress outlives its last renewal: another
+    /// node takes the backup over (records it `error`, removes its partial data) once the
+    /// claim has not changed for this long.
+    #[serde(default = "default_lease")]
+    pub lease_seconds: u64,
     #[serde(default)]
     pub backends: BTreeMap<String, BackendConfig>,
     #[serde(default)]
@@ -75,6 +91,9 @@ fn default_parallel() -> usize {
 }
 fn default_true() -> bool {
     true
+}
+fn default_lease() -> u64 {
+    30
 }
 
 /// `[backends.<name>]`: a driver kind and its keys (`registry::DriverConfig`, each kind's
@@ -334,6 +353,15 @@ impl Config {
         })
     }
 
+    /// This daemon's node name: `node`, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(host_name)
+    }
+
+    pub fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.lease_seconds)
+    }
+
     /// What `check-config` says of a valid configuration besides `ok`: one line per target
     /// without a key.
     pub fn notes(&self) -> Vec<String> {
@@ -359,6 +387,26 @@ impl Config {
     fn check(&self, errors: &mut Vec<ConfigError>) {
         if self.max_parallel_jobs == 0 || self.max_parallel_jobs > 64 {
             errors.push(invalid("max_parallel_jobs", "must be between 1 and 64"));
+        }
+        if let Some(node) = &self.node
+            && !crate::targets::lease::valid_node(node)
+        {
+            errors.push(invalid(
+                "node",
+                "must be 1 to 64 letters, digits, '.', '-' or '_'",
+            ));
+        }
+        if self.node.is_none() && !crate::targets::lease::valid_node(&host_name()) {
+            errors.push(invalid(
+                "node",
+                format!(
+                    "the host name {:?} cannot name a node: set node",
+                    host_name()
+                ),
+            ));
+        }
+        if !(3..=3600).contains(&self.lease_seconds) {
+            errors.push(invalid("lease_seconds", "must be between 3 and 3600"));
         }
         if !self.state_dir.is_absolute() {
             errors.push(invalid("state_dir", "must be an absolute path"));

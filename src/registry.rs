@@ -226,7 +226,9 @@ pub fn open(config: &Config) -> Result<Opened> {
                     }
                     DriverConfig::File(dirs) | DriverConfig::Qcow2(dirs) => {
                         let dir = &dirs.pools[&pool_target.pool];
-                        let catalogue = DirCatalogue::open(name, dir)?.with_key(key);
+                        let catalogue =
+                            DirCatalogue::open(name, dir, &config.node_name(), config.lease())?
+                                .with_key(key);
                         Arc::new(VolumeTarget::new(
                             name,
                             backend.driver.clone(),

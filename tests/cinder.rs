@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_backupfs");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
-/// The suite takes about 20 s; a hung daemon or mount must not hang `cargo test`.
+/// The suite takes about 40 s; a hung daemon or mount must not hang `cargo test`.
 const TIMEOUT: Duration = Duration::from_secs(300);
 
 #[test]

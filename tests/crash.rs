@@ -337,8 +337,8 @@ fn second_daemon_on_the_same_target_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("target hdd is in use by another backupfs")
-            && stderr.contains(".backupfs.lock"),
+        stderr.contains("target hdd is in use by another backupfs as node")
+            && stderr.contains("backupfs.node."),
         "{stderr}"
     );
     assert!(!is_fuse_mount(&other));

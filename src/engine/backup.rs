@@ -105,6 +105,7 @@ impl Inner {
             changed_bytes: None,
             changes_found_by: None,
             device: request.device.clone(),
+            node: Some(self.config.node_name()),
             xattrs: Default::default(),
             mac: None,
             defect: None,
@@ -151,6 +152,27 @@ impl Inner {
             // (two fsyncs: `jobs` and restores must not wait for them).
             state.busy.insert(key.clone(), Busy::Backup);
         }
+        // On a target other nodes serve too, the volume is claimed there: one node at a
+        // time backs it up.
+        if let Some(coordinator) = target.catalogue().coordinator() {
+            match coordinator.claim(&key.0, &key.1, &job.backup_id) {
+                Ok(claim) => {
+                    let _ = job.claim.set(claim);
+                }
+                Err(e) => {
+                    let mut state = self.state.lock();
+                    state.busy.remove(&key);
+                    state.reservations.retain(|j| !Arc::ptr_eq(j, &job));
+                    return Err(match e {
+                        crate::targets::lease::LeaseError::Busy(why) => EngineError::Busy(why),
+                        other => EngineError::io(
+                            "claim the volume",
+                            std::io::Error::other(other.to_string()),
+                        ),
+                    });
+                }
+            }
+        }
         // The record comes first, so a crash from here on is found and cleaned at start-up.
         let queued = target
             .write_record(&record)
@@ -170,6 +192,7 @@ impl Inner {
                     "cannot remove the record of a refused backup: {remove}"
                 );
             }
+            self.release_claim(target.as_ref(), &job);
             return Err(e);
         }
         info!(
@@ -226,6 +249,9 @@ impl Inner {
                 Some(failure)
             }
         };
+        if let Ok(target) = self.target(&job.target) {
+            self.release_claim(target.as_ref(), job);
+        }
         self.state
             .lock()
             .busy
@@ -255,7 +281,29 @@ impl Inner {
             self.backup_steps(job, target.as_ref(), backend, &mut record)
         };
         if let Err(e) = &result {
+            // Taken over by another node (this one was paused or cut off past its lease):
+            // that node records the failure and removes the partial data. Else the data
+            // goes first (on a full target, that makes room for the decision and record).
+            let taken_over = || {
+                warn!(
+                    backup_id = %job.backup_id,
+                    "another node took this backup over: it records the outcome, not this one"
+                );
+                Err(EngineError::Busy(format!(
+                    "backup {} was taken over by another node after this node's claim lapsed ({})",
+                    job.backup_id,
+                    e.reason()
+                )))
+            };
+            if self.still_holds(job).is_err() {
+                return taken_over();
+            }
             cleanup(target.as_ref(), backend.driver.as_ref(), &mut record);
+            // (A decision that cannot be stored leaves the claim this node's: the failure
+            // is recorded as ever.)
+            if matches!(self.decide(target.as_ref(), job, "error"), Ok(false)) {
+                return taken_over();
+            }
             record.status = Status::Error;
             record.completed_at = Some(now());
             record.error = Some(e.reason());
@@ -289,11 +337,13 @@ impl Inner {
         } else {
             None
         };
+        let parent = self.hold_parent(target, job, parent)?;
         let source = if from_snapshot {
             job.set_phase(Phase::Snapshotting);
             record.snapshot_used = true;
             record.temporary_snapshot = Some(snapshot.clone());
             // Recorded before the snapshot exists, so recovery knows to look for it.
+            self.still_holds(job)?;
             target.write_record(record)?;
             match &in_use {
                 Some(why) => info!(
@@ -406,6 +456,9 @@ impl Inner {
         if job.is_cancelled() {
             return Err(EngineError::Interrupted);
         }
+        // Nothing more is written (checksums, the record) for a backup another node may
+        // have taken over.
+        self.still_holds(job)?;
         // Nothing writes the data any more (an RBD target snapshots it once the backup is
         // available: `settle_data`).
         target.finish_data(&job.backup_id)?;
@@ -428,20 +481,96 @@ impl Inner {
             // atomic write that makes the backup available.
             record.base_snapshot = record.temporary_snapshot.take();
         }
+        if !self.decide(target, job, "available")? {
+            return Err(EngineError::Busy(format!(
+                "backup {}: this node's claim lapsed before the backup was recorded",
+                job.backup_id
+            )));
+        }
         target.write_record(record)?;
         if keep_base {
             self.drop_older_bases(target, record);
         } else if record.temporary_snapshot.is_some() && remove_snapshot(driver, record) {
-            // The job still runs: nobody else updates this record meanwhile, and the lock
-            // is held for the write only.
-            let _updating = self.record_updates.lock();
-            if let Err(e) = target.write_record(record) {
+            // The backup is available: another node (an operator's xattr) may have
+            // changed the record meanwhile, so it is read again under its lock.
+            let updated = self.updating(target, &job.backup_id).and_then(|_updating| {
+                let mut stored = target.record(&job.backup_id)?;
+                stored.temporary_snapshot = None;
+                Ok(target.write_record(&stored)?)
+            });
+            if let Err(e) = updated {
                 // The snapshot is gone; the janitor finds it gone and says so.
                 warn!(backup_id = %job.backup_id, "cannot update the record: {e}");
             }
         }
         self.apply_retention(target, record);
         Ok(outcome.bytes_written)
+    }
+
+    /// Whether this node may still write for the backup: true where no other node serves
+    /// the target.
+    fn still_holds(&self, job: &Job) -> Result<()> {
+        match job.claim.get() {
+            Some(claim) if !claim.valid(self.config.lease()) => Err(EngineError::Busy(format!(
+                "backup {}: this node's claim lapsed (another node may have taken it over)",
+                job.backup_id
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Decides, for good, how the backup ends (`available` or `error`): false if another
+    /// node took it over (it then records the outcome). True where no other node serves
+    /// the target.
+    fn decide(&self, target: &dyn BackupTarget, job: &Job, outcome: &str) -> Result<bool> {
+        match (job.claim.get(), target.catalogue().coordinator()) {
+            (Some(claim), Some(coordinator)) => coordinator
+                .decide(claim, outcome)
+                .map_err(|e| EngineError::io("record how the backup ended", e)),
+            _ => Ok(true),
+        }
+    }
+
+    /// Lets go of the backup's claim on its volume, once its record is written.
+    pub(super) fn release_claim(&self, target: &dyn BackupTarget, job: &Job) {
+        if let (Some(claim), Some(coordinator)) =
+            (job.claim.get(), target.catalogue().coordinator())
+        {
+            coordinator.release(claim);
+        }
+    }
+
+    /// Names the parent in the backup's claim, so that no node deletes it meanwhile, then
+    /// checks it is still there (a delete elsewhere marks it `deleting` before it looks at
+    /// the claims): a parent that went makes the backup full.
+    fn hold_parent(
+        &self,
+        target: &dyn BackupTarget,
+        job: &Job,
+        parent: Option<Record>,
+    ) -> Result<Option<Record>> {
+        let (Some(claim), Some(coordinator)) = (job.claim.get(), target.catalogue().coordinator())
+        else {
+            return Ok(parent);
+        };
+        let Some(parent) = parent else {
+            return Ok(None);
+        };
+        coordinator
+            .set_parent(claim, Some(&parent.id))
+            .map_err(|e| EngineError::Busy(e.to_string()))?;
+        match target.record(&parent.id) {
+            Ok(again) if again.is_sound() => Ok(Some(again)),
+            _ => {
+                info!(
+                    backup_id = %job.backup_id,
+                    parent_id = %parent.id,
+                    "incremental: the parent was deleted meanwhile: full backup"
+                );
+                let _ = coordinator.set_parent(claim, None);
+                Ok(None)
+            }
+        }
     }
 
     /// The target space a backup request needs up front: what the volume holds, unless
@@ -700,7 +829,9 @@ impl Inner {
             {
                 continue;
             }
-            let _updating = self.record_updates.lock();
+            let Ok(_updating) = self.updating(target, &older.id) else {
+                continue;
+            };
             let Ok(mut older) = target.record(&older.id) else {
                 continue;
             };

@@ -12,7 +12,7 @@ use tracing::{error, warn};
 impl Inner {
     pub(super) fn delete_backup(&self, target_name: &str, backup_id: &BackupId) -> Result<()> {
         let target = self.target(target_name)?;
-        let _updating = self.record_updates.lock();
+        let _updating = self.updating(target.as_ref(), backup_id)?;
         let record = target.record(backup_id)?;
         match record.status {
             Status::Creating => Err(EngineError::Busy(format!(
@@ -31,7 +31,7 @@ impl Inner {
 
     pub(super) fn delete_record(&self, target_name: &str, backup_id: &BackupId) -> Result<()> {
         let target = self.target(target_name)?;
-        let _updating = self.record_updates.lock();
+        let _updating = self.updating(target.as_ref(), backup_id)?;
         let record = target.record(backup_id)?;
         if record.status != Status::Error {
             return Err(EngineError::NotPermitted(format!(
@@ -56,8 +56,33 @@ impl Inner {
         target: &dyn BackupTarget,
         mut record: Record,
     ) -> Result<()> {
+        let before = record.status;
         record.status = Status::Deleting;
         target.write_record(&record)?;
+        // A backup in progress on any node that builds on this one names it in its claim
+        // (before it checks that this record is still available): marked first, looked
+        // second, so that of a delete and such a backup at least one sees the other.
+        if let Some(coordinator) = target.catalogue().coordinator() {
+            let in_use = coordinator
+                .parents_in_use()
+                .map_err(|e| EngineError::io("read the claims of backups in progress", e));
+            let in_use = match in_use {
+                Ok(parents) => parents.contains(record.id.as_str()),
+                Err(e) => {
+                    record.status = before;
+                    target.write_record(&record)?;
+                    return Err(e);
+                }
+            };
+            if in_use {
+                record.status = before;
+                target.write_record(&record)?;
+                return Err(EngineError::Busy(format!(
+                    "backup {} is the parent of an incremental backup in progress",
+                    record.id
+                )));
+            }
+        }
         self.sums.forget(&record.id);
         self.blocks.forget(&record.id);
         self.forget_jobs(&record.id);
@@ -91,6 +116,9 @@ impl Inner {
             }
         }
         target.remove_record(&record.id)?;
+        if let Some(coordinator) = target.catalogue().coordinator() {
+            coordinator.forget_end(&record.id);
+        }
         Ok(())
     }
 
@@ -108,12 +136,18 @@ impl Inner {
             }
         };
         for record in records {
+            // A temporary snapshot of another node's backup is that node's to remove (it
+            // does so right after the backup ends).
             let pending = record.status == Status::Deleting
-                || (record.temporary_snapshot.is_some() && record.status != Status::Creating);
+                || (record.temporary_snapshot.is_some()
+                    && record.status != Status::Creating
+                    && self.made_here(&record));
             if !pending || self.is_running(&record.id) {
                 continue;
             }
-            let _updating = self.record_updates.lock();
+            let Ok(_updating) = self.updating(target, &record.id) else {
+                continue;
+            };
             // Read again under the lock: a delete may have just changed it.
             let Ok(mut record) = target.record(&record.id) else {
                 continue;
@@ -181,7 +215,9 @@ impl Inner {
             ) {
                 continue;
             }
-            let _updating = self.record_updates.lock();
+            let Ok(_updating) = self.updating(target, &record.id) else {
+                continue;
+            };
             let Ok(mut record) = target.record(&record.id) else {
                 continue;
             };

@@ -80,6 +80,8 @@ pub struct Job {
     /// Bytes of the target's free space a backup was granted when it was accepted: what
     /// it may store (see `still_reserved`).
     pub reserved: AtomicU64,
+    /// A backup's claim on its volume, on a target that several nodes serve.
+    pub claim: std::sync::OnceLock<Arc<crate::targets::lease::Claim>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -150,6 +152,7 @@ impl Job {
             progress: Progress::default(),
             cancel: AtomicBool::new(false),
             reserved: AtomicU64::new(0),
+            claim: std::sync::OnceLock::new(),
         }
     }
 

@@ -98,6 +98,12 @@ struct Inner {
     counters: metrics::Counters,
 }
 
+/// A record held for a read-change-write (`Inner::updating`).
+struct Updating<'a> {
+    _local: parking_lot::MutexGuard<'a, ()>,
+    _remote: Option<crate::targets::lease::RecordLock<'a>>,
+}
+
 /// The engine; cheap to share (`Arc` inside).
 pub struct Engine {
     inner: Arc<Inner>,
@@ -247,6 +253,8 @@ impl Engine {
             state_lock,
         });
         inner.recover();
+        // The claims this node's previous run left go before the tree is served.
+        inner.coordinate();
         inner.list_recent_jobs();
         let spawn = |name: String, run: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -267,6 +275,17 @@ impl Engine {
             "janitor".to_string(),
             Box::new(move || janitor.janitor()),
         )?);
+        if inner
+            .targets
+            .values()
+            .any(|t| t.catalogue().coordinator().is_some())
+        {
+            let coordinator = inner.clone();
+            threads.push(spawn(
+                "nodes".to_string(),
+                Box::new(move || coordinator.coordinator_loop()),
+            )?);
+        }
         Ok(Engine {
             inner,
             threads: Mutex::new(threads),
@@ -538,6 +557,13 @@ impl Engine {
         for thread in self.threads.lock().drain(..) {
             let _ = thread.join();
         }
+        // Every job has ended and let go of its claims: the node leaves its targets, so
+        // that its next start need not wait for its heartbeat to lapse.
+        for target in self.inner.targets.values() {
+            if let Some(coordinator) = target.catalogue().coordinator() {
+                coordinator.leave();
+            }
+        }
     }
 }
 
@@ -546,6 +572,29 @@ impl Inner {
         self.targets
             .get(target)
             .ok_or_else(|| EngineError::NotFound(format!("no target {target}")))
+    }
+
+    /// Holds a backup's record for a read-change-write: the other nodes that serve the
+    /// target wait (the record's lock on the target, taken first), and so do this daemon's
+    /// other changes of records (`record_updates`).
+    fn updating<'a>(
+        &'a self,
+        target: &'a dyn BackupTarget,
+        backup_id: &str,
+    ) -> Result<Updating<'a>> {
+        let remote = match target.catalogue().coordinator() {
+            Some(coordinator) => Some(coordinator.lock_record(backup_id).map_err(|e| match e {
+                crate::targets::lease::LeaseError::Busy(why) => EngineError::Busy(why),
+                other => {
+                    EngineError::io("lock the record", std::io::Error::other(other.to_string()))
+                }
+            })?),
+            None => None,
+        };
+        Ok(Updating {
+            _local: self.record_updates.lock(),
+            _remote: remote,
+        })
     }
 
     fn backend(&self, backend: &str) -> Result<&Backend> {
@@ -681,6 +730,31 @@ impl Inner {
             .jobs
             .iter()
             .any(|job| job.backup_id == *backup_id && job.ended_at().is_none())
+    }
+
+    /// Runs [`Inner::coordinate`] six times per lease until the daemon stops.
+    fn coordinator_loop(&self) {
+        let period = self.config.lease() / 6;
+        loop {
+            self.coordinate();
+            let mut state = self.state.lock();
+            // A stopping daemon's jobs still record how they ended: their claims are kept
+            // alive until they have.
+            let done = |state: &State| {
+                state.stopping && state.jobs.iter().all(|job| job.ended_at().is_some())
+            };
+            if !done(&state) {
+                let wait = if state.stopping {
+                    Duration::from_millis(100)
+                } else {
+                    period
+                };
+                self.stop.wait_for(&mut state, wait);
+            }
+            if done(&state) {
+                return;
+            }
+        }
     }
 
     /// Retries, now and then, the removals that failed (a temporary snapshot, the rest of

@@ -21,6 +21,11 @@ impl Inner {
                 }
             };
             for mut record in records {
+                // Another node's backups are its own (or, if it is gone, taken over once
+                // its claim lapses: `reap`).
+                if !self.made_here(&record) {
+                    continue;
+                }
                 let driver = self
                     .backends
                     .get(&record.backend)
@@ -93,6 +98,116 @@ impl Inner {
         }
     }
 
+    /// Whether this node made the backup (records from before nodes had names count as
+    /// this node's).
+    pub(super) fn made_here(&self, record: &Record) -> bool {
+        record
+            .node
+            .as_ref()
+            .is_none_or(|node| *node == self.config.node_name())
+    }
+
+    /// A round of the nodes' coordination, on every target other nodes serve too: renews
+    /// this node's heartbeat and claims, stops the jobs whose claim lapsed, and takes over
+    /// the backups of claims that stopped changing for a whole lease.
+    pub(super) fn coordinate(&self) {
+        for (name, target) in &self.targets {
+            let Some(coordinator) = target.catalogue().coordinator() else {
+                continue;
+            };
+            for claim in coordinator.renew() {
+                let jobs = self.state.lock().jobs.clone();
+                for job in jobs.iter().filter(|j| *j.backup_id == *claim.backup_id) {
+                    if job.ended_at().is_none() && !job.is_cancelled() {
+                        error!(
+                            backup_target = name,
+                            backup_id = %job.backup_id,
+                            "this node's claim on the backup lapsed: stopping it (another node takes it over)"
+                        );
+                        job.cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            let stale = match coordinator.stale() {
+                Ok(stale) => stale,
+                Err(e) => {
+                    warn!(
+                        backup_target = name,
+                        "cannot read the claims of other nodes: {e}"
+                    );
+                    continue;
+                }
+            };
+            for stale in stale {
+                if coordinator.take_over(&stale) && self.reap(name, target.as_ref(), &stale) {
+                    coordinator.forget(&stale);
+                }
+            }
+        }
+    }
+
+    /// Records `error` the backup of a claim this node took over, and removes its partial
+    /// data and temporary snapshot (the record names them). False if that is to be tried
+    /// again (the claim stays).
+    fn reap(
+        &self,
+        name: &str,
+        target: &dyn BackupTarget,
+        stale: &crate::targets::lease::Stale,
+    ) -> bool {
+        let Some(id) = stale
+            .beat
+            .backup_id
+            .as_deref()
+            .and_then(|id| BackupId::parse(id).ok())
+        else {
+            return true;
+        };
+        let Ok(_updating) = self.updating(target, &id) else {
+            return false;
+        };
+        let mut record = match target.record(&id) {
+            Ok(record) if record.status == Status::Creating => record,
+            // Ended already (its node decided, then died), or never recorded.
+            Ok(_) | Err(crate::targets::TargetError::NotFound(_)) => return true,
+            Err(e) => {
+                warn!(backup_target = name, backup_id = %id, "cannot read the record of a backup to take over: {e}");
+                return false;
+            }
+        };
+        match self.backends.get(&record.backend) {
+            Some(backend) => cleanup(target, backend.driver.as_ref(), &mut record),
+            None => {
+                if let Err(e) = target.remove_data_and_checksums(&record.id) {
+                    error!(backup_id = %record.id, "cannot remove partial data: {e}");
+                }
+            }
+        }
+        record.status = Status::Error;
+        record.completed_at = Some(now());
+        record.error = Some(format!(
+            "interrupted: node {} stopped renewing its claim on the backup (killed, paused or cut off); node {} took it over",
+            stale.beat.node,
+            self.config.node_name()
+        ));
+        match target.write_record(&record) {
+            Ok(()) => {
+                warn!(
+                    backup_target = name,
+                    backup_id = %record.id,
+                    volume_id = %record.volume_id,
+                    node = stale.beat.node,
+                    "took over the backup of a node whose claim lapsed: recorded as error, its partial data removed"
+                );
+                true
+            }
+            Err(e) => {
+                error!(backup_id = %record.id, "cannot record the takeover: {e}");
+                false
+            }
+        }
+    }
+
     /// After a restart, `jobs` still lists the backups that ended within the last hours,
     /// rebuilt from the catalogue (the records are the truth; nothing else is kept).
     pub(super) fn list_recent_jobs(&self) {
@@ -102,7 +217,7 @@ impl Inner {
             let Ok(records) = target.records() else {
                 continue;
             };
-            for record in records {
+            for record in records.into_iter().filter(|r| self.made_here(r)) {
                 let ended = match record.status {
                     Status::Available => Phase::Available,
                     Status::Error => Phase::Error,

@@ -66,7 +66,7 @@ impl Inner {
         let started = Instant::now();
         let bad = image.damaged_blocks(&job.progress, &job.cancel)?;
         {
-            let _updating = self.record_updates.lock();
+            let _updating = self.updating(target.as_ref(), &job.backup_id)?;
             let mut record = target.record(&job.backup_id)?;
             if record.status != Status::Available {
                 return Err(EngineError::NotFound(format!(

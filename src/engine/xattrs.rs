@@ -37,7 +37,7 @@ impl Inner {
         mode: XattrMode,
     ) -> Result<()> {
         let target = self.target(target_name)?;
-        let _updating = self.record_updates.lock();
+        let _updating = self.updating(target.as_ref(), backup_id)?;
         let mut record = target.record(backup_id)?;
         if record.status != Status::Available {
             return Err(EngineError::NotFound(format!(

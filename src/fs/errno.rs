@@ -34,7 +34,7 @@ pub fn errno(e: &EngineError) -> Errno {
         EngineError::Volume(v) => volume(v),
         EngineError::Target(t) => match t {
             TargetError::NotFound(_) => Errno::ENOENT,
-            TargetError::Locked { .. } => Errno::EBUSY,
+            TargetError::Locked { .. } | TargetError::NodeTaken { .. } => Errno::EBUSY,
             TargetError::BadRecord { .. } | TargetError::Claim { .. } => Errno::EIO,
             TargetError::Volume(v) => volume(v),
             TargetError::Io { source, .. } => os(source),

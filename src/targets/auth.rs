@@ -333,6 +333,7 @@ mod tests {
             changed_bytes: None,
             changes_found_by: None,
             device: None,
+            node: None,
             xattrs: Default::default(),
             mac: None,
             defect: None,

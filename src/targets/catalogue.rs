@@ -9,8 +9,10 @@
 
 use super::auth::{self, TargetKey};
 use super::claim;
+use super::lease::{Coordinator, LeaseError};
 use super::record::{Checksums, FORMAT_VERSION, Record};
-use super::{LOCK_FILE, Result, TargetError, leaves_file_name, record_file_name, sums_file_name};
+use super::store::DirStore;
+use super::{Result, TargetError, leaves_file_name, record_file_name, sums_file_name};
 use crate::copy::SumKind;
 use crate::ids::BackupId;
 use crate::volume::dir::{Dir, is_not_regular};
@@ -20,6 +22,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The largest record read: a record is a few KiB (its `xattrs` at most 64 KiB); a bigger
 /// file under a record's name is damaged, not read.
@@ -28,6 +31,10 @@ pub const RECORD_CAP: u64 = 1 << 20;
 /// How long a start waits for a lock held by another backupfs: one that was just
 /// unmounted takes a moment to exit and let go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How old a temporary file must be before a node that serves the target with others
+/// takes it for a crash's leftover: no write takes that long.
+const TEMPORARY_AGE: Duration = Duration::from_secs(600);
 
 /// Takes an exclusive flock on `file`, waiting up to 10 s (and saying so) while another
 /// process holds it. False if it is still held then.
@@ -94,6 +101,11 @@ pub trait Catalogue: Send + Sync {
     /// What is stored there that the catalogue did not make (an operator's files): left
     /// in place, named in the log.
     fn foreign(&self) -> Vec<String>;
+    /// This node's part in serving the target with others; None where one daemon serves
+    /// the target alone (it holds the target's lock).
+    fn coordinator(&self) -> Option<&Coordinator> {
+        None
+    }
 }
 
 /// A catalogue in a pool directory: `backup-<id>.json` and `backup-<id>.sums`, each
@@ -103,43 +115,41 @@ pub trait Catalogue: Send + Sync {
 pub struct DirCatalogue {
     target: String,
     dir: PathBuf,
-    /// Held while open: one daemon per target.
-    _lock: File,
+    /// This node's part in serving the target with other nodes (its heartbeat, claims).
+    coordinator: Coordinator,
     /// The target key: records and checksums are sealed with it and checked against it.
     key: Option<Arc<TargetKey>>,
 }
 
 impl DirCatalogue {
-    /// Opens a pool directory as `target`'s catalogue: refuses one that is not ours (see
-    /// `claim`), takes the one-daemon-per-target lock, then claims the pool (migrating an
+    /// Opens a pool directory as `target`'s catalogue, as node `node`: refuses one that is
+    /// not ours (see `claim`), joins the nodes that serve it (refused while another live
+    /// daemon serves it under the same node name), then claims the pool (migrating an
     /// earlier backupfs's layout) if it is not claimed yet.
-    pub fn open(target: &str, dir: &Path) -> Result<DirCatalogue> {
+    pub fn open(target: &str, dir: &Path, node: &str, lease: Duration) -> Result<DirCatalogue> {
         let refused = |source| TargetError::Claim {
             path: dir.to_path_buf(),
             source,
         };
         claim::inspect(dir, target).map_err(refused)?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = Dir::open(dir)
-            .and_then(|dir| open_lock_file(&dir))
-            .map_err(|e| TargetError::io("open lock", &lock_path, e))?;
-        if !lock_waiting(&lock, &lock_path) {
-            return Err(TargetError::Locked {
+        let store = DirStore::open(dir).map_err(|e| TargetError::io("open", dir, e))?;
+        let coordinator = Coordinator::join(Arc::new(store), node, lease).map_err(|e| match e {
+            LeaseError::NodeTaken { object, node } => TargetError::NodeTaken {
                 target: target.to_string(),
-                path: lock_path,
-            });
-        }
+                node,
+                path: PathBuf::from(object),
+            },
+            other => TargetError::io("join", dir, std::io::Error::other(other.to_string())),
+        })?;
         claim::claim(dir, target).map_err(refused)?;
         Ok(DirCatalogue {
             target: target.to_string(),
             dir: dir.to_path_buf(),
-            _lock: lock,
+            coordinator,
             key: None,
         })
     }
 
-    /// Seals what it writes with `key` and trusts only what checks against it (see
-    /// `target::auth`); without one, records are not authenticated.
     pub fn with_key(mut self, key: Option<Arc<TargetKey>>) -> DirCatalogue {
         self.key = key;
         self
@@ -235,23 +245,6 @@ impl DirCatalogue {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(TargetError::io("remove", &dir.join(name), e)),
         }
-    }
-}
-
-/// Opens (or makes, mode 0600) the target's lock file: a regular file of its own, never
-/// one a link points at.
-fn open_lock_file(dir: &Dir) -> std::io::Result<File> {
-    match dir.open_file(LOCK_FILE, OFlag::O_WRONLY) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            match dir.create_new(LOCK_FILE, OFlag::O_WRONLY, 0o600) {
-                // Made by another start between the two calls.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    dir.open_file(LOCK_FILE, OFlag::O_WRONLY)
-                }
-                other => other,
-            }
-        }
-        other => other,
     }
 }
 
@@ -479,8 +472,21 @@ impl Catalogue for DirCatalogue {
         let names = dir
             .names()
             .map_err(|e| TargetError::io("list", &self.dir, e))?;
+        // Another node may be in the middle of a write: with others about, only what is
+        // too old to be a write in flight goes.
+        let alone = !self.coordinator.others_present();
+        let old = |name: &str| {
+            dir.stat(name).is_ok_and(|stat| {
+                let changed =
+                    std::time::UNIX_EPOCH + Duration::from_secs(stat.st_ctime.max(0) as u64);
+                changed.elapsed().is_ok_and(|age| age > TEMPORARY_AGE)
+            })
+        };
         for name in names {
-            if claim::is_temporary(&name) {
+            // A node joining right now writes its heartbeat before anything else: what
+            // looks like its temporary may be in flight, alone or not.
+            let fresh_ok = alone && !super::lease::is_coordination(&name);
+            if claim::is_temporary(&name) && (fresh_ok || old(&name)) {
                 tracing::warn!(
                     backup_target = self.target,
                     "removing {name} left by an interrupted write"
@@ -490,6 +496,10 @@ impl Catalogue for DirCatalogue {
             }
         }
         Ok(())
+    }
+
+    fn coordinator(&self) -> Option<&Coordinator> {
+        Some(&self.coordinator)
     }
 
     fn foreign(&self) -> Vec<String> {
@@ -571,7 +581,7 @@ mod tests {
         let scratch = tempfile::tempdir().unwrap();
         let pool = scratch.path().join("pool");
         std::fs::create_dir(&pool).unwrap();
-        let catalogue = DirCatalogue::open("t", &pool).unwrap();
+        let catalogue = DirCatalogue::open("t", &pool, "n", Duration::from_secs(30)).unwrap();
         let mut claim = record(A);
         let mut sums = catalogue
             .write_checksums(&claim.id, &[1, 2, 3], SumKind::CURRENT, false)
@@ -596,7 +606,7 @@ mod tests {
         std::fs::create_dir(&pool).unwrap();
         let host = scratch.path().join("host");
         std::fs::write(&host, b"{}").unwrap();
-        let catalogue = DirCatalogue::open("t", &pool).unwrap();
+        let catalogue = DirCatalogue::open("t", &pool, "n", Duration::from_secs(30)).unwrap();
         let mut good = record(A);
         let sums = catalogue
             .write_checksums(&good.id, &[1, 2, 3], SumKind::CURRENT, false)

@@ -111,6 +111,7 @@ fn legacy_backups(names: &BTreeSet<String>) -> Result<BTreeSet<String>, Vec<Stri
             let name = name.as_str();
             let ours = name == LOCK_FILE
                 || is_temporary(name)
+                || super::lease::is_coordination(name)
                 || name
                     .strip_prefix("backup-")
                     .and_then(|n| {
@@ -155,6 +156,8 @@ pub fn inspect(dir: &Path, target: &str) -> Result<PoolState, ClaimError> {
     }
     let mut names = entries(dir)?;
     names.remove(LOCK_FILE);
+    // Other nodes that start at the same moment beat here before the marker is written.
+    names.retain(|name| !super::lease::is_coordination(name));
     if names.is_empty() {
         return Ok(PoolState::Empty);
     }
@@ -267,6 +270,9 @@ pub fn is_marker_temporary(name: &str) -> bool {
 /// behind, removed at start-up, never counted as someone else's file.
 pub fn is_temporary(name: &str) -> bool {
     (name.starts_with(".backup-") && name.ends_with(".tmp"))
+        || (super::lease::is_coordination(name)
+            && name.starts_with('.')
+            && (name.ends_with(".tmp") || name.ends_with(".spare")))
         || is_marker_temporary(name)
         || name.starts_with(crate::volume::file::REFLINK_PROBE_PREFIX)
 }
@@ -282,6 +288,7 @@ pub fn foreign_files(dir: &Path) -> Vec<String> {
             let ours = name == MARKER
                 || name == LOCK_FILE
                 || is_temporary(name)
+                || super::lease::is_coordination(name)
                 || name
                     .strip_prefix("backup-")
                     .and_then(|n| {

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod catalogue;
 pub mod claim;
+pub mod lease;
 pub mod rbd;
 pub mod record;
 pub mod store;
@@ -34,6 +35,14 @@ pub enum TargetError {
     NotFound(String),
     #[error("target {target} is in use by another backupfs (lock {path})")]
     Locked { target: String, path: PathBuf },
+    #[error(
+        "target {target} is in use by another backupfs as node {node} (its heartbeat {path} is alive): every daemon that serves a target needs a node name of its own (`node`)"
+    )]
+    NodeTaken {
+        target: String,
+        node: String,
+        path: PathBuf,
+    },
     #[error("record {path}: {message}")]
     BadRecord { path: PathBuf, message: String },
     #[error("pool {path} {source}")]

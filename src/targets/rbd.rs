@@ -168,45 +168,14 @@ pub fn inspect(io: &IoCtx, target: &str) -> std::result::Result<PoolState, Claim
     })
 }
 
-/// This process, as a lock cookie: boot, pid and start time, so that a daemon on this
-/// machine can tell that the holder is dead (after `kill -9`) and break its lock.
+/// This process, as a lock cookie (see `lease::holder_cookie`): a daemon on this machine
+/// can tell that the holder is dead (after `kill -9`) and break its lock.
 fn lock_cookie() -> String {
-    format!(
-        "{}.{}.{}.{}",
-        boot_id(),
-        std::process::id(),
-        process_start(std::process::id()).unwrap_or(0),
-        uuid::Uuid::new_v4()
-    )
+    super::lease::holder_cookie()
 }
 
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-/// A process's start time (clock ticks since boot), field 22 of /proc/<pid>/stat.
-fn process_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
-
-/// Whether a lock cookie names a process of this boot that is gone.
 fn holder_is_dead(cookie: &str) -> bool {
-    let mut parts = cookie.split('.');
-    let (Some(boot), Some(pid), Some(start)) = (parts.next(), parts.next(), parts.next()) else {
-        return false;
-    };
-    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
-        return false;
-    };
-    boot == boot_id() && !boot.is_empty() && process_start(pid) != Some(start)
+    super::lease::holder_is_dead(cookie)
 }
 
 /// Records, checksums, the lock and the claim, in RADOS objects. The daemon holding the

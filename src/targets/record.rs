@@ -102,6 +102,10 @@ pub struct Record {
     /// request gave it; null for a volume of a backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// The node that made the backup (`node` in its daemon's configuration); null in
+    /// records made before nodes had names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Operators' `user.*` extended attributes of the image (Cinder's backup metadata).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub xattrs: BTreeMap<String, String>,

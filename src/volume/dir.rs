@@ -186,6 +186,13 @@ impl Dir {
             .map_err(nix_io)
     }
 
+    /// Swaps the names `a` and `b` in this directory, atomically (both must exist; EINVAL
+    /// where the file system cannot, NFS say).
+    pub fn exchange(&self, a: &str, b: &str) -> io::Result<()> {
+        nix::fcntl::renameat2(&self.fd, a, &self.fd, b, RenameFlags::RENAME_EXCHANGE)
+            .map_err(nix_io)
+    }
+
     /// A second name `to` for the file `from` (a link at `from` is linked itself, never
     /// followed); fails with EEXIST rather than replace anything.
     pub fn link(&self, from: &str, to: &str) -> io::Result<()> {

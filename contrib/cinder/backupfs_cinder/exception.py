@@ -47,7 +47,8 @@ class VolumeNotServed(BackupfsError):
 
 
 class VolumeBusy(BackupfsError):
-    """The volume has a backup running or is being restored (EBUSY)."""
+    """The volume has a backup running (on any node) or is being restored
+    (EBUSY)."""
 
 
 class TargetFull(BackupfsError):
@@ -71,7 +72,8 @@ class DamagedBackup(BackupfsError):
 
 
 class BackupInUse(BackupfsError):
-    """backupfs refused to delete the backup (still being made, or needed)."""
+    """backupfs refused to delete the backup (still being made, or the parent
+    of an incremental backup in progress on any node)."""
 
 
 class MetadataNotStored(BackupfsError):

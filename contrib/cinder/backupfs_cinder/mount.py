@@ -305,9 +305,13 @@ class Mount:
             pass
         except OSError as e:
             if e.errno == errno.EBUSY:
+                # Only a backup in progress holds its parent: finished
+                # incrementals are whole images that need none.
                 raise exception.BackupInUse(
-                    'backup %s on target %s cannot be deleted: incremental '
-                    'backups depend on it (EBUSY)' % (backup_id, target),
+                    'backup %s on target %s cannot be deleted now: an '
+                    'incremental backup in progress builds on it, on this '
+                    'node or another node serving the target (EBUSY); delete '
+                    'it once that backup has ended' % (backup_id, target),
                     e.errno) from None
             raise exception.BackupfsError(
                 'deleting backup %s on target %s failed: %s'

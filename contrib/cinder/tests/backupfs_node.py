@@ -2,8 +2,11 @@
 
 A Sandbox is one test's directory; a Node in it is one Cinder node's backupfs:
 backend ``cinder`` (a pool of volume files, ``volume-<id>``), backend
-``store`` whose pool is target ``t``, a state directory and a mountpoint.
-Two nodes can share the target's pool directory. Sandbox.cleanup() undoes
+``store`` whose pool is target ``t``, a state directory, a runtime directory
+and a mountpoint. Its backupfs node name is the Node's name, so several nodes
+can serve the target's pool directory at once (and share a volume pool), as
+several backup hosts do: the same configuration but ``node`` and
+``state_dir``. Sandbox.cleanup() undoes
 everything, also after a failed test: daemons stopped, mounts detached, loop
 devices freed, and the directory removed only once nothing is mounted in it.
 The daemon is the binary named by $BACKUPFS_BIN.
@@ -88,8 +91,8 @@ class Sandbox:
         self._mounts.append(mountpoint)
         return mountpoint
 
-    def node(self, name, target_pool, volume_pool=None):
-        node = Node(self, name, target_pool, volume_pool)
+    def node(self, name, target_pool, volume_pool=None, env=None):
+        node = Node(self, name, target_pool, volume_pool, env)
         self._nodes.append(node)
         return node
 
@@ -109,9 +112,16 @@ class Sandbox:
 
 
 class Node:
-    """backupfs on one Cinder node: its volume pool, target ``t``, mount."""
+    """backupfs on one Cinder node: its volume pool, target ``t``, mount.
 
-    def __init__(self, sandbox, name, target_pool, volume_pool=None):
+    ``env`` is added to the daemon's environment (e.g. backupfs' test hook
+    BACKUPFS_TEST_PAUSE, which holds a job at a given point).
+    """
+
+    def __init__(self, sandbox, name, target_pool, volume_pool=None,
+                 env=None):
+        self.name = name
+        self.env = dict(env or {})
         if volume_pool is None:
             volume_pool = sandbox.mkdir(name + '-volumes')
         os.makedirs(volume_pool, exist_ok=True)
@@ -119,14 +129,16 @@ class Node:
         self.mountpoint = sandbox.mkdir(name + '-mnt')
         self.log_path = os.path.join(sandbox.dir, name + '.log')
         self.config = os.path.join(sandbox.dir, name + '.toml')
+        self.runtime_dir = sandbox.mkdir(name + '-run')
         with open(self.config, 'w') as f:
-            f.write('state_dir = "%s"\n'
+            f.write('node = "%s"\n'
+                    'state_dir = "%s"\n'
                     '[backends.cinder]\ndriver = "file"\n'
                     'pools = { volumes = "%s" }\n'
                     '[backends.store]\ndriver = "file"\n'
                     'pools = { backups = "%s" }\n'
                     '[targets.t]\nbackend = "store"\npool = "backups"\n'
-                    % (sandbox.mkdir(name + '-state'), self.pool,
+                    % (name, sandbox.mkdir(name + '-state'), self.pool,
                        target_pool))
         self.process = None
 
@@ -142,7 +154,8 @@ class Node:
         log = open(self.log_path, 'ab')
         self.process = subprocess.Popen(
             [BIN, 'mount', self.mountpoint, '--config', self.config],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            env=self._environment())
         log.close()
         deadline = time.monotonic() + 20
         while not ('backupfs mounted' in self.log() and
@@ -152,6 +165,13 @@ class Node:
                 raise RuntimeError('backupfs did not mount; its log:\n'
                                    + self.log())
             time.sleep(0.05)
+
+    def _environment(self):
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith('BACKUPFS_TEST_')}
+        env['RUNTIME_DIRECTORY'] = self.runtime_dir
+        env.update(self.env)
+        return env
 
     def stop(self):
         """SIGTERM, as systemd stops it; the mount is gone afterwards."""

@@ -28,7 +28,8 @@ CONF = cfg.CONF
 VOLUME_RPC = 'cinder.volume.rpcapi.VolumeAPI.'
 
 
-class BackupManagerTest(base.BackupfsTestCase):
+class ManagerTestCase(base.BackupfsTestCase):
+    """Cinder's backup manager with the volume service's answers stubbed."""
 
     def setUp(self):
         super().setUp()
@@ -57,6 +58,9 @@ class BackupManagerTest(base.BackupfsTestCase):
         return objects.BackupDeviceInfo.from_primitive(
             {'backup_device': volume, 'secure_enabled': False,
              'is_snapshot': False}, self.ctxt)
+
+
+class BackupManagerTest(ManagerTestCase):
 
     def test_create_restore_delete_round(self):
         # The manager checks the driver's set-up before it takes any work.
