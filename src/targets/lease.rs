@@ -334,7 +334,7 @@ impl Coordinator {
         let beat = claim.beat.fetch_add(1, Ordering::Relaxed) + 1;
         let bytes = self.claim_bytes(claim, beat);
         self.store
-            .put(&claim.object, &bytes)
+            .rewrite(&claim.object, &bytes)
             .map_err(io_err("write", &claim.object))?;
         *claim.renewed.lock() = Instant::now();
         Ok(())
@@ -357,7 +357,10 @@ impl Coordinator {
                 self.store.describe()
             );
         } else {
-            match self.store.put(&self.node_object, &self.node_bytes(beat)) {
+            match self
+                .store
+                .rewrite(&self.node_object, &self.node_bytes(beat))
+            {
                 Ok(()) => *self.node_renewed.lock() = Instant::now(),
                 Err(e) => tracing::warn!("cannot renew node {}'s heartbeat: {e}", self.node),
             }

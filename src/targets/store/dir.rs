@@ -4,7 +4,8 @@
 //! directory fsynced. Every file is opened relative to the directory's descriptor, never
 //! through a link (`volume/dir.rs`). Temporaries start with `.` and are never listed.
 //!
-//! An object rewritten again and again (a heartbeat) is not given a new file each time:
+//! An object rewritten again and again (a heartbeat, `rewrite`) is not given a new file
+//! each time:
 //! where the file system can swap two names atomically (`RENAME_EXCHANGE`: ext4, XFS,
 //! btrfs), the previous file is kept under its temporary name as a spare, rewritten with
 //! the next bytes and swapped in (`.<name>.<random>.spare`). So a heartbeat needs no new block, and keeps beating on
@@ -108,6 +109,22 @@ impl ObjectStore for DirStore {
     }
 
     fn put(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        if !valid_name(name) {
+            return Err(bad_name(name));
+        }
+        let tmp = self.temporary(name, bytes, ".tmp")?;
+        if let Err(e) = self.dir.rename(&tmp, name) {
+            let _ = self.dir.remove(&tmp);
+            return Err(e);
+        }
+        // A spare of an earlier rewrite holds older bytes: it goes.
+        if let Some(spare) = self.spares.lock().remove(name) {
+            let _ = self.dir.remove(&spare);
+        }
+        self.dir.sync()
+    }
+
+    fn rewrite(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         if !valid_name(name) {
             return Err(bad_name(name));
         }
