@@ -7,15 +7,17 @@
 //! descriptor, never through a link, never a FIFO or device (`volume/dir.rs`), what is
 //! read whole has a size cap, and temporary files have unpredictable names.
 
-use super::auth::{self, TargetKey};
+use super::auth::TargetKey;
 use super::claim;
 use super::lease::{Coordinator, LeaseError};
-use super::record::{Checksums, FORMAT_VERSION, Record};
-use super::store::DirStore;
-use super::{Result, TargetError, leaves_file_name, record_file_name, sums_file_name};
+use super::record::{Checksums, Record};
+pub use super::records::RECORD_CAP;
+use super::records::{Names, StoreRecords};
+use super::store::{DirStore, ObjectStore};
+use super::{Result, TargetError, leaves_file_name};
 use crate::copy::SumKind;
 use crate::ids::BackupId;
-use crate::volume::dir::{Dir, is_not_regular};
+use crate::volume::dir::Dir;
 use nix::fcntl::OFlag;
 use std::fs::File;
 use std::io::Write;
@@ -23,10 +25,6 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The largest record read: a record is a few KiB (its `xattrs` at most 64 KiB); a bigger
-/// file under a record's name is damaged, not read.
-pub const RECORD_CAP: u64 = 1 << 20;
 
 /// How long a start waits for a lock held by another backupfs: one that was just
 /// unmounted takes a moment to exit and let go.
@@ -108,18 +106,25 @@ pub trait Catalogue: Send + Sync {
     }
 }
 
-/// A catalogue in a pool directory: `backup-<id>.json` and `backup-<id>.sums`, each
-/// written as a temporary file, fsynced, renamed, and the directory fsynced; and
-/// `backup-<id>.leaves`, written in place while the backup is made (its record names it
-/// only once it is complete).
+/// A catalogue in a pool directory: `backup-<id>.json` and `backup-<id>.sums` (objects
+/// of a [`DirStore`]: each written as a temporary file, fsynced, renamed, and the
+/// directory fsynced; see `records`), and `backup-<id>.leaves`, written in place while the
+/// backup is made (its record names it only once it is complete).
 pub struct DirCatalogue {
     target: String,
     dir: PathBuf,
+    records: StoreRecords,
     /// This node's part in serving the target with other nodes (its heartbeat, claims).
     coordinator: Coordinator,
-    /// The target key: records and checksums are sealed with it and checked against it.
-    key: Option<Arc<TargetKey>>,
 }
+
+/// The names of a directory catalogue's objects.
+pub const DIR_NAMES: Names = Names {
+    record_prefix: "backup-",
+    record_suffix: ".json",
+    sums_prefix: "backup-",
+    sums_suffix: ".sums",
+};
 
 impl DirCatalogue {
     /// Opens a pool directory as `target`'s catalogue, as node `node`: refuses one that is
@@ -132,8 +137,9 @@ impl DirCatalogue {
             source,
         };
         claim::inspect(dir, target).map_err(refused)?;
-        let store = DirStore::open(dir).map_err(|e| TargetError::io("open", dir, e))?;
-        let coordinator = Coordinator::join(Arc::new(store), node, lease).map_err(|e| match e {
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(DirStore::open(dir).map_err(|e| TargetError::io("open", dir, e))?);
+        let coordinator = Coordinator::join(store.clone(), node, lease).map_err(|e| match e {
             LeaseError::NodeTaken { object, node } => TargetError::NodeTaken {
                 target: target.to_string(),
                 node,
@@ -145,106 +151,23 @@ impl DirCatalogue {
         Ok(DirCatalogue {
             target: target.to_string(),
             dir: dir.to_path_buf(),
+            records: StoreRecords {
+                store,
+                names: DIR_NAMES,
+                key: None,
+            },
             coordinator,
-            key: None,
         })
     }
 
+    /// Seals what it writes with `key` and trusts only what checks against it.
     pub fn with_key(mut self, key: Option<Arc<TargetKey>>) -> DirCatalogue {
-        self.key = key;
+        self.records.key = key;
         self
-    }
-
-    /// A record as read, inspected: marked defective (so damaged) when it is not the
-    /// record of the backup its name says, cannot check what it serves, or does not
-    /// authenticate.
-    fn load_record(&self, dir: &Dir, name: &str) -> Result<Record> {
-        let mut record = Self::read_record_file(dir, name)?;
-        auth::inspect(&mut record, self.key.as_deref());
-        if record.defect.is_none() && name != record_file_name(&record.id) {
-            record.defect = Some(format!("the file holds the record of {}", record.id));
-        }
-        Ok(record)
-    }
-
-    fn record_path(&self, backup_id: &BackupId) -> PathBuf {
-        self.dir.join(record_file_name(backup_id))
     }
 
     fn open_dir(&self) -> Result<Dir> {
         Dir::open(&self.dir).map_err(|e| TargetError::io("open", &self.dir, e))
-    }
-
-    /// Reads a file that is read whole (a record, checksums) of at most `cap` bytes: one
-    /// that is not a regular file or is bigger is damaged (`BadRecord`), never followed,
-    /// waited on or read.
-    fn read_whole(dir: &Dir, name: &str, cap: u64) -> Result<Vec<u8>> {
-        let path = dir.join(name);
-        dir.read_capped(name, cap).map_err(|e| {
-            if is_not_regular(&e) {
-                TargetError::BadRecord {
-                    path,
-                    message: e.to_string(),
-                }
-            } else if e.raw_os_error() == Some(libc::EFBIG) {
-                TargetError::BadRecord {
-                    path,
-                    message: format!("larger than {cap} bytes"),
-                }
-            } else {
-                TargetError::io("read", &path, e)
-            }
-        })
-    }
-
-    fn read_record_file(dir: &Dir, name: &str) -> Result<Record> {
-        let text = Self::read_whole(dir, name, RECORD_CAP)?;
-        let path = dir.join(name);
-        let record: Record = serde_json::from_slice(&text).map_err(|e| TargetError::BadRecord {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        if record.format != FORMAT_VERSION {
-            return Err(TargetError::BadRecord {
-                path,
-                message: format!("unknown format version {}", record.format),
-            });
-        }
-        Ok(record)
-    }
-
-    /// Writes `bytes` to `name` in the pool directory: a new temporary file (a random
-    /// name, O_EXCL, so a link planted at a name we might use is never written through),
-    /// fsync, rename within the directory, fsync of the directory. A crash leaves the old
-    /// file or the new one, never half.
-    fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let dir = self.open_dir()?;
-        let path = dir.join(name);
-        let (tmp, file) = dir
-            .create_temporary(&format!(".{name}."), ".tmp")
-            .map_err(|e| TargetError::io("write", &path, e))?;
-        let write = || -> std::io::Result<()> {
-            (&file).write_all(bytes)?;
-            file.sync_all()?;
-            dir.rename(&tmp, name)
-        };
-        if let Err(e) = write() {
-            let _ = dir.remove(&tmp);
-            return Err(TargetError::io("write", &path, e));
-        }
-        dir.sync()
-            .map_err(|e| TargetError::io("fsync", &self.dir, e))
-    }
-
-    fn remove(&self, name: &str) -> Result<()> {
-        let dir = self.open_dir()?;
-        match dir.remove(name) {
-            Ok(()) => dir
-                .sync()
-                .map_err(|e| TargetError::io("fsync", &self.dir, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(TargetError::io("remove", &dir.join(name), e)),
-        }
     }
 }
 
@@ -254,52 +177,19 @@ impl Catalogue for DirCatalogue {
     }
 
     fn records(&self) -> Result<Vec<Record>> {
-        let dir = self.open_dir()?;
-        let names = dir
-            .names()
-            .map_err(|e| TargetError::io("list", &self.dir, e))?;
-        let mut records = Vec::new();
-        for name in names {
-            if !(name.starts_with("backup-") && name.ends_with(".json")) {
-                continue;
-            }
-            match self.load_record(&dir, &name) {
-                Ok(record) => records.push(record),
-                // A record removed while listing is simply gone.
-                Err(TargetError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!("target {}: skipping unreadable record: {e}", self.target)
-                }
-            }
-        }
-        records.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
-        Ok(records)
+        self.records.records(&self.target)
     }
 
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
-        match self.load_record(&self.open_dir()?, &record_file_name(backup_id)) {
-            Err(TargetError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Err(TargetError::NotFound(backup_id.to_string()))
-            }
-            other => other,
-        }
+        self.records.record(backup_id)
     }
 
     fn write_record(&self, record: &Record) -> Result<()> {
-        let record = &auth::prepare(record, self.key.as_deref());
-        let mut bytes = serde_json::to_vec_pretty(record).map_err(|e| TargetError::BadRecord {
-            path: self.record_path(&record.id),
-            message: e.to_string(),
-        })?;
-        bytes.push(b'\n');
-        self.write_atomic(&record_file_name(&record.id), &bytes)
+        self.records.write_record(record).map(drop)
     }
 
     fn remove_record(&self, backup_id: &BackupId) -> Result<()> {
-        self.remove(&record_file_name(backup_id))
+        self.records.remove_record(backup_id)
     }
 
     fn write_checksums(
@@ -309,43 +199,40 @@ impl Catalogue for DirCatalogue {
         kind: SumKind,
         leaves: bool,
     ) -> Result<Checksums> {
+        let name = leaves_file_name(backup_id);
         if !leaves {
             // Cut short (a full disk): no record will name it, nothing will read it.
-            self.remove(&leaves_file_name(backup_id))?;
+            self.records.remove(&name)?;
+            return self.records.write_sums(backup_id, sums, kind, None);
         }
-        let leaves = leaves.then(|| leaves_file_name(backup_id));
-        let (bytes, mut entry) = Checksums::encode(sums, kind, sums_file_name(backup_id), leaves);
-        if let Some(key) = &self.key {
-            entry.mac = Some(key.sums_mac(backup_id, &bytes));
-            if let Some(name) = entry.leaves.clone() {
-                // Complete and flushed (the caller says so): what the next backup starts from.
-                let expected = sums.len() as u64 * crate::copy::LEAF_SUMS_PER_BLOCK_BYTES;
-                let found = self
-                    .open_dir()
-                    .and_then(|dir| Self::read_whole(&dir, &name, expected));
-                match found {
-                    Ok(leaves) if leaves.len() as u64 == expected => {
-                        entry.leaves_mac = Some(key.leaves_mac(backup_id, &leaves));
-                    }
-                    // Not what this backup wrote: no record names it, the next backup
-                    // reads changed blocks whole.
-                    found => {
-                        tracing::warn!(
-                            backup_id = %backup_id,
-                            "leaf sums not kept: {name} is not the file this backup wrote ({})",
-                            match found {
-                                Ok(bytes) => format!("{} bytes", bytes.len()),
-                                Err(e) => e.to_string(),
-                            }
-                        );
-                        entry.leaves = None;
-                        self.remove(&name)?;
-                    }
-                }
+        let Some(key) = &self.records.key else {
+            return self
+                .records
+                .write_sums(backup_id, sums, kind, Some((name, None)));
+        };
+        // Complete and flushed (the caller says so): what the next backup starts from.
+        let expected = sums.len() as u64 * crate::copy::LEAF_SUMS_PER_BLOCK_BYTES;
+        let leaves = match self.records.read_capped(&name, expected) {
+            Ok(Some(bytes)) if bytes.len() as u64 == expected => {
+                Some((name, Some(key.leaves_mac(backup_id, &bytes))))
             }
-        }
-        self.write_atomic(&entry.file, &bytes)?;
-        Ok(entry)
+            // Not what this backup wrote: no record names it, the next backup reads
+            // changed blocks whole.
+            found => {
+                tracing::warn!(
+                    backup_id = %backup_id,
+                    "leaf sums not kept: {name} is not the file this backup wrote ({})",
+                    match found {
+                        Ok(Some(bytes)) => format!("{} bytes", bytes.len()),
+                        Ok(None) => "gone".to_string(),
+                        Err(e) => e.to_string(),
+                    }
+                );
+                self.records.remove(&name)?;
+                None
+            }
+        };
+        self.records.write_sums(backup_id, sums, kind, leaves)
     }
 
     fn create_leaves(
@@ -388,7 +275,8 @@ impl Catalogue for DirCatalogue {
                 }
                 other => other?,
             };
-            if let (Some(base_file), Some(key), Some(base)) = (&base_file, &self.key, base) {
+            if let (Some(base_file), Some(key), Some(base)) = (&base_file, &self.records.key, base)
+            {
                 // On a keyed target the parent's leaf sums are read whole and checked
                 // against their MAC, and the checked bytes written: xxh3 is no defence
                 // against a writer of the target who forges them.
@@ -418,53 +306,12 @@ impl Catalogue for DirCatalogue {
     }
 
     fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {
-        let Some(checksums) = &record.checksums else {
-            return Ok(Vec::new());
-        };
-        let dir = self.open_dir()?;
-        let name = sums_file_name(&record.id);
-        let path = dir.join(&name);
-        // Eight bytes per block the record names, not one more.
-        let cap = checksums
-            .blocks
-            .checked_mul(8)
-            .ok_or_else(|| TargetError::BadRecord {
-                path: self.record_path(&record.id),
-                message: format!("{} checksum blocks", checksums.blocks),
-            })?;
-        // The sums are held in memory whole (twice while decoded). On a target without a
-        // key a record's block count is whatever its writer says: a claim the machine
-        // cannot hold is refused, not read (reading it would end the daemon).
-        let room = available_memory() / 8;
-        if cap > room {
-            return Err(TargetError::BadRecord {
-                path: self.record_path(&record.id),
-                message: format!(
-                    "its {} checksum blocks would take {cap} bytes of memory, more than an eighth of what is available ({room} bytes)",
-                    checksums.blocks
-                ),
-            });
-        }
-        let bytes = Self::read_whole(&dir, &name, cap)?;
-        if let Some(key) = &self.key
-            && !key.sums_check(&record.id, checksums, &bytes)
-        {
-            return Err(TargetError::BadRecord {
-                path,
-                message: "checksum file does not match its MAC in the record".to_string(),
-            });
-        }
-        checksums
-            .decode(&bytes)
-            .ok_or_else(|| TargetError::BadRecord {
-                path,
-                message: "checksum file does not match its digest in the record".to_string(),
-            })
+        self.records.read_sums(record)
     }
 
     fn remove_checksums(&self, backup_id: &BackupId) -> Result<()> {
-        self.remove(&leaves_file_name(backup_id))?;
-        self.remove(&sums_file_name(backup_id))
+        self.records.remove(&leaves_file_name(backup_id))?;
+        self.records.remove_sums(backup_id)
     }
 
     fn remove_temporaries(&self) -> Result<()> {
@@ -505,18 +352,6 @@ impl Catalogue for DirCatalogue {
     fn foreign(&self) -> Vec<String> {
         claim::foreign_files(&self.dir)
     }
-}
-
-/// Bytes of memory available now (`MemAvailable`), or 1 GiB when that cannot be read.
-fn available_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            kib.checked_mul(1024)
-        })
-        .unwrap_or(1 << 30)
 }
 
 /// Copies the parent's leaf sums into a new backup's file if they check against the MAC
@@ -591,7 +426,7 @@ mod tests {
         claim.checksums = Some(sums);
         File::options()
             .write(true)
-            .open(pool.join(sums_file_name(A)))
+            .open(pool.join(DIR_NAMES.sums(A)))
             .unwrap()
             .set_len(1 << 36)
             .unwrap();
@@ -618,7 +453,7 @@ mod tests {
         // Sums longer than the record's 3 blocks (sparse: 1 GiB would be slow to read).
         let sums_file = File::options()
             .write(true)
-            .open(pool.join(sums_file_name(A)))
+            .open(pool.join(DIR_NAMES.sums(A)))
             .unwrap();
         sums_file.set_len(1 << 30).unwrap();
         assert_eq!(
@@ -627,7 +462,7 @@ mod tests {
         );
 
         let b = BackupId::parse(B).unwrap();
-        let other = pool.join(record_file_name(B));
+        let other = pool.join(DIR_NAMES.record(B));
         type Plant = fn(&Path);
         let plants: [(&str, Plant); 3] = [
             ("a symbolic link", |p| {
@@ -658,7 +493,7 @@ mod tests {
         }
 
         // A link at a temporary's name is swept as a name; its target stays.
-        let tmp = pool.join(format!(".{}.1.0.tmp", record_file_name(A)));
+        let tmp = pool.join(format!(".{}.1.0.tmp", DIR_NAMES.record(A)));
         std::os::unix::fs::symlink(&host, &tmp).unwrap();
         catalogue.write_record(&good).unwrap();
         catalogue.remove_temporaries().unwrap();

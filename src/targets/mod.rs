@@ -9,6 +9,7 @@ pub mod claim;
 pub mod lease;
 pub mod rbd;
 pub mod record;
+pub mod records;
 pub mod store;
 
 use crate::copy::SumKind;
@@ -94,10 +95,6 @@ pub fn untrusted(record: &Record) -> Option<TargetError> {
 
 pub(crate) fn record_file_name(backup_id: &str) -> String {
     format!("backup-{backup_id}.json")
-}
-
-pub(crate) fn sums_file_name(backup_id: &str) -> String {
-    format!("backup-{backup_id}.sums")
 }
 
 pub(crate) fn leaves_file_name(backup_id: &str) -> String {

@@ -16,7 +16,9 @@
 
 use super::catalogue::Catalogue;
 use super::claim::{ClaimError, Marker, PoolState};
-use super::record::{Checksums, FORMAT_VERSION, Record, rfc3339};
+use super::record::{Checksums, Record, rfc3339};
+use super::records::{Names, StoreRecords};
+use super::store::RadosStore;
 use super::{BackupTarget, NewData, Result, TargetError};
 use crate::ids::BackupId;
 use crate::volume::Attachment;
@@ -185,12 +187,20 @@ pub struct RbdCatalogue {
     target: String,
     io: IoCtx,
     lock: ObjectLock,
+    /// The records and checksums as objects (`records`: one encoding for every store).
+    objects: StoreRecords,
     /// id → the record, or why it cannot be read (it still owns its data).
     records: Mutex<BTreeMap<String, std::result::Result<Record, String>>>,
     foreign: Vec<String>,
-    /// The target key: records and checksums are sealed with it and checked against it.
-    key: Option<Arc<super::auth::TargetKey>>,
 }
+
+/// The names of an RBD target's catalogue objects.
+pub const RADOS_NAMES: Names = Names {
+    record_prefix: RECORD_PREFIX,
+    record_suffix: "",
+    sums_prefix: SUMS_PREFIX,
+    sums_suffix: "",
+};
 
 impl RbdCatalogue {
     fn locked_out(&self) -> TargetError {
@@ -208,30 +218,9 @@ impl RbdCatalogue {
         }
     }
 
-    fn write_object(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        self.check_lock()?;
-        self.io.write_object(name, bytes).map_err(target_error)
-    }
-
     fn remove_object(&self, name: &str) -> Result<()> {
         self.check_lock()?;
-        match self.io.remove_object(name) {
-            Err(e) if !e.is_not_found() => Err(target_error(e)),
-            _ => Ok(()),
-        }
-    }
-
-    fn parse_record(name: &str, bytes: &[u8]) -> std::result::Result<Record, String> {
-        let record: Record = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if record.format != FORMAT_VERSION {
-            return Err(format!("unknown format version {}", record.format));
-        }
-        if record_object(&record.id) != name {
-            return Err(format!("holds the record of {}", record.id));
-        }
-        let mut record = record;
-        super::auth::inspect(&mut record, None);
-        Ok(record)
+        self.objects.remove(name)
     }
 }
 
@@ -247,7 +236,7 @@ impl Catalogue for RbdCatalogue {
             .values()
             .filter_map(|r| r.as_ref().ok().cloned())
             .collect();
-        records.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+        super::records::sort(&mut records);
         Ok(records)
     }
 
@@ -264,18 +253,9 @@ impl Catalogue for RbdCatalogue {
 
     /// `write_full`: the object is replaced whole, atomically.
     fn write_record(&self, record: &Record) -> Result<()> {
-        let name = record_object(&record.id);
-        let written = super::auth::prepare(record, self.key.as_deref());
-        let mut bytes =
-            serde_json::to_vec_pretty(&written).map_err(|e| TargetError::BadRecord {
-                path: PathBuf::from(&name),
-                message: e.to_string(),
-            })?;
-        bytes.push(b'\n');
-        self.write_object(&name, &bytes)?;
+        self.check_lock()?;
         // What was stored (its MAC), still damaged in memory if it was.
-        let mut kept = written;
-        kept.defect = record.defect.clone();
+        let kept = self.objects.write_record(record)?;
         self.records.lock().insert(record.id.to_string(), Ok(kept));
         Ok(())
     }
@@ -294,32 +274,12 @@ impl Catalogue for RbdCatalogue {
         _leaves: bool,
     ) -> Result<Checksums> {
         // No leaf sums kept in RADOS: an incremental reads whole changed blocks.
-        let (bytes, mut entry) = Checksums::encode(sums, kind, sums_object(backup_id), None);
-        entry.mac = self.key.as_ref().map(|key| key.sums_mac(backup_id, &bytes));
-        self.write_object(&entry.file, &bytes)?;
-        Ok(entry)
+        self.check_lock()?;
+        self.objects.write_sums(backup_id, sums, kind, None)
     }
 
     fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {
-        let Some(checksums) = &record.checksums else {
-            return Ok(Vec::new());
-        };
-        let name = sums_object(&record.id);
-        let bytes = self.io.read_object(&name).map_err(target_error)?;
-        if let Some(key) = &self.key
-            && !key.sums_check(&record.id, checksums, &bytes)
-        {
-            return Err(TargetError::BadRecord {
-                path: PathBuf::from(name),
-                message: "checksum object does not match its MAC in the record".to_string(),
-            });
-        }
-        checksums
-            .decode(&bytes)
-            .ok_or_else(|| TargetError::BadRecord {
-                path: PathBuf::from(name),
-                message: "checksum object does not match its digest in the record".to_string(),
-            })
+        self.objects.read_sums(record)
     }
 
     fn remove_checksums(&self, backup_id: &BackupId) -> Result<()> {
@@ -384,16 +344,22 @@ impl RbdTarget {
                 Err(e) => return Err(refused(claim_io(e))),
             }
         }
+        let objects = StoreRecords {
+            store: Arc::new(RadosStore::new(io.clone())),
+            names: RADOS_NAMES,
+            key: None,
+        };
         let mut records = BTreeMap::new();
         let mut foreign = Vec::new();
         for object in io.list_objects("").map_err(target_error)? {
             if let Some(id) = object.strip_prefix(RECORD_PREFIX)
                 && crate::ids::is_backup_id(id)
             {
-                let parsed = match io.read_object(&object) {
-                    Ok(bytes) => RbdCatalogue::parse_record(&object, &bytes),
-                    Err(e) if e.is_not_found() => continue,
-                    Err(e) => return Err(target_error(e)),
+                let parsed = match objects.load(&object) {
+                    Ok(record) => Ok(record),
+                    Err(TargetError::NotFound(_)) => continue,
+                    Err(TargetError::BadRecord { message, .. }) => Err(message),
+                    Err(e) => return Err(e),
                 };
                 if let Err(message) = &parsed {
                     tracing::warn!(
@@ -442,9 +408,9 @@ impl RbdTarget {
                 target: name.to_string(),
                 io,
                 lock,
+                objects,
                 records: Mutex::new(records),
                 foreign,
-                key: None,
             },
             members: Mutex::new(members),
             series_locks: Mutex::new(HashMap::new()),
@@ -458,7 +424,7 @@ impl RbdTarget {
         for record in self.catalogue.records.get_mut().values_mut().flatten() {
             super::auth::inspect(record, key.as_deref());
         }
-        self.catalogue.key = key;
+        self.catalogue.objects.key = key;
         self
     }
 

@@ -101,9 +101,6 @@ impl ObjectStore for DirStore {
         match self.dir.read_capped(name, cap) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) if crate::volume::dir::is_not_regular(&e) => {
-                Err(io::Error::from_raw_os_error(libc::EINVAL))
-            }
             Err(e) => Err(e),
         }
     }

@@ -27,7 +27,8 @@ pub trait ObjectStore: Send + Sync {
     /// Where it is, for messages (`/srv/backups`, `rbd:pool/ns`, `s3://bucket/prefix`).
     fn describe(&self) -> String;
     /// The whole object, if it exists; `EFBIG` if it holds more than `cap` bytes; an
-    /// entry that is not a plain object (a link, a FIFO) is `EINVAL`, never read.
+    /// entry that is not a plain object (a link, a FIFO) is an error
+    /// (`volume::dir::is_not_regular`), never read.
     fn get(&self, name: &str, cap: u64) -> io::Result<Option<Vec<u8>>>;
     /// Writes the object whole, replacing what was there: a crash leaves the old or the
     /// new bytes, and once it returns the bytes are durable.

@@ -1,0 +1,267 @@
+//! Records and checksums on an object store: the one encoding of a catalogue, whatever
+//! the storage (a directory, a RADOS pool, an S3 bucket). A record is JSON, written whole
+//! (`put`); it is read with a size cap, its format checked, its name checked against the
+//! backup it says it is, and on a keyed target its MAC (`auth`); the checksums are read
+//! with a cap of 8 bytes per block the record names, and checked against the record's
+//! digest (and MAC). Only the names differ between catalogues ([`Names`]).
+
+use super::auth::{self, TargetKey};
+use super::record::{Checksums, FORMAT_VERSION, Record};
+use super::store::ObjectStore;
+use super::{Result, TargetError};
+use crate::copy::SumKind;
+use crate::ids::BackupId;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The largest record read: a record is a few KiB (its `xattrs` at most 64 KiB); a bigger
+/// object under a record's name is damaged, not read.
+pub const RECORD_CAP: u64 = 1 << 20;
+
+/// How a catalogue names its objects.
+#[derive(Clone, Copy)]
+pub struct Names {
+    pub record_prefix: &'static str,
+    pub record_suffix: &'static str,
+    pub sums_prefix: &'static str,
+    pub sums_suffix: &'static str,
+}
+
+impl Names {
+    pub fn record(&self, backup_id: &str) -> String {
+        format!("{}{backup_id}{}", self.record_prefix, self.record_suffix)
+    }
+
+    pub fn sums(&self, backup_id: &str) -> String {
+        format!("{}{backup_id}{}", self.sums_prefix, self.sums_suffix)
+    }
+
+    /// The backup a record's name stands for.
+    pub fn record_id<'a>(&self, name: &'a str) -> Option<&'a str> {
+        name.strip_prefix(self.record_prefix)?
+            .strip_suffix(self.record_suffix)
+            .filter(|id| crate::ids::is_backup_id(id))
+    }
+}
+
+/// The records and checksums of one target, on its store.
+pub struct StoreRecords {
+    pub store: Arc<dyn ObjectStore>,
+    pub names: Names,
+    /// The target key: records and checksums are sealed with it and checked against it.
+    pub key: Option<Arc<TargetKey>>,
+}
+
+impl StoreRecords {
+    /// Where an object is, for messages.
+    pub fn path(&self, name: &str) -> PathBuf {
+        PathBuf::from(format!("{}/{name}", self.store.describe()))
+    }
+
+    fn io(&self, op: &'static str, name: &str, source: std::io::Error) -> TargetError {
+        TargetError::Io {
+            op,
+            path: self.path(name),
+            source,
+        }
+    }
+
+    /// The whole object `name` of at most `cap` bytes (None if it does not exist); one that
+    /// is not a plain object or is bigger is damaged (`BadRecord`), never read.
+    pub fn read_capped(&self, name: &str, cap: u64) -> Result<Option<Vec<u8>>> {
+        self.store.get(name, cap).map_err(|e| {
+            if crate::volume::dir::is_not_regular(&e) {
+                TargetError::BadRecord {
+                    path: self.path(name),
+                    message: e.to_string(),
+                }
+            } else if e.raw_os_error() == Some(libc::EFBIG) {
+                TargetError::BadRecord {
+                    path: self.path(name),
+                    message: format!("larger than {cap} bytes"),
+                }
+            } else {
+                self.io("read", name, e)
+            }
+        })
+    }
+
+    /// A record as read, inspected: marked defective (so damaged) when it is not the
+    /// record of the backup its name says, cannot check what it serves, or does not
+    /// authenticate. NotFound if there is none.
+    pub fn load(&self, name: &str) -> Result<Record> {
+        let bytes = self
+            .read_capped(name, RECORD_CAP)?
+            .ok_or_else(|| TargetError::NotFound(name.to_string()))?;
+        let mut record = self.parse(name, &bytes)?;
+        auth::inspect(&mut record, self.key.as_deref());
+        if record.defect.is_none() && name != self.names.record(&record.id) {
+            record.defect = Some(format!("the object holds the record of {}", record.id));
+        }
+        Ok(record)
+    }
+
+    fn parse(&self, name: &str, bytes: &[u8]) -> Result<Record> {
+        let record: Record = serde_json::from_slice(bytes).map_err(|e| TargetError::BadRecord {
+            path: self.path(name),
+            message: e.to_string(),
+        })?;
+        if record.format != FORMAT_VERSION {
+            return Err(TargetError::BadRecord {
+                path: self.path(name),
+                message: format!("unknown format version {}", record.format),
+            });
+        }
+        Ok(record)
+    }
+
+    /// Every record, oldest first; unreadable ones are skipped (and logged), ones removed
+    /// while listing are gone.
+    pub fn records(&self, target: &str) -> Result<Vec<Record>> {
+        let names = self
+            .store
+            .list(self.names.record_prefix)
+            .map_err(|e| self.io("list", "", e))?;
+        let mut records = Vec::new();
+        for name in names {
+            if self.names.record_id(&name).is_none() {
+                continue;
+            }
+            match self.load(&name) {
+                Ok(record) => records.push(record),
+                Err(TargetError::NotFound(_)) => {}
+                Err(e) => tracing::warn!("target {target}: skipping unreadable record: {e}"),
+            }
+        }
+        sort(&mut records);
+        Ok(records)
+    }
+
+    pub fn record(&self, backup_id: &BackupId) -> Result<Record> {
+        match self.load(&self.names.record(backup_id)) {
+            Err(TargetError::NotFound(_)) => Err(TargetError::NotFound(backup_id.to_string())),
+            other => other,
+        }
+    }
+
+    /// What is stored for `record` (sealed with the key unless found defective), written
+    /// whole; the record as stored (its MAC), still damaged if it was.
+    pub fn write_record(&self, record: &Record) -> Result<Record> {
+        let name = self.names.record(&record.id);
+        let written = auth::prepare(record, self.key.as_deref());
+        let mut bytes =
+            serde_json::to_vec_pretty(&written).map_err(|e| TargetError::BadRecord {
+                path: self.path(&name),
+                message: e.to_string(),
+            })?;
+        bytes.push(b'\n');
+        self.store
+            .put(&name, &bytes)
+            .map_err(|e| self.io("write", &name, e))?;
+        let mut kept = written;
+        kept.defect = record.defect.clone();
+        Ok(kept)
+    }
+
+    pub fn remove(&self, name: &str) -> Result<()> {
+        self.store
+            .delete(name)
+            .map_err(|e| self.io("remove", name, e))
+    }
+
+    pub fn remove_record(&self, backup_id: &BackupId) -> Result<()> {
+        self.remove(&self.names.record(backup_id))
+    }
+
+    /// Stores the checksums of a backup (sealed with the key); the record's entry for
+    /// them, naming `leaves` (its MAC given) if the catalogue keeps leaf sums.
+    pub fn write_sums(
+        &self,
+        backup_id: &BackupId,
+        sums: &[u64],
+        kind: SumKind,
+        leaves: Option<(String, Option<String>)>,
+    ) -> Result<Checksums> {
+        let (leaves, leaves_mac) = leaves.map_or((None, None), |(n, m)| (Some(n), m));
+        let (bytes, mut entry) = Checksums::encode(sums, kind, self.names.sums(backup_id), leaves);
+        entry.mac = self.key.as_ref().map(|key| key.sums_mac(backup_id, &bytes));
+        entry.leaves_mac = leaves_mac;
+        self.store
+            .put(&entry.file, &bytes)
+            .map_err(|e| self.io("write", &entry.file, e))?;
+        Ok(entry)
+    }
+
+    /// The checksums a record names, checked against their digest (and MAC) in the
+    /// record; read with a cap of 8 bytes per block it names, and refused unread if that
+    /// is more memory than the machine can spare.
+    pub fn read_sums(&self, record: &Record) -> Result<Vec<u64>> {
+        let Some(checksums) = &record.checksums else {
+            return Ok(Vec::new());
+        };
+        let name = self.names.sums(&record.id);
+        let record_path = || self.path(&self.names.record(&record.id));
+        let cap = checksums
+            .blocks
+            .checked_mul(8)
+            .ok_or_else(|| TargetError::BadRecord {
+                path: record_path(),
+                message: format!("{} checksum blocks", checksums.blocks),
+            })?;
+        // The sums are held in memory whole (twice while decoded). On a target without a
+        // key a record's block count is whatever its writer says: a claim the machine
+        // cannot hold is refused, not read (reading it would end the daemon).
+        let room = available_memory() / 8;
+        if cap > room {
+            return Err(TargetError::BadRecord {
+                path: record_path(),
+                message: format!(
+                    "its {} checksum blocks would take {cap} bytes of memory, more than an eighth of what is available ({room} bytes)",
+                    checksums.blocks
+                ),
+            });
+        }
+        let bytes = self.read_capped(&name, cap)?.ok_or_else(|| {
+            self.io(
+                "read",
+                &name,
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            )
+        })?;
+        if let Some(key) = &self.key
+            && !key.sums_check(&record.id, checksums, &bytes)
+        {
+            return Err(TargetError::BadRecord {
+                path: self.path(&name),
+                message: "checksums do not match their MAC in the record".to_string(),
+            });
+        }
+        checksums
+            .decode(&bytes)
+            .ok_or_else(|| TargetError::BadRecord {
+                path: self.path(&name),
+                message: "checksums do not match their digest in the record".to_string(),
+            })
+    }
+
+    pub fn remove_sums(&self, backup_id: &BackupId) -> Result<()> {
+        self.remove(&self.names.sums(backup_id))
+    }
+}
+
+/// Records oldest first (ties by id): the order every listing shows.
+pub fn sort(records: &mut [Record]) {
+    records.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+}
+
+/// Bytes of memory available now (`MemAvailable`), or 1 GiB when that cannot be read.
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        })
+        .unwrap_or(1 << 30)
+}
