@@ -148,7 +148,7 @@ impl Filesystem for BackupFs {
                 return reply.error(Errno::ENOENT);
             };
             match tree::child(&core.engine, &parent, name) {
-                Ok(node) => core.reply_entry(&node, reply),
+                Ok((node, record)) => core.reply_entry(&node, record, reply),
                 Err(EngineError::Invalid(reason)) => {
                     warn!("lookup refused (EINVAL): {reason}");
                     reply.error(Errno::EINVAL)
@@ -258,7 +258,7 @@ impl Filesystem for BackupFs {
             match core.create_volume(parent, &name) {
                 Ok((backend, volume_id, writer)) => {
                     drop(writer);
-                    core.reply_entry(&Node::Volume(backend, volume_id), reply);
+                    core.reply_entry(&Node::Volume(backend, volume_id), None, reply);
                 }
                 Err(e) => reply.error(e),
             }
@@ -762,12 +762,15 @@ impl Filesystem for BackupFs {
             let Ok(Node::Image(t, id)) = node else {
                 return reply.error(Errno::NO_XATTR);
             };
+            // An image carries `user.*` attributes only. `ls -l` asks every file for
+            // `security.selinux` and `system.posix_acl_access`: answered without reading
+            // the record (issue 28).
+            let Some(name) = name.to_str().filter(|n| n.starts_with("user.")) else {
+                return reply.error(Errno::NO_XATTR);
+            };
             let record = match self.core.engine.record(&t, &id) {
                 Ok(record) => record,
                 Err(e) => return reply.error(errno(&e)),
-            };
-            let Some(name) = name.to_str() else {
-                return reply.error(Errno::NO_XATTR);
             };
             let value = match name.strip_prefix(XATTR_PREFIX) {
                 Some(field) => record

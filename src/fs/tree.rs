@@ -138,6 +138,19 @@ pub fn ttl(node: &Node) -> Duration {
     }
 }
 
+/// How long the kernel may trust that `name` is `node` (a lookup's entry), where that is
+/// longer than [`ttl`]: a record's attributes change with its status, but its name only
+/// goes with a deletion (through the mount the kernel drops the name itself; any other
+/// is seen at the next getattr, which a zero attribute TTL always sends). Without it,
+/// `ls -l` looked every record up three times (stat, and each of two getxattr), a third
+/// of its requests at 20,000 backups (issue 28).
+pub fn entry_ttl(node: &Node) -> Duration {
+    match node {
+        Node::Record(..) => Duration::from_secs(1),
+        _ => ttl(node),
+    }
+}
+
 /// The attributes of `node`, known to the kernel as inode `ino`.
 pub fn attr(
     node: &Node,
@@ -193,70 +206,82 @@ pub fn latest_backup(records: &[Record], volume_id: &VolumeId) -> Option<BackupI
         .map(|r| r.id.clone())
 }
 
-/// Finds the child `name` of `parent`, asking the engine whether it exists.
-pub fn child(engine: &Engine, parent: &Node, name: &str) -> Result<Node, EngineError> {
+/// Finds the child `name` of `parent`, asking the engine whether it exists; for an image
+/// or a record, also the record that told (read once per lookup: its attributes come
+/// from it too).
+pub fn child(
+    engine: &Engine,
+    parent: &Node,
+    name: &str,
+) -> Result<(Node, Option<Record>), EngineError> {
     let missing = || EngineError::NotFound(format!("no {name}"));
-    Ok(match parent {
-        Node::Root => match name {
-            "backups" => Node::Backups,
-            "volumes" => Node::Volumes,
-            RESTORES => Node::Restores,
-            METRICS => Node::Metrics,
+    Ok((
+        match parent {
+            Node::Root => match name {
+                "backups" => Node::Backups,
+                "volumes" => Node::Volumes,
+                RESTORES => Node::Restores,
+                METRICS => Node::Metrics,
+                _ => return Err(missing()),
+            },
+            Node::Metrics if name == METRICS_FILE => Node::MetricsFile,
+            Node::Backups => {
+                if !engine.target_names().iter().any(|t| t == name) {
+                    return Err(missing());
+                }
+                Node::Target(name.to_string())
+            }
+            Node::Volumes => {
+                if !engine.backend_names().iter().any(|b| b == name) {
+                    return Err(missing());
+                }
+                Node::Backend(name.to_string())
+            }
+            Node::Target(t) => match name {
+                REQUEST => Node::Request(t.clone()),
+                VERIFY => Node::Verify(t.clone()),
+                JOBS => Node::Jobs(t.clone()),
+                BY_VOLUME => Node::ByVolume(t.clone()),
+                _ => {
+                    let (stem, image) =
+                        match (name.strip_suffix(".img"), name.strip_suffix(".json")) {
+                            (Some(stem), _) => (stem, true),
+                            (None, Some(stem)) => (stem, false),
+                            (None, None) => return Err(missing()),
+                        };
+                    let id =
+                        BackupId::parse(stem).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                    let record = engine.record(t, &id).map_err(|_| missing())?;
+                    let node = if image {
+                        if record.status != Status::Available {
+                            return Err(missing());
+                        }
+                        Node::Image(t.clone(), id)
+                    } else {
+                        Node::Record(t.clone(), id)
+                    };
+                    return Ok((node, Some(record)));
+                }
+            },
+            Node::ByVolume(t) => {
+                let volume_id = VolumeId::parse(name).map_err(|_| missing())?;
+                latest_backup(&engine.records(t)?, &volume_id).ok_or_else(missing)?;
+                Node::ByVolumeDir(t.clone(), volume_id)
+            }
+            Node::ByVolumeDir(t, v) if name == LATEST => {
+                latest_backup(&engine.records(t)?, v).ok_or_else(missing)?;
+                Node::Latest(t.clone(), v.clone())
+            }
+            Node::Backend(b) => {
+                let volume_id =
+                    VolumeId::parse(name).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                engine.volume(b, &volume_id)?;
+                Node::Volume(b.clone(), volume_id)
+            }
             _ => return Err(missing()),
         },
-        Node::Metrics if name == METRICS_FILE => Node::MetricsFile,
-        Node::Backups => {
-            if !engine.target_names().iter().any(|t| t == name) {
-                return Err(missing());
-            }
-            Node::Target(name.to_string())
-        }
-        Node::Volumes => {
-            if !engine.backend_names().iter().any(|b| b == name) {
-                return Err(missing());
-            }
-            Node::Backend(name.to_string())
-        }
-        Node::Target(t) => match name {
-            REQUEST => Node::Request(t.clone()),
-            VERIFY => Node::Verify(t.clone()),
-            JOBS => Node::Jobs(t.clone()),
-            BY_VOLUME => Node::ByVolume(t.clone()),
-            _ => {
-                let (stem, image) = match (name.strip_suffix(".img"), name.strip_suffix(".json")) {
-                    (Some(stem), _) => (stem, true),
-                    (None, Some(stem)) => (stem, false),
-                    (None, None) => return Err(missing()),
-                };
-                let id = BackupId::parse(stem).map_err(|e| EngineError::Invalid(e.to_string()))?;
-                let record = engine.record(t, &id).map_err(|_| missing())?;
-                if image {
-                    if record.status != Status::Available {
-                        return Err(missing());
-                    }
-                    Node::Image(t.clone(), id)
-                } else {
-                    Node::Record(t.clone(), id)
-                }
-            }
-        },
-        Node::ByVolume(t) => {
-            let volume_id = VolumeId::parse(name).map_err(|_| missing())?;
-            latest_backup(&engine.records(t)?, &volume_id).ok_or_else(missing)?;
-            Node::ByVolumeDir(t.clone(), volume_id)
-        }
-        Node::ByVolumeDir(t, v) if name == LATEST => {
-            latest_backup(&engine.records(t)?, v).ok_or_else(missing)?;
-            Node::Latest(t.clone(), v.clone())
-        }
-        Node::Backend(b) => {
-            let volume_id =
-                VolumeId::parse(name).map_err(|e| EngineError::Invalid(e.to_string()))?;
-            engine.volume(b, &volume_id)?;
-            Node::Volume(b.clone(), volume_id)
-        }
-        _ => return Err(missing()),
-    })
+        None,
+    ))
 }
 
 pub fn parent(node: &Node) -> Node {
