@@ -42,6 +42,9 @@ const VOLUME_RESTORE_XATTR: &str = "user.backupfs.restore";
 /// Threads for slow requests (see `pool`).
 const SLOW_THREADS: usize = 8;
 
+/// An image read's buffer (a request is at most 1 MiB): one transparent huge page.
+const READ_BUFFER_LEN: usize = 2 << 20;
+
 thread_local! {
     /// The buffer image reads are served from, one per session thread.
     static READ_BUFFER: std::cell::RefCell<Option<AlignedBuf>> =
@@ -462,11 +465,13 @@ impl Filesystem for BackupFs {
                 Handle::Image(image) => READ_BUFFER.with(|cell| {
                     let mut slot = cell.borrow_mut();
                     // One aligned buffer per session thread: the backing file may be read
-                    // with O_DIRECT, and a 1 MiB buffer is not zeroed for every request.
-                    // (2 MiB, one huge page, read faster from cold, but the four threads
-                    // then keep 4 MiB more for good: contrib/bench/README.md.)
+                    // with O_DIRECT, and the buffer is not zeroed for every request. One
+                    // huge page: the O_DIRECT read into it is a few segments, and the
+                    // kernel pins it once per reply instead of per 4 KiB page (cold cat
+                    // 1.0 s instead of 1.5 s for 1 GiB, a restore's daemon CPU -25 %;
+                    // contrib/bench/README.md, issue 28). The four threads keep 8 MiB.
                     if slot.as_ref().is_none_or(|b| b.len() < size as usize) {
-                        *slot = AlignedBuf::new((size as usize).max(1 << 20)).ok();
+                        *slot = AlignedBuf::new((size as usize).max(READ_BUFFER_LEN)).ok();
                     }
                     let Some(buf) = slot.as_mut() else {
                         return reply.error(Errno::ENOMEM);
