@@ -132,3 +132,30 @@ fn an_image_read_in_pieces_after_another_reader_closed_it_reads_exactly() {
     ));
     assert_eq!(std::fs::metadata(&image).expect("stat").size(), 8 << 20);
 }
+
+#[test]
+fn a_restore_by_cp_sparse_always_through_the_mount_lands_exactly_from_cold() {
+    let mut sb = Sandbox::new("perf-restore");
+    let l = layout(&mut sb, Some(Fs::Xfs), Some(Fs::Xfs), "");
+    // Data at an offset that is no multiple of the 2 MiB read buffer, then a hole, then a
+    // short tail: every read of the image is served from the session threads' buffers.
+    let volume = sparse_volume(&l.gold, "v", 40, 3, 21);
+    ok(&format!(
+        "head -c 700000 /dev/urandom | dd of='{}' bs=1 seek=$((37 << 20)) conv=notrunc status=none",
+        volume.display()
+    ));
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let image = d.image("hdd", &id);
+    evict(&image);
+    ok(&format!(
+        "cp --sparse=always '{}' '{}' && cmp '{}' '{}'",
+        image.display(),
+        d.volume("ssd", "fresh").display(),
+        l.gold.join("volume-fresh").display(),
+        volume.display()
+    ));
+    let restores = std::fs::read_to_string(d.mnt.join("restores")).expect("restores");
+    assert!(restores.contains("fresh"), "{restores}");
+    assert!(!restores.contains("failed"), "{restores}");
+}
