@@ -134,14 +134,15 @@ fn an_image_read_in_pieces_after_another_reader_closed_it_reads_exactly() {
 }
 
 #[test]
-fn a_restore_by_cp_sparse_always_through_the_mount_lands_exactly_from_cold() {
+fn a_restore_by_cp_sparse_always_or_dd_through_the_mount_lands_exactly_from_cold() {
     let mut sb = Sandbox::new("perf-restore");
     let l = layout(&mut sb, Some(Fs::Xfs), Some(Fs::Xfs), "");
-    // Data at an offset that is no multiple of the 2 MiB read buffer, then a hole, then a
-    // short tail: every read of the image is served from the session threads' buffers.
-    let volume = sparse_volume(&l.gold, "v", 40, 3, 21);
+    // Data at an offset that is no multiple of the 2 MiB read buffer, long enough for
+    // writeback to be started and waited for behind the writer (8 MiB pieces, a 32 MiB
+    // window), then a hole, then a short tail.
+    let volume = sparse_volume(&l.gold, "v", 100, 3, 70);
     ok(&format!(
-        "head -c 700000 /dev/urandom | dd of='{}' bs=1 seek=$((37 << 20)) conv=notrunc status=none",
+        "head -c 700000 /dev/urandom | dd of='{}' bs=1 seek=$((97 << 20)) conv=notrunc status=none",
         volume.display()
     ));
     let d = sb.start_daemon(&l.config);
@@ -155,7 +156,21 @@ fn a_restore_by_cp_sparse_always_through_the_mount_lands_exactly_from_cold() {
         l.gold.join("volume-fresh").display(),
         volume.display()
     ));
+    // dd writes every block in sequence, zeros included, onto a volume made before.
+    ok(&format!(
+        "truncate -s 100M '{}'",
+        l.gold.join("volume-again").display()
+    ));
+    evict(&image);
+    ok(&format!(
+        "dd if='{}' of='{}' bs=1M conv=notrunc status=none && cmp '{}' '{}'",
+        image.display(),
+        d.volume("ssd", "again").display(),
+        l.gold.join("volume-again").display(),
+        volume.display()
+    ));
     let restores = std::fs::read_to_string(d.mnt.join("restores")).expect("restores");
     assert!(restores.contains("fresh"), "{restores}");
+    assert!(restores.contains("again"), "{restores}");
     assert!(!restores.contains("failed"), "{restores}");
 }
