@@ -215,73 +215,69 @@ pub fn child(
     name: &str,
 ) -> Result<(Node, Option<Record>), EngineError> {
     let missing = || EngineError::NotFound(format!("no {name}"));
-    Ok((
-        match parent {
-            Node::Root => match name {
-                "backups" => Node::Backups,
-                "volumes" => Node::Volumes,
-                RESTORES => Node::Restores,
-                METRICS => Node::Metrics,
-                _ => return Err(missing()),
-            },
-            Node::Metrics if name == METRICS_FILE => Node::MetricsFile,
-            Node::Backups => {
-                if !engine.target_names().iter().any(|t| t == name) {
-                    return Err(missing());
-                }
-                Node::Target(name.to_string())
-            }
-            Node::Volumes => {
-                if !engine.backend_names().iter().any(|b| b == name) {
-                    return Err(missing());
-                }
-                Node::Backend(name.to_string())
-            }
-            Node::Target(t) => match name {
-                REQUEST => Node::Request(t.clone()),
-                VERIFY => Node::Verify(t.clone()),
-                JOBS => Node::Jobs(t.clone()),
-                BY_VOLUME => Node::ByVolume(t.clone()),
-                _ => {
-                    let (stem, image) =
-                        match (name.strip_suffix(".img"), name.strip_suffix(".json")) {
-                            (Some(stem), _) => (stem, true),
-                            (None, Some(stem)) => (stem, false),
-                            (None, None) => return Err(missing()),
-                        };
-                    let id =
-                        BackupId::parse(stem).map_err(|e| EngineError::Invalid(e.to_string()))?;
-                    let record = engine.record(t, &id).map_err(|_| missing())?;
-                    let node = if image {
-                        if record.status != Status::Available {
-                            return Err(missing());
-                        }
-                        Node::Image(t.clone(), id)
-                    } else {
-                        Node::Record(t.clone(), id)
-                    };
-                    return Ok((node, Some(record)));
-                }
-            },
-            Node::ByVolume(t) => {
-                let volume_id = VolumeId::parse(name).map_err(|_| missing())?;
-                latest_backup(&engine.records(t)?, &volume_id).ok_or_else(missing)?;
-                Node::ByVolumeDir(t.clone(), volume_id)
-            }
-            Node::ByVolumeDir(t, v) if name == LATEST => {
-                latest_backup(&engine.records(t)?, v).ok_or_else(missing)?;
-                Node::Latest(t.clone(), v.clone())
-            }
-            Node::Backend(b) => {
-                let volume_id =
-                    VolumeId::parse(name).map_err(|e| EngineError::Invalid(e.to_string()))?;
-                engine.volume(b, &volume_id)?;
-                Node::Volume(b.clone(), volume_id)
-            }
+    let node = match parent {
+        Node::Root => match name {
+            "backups" => Node::Backups,
+            "volumes" => Node::Volumes,
+            RESTORES => Node::Restores,
+            METRICS => Node::Metrics,
             _ => return Err(missing()),
         },
-        None,
-    ))
+        Node::Metrics if name == METRICS_FILE => Node::MetricsFile,
+        Node::Backups => {
+            if !engine.target_names().iter().any(|t| t == name) {
+                return Err(missing());
+            }
+            Node::Target(name.to_string())
+        }
+        Node::Volumes => {
+            if !engine.backend_names().iter().any(|b| b == name) {
+                return Err(missing());
+            }
+            Node::Backend(name.to_string())
+        }
+        Node::Target(t) => match name {
+            REQUEST => Node::Request(t.clone()),
+            VERIFY => Node::Verify(t.clone()),
+            JOBS => Node::Jobs(t.clone()),
+            BY_VOLUME => Node::ByVolume(t.clone()),
+            _ => {
+                let (stem, image) = match (name.strip_suffix(".img"), name.strip_suffix(".json")) {
+                    (Some(stem), _) => (stem, true),
+                    (None, Some(stem)) => (stem, false),
+                    (None, None) => return Err(missing()),
+                };
+                let id = BackupId::parse(stem).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                let record = engine.record(t, &id).map_err(|_| missing())?;
+                let node = if image {
+                    if record.status != Status::Available {
+                        return Err(missing());
+                    }
+                    Node::Image(t.clone(), id)
+                } else {
+                    Node::Record(t.clone(), id)
+                };
+                return Ok((node, Some(record)));
+            }
+        },
+        Node::ByVolume(t) => {
+            let volume_id = VolumeId::parse(name).map_err(|_| missing())?;
+            latest_backup(&engine.records(t)?, &volume_id).ok_or_else(missing)?;
+            Node::ByVolumeDir(t.clone(), volume_id)
+        }
+        Node::ByVolumeDir(t, v) if name == LATEST => {
+            latest_backup(&engine.records(t)?, v).ok_or_else(missing)?;
+            Node::Latest(t.clone(), v.clone())
+        }
+        Node::Backend(b) => {
+            let volume_id =
+                VolumeId::parse(name).map_err(|e| EngineError::Invalid(e.to_string()))?;
+            engine.volume(b, &volume_id)?;
+            Node::Volume(b.clone(), volume_id)
+        }
+        _ => return Err(missing()),
+    };
+    Ok((node, None))
 }
 
 pub fn parent(node: &Node) -> Node {
