@@ -11,6 +11,7 @@ use super::xattrs::XATTR_PREFIX;
 use super::{pool, refuse};
 use crate::engine::{Engine, EngineError};
 use crate::ids::{BackupId, VolumeId};
+use crate::targets::record::Record;
 use fuser::{
     Errno, FileAttr, FileHandle, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags,
     ReplyAttr, ReplyEntry, ReplyOpen,
@@ -86,14 +87,31 @@ impl Core {
     }
 
     pub(super) fn attr(&self, node: &Node, ino: u64) -> Result<FileAttr, EngineError> {
+        self.attr_with(node, ino, None)
+    }
+
+    /// The attributes of `node`, from `record` when the caller has just read the node's
+    /// record (a lookup), else from a fresh read.
+    pub(super) fn attr_with(
+        &self,
+        node: &Node,
+        ino: u64,
+        record: Option<Record>,
+    ) -> Result<FileAttr, EngineError> {
         let (size, blocks, mtime) = match node {
             Node::Image(t, id) => {
-                let record = self.engine.record(t, id)?;
+                let record = match record {
+                    Some(record) => record,
+                    None => self.engine.record(t, id)?,
+                };
                 let allocated = self.engine.image_allocated(t, id)?;
                 (record.size, allocated / 512, record.completed_time())
             }
             Node::Record(t, id) => {
-                let record = self.engine.record(t, id)?;
+                let record = match record {
+                    Some(record) => record,
+                    None => self.engine.record(t, id)?,
+                };
                 let size = tree::record_json(&record).len() as u64;
                 (size, 0, record.completed_time())
             }
@@ -118,12 +136,18 @@ impl Core {
         }
     }
 
-    /// Answers a lookup of `node`: the kernel takes a reference to it.
-    pub(super) fn reply_entry(&self, node: &Node, reply: ReplyEntry) {
-        match self.attr(node, 0) {
+    /// Answers a lookup of `node` (`record`: its record, if the lookup read it): the
+    /// kernel takes a reference to it.
+    pub(super) fn reply_entry(&self, node: &Node, record: Option<Record>, reply: ReplyEntry) {
+        match self.attr_with(node, 0, record) {
             Ok(mut attr) => {
                 attr.ino = INodeNo(self.inodes.lookup(node));
-                reply.entry(&tree::ttl(node), &attr, Generation(0));
+                reply.entry_with_ttls(
+                    &tree::ttl(node),
+                    &tree::entry_ttl(node),
+                    &attr,
+                    Generation(0),
+                );
             }
             Err(e) => reply.error(errno(&e)),
         }

@@ -15,6 +15,9 @@ use tracing::warn;
 /// Largest piece of a server-side copy answered at once (the reply counts in u32).
 const COPY_RANGE_MAX: u64 = 1 << 30;
 
+/// An image read's buffer (a request is at most 1 MiB): one transparent huge page.
+const READ_BUFFER_LEN: usize = 2 << 20;
+
 thread_local! {
     /// The buffer image reads are served from, one per session thread.
     static READ_BUFFER: std::cell::RefCell<Option<AlignedBuf>> =
@@ -48,11 +51,12 @@ impl BackupFs {
                 Handle::Image(image) => READ_BUFFER.with(|cell| {
                     let mut slot = cell.borrow_mut();
                     // One aligned buffer per session thread: the backing file may be read
-                    // with O_DIRECT, and a 1 MiB buffer is not zeroed for every request.
-                    // (2 MiB, one huge page, read faster from cold, but the four threads
-                    // then keep 4 MiB more for good: contrib/bench/README.md.)
+                    // with O_DIRECT, and the buffer is not zeroed for every request. One
+                    // huge page: the O_DIRECT read into it is a few segments, and the
+                    // kernel pins it once per reply instead of per 4 KiB page
+                    // (contrib/bench/README.md, issue 28). The four threads keep 8 MiB.
                     if slot.as_ref().is_none_or(|b| b.len() < size as usize) {
-                        *slot = AlignedBuf::new((size as usize).max(1 << 20)).ok();
+                        *slot = AlignedBuf::new((size as usize).max(READ_BUFFER_LEN)).ok();
                     }
                     let Some(buf) = slot.as_mut() else {
                         return reply.error(Errno::ENOMEM);

@@ -137,7 +137,7 @@ impl Filesystem for BackupFs {
                 return reply.error(Errno::ENOENT);
             };
             match tree::child(&core.engine, &parent, name) {
-                Ok(node) => core.reply_entry(&node, reply),
+                Ok((node, record)) => core.reply_entry(&node, record, reply),
                 Err(EngineError::Invalid(reason)) => {
                     warn!("lookup refused (EINVAL): {reason}");
                     reply.error(Errno::EINVAL)
@@ -247,7 +247,7 @@ impl Filesystem for BackupFs {
             match core.create_volume(parent, &name) {
                 Ok((backend, volume_id, writer)) => {
                     drop(writer);
-                    core.reply_entry(&Node::Volume(backend, volume_id), reply);
+                    core.reply_entry(&Node::Volume(backend, volume_id), None, reply);
                 }
                 Err(e) => reply.error(e),
             }

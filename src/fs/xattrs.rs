@@ -30,12 +30,15 @@ impl BackupFs {
             let Ok(Node::Image(t, id)) = node else {
                 return reply.error(Errno::NO_XATTR);
             };
+            // An image carries `user.*` attributes only. `ls -l` asks every file for
+            // `security.selinux` and `system.posix_acl_access`: answered without reading
+            // the record (issue 28).
+            let Some(name) = name.to_str().filter(|n| n.starts_with("user.")) else {
+                return reply.error(Errno::NO_XATTR);
+            };
             let record = match self.core.engine.record(&t, &id) {
                 Ok(record) => record,
                 Err(e) => return reply.error(errno(&e)),
-            };
-            let Some(name) = name.to_str() else {
-                return reply.error(Errno::NO_XATTR);
             };
             let value = match name.strip_prefix(XATTR_PREFIX) {
                 Some(field) => record

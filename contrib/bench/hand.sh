@@ -1,0 +1,308 @@
+#!/usr/bin/env bash
+# backupfs benchmark of the paths an operator takes by hand (project issue 28): warm
+# `cat` of an image, a restore by `cp --sparse=always`, the daemon's peak RSS under
+# concurrent backups, and `ls -l` of a target holding many backups. See
+# contrib/bench/README.md, "hand.sh".
+#
+#   contrib/bench/hand.sh [--only warm,restore,rss,ls] [--runs N] [--counts "5000 20000"]
+#                         [--no-build] [--bin PATH] [--perf DIR]
+#
+# Run as root. Two XFS filesystems on loop devices (source pool, target pool), the daemon
+# mounted over them, each section timed against the same operation on the backing files.
+# Prints one ratio per row (peer time / backupfs time: >= 1 means backupfs is as fast).
+# With --perf DIR, the daemon is recorded by `perf record -g` during each warm, restore
+# and ls section (DIR/<section>.data) and a short report is printed.
+set -euo pipefail
+export LC_ALL=C
+
+ONLY=warm,restore,rss,ls
+RUNS=5
+COUNTS="1000 5000 20000"
+BUILD=1
+BIN=
+PERF_DIR=
+IMG_MB=1024
+CONC_N=8
+CONC_MB=256
+FS_MB=12288
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --only) ONLY=$2; shift 2 ;;
+    --runs) RUNS=$2; shift 2 ;;
+    --counts) COUNTS=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    --bin) BIN=$2; BUILD=0; shift 2 ;;
+    --perf) PERF_DIR=$2; shift 2 ;;
+    -h | --help) usage 0 ;;
+    *) echo "hand.sh: unknown argument $1" >&2; usage 2 >&2 ;;
+    esac
+done
+wants() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+die() { echo "hand.sh: $*" >&2; exit 1; }
+log() { echo "[$(date -u +%T)] $*" >&2; }
+[ "$(id -u)" = 0 ] || die "run as root"
+for tool in mkfs.xfs losetup jq /usr/bin/time; do
+    command -v "$tool" >/dev/null || die "needs $tool"
+done
+[ -z "$PERF_DIR" ] || command -v perf >/dev/null || die "--perf needs perf (linux-perf)"
+[ -n "$BIN" ] || BIN=$REPO/target/release/backupfs
+if [ "$BUILD" = 1 ]; then (cd "$REPO" && cargo build --release --quiet) || die "build failed"; fi
+[ -x "$BIN" ] || die "$BIN is not an executable"
+
+T=$(mktemp -d "${TMPDIR:-/var/tmp}/backupfs-hand.XXXXXX")
+MNT=$T/mnt
+DAEMON_PID=
+PERF_PID=
+FS_MOUNTS=()
+LOOPS=()
+cleanup() {
+    local rc=$? i
+    set +e
+    trap - EXIT INT TERM
+    [ -z "$PERF_PID" ] || { kill -INT "$PERF_PID"; wait "$PERF_PID"; }
+    if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
+        kill -TERM "$DAEMON_PID"
+        for _ in $(seq 150); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$DAEMON_PID" 2>/dev/null && kill -KILL "$DAEMON_PID"
+        wait "$DAEMON_PID" 2>/dev/null
+    fi
+    grep -qs " $MNT " /proc/mounts && umount -l "$MNT"
+    for ((i = ${#FS_MOUNTS[@]} - 1; i >= 0; i--)); do umount "${FS_MOUNTS[$i]}" 2>/dev/null || umount -l "${FS_MOUNTS[$i]}"; done
+    for ((i = ${#LOOPS[@]} - 1; i >= 0; i--)); do losetup -d "${LOOPS[$i]}"; done
+    grep -qs "$T" /proc/mounts || rm -rf "$T"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+now() { echo "$EPOCHREALTIME"; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{if(NR%2) print a[(NR+1)/2]; else printf "%.3f\n",(a[NR/2]+a[NR/2+1])/2}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 == 0) print "0.00"; else printf "%.2f", a/b }'; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+timed() { local t0; t0=$(now); "$@"; LAST=$(elapsed "$t0" "$(now)"); }
+ROWS=()
+report() { ROWS+=("$(printf '%-62s %s' "$1" "$2")"); printf '%-62s %s\n' "$1" "$2"; }
+
+make_fs() {
+    local img=$T/$1.xfs mnt=$T/$1 dev
+    truncate -s "${FS_MB}M" "$img"
+    mkfs.xfs -q -f "$img"
+    dev=$(losetup -f --show --direct-io=on "$img" 2>/dev/null || losetup -f --show "$img")
+    LOOPS+=("$dev")
+    mkdir -p "$mnt"
+    mount "$dev" "$mnt"
+    FS_MOUNTS+=("$mnt")
+}
+make_fs srcfs
+make_fs dstfs
+SRC_POOL=$T/srcfs/vols
+DST_POOL=$T/dstfs/backups
+mkdir -p "$SRC_POOL" "$DST_POOL" "$T/state" "$MNT"
+cat >"$T/backupfs.toml" <<EOF
+state_dir = "$T/state"
+
+[backends.src]
+driver = "file"
+pools = { vols = "$SRC_POOL" }
+
+[backends.dst]
+driver = "file"
+pools = { backups = "$DST_POOL" }
+
+[targets.t]
+backend = "dst"
+pool = "backups"
+EOF
+is_mounted() { awk -v m="$MNT" '$2 == m && $3 ~ /^fuse/ {f=1} END{exit !f}' /proc/mounts; }
+start_daemon() {
+    BACKUPFS_LOG=${BACKUPFS_LOG:-warn} "$BIN" mount "$MNT" --config "$T/backupfs.toml" \
+        </dev/null >>"$T/daemon.log" 2>&1 &
+    DAEMON_PID=$!
+    for _ in $(seq 600); do
+        is_mounted && return 0
+        kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$T/daemon.log" >&2; die "backupfs exited"; }
+        sleep 0.05
+    done
+    die "backupfs did not mount"
+}
+stop_daemon() {
+    kill -TERM "$DAEMON_PID"
+    wait "$DAEMON_PID" 2>/dev/null || true
+    DAEMON_PID=
+    for _ in $(seq 100); do is_mounted || break; sleep 0.1; done
+}
+perf_start() { # name
+    [ -n "$PERF_DIR" ] || return 0
+    mkdir -p "$PERF_DIR"
+    perf record -q -g -p "$DAEMON_PID" -o "$PERF_DIR/$1.data" 2>/dev/null &
+    PERF_PID=$!
+    sleep 0.5
+}
+perf_stop() { # name
+    [ -n "$PERF_PID" ] || return 0
+    kill -INT "$PERF_PID"; wait "$PERF_PID" || true; PERF_PID=
+    perf_summary "$1"
+}
+perf_summary() { # name: where the time went, callers included, by symbol
+    perf report -i "$PERF_DIR/$1.data" --children --sort sym --percent-limit 3 --stdio 2>/dev/null |
+        grep -E '^ +[0-9.]+%' | head -n 25 >"$PERF_DIR/$1.txt" || true
+    echo "perf ($1): $PERF_DIR/$1.txt"
+}
+daemon_cpu_ms() { cat "/proc/$DAEMON_PID"/task/*/schedstat | awk '{s+=$1} END{printf "%.0f", s/1e6}'; }
+start_daemon
+REQ=$MNT/backups/t/request
+backup() { # volume -> BACKUP_ID (waits for it)
+    local fd id
+    exec {fd}<>"$REQ"
+    echo "$1 wait" >&"$fd" || die "backup of $1 failed"
+    read -r id <&"$fd" || true
+    exec {fd}>&-
+    [ -n "$id" ] || die "no backup id for $1"
+    BACKUP_ID=$id
+}
+log "sandbox $T, backupfs $("$BIN" --version 2>/dev/null || echo '?') ($(git -C "$REPO" describe --always --dirty))"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+if wants warm || wants restore; then
+    log "writing a ${IMG_MB} MiB random volume and backing it up"
+    head -c "${IMG_MB}M" /dev/urandom >"$SRC_POOL/volume-vol-rand"
+    backup vol-rand
+    IMG_ID=$BACKUP_ID
+    IMG_MNT=$MNT/backups/t/$IMG_ID.img
+    IMG_DIRECT=$DST_POOL/backup-$IMG_ID.img
+fi
+
+# ---------------------------------------------------------------- warm cat
+if wants warm; then
+    cat "$IMG_MNT" >/dev/null
+    cat "$IMG_DIRECT" >/dev/null
+    w_m=() w_d=()
+    for _ in $(seq "$RUNS"); do
+        timed cat "$IMG_MNT"; w_m+=("$LAST")
+        timed cat "$IMG_DIRECT"; w_d+=("$LAST")
+    done >/dev/null
+    if [ -n "$PERF_DIR" ]; then
+        # A warm read costs the reader, not the daemon: profile the reader.
+        mkdir -p "$PERF_DIR"
+        perf record -q -g -o "$PERF_DIR/warm-mount.data" -- cat "$IMG_MNT" >/dev/null 2>&1
+        perf record -q -g -o "$PERF_DIR/warm-direct.data" -- cat "$IMG_DIRECT" >/dev/null 2>&1
+        perf_summary warm-mount
+        perf_summary warm-direct
+    fi
+    m=$(median "${w_m[@]}") d=$(median "${w_d[@]}")
+    report "warm cat: mount ${m}s, backing file ${d}s (runs: ${w_m[*]} / ${w_d[*]})" "ratio $(ratio "$d" "$m")"
+fi
+
+# ---------------------------------------------------------------- restore
+if wants restore; then
+    r_m=() r_d=()
+    for r in $(seq "$RUNS"); do
+        rm -f "$SRC_POOL"/volume-rest-*
+        drop_caches
+        [ "$r" = 1 ] && perf_start restore
+        timed bash -c "cp --sparse=always '$IMG_MNT' '$MNT/volumes/src/rest-m-$r' && sync -f '$SRC_POOL'"
+        r_m+=("$LAST")
+        [ "$r" = 1 ] && perf_stop restore
+        cmp -s "$SRC_POOL/volume-rest-m-$r" "$SRC_POOL/volume-vol-rand" || die "restore differs"
+        drop_caches
+        timed bash -c "cp --sparse=always '$IMG_DIRECT' '$SRC_POOL/volume-rest-d-$r' && sync -f '$SRC_POOL'"
+        r_d+=("$LAST")
+    done
+    rm -f "$SRC_POOL"/volume-rest-*
+    m=$(median "${r_m[@]}") d=$(median "${r_d[@]}")
+    report "restore cp --sparse=always; sync -f: mount ${m}s, direct ${d}s (runs: ${r_m[*]} / ${r_d[*]})" "ratio $(ratio "$d" "$m")"
+fi
+
+# ---------------------------------------------------------------- peak RSS
+if wants rss; then
+    [ -n "${IMG_ID:-}" ] || { head -c 64M /dev/urandom >"$SRC_POOL/volume-vol-rand"; backup vol-rand; IMG_ID=$BACKUP_ID; }
+    IMG_MNT=$MNT/backups/t/$IMG_ID.img
+    for i in $(seq "$CONC_N"); do head -c "${CONC_MB}M" /dev/urandom >"$SRC_POOL/volume-vol-c$i"; done
+    peaks=() before=()
+    for r in $(seq "$RUNS"); do
+        # A fresh daemon per run, which first does what bench.sh does before its
+        # concurrent backups: random 4 KiB reads of an image from cold (fio, as in
+        # bench.sh section 2) and a restore through the mount. What that leaves resident
+        # counts in the peak, as it does for an operator.
+        stop_daemon; start_daemon
+        dd if="$IMG_MNT" iflag=nocache count=0 status=none
+        drop_caches
+        if command -v fio >/dev/null; then
+            fio --name=r --filename="$IMG_MNT" --rw=randread --bs=4k --runtime=3 --time_based \
+                --ioengine=psync --invalidate=1 --readonly --output-format=terse >/dev/null
+        fi
+        cp --sparse=always "$IMG_MNT" "$MNT/volumes/src/rss-$r"
+        rm -f "$SRC_POOL/volume-rss-$r"
+        before+=("$(awk '/^VmRSS:/ {printf "%.1f", $2/1024}' "/proc/$DAEMON_PID/status")")
+        echo 5 >"/proc/$DAEMON_PID/clear_refs"
+        drop_caches
+        pids=()
+        for i in $(seq "$CONC_N"); do (backup "vol-c$i") & pids+=($!); done
+        for p in "${pids[@]}"; do wait "$p" || die "a concurrent backup failed"; done
+        peaks+=("$(awk '/^VmHWM:/ {printf "%.1f", $2/1024}' "/proc/$DAEMON_PID/status")")
+        for f in "$MNT"/backups/t/*.img; do
+            [ "$f" = "$IMG_MNT" ] || rm "$f"
+        done
+    done
+    worst=$(printf '%s\n' "${peaks[@]}" | sort -g | tail -n1)
+    report "peak RSS, $CONC_N concurrent backups of ${CONC_MB} MiB (resident before: ${before[*]}; peaks: ${peaks[*]} MiB)" "max ${worst} MiB"
+fi
+
+# ---------------------------------------------------------------- ls -l
+if wants ls; then
+    # Records written directly (measurement only): copies of one real backup's record
+    # with new ids; the target has no key, so they read as any record does.
+    head -c 4M /dev/urandom >"$SRC_POOL/volume-vol-small"
+    backup vol-small
+    SEED=$BACKUP_ID
+    # Backups already there (earlier sections, the seed) count towards each total.
+    have=$(($(find "$DST_POOL" -maxdepth 1 -name 'backup-*.json' | wc -l) - 1))
+    for n in $COUNTS; do
+        log "ls -l with $n backups"
+        stop_daemon
+        python3 - "$DST_POOL" "$SEED" "$have" "$n" <<'PY'
+import os, sys, uuid
+pool, seed, have, want = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+text = open(f"{pool}/backup-{seed}.json").read()
+for i in range(have, want - 1):
+    new = str(uuid.UUID(int=i + 1))
+    with open(f"{pool}/backup-{new}.json", "w") as f:
+        f.write(text.replace(seed, new))
+    for ext in ("img", "sums", "leaves"):
+        if os.path.exists(f"{pool}/backup-{seed}.{ext}"):
+            os.link(f"{pool}/backup-{seed}.{ext}", f"{pool}/backup-{new}.{ext}")
+PY
+        have=$((n - 1))
+        start_daemon
+        ls "$MNT/backups/t" >/dev/null
+        drop_caches
+        timed ls -l "$MNT/backups/t"; first=$LAST
+        # Warm, again: wall time, the CPU it cost the daemon and ls, and (with perf) the
+        # requests the mount answered, which a busy machine does not change.
+        [ "$n" = "${COUNTS##* }" ] && perf_start ls
+        cpu0=$(daemon_cpu_ms)
+        /usr/bin/time -f '%e %U %S' -o "$T/ls.time" ls -l "$MNT/backups/t" >/dev/null
+        cpu=$(($(daemon_cpu_ms) - cpu0))
+        [ "$n" = "${COUNTS##* }" ] && perf_stop ls
+        read -r second ls_user ls_sys <"$T/ls.time"
+        requests=
+        if command -v perf >/dev/null; then
+            conn=$(mountpoint -d "$MNT" | cut -d: -f2)
+            perf record -q -e fuse:fuse_request_send -a -o "$T/req.data" -- ls -l "$MNT/backups/t" >/dev/null 2>&1
+            requests=$(perf script -i "$T/req.data" 2>/dev/null | grep -c "connection $conn req")
+            requests=" requests/backup $(awk -v r="$requests" -v n="$n" 'BEGIN{printf "%.1f", r/n}')"
+        fi
+        lines=$(ls -l "$MNT/backups/t" | grep -c '\.img$')
+        [ "$lines" = "$n" ] || die "ls -l shows $lines images of $n"
+        report "ls -l of $n backups: cold, warm; daemon CPU, ls CPU (user+sys)" \
+            "${first}s ${second}s; ${cpu}ms, $(awk -v u="$ls_user" -v s="$ls_sys" 'BEGIN{printf "%.0f", (u+s)*1000}')ms;$requests"
+    done >/dev/null
+fi
+printf '\n'; printf '%s\n' "${ROWS[@]}"
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
