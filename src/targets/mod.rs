@@ -8,6 +8,7 @@ pub mod catalogue;
 pub mod claim;
 pub mod rbd;
 pub mod record;
+pub mod s3;
 pub mod store;
 
 use crate::copy::SumKind;
