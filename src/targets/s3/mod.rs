@@ -2,5 +2,13 @@
 //! chunks, deduplicated by a keyed digest, compressed and encrypted, one authenticated
 //! index per backup; every backup still reads as a whole image.
 
+pub mod chunk;
 pub mod client;
 pub mod sigv4;
+
+/// Writes a new random target key to `path` (`backupfs keygen FILE`): mode 0600, never
+/// replacing a file or following a link there. The same key file serves `key` and
+/// `encryption_key`: what each protects uses a key derived from it for that purpose alone.
+pub fn keygen(path: &std::path::Path) -> Result<(), crate::targets::auth::KeyError> {
+    crate::targets::auth::generate(path)
+}
