@@ -4,7 +4,10 @@
 
 pub mod chunk;
 pub mod client;
+pub mod config;
 pub mod sigv4;
+
+pub use config::S3TargetConfig;
 
 /// Writes a new random target key to `path` (`backupfs keygen FILE`): mode 0600, never
 /// replacing a file or following a link there. The same key file serves `key` and
