@@ -26,6 +26,28 @@ impl S3Store {
         &self.client
     }
 
+    /// Whether object `name` exists (HEAD: no bytes move).
+    pub fn exists(&self, name: &str) -> io::Result<bool> {
+        if !valid_name(name) {
+            return Err(bad_name(name));
+        }
+        Ok(self.client.head(&self.key(name)).map_err(plain)?.is_some())
+    }
+
+    /// The objects whose names start with `prefix`, with their sizes in bytes.
+    pub fn list_sizes(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
+        Ok(self
+            .client
+            .list(&self.key(prefix))
+            .map_err(plain)?
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.key.strip_prefix(&self.prefix)?.to_string();
+                valid_name(&name).then_some((name, o.size))
+            })
+            .collect())
+    }
+
     fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
