@@ -118,6 +118,11 @@ impl ChunkStore {
         cache.order.retain(|n| !names.contains(n));
     }
 
+    /// Whether chunk `name` is in the cache or being fetched (a prefetch need not start).
+    pub fn is_at_hand(&self, name: &str) -> bool {
+        self.cache.lock().chunks.contains_key(name) || self.loading.lock().contains_key(name)
+    }
+
     /// The plaintext of chunk `name`, checked (from the cache, or joined to a load in
     /// flight, or fetched). A chunk that is missing or fails its check is EIO.
     pub fn load(&self, name: &str) -> io::Result<Arc<Vec<u8>>> {

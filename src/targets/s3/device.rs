@@ -375,6 +375,9 @@ impl ChunkReader {
             let Some(name) = self.index.chunk(ahead) else {
                 continue;
             };
+            if self.chunks.is_at_hand(&name) {
+                continue;
+            }
             if self.prefetching.fetch_add(1, Ordering::AcqRel) >= PREFETCH as usize {
                 self.prefetching.fetch_sub(1, Ordering::AcqRel);
                 return;
