@@ -47,6 +47,8 @@ const MARKER_FORMAT: u32 = 1;
 const KEYCHECK_TEXT: &[u8] = b"backupfs s3 target key check v1";
 /// How many names a refusal shows.
 const NAMED: usize = 5;
+/// Indexes of stored backups kept in memory (the last opened).
+const CACHED_INDEXES: usize = 8;
 
 /// Writes a new random target key to `path` (`backupfs keygen FILE`): mode 0600, never
 /// replacing a file or following a link there. The same key file serves `key` and
@@ -351,9 +353,27 @@ impl S3Target {
 }
 
 impl Inner {
+    /// A stored backup's index, from the cache of the last few opened.
     fn index(&self, backup_id: &str) -> Result<Arc<Index>> {
         if let Some(index) = self.indexes.lock().get(backup_id) {
             return Ok(index.clone());
+        }
+        let index = Arc::new(self.load_index(backup_id)?);
+        let mut indexes = self.indexes.lock();
+        // A 1 TiB image's index is ~25 MiB in memory: keep only a few.
+        if indexes.len() >= CACHED_INDEXES
+            && let Some(old) = indexes.keys().next().cloned()
+        {
+            indexes.remove(&old);
+        }
+        indexes.insert(backup_id.to_string(), index.clone());
+        Ok(index)
+    }
+
+    /// A stored backup's index, read and checked (not cached).
+    fn load_index(&self, backup_id: &str) -> Result<Index> {
+        if let Some(index) = self.indexes.lock().get(backup_id) {
+            return Ok((**index).clone());
         }
         let name = index_object(backup_id);
         let bytes = self
@@ -381,18 +401,15 @@ impl Inner {
                     message: format!("damaged: {e}"),
                 }
             })?;
-        let index = Arc::new(index);
-        self.indexes
-            .lock()
-            .insert(backup_id.to_string(), index.clone());
         Ok(index)
     }
 
     /// Deletes the chunks that no index names, safely while backups are written here
     /// and elsewhere:
-    /// - the chunks named by every index in the store, and by every backup being
-    ///   written here (its index in memory), are kept; all the while `uses` is held, so
-    ///   no upload here decides to reuse a chunk in between;
+    /// - the chunks named by every backup being written here (its index in memory) and
+    ///   by every index in the store are kept; `uses` is held (write) for the whole
+    ///   collection, so no upload here decides to reuse a chunk meanwhile (uploads wait
+    ///   for it), and a backup that finishes meanwhile was counted as being written;
     /// - with no backup in progress here, every other chunk goes;
     /// - otherwise only the chunks that were already unreferenced at the last
     ///   collection, if that collection ran before the oldest backup in progress began
@@ -403,6 +420,14 @@ impl Inner {
     fn collect_garbage(&self) -> Result<GcReport> {
         let mut mark = self.gc.lock();
         let started = SystemTime::now();
+        // First: from here no upload decides anything, and a backup that finishes while
+        // the indexes are listed is among these (its index may be listed or not).
+        let _uses = self.chunks.uses.write();
+        let writing: Vec<Arc<Writing>> = self.writing.lock().values().cloned().collect();
+        let mut referenced: HashSet<String> = HashSet::new();
+        for backup in &writing {
+            referenced.extend(backup.names());
+        }
         let listed = self.store.list_sizes(CHUNK_PREFIX).map_err(store_error(
             "list",
             self.store.as_ref(),
@@ -412,7 +437,6 @@ impl Inner {
             .into_iter()
             .filter(|(n, _)| is_chunk_name(n))
             .collect();
-        let mut referenced: HashSet<String> = HashSet::new();
         let index_names = self.store.list(INDEX_PREFIX).map_err(store_error(
             "list",
             self.store.as_ref(),
@@ -425,7 +449,7 @@ impl Inner {
             if !crate::ids::is_backup_id(id) {
                 continue;
             }
-            match self.index(id) {
+            match self.load_index(id) {
                 Ok(index) => referenced.extend(index.names()),
                 // Removed meanwhile: names nothing any more.
                 Err(TargetError::NotFound(_)) => {}
@@ -437,11 +461,6 @@ impl Inner {
                     return Err(e);
                 }
             }
-        }
-        let _uses = self.chunks.uses.write();
-        let writing: Vec<Arc<Writing>> = self.writing.lock().values().cloned().collect();
-        for backup in &writing {
-            referenced.extend(backup.names());
         }
         let unreferenced: HashSet<String> = sizes
             .keys()
@@ -599,10 +618,6 @@ impl BackupTarget for S3Target {
             self.inner.store.as_ref(),
             &name,
         ))?;
-        self.inner
-            .indexes
-            .lock()
-            .insert(backup_id.to_string(), Arc::new(index));
         self.inner.writing.lock().remove(backup_id.as_str());
         Ok(())
     }
