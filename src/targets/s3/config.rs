@@ -169,6 +169,17 @@ impl S3TargetConfig {
     }
 }
 
+impl S3TargetConfig {
+    /// Whether two targets would share objects: the same gateway and bucket, and one
+    /// prefix a prefix of the other (the storage rule: two targets never share storage).
+    pub fn overlaps(&self, other: &S3TargetConfig) -> bool {
+        let host = |url: &str| url.trim_end_matches('/').to_ascii_lowercase();
+        host(&self.endpoint) == host(&other.endpoint)
+            && self.bucket == other.bucket
+            && (self.prefix.starts_with(&other.prefix) || other.prefix.starts_with(&self.prefix))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +206,20 @@ mod tests {
         assert_eq!(config.compression, "zstd");
         assert_eq!(config.encryption, "aes-256-gcm");
         assert_eq!(config.timeout, 30);
+    }
+
+    #[test]
+    fn targets_overlap_when_one_prefix_holds_the_other() {
+        let a = parse(GOOD).unwrap();
+        let mut b = a.clone();
+        b.prefix = "site-a/sub/".into();
+        assert!(a.overlaps(&b) && b.overlaps(&a));
+        b.prefix = "site-b/".into();
+        assert!(!a.overlaps(&b));
+        b.prefix = "".into();
+        assert!(a.overlaps(&b));
+        b.bucket = "other".into();
+        assert!(!a.overlaps(&b));
     }
 
     #[test]
