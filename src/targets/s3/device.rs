@@ -412,9 +412,15 @@ impl BlockDevice for ChunkReader {
             return Ok(0);
         }
         for (i, piece) in pieces(offset..end) {
-            let next = self.next.swap(i + 1, Ordering::AcqRel);
-            if next == i || next == i + 1 {
-                self.prefetch(i);
+            // Sequential: at or just after the furthest chunk read, or a little before
+            // it (the copier's workers read neighbouring chunks at once, in any order);
+            // then fetch ahead of the furthest. A jump starts over from there.
+            let next = self.next.load(Ordering::Acquire);
+            if next == u64::MAX || i > next || i + 8 < next {
+                self.next.store(i + 1, Ordering::Release);
+            } else {
+                let furthest = self.next.fetch_max(i + 1, Ordering::AcqRel).max(i + 1);
+                self.prefetch(furthest - 1);
             }
             let out = &mut buf[(piece.start - offset) as usize..(piece.end - offset) as usize];
             match self.index.chunk(i) {
