@@ -734,3 +734,72 @@ fn the_object_store_contract_holds_on_radosgw() {
     store.delete("x.1").unwrap();
     assert_eq!(store.get("x.1", 100).unwrap(), None);
 }
+
+#[test]
+fn many_partially_written_chunks_are_staged_evicted_and_stored_whole() {
+    // 16 chunks, each with two data pieces and holes between (the copier writes the
+    // pieces and, without dest_is_zero, discards the rest): more than the writer
+    // stages at once, so chunks are pushed out and finished later.
+    let fixture = Fixture::new("staging");
+    let target = fixture.open();
+    let vol = fixture.path("vol");
+    let size = 16 * CHUNK;
+    let regions: Vec<(u64, Vec<u8>)> = (0..16)
+        .flat_map(|i| {
+            [
+                (i * CHUNK + 64 * 1024, noise(80 + i, 64 * 1024)),
+                (i * CHUNK + 3 * MIB, noise(180 + i, 128 * 1024)),
+            ]
+        })
+        .collect();
+    volume(&vol, size, &regions);
+    let (first, outcome) = backup(&target, &vol, None);
+    assert_same(&target, &first, &vol);
+    std::fs::copy(&vol, fixture.path("vol-first")).unwrap();
+    // An incremental that rewrites a 64 KiB piece of every chunk.
+    let changes: Vec<(u64, Vec<u8>)> = (0..16)
+        .map(|i| (i * CHUNK + 2 * MIB, noise(280 + i, 64 * 1024)))
+        .collect();
+    volume(&vol, size, &changes);
+    let (second, _) = backup(&target, &vol, Some((&first, &outcome, size)));
+    assert_same(&target, &second, &vol);
+    // A chunk pushed out before its last piece came was stored twice: the first copy
+    // is garbage, and goes.
+    target.collect_garbage().unwrap();
+    assert_eq!(chunk_objects(&fixture), 32);
+    assert_same(&target, &first, &fixture.path("vol-first"));
+}
+
+#[test]
+fn garbage_collection_while_backups_run_frees_only_what_was_unreferenced_before_they_began() {
+    let fixture = Fixture::new("gc-mark");
+    let target = fixture.open();
+    let vol = fixture.path("vol");
+    volume(&vol, 2 * CHUNK, &[(0, noise(90, 2 * CHUNK as usize))]);
+    let (a, _) = backup(&target, &vol, None);
+    // A backup of other data is in progress when a is removed: a's chunks are not
+    // freed (the collection cannot tell what that backup will name), only marked.
+    let w1 = new_id();
+    let writing = target.create_data(&w1, CHUNK, None).unwrap();
+    writing
+        .attachment
+        .device
+        .write_at(&noise(91, CHUNK as usize), 0)
+        .unwrap();
+    target.remove_data(&a).unwrap();
+    let report = target.collect_garbage().unwrap();
+    assert_eq!((report.deleted, report.kept), (0, 2), "{report:?}");
+    writing.attachment.device.flush().unwrap();
+    drop(writing);
+    target.finish_data(&w1).unwrap();
+    // Every backup in progress now began after that collection, when a's chunks were
+    // already unreferenced: they are freed now.
+    std::thread::sleep(Duration::from_millis(20));
+    let w2 = new_id();
+    let writing = target.create_data(&w2, CHUNK, None).unwrap();
+    let report = target.collect_garbage().unwrap();
+    assert_eq!((report.deleted, report.kept), (2, 0), "{report:?}");
+    drop(writing);
+    target.remove_data(&w2).unwrap();
+    assert_eq!(chunk_objects(&fixture), 1);
+}

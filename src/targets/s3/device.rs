@@ -16,14 +16,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Chunks staged per backup being written (4 MiB each): the memory bound of a writer.
-const STAGED_CHUNKS: usize = 6;
+/// More than the copier's requests in flight (`hints`), so that the chunk pushed out is
+/// one the copier is done with, not one whose next piece is on its way (pushed out, it
+/// is stored twice, the first copy garbage).
+const STAGED_CHUNKS: usize = 8;
 /// Chunks a sequential reader fetches ahead of itself.
 const PREFETCH: u64 = 4;
 
 fn hints() -> IoHints {
     IoHints {
         request_size: CHUNK_SIZE as usize,
-        queue_depth: 8,
+        // What the copier's shared buffers give one copy anyway (24 MiB).
+        queue_depth: 6,
     }
 }
 
@@ -162,29 +166,31 @@ impl Writing {
                 if let Some(e) = staged.get_mut(&i) {
                     e.1 = now;
                 }
-                let mut victims = Vec::new();
-                while staged.len() > STAGED_CHUNKS {
-                    let Some(&oldest) = staged
-                        .iter()
-                        .filter(|(k, _)| **k != i)
-                        .min_by_key(|(_, (_, t))| *t)
-                        .map(|(k, _)| k)
-                    else {
-                        break;
-                    };
-                    if let Some((victim, _)) = staged.remove(&oldest) {
-                        victims.push((oldest, victim));
-                    }
-                }
+                // The least recently touched beyond the bound: stored, then dropped from
+                // the table (not before: a writer that comes meanwhile must find the
+                // entry, wait for it, and load what was stored).
+                let excess = staged.len().saturating_sub(STAGED_CHUNKS);
+                let mut candidates: Vec<(u64, u64)> = staged
+                    .iter()
+                    .filter(|(k, _)| **k != i)
+                    .map(|(k, (_, t))| (*t, *k))
+                    .collect();
+                candidates.sort_unstable();
+                let victims: Vec<(u64, Arc<Mutex<Staged>>)> = candidates
+                    .into_iter()
+                    .take(excess)
+                    .filter_map(|(_, k)| staged.get(&k).map(|(e, _)| (k, e.clone())))
+                    .collect();
                 (entry, victims)
             };
             for (victim_index, victim) in victims {
-                let mut victim = victim.lock();
-                if let Err(e) = self.upload_staged(victim_index, &mut victim) {
+                let mut locked = victim.lock();
+                if let Err(e) = self.upload_staged(victim_index, &mut locked) {
                     let code = e.raw_os_error().unwrap_or(libc::EIO);
                     self.failed.lock().get_or_insert((code, e.to_string()));
                     return Err(e);
                 }
+                self.unstage(victim_index, &victim);
             }
             let mut staged = entry.lock();
             if staged.evicted {
@@ -208,12 +214,19 @@ impl Writing {
             let len = staged.bytes.as_ref().map_or(0, |b| b.len() as u64);
             if staged.covered >= len {
                 self.upload_staged(i, &mut staged)?;
-                let mut table = self.staged.lock();
-                if table.get(&i).is_some_and(|(e, _)| Arc::ptr_eq(e, &entry)) {
-                    table.remove(&i);
-                }
+                self.unstage(i, &entry);
             }
             return Ok(());
+        }
+    }
+
+    /// Drops chunk `i`'s entry from the table if it is still `entry`. Call with the
+    /// entry locked and stored: a writer waiting for it then finds it evicted and starts
+    /// again from what was stored.
+    fn unstage(&self, i: u64, entry: &Arc<Mutex<Staged>>) {
+        let mut table = self.staged.lock();
+        if table.get(&i).is_some_and(|(e, _)| Arc::ptr_eq(e, entry)) {
+            table.remove(&i);
         }
     }
 
@@ -227,11 +240,13 @@ impl Writing {
         let entries: Vec<(u64, Arc<Mutex<Staged>>)> = self
             .staged
             .lock()
-            .drain()
-            .map(|(i, (entry, _))| (i, entry))
+            .iter()
+            .map(|(i, (entry, _))| (*i, entry.clone()))
             .collect();
         for (i, entry) in entries {
-            self.upload_staged(i, &mut entry.lock())?;
+            let mut locked = entry.lock();
+            self.upload_staged(i, &mut locked)?;
+            self.unstage(i, &entry);
         }
         Ok(())
     }
