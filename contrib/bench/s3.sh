@@ -41,9 +41,17 @@ else
 fi
 
 WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/backupfs-s3-bench.XXXXXX")
-OWN=
+OWN= OURS= THEIRS=
 cleanup() {
-    [ -n "$OWN" ] && contrib/ceph-cluster.sh stop "$OWN" >/dev/null 2>&1 || true
+    if [ -n "$OWN" ]; then
+        contrib/ceph-cluster.sh stop "$OWN" >/dev/null 2>&1 || true
+    else
+        # Someone else's cluster: take our two buckets away (a few GiB each run).
+        for bucket in $OURS $THEIRS; do
+            radosgw-admin bucket rm --bucket="$bucket" --purge-objects --bypass-gc \
+                >/dev/null 2>&1 || true
+        done
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
