@@ -722,7 +722,6 @@ fn the_object_store_contract_holds_on_radosgw() {
     let fixture = Fixture::new("store");
     let target = fixture.open();
     let store = target.store();
-    use backupfs::targets::store::ObjectStore;
     assert!(store.put_if_absent("x.1", b"one").unwrap());
     assert!(!store.put_if_absent("x.1", b"two").unwrap());
     assert_eq!(store.get("x.1", 100).unwrap().as_deref(), Some(&b"one"[..]));

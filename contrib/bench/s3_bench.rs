@@ -10,7 +10,6 @@ use backupfs::copy::{self, Base, CopyOptions, Progress, Range};
 use backupfs::ids::BackupId;
 use backupfs::targets::BackupTarget;
 use backupfs::targets::s3::{self, S3TargetConfig};
-use backupfs::targets::store::ObjectStore;
 use backupfs::volume::device::{BlockDevice, FileDevice};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

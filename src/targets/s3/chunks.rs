@@ -8,7 +8,7 @@
 //! memory, which is where a collection looks (write) before deleting anything.
 
 use super::chunk::{CHUNK_CAP, Keys};
-use crate::targets::store::{ObjectStore, S3Store};
+use crate::targets::store::{MemStore, ObjectStore, S3Store};
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -20,8 +20,43 @@ const CACHE_CHUNKS: usize = 16;
 /// Names known to be stored (uploaded or seen), so that dedup costs no request.
 const KNOWN_NAMES: usize = 1 << 16;
 
+/// What the chunks need of a store beyond `ObjectStore`: a cheap existence check and
+/// sizes in a listing. An S3 bucket (HEAD, ListObjectsV2) in service; memory in the
+/// fast unit tests.
+pub trait ChunkBackend: ObjectStore {
+    fn exists(&self, name: &str) -> io::Result<bool>;
+    /// The objects whose names start with `prefix`, with their sizes in bytes.
+    fn list_sizes(&self, prefix: &str) -> io::Result<Vec<(String, u64)>>;
+}
+
+impl ChunkBackend for S3Store {
+    fn exists(&self, name: &str) -> io::Result<bool> {
+        S3Store::exists(self, name)
+    }
+
+    fn list_sizes(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
+        S3Store::list_sizes(self, prefix)
+    }
+}
+
+impl ChunkBackend for MemStore {
+    fn exists(&self, name: &str) -> io::Result<bool> {
+        Ok(self.get(name, u64::MAX)?.is_some())
+    }
+
+    fn list_sizes(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
+        let mut sizes = Vec::new();
+        for name in self.list(prefix)? {
+            if let Some(bytes) = self.get(&name, u64::MAX)? {
+                sizes.push((name, bytes.len() as u64));
+            }
+        }
+        Ok(sizes)
+    }
+}
+
 pub struct ChunkStore {
-    pub store: Arc<S3Store>,
+    pub store: Arc<dyn ChunkBackend>,
     pub keys: Keys,
     /// Held (read) while a chunk is found or uploaded and named in an index in memory;
     /// held (write) by garbage collection while it decides and deletes.
@@ -70,7 +105,7 @@ struct Loading {
 }
 
 impl ChunkStore {
-    pub fn new(store: Arc<S3Store>, keys: Keys) -> ChunkStore {
+    pub fn new(store: Arc<dyn ChunkBackend>, keys: Keys) -> ChunkStore {
         ChunkStore {
             store,
             keys,
