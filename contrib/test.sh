@@ -19,6 +19,9 @@ declare -A needs=(
     # A single-node Ceph cluster for the rbd tests (tests/common/ceph.rs); ceph-common
     # brings librbd1, which backupfs loads at run time.
     [ceph-mon]=ceph-mon [ceph-osd]=ceph-osd [ceph-mgr]=ceph-mgr [ceph-common]=rbd
+    # The S3 gateway of tests/s3.rs, started by contrib/ceph-cluster.sh (which also
+    # needs curl and uuidgen).
+    [radosgw]=radosgw [curl]=curl [uuid-runtime]=uuidgen
     # promtool checks the metrics file (tests/operator.rs).
     [prometheus]=promtool
 )

@@ -230,6 +230,7 @@ impl TargetConfig {
     pub fn pool_target(&self) -> Option<&PoolTargetConfig> {
         match &self.kind {
             TargetKind::Pool(pool_target) => Some(pool_target),
+            TargetKind::S3(_) => None,
         }
     }
 

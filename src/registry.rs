@@ -86,20 +86,26 @@ impl DriverConfig {
 pub enum TargetKind {
     /// Backups kept in a pool of a volume backend (the spec's generic target).
     Pool(PoolTargetConfig),
+    /// Backups as deduplicated, compressed, encrypted chunks in an S3 bucket.
+    S3(Box<crate::targets::s3::S3TargetConfig>),
 }
 
 /// The kind a target without `kind` is.
 pub const DEFAULT_TARGET_KIND: &str = "pool";
 
 /// Every target kind, as `kind` names it, with the keys its options take.
-pub(crate) fn target_kinds() -> [(&'static str, &'static [&'static str]); 1] {
-    [("pool", keys_of::<PoolTargetConfig>())]
+pub(crate) fn target_kinds() -> [(&'static str, &'static [&'static str]); 2] {
+    [
+        ("pool", keys_of::<PoolTargetConfig>()),
+        ("s3", keys_of::<crate::targets::s3::S3TargetConfig>()),
+    ]
 }
 
 /// The checks of each kind that checks its own storage (`dir_rules` None), over the
 /// whole configuration (a kind may compare its backends and targets with each other).
 pub fn check(config: &Config, errors: &mut Vec<ConfigError>) {
     crate::volume::rbd::config::check(config, errors);
+    crate::targets::s3::config::check(config, errors);
 }
 
 /// The keys of a backend table that belong to another driver kind than the one it names
@@ -237,6 +243,18 @@ pub fn open(config: &Config) -> Result<Opened> {
                         ))
                     }
                 }
+            }
+            TargetKind::S3(s3) => {
+                let s3 = crate::targets::s3::S3TargetConfig {
+                    keep_last: target.keep_last,
+                    ..(**s3).clone()
+                };
+                Arc::new(crate::targets::s3::open(name, &s3).map_err(|e| match e {
+                    crate::targets::s3::S3Error::Config { key, message } => {
+                        EngineError::Invalid(format!("{key}: {message}"))
+                    }
+                    crate::targets::s3::S3Error::Target(e) => e.into(),
+                })?)
             }
         };
         targets.insert(name.clone(), opened);

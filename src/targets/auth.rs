@@ -152,7 +152,7 @@ impl TargetKey {
     }
 
     #[cfg(test)]
-    fn from_bytes(bytes: [u8; 32]) -> TargetKey {
+    pub(crate) fn from_bytes(bytes: [u8; 32]) -> TargetKey {
         TargetKey { bytes }
     }
 
@@ -185,6 +185,16 @@ impl TargetKey {
             return false;
         };
         self.mac(label, parts).verify_slice(&bytes).is_ok()
+    }
+
+    /// A 256-bit key for one `purpose`, derived from the target key (HMAC-SHA256 of a
+    /// label), so that no two uses (MACs of records, names of chunks, their encryption)
+    /// share key material.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        self.mac(b"backupfs derived key v1\n", &[purpose.as_bytes()])
+            .finalize()
+            .into_bytes()
+            .into()
     }
 
     /// The MAC of a backup's sums file (its exact bytes).

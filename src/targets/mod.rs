@@ -10,6 +10,7 @@ pub mod lease;
 pub mod rbd;
 pub mod record;
 pub mod records;
+pub mod s3;
 pub mod store;
 
 use crate::copy::SumKind;

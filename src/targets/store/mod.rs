@@ -15,10 +15,12 @@
 mod dir;
 mod mem;
 mod rados;
+mod s3;
 
 pub use dir::DirStore;
 pub use mem::MemStore;
 pub use rados::RadosStore;
+pub use s3::S3Store;
 
 use std::io;
 

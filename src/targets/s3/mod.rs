@@ -1,0 +1,899 @@
+//! The `s3` target: backups kept in an S3 bucket (radosgw, AWS, any S3) under a prefix,
+//! as fixed 4 MiB chunks deduplicated by a keyed digest, compressed and encrypted, with
+//! one authenticated index per backup; every backup still reads as a whole image. It
+//! writes only under a prefix that is empty or carries its marker, deletes only objects
+//! of its own names, and never deletes a chunk that an index, or a backup being written
+//! here, names (see `collect_garbage`).
+//!
+//! Layout under the prefix (ARCHITECTURE.md, "The s3 target"):
+//! - `backupfs.target`: the claim marker (JSON, as `claim::Marker`), made create-only;
+//! - `backupfs.keycheck`: a constant sealed with the target key: a wrong key is refused
+//!   at open, never used to serve garbage;
+//! - `record.<id>`, `sums.<id>`: the record and its checksums (`catalogue`);
+//! - `index.<id>`: the backup's chunks in image order (`chunk::Index`);
+//! - `chunk.<hex>`: one chunk (`chunk`), shared by every backup whose index names it.
+
+pub mod catalogue;
+pub mod chunk;
+pub mod chunks;
+pub mod client;
+pub mod config;
+pub mod device;
+pub mod sigv4;
+
+pub use config::S3TargetConfig;
+
+use super::auth::TargetKey;
+use super::claim::Marker;
+use super::record::rfc3339;
+use super::store::{ObjectStore, S3Store};
+use super::{BackupTarget, NewData, Result, TargetError};
+use crate::ids::BackupId;
+use crate::volume::Attachment;
+use catalogue::{StoreCatalogue, store_error};
+use chunk::{CHUNK_PREFIX, INDEX_CAP, INDEX_PREFIX, Index, Keys, is_chunk_name};
+use chunks::{ChunkBackend, ChunkStore};
+use device::{ChunkReader, ChunkWriter, Writing};
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+pub const MARKER_OBJECT: &str = "backupfs.target";
+pub const KEYCHECK_OBJECT: &str = "backupfs.keycheck";
+const MARKER_FORMAT: u32 = 1;
+const KEYCHECK_TEXT: &[u8] = b"backupfs s3 target key check v1";
+/// How many names a refusal shows.
+const NAMED: usize = 5;
+/// Indexes of stored backups kept in memory (the last opened).
+const CACHED_INDEXES: usize = 8;
+
+/// Writes a new random target key to `path` (`backupfs keygen FILE`): mode 0600, never
+/// replacing a file or following a link there. The same key file serves `key` and
+/// `encryption_key`: what each protects uses a key derived from it for that purpose alone.
+pub fn keygen(path: &std::path::Path) -> std::result::Result<(), crate::targets::auth::KeyError> {
+    crate::targets::auth::generate(path)
+}
+
+/// Why an `s3` target cannot be opened: a problem of one configuration key (what
+/// `check-config` prints), or of the target itself.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    #[error("{key}: {message}")]
+    Config { key: String, message: String },
+    #[error(transparent)]
+    Target(#[from] TargetError),
+}
+
+fn index_object(backup_id: &str) -> String {
+    format!("{INDEX_PREFIX}{backup_id}")
+}
+
+/// Whether `name` (under the prefix) is one backupfs makes in an `s3` target.
+fn is_ours(name: &str) -> bool {
+    name == MARKER_OBJECT
+        || name == KEYCHECK_OBJECT
+        || is_chunk_name(name)
+        || [
+            catalogue::RECORD_PREFIX,
+            catalogue::SUMS_PREFIX,
+            INDEX_PREFIX,
+        ]
+        .iter()
+        .any(|p| name.strip_prefix(p).is_some_and(crate::ids::is_backup_id))
+}
+
+/// What one garbage collection found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub chunks: usize,
+    pub referenced: usize,
+    /// Unreferenced chunks deleted, and their stored bytes.
+    pub deleted: usize,
+    pub freed_bytes: u64,
+    /// Unreferenced chunks kept because a backup in progress may still name them.
+    pub kept: usize,
+}
+
+/// The last collection's view: which chunks were unreferenced, and when.
+#[derive(Default)]
+struct Mark {
+    at: Option<SystemTime>,
+    unreferenced: HashSet<String>,
+}
+
+struct Inner {
+    name: String,
+    store: Arc<dyn ChunkBackend>,
+    chunks: Arc<ChunkStore>,
+    catalogue: StoreCatalogue,
+    /// Backups being written here: their indexes live in memory until `finish_data`.
+    writing: Mutex<HashMap<String, Arc<Writing>>>,
+    /// Indexes of stored backups (immutable once written).
+    indexes: Mutex<HashMap<String, Arc<Index>>>,
+    /// Held for a whole collection; the mark it leaves for the next one.
+    gc: Mutex<Mark>,
+    /// A collection is wanted (a backup was removed) or running in the background.
+    gc_wanted: AtomicBool,
+    gc_running: AtomicBool,
+}
+
+/// Backups as chunks in an S3 bucket.
+pub struct S3Target {
+    inner: Arc<Inner>,
+}
+
+/// Opens target `name` as `config` says: checks the keys, reads the credentials and the
+/// key, checks the bucket, claims the prefix if it is empty (a prefix holding anything
+/// else without our marker is refused), checks the key against the target's, reads the
+/// catalogue.
+pub fn open(name: &str, config: &S3TargetConfig) -> std::result::Result<S3Target, S3Error> {
+    let key_of = |k: &str| format!("targets.{name}.{k}");
+    if let Some(first) = config.validate(name).into_iter().next() {
+        let (key, message) = first
+            .split_once(": ")
+            .map(|(k, m)| (k.to_string(), m.to_string()))
+            .unwrap_or((key_of("?"), first.clone()));
+        return Err(S3Error::Config { key, message });
+    }
+    let credentials =
+        client::read_credentials(&config.credentials, &config.profile).map_err(|message| {
+            S3Error::Config {
+                key: key_of("credentials"),
+                message,
+            }
+        })?;
+    let key = match (&config.encryption_key, config.encryption.as_str()) {
+        (Some(path), "aes-256-gcm") => Some(Arc::new(TargetKey::load(path).map_err(|e| {
+            S3Error::Config {
+                key: key_of("encryption_key"),
+                message: e.to_string(),
+            }
+        })?)),
+        _ => None,
+    };
+    let client = client::Client::new(
+        client::Endpoint {
+            url: config.endpoint.clone(),
+            bucket: config.bucket.clone(),
+            region: config.region.clone(),
+        },
+        credentials,
+        Duration::from_secs(config.timeout),
+    )
+    .map_err(|message| S3Error::Config {
+        key: key_of("endpoint"),
+        message,
+    })?;
+    if let Err(e) = client.head_bucket() {
+        let key = match client::errno_of(&e) {
+            Some(libc::ENOENT) => "bucket",
+            Some(libc::EACCES) => "credentials",
+            _ => "endpoint",
+        };
+        return Err(S3Error::Config {
+            key: key_of(key),
+            message: e.to_string(),
+        });
+    }
+    let client = Arc::new(client);
+    let store = Arc::new(S3Store::new(client.clone(), &config.prefix));
+    let keys = Keys::new(key.as_deref(), config.compression == "zstd");
+    claim(name, &client, &store, &config.prefix, &keys).map_err(|e| match e {
+        ClaimFailure::Prefix(message) => S3Error::Config {
+            key: key_of("prefix"),
+            message,
+        },
+        ClaimFailure::Key(message) => S3Error::Config {
+            key: key_of("encryption_key"),
+            message,
+        },
+        ClaimFailure::Store(e) => S3Error::Config {
+            key: key_of("endpoint"),
+            message: e.to_string(),
+        },
+    })?;
+    Ok(S3Target::assemble(name, store, keys, key)?)
+}
+
+enum ClaimFailure {
+    Prefix(String),
+    Key(String),
+    Store(std::io::Error),
+}
+
+/// Claims the prefix for `target` (or finds it claimed by it), then checks the key.
+fn claim(
+    target: &str,
+    client: &client::Client,
+    store: &S3Store,
+    prefix: &str,
+    keys: &Keys,
+) -> std::result::Result<(), ClaimFailure> {
+    let where_ = || format!("s3://{}/{prefix}", client.endpoint().bucket);
+    let marker = match store.get(MARKER_OBJECT, 64 << 10) {
+        Ok(marker) => marker,
+        Err(e) => return Err(ClaimFailure::Store(e)),
+    };
+    match marker {
+        Some(bytes) => {
+            let marker: Marker = serde_json::from_slice(&bytes).map_err(|e| {
+                ClaimFailure::Prefix(format!("{}: unreadable claim marker: {e}", where_()))
+            })?;
+            if marker.target != target {
+                return Err(ClaimFailure::Prefix(format!(
+                    "{} is claimed by target {:?} (claimed {})",
+                    where_(),
+                    marker.target,
+                    marker.created_at
+                )));
+            }
+        }
+        None => {
+            // Every object under the prefix, whatever its name (`a/b` included).
+            let found: Vec<String> = client
+                .list(prefix)
+                .map_err(ClaimFailure::Store)?
+                .into_iter()
+                .map(|o| o.key)
+                .filter(|k| {
+                    k.strip_prefix(prefix)
+                        .is_none_or(|name| name != KEYCHECK_OBJECT)
+                })
+                .collect();
+            if !found.is_empty() {
+                return Err(ClaimFailure::Prefix(format!(
+                    "{} is not empty and carries no backupfs claim marker ({MARKER_OBJECT}): found {}{}; a target needs an empty prefix of its own",
+                    where_(),
+                    found
+                        .iter()
+                        .take(NAMED)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if found.len() > NAMED {
+                        format!(" (and {} more)", found.len() - NAMED)
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+            // The key check first: a prefix with a marker always has one.
+            let check = keys
+                .seal_chunk(KEYCHECK_OBJECT, KEYCHECK_TEXT)
+                .map_err(ClaimFailure::Store)?;
+            store
+                .put_if_absent(KEYCHECK_OBJECT, &check)
+                .map_err(ClaimFailure::Store)?;
+            let marker = Marker {
+                format: MARKER_FORMAT,
+                target: target.to_string(),
+                id: uuid::Uuid::new_v4().to_string(),
+                created_at: rfc3339(SystemTime::now()),
+            };
+            let mut bytes = serde_json::to_vec_pretty(&marker)
+                .map_err(|e| ClaimFailure::Store(std::io::Error::other(e)))?;
+            bytes.push(b'\n');
+            if store
+                .put_if_absent(MARKER_OBJECT, &bytes)
+                .map_err(ClaimFailure::Store)?
+            {
+                tracing::info!(backup_target = target, "claimed {} for backups", where_());
+            } else {
+                // Another node claimed it first: fine if for this very target.
+                return claim(target, client, store, prefix, keys);
+            }
+        }
+    }
+    let check = store
+        .get(KEYCHECK_OBJECT, 4096)
+        .map_err(ClaimFailure::Store)?
+        .ok_or_else(|| {
+            ClaimFailure::Key(format!("{} has no key check ({KEYCHECK_OBJECT})", where_()))
+        })?;
+    match keys.open_chunk(KEYCHECK_OBJECT, &check) {
+        Ok(text) if text == KEYCHECK_TEXT => Ok(()),
+        _ if keys.encrypted() => Err(ClaimFailure::Key(format!(
+            "not the key of the target at {}: its objects do not open with it",
+            where_()
+        ))),
+        _ => Err(ClaimFailure::Key(format!(
+            "the target at {} is encrypted: encryption_key is needed",
+            where_()
+        ))),
+    }
+}
+
+impl S3Target {
+    /// The target over `store`, claimed and its key checked already.
+    fn assemble(
+        name: &str,
+        store: Arc<dyn ChunkBackend>,
+        keys: Keys,
+        key: Option<Arc<TargetKey>>,
+    ) -> Result<S3Target> {
+        let catalogue = StoreCatalogue::open(name, store.clone() as Arc<dyn ObjectStore>, key)?;
+        Ok(S3Target {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                chunks: Arc::new(ChunkStore::new(store.clone(), keys)),
+                store,
+                catalogue,
+                writing: Mutex::new(HashMap::new()),
+                indexes: Mutex::new(HashMap::new()),
+                gc: Mutex::new(Mark::default()),
+                gc_wanted: AtomicBool::new(false),
+                gc_running: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// A target in memory, for the fast tests of everything above the store.
+    #[cfg(test)]
+    fn in_memory(key: Option<Arc<TargetKey>>) -> (S3Target, Arc<super::store::MemStore>) {
+        let store = Arc::new(super::store::MemStore::default());
+        let keys = Keys::new(key.as_deref(), true);
+        let target =
+            S3Target::assemble("t", store.clone(), keys, key).unwrap_or_else(|e| panic!("{e}"));
+        (target, store)
+    }
+
+    pub fn store(&self) -> &Arc<dyn ChunkBackend> {
+        &self.inner.store
+    }
+
+    /// Bytes uploaded and downloaded (compressed, encrypted) since open, and chunks
+    /// uploaded: what a backup really sent.
+    pub fn traffic(&self) -> (u64, u64, u64) {
+        let c = &self.inner.chunks;
+        (
+            c.uploaded_bytes.load(Ordering::Relaxed),
+            c.downloaded_bytes.load(Ordering::Relaxed),
+            c.uploaded_chunks.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Chunks stored and their bytes.
+    pub fn stored(&self) -> Result<(usize, u64)> {
+        let listed = self
+            .inner
+            .store
+            .list_sizes(CHUNK_PREFIX)
+            .map_err(store_error("list", self.inner.store.as_ref(), CHUNK_PREFIX))?;
+        let chunks: Vec<_> = listed.iter().filter(|(n, _)| is_chunk_name(n)).collect();
+        Ok((chunks.len(), chunks.iter().map(|(_, s)| s).sum()))
+    }
+
+    /// Frees the chunks no backup names (see `Inner::collect_garbage`).
+    pub fn collect_garbage(&self) -> Result<GcReport> {
+        self.inner.collect_garbage()
+    }
+}
+
+impl Inner {
+    /// A stored backup's index, from the cache of the last few opened.
+    fn index(&self, backup_id: &str) -> Result<Arc<Index>> {
+        if let Some(index) = self.indexes.lock().get(backup_id) {
+            return Ok(index.clone());
+        }
+        let index = Arc::new(self.load_index(backup_id)?);
+        let mut indexes = self.indexes.lock();
+        // A 1 TiB image's index is ~25 MiB in memory: keep only a few.
+        if indexes.len() >= CACHED_INDEXES
+            && let Some(old) = indexes.keys().next().cloned()
+        {
+            indexes.remove(&old);
+        }
+        indexes.insert(backup_id.to_string(), index.clone());
+        Ok(index)
+    }
+
+    /// A stored backup's index, read and checked (not cached).
+    fn load_index(&self, backup_id: &str) -> Result<Index> {
+        if let Some(index) = self.indexes.lock().get(backup_id) {
+            return Ok((**index).clone());
+        }
+        let name = index_object(backup_id);
+        let bytes = self
+            .store
+            .get(&name, INDEX_CAP)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::EFBIG) {
+                    TargetError::BadRecord {
+                        path: PathBuf::from(&name),
+                        message: format!("damaged: larger than {INDEX_CAP} bytes"),
+                    }
+                } else {
+                    store_error("read", self.store.as_ref(), &name)(e)
+                }
+            })?
+            .ok_or_else(|| TargetError::NotFound(backup_id.to_string()))?;
+        let index = self
+            .chunks
+            .keys
+            .open_index(backup_id, &bytes)
+            .map_err(|e| {
+                tracing::error!(backup_target = self.name, "index {name}: {e}: damaged");
+                TargetError::BadRecord {
+                    path: PathBuf::from(&name),
+                    message: format!("damaged: {e}"),
+                }
+            })?;
+        Ok(index)
+    }
+
+    /// Deletes the chunks that no index names, safely while backups are written here
+    /// and elsewhere:
+    /// - the chunks named by every backup being written here (its index in memory) and
+    ///   by every index in the store are kept; `uses` is held (write) for the whole
+    ///   collection, so no upload here decides to reuse a chunk meanwhile (uploads wait
+    ///   for it), and a backup that finishes meanwhile was counted as being written;
+    /// - with no backup in progress here, every other chunk goes;
+    /// - otherwise only the chunks that were already unreferenced at the last
+    ///   collection, if that collection ran before the oldest backup in progress began
+    ///   (what a backup that began later may have found and reused is never deleted).
+    ///
+    /// An index that cannot be read or authenticated stops the collection: what it names
+    /// is unknown, so nothing is deleted.
+    fn collect_garbage(&self) -> Result<GcReport> {
+        let mut mark = self.gc.lock();
+        let started = SystemTime::now();
+        // First: from here no upload decides anything, and a backup that finishes while
+        // the indexes are listed is among these (its index may be listed or not).
+        let _uses = self.chunks.uses.write();
+        let writing: Vec<Arc<Writing>> = self.writing.lock().values().cloned().collect();
+        let mut referenced: HashSet<String> = HashSet::new();
+        for backup in &writing {
+            referenced.extend(backup.names());
+        }
+        let listed = self.store.list_sizes(CHUNK_PREFIX).map_err(store_error(
+            "list",
+            self.store.as_ref(),
+            CHUNK_PREFIX,
+        ))?;
+        let sizes: HashMap<String, u64> = listed
+            .into_iter()
+            .filter(|(n, _)| is_chunk_name(n))
+            .collect();
+        let index_names = self.store.list(INDEX_PREFIX).map_err(store_error(
+            "list",
+            self.store.as_ref(),
+            INDEX_PREFIX,
+        ))?;
+        for name in index_names {
+            let Some(id) = name.strip_prefix(INDEX_PREFIX) else {
+                continue;
+            };
+            if !crate::ids::is_backup_id(id) {
+                continue;
+            }
+            match self.load_index(id) {
+                Ok(index) => referenced.extend(index.names()),
+                // Removed meanwhile: names nothing any more.
+                Err(TargetError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        backup_target = self.name,
+                        "garbage collection stopped, nothing deleted: {e}"
+                    );
+                    return Err(e);
+                }
+            }
+        }
+        let unreferenced: HashSet<String> = sizes
+            .keys()
+            .filter(|n| !referenced.contains(*n))
+            .cloned()
+            .collect();
+        let oldest = writing.iter().map(|w| w.started).min();
+        let doomed: HashSet<String> = match oldest {
+            None => unreferenced.clone(),
+            Some(oldest) if mark.at.is_some_and(|at| at < oldest) => unreferenced
+                .intersection(&mark.unreferenced)
+                .cloned()
+                .collect(),
+            Some(_) => HashSet::new(),
+        };
+        let mut report = GcReport {
+            chunks: sizes.len(),
+            referenced: sizes.len() - unreferenced.len(),
+            kept: unreferenced.len() - doomed.len(),
+            ..GcReport::default()
+        };
+        let mut deleted = HashSet::new();
+        for name in &doomed {
+            match self.store.delete(name) {
+                Ok(()) => {
+                    report.deleted += 1;
+                    report.freed_bytes += sizes.get(name).copied().unwrap_or(0);
+                    deleted.insert(name.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(backup_target = self.name, "garbage collection: {name}: {e}")
+                }
+            }
+        }
+        self.chunks.forget(&deleted);
+        *mark = Mark {
+            at: Some(started),
+            unreferenced: unreferenced.difference(&deleted).cloned().collect(),
+        };
+        tracing::info!(
+            backup_target = self.name,
+            "garbage collection: {} chunks, {} referenced, {} deleted ({} bytes), {} kept for backups in progress",
+            report.chunks,
+            report.referenced,
+            report.deleted,
+            report.freed_bytes,
+            report.kept
+        );
+        Ok(report)
+    }
+
+    /// Runs a collection in the background soon (one at a time; a request made while one
+    /// runs makes it run again).
+    fn collect_garbage_soon(self: &Arc<Self>) {
+        self.gc_wanted.store(true, Ordering::Release);
+        if self.gc_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("s3-gc".to_string())
+            .spawn(move || {
+                loop {
+                    while inner.gc_wanted.swap(false, Ordering::AcqRel) {
+                        if let Err(e) = inner.collect_garbage() {
+                            tracing::warn!(backup_target = inner.name, "garbage collection: {e}");
+                        }
+                    }
+                    inner.gc_running.store(false, Ordering::Release);
+                    // A request that came after the last check but before the flag fell.
+                    if !inner.gc_wanted.load(Ordering::Acquire)
+                        || inner.gc_running.swap(true, Ordering::AcqRel)
+                    {
+                        return;
+                    }
+                }
+            });
+        if spawned.is_err() {
+            self.gc_running.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl BackupTarget for S3Target {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn catalogue(&self) -> &dyn super::catalogue::Catalogue {
+        &self.inner.catalogue
+    }
+
+    /// With a `base`, the new backup starts as the base's index (same chunks, nothing
+    /// stored) and the copy uploads only the chunks it changes.
+    fn shares_data(&self) -> bool {
+        true
+    }
+
+    fn create_data(
+        &self,
+        backup_id: &BackupId,
+        size: u64,
+        base: Option<&BackupId>,
+    ) -> Result<NewData> {
+        let mut shared = false;
+        let mut index = Index::new(backup_id, size);
+        if let Some(base) = base {
+            let base_index = self.inner.index(base)?;
+            if base_index.size <= size {
+                index = Index {
+                    backup_id: backup_id.to_string(),
+                    ..(*base_index).clone()
+                };
+                index.grow(size);
+                shared = true;
+            }
+        }
+        let writing = Arc::new(Writing::new(self.inner.chunks.clone(), index));
+        self.inner
+            .writing
+            .lock()
+            .insert(backup_id.to_string(), writing.clone());
+        Ok(NewData {
+            attachment: Attachment::new(ChunkWriter {
+                writing,
+                describe: format!("{}{}", self.inner.store.describe(), index_object(backup_id)),
+            }),
+            shared,
+        })
+    }
+
+    /// Uploads what is left, then writes the index (create-only): from now on the backup
+    /// is its index.
+    fn finish_data(&self, backup_id: &BackupId) -> Result<()> {
+        let writing = self
+            .inner
+            .writing
+            .lock()
+            .get(backup_id.as_str())
+            .cloned()
+            .ok_or_else(|| TargetError::NotFound(backup_id.to_string()))?;
+        let name = index_object(backup_id);
+        writing
+            .flush_all()
+            .map_err(store_error("write", self.inner.store.as_ref(), &name))?;
+        let index = writing.index.lock().clone();
+        let bytes = self
+            .inner
+            .chunks
+            .keys
+            .seal_index(&index)
+            .map_err(store_error("write", self.inner.store.as_ref(), &name))?;
+        self.inner.store.put(&name, &bytes).map_err(store_error(
+            "write",
+            self.inner.store.as_ref(),
+            &name,
+        ))?;
+        self.inner.writing.lock().remove(backup_id.as_str());
+        Ok(())
+    }
+
+    fn open_data(&self, backup_id: &BackupId) -> Result<Attachment> {
+        if let Some(writing) = self.inner.writing.lock().get(backup_id.as_str()) {
+            return Ok(Attachment::new(ChunkWriter {
+                writing: writing.clone(),
+                describe: format!("{}{}", self.inner.store.describe(), index_object(backup_id)),
+            }));
+        }
+        let index = self.inner.index(backup_id)?;
+        Ok(Attachment::new(ChunkReader::new(
+            index,
+            self.inner.chunks.clone(),
+            format!("{}{}", self.inner.store.describe(), index_object(backup_id)),
+        )))
+    }
+
+    /// Removes the backup's index; its chunks are freed by the next garbage collection
+    /// (started now, in the background) if no other backup names them.
+    fn remove_data(&self, backup_id: &BackupId) -> Result<()> {
+        let name = index_object(backup_id);
+        self.inner.writing.lock().remove(backup_id.as_str());
+        self.inner.store.delete(&name).map_err(store_error(
+            "remove",
+            self.inner.store.as_ref(),
+            &name,
+        ))?;
+        self.inner.indexes.lock().remove(backup_id.as_str());
+        self.inner.collect_garbage_soon();
+        Ok(())
+    }
+
+    fn data_ids(&self) -> Result<Vec<String>> {
+        let mut ids: HashSet<String> = self
+            .inner
+            .store
+            .list(INDEX_PREFIX)
+            .map_err(store_error("list", self.inner.store.as_ref(), INDEX_PREFIX))?
+            .into_iter()
+            .filter_map(|n| n.strip_prefix(INDEX_PREFIX).map(str::to_string))
+            .filter(|id| crate::ids::is_backup_id(id))
+            .collect();
+        ids.extend(self.inner.writing.lock().keys().cloned());
+        let mut ids: Vec<String> = ids.into_iter().collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// What the copy wrote for it (the record's `stored_bytes`): a backup's own share of
+    /// deduplicated chunks has no single answer.
+    fn allocated(&self, backup_id: &BackupId) -> Result<u64> {
+        Ok(self.record(backup_id)?.stored_bytes)
+    }
+
+    fn free_space(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    fn strays(&self) -> Result<Vec<String>> {
+        let mut strays: Vec<String> = self
+            .inner
+            .store
+            .list("")
+            .map_err(store_error("list", self.inner.store.as_ref(), ""))?
+            .into_iter()
+            .filter(|n| !is_ours(n))
+            .map(|n| format!("object {n}"))
+            .collect();
+        for id in self.data_ids()? {
+            let owned = BackupId::parse(&id)
+                .map(|id| !matches!(self.record(&id), Err(TargetError::NotFound(_))))
+                .unwrap_or(false);
+            if !owned {
+                strays.push(format!("the data of backup {id}"));
+            }
+        }
+        Ok(strays)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fast tier: the whole target above an in-memory store (tests/s3.rs runs the
+    //! same on radosgw).
+    use super::*;
+    use crate::copy::{self, CopyOptions, Progress, Range};
+    use crate::volume::device::FileDevice;
+    use std::sync::atomic::AtomicBool;
+
+    const MIB: u64 = 1 << 20;
+    const CHUNK: u64 = chunk::CHUNK_SIZE;
+
+    fn key() -> Option<Arc<TargetKey>> {
+        Some(Arc::new(TargetKey::from_bytes([3; 32])))
+    }
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn id() -> BackupId {
+        BackupId::parse(&uuid::Uuid::new_v4().to_string()).unwrap()
+    }
+
+    /// Backs `bytes` up (a full backup through the copier, from a sparse file).
+    fn backup(target: &S3Target, bytes: &[u8]) -> BackupId {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), bytes).unwrap();
+        let src = FileDevice::new(std::fs::File::open(file.path()).unwrap(), file.path());
+        let id = id();
+        let new = target.create_data(&id, bytes.len() as u64, None).unwrap();
+        copy::copy(
+            &src,
+            new.attachment.device.as_ref(),
+            Range::whole(bytes.len() as u64),
+            CopyOptions {
+                dest_is_zero: true,
+                bps_limit: 0,
+            },
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        drop(new);
+        target.finish_data(&id).unwrap();
+        id
+    }
+
+    fn read(target: &S3Target, id: &BackupId) -> std::io::Result<Vec<u8>> {
+        let attachment = target.open_data(id).unwrap();
+        let mut out = vec![0u8; attachment.device.size()? as usize];
+        for start in (0..out.len()).step_by(MIB as usize) {
+            let end = (start + MIB as usize).min(out.len());
+            attachment
+                .device
+                .read_at(&mut out[start..end], start as u64)?;
+        }
+        Ok(out)
+    }
+
+    fn chunks(store: &super::super::store::MemStore) -> usize {
+        store.list(CHUNK_PREFIX).unwrap().len()
+    }
+
+    #[test]
+    fn pieces_of_many_chunks_written_in_any_order_read_back_exactly() {
+        let (target, store) = S3Target::in_memory(key());
+        let size = 10 * CHUNK + 12345;
+        let id = id();
+        let new = target.create_data(&id, size, None).unwrap();
+        let device = new.attachment.device.as_ref();
+        let mut expected = vec![0u8; size as usize];
+        // 64 KiB pieces at scattered offsets, in an order that visits every chunk many
+        // times: staging overflows and chunks are stored, then staged again.
+        let pieces = size / (64 << 10);
+        for n in 0..pieces {
+            let k = (n * 37) % pieces;
+            if k.is_multiple_of(3) {
+                continue;
+            }
+            let at = k * (64 << 10);
+            let len = (64 << 10).min(size - at) as usize;
+            let bytes = noise(k, len);
+            expected[at as usize..at as usize + len].copy_from_slice(&bytes);
+            device.write_at(&bytes, at).unwrap();
+        }
+        device.discard(CHUNK..2 * CHUNK).unwrap();
+        expected[CHUNK as usize..2 * CHUNK as usize].fill(0);
+        device.flush().unwrap();
+        drop(new);
+        target.finish_data(&id).unwrap();
+        assert!(read(&target, &id).unwrap() == expected);
+        // Only what the index names survives a collection: 11 chunks, of which chunk 1
+        // (discarded) and chunk 10 (the 12345-byte tail, no piece reaches it) are holes.
+        target.collect_garbage().unwrap();
+        assert_eq!(chunks(&store), 9);
+    }
+
+    #[test]
+    fn a_shared_copy_reads_as_its_base_and_only_changed_chunks_are_added() {
+        let (target, store) = S3Target::in_memory(key());
+        let data = noise(1, 8 * CHUNK as usize);
+        let base = backup(&target, &data);
+        assert_eq!(chunks(&store), 8);
+        let id = id();
+        let new = target.create_data(&id, 9 * CHUNK, Some(&base)).unwrap();
+        assert!(new.shared);
+        let device = new.attachment.device.as_ref();
+        device.write_at(&[7u8; 4096], 3 * CHUNK + 100).unwrap();
+        device.flush().unwrap();
+        drop(new);
+        target.finish_data(&id).unwrap();
+        let mut expected = data.clone();
+        expected[3 * CHUNK as usize + 100..3 * CHUNK as usize + 4196].fill(7);
+        expected.resize(9 * CHUNK as usize, 0);
+        assert!(read(&target, &id).unwrap() == expected);
+        assert!(read(&target, &base).unwrap() == data);
+        assert_eq!(chunks(&store), 9);
+        // A base larger than the new size is not shared.
+        let shrunk = target
+            .create_data(&super::tests::id(), CHUNK, Some(&base))
+            .unwrap();
+        assert!(!shrunk.shared);
+    }
+
+    #[test]
+    fn a_chunk_replaced_in_the_store_reads_as_eio() {
+        let (target, store) = S3Target::in_memory(key());
+        let id = backup(&target, &noise(2, 2 * CHUNK as usize));
+        let names = store.list(CHUNK_PREFIX).unwrap();
+        // One chunk's object under the other's name: it is authentic, but not that chunk.
+        let other = store.get(&names[1], u64::MAX).unwrap().unwrap();
+        store.put(&names[0], &other).unwrap();
+        // A fresh target: nothing cached.
+        let fresh =
+            S3Target::assemble("t", store.clone(), Keys::new(key().as_deref(), true), key())
+                .unwrap();
+        let error = read(&fresh, &id).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EIO));
+        drop(target);
+    }
+
+    #[test]
+    fn garbage_collection_frees_only_what_no_index_or_backup_in_progress_names() {
+        let (target, store) = S3Target::in_memory(key());
+        assert_eq!(chunks(&store), 0);
+        let a = noise(3, 2 * CHUNK as usize);
+        let first = backup(&target, &a);
+        let second = backup(&target, &noise(4, 2 * CHUNK as usize));
+        // A backup in progress holds one of first's chunks.
+        let writing = target.create_data(&id(), CHUNK, None).unwrap();
+        writing
+            .attachment
+            .device
+            .write_at(&a[..CHUNK as usize], 0)
+            .unwrap();
+        target.inner.store.delete(&index_object(&first)).unwrap();
+        target.inner.indexes.lock().clear();
+        let report = target.collect_garbage().unwrap();
+        assert_eq!((report.chunks, report.referenced), (4, 3), "{report:?}");
+        assert_eq!(report.deleted, 0, "a backup is in progress: {report:?}");
+        drop(writing);
+        target.inner.writing.lock().clear();
+        let report = target.collect_garbage().unwrap();
+        assert_eq!(report.deleted, 2, "{report:?}");
+        assert_eq!(chunks(&store), 2);
+        assert!(read(&target, &second).is_ok());
+    }
+}
