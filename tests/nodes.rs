@@ -466,3 +466,41 @@ fn xattrs_set_on_every_node_at_once_are_all_kept() {
         d.stop_clean();
     }
 }
+
+#[test]
+fn a_planted_claim_never_makes_a_live_nodes_backup_go() {
+    let mut sb = Sandbox::new("nodes-planted");
+    let c = cluster(&mut sb, "");
+    let volume = random_volume(&c.gold, "v1", 8);
+    let release = sb.path("release");
+    let a = start(&mut sb, &c, 0, &pause_env("finishing", &release));
+    let b = start(&mut sb, &c, 1, &[]);
+    let id = a.backup("hdd", "v1");
+    a.wait_state("hdd", &id, "finishing");
+    // Whoever can write the pool plants a claim of another volume naming a's backup,
+    // from a "node" that never renews it.
+    std::fs::write(
+        c.backups.join("backupfs.claim.ssd.elsewhere"),
+        format!(
+            "{{\"node\":\"x\",\"holder\":\"other-boot.1.1.x\",\"backup_id\":\"{id}\",\"beat\":0}}\n"
+        ),
+    )
+    .unwrap();
+    // Well past a lease: b found it stale, and left a's backup alone.
+    std::thread::sleep(Duration::from_secs(2 * LEASE + 2));
+    assert_eq!(stored_record(&c.backups, &id)["status"], "creating");
+    assert!(!data_of(&c.backups, &id).is_empty(), "{}", b.log());
+    // (Whichever node found it stale first said so, and removed the planted claim.)
+    assert!(
+        a.log().contains("left alone") || b.log().contains("left alone"),
+        "{}\n{}",
+        a.log(),
+        b.log()
+    );
+    assert!(!c.backups.join("backupfs.claim.ssd.elsewhere").exists());
+    release_jobs(&release);
+    assert_eq!(a.wait_job("hdd", &id), "available", "{}", a.log());
+    assert_eq!(sha256(&b.image("hdd", &id)), sha256(&volume));
+    a.stop_clean();
+    b.stop_clean();
+}

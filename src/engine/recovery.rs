@@ -139,7 +139,7 @@ impl Inner {
                 }
             };
             for stale in stale {
-                if coordinator.take_over(&stale) && self.reap(name, target.as_ref(), &stale) {
+                if self.reap(name, target.as_ref(), coordinator, &stale) {
                     coordinator.forget(&stale);
                 }
             }
@@ -153,6 +153,7 @@ impl Inner {
         &self,
         name: &str,
         target: &dyn BackupTarget,
+        coordinator: &crate::targets::lease::Coordinator,
         stale: &crate::targets::lease::Stale,
     ) -> bool {
         let Some(id) = stale
@@ -163,11 +164,38 @@ impl Inner {
         else {
             return true;
         };
+        // Only the backup the claim is about, looked at before anything is decided: a
+        // claim planted under another volume's name never makes a backup in progress of
+        // a live node go.
+        let ours = |record: &Record| {
+            stale.object == crate::targets::lease::claim_object(&record.backend, &record.volume_id)
+        };
+        match target.record(&id) {
+            Ok(record) if record.status == Status::Creating && !ours(&record) => {
+                warn!(
+                    backup_target = name,
+                    backup_id = %id,
+                    "{} names backup {id}, which is a backup of volume {} on {}: left alone",
+                    stale.object,
+                    record.volume_id,
+                    record.backend
+                );
+                return true;
+            }
+            Ok(_) | Err(crate::targets::TargetError::NotFound(_)) => {}
+            Err(e) => {
+                warn!(backup_target = name, backup_id = %id, "cannot read the record of a backup to take over: {e}");
+                return false;
+            }
+        }
+        if !coordinator.take_over(stale) {
+            return false;
+        }
         let Ok(_updating) = self.updating(target, &id) else {
             return false;
         };
         let mut record = match target.record(&id) {
-            Ok(record) if record.status == Status::Creating => record,
+            Ok(record) if record.status == Status::Creating && ours(&record) => record,
             // Ended already (its node decided, then died), or never recorded.
             Ok(_) | Err(crate::targets::TargetError::NotFound(_)) => return true,
             Err(e) => {

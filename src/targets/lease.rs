@@ -52,6 +52,11 @@ pub fn is_coordination(name: &str) -> bool {
         || name.starts_with(LOCK_PREFIX)
 }
 
+/// The claim object of a volume of a backend.
+pub fn claim_object(backend: &str, volume: &str) -> String {
+    format!("{CLAIM_PREFIX}{backend}.{volume}")
+}
+
 /// Whether `node` can name a node: what a host name may hold.
 pub fn valid_node(node: &str) -> bool {
     !node.is_empty()
@@ -281,7 +286,7 @@ impl Coordinator {
         volume: &str,
         backup_id: &str,
     ) -> Result<Arc<Claim>, LeaseError> {
-        let object = format!("{CLAIM_PREFIX}{backend}.{volume}");
+        let object = claim_object(backend, volume);
         let claim = Arc::new(Claim {
             object: object.clone(),
             backup_id: backup_id.to_string(),
