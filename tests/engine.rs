@@ -8,7 +8,7 @@ use backupfs::config::Config;
 use backupfs::engine::parts::BackendPart;
 use backupfs::engine::{Engine, EngineError, Job};
 use backupfs::ids::{BackupId, VolumeId};
-use backupfs::targets::catalogue::DirCatalogue;
+use backupfs::targets::catalogue::{Catalogue, DirCatalogue};
 use backupfs::targets::record::{Record, Status};
 use backupfs::targets::{BackupTarget, VolumeTarget};
 use backupfs::volume::VolumeDriver;
@@ -51,6 +51,15 @@ struct World {
 }
 
 impl World {
+    /// Writes a record as another (older, crashed) backupfs left it; no engine may be
+    /// running on this world.
+    fn put_record(&self, record: &Record) {
+        DirCatalogue::open(TARGET, &self.catalogue_dir())
+            .expect("catalogue")
+            .write_record(record)
+            .expect("record written");
+    }
+
     fn new() -> World {
         let driver = MemDriver::new(&[VOLUMES, BACKUPS]);
         World {
@@ -299,6 +308,10 @@ fn incremental_backups_write_only_what_changed_and_keep_one_base_snapshot() {
     engine.delete_backup(TARGET, &full.id).expect("delete");
     assert_eq!(image(&engine, &second.id), world.volume("vol-a"));
     assert_eq!(stored_data(&world), vec![second.id.to_string()]);
+    // Deleting the backup that holds the base takes the base along.
+    engine.delete_backup(TARGET, &second.id).expect("delete");
+    assert!(world.volumes.snapshots(VOLUMES).is_empty());
+    assert!(stored_data(&world).is_empty());
     engine.shutdown();
 }
 
@@ -673,5 +686,145 @@ fn a_deletion_that_fails_keeps_the_record_deleting_until_the_janitor_finishes() 
     engine.run_janitor();
     assert!(engine.record(TARGET, &record.id).is_err());
     assert!(stored_data(&world).is_empty());
+    engine.shutdown();
+}
+
+#[test]
+fn a_restart_keeps_base_snapshots_and_lists_the_jobs_that_ended() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 16);
+    let engine = world.engine();
+    let kept = backup(&engine, "vol-a", true);
+    world.volumes.faults(VOLUMES).fail_reads_at(Some(0));
+    let (failed, _) = failed_backup(&engine, "vol-a", false);
+    world.volumes.faults(VOLUMES).fail_reads_at(None);
+    engine.shutdown();
+    drop(engine);
+
+    let engine = world.engine();
+    let base = kept.base_snapshot.clone().expect("a base");
+    assert_eq!(world.volumes.snapshots(VOLUMES), vec![base.clone()]);
+    let record = engine.record(TARGET, &kept.id).expect("record");
+    assert_eq!(record.base_snapshot, Some(base));
+    assert_eq!(record.temporary_snapshot, None);
+    let mut jobs: Vec<(String, &str)> = engine
+        .jobs(Some(TARGET))
+        .iter()
+        .map(|job| (job.backup_id.to_string(), job.state()))
+        .collect();
+    jobs.sort();
+    let mut expected = vec![
+        (kept.id.to_string(), "available"),
+        (failed.id.to_string(), "error"),
+    ];
+    expected.sort();
+    assert_eq!(jobs, expected);
+    // The next incremental still finds its changes through the base.
+    world.volumes.write(VOLUMES, "vol-a", 0, b"changed");
+    let next = backup(&engine, "vol-a", true);
+    assert_eq!(next.changes_found_by.as_deref(), Some("snapshot-diff"));
+    assert_eq!(next.stored_bytes, 4096);
+    engine.shutdown();
+}
+
+#[test]
+fn the_janitor_removes_the_base_snapshot_of_a_deleted_volume_only() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 17);
+    sample_volume(&world, "vol-b", 18);
+    let engine = world.engine();
+    let gone = backup(&engine, "vol-a", true);
+    let stays = backup(&engine, "vol-b", true);
+    world
+        .volumes
+        .delete(VOLUMES, "vol-a")
+        .expect("volume deleted");
+    engine.run_janitor();
+    let stays_base = stays.base_snapshot.clone().expect("a base");
+    assert_eq!(world.volumes.snapshots(VOLUMES), vec![stays_base.clone()]);
+    let gone = engine.record(TARGET, &gone.id).expect("record");
+    assert_eq!(gone.base_snapshot, None);
+    assert_eq!(gone.temporary_snapshot, None);
+    assert_eq!(gone.status, Status::Available, "the backup itself stays");
+    let stays = engine.record(TARGET, &stays.id).expect("record");
+    assert_eq!(stays.base_snapshot, Some(stays_base));
+    engine.shutdown();
+}
+
+#[test]
+fn after_a_crash_between_a_new_base_and_the_removal_of_the_old_the_newest_stays() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 19);
+    let engine = world.engine();
+    let older = backup(&engine, "vol-a", true);
+    world.volumes.write(VOLUMES, "vol-a", 0, b"changed");
+    let newer = backup(&engine, "vol-a", true);
+    engine.shutdown();
+    drop(engine);
+    // As the crash left it: the older record still names its base, which still exists.
+    let old_base = older.base_snapshot.clone().expect("a base");
+    world
+        .volumes
+        .snapshot(VOLUMES, "vol-a", &old_base)
+        .expect("old base");
+    world.put_record(&older);
+    assert_eq!(world.volumes.snapshots(VOLUMES).len(), 2);
+
+    let engine = world.engine();
+    let new_base = newer.base_snapshot.clone().expect("a base");
+    assert_eq!(world.volumes.snapshots(VOLUMES), vec![new_base.clone()]);
+    let older = engine.record(TARGET, &older.id).expect("record");
+    assert_eq!(older.base_snapshot, None);
+    assert_eq!(older.temporary_snapshot, None);
+    let newer = engine.record(TARGET, &newer.id).expect("record");
+    assert_eq!(newer.base_snapshot, Some(new_base));
+    engine.shutdown();
+}
+
+#[test]
+fn a_snapshot_that_an_older_record_names_only_by_snapshot_used_is_removed_at_start() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 20);
+    world.volumes.set_in_use(VOLUMES, "vol-a", Some("a guest"));
+    let engine = world.engine();
+    world.volumes.faults(VOLUMES).fail_delete_snapshot(true);
+    let mut record = backup(&engine, "vol-a", false);
+    engine.shutdown();
+    drop(engine);
+    world.volumes.faults(VOLUMES).fail_delete_snapshot(false);
+    assert_eq!(world.volumes.snapshots(VOLUMES).len(), 1);
+    // Records made before `temporary_snapshot` said only `snapshot_used`.
+    assert!(record.snapshot_used);
+    record.temporary_snapshot = None;
+    world.put_record(&record);
+
+    let engine = world.engine();
+    assert!(world.volumes.snapshots(VOLUMES).is_empty());
+    let record = engine.record(TARGET, &record.id).expect("record");
+    assert_eq!(record.status, Status::Available);
+    assert_eq!(record.temporary_snapshot, None);
+    engine.shutdown();
+}
+
+#[test]
+fn only_the_record_of_a_failed_backup_is_removed_as_a_record() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 21);
+    let engine = world.engine();
+    let good = backup(&engine, "vol-a", false);
+    world.volumes.faults(VOLUMES).fail_reads_at(Some(0));
+    let (failed, _) = failed_backup(&engine, "vol-a", false);
+    assert!(matches!(
+        engine.delete_record(TARGET, &good.id),
+        Err(EngineError::NotPermitted(_))
+    ));
+    assert_eq!(
+        engine.record(TARGET, &good.id).expect("record").status,
+        Status::Available
+    );
+    engine.delete_record(TARGET, &failed.id).expect("removed");
+    assert!(engine.record(TARGET, &failed.id).is_err());
+    assert_eq!(ids(&engine.records(TARGET).expect("records")), ids([&good]));
+    assert_eq!(stored_data(&world), ids([&good]));
     engine.shutdown();
 }
