@@ -828,3 +828,108 @@ fn only_the_record_of_a_failed_backup_is_removed_as_a_record() {
     assert_eq!(stored_data(&world), ids([&good]));
     engine.shutdown();
 }
+
+#[test]
+fn reads_at_any_offset_and_length_give_the_volumes_bytes_and_stop_at_its_end() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 22);
+    let engine = world.engine();
+    let record = backup(&engine, "vol-a", false);
+    let volume = world.volume("vol-a");
+    let size = volume.len() as u64;
+    let image = engine.open_image(TARGET, &record.id).expect("image opens");
+    for (offset, len) in [
+        (1, 10),
+        (MIB - 5, 10),
+        (MIB / 2, 3 * MIB),
+        (3 * MIB + MIB / 2 - 3, MIB + 7),
+        (4 * MIB, MIB),
+        (5 * MIB + 999, 1),
+        (5 * MIB + 900, 4096),
+        (0, 6 * MIB),
+        (size, 10),
+    ] {
+        let mut buf = vec![0xeeu8; len as usize];
+        let n = image.read_at(&mut buf, offset).expect("read");
+        let end = (offset + len).min(size);
+        assert_eq!(
+            n as u64,
+            end.saturating_sub(offset),
+            "read of {len} at {offset}"
+        );
+        assert!(
+            buf[..n] == volume[offset.min(size) as usize..end as usize],
+            "bytes of the read of {len} at {offset}"
+        );
+    }
+    image.verify_range(0, size).expect("every block is good");
+    drop(image);
+    engine.shutdown();
+}
+
+#[test]
+fn data_lost_to_a_hole_is_damage_for_reads_range_checks_and_verify() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 23);
+    let engine = world.engine();
+    let record = backup(&engine, "vol-a", false);
+    // Block 0 of the stored data becomes a hole: it reads as zeros, which is not its data.
+    let data = world
+        .driver
+        .attach(BACKUPS, record.id.as_str(), backupfs::volume::Access::Write)
+        .expect("attach the stored data");
+    data.device.discard(0..MIB).expect("hole");
+    drop(data);
+    let image = engine.open_image(TARGET, &record.id).expect("image opens");
+    let mut buf = vec![0u8; 10];
+    assert!(matches!(
+        image.read_at(&mut buf, 5),
+        Err(EngineError::Damaged { .. })
+    ));
+    let mut whole = vec![0u8; MIB as usize];
+    assert!(matches!(
+        image.read_at(&mut whole, 0),
+        Err(EngineError::Damaged { .. })
+    ));
+    assert!(matches!(
+        image.verify_range(0, 10),
+        Err(EngineError::Damaged { ref blocks, .. }) if blocks == &vec![0]
+    ));
+    // Block 1 was a hole in the volume too: good without a read; block 4 holds its data.
+    image
+        .verify_range(MIB, MIB)
+        .expect("a hole that was a hole");
+    image.verify_range(4 * MIB + 3, 10).expect("block 4");
+    image.read_at(&mut whole, MIB).expect("block 1 reads");
+    assert!(whole.iter().all(|&b| b == 0));
+    drop(image);
+    let failure = engine
+        .start_verify(TARGET, &record.id)
+        .expect("verify queued")
+        .wait()
+        .expect_err("verify finds the hole");
+    match failure.cause.as_deref() {
+        Some(EngineError::Damaged { blocks, .. }) => assert_eq!(blocks, &vec![0]),
+        other => panic!("not Damaged: {other:?}"),
+    }
+    engine.shutdown();
+}
+
+#[test]
+fn a_good_verify_is_recorded_and_reads_stay_open() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 24);
+    let engine = world.engine();
+    let record = backup(&engine, "vol-a", false);
+    assert_eq!(record.verified_at, None);
+    engine
+        .start_verify(TARGET, &record.id)
+        .expect("verify queued")
+        .wait()
+        .expect("a good backup verifies");
+    let record = engine.record(TARGET, &record.id).expect("record");
+    assert!(record.verified_at.is_some());
+    assert_eq!(record.damaged_blocks, Some(vec![]));
+    assert_eq!(image(&engine, &record.id), world.volume("vol-a"));
+    engine.shutdown();
+}
