@@ -933,3 +933,51 @@ fn a_good_verify_is_recorded_and_reads_stay_open() {
     assert_eq!(image(&engine, &record.id), world.volume("vol-a"));
     engine.shutdown();
 }
+
+#[test]
+fn a_full_backup_after_an_incremental_leaves_the_base_in_place_across_a_restart() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 25);
+    let engine = world.engine();
+    let incremental = backup(&engine, "vol-a", true);
+    let full = backup(&engine, "vol-a", false);
+    assert_eq!(full.base_snapshot, None);
+    engine.shutdown();
+    drop(engine);
+    // Start-up keeps one base per volume: the newest backup that has one, not the newest.
+    let engine = world.engine();
+    let base = incremental.base_snapshot.clone().expect("a base");
+    assert_eq!(world.volumes.snapshots(VOLUMES), vec![base.clone()]);
+    let record = engine.record(TARGET, &incremental.id).expect("record");
+    assert_eq!(record.base_snapshot, Some(base));
+    engine.shutdown();
+}
+
+#[test]
+fn the_janitor_leaves_the_snapshot_of_a_running_backup_alone() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 26);
+    world.volumes.set_in_use(VOLUMES, "vol-a", Some("a guest"));
+    let engine = world.engine();
+    // The job has made its backup available and is about to remove its snapshot.
+    let hold = world.volumes.hold(HoldPoint::DeleteSnapshot {
+        pool: VOLUMES.to_string(),
+    });
+    let job = start(&engine, "vol-a", false);
+    assert!(hold.wait_reached(REACH), "the job removes its snapshot");
+    let record = engine.record(TARGET, &job.backup_id).expect("record");
+    assert_eq!(record.status, Status::Available);
+    let snapshot = record.temporary_snapshot.clone().expect("named");
+    engine.run_janitor();
+    assert_eq!(
+        world.volumes.snapshots(VOLUMES),
+        vec![snapshot],
+        "the running job's snapshot is its own to remove"
+    );
+    hold.release();
+    job.wait().expect("the backup completes");
+    assert!(world.volumes.snapshots(VOLUMES).is_empty());
+    let record = engine.record(TARGET, &job.backup_id).expect("record");
+    assert_eq!(record.temporary_snapshot, None);
+    engine.shutdown();
+}

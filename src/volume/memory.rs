@@ -120,6 +120,8 @@ pub enum HoldPoint {
     Read { pool: String, offset: u64 },
     /// `delete` of anything in `pool`.
     Delete { pool: String },
+    /// `delete_snapshot` of a snapshot in `pool` (held before anything is removed).
+    DeleteSnapshot { pool: String },
 }
 
 struct Stored {
@@ -432,6 +434,8 @@ impl VolumeDriver for MemDriver {
 
     fn delete_snapshot(&self, pool: &str, volume_id: &str, snapshot_name: &str) -> Result<()> {
         snapnames::refuse_foreign(snapshot_name)?;
+        self.holds
+            .pass(|at| matches!(at, HoldPoint::DeleteSnapshot { pool: p } if p == pool));
         self.with_pool(pool, |p| {
             if p.faults.delete_snapshot_error.load(Ordering::SeqCst) {
                 return Err(VolumeError::io("delete snapshot", snapshot_name, eio()));
