@@ -782,22 +782,34 @@ fn after_a_crash_between_a_new_base_and_the_removal_of_the_old_the_newest_stays(
 }
 
 #[test]
-fn a_snapshot_that_an_older_record_names_only_by_snapshot_used_is_removed_at_start() {
+fn a_snapshot_an_older_record_names_only_by_snapshot_used_is_named_then_removed() {
     let world = World::new();
     sample_volume(&world, "vol-a", 20);
     world.volumes.set_in_use(VOLUMES, "vol-a", Some("a guest"));
     let engine = world.engine();
-    world.volumes.faults(VOLUMES).fail_delete_snapshot(true);
+    let faults = world.volumes.faults(VOLUMES);
+    faults.fail_delete_snapshot(true);
     let mut record = backup(&engine, "vol-a", false);
     engine.shutdown();
     drop(engine);
-    world.volumes.faults(VOLUMES).fail_delete_snapshot(false);
-    assert_eq!(world.volumes.snapshots(VOLUMES).len(), 1);
+    let snapshot = record.temporary_snapshot.clone().expect("named");
+    assert_eq!(world.volumes.snapshots(VOLUMES), vec![snapshot.clone()]);
     // Records made before `temporary_snapshot` said only `snapshot_used`.
     assert!(record.snapshot_used);
     record.temporary_snapshot = None;
     world.put_record(&record);
 
+    // Start-up looks for it; it cannot go yet, so the record names it from now on.
+    let engine = world.engine();
+    assert_eq!(world.volumes.snapshots(VOLUMES), vec![snapshot.clone()]);
+    let named = engine.record(TARGET, &record.id).expect("record");
+    assert_eq!(named.temporary_snapshot, Some(snapshot));
+    engine.shutdown();
+    drop(engine);
+    world.put_record(&record);
+
+    // Once it can go, start-up removes it.
+    faults.fail_delete_snapshot(false);
     let engine = world.engine();
     assert!(world.volumes.snapshots(VOLUMES).is_empty());
     let record = engine.record(TARGET, &record.id).expect("record");
