@@ -993,3 +993,36 @@ fn the_janitor_leaves_the_snapshot_of_a_running_backup_alone() {
     assert_eq!(record.temporary_snapshot, None);
     engine.shutdown();
 }
+
+#[test]
+fn a_deletion_that_cannot_finish_does_not_make_its_base_the_volumes_newest() {
+    let world = World::new();
+    sample_volume(&world, "vol-a", 27);
+    let engine = world.engine();
+    let older = backup(&engine, "vol-a", true);
+    world.volumes.write(VOLUMES, "vol-a", 0, b"changed");
+    let newer = backup(&engine, "vol-a", true);
+    world.driver.faults(BACKUPS).fail_delete(true);
+    engine
+        .delete_backup(TARGET, &newer.id)
+        .expect_err("its data cannot be removed");
+    engine.shutdown();
+    drop(engine);
+    // And a crash between the newer base and the removal of the older left both.
+    let old_base = older.base_snapshot.clone().expect("a base");
+    world
+        .volumes
+        .snapshot(VOLUMES, "vol-a", &old_base)
+        .expect("old base");
+    world.put_record(&older);
+
+    // The deletion still cannot finish; the record being deleted is no backup, so the
+    // base kept is the older backup's.
+    let engine = world.engine();
+    let deleting = engine.record(TARGET, &newer.id).expect("record stays");
+    assert_eq!(deleting.status, Status::Deleting);
+    let older = engine.record(TARGET, &older.id).expect("record");
+    assert_eq!(older.base_snapshot, Some(old_base.clone()));
+    assert!(world.volumes.snapshots(VOLUMES).contains(&old_base));
+    engine.shutdown();
+}
