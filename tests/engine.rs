@@ -48,6 +48,7 @@ struct World {
     /// cannot tell what changed, beside a target that shares data).
     volumes: Arc<MemDriver>,
     keep_last: u32,
+    verify_reads: bool,
 }
 
 impl World {
@@ -67,6 +68,7 @@ impl World {
             volumes: driver.clone(),
             driver,
             keep_last: 0,
+            verify_reads: true,
         }
     }
 
@@ -88,10 +90,11 @@ impl World {
         std::fs::create_dir_all(&catalogue_dir).expect("catalogue directory");
         let state_dir = tempfile::tempdir_in(self.dir.path()).expect("state directory");
         let config = Config::parse(&format!(
-            "state_dir = {:?}\nmax_parallel_jobs = 2\n\
+            "state_dir = {:?}\nmax_parallel_jobs = 2\nverify_reads = {}\n\
              [backends.{BACKEND}]\ndriver = \"file\"\npools = {{ {VOLUMES} = \"/nonexistent\", {BACKUPS} = \"/nonexistent\" }}\n\
              [targets.{TARGET}]\nbackend = \"{BACKEND}\"\npool = \"{BACKUPS}\"\nkeep_last = {}\n",
             state_dir.keep().display(),
+            self.verify_reads,
             self.keep_last,
         ))
         .expect("configuration");
@@ -124,6 +127,7 @@ impl World {
             driver,
             volumes,
             keep_last: self.keep_last,
+            verify_reads: self.verify_reads,
         };
         std::fs::create_dir_all(copy.catalogue_dir()).expect("catalogue directory");
         for entry in std::fs::read_dir(self.catalogue_dir()).expect("catalogue") {
@@ -506,6 +510,24 @@ fn damaged_data_reads_as_an_error_and_verify_names_the_block() {
         .expect_err("block 3 is damaged");
     assert!(err.to_string().contains("damaged"), "{err}");
     image.read_at(&mut buf, 4 * MIB).expect("block 4 is good");
+    // The range check a server-side copy makes, anywhere in the damaged block or across it.
+    for (offset, len) in [
+        (3 * MIB + 5, 10),
+        (2 * MIB, 2 * MIB),
+        (3 * MIB + MIB - 1, 1),
+    ] {
+        assert!(
+            matches!(
+                image.verify_range(offset, len),
+                Err(EngineError::Damaged { ref blocks, .. }) if blocks == &vec![3]
+            ),
+            "range {offset}+{len}"
+        );
+    }
+    image.verify_range(4 * MIB, 10).expect("block 4 is good");
+    image
+        .verify_range(3 * MIB + 5, 0)
+        .expect("an empty range checks nothing");
     drop(image);
     let verify = engine
         .start_verify(TARGET, &record.id)
@@ -1024,5 +1046,59 @@ fn a_deletion_that_cannot_finish_does_not_make_its_base_the_volumes_newest() {
     let older = engine.record(TARGET, &older.id).expect("record");
     assert_eq!(older.base_snapshot, Some(old_base.clone()));
     assert!(world.volumes.snapshots(VOLUMES).contains(&old_base));
+    engine.shutdown();
+}
+
+#[test]
+fn an_empty_volume_backs_up_and_reads_as_empty() {
+    let world = World::new();
+    world.put_volume("vol-empty", 0, &[]);
+    let engine = world.engine();
+    let record = backup(&engine, "vol-empty", false);
+    assert_eq!((record.size, record.stored_bytes), (0, 0));
+    let image = engine.open_image(TARGET, &record.id).expect("image opens");
+    assert_eq!(image.read_at(&mut [0u8; 10], 0).expect("read"), 0);
+    image.verify_range(0, 10).expect("nothing to check");
+    drop(image);
+    engine
+        .start_verify(TARGET, &record.id)
+        .expect("verify queued")
+        .wait()
+        .expect("an empty backup verifies");
+    engine.shutdown();
+}
+
+#[test]
+fn with_verify_reads_off_stored_data_cut_short_is_a_read_error_not_stale_bytes() {
+    let mut world = World::new();
+    world.verify_reads = false;
+    sample_volume(&world, "vol-a", 28);
+    let engine = world.engine();
+    let record = backup(&engine, "vol-a", false);
+    // Damage is not looked for: a range check passes, reads hand out what is stored.
+    let rotten = 3 * MIB + MIB / 2;
+    let mut byte = world
+        .driver
+        .contents(BACKUPS, record.id.as_str())
+        .expect("data")[rotten as usize];
+    byte ^= 1;
+    world
+        .driver
+        .write(BACKUPS, record.id.as_str(), rotten, &[byte]);
+    let image = engine.open_image(TARGET, &record.id).expect("image opens");
+    image.verify_range(3 * MIB, MIB).expect("not checked");
+    let mut one = [0u8; 1];
+    image.read_at(&mut one, rotten).expect("read unchecked");
+    assert_eq!(one[0], byte);
+    // What is not stored at all is an error, never whatever the buffer held.
+    world
+        .driver
+        .truncate(BACKUPS, record.id.as_str(), 4 * MIB + 100);
+    let mut buf = vec![0xeeu8; MIB as usize];
+    assert!(
+        image.read_at(&mut buf, 4 * MIB).is_err(),
+        "a read past the stored end"
+    );
+    drop(image);
     engine.shutdown();
 }

@@ -269,6 +269,17 @@ impl MemDriver {
         *stored.mtime.lock() = SystemTime::now() + Duration::from_nanos(1);
     }
 
+    /// Cuts a volume (or a backup's data) short, as a damaged store may hand it back.
+    pub fn truncate(&self, pool: &str, name: &str, size: u64) {
+        let stored = self.stored(pool, name).expect("no such volume");
+        stored.device.data.lock().truncate(size as usize);
+        stored
+            .device
+            .pages
+            .lock()
+            .truncate(size.div_ceil(PAGE) as usize);
+    }
+
     /// The bytes of a volume (or a backup's data), None if there is none.
     pub fn contents(&self, pool: &str, name: &str) -> Option<Vec<u8>> {
         self.stored(pool, name).map(|s| s.device.contents())
