@@ -526,6 +526,9 @@ fn damaged_data_reads_as_an_error_and_verify_names_the_block() {
     }
     image.verify_range(4 * MIB, 10).expect("block 4 is good");
     image
+        .verify_range(2 * MIB, MIB)
+        .expect("a range that ends where block 3 begins checks block 2 only");
+    image
         .verify_range(3 * MIB + 5, 0)
         .expect("an empty range checks nothing");
     drop(image);
