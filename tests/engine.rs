@@ -1105,3 +1105,22 @@ fn with_verify_reads_off_stored_data_cut_short_is_a_read_error_not_stale_bytes()
     drop(image);
     engine.shutdown();
 }
+
+#[test]
+fn a_range_check_past_the_end_of_an_image_of_whole_blocks_stops_at_its_last_block() {
+    let world = World::new();
+    let data = pattern(2 * MIB as usize, 29);
+    world.put_volume("vol-a", 2 * MIB, &[(0, &data)]);
+    let engine = world.engine();
+    let record = backup(&engine, "vol-a", false);
+    let image = engine.open_image(TARGET, &record.id).expect("image opens");
+    image
+        .verify_range(MIB, 5 * MIB)
+        .expect("blocks 1 and no further");
+    image.verify_range(0, 2 * MIB).expect("both blocks");
+    let mut buf = vec![0u8; 3 * MIB as usize];
+    assert_eq!(image.read_at(&mut buf, 0).expect("read"), 2 * MIB as usize);
+    assert!(buf[..data.len()] == data[..]);
+    drop(image);
+    engine.shutdown();
+}
