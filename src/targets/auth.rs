@@ -340,6 +340,12 @@ mod tests {
     }
 
     #[test]
+    fn a_keys_debug_shows_no_key_material() {
+        let key = TargetKey::from_bytes([0xab; 32]);
+        assert_eq!(format!("{key:?}"), "TargetKey(..)");
+    }
+
+    #[test]
     fn a_sealed_record_checks_and_any_change_or_other_key_does_not() {
         let key = TargetKey::from_bytes([1; 32]);
         let mut read = prepare(&record(), Some(&key));
