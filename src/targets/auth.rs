@@ -443,6 +443,11 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &link).unwrap();
         assert!(generate(&link).is_err());
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "x");
+        // A directory that is not there is an I/O error, not a key that exists.
+        assert!(matches!(
+            generate(&dir.path().join("missing").join("t.key")),
+            Err(KeyError::Io { .. })
+        ));
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
