@@ -464,5 +464,12 @@ mod tests {
             TargetKey::load(dir.path()),
             Err(KeyError::NotRegular { .. })
         ));
+        // A FIFO planted at the key's path is refused at once, never waited on.
+        let fifo = dir.path().join("fifo.key");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(matches!(
+            TargetKey::load(&fifo),
+            Err(KeyError::NotRegular { .. })
+        ));
     }
 }
