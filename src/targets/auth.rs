@@ -405,6 +405,18 @@ mod tests {
         big_blocks.size = 12 << 20;
         inspect(&mut big_blocks, None);
         assert!(big_blocks.defect.is_some());
+        // Blocks of another size, even where their count fits the size in 1 MiB blocks.
+        let mut other_blocks = record();
+        other_blocks.checksums.as_mut().unwrap().block_size = 4 << 20;
+        inspect(&mut other_blocks, None);
+        assert!(
+            other_blocks
+                .defect
+                .as_deref()
+                .is_some_and(|d| d.contains("blocks of 4194304 bytes")),
+            "{:?}",
+            other_blocks.defect
+        );
 
         let mut fine = record();
         inspect(&mut fine, None);
@@ -422,6 +434,18 @@ mod tests {
         assert!(!key.leaves_check("a", &checksums, b"12345678"));
         checksums.mac = None;
         assert!(!key.sums_check("a", &checksums, b"12345678"));
+
+        // Leaf sums the same way, under a label of their own.
+        checksums.leaves_mac = Some(key.leaves_mac("a", b"leaves.."));
+        assert!(key.leaves_check("a", &checksums, b"leaves.."));
+        assert!(!key.leaves_check("a", &checksums, b"leaves.!"));
+        assert!(!key.leaves_check("b", &checksums, b"leaves.."));
+        checksums.mac = checksums.leaves_mac.clone();
+        assert!(!key.sums_check("a", &checksums, b"leaves.."));
+        assert_ne!(
+            key.leaves_mac("a", b"leaves.."),
+            key.sums_mac("a", b"leaves..")
+        );
     }
 
     #[test]
