@@ -340,6 +340,19 @@ mod tests {
     }
 
     #[test]
+    fn a_key_is_64_hex_digits_and_nothing_else() {
+        assert_eq!(parse_key(&"ab".repeat(32)), Some([0xab; 32]));
+        assert_eq!(parse_key(&"AB".repeat(32)), Some([0xab; 32]));
+        assert_eq!(parse_key(&"ab".repeat(31)), None);
+        assert_eq!(parse_key(&"ab".repeat(33)), None);
+        assert_eq!(parse_key(&format!("{}a", "ab".repeat(31))), None);
+        // `from_str_radix` takes a sign: "+f" is 15 to it, and no hex digit here.
+        assert_eq!(parse_key(&"+f".repeat(32)), None);
+        assert_eq!(parse_key(&"zz".repeat(32)), None);
+        assert_eq!(parse_hex("+f"), None);
+    }
+
+    #[test]
     fn a_keys_debug_shows_no_key_material() {
         let key = TargetKey::from_bytes([0xab; 32]);
         assert_eq!(format!("{key:?}"), "TargetKey(..)");
