@@ -476,4 +476,28 @@ mod tests {
             "{refused}"
         );
     }
+
+    #[test]
+    fn a_marker_written_second_never_replaces_the_first_and_is_refused_for_another_target() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path();
+        let first = claim(pool, "t").unwrap();
+        // Another daemon of the same target got there first: fine, the first one stays.
+        let second = Marker {
+            id: "another".into(),
+            ..first.clone()
+        };
+        write_new(pool, &second).unwrap();
+        assert_eq!(read_marker(pool).unwrap(), Some(first.clone()));
+        let other = Marker {
+            target: "u".into(),
+            ..first.clone()
+        };
+        assert!(matches!(
+            write_new(pool, &other),
+            Err(ClaimError::OtherTarget { .. })
+        ));
+        assert_eq!(read_marker(pool).unwrap(), Some(first));
+        assert!(foreign_files(pool).is_empty(), "no temporary is left");
+    }
 }
