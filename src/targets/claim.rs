@@ -374,6 +374,28 @@ mod tests {
         ));
         assert!(!is_marker_temporary(".backupfs-target"));
         assert!(!is_marker_temporary(".backupfs-targetx.tmp"));
+        // Temporaries are removed at start-up: an operator's names never count as ours.
+        assert!(is_temporary(&format!(".backup-{A}.json.77.0.tmp")));
+        assert!(!is_temporary("notes.tmp"));
+        assert!(!is_temporary(".backup-notes"));
+    }
+
+    #[test]
+    fn foreign_files_names_what_backupfs_did_not_make_in_a_claimed_pool() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path();
+        claim(pool, "t").unwrap();
+        for name in [
+            format!("backup-{A}.json"),
+            format!("backup-{A}.img"),
+            "notes.tmp".to_string(),
+            "volume-x".to_string(),
+        ] {
+            std::fs::write(pool.join(name), b"x").unwrap();
+        }
+        let mut foreign = foreign_files(pool);
+        foreign.sort();
+        assert_eq!(foreign, ["notes.tmp", "volume-x"]);
     }
 
     #[test]
