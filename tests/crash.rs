@@ -503,3 +503,87 @@ fn kill9_during_a_verify_leaves_the_backup_available_and_unverified() {
     assert_eq!(record["damaged_blocks"], serde_json::json!([]), "{record}");
     d.stop_clean();
 }
+
+/// The status in a backup's record file in the pool (no daemon needed).
+fn record_status(pool: &Path, id: &str) -> String {
+    let text = std::fs::read_to_string(record_file(pool, id)).unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|record| record["status"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn kill9_during_a_deletion_is_finished_at_the_next_start() {
+    let mut sb = Sandbox::new("kill9-delete");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    let source = random_volume(&l.gold, "a", 8);
+    let d = sb.start_daemon(&l.config);
+    let doomed = d.backup("hdd", "a wait");
+    let kept = d.backup("hdd", "a wait");
+    d.stop_clean();
+
+    let d = sb.start_daemon_env(&l.config, &hold_env("deleting"));
+    let image = d.image("hdd", &doomed);
+    sb.spawn_sh(&format!("exec rm -f '{}'", image.display()));
+    wait_for(
+        || record_status(&l.backups, &doomed) == "deleting",
+        "the deletion to begin",
+    );
+    assert_eq!(
+        files_mentioning(&l.backups, &doomed).len(),
+        4,
+        "nothing removed yet"
+    );
+    d.kill9();
+
+    let d = sb.start_daemon(&l.config);
+    assert_errno(std::fs::metadata(&image), libc::ENOENT, "the deleted image");
+    assert_eq!(
+        files_mentioning(&l.backups, &doomed),
+        Vec::<PathBuf>::new(),
+        "the deletion is finished"
+    );
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &kept).display(),
+        source.display()
+    ));
+    d.stop_clean();
+}
+
+#[test]
+fn kill9_during_a_retention_deletion_is_finished_at_the_next_start() {
+    let mut sb = Sandbox::new("kill9-retention");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    // The last table of the configuration is the target's.
+    let config = std::fs::read_to_string(&l.config).unwrap() + "keep_last = 1\n";
+    std::fs::write(&l.config, config).unwrap();
+    let source = random_volume(&l.gold, "a", 8);
+    let d = sb.start_daemon(&l.config);
+    let old = d.backup("hdd", "a wait");
+    d.stop_clean();
+
+    let d = sb.start_daemon_env(&l.config, &hold_env("deleting"));
+    let new = d.backup("hdd", "a");
+    wait_for(
+        || record_status(&l.backups, &old) == "deleting",
+        "retention to begin deleting the older backup",
+    );
+    assert_eq!(record_status(&l.backups, &new), "available");
+    d.kill9();
+
+    let d = sb.start_daemon(&l.config);
+    assert_eq!(
+        files_mentioning(&l.backups, &old),
+        Vec::<PathBuf>::new(),
+        "the older backup is gone"
+    );
+    assert_eq!(d.record("hdd", &new)["status"], "available");
+    ok(&format!(
+        "cmp '{}' '{}'",
+        d.image("hdd", &new).display(),
+        source.display()
+    ));
+    d.stop_clean();
+}

@@ -24,6 +24,11 @@ struct QLayout {
 }
 
 fn qlayout(sb: &mut Sandbox, qcow2_fs: Option<Fs>) -> QLayout {
+    qlayout_with(sb, qcow2_fs, "")
+}
+
+/// [`qlayout`], with `settings` (top-level keys) in the configuration.
+fn qlayout_with(sb: &mut Sandbox, qcow2_fs: Option<Fs>, settings: &str) -> QLayout {
     let q = match qcow2_fs {
         Some(fs) => sb.loop_fs("q", fs, 512),
         None => sb.mkdir("q"),
@@ -36,7 +41,7 @@ fn qlayout(sb: &mut Sandbox, qcow2_fs: Option<Fs>) -> QLayout {
     }
     let state = sb.mkdir("state");
     let config = sb.write_config(&format!(
-        "state_dir = \"{}\"\n\
+        "state_dir = \"{}\"\n{settings}\n\
          [backends.qc]\ndriver = \"qcow2\"\npools = {{ vols = \"{}\", qbackups = \"{}\" }}\n\
          [backends.raw]\ndriver = \"file\"\npools = {{ main = \"{}\", backups = \"{}\" }}\n\
          [targets.raw]\nbackend = \"raw\"\npool = \"backups\"\n\
@@ -525,6 +530,74 @@ fn a_crashed_daemons_exports_are_stopped_and_removed() {
         "{}",
         d.log()
     );
+    stop_clean(d);
+}
+
+#[test]
+fn kill9_mid_copy_of_a_qcow2_volume_to_a_qcow2_target_leaves_no_backup_and_no_export() {
+    let mut sb = Sandbox::new("q-kill9");
+    let l = qlayout_with(&mut sb, None, "copy_bps_limit = 2000000");
+    let volume = qcow2_volume(&l.vols, "qv", "200M");
+    ok(&format!(
+        "qemu-io -f qcow2 -c 'write -P 0xcd 0 16M' '{}' >/dev/null",
+        volume.display()
+    ));
+    let before = sha256(&volume);
+    let d = sb.start_daemon(&l.config);
+    let crashed = ExportDir::of(&d);
+    // 19 MiB of data at 2 MB/s: about ten seconds, killed as soon as it has begun.
+    let id = d.backup("q", "qv");
+    wait_for(
+        || {
+            d.jobs("q").lines().any(|line| {
+                line.starts_with(&id) && line.contains(" copying ") && !line.contains(" copying 0/")
+            })
+        },
+        "the copy to start",
+    );
+    let (mounts, processes) = exports_of(&crashed);
+    assert_eq!(
+        (mounts.len(), processes.len()),
+        (2, 2),
+        "the source and the new backup are exported while copying: {mounts:?}"
+    );
+    d.kill9();
+    // The kernel tells the exports their daemon died: they stop.
+    wait_for(
+        || exports_of(&crashed).1.is_empty(),
+        "the orphaned exports to stop",
+    );
+
+    let d = sb.start_daemon(&l.config);
+    wait_for(|| !crashed.exists(), "the stale exports to be removed");
+    assert_no_exports(&crashed);
+    let record = d.record("q", &id);
+    assert_eq!(record["status"], "error", "{record}");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("interrupted"),
+        "{record}"
+    );
+    assert_errno(
+        std::fs::metadata(d.image("q", &id)),
+        libc::ENOENT,
+        "the image of an interrupted backup",
+    );
+    assert_eq!(
+        files_mentioning(&l.qbackups, &id),
+        [record_file(&l.qbackups, &id)],
+        "the partial qcow2 image is gone"
+    );
+    assert_eq!(sha256(&volume), before, "the source is untouched");
+    // A new backup of the same volume is whole.
+    let again = d.backup("q", "qv wait");
+    ok(&format!(
+        "qemu-img compare -U -f raw -F qcow2 '{}' '{}'",
+        d.image("q", &again).display(),
+        volume.display()
+    ));
     stop_clean(d);
 }
 

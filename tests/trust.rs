@@ -1230,6 +1230,23 @@ fn keygen_writes_a_0600_key_once_and_never_overwrites_or_follows_a_link() {
     let (code, out) = keygen(&sb.path("link.key"));
     assert_eq!(code, 1, "{out}");
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    // A bare name is a file in the current directory (which is synced as its parent).
+    let out = run_timeout(
+        Command::new(BIN)
+            .arg("keygen")
+            .arg("here.key")
+            .current_dir(sb.path("")),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(sb.path("here.key")).unwrap().len(),
+        65
+    );
+    // A directory that is not there: exit 1, and not "exists already".
+    let (code, out) = keygen(&sb.path("missing/k.key"));
+    assert_eq!(code, 1, "{out}");
+    assert!(!out.contains("exists already"), "{out}");
 }
 
 #[test]

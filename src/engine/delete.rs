@@ -83,6 +83,9 @@ impl Inner {
                 )));
             }
         }
+        // Nothing cancels a deletion: a test holding it here (kill -9 mid-deletion)
+        // releases it with BACKUPFS_TEST_RELEASE, or kills the daemon.
+        super::job::pause_point("deleting", &std::sync::atomic::AtomicBool::new(false));
         self.sums.forget(&record.id);
         self.blocks.forget(&record.id);
         self.forget_jobs(&record.id);

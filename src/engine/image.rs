@@ -173,10 +173,6 @@ impl BackupImage {
         self.attachment.device.as_ref()
     }
 
-    pub fn has_checksums(&self) -> bool {
-        !self.sums.is_empty()
-    }
-
     /// Where the image's last block holding data starts, from its checksums (a nonzero
     /// block sum: a block with a nonzero byte); None when it holds none or has no
     /// checksums. A whole restore of it writes something at or past this offset, even one

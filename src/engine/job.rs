@@ -296,7 +296,8 @@ impl JobStatus {
 /// stops, for as long as it needs). Points: `started` (a worker took the job),
 /// `snapshotting` (snapshot made, copy not started), `finishing` (data copied, record not
 /// yet available), `settling` (available and answered, data not settled yet),
-/// `verifying`.
+/// `verifying`, `deleting` (a deletion's record says `deleting`, nothing is removed yet;
+/// also a deletion by `keep_last`).
 pub fn pause_point(point: &str, cancel: &AtomicBool) {
     let Ok(points) = std::env::var("BACKUPFS_TEST_PAUSE") else {
         return;

@@ -9,6 +9,8 @@ pub mod error;
 pub mod image;
 pub mod job;
 mod metrics;
+#[cfg(any(test, feature = "testing"))]
+pub mod parts;
 mod provenance;
 mod recovery;
 pub mod request;

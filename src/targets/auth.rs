@@ -351,6 +351,25 @@ mod tests {
     }
 
     #[test]
+    fn a_key_is_64_hex_digits_and_nothing_else() {
+        assert_eq!(parse_key(&"ab".repeat(32)), Some([0xab; 32]));
+        assert_eq!(parse_key(&"AB".repeat(32)), Some([0xab; 32]));
+        assert_eq!(parse_key(&"ab".repeat(31)), None);
+        assert_eq!(parse_key(&"ab".repeat(33)), None);
+        assert_eq!(parse_key(&format!("{}a", "ab".repeat(31))), None);
+        // `from_str_radix` takes a sign: "+f" is 15 to it, and no hex digit here.
+        assert_eq!(parse_key(&"+f".repeat(32)), None);
+        assert_eq!(parse_key(&"zz".repeat(32)), None);
+        assert_eq!(parse_hex("+f"), None);
+    }
+
+    #[test]
+    fn a_keys_debug_shows_no_key_material() {
+        let key = TargetKey::from_bytes([0xab; 32]);
+        assert_eq!(format!("{key:?}"), "TargetKey(..)");
+    }
+
+    #[test]
     fn a_sealed_record_checks_and_any_change_or_other_key_does_not() {
         let key = TargetKey::from_bytes([1; 32]);
         let mut read = prepare(&record(), Some(&key));
@@ -410,6 +429,18 @@ mod tests {
         big_blocks.size = 12 << 20;
         inspect(&mut big_blocks, None);
         assert!(big_blocks.defect.is_some());
+        // Blocks of another size, even where their count fits the size in 1 MiB blocks.
+        let mut other_blocks = record();
+        other_blocks.checksums.as_mut().unwrap().block_size = 4 << 20;
+        inspect(&mut other_blocks, None);
+        assert!(
+            other_blocks
+                .defect
+                .as_deref()
+                .is_some_and(|d| d.contains("blocks of 4194304 bytes")),
+            "{:?}",
+            other_blocks.defect
+        );
 
         let mut fine = record();
         inspect(&mut fine, None);
@@ -427,6 +458,18 @@ mod tests {
         assert!(!key.leaves_check("a", &checksums, b"12345678"));
         checksums.mac = None;
         assert!(!key.sums_check("a", &checksums, b"12345678"));
+
+        // Leaf sums the same way, under a label of their own.
+        checksums.leaves_mac = Some(key.leaves_mac("a", b"leaves.."));
+        assert!(key.leaves_check("a", &checksums, b"leaves.."));
+        assert!(!key.leaves_check("a", &checksums, b"leaves.!"));
+        assert!(!key.leaves_check("b", &checksums, b"leaves.."));
+        checksums.mac = checksums.leaves_mac.clone();
+        assert!(!key.sums_check("a", &checksums, b"leaves.."));
+        assert_ne!(
+            key.leaves_mac("a", b"leaves.."),
+            key.sums_mac("a", b"leaves..")
+        );
     }
 
     #[test]
@@ -448,6 +491,11 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &link).unwrap();
         assert!(generate(&link).is_err());
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "x");
+        // A directory that is not there is an I/O error, not a key that exists.
+        assert!(matches!(
+            generate(&dir.path().join("missing").join("t.key")),
+            Err(KeyError::Io { .. })
+        ));
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
@@ -462,6 +510,13 @@ mod tests {
         ));
         assert!(matches!(
             TargetKey::load(dir.path()),
+            Err(KeyError::NotRegular { .. })
+        ));
+        // A FIFO planted at the key's path is refused at once, never waited on.
+        let fifo = dir.path().join("fifo.key");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(matches!(
+            TargetKey::load(&fifo),
             Err(KeyError::NotRegular { .. })
         ));
     }

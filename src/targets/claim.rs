@@ -381,6 +381,28 @@ mod tests {
         ));
         assert!(!is_marker_temporary(".backupfs-target"));
         assert!(!is_marker_temporary(".backupfs-targetx.tmp"));
+        // Temporaries are removed at start-up: an operator's names never count as ours.
+        assert!(is_temporary(&format!(".backup-{A}.json.77.0.tmp")));
+        assert!(!is_temporary("notes.tmp"));
+        assert!(!is_temporary(".backup-notes"));
+    }
+
+    #[test]
+    fn foreign_files_names_what_backupfs_did_not_make_in_a_claimed_pool() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path();
+        claim(pool, "t").unwrap();
+        for name in [
+            format!("backup-{A}.json"),
+            format!("backup-{A}.img"),
+            "notes.tmp".to_string(),
+            "volume-x".to_string(),
+        ] {
+            std::fs::write(pool.join(name), b"x").unwrap();
+        }
+        let mut foreign = foreign_files(pool);
+        foreign.sort();
+        assert_eq!(foreign, ["notes.tmp", "volume-x"]);
     }
 
     #[test]
@@ -414,5 +436,97 @@ mod tests {
             "{:?}",
             foreign_files(&pool)
         );
+    }
+
+    #[test]
+    fn a_claimed_pool_reads_back_its_marker_and_is_refused_to_another_target() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path();
+        let marker = claim(pool, "t").unwrap();
+        assert_eq!(read_marker(pool).unwrap(), Some(marker.clone()));
+        assert_eq!(
+            inspect(pool, "t").unwrap(),
+            PoolState::Claimed(marker.clone())
+        );
+        assert!(matches!(
+            inspect(pool, "u"),
+            Err(ClaimError::OtherTarget { owner, .. }) if owner == "t"
+        ));
+        assert_eq!(claim(pool, "t").unwrap(), marker, "claimed once");
+        // A marker of a format this version does not know is not guessed at.
+        let newer = Marker {
+            format: FORMAT + 1,
+            ..marker
+        };
+        std::fs::write(pool.join(MARKER), serde_json::to_vec(&newer).unwrap()).unwrap();
+        assert!(matches!(read_marker(pool), Err(ClaimError::BadMarker(m)) if m.contains("format")));
+    }
+
+    #[test]
+    fn claiming_an_earlier_backupfs_pool_renames_its_data_and_drops_its_temporaries() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path();
+        std::fs::write(pool.join(format!("backup-{A}.json")), b"{}").unwrap();
+        std::fs::write(pool.join(format!("backup-{A}.sums")), [1u8; 8]).unwrap();
+        std::fs::write(pool.join(format!("volume-{A}")), b"data of A").unwrap();
+        std::fs::write(pool.join(format!(".volume-{A}.creating-1234")), b"half").unwrap();
+        assert_eq!(
+            inspect(pool, "t").unwrap(),
+            PoolState::Legacy { backups: 1 }
+        );
+        claim(pool, "t").unwrap();
+        assert_eq!(
+            std::fs::read(pool.join(object_file_name(PoolRole::Backups, A))).unwrap(),
+            b"data of A"
+        );
+        let mut names: Vec<String> = entries(pool).unwrap().into_iter().collect();
+        names.sort();
+        let mut expected = vec![
+            MARKER.to_string(),
+            format!("backup-{A}.img"),
+            format!("backup-{A}.json"),
+            format!("backup-{A}.sums"),
+        ];
+        expected.sort();
+        assert_eq!(names, expected);
+    }
+
+    #[test]
+    fn a_refusal_names_a_few_files_and_counts_the_rest() {
+        let files = ["a".to_string(), "b".to_string()];
+        assert_eq!(name_files(&files, 2), "a, b");
+        assert_eq!(name_files(&files, 5), "a, b (and 3 more)");
+        let refused = ClaimError::Foreign {
+            files: files.to_vec(),
+            total: 3,
+        };
+        assert!(
+            refused.to_string().contains("found a, b (and 1 more)"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_marker_written_second_never_replaces_the_first_and_is_refused_for_another_target() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path();
+        let first = claim(pool, "t").unwrap();
+        // Another daemon of the same target got there first: fine, the first one stays.
+        let second = Marker {
+            id: "another".into(),
+            ..first.clone()
+        };
+        write_new(pool, &second).unwrap();
+        assert_eq!(read_marker(pool).unwrap(), Some(first.clone()));
+        let other = Marker {
+            target: "u".into(),
+            ..first.clone()
+        };
+        assert!(matches!(
+            write_new(pool, &other),
+            Err(ClaimError::OtherTarget { .. })
+        ));
+        assert_eq!(read_marker(pool).unwrap(), Some(first));
+        assert!(foreign_files(pool).is_empty(), "no temporary is left");
     }
 }

@@ -643,6 +643,13 @@ impl Coordinator {
     }
 }
 
+/// A coordinator let go of (its catalogue closed) leaves the target, as a clean stop does.
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
 /// A record held for a read-change-write ([`Coordinator::lock_record`]); let go on drop.
 pub struct RecordLock<'a> {
     coordinator: &'a Coordinator,

@@ -476,7 +476,7 @@ fn zero_in_place(file: &File, range: Range<u64>) -> io::Result<()> {
 
 /// An in-memory device for tests: sparse (4 KiB pages that were never written are holes)
 /// and able to fail on purpose at a chosen offset.
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod memory {
     use super::*;
     use parking_lot::Mutex;

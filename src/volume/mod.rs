@@ -8,6 +8,8 @@ pub mod device;
 pub mod dir;
 pub mod fiemap;
 pub mod file;
+#[cfg(any(test, feature = "testing"))]
+pub mod memory;
 pub mod pools;
 pub mod qcow2;
 pub mod rbd;
