@@ -3,7 +3,7 @@
 //! temporary snapshot the record still names. A record stays (`deleting`) until all of
 //! that is gone, so nothing backupfs made is forgotten while it exists.
 
-use super::backup::remove_snapshot;
+use super::retention::remove_snapshot;
 use super::*;
 use crate::ids::BackupId;
 use crate::targets::record::Status;

@@ -2,8 +2,8 @@
 //! each target and cleaned, so nothing half-made survives a restart. It never touches a
 //! backup that is `available`, nor any source volume.
 
-use super::backup::{cleanup, remove_snapshot};
 use super::job::{Failure, JobSubject};
+use super::retention::{cleanup, remove_snapshot};
 use super::*;
 use crate::targets::record::Status;
 use tracing::{error, warn};

@@ -26,11 +26,15 @@ use crate::volume::rbd::client::{Image, ImageOptions, IoCtx, ObjectLock, RbdErro
 use crate::volume::rbd::connection::{Connection, PoolSpec};
 use crate::volume::rbd::device::RbdDevice;
 use crate::volume::rbd::driver::{pool_free_space, volume_error};
+pub use catalogue::RADOS_NAMES;
+use catalogue::RbdCatalogue;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+
+mod catalogue;
 
 pub const MARKER_OBJECT: &str = "backupfs.target";
 const LOCK_OBJECT: &str = "backupfs.lock";
@@ -178,122 +182,6 @@ fn lock_cookie() -> String {
 
 fn holder_is_dead(cookie: &str) -> bool {
     super::lease::holder_is_dead(cookie)
-}
-
-/// Records, checksums, the lock and the claim, in RADOS objects. The daemon holding the
-/// lock is the only writer, so the records are read once at open and kept in memory:
-/// `ls` and `cat` of records never wait for the cluster.
-pub struct RbdCatalogue {
-    target: String,
-    io: IoCtx,
-    lock: ObjectLock,
-    /// The records and checksums as objects (`records`: one encoding for every store).
-    objects: StoreRecords,
-    /// id → the record, or why it cannot be read (it still owns its data).
-    records: Mutex<BTreeMap<String, std::result::Result<Record, String>>>,
-    foreign: Vec<String>,
-}
-
-/// The names of an RBD target's catalogue objects.
-pub const RADOS_NAMES: Names = Names {
-    record_prefix: RECORD_PREFIX,
-    record_suffix: "",
-    sums_prefix: SUMS_PREFIX,
-    sums_suffix: "",
-};
-
-impl RbdCatalogue {
-    fn locked_out(&self) -> TargetError {
-        TargetError::Locked {
-            target: self.target.clone(),
-            path: PathBuf::from(format!("{}/{LOCK_OBJECT}", self.io.location())),
-        }
-    }
-
-    fn check_lock(&self) -> Result<()> {
-        if self.lock.is_held() {
-            Ok(())
-        } else {
-            Err(self.locked_out())
-        }
-    }
-
-    fn remove_object(&self, name: &str) -> Result<()> {
-        self.check_lock()?;
-        self.objects.remove(name)
-    }
-}
-
-impl Catalogue for RbdCatalogue {
-    fn describe(&self) -> String {
-        format!("{} (rbd:{})", self.target, self.io.location())
-    }
-
-    fn records(&self) -> Result<Vec<Record>> {
-        let mut records: Vec<Record> = self
-            .records
-            .lock()
-            .values()
-            .filter_map(|r| r.as_ref().ok().cloned())
-            .collect();
-        super::records::sort(&mut records);
-        Ok(records)
-    }
-
-    fn record(&self, backup_id: &BackupId) -> Result<Record> {
-        match self.records.lock().get(backup_id.as_str()) {
-            Some(Ok(record)) => Ok(record.clone()),
-            Some(Err(message)) => Err(TargetError::BadRecord {
-                path: PathBuf::from(record_object(backup_id)),
-                message: message.clone(),
-            }),
-            None => Err(TargetError::NotFound(backup_id.to_string())),
-        }
-    }
-
-    /// `write_full`: the object is replaced whole, atomically.
-    fn write_record(&self, record: &Record) -> Result<()> {
-        self.check_lock()?;
-        // What was stored (its MAC), still damaged in memory if it was.
-        let kept = self.objects.write_record(record)?;
-        self.records.lock().insert(record.id.to_string(), Ok(kept));
-        Ok(())
-    }
-
-    fn remove_record(&self, backup_id: &BackupId) -> Result<()> {
-        self.remove_object(&record_object(backup_id))?;
-        self.records.lock().remove(backup_id.as_str());
-        Ok(())
-    }
-
-    fn write_checksums(
-        &self,
-        backup_id: &BackupId,
-        sums: &[u64],
-        kind: crate::copy::SumKind,
-        _leaves: bool,
-    ) -> Result<Checksums> {
-        // No leaf sums kept in RADOS: an incremental reads whole changed blocks.
-        self.check_lock()?;
-        self.objects.write_sums(backup_id, sums, kind, None)
-    }
-
-    fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {
-        self.objects.read_sums(record)
-    }
-
-    fn remove_checksums(&self, backup_id: &BackupId) -> Result<()> {
-        self.remove_object(&sums_object(backup_id))
-    }
-
-    /// Every object is written whole: a crash leaves no temporary behind.
-    fn remove_temporaries(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn foreign(&self) -> Vec<String> {
-        self.foreign.clone()
-    }
 }
 
 /// Backups as snapshots of series images in an RBD pool of their own.

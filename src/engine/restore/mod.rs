@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Instant;
 use tracing::{error, warn};
+use writeback::{Kick, Writeback, sync_range};
 
 /// The note a volume carries (an extended attribute `user.backupfs.restore` of its file):
 /// a restore in progress, or one that left it incomplete; none once a restore succeeded.
@@ -742,68 +743,6 @@ impl VolumeWriter {
     }
 }
 
-/// Writeback is started for each this many bytes written in sequence.
-const WRITEBACK_PIECE: u64 = 8 << 20;
-/// Written data a restore through the mount may keep dirty before it waits for the disk:
-/// the writes a window behind the newest are waited for.
-const WRITEBACK_WINDOW: u64 = 32 << 20;
-
-/// A run of sequential writes: where it goes on, and what of it is not yet handed to
-/// writeback, or not yet waited for.
-#[derive(Default)]
-struct Writeback {
-    next: u64,
-    kicked: u64,
-    waited: u64,
-}
-
-/// What a write made due: writeback to start, and a range to wait for and drop.
-#[derive(Debug, PartialEq, Eq)]
-struct Kick {
-    start: std::ops::Range<u64>,
-    waited: Option<std::ops::Range<u64>>,
-}
-
-impl Writeback {
-    /// `offset..end` was written. A write elsewhere than where the last ended starts a new
-    /// run (writes in another order are left to the kernel).
-    fn wrote(&mut self, offset: u64, end: u64) -> Option<Kick> {
-        if offset != self.next || end < offset {
-            *self = Writeback {
-                next: end,
-                kicked: offset,
-                waited: offset,
-            };
-            return None;
-        }
-        self.next = end;
-        if end - self.kicked < WRITEBACK_PIECE {
-            return None;
-        }
-        let start = self.kicked..end;
-        self.kicked = end;
-        let behind = end.saturating_sub(WRITEBACK_WINDOW);
-        let waited = (behind > self.waited).then(|| {
-            let old = self.waited..behind;
-            self.waited = behind;
-            old
-        });
-        Some(Kick { start, waited })
-    }
-}
-
-fn sync_range(file: &std::fs::File, range: std::ops::Range<u64>, flags: libc::c_uint) {
-    // SAFETY: sync_file_range takes integers and a borrowed descriptor.
-    unsafe {
-        libc::sync_file_range(
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            range.start as libc::off64_t,
-            (range.end - range.start) as libc::off64_t,
-            flags,
-        )
-    };
-}
-
 /// Whether both devices are local files on one filesystem, where copy_file_range can
 /// share or copy data without it passing through the daemon.
 fn same_filesystem(a: &dyn BlockDevice, b: &dyn BlockDevice) -> bool {
@@ -817,52 +756,7 @@ fn same_filesystem(a: &dyn BlockDevice, b: &dyn BlockDevice) -> bool {
     }
 }
 
+mod writeback;
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MIB: u64 = 1 << 20;
-
-    #[test]
-    fn sequential_writes_start_writeback_per_piece_and_wait_a_window_behind() {
-        let mut writeback = Writeback::default();
-        let mut kicks = Vec::new();
-        for i in 0..48 {
-            if let Some(kick) = writeback.wrote(i * MIB, (i + 1) * MIB) {
-                kicks.push(kick);
-            }
-        }
-        let starts: Vec<_> = kicks.iter().map(|k| k.start.clone()).collect();
-        assert_eq!(
-            starts,
-            [0..8 * MIB, 8 * MIB..16 * MIB, 16 * MIB..24 * MIB]
-                .into_iter()
-                .chain([24 * MIB..32 * MIB, 32 * MIB..40 * MIB, 40 * MIB..48 * MIB])
-                .collect::<Vec<_>>()
-        );
-        let waited: Vec<_> = kicks.iter().filter_map(|k| k.waited.clone()).collect();
-        assert_eq!(waited, [0..8 * MIB, 8 * MIB..16 * MIB]);
-    }
-
-    #[test]
-    fn a_write_out_of_sequence_starts_a_new_run() {
-        let mut writeback = Writeback::default();
-        for i in 0..7 {
-            assert_eq!(writeback.wrote(i * MIB, (i + 1) * MIB), None);
-        }
-        // A seek (dd seek=, a hole cp skipped): what came before is left to the kernel.
-        assert_eq!(writeback.wrote(100 * MIB, 101 * MIB), None);
-        for i in 101..107 {
-            assert_eq!(writeback.wrote(i * MIB, (i + 1) * MIB), None);
-        }
-        assert_eq!(
-            writeback.wrote(107 * MIB, 108 * MIB),
-            Some(Kick {
-                start: 100 * MIB..108 * MIB,
-                waited: None
-            })
-        );
-        // Writing the same place again is no progress either.
-        assert_eq!(writeback.wrote(107 * MIB, 108 * MIB), None);
-    }
-}
+mod tests;

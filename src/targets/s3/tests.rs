@@ -1,0 +1,173 @@
+//! The fast tier: the whole target above an in-memory store (tests/s3.rs runs the
+//! same on radosgw).
+use super::*;
+use crate::copy::{self, CopyOptions, Progress, Range};
+use crate::volume::device::FileDevice;
+use std::sync::atomic::AtomicBool;
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = chunk::CHUNK_SIZE;
+
+fn key() -> Option<Arc<TargetKey>> {
+    Some(Arc::new(TargetKey::from_bytes([3; 32])))
+}
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn id() -> BackupId {
+    BackupId::parse(&uuid::Uuid::new_v4().to_string()).unwrap()
+}
+
+/// Backs `bytes` up (a full backup through the copier, from a sparse file).
+fn backup(target: &S3Target, bytes: &[u8]) -> BackupId {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), bytes).unwrap();
+    let src = FileDevice::new(std::fs::File::open(file.path()).unwrap(), file.path());
+    let id = id();
+    let new = target.create_data(&id, bytes.len() as u64, None).unwrap();
+    copy::copy(
+        &src,
+        new.attachment.device.as_ref(),
+        Range::whole(bytes.len() as u64),
+        CopyOptions {
+            dest_is_zero: true,
+            bps_limit: 0,
+        },
+        &Progress::default(),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    drop(new);
+    target.finish_data(&id).unwrap();
+    id
+}
+
+fn read(target: &S3Target, id: &BackupId) -> std::io::Result<Vec<u8>> {
+    let attachment = target.open_data(id).unwrap();
+    let mut out = vec![0u8; attachment.device.size()? as usize];
+    for start in (0..out.len()).step_by(MIB as usize) {
+        let end = (start + MIB as usize).min(out.len());
+        attachment
+            .device
+            .read_at(&mut out[start..end], start as u64)?;
+    }
+    Ok(out)
+}
+
+fn chunks(store: &super::super::store::MemStore) -> usize {
+    store.list(CHUNK_PREFIX).unwrap().len()
+}
+
+#[test]
+fn pieces_of_many_chunks_written_in_any_order_read_back_exactly() {
+    let (target, store) = S3Target::in_memory(key());
+    let size = 10 * CHUNK + 12345;
+    let id = id();
+    let new = target.create_data(&id, size, None).unwrap();
+    let device = new.attachment.device.as_ref();
+    let mut expected = vec![0u8; size as usize];
+    // 64 KiB pieces at scattered offsets, in an order that visits every chunk many
+    // times: staging overflows and chunks are stored, then staged again.
+    let pieces = size / (64 << 10);
+    for n in 0..pieces {
+        let k = (n * 37) % pieces;
+        if k.is_multiple_of(3) {
+            continue;
+        }
+        let at = k * (64 << 10);
+        let len = (64 << 10).min(size - at) as usize;
+        let bytes = noise(k, len);
+        expected[at as usize..at as usize + len].copy_from_slice(&bytes);
+        device.write_at(&bytes, at).unwrap();
+    }
+    device.discard(CHUNK..2 * CHUNK).unwrap();
+    expected[CHUNK as usize..2 * CHUNK as usize].fill(0);
+    device.flush().unwrap();
+    drop(new);
+    target.finish_data(&id).unwrap();
+    assert!(read(&target, &id).unwrap() == expected);
+    // Only what the index names survives a collection: 11 chunks, of which chunk 1
+    // (discarded) and chunk 10 (the 12345-byte tail, no piece reaches it) are holes.
+    target.collect_garbage().unwrap();
+    assert_eq!(chunks(&store), 9);
+}
+
+#[test]
+fn a_shared_copy_reads_as_its_base_and_only_changed_chunks_are_added() {
+    let (target, store) = S3Target::in_memory(key());
+    let data = noise(1, 8 * CHUNK as usize);
+    let base = backup(&target, &data);
+    assert_eq!(chunks(&store), 8);
+    let id = id();
+    let new = target.create_data(&id, 9 * CHUNK, Some(&base)).unwrap();
+    assert!(new.shared);
+    let device = new.attachment.device.as_ref();
+    device.write_at(&[7u8; 4096], 3 * CHUNK + 100).unwrap();
+    device.flush().unwrap();
+    drop(new);
+    target.finish_data(&id).unwrap();
+    let mut expected = data.clone();
+    expected[3 * CHUNK as usize + 100..3 * CHUNK as usize + 4196].fill(7);
+    expected.resize(9 * CHUNK as usize, 0);
+    assert!(read(&target, &id).unwrap() == expected);
+    assert!(read(&target, &base).unwrap() == data);
+    assert_eq!(chunks(&store), 9);
+    // A base larger than the new size is not shared.
+    let shrunk = target
+        .create_data(&super::tests::id(), CHUNK, Some(&base))
+        .unwrap();
+    assert!(!shrunk.shared);
+}
+
+#[test]
+fn a_chunk_replaced_in_the_store_reads_as_eio() {
+    let (target, store) = S3Target::in_memory(key());
+    let id = backup(&target, &noise(2, 2 * CHUNK as usize));
+    let names = store.list(CHUNK_PREFIX).unwrap();
+    // One chunk's object under the other's name: it is authentic, but not that chunk.
+    let other = store.get(&names[1], u64::MAX).unwrap().unwrap();
+    store.put(&names[0], &other).unwrap();
+    // A fresh target: nothing cached.
+    let fresh =
+        S3Target::assemble("t", store.clone(), Keys::new(key().as_deref(), true), key()).unwrap();
+    let error = read(&fresh, &id).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO));
+    drop(target);
+}
+
+#[test]
+fn garbage_collection_frees_only_what_no_index_or_backup_in_progress_names() {
+    let (target, store) = S3Target::in_memory(key());
+    assert_eq!(chunks(&store), 0);
+    let a = noise(3, 2 * CHUNK as usize);
+    let first = backup(&target, &a);
+    let second = backup(&target, &noise(4, 2 * CHUNK as usize));
+    // A backup in progress holds one of first's chunks.
+    let writing = target.create_data(&id(), CHUNK, None).unwrap();
+    writing
+        .attachment
+        .device
+        .write_at(&a[..CHUNK as usize], 0)
+        .unwrap();
+    target.inner.store.delete(&index_object(&first)).unwrap();
+    target.inner.indexes.lock().clear();
+    let report = target.collect_garbage().unwrap();
+    assert_eq!((report.chunks, report.referenced), (4, 3), "{report:?}");
+    assert_eq!(report.deleted, 0, "a backup is in progress: {report:?}");
+    drop(writing);
+    target.inner.writing.lock().clear();
+    let report = target.collect_garbage().unwrap();
+    assert_eq!(report.deleted, 2, "{report:?}");
+    assert_eq!(chunks(&store), 2);
+    assert!(read(&target, &second).is_ok());
+}
