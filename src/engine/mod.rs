@@ -80,7 +80,7 @@ struct Inner {
     config: Config,
     /// Held for the daemon's lifetime: one daemon per state directory. While the daemon
     /// serves, it holds `serving <mountpoint>` (see `take_state_lock`).
-    state_lock: File,
+    state_lock: nix::fcntl::Flock<File>,
     backends: BTreeMap<String, Backend>,
     /// The devices requests name (`device=<path>`), as the backend `@device`.
     devices: Backend,
@@ -124,7 +124,35 @@ fn now() -> String {
     rfc3339(SystemTime::now())
 }
 
-fn take_state_lock(config: &Config) -> Result<File> {
+/// How long a start waits for the state lock held by another backupfs: one that was
+/// just unmounted takes a moment to exit and let go.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes an exclusive flock on `file`, waiting up to 10 s (and saying so) while another
+/// process holds it; None if it is still held then.
+fn lock_waiting(file: File, path: &Path) -> Option<nix::fcntl::Flock<File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => return Some(locked),
+        Err((file, _)) => file,
+    };
+    tracing::warn!(
+        "{} is held by another backupfs (one that is still stopping?): waiting up to {} s",
+        path.display(),
+        LOCK_WAIT.as_secs()
+    );
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => return Some(locked),
+            Err((file, _)) => file,
+        };
+    }
+    None
+}
+
+fn take_state_lock(config: &Config) -> Result<nix::fcntl::Flock<File>> {
     std::fs::create_dir_all(&config.state_dir).map_err(|source| {
         EngineError::io(
             format!("create state_dir {}", config.state_dir.display()),
@@ -148,13 +176,13 @@ fn take_state_lock(config: &Config) -> Result<File> {
             lock_path.display()
         )));
     }
-    if !crate::targets::catalogue::lock_waiting(&state_lock, &lock_path) {
+    let Some(state_lock) = lock_waiting(state_lock, &lock_path) else {
         return Err(EngineError::Busy(format!(
             "state_dir {} is in use by another backupfs (lock {})",
             config.state_dir.display(),
             lock_path.display()
         )));
-    }
+    };
     // What an earlier holder wrote is not ours to keep.
     let _ = state_lock.set_len(0);
     Ok(state_lock)
@@ -537,7 +565,7 @@ impl Engine {
     pub fn note_serving(&self, mountpoint: &Path) {
         let text = format!("{SERVING}{}\n", mountpoint.display());
         let written = self.inner.state_lock.set_len(0).and_then(|()| {
-            std::os::unix::fs::FileExt::write_all_at(&self.inner.state_lock, text.as_bytes(), 0)
+            std::os::unix::fs::FileExt::write_all_at(&*self.inner.state_lock, text.as_bytes(), 0)
         });
         if let Err(e) = written {
             tracing::debug!("cannot note the mountpoint in the state lock: {e}");

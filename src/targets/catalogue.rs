@@ -21,42 +21,13 @@ use crate::volume::dir::Dir;
 use nix::fcntl::OFlag;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a start waits for a lock held by another backupfs: one that was just
-/// unmounted takes a moment to exit and let go.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// How old a temporary file must be before a node that serves the target with others
 /// takes it for a crash's leftover: no write takes that long.
 const TEMPORARY_AGE: Duration = Duration::from_secs(600);
-
-/// Takes an exclusive flock on `file`, waiting up to 10 s (and saying so) while another
-/// process holds it. False if it is still held then.
-pub fn lock_waiting(file: &File, path: &Path) -> bool {
-    let try_lock =
-        // SAFETY: flock on a descriptor we borrow; released when the file closes.
-        || unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-    if try_lock() {
-        return true;
-    }
-    tracing::warn!(
-        "{} is held by another backupfs (one that is still stopping?): waiting up to {} s",
-        path.display(),
-        LOCK_WAIT.as_secs()
-    );
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        if try_lock() {
-            return true;
-        }
-    }
-    false
-}
 
 /// Records and checksums of one target.
 pub trait Catalogue: Send + Sync {
