@@ -25,15 +25,15 @@ const BLOCKS_CACHED: usize = 16;
 /// The checksums of recently opened backups.
 #[derive(Default)]
 pub(super) struct SumsCache {
-    entries: Mutex<VecDeque<(String, Arc<Vec<u64>>)>>,
+    entries: Mutex<VecDeque<(String, Arc<Vec<crate::copy::sums::Sum>>)>>,
 }
 
 impl SumsCache {
     pub(super) fn get(
         &self,
         backup_id: &str,
-        load: impl FnOnce() -> Result<Vec<u64>>,
-    ) -> Result<Arc<Vec<u64>>> {
+        load: impl FnOnce() -> Result<Vec<crate::copy::sums::Sum>>,
+    ) -> Result<Arc<Vec<crate::copy::sums::Sum>>> {
         {
             let mut entries = self.entries.lock();
             if let Some(at) = entries.iter().position(|(id, _)| id == backup_id) {
@@ -129,7 +129,7 @@ pub struct BackupImage {
     pub stored_bytes: u64,
     attachment: Attachment,
     /// One per CHECKSUM_BLOCK; empty when the record has none (nothing to check against).
-    sums: Arc<Vec<u64>>,
+    sums: Arc<Vec<crate::copy::sums::Sum>>,
     /// How they were taken.
     kind: SumKind,
     verify: bool,
@@ -149,7 +149,7 @@ impl BackupImage {
         size: u64,
         stored_bytes: u64,
         attachment: Attachment,
-        sums: Arc<Vec<u64>>,
+        sums: Arc<Vec<crate::copy::sums::Sum>>,
         kind: SumKind,
         verify: bool,
         blocks: Arc<BlockCache>,

@@ -45,7 +45,7 @@ pub trait Catalogue: Send + Sync {
     fn write_checksums(
         &self,
         backup_id: &BackupId,
-        sums: &[u64],
+        sums: &[crate::copy::sums::Sum],
         kind: SumKind,
         leaves: bool,
     ) -> Result<Checksums>;
@@ -61,7 +61,7 @@ pub trait Catalogue: Send + Sync {
         Ok(None)
     }
     /// The checksums a record names, checked against their digest in the record.
-    fn read_checksums(&self, record: &Record) -> Result<Vec<u64>>;
+    fn read_checksums(&self, record: &Record) -> Result<Vec<crate::copy::sums::Sum>>;
     /// Gone already is fine.
     fn remove_checksums(&self, backup_id: &BackupId) -> Result<()>;
     /// Removes what a crash left in the middle of a write (temporary names only the
@@ -166,7 +166,7 @@ impl Catalogue for DirCatalogue {
     fn write_checksums(
         &self,
         backup_id: &BackupId,
-        sums: &[u64],
+        sums: &[crate::copy::sums::Sum],
         kind: SumKind,
         leaves: bool,
     ) -> Result<Checksums> {
@@ -276,7 +276,7 @@ impl Catalogue for DirCatalogue {
         }
     }
 
-    fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {
+    fn read_checksums(&self, record: &Record) -> Result<Vec<crate::copy::sums::Sum>> {
         self.records.read_sums(record)
     }
 

@@ -166,7 +166,7 @@ pub trait BackupTarget: Send + Sync {
     fn write_checksums(
         &self,
         backup_id: &BackupId,
-        sums: &[u64],
+        sums: &[crate::copy::sums::Sum],
         kind: SumKind,
         leaves: bool,
     ) -> Result<Checksums> {
@@ -183,7 +183,7 @@ pub trait BackupTarget: Send + Sync {
         self.catalogue().create_leaves(backup_id, base, blocks)
     }
 
-    fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {
+    fn read_checksums(&self, record: &Record) -> Result<Vec<crate::copy::sums::Sum>> {
         self.catalogue().read_checksums(record)
     }
 

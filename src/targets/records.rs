@@ -178,7 +178,7 @@ impl StoreRecords {
     pub fn write_sums(
         &self,
         backup_id: &BackupId,
-        sums: &[u64],
+        sums: &[crate::copy::sums::Sum],
         kind: SumKind,
         leaves: Option<(String, Option<String>)>,
     ) -> Result<Checksums> {
@@ -195,7 +195,7 @@ impl StoreRecords {
     /// The checksums a record names, checked against their digest (and MAC) in the
     /// record; read with a cap of 8 bytes per block it names, and refused unread if that
     /// is more memory than the machine can spare.
-    pub fn read_sums(&self, record: &Record) -> Result<Vec<u64>> {
+    pub fn read_sums(&self, record: &Record) -> Result<Vec<crate::copy::sums::Sum>> {
         let Some(checksums) = &record.checksums else {
             return Ok(Vec::new());
         };

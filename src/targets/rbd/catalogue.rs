@@ -93,7 +93,7 @@ impl Catalogue for RbdCatalogue {
     fn write_checksums(
         &self,
         backup_id: &BackupId,
-        sums: &[u64],
+        sums: &[crate::copy::sums::Sum],
         kind: crate::copy::SumKind,
         _leaves: bool,
     ) -> Result<Checksums> {
@@ -102,7 +102,7 @@ impl Catalogue for RbdCatalogue {
         self.objects.write_sums(backup_id, sums, kind, None)
     }
 
-    fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {
+    fn read_checksums(&self, record: &Record) -> Result<Vec<crate::copy::sums::Sum>> {
         self.objects.read_sums(record)
     }
 

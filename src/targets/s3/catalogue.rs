@@ -132,7 +132,7 @@ impl Catalogue for StoreCatalogue {
     fn write_checksums(
         &self,
         backup_id: &BackupId,
-        sums: &[u64],
+        sums: &[crate::copy::sums::Sum],
         kind: SumKind,
         _leaves: bool,
     ) -> Result<Checksums> {
@@ -140,7 +140,7 @@ impl Catalogue for StoreCatalogue {
         self.objects.write_sums(backup_id, sums, kind, None)
     }
 
-    fn read_checksums(&self, record: &Record) -> Result<Vec<u64>> {
+    fn read_checksums(&self, record: &Record) -> Result<Vec<crate::copy::sums::Sum>> {
         self.objects.read_sums(record)
     }
 
