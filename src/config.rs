@@ -40,7 +40,7 @@ fn lines(errors: &[ConfigError]) -> String {
 }
 
 /// The machine's host name (the kernel's, as `hostname` prints it).
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())
         .unwrap_or_default()

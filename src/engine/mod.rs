@@ -264,7 +264,19 @@ impl Engine {
                 (name, backend)
             })
             .collect();
-        let targets = opened.targets;
+        Engine::assemble(config, state_lock, backends, opened.targets)
+    }
+
+    /// The engine over opened backends and targets (from the configuration, or from parts
+    /// a test chose): recovers what the records say a crash left, lets go of this node's
+    /// claims from before, lists recent jobs, starts the workers, the janitor and, where
+    /// other nodes may serve a target, the nodes' round.
+    fn assemble(
+        config: Config,
+        state_lock: nix::fcntl::Flock<File>,
+        backends: BTreeMap<String, Backend>,
+        targets: BTreeMap<String, Arc<dyn BackupTarget>>,
+    ) -> Result<Engine> {
         let inner = Arc::new(Inner {
             backends,
             devices: Backend {

@@ -16,8 +16,8 @@ pub struct BackendPart {
 impl Engine {
     /// An engine over `backends` and `targets`; of `config` only the engine's settings
     /// (`state_dir`, which it locks, `max_parallel_jobs`, `copy_bps_limit`,
-    /// `verify_reads`, `targets.<name>.keep_last`) are used. Recovers what the targets'
-    /// records say was left, as [`Engine::start`] does, then starts the workers.
+    /// `verify_reads`, `node`, `lease_seconds`, `targets.<name>.keep_last`) are used.
+    /// From there on it starts as [`Engine::start`] does (`Engine::assemble`).
     pub fn from_parts(
         config: Config,
         backends: Vec<BackendPart>,
@@ -38,38 +38,7 @@ impl Engine {
             .into_iter()
             .map(|target| (target.name().to_string(), target))
             .collect();
-        let inner = Arc::new(Inner {
-            backends,
-            devices: Backend {
-                driver: Arc::new(crate::volume::block::DeviceDriver::default()),
-                volume_pools: Vec::new(),
-            },
-            targets,
-            state: Mutex::new(State::default()),
-            work: Condvar::new(),
-            stop: Condvar::new(),
-            sums: image::SumsCache::default(),
-            blocks: Arc::new(image::BlockCache::default()),
-            record_updates: Mutex::new(()),
-            restores: Mutex::new(Vec::new()),
-            provenance: provenance::Provenance::default(),
-            counters: metrics::Counters::default(),
-            config,
-            state_lock,
-        });
-        inner.recover();
-        inner.list_recent_jobs();
-        let mut threads = Vec::new();
-        for i in 0..inner.config.max_parallel_jobs {
-            let worker = inner.clone();
-            threads.push(spawn(format!("job-worker-{i}"), move || worker.worker())?);
-        }
-        let janitor = inner.clone();
-        threads.push(spawn("janitor".to_string(), move || janitor.janitor())?);
-        Ok(Engine {
-            inner,
-            threads: Mutex::new(threads),
-        })
+        Engine::assemble(config, state_lock, backends, targets)
     }
 
     /// The janitor's round, now rather than in a minute: finishes deletions and removes
@@ -79,11 +48,4 @@ impl Engine {
             self.inner.finish_leftovers(name, target.as_ref());
         }
     }
-}
-
-fn spawn(name: String, run: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(run)
-        .map_err(|source| EngineError::io("start a worker thread", source))
 }

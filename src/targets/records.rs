@@ -249,6 +249,87 @@ impl StoreRecords {
     }
 }
 
+/// The records of a catalogue whose daemon is their only writer, read once at open and
+/// kept in memory (`ls` never waits for the storage): id → the record, or why it cannot
+/// be read (it still owns its data).
+pub struct RecordCache {
+    names: Names,
+    entries:
+        parking_lot::Mutex<std::collections::BTreeMap<String, std::result::Result<Record, String>>>,
+}
+
+impl RecordCache {
+    pub fn new(names: Names) -> RecordCache {
+        RecordCache {
+            names,
+            entries: Default::default(),
+        }
+    }
+
+    /// Reads the record object `name` in (an unreadable one is logged and kept as such;
+    /// one gone meanwhile is skipped).
+    pub fn load(&mut self, objects: &StoreRecords, target: &str, name: &str) -> Result<()> {
+        let Some(id) = self.names.record_id(name) else {
+            return Ok(());
+        };
+        let parsed = match objects.load(name) {
+            Ok(record) => Ok(record),
+            Err(TargetError::NotFound(_)) => return Ok(()),
+            Err(TargetError::BadRecord { message, .. }) => Err(message),
+            Err(e) => return Err(e),
+        };
+        if let Err(message) = &parsed {
+            tracing::warn!(
+                backup_target = target,
+                "skipping unreadable record {name}: {message}"
+            );
+        }
+        self.entries.get_mut().insert(id.to_string(), parsed);
+        Ok(())
+    }
+
+    /// Inspects every record again with `key` (set after open).
+    pub fn inspect(&mut self, key: Option<&TargetKey>) {
+        for record in self.entries.get_mut().values_mut().flatten() {
+            auth::inspect(record, key);
+        }
+    }
+
+    /// Every readable record, oldest first.
+    pub fn records(&self) -> Vec<Record> {
+        let mut records: Vec<Record> = self
+            .entries
+            .lock()
+            .values()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        sort(&mut records);
+        records
+    }
+
+    pub fn record(&self, backup_id: &BackupId) -> Result<Record> {
+        match self.entries.lock().get(backup_id.as_str()) {
+            Some(Ok(record)) => Ok(record.clone()),
+            Some(Err(message)) => Err(TargetError::BadRecord {
+                path: PathBuf::from(self.names.record(backup_id)),
+                message: message.clone(),
+            }),
+            None => Err(TargetError::NotFound(backup_id.to_string())),
+        }
+    }
+
+    /// The record as stored (see [`StoreRecords::write_record`]).
+    pub fn insert(&self, record: Record) {
+        self.entries
+            .lock()
+            .insert(record.id.to_string(), Ok(record));
+    }
+
+    pub fn remove(&self, backup_id: &BackupId) {
+        self.entries.lock().remove(backup_id.as_str());
+    }
+}
+
 /// Records oldest first (ties by id): the order every listing shows.
 pub fn sort(records: &mut [Record]) {
     records.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));

@@ -13,8 +13,7 @@ pub struct RbdCatalogue {
     pub(super) lock: ObjectLock,
     /// The records and checksums as objects (`records`: one encoding for every store).
     pub(super) objects: StoreRecords,
-    /// id → the record, or why it cannot be read (it still owns its data).
-    pub(super) records: Mutex<BTreeMap<String, std::result::Result<Record, String>>>,
+    pub(super) records: RecordCache,
     pub(super) foreign: Vec<String>,
 }
 
@@ -54,25 +53,11 @@ impl Catalogue for RbdCatalogue {
     }
 
     fn records(&self) -> Result<Vec<Record>> {
-        let mut records: Vec<Record> = self
-            .records
-            .lock()
-            .values()
-            .filter_map(|r| r.as_ref().ok().cloned())
-            .collect();
-        crate::targets::records::sort(&mut records);
-        Ok(records)
+        Ok(self.records.records())
     }
 
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
-        match self.records.lock().get(backup_id.as_str()) {
-            Some(Ok(record)) => Ok(record.clone()),
-            Some(Err(message)) => Err(TargetError::BadRecord {
-                path: PathBuf::from(record_object(backup_id)),
-                message: message.clone(),
-            }),
-            None => Err(TargetError::NotFound(backup_id.to_string())),
-        }
+        self.records.record(backup_id)
     }
 
     /// `write_full`: the object is replaced whole, atomically.
@@ -80,13 +65,13 @@ impl Catalogue for RbdCatalogue {
         self.check_lock()?;
         // What was stored (its MAC), still damaged in memory if it was.
         let kept = self.objects.write_record(record)?;
-        self.records.lock().insert(record.id.to_string(), Ok(kept));
+        self.records.insert(kept);
         Ok(())
     }
 
     fn remove_record(&self, backup_id: &BackupId) -> Result<()> {
         self.remove_object(&record_object(backup_id))?;
-        self.records.lock().remove(backup_id.as_str());
+        self.records.remove(backup_id);
         Ok(())
     }
 

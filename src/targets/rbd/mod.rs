@@ -17,7 +17,7 @@
 use super::catalogue::Catalogue;
 use super::claim::{ClaimError, Marker, PoolState};
 use super::record::{Checksums, Record, rfc3339};
-use super::records::{Names, StoreRecords};
+use super::records::{Names, RecordCache, StoreRecords};
 use super::store::RadosStore;
 use super::{BackupTarget, NewData, Result, TargetError};
 use crate::ids::BackupId;
@@ -29,7 +29,7 @@ use crate::volume::rbd::driver::{pool_free_space, volume_error};
 pub use catalogue::RADOS_NAMES;
 use catalogue::RbdCatalogue;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -237,25 +237,11 @@ impl RbdTarget {
             names: RADOS_NAMES,
             key: None,
         };
-        let mut records = BTreeMap::new();
+        let mut records = RecordCache::new(RADOS_NAMES);
         let mut foreign = Vec::new();
         for object in io.list_objects("").map_err(target_error)? {
-            if let Some(id) = object.strip_prefix(RECORD_PREFIX)
-                && crate::ids::is_backup_id(id)
-            {
-                let parsed = match objects.load(&object) {
-                    Ok(record) => Ok(record),
-                    Err(TargetError::NotFound(_)) => continue,
-                    Err(TargetError::BadRecord { message, .. }) => Err(message),
-                    Err(e) => return Err(e),
-                };
-                if let Err(message) = &parsed {
-                    tracing::warn!(
-                        backup_target = name,
-                        "skipping unreadable record {object}: {message}"
-                    );
-                }
-                records.insert(id.to_string(), parsed);
+            if RADOS_NAMES.record_id(&object).is_some() {
+                records.load(&objects, name, &object)?;
             } else if !is_ours(&object) && !object.starts_with("rbd_") {
                 foreign.push(format!("object {object}"));
             }
@@ -297,7 +283,7 @@ impl RbdTarget {
                 io,
                 lock,
                 objects,
-                records: Mutex::new(records),
+                records,
                 foreign,
             },
             members: Mutex::new(members),
@@ -309,9 +295,7 @@ impl RbdTarget {
     /// Seals what it writes with `key` and trusts only what checks against it (see
     /// `target::auth`): the records read at open are inspected again with it.
     pub fn with_key(mut self, key: Option<Arc<super::auth::TargetKey>>) -> RbdTarget {
-        for record in self.catalogue.records.get_mut().values_mut().flatten() {
-            super::auth::inspect(record, key.as_deref());
-        }
+        self.catalogue.records.inspect(key.as_deref());
         self.catalogue.objects.key = key;
         self
     }
@@ -475,9 +459,7 @@ fn take_lock(io: &IoCtx, target: &str) -> Result<ObjectLock> {
     let description = format!(
         "backupfs target {target}, pid {} on {}",
         std::process::id(),
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default()
+        crate::config::host_name()
     );
     let locked = || TargetError::Locked {
         target: target.to_string(),

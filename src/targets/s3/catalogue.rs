@@ -10,11 +10,9 @@ use crate::ids::BackupId;
 use crate::targets::auth::TargetKey;
 use crate::targets::catalogue::Catalogue;
 use crate::targets::record::{Checksums, Record};
-use crate::targets::records::{Names, StoreRecords};
+use crate::targets::records::{Names, RecordCache, StoreRecords};
 use crate::targets::store::ObjectStore;
 use crate::targets::{Result, TargetError};
-use parking_lot::Mutex;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -42,8 +40,7 @@ pub fn store_error(
 pub struct StoreCatalogue {
     target: String,
     objects: StoreRecords,
-    /// id → the record, or why it cannot be read (it still owns its data).
-    records: Mutex<BTreeMap<String, std::result::Result<Record, String>>>,
+    records: RecordCache,
 }
 
 impl StoreCatalogue {
@@ -58,34 +55,19 @@ impl StoreCatalogue {
             names: S3_NAMES,
             key,
         };
-        let mut records = BTreeMap::new();
+        let mut records = RecordCache::new(S3_NAMES);
         let names = objects.store.list(RECORD_PREFIX).map_err(store_error(
             "list",
             objects.store.as_ref(),
             RECORD_PREFIX,
         ))?;
         for name in names {
-            let Some(id) = S3_NAMES.record_id(&name) else {
-                continue;
-            };
-            let parsed = match objects.load(&name) {
-                Ok(record) => Ok(record),
-                Err(TargetError::NotFound(_)) => continue,
-                Err(TargetError::BadRecord { message, .. }) => Err(message),
-                Err(e) => return Err(e),
-            };
-            if let Err(message) = &parsed {
-                tracing::warn!(
-                    backup_target = target,
-                    "skipping unreadable record {name}: {message}"
-                );
-            }
-            records.insert(id.to_string(), parsed);
+            records.load(&objects, target, &name)?;
         }
         Ok(StoreCatalogue {
             target: target.to_string(),
             objects,
-            records: Mutex::new(records),
+            records,
         })
     }
 }
@@ -96,36 +78,22 @@ impl Catalogue for StoreCatalogue {
     }
 
     fn records(&self) -> Result<Vec<Record>> {
-        let mut records: Vec<Record> = self
-            .records
-            .lock()
-            .values()
-            .filter_map(|r| r.as_ref().ok().cloned())
-            .collect();
-        crate::targets::records::sort(&mut records);
-        Ok(records)
+        Ok(self.records.records())
     }
 
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
-        match self.records.lock().get(backup_id.as_str()) {
-            Some(Ok(record)) => Ok(record.clone()),
-            Some(Err(message)) => Err(TargetError::BadRecord {
-                path: PathBuf::from(S3_NAMES.record(backup_id)),
-                message: message.clone(),
-            }),
-            None => Err(TargetError::NotFound(backup_id.to_string())),
-        }
+        self.records.record(backup_id)
     }
 
     fn write_record(&self, record: &Record) -> Result<()> {
         let kept = self.objects.write_record(record)?;
-        self.records.lock().insert(record.id.to_string(), Ok(kept));
+        self.records.insert(kept);
         Ok(())
     }
 
     fn remove_record(&self, backup_id: &BackupId) -> Result<()> {
         self.objects.remove_record(backup_id)?;
-        self.records.lock().remove(backup_id.as_str());
+        self.records.remove(backup_id);
         Ok(())
     }
 

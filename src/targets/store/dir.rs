@@ -63,9 +63,15 @@ impl DirStore {
             // Gone, or another name for it was made: not ours to write any more.
             _ => return Ok(false),
         };
-        file.set_len(0)?;
-        (&file).write_all(bytes)?;
-        file.sync_all()?;
+        // Cut short (a full disk), the spare holds neither version: it goes.
+        let written = file
+            .set_len(0)
+            .and_then(|()| (&file).write_all(bytes))
+            .and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            let _ = self.dir.remove(&spare);
+            return Err(e);
+        }
         self.swap_in(name, spare)?;
         Ok(true)
     }
