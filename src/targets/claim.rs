@@ -145,16 +145,25 @@ fn entries(dir: &Path) -> Result<BTreeSet<String>, ClaimError> {
 /// What `dir` is for target `target`; refuses a pool that another target claimed or that
 /// holds files backupfs did not make. Writes nothing.
 pub fn inspect(dir: &Path, target: &str) -> Result<PoolState, ClaimError> {
-    if let Some(marker) = read_marker(dir)? {
+    let claimed = |marker: Marker| {
         if marker.target != target {
             return Err(ClaimError::OtherTarget {
                 owner: marker.target,
                 created_at: marker.created_at,
             });
         }
-        return Ok(PoolState::Claimed(marker));
+        Ok(PoolState::Claimed(marker))
+    };
+    if let Some(marker) = read_marker(dir)? {
+        return claimed(marker);
     }
     let mut names = entries(dir)?;
+    // Another node starting at the same moment claimed it between the two looks.
+    if names.contains(MARKER)
+        && let Some(marker) = read_marker(dir)?
+    {
+        return claimed(marker);
+    }
     names.remove(LOCK_FILE);
     // Other nodes that start at the same moment beat here before the marker is written.
     names.retain(|name| !super::lease::is_coordination(name));
