@@ -249,7 +249,9 @@ pub fn open(config: &Config) -> Result<Opened> {
                     keep_last: target.keep_last,
                     ..(**s3).clone()
                 };
-                Arc::new(crate::targets::s3::open(name, &s3).map_err(|e| match e {
+                let opened =
+                    crate::targets::s3::open_as(name, &s3, &config.node_name(), config.lease());
+                Arc::new(opened.map_err(|e| match e {
                     crate::targets::s3::S3Error::Config { key, message } => {
                         EngineError::Invalid(format!("{key}: {message}"))
                     }

@@ -635,10 +635,15 @@ impl Inner {
             })?),
             None => None,
         };
-        Ok(Updating {
+        let updating = Updating {
             _local: self.record_updates.lock(),
             _remote: remote,
-        })
+        };
+        // What is changed is the record as stored now, not a copy kept in memory.
+        if let Ok(id) = BackupId::parse(backup_id) {
+            target.catalogue().reload(&id)?;
+        }
+        Ok(updating)
     }
 
     fn backend(&self, backend: &str) -> Result<&Backend> {

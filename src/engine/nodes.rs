@@ -64,7 +64,11 @@ impl Inner {
         coordinator
             .set_parent(claim, Some(&parent.id))
             .map_err(|e| EngineError::Busy(e.to_string()))?;
-        match target.record(&parent.id) {
+        let again = target
+            .catalogue()
+            .reload(&parent.id)
+            .and_then(|()| target.record(&parent.id));
+        match again {
             Ok(again) if again.is_sound() => Ok(Some(again)),
             _ => {
                 info!(

@@ -36,6 +36,12 @@ pub trait Catalogue: Send + Sync {
     /// Every record, oldest first; unreadable ones are skipped (and logged).
     fn records(&self) -> Result<Vec<Record>>;
     fn record(&self, backup_id: &BackupId) -> Result<Record>;
+    /// Reads the record from the storage again, where the catalogue keeps records in
+    /// memory (another node may have changed it): before a read-change-write, under the
+    /// record's lock, and before an incremental relies on its parent.
+    fn reload(&self, _backup_id: &BackupId) -> Result<()> {
+        Ok(())
+    }
     /// Replaces the record durably and atomically: a crash leaves the old or the new one.
     fn write_record(&self, record: &Record) -> Result<()>;
     fn remove_record(&self, backup_id: &BackupId) -> Result<()>;

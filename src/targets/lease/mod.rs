@@ -16,11 +16,17 @@
 //! - `backupfs.lock.<backup>`: held (made with put-if-absent, removed after) while a node
 //!   reads, changes and writes back that backup's record (an xattr, a verify, a delete),
 //!   so that no node writes back a record another has just changed.
+//! - `backupfs.gc.<node>`: a garbage collection of shared data in progress on that node
+//!   (an `s3` target's chunks), with the handshake that keeps it from deleting what a
+//!   backup in progress elsewhere names (`gc`).
 //!
 //! Liveness is observed, never compared across clocks: another node's claim is stale once
 //! its bytes have not changed for `lease` by the observer's own monotonic clock. A holder
 //! whose last successful renewal is older than two thirds of a lease (paused, cut off) no
 //! longer writes a record or data: it is fenced, and its job ends `error`.
+
+mod gc;
+pub use gc::{Collection, InProgress};
 
 use super::store::ObjectStore;
 use parking_lot::Mutex;
@@ -35,6 +41,7 @@ pub const NODE_PREFIX: &str = "backupfs.node.";
 pub const CLAIM_PREFIX: &str = "backupfs.claim.";
 pub const END_PREFIX: &str = "backupfs.end.";
 pub const LOCK_PREFIX: &str = "backupfs.lock.";
+pub use gc::GC_PREFIX;
 /// How long a change of a record waits for another node's change of it to end.
 const RECORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// The largest coordination object read (one is a few hundred bytes).
@@ -50,6 +57,7 @@ pub fn is_coordination(name: &str) -> bool {
         || name.starts_with(CLAIM_PREFIX)
         || name.starts_with(END_PREFIX)
         || name.starts_with(LOCK_PREFIX)
+        || name.starts_with(GC_PREFIX)
 }
 
 /// The claim object of a volume of a backend.

@@ -27,6 +27,9 @@ pub trait ChunkBackend: ObjectStore {
     fn exists(&self, name: &str) -> io::Result<bool>;
     /// The objects whose names start with `prefix`, with their sizes in bytes.
     fn list_sizes(&self, prefix: &str) -> io::Result<Vec<(String, u64)>>;
+    /// The objects whose names start with `prefix`, each with a tag that changes when it
+    /// is rewritten with other bytes (one LIST: how other nodes' records are noticed).
+    fn list_tags(&self, prefix: &str) -> io::Result<Vec<(String, String)>>;
 }
 
 impl ChunkBackend for S3Store {
@@ -36,6 +39,10 @@ impl ChunkBackend for S3Store {
 
     fn list_sizes(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
         S3Store::list_sizes(self, prefix)
+    }
+
+    fn list_tags(&self, prefix: &str) -> io::Result<Vec<(String, String)>> {
+        S3Store::list_tags(self, prefix)
     }
 }
 
@@ -52,6 +59,19 @@ impl ChunkBackend for MemStore {
             }
         }
         Ok(sizes)
+    }
+
+    fn list_tags(&self, prefix: &str) -> io::Result<Vec<(String, String)>> {
+        use std::hash::{Hash, Hasher};
+        let mut tags = Vec::new();
+        for name in self.list(prefix)? {
+            if let Some(bytes) = self.get(&name, u64::MAX)? {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut hasher);
+                tags.push((name, format!("{:016x}", hasher.finish())));
+            }
+        }
+        Ok(tags)
     }
 }
 
@@ -141,6 +161,14 @@ impl ChunkStore {
         }
         self.known.lock().insert(&name);
         Ok(Some(name))
+    }
+
+    /// Forgets every name known to be stored: a collection on another node may have
+    /// deleted it (called as a backup begins, after the handshake of `lease::gc`).
+    pub fn forget_known(&self) {
+        let mut known = self.known.lock();
+        known.set.clear();
+        known.order.clear();
     }
 
     /// Forgets names (deleted by garbage collection).

@@ -24,6 +24,8 @@ pub struct Endpoint {
 pub struct Listed {
     pub key: String,
     pub size: u64,
+    /// The object's entity tag (changes with its bytes): what tells a rewritten record.
+    pub etag: String,
 }
 
 pub struct Client {
@@ -128,9 +130,13 @@ fn parse_list(xml: &str) -> io::Result<(Vec<Listed>, Option<String>)> {
         let size = element(contents, "Size")
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
+        let etag = element(contents, "ETag")
+            .map(xml_unescape)
+            .unwrap_or_default();
         objects.push(Listed {
             key: xml_unescape(key),
             size,
+            etag,
         });
         rest = &after[end..];
     }
@@ -617,11 +623,13 @@ mod tests {
             [
                 Listed {
                     key: "p/a&b".into(),
-                    size: 12
+                    size: 12,
+                    etag: "\"x\"".into(),
                 },
                 Listed {
                     key: "p/c".into(),
-                    size: 0
+                    size: 0,
+                    etag: String::new(),
                 }
             ]
         );

@@ -11,7 +11,9 @@
 //!   at open, never used to serve garbage;
 //! - `record.<id>`, `sums.<id>`: the record and its checksums (`catalogue`);
 //! - `index.<id>`: the backup's chunks in image order (`chunk::Index`);
-//! - `chunk.<hex>`: one chunk (`chunk`), shared by every backup whose index names it.
+//! - `chunk.<hex>`: one chunk (`chunk`), shared by every backup whose index names it;
+//! - `backupfs.node.*`, `backupfs.claim.*`, `backupfs.end.*`, `backupfs.lock.*`,
+//!   `backupfs.gc.*`: the coordination of the nodes that serve the target (`lease`).
 
 pub mod catalogue;
 pub mod chunk;
@@ -19,11 +21,13 @@ pub mod chunks;
 pub mod client;
 pub mod config;
 pub mod device;
+mod gc;
 pub mod sigv4;
 
 pub use config::S3TargetConfig;
 
 use super::auth::TargetKey;
+use super::catalogue::Catalogue as _;
 use super::claim::Marker;
 use super::record::rfc3339;
 use super::store::{ObjectStore, S3Store};
@@ -34,12 +38,18 @@ use catalogue::{StoreCatalogue, store_error};
 use chunk::{CHUNK_PREFIX, INDEX_CAP, INDEX_PREFIX, Index, Keys, is_chunk_name};
 use chunks::{ChunkBackend, ChunkStore};
 use device::{ChunkReader, ChunkWriter, Writing};
+pub use gc::GcReport;
+use gc::Mark;
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
+
+/// How often the records in memory are brought in step with the store (other nodes'
+/// backups and deletions show within about that).
+const REFRESH: Duration = Duration::from_secs(1);
 
 pub const MARKER_OBJECT: &str = "backupfs.target";
 pub const KEYCHECK_OBJECT: &str = "backupfs.keycheck";
@@ -76,6 +86,7 @@ fn is_ours(name: &str) -> bool {
     name == MARKER_OBJECT
         || name == KEYCHECK_OBJECT
         || is_chunk_name(name)
+        || crate::targets::lease::is_coordination(name)
         || [
             catalogue::RECORD_PREFIX,
             catalogue::SUMS_PREFIX,
@@ -83,25 +94,6 @@ fn is_ours(name: &str) -> bool {
         ]
         .iter()
         .any(|p| name.strip_prefix(p).is_some_and(crate::ids::is_backup_id))
-}
-
-/// What one garbage collection found and did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GcReport {
-    pub chunks: usize,
-    pub referenced: usize,
-    /// Unreferenced chunks deleted, and their stored bytes.
-    pub deleted: usize,
-    pub freed_bytes: u64,
-    /// Unreferenced chunks kept because a backup in progress may still name them.
-    pub kept: usize,
-}
-
-/// The last collection's view: which chunks were unreferenced, and when.
-#[derive(Default)]
-struct Mark {
-    at: Option<SystemTime>,
-    unreferenced: HashSet<String>,
 }
 
 struct Inner {
@@ -118,6 +110,9 @@ struct Inner {
     /// A collection is wanted (a backup was removed) or running in the background.
     gc_wanted: AtomicBool,
     gc_running: AtomicBool,
+    /// A collection found another node's backup in progress and deleted nothing: tried
+    /// again (by the background thread) once that may have ended.
+    gc_deferred: Mutex<Option<std::time::Instant>>,
 }
 
 /// Backups as chunks in an S3 bucket.
@@ -125,11 +120,28 @@ pub struct S3Target {
     inner: Arc<Inner>,
 }
 
-/// Opens target `name` as `config` says: checks the keys, reads the credentials and the
-/// key, checks the bucket, claims the prefix if it is empty (a prefix holding anything
-/// else without our marker is refused), checks the key against the target's, reads the
-/// catalogue.
+/// Opens target `name` as `config` says, as a node named after this host with the
+/// default lease (see [`open_as`]).
 pub fn open(name: &str, config: &S3TargetConfig) -> std::result::Result<S3Target, S3Error> {
+    open_as(
+        name,
+        config,
+        &crate::config::host_name(),
+        Duration::from_secs(30),
+    )
+}
+
+/// Opens target `name` as `config` says, as node `node`: checks the keys, reads the
+/// credentials and the key, checks the bucket, claims the prefix if it is empty (a prefix
+/// holding anything else without our marker is refused), checks the key against the
+/// target's, joins the nodes that serve it (refused while a live daemon serves it under
+/// the same node name), reads the catalogue.
+pub fn open_as(
+    name: &str,
+    config: &S3TargetConfig,
+    node: &str,
+    lease: Duration,
+) -> std::result::Result<S3Target, S3Error> {
     let key_of = |k: &str| format!("targets.{name}.{k}");
     if let Some(first) = config.validate(name).into_iter().next() {
         let (key, message) = first
@@ -195,7 +207,21 @@ pub fn open(name: &str, config: &S3TargetConfig) -> std::result::Result<S3Target
             message: e.to_string(),
         },
     })?;
-    Ok(S3Target::assemble(name, store, keys, key)?)
+    let coordinator = crate::targets::lease::Coordinator::join(store.clone(), node, lease)
+        .map_err(|e| match e {
+            crate::targets::lease::LeaseError::NodeTaken { object, node } => {
+                S3Error::Target(TargetError::NodeTaken {
+                    target: name.to_string(),
+                    node,
+                    path: PathBuf::from(object),
+                })
+            }
+            other => S3Error::Config {
+                key: key_of("endpoint"),
+                message: other.to_string(),
+            },
+        })?;
+    Ok(S3Target::assemble(name, store, keys, key, coordinator)?)
 }
 
 enum ClaimFailure {
@@ -238,9 +264,12 @@ fn claim(
                 .map_err(ClaimFailure::Store)?
                 .into_iter()
                 .map(|o| o.key)
+                // (Another node that starts at this moment writes the key check and its
+                // heartbeat first.)
                 .filter(|k| {
-                    k.strip_prefix(prefix)
-                        .is_none_or(|name| name != KEYCHECK_OBJECT)
+                    k.strip_prefix(prefix).is_none_or(|name| {
+                        name != KEYCHECK_OBJECT && !crate::targets::lease::is_coordination(name)
+                    })
                 })
                 .collect();
             if !found.is_empty() {
@@ -313,31 +342,48 @@ impl S3Target {
         store: Arc<dyn ChunkBackend>,
         keys: Keys,
         key: Option<Arc<TargetKey>>,
+        coordinator: crate::targets::lease::Coordinator,
     ) -> Result<S3Target> {
-        let catalogue = StoreCatalogue::open(name, store.clone() as Arc<dyn ObjectStore>, key)?;
-        Ok(S3Target {
-            inner: Arc::new(Inner {
-                name: name.to_string(),
-                chunks: Arc::new(ChunkStore::new(store.clone(), keys)),
-                store,
-                catalogue,
-                writing: Mutex::new(HashMap::new()),
-                indexes: Mutex::new(HashMap::new()),
-                gc: Mutex::new(Mark::default()),
-                gc_wanted: AtomicBool::new(false),
-                gc_running: AtomicBool::new(false),
-            }),
-        })
+        let catalogue = StoreCatalogue::open(name, store.clone(), key, Some(coordinator))?;
+        let inner = Arc::new(Inner {
+            name: name.to_string(),
+            chunks: Arc::new(ChunkStore::new(store.clone(), keys)),
+            store,
+            catalogue,
+            writing: Mutex::new(HashMap::new()),
+            indexes: Mutex::new(HashMap::new()),
+            gc: Mutex::new(Mark::default()),
+            gc_wanted: AtomicBool::new(false),
+            gc_running: AtomicBool::new(false),
+            gc_deferred: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&inner);
+        let _ = std::thread::Builder::new()
+            .name(format!("s3-{name}"))
+            .spawn(move || background(weak));
+        Ok(S3Target { inner })
     }
 
     /// A target in memory, for the fast tests of everything above the store.
     #[cfg(test)]
     fn in_memory(key: Option<Arc<TargetKey>>) -> (S3Target, Arc<super::store::MemStore>) {
         let store = Arc::new(super::store::MemStore::default());
+        (S3Target::on_memory(&store, "n", key), store)
+    }
+
+    /// Node `node`'s target over a store in memory (several nodes may share one).
+    #[cfg(test)]
+    fn on_memory(
+        store: &Arc<super::store::MemStore>,
+        node: &str,
+        key: Option<Arc<TargetKey>>,
+    ) -> S3Target {
         let keys = Keys::new(key.as_deref(), true);
-        let target =
-            S3Target::assemble("t", store.clone(), keys, key).unwrap_or_else(|e| panic!("{e}"));
-        (target, store)
+        let coordinator =
+            crate::targets::lease::Coordinator::join(store.clone(), node, Duration::from_secs(3))
+                .unwrap_or_else(|e| panic!("{e}"));
+        S3Target::assemble("t", store.clone(), keys, key, coordinator)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn store(&self) -> &Arc<dyn ChunkBackend> {
@@ -423,143 +469,41 @@ impl Inner {
             })?;
         Ok(index)
     }
+}
 
-    /// Deletes the chunks that no index names, safely while backups are written here
-    /// and elsewhere:
-    /// - the chunks named by every backup being written here (its index in memory) and
-    ///   by every index in the store are kept; `uses` is held (write) for the whole
-    ///   collection, so no upload here decides to reuse a chunk meanwhile (uploads wait
-    ///   for it), and a backup that finishes meanwhile was counted as being written;
-    /// - with no backup in progress here, every other chunk goes;
-    /// - otherwise only the chunks that were already unreferenced at the last
-    ///   collection, if that collection ran before the oldest backup in progress began
-    ///   (what a backup that began later may have found and reused is never deleted).
-    ///
-    /// An index that cannot be read or authenticated stops the collection: what it names
-    /// is unknown, so nothing is deleted.
-    fn collect_garbage(&self) -> Result<GcReport> {
-        let mut mark = self.gc.lock();
-        let started = SystemTime::now();
-        // First: from here no upload decides anything, and a backup that finishes while
-        // the indexes are listed is among these (its index may be listed or not).
-        let _uses = self.chunks.uses.write();
-        let writing: Vec<Arc<Writing>> = self.writing.lock().values().cloned().collect();
-        let mut referenced: HashSet<String> = HashSet::new();
-        for backup in &writing {
-            referenced.extend(backup.names());
-        }
-        let listed = self.store.list_sizes(CHUNK_PREFIX).map_err(store_error(
-            "list",
-            self.store.as_ref(),
-            CHUNK_PREFIX,
-        ))?;
-        let sizes: HashMap<String, u64> = listed
-            .into_iter()
-            .filter(|(n, _)| is_chunk_name(n))
-            .collect();
-        let index_names = self.store.list(INDEX_PREFIX).map_err(store_error(
-            "list",
-            self.store.as_ref(),
-            INDEX_PREFIX,
-        ))?;
-        for name in index_names {
-            let Some(id) = name.strip_prefix(INDEX_PREFIX) else {
-                continue;
-            };
-            if !crate::ids::is_backup_id(id) {
-                continue;
-            }
-            match self.load_index(id) {
-                Ok(index) => referenced.extend(index.names()),
-                // Removed meanwhile: names nothing any more.
-                Err(TargetError::NotFound(_)) => {}
-                Err(e) => {
-                    tracing::warn!(
-                        backup_target = self.name,
-                        "garbage collection stopped, nothing deleted: {e}"
-                    );
-                    return Err(e);
-                }
-            }
-        }
-        let unreferenced: HashSet<String> = sizes
-            .keys()
-            .filter(|n| !referenced.contains(*n))
-            .cloned()
-            .collect();
-        let oldest = writing.iter().map(|w| w.started).min();
-        let doomed: HashSet<String> = match oldest {
-            None => unreferenced.clone(),
-            Some(oldest) if mark.at.is_some_and(|at| at < oldest) => unreferenced
-                .intersection(&mark.unreferenced)
-                .cloned()
-                .collect(),
-            Some(_) => HashSet::new(),
-        };
-        let mut report = GcReport {
-            chunks: sizes.len(),
-            referenced: sizes.len() - unreferenced.len(),
-            kept: unreferenced.len() - doomed.len(),
-            ..GcReport::default()
-        };
-        let mut deleted = HashSet::new();
-        for name in &doomed {
-            match self.store.delete(name) {
-                Ok(()) => {
-                    report.deleted += 1;
-                    report.freed_bytes += sizes.get(name).copied().unwrap_or(0);
-                    deleted.insert(name.clone());
-                }
-                Err(e) => {
-                    tracing::warn!(backup_target = self.name, "garbage collection: {name}: {e}")
-                }
-            }
-        }
-        self.chunks.forget(&deleted);
-        *mark = Mark {
-            at: Some(started),
-            unreferenced: unreferenced.difference(&deleted).cloned().collect(),
-        };
-        tracing::info!(
-            backup_target = self.name,
-            "garbage collection: {} chunks, {} referenced, {} deleted ({} bytes), {} kept for backups in progress",
-            report.chunks,
-            report.referenced,
-            report.deleted,
-            report.freed_bytes,
-            report.kept
-        );
-        Ok(report)
-    }
-
-    /// Runs a collection in the background soon (one at a time; a request made while one
-    /// runs makes it run again).
-    fn collect_garbage_soon(self: &Arc<Self>) {
-        self.gc_wanted.store(true, Ordering::Release);
-        if self.gc_running.swap(true, Ordering::AcqRel) {
+/// The target's background work while it is open: the records in memory follow the store
+/// (every `REFRESH`: other nodes' backups and deletions), and a collection that found
+/// another node's backup in progress is tried again now and then.
+fn background(inner: std::sync::Weak<Inner>) {
+    let mut failing = false;
+    loop {
+        std::thread::sleep(REFRESH);
+        let Some(inner) = inner.upgrade() else {
             return;
-        }
-        let inner = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("s3-gc".to_string())
-            .spawn(move || {
-                loop {
-                    while inner.gc_wanted.swap(false, Ordering::AcqRel) {
-                        if let Err(e) = inner.collect_garbage() {
-                            tracing::warn!(backup_target = inner.name, "garbage collection: {e}");
-                        }
-                    }
-                    inner.gc_running.store(false, Ordering::Release);
-                    // A request that came after the last check but before the flag fell.
-                    if !inner.gc_wanted.load(Ordering::Acquire)
-                        || inner.gc_running.swap(true, Ordering::AcqRel)
-                    {
-                        return;
-                    }
+        };
+        match inner.catalogue.refresh() {
+            Ok(()) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(
+                        backup_target = inner.name,
+                        "cannot read the records of other nodes (tried again every second): {e}"
+                    );
                 }
-            });
-        if spawned.is_err() {
-            self.gc_running.store(false, Ordering::Release);
+                failing = true;
+            }
+        }
+        let again = inner
+            .catalogue
+            .coordinator()
+            .map_or(Duration::from_secs(15), |c| c.lease() / 2);
+        let deferred = inner
+            .gc_deferred
+            .lock()
+            .is_some_and(|at| at.elapsed() >= again);
+        if deferred {
+            *inner.gc_deferred.lock() = None;
+            inner.collect_garbage_soon();
         }
     }
 }
@@ -585,6 +529,17 @@ impl BackupTarget for S3Target {
         size: u64,
         base: Option<&BackupId>,
     ) -> Result<NewData> {
+        // Written after the backup's claim, before its first decision that a chunk is
+        // stored: a collection elsewhere that may not have seen the claim ends first
+        // (`lease::gc`); what this node knew to be stored may have gone meanwhile.
+        if let Some(coordinator) = self.inner.catalogue.coordinator() {
+            coordinator.await_collections().map_err(store_error(
+                "read the garbage collections of",
+                self.inner.store.as_ref(),
+                crate::targets::lease::GC_PREFIX,
+            ))?;
+        }
+        self.inner.chunks.forget_known();
         let mut shared = false;
         let mut index = Index::new(backup_id, size);
         if let Some(base) = base {

@@ -138,8 +138,7 @@ fn a_chunk_replaced_in_the_store_reads_as_eio() {
     let other = store.get(&names[1], u64::MAX).unwrap().unwrap();
     store.put(&names[0], &other).unwrap();
     // A fresh target: nothing cached.
-    let fresh =
-        S3Target::assemble("t", store.clone(), Keys::new(key().as_deref(), true), key()).unwrap();
+    let fresh = S3Target::on_memory(&store, "fresh", key());
     let error = read(&fresh, &id).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::EIO));
     drop(target);
@@ -170,4 +169,132 @@ fn garbage_collection_frees_only_what_no_index_or_backup_in_progress_names() {
     assert_eq!(report.deleted, 2, "{report:?}");
     assert_eq!(chunks(&store), 2);
     assert!(read(&target, &second).is_ok());
+}
+
+/// A new backup of `volume` claimed on `target`, as the engine claims one before its
+/// data is created.
+fn claimed(target: &S3Target, volume: &str) -> (BackupId, Arc<crate::targets::lease::Claim>) {
+    let id = id();
+    let coordinator = target.inner.catalogue.coordinator().unwrap();
+    let claim = coordinator.claim("be", volume, id.as_str()).unwrap();
+    (id, claim)
+}
+
+#[test]
+fn a_collection_on_one_node_deletes_nothing_a_backup_in_progress_on_another_relies_on() {
+    let store = Arc::new(super::super::store::MemStore::default());
+    let a = S3Target::on_memory(&store, "a", key());
+    let b = S3Target::on_memory(&store, "b", key());
+    let data = noise(10, 3 * CHUNK as usize);
+    let old = backup(&a, &data);
+    assert_eq!(chunks(&store), 3);
+    // b backs up the same data: every chunk is found stored, nothing is uploaded.
+    let (id, claim) = claimed(&b, "v");
+    let new = b.create_data(&id, data.len() as u64, None).unwrap();
+    new.attachment.device.write_at(&data, 0).unwrap();
+    new.attachment.device.flush().unwrap();
+    assert_eq!(b.traffic().2, 0, "deduplicated");
+    // a deletes the only backup that names those chunks, and collects.
+    a.remove_data(&old).unwrap();
+    let report = a.collect_garbage().unwrap();
+    assert_eq!(report.deferred.as_deref(), Some("b"), "{report:?}");
+    assert_eq!((report.deleted, report.kept), (0, 3), "{report:?}");
+    assert_eq!(chunks(&store), 3);
+    drop(new);
+    b.finish_data(&id).unwrap();
+    b.inner.catalogue.coordinator().unwrap().release(&claim);
+    // Named by b's index now: kept by every later collection.
+    let report = a.collect_garbage().unwrap();
+    assert_eq!((report.deleted, report.referenced), (0, 3), "{report:?}");
+    assert!(read(&a, &id).unwrap() == data);
+    assert!(read(&b, &id).unwrap() == data);
+}
+
+#[test]
+fn what_a_node_knew_to_be_stored_is_checked_again_once_another_collected() {
+    let store = Arc::new(super::super::store::MemStore::default());
+    let a = S3Target::on_memory(&store, "a", key());
+    let b = S3Target::on_memory(&store, "b", key());
+    let data = noise(11, 2 * CHUNK as usize);
+    // b stores the chunks (and knows them stored); a deletes that backup and collects
+    // while no node backs up: the chunks go.
+    let first = backup(&b, &data);
+    a.remove_data(&first).unwrap();
+    let report = a.collect_garbage().unwrap();
+    assert_eq!(report.deleted, 2, "{report:?}");
+    // b's next backup of the same data stores them again rather than naming what is gone.
+    let (id, claim) = claimed(&b, "v");
+    let new = b.create_data(&id, data.len() as u64, None).unwrap();
+    new.attachment.device.write_at(&data, 0).unwrap();
+    new.attachment.device.flush().unwrap();
+    drop(new);
+    b.finish_data(&id).unwrap();
+    b.inner.catalogue.coordinator().unwrap().release(&claim);
+    assert_eq!(chunks(&store), 2);
+    assert!(read(&a, &id).unwrap() == data);
+}
+
+#[test]
+fn a_backup_waits_for_a_collection_that_may_have_missed_its_claim() {
+    use crate::targets::lease::{Coordinator, InProgress};
+    let store = Arc::new(super::super::store::MemStore::default());
+    let lease = Duration::from_millis(600);
+    let a = Coordinator::join(store.clone(), "a", lease).unwrap();
+    let b = Coordinator::join(store.clone(), "b", lease).unwrap();
+    // a's collection looks before b claims: it found nothing in progress.
+    let mut collection = a.begin_collection().unwrap();
+    assert_eq!(collection.found(), &InProgress::None);
+    let _claim = b.claim("be", "v", id().as_str()).unwrap();
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| b.await_collections().unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!waiting.is_finished(), "b decided while a may still delete");
+        // a's next deletion is after a look of lease / 6 ago: it looks again, sees b's
+        // claim, and deletes nothing more; its end lets b go.
+        std::thread::sleep(lease / 6);
+        assert!(!collection.may_delete().unwrap());
+        assert_eq!(collection.found(), &InProgress::Elsewhere("b".to_string()));
+        drop(collection);
+        let waited = waiting.join().unwrap();
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    });
+    // A collection that stops looking (paused, killed) holds a backup up for a lease
+    // at most; it never deletes on a look that old.
+    let mut collection = a.begin_collection().unwrap();
+    let waited = b.await_collections().unwrap();
+    assert!(waited >= lease && waited < lease * 3, "{waited:?}");
+    assert!(!collection.may_delete().unwrap());
+    drop(collection);
+    // This node's own collection does not hold its own backups up (they wait for `uses`).
+    let own = b.begin_collection().unwrap();
+    assert!(b.await_collections().unwrap() < lease / 2);
+    drop(own);
+}
+
+#[test]
+fn records_made_changed_and_removed_on_one_node_show_on_another() {
+    let store = Arc::new(super::super::store::MemStore::default());
+    let a = S3Target::on_memory(&store, "a", key());
+    let b = S3Target::on_memory(&store, "b", key());
+    let id = id();
+    let mut record: crate::targets::record::Record = serde_json::from_value(serde_json::json!({
+        "format": 1, "id": id.as_str(), "volume_id": "v", "backend": "be", "pool": "p",
+        "target": "t", "status": "creating", "size": 4096,
+        "created_at": "2026-01-01T00:00:00.000Z", "completed_at": null, "name": null,
+        "snapshot_used": false, "parent_id": null, "checksums": null, "error": null,
+    }))
+    .unwrap();
+    a.write_record(&record).unwrap();
+    b.inner.catalogue.refresh().unwrap();
+    assert_eq!(b.record(&id).unwrap().status, record.status);
+    record.status = crate::targets::record::Status::Available;
+    a.write_record(&record).unwrap();
+    // A read-change-write reads the store, not what is kept in memory.
+    assert_ne!(b.record(&id).unwrap().status, record.status);
+    b.catalogue().reload(&id).unwrap();
+    assert_eq!(b.record(&id).unwrap().status, record.status);
+    a.remove_record(&id).unwrap();
+    b.inner.catalogue.refresh().unwrap();
+    assert!(matches!(b.record(&id), Err(TargetError::NotFound(_))));
+    assert!(b.records().unwrap().is_empty());
 }

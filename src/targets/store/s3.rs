@@ -48,6 +48,21 @@ impl S3Store {
             .collect())
     }
 
+    /// The objects whose names start with `prefix`, with their entity tags (a tag changes
+    /// when the object is rewritten with other bytes).
+    pub fn list_tags(&self, prefix: &str) -> io::Result<Vec<(String, String)>> {
+        Ok(self
+            .client
+            .list(&self.key(prefix))
+            .map_err(plain)?
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.key.strip_prefix(&self.prefix)?.to_string();
+                valid_name(&name).then_some((name, o.etag))
+            })
+            .collect())
+    }
+
     fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
