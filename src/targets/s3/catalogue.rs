@@ -186,7 +186,14 @@ impl Catalogue for StoreCatalogue {
         Ok(self.view.lock().records.records())
     }
 
+    /// From memory; one not there is looked for in the store (a backup another node
+    /// made since the last refresh).
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
+        match self.view.lock().records.record(backup_id) {
+            Err(TargetError::NotFound(_)) => {}
+            found => return found,
+        }
+        self.reload(backup_id)?;
         self.view.lock().records.record(backup_id)
     }
 

@@ -1,0 +1,384 @@
+//! Several nodes, one `s3` target: three daemons (own mountpoints, state directories and
+//! runtime directories; one configuration but `node` and `state_dir`) serve one prefix of
+//! a bucket on a real radosgw (contrib/ceph-cluster.sh, on ports of its own, stopped at
+//! exit; `BACKUPFS_TEST_S3_DIR=DIR` reuses one started by hand, as in tests/s3.rs).
+
+mod common;
+
+use backupfs::targets::s3::client::{Client, Endpoint};
+use backupfs::targets::s3::sigv4::Credentials;
+use backupfs::targets::s3::{self, S3TargetConfig};
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const LEASE: u64 = 3;
+const BUCKET: &str = "backupfs-test";
+const NODES: [&str; 3] = ["a", "b", "c"];
+
+struct Gateway {
+    url: String,
+    dir: PathBuf,
+}
+
+static GATEWAY: OnceLock<Gateway> = OnceLock::new();
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ceph-cluster.sh")
+}
+
+extern "C" fn stop_cluster() {
+    if let Some(gateway) = GATEWAY.get()
+        && std::env::var_os("BACKUPFS_TEST_S3_DIR").is_none()
+    {
+        let _ = Command::new(script())
+            .arg("stop")
+            .arg(&gateway.dir)
+            .status();
+    }
+}
+
+/// The gateway: its own cluster, on ports neither tests/s3.rs (3397, 6797, 7497) nor the
+/// RBD harness (3300, 6789) use, so those can run at the same time.
+fn gateway() -> &'static Gateway {
+    GATEWAY.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("BACKUPFS_TEST_S3_DIR") {
+            let dir = PathBuf::from(dir);
+            let conf = std::fs::read_to_string(dir.join("ceph.conf")).expect("ceph.conf");
+            let port = conf
+                .lines()
+                .find_map(|l| l.split("endpoint=127.0.0.1:").nth(1))
+                .expect("rgw frontends in ceph.conf")
+                .trim()
+                .to_string();
+            return Gateway {
+                url: format!("http://127.0.0.1:{port}"),
+                dir,
+            };
+        }
+        let dir = std::env::temp_dir().join(format!("backupfs-test-s3n-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let status = Command::new(script())
+            .arg("start")
+            .arg(&dir)
+            .args([
+                "--mon-port",
+                "3396",
+                "--mon-port-v1",
+                "6796",
+                "--rgw-port",
+                "7496",
+            ])
+            .status()
+            .expect("contrib/ceph-cluster.sh runs");
+        // SAFETY: registers a plain extern "C" function with no arguments.
+        unsafe { libc::atexit(stop_cluster) };
+        assert!(status.success(), "contrib/ceph-cluster.sh start failed");
+        Gateway {
+            url: "http://127.0.0.1:7496".to_string(),
+            dir,
+        }
+    })
+}
+
+fn client() -> Client {
+    Client::new(
+        Endpoint {
+            url: gateway().url.clone(),
+            bucket: BUCKET.to_string(),
+            region: "us-east-1".to_string(),
+        },
+        Credentials {
+            access_key: "TESTACCESSKEY".to_string(),
+            secret_key: "TESTSECRETKEY".to_string(),
+        },
+        Duration::from_secs(30),
+    )
+    .unwrap()
+}
+
+struct Cluster {
+    gold: PathBuf,
+    prefix: String,
+    credentials: PathBuf,
+    key: PathBuf,
+    configs: Vec<PathBuf>,
+}
+
+/// A volume pool all three nodes share, one prefix of the test bucket, and a
+/// configuration per node.
+fn cluster(sb: &mut Sandbox) -> Cluster {
+    gateway();
+    client().create_bucket().unwrap();
+    let gold = sb.mkdir("gold");
+    let credentials = sb.path("credentials");
+    std::fs::write(
+        &credentials,
+        "[default]\naws_access_key_id = TESTACCESSKEY\naws_secret_access_key = TESTSECRETKEY\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&credentials, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = sb.path("key");
+    s3::keygen(&key).unwrap();
+    let prefix = format!("nodes-{}/", &uuid::Uuid::new_v4().to_string()[..8]);
+    let configs = NODES
+        .iter()
+        .map(|node| {
+            let state = sb.mkdir(&format!("state-{node}"));
+            let path = sb.path(&format!("{node}.toml"));
+            std::fs::write(
+                &path,
+                format!(
+                    "state_dir = \"{}\"\nnode = \"{node}\"\nlease_seconds = {LEASE}\n\
+                     [backends.ssd]\ndriver = \"file\"\npools = {{ gold = \"{}\" }}\n\
+                     [targets.off]\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{BUCKET}\"\n\
+                     prefix = \"{prefix}\"\ncredentials = \"{}\"\nencryption_key = \"{}\"\n",
+                    state.display(),
+                    gold.display(),
+                    gateway().url,
+                    credentials.display(),
+                    key.display(),
+                ),
+            )
+            .unwrap();
+            path
+        })
+        .collect();
+    Cluster {
+        gold,
+        prefix,
+        credentials,
+        key,
+        configs,
+    }
+}
+
+impl Cluster {
+    fn start(&self, sb: &mut Sandbox, i: usize, env: &[(&str, &str)]) -> Daemon {
+        let node = NODES[i];
+        let mnt = sb.path(&format!("mnt-{node}"));
+        let run = sb.path(&format!("run-{node}"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_backupfs"));
+        command
+            .arg("mount")
+            .arg(&mnt)
+            .arg("--config")
+            .arg(&self.configs[i])
+            .env_remove("BACKUPFS_TEST_PAUSE")
+            .env_remove("BACKUPFS_TEST_RELEASE")
+            .env("RUNTIME_DIRECTORY", &run)
+            .envs(env.iter().copied());
+        sb.start_daemon_command(command, &mnt, &run)
+    }
+
+    /// The chunk objects under the prefix.
+    fn chunks(&self) -> usize {
+        client()
+            .list(&format!("{}chunk.", self.prefix))
+            .unwrap()
+            .len()
+    }
+
+    /// A collection by a node of its own (the test's): what it found. Run only when the
+    /// daemons' own collections are done (it would free what they left).
+    fn collect(&self) -> s3::GcReport {
+        let config = S3TargetConfig {
+            kind: Some("s3".to_string()),
+            endpoint: gateway().url.clone(),
+            bucket: BUCKET.to_string(),
+            prefix: self.prefix.clone(),
+            region: "us-east-1".to_string(),
+            credentials: self.credentials.clone(),
+            profile: "default".to_string(),
+            encryption_key: Some(self.key.clone()),
+            encryption: "aes-256-gcm".to_string(),
+            compression: "zstd".to_string(),
+            timeout: 30,
+            keep_last: 0,
+        };
+        let target = s3::open_as("off", &config, "probe", Duration::from_secs(LEASE)).unwrap();
+        target.collect_garbage().unwrap()
+    }
+}
+
+/// Every object under the prefix goes when the test ends, however it ends.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let client = client();
+        for object in client.list(&self.prefix).unwrap_or_default() {
+            let _ = client.delete(&object.key);
+        }
+    }
+}
+
+fn listed(d: &Daemon, id: &str) -> bool {
+    std::fs::read_dir(d.target("off"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy() == format!("{id}.img"))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits at most `limit` for `cond`; how long it took.
+#[track_caller]
+fn within(limit: Duration, mut cond: impl FnMut() -> bool, what: &str) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
+#[track_caller]
+fn same(image: &Path, volume: &Path) {
+    ok(&format!("cmp '{}' '{}'", image.display(), volume.display()));
+}
+
+#[test]
+fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup() {
+    let mut sb = Sandbox::new("s3-nodes");
+    let c = cluster(&mut sb);
+    let v1 = random_volume(&c.gold, "v1", 12);
+    let v2 = random_volume(&c.gold, "v2", 8);
+    random_volume(&c.gold, "v3", 8);
+    let release_b = sb.path("release-b");
+    let never = sb.path("never");
+    let a = c.start(&mut sb, 0, &[]);
+    // b and c hold their backups before the index is written until told.
+    let b = c.start(&mut sb, 1, &pause_env("finishing", &release_b));
+    let c_node = c.start(&mut sb, 2, &pause_env("finishing", &never));
+
+    // Made on a: listed on b within 5 s, read byte-exact on c.
+    let full = a.backup("off", "v1");
+    assert_eq!(a.wait_job("off", &full), "available", "{}", a.log());
+    let seen = within(
+        Duration::from_secs(5),
+        || listed(&b, &full) && listed(&c_node, &full),
+        "b and c to list a's backup",
+    );
+    eprintln!("listed on the other nodes after {seen:?}");
+    same(&c_node.image("off", &full), &v1);
+    assert_eq!(b.record("off", &full)["node"], "a");
+
+    // b backs v2 up while a's backup of the same bytes is the only one naming them: every
+    // chunk is deduplicated against it. a deletes that backup and collects meanwhile.
+    let x = a.backup("off", "v2");
+    assert_eq!(a.wait_job("off", &x), "available", "{}", a.log());
+    let y = b.backup("off", "v2");
+    b.wait_state("off", &y, "finishing");
+    // The same volume on two nodes at once: one of them is EBUSY.
+    assert_eq!(a.request("off", "v2"), Some(libc::EBUSY), "{}", a.log());
+    let before = c.chunks();
+    let collections = || a.log().matches("garbage collection: ").count();
+    let earlier = collections();
+    std::fs::remove_file(a.image("off", &x)).unwrap();
+    within(
+        Duration::from_secs(10),
+        || collections() > earlier,
+        "a's collection after the deletion",
+    );
+    assert_eq!(
+        c.chunks(),
+        before,
+        "a's collection deleted chunks b's backup names"
+    );
+    assert!(a.log().contains("(node b is backing up: nothing deleted"));
+    release_jobs(&release_b);
+    assert_eq!(b.wait_job("off", &y), "available", "{}", b.log());
+    same(&a.image("off", &y), &v2);
+
+    // An incremental on b whose parent a made.
+    ok(&format!(
+        "dd if=/dev/urandom of='{}' bs=64K count=2 seek=7 conv=notrunc status=none",
+        v1.display()
+    ));
+    let incremental = b.backup("off", "v1 incremental");
+    assert_eq!(b.wait_job("off", &incremental), "available", "{}", b.log());
+    within(
+        Duration::from_secs(5),
+        || listed(&a, &incremental) && listed(&c_node, &incremental),
+        "a and c to list b's incremental",
+    );
+    let record = a.record("off", &incremental);
+    assert_eq!(record["parent_id"], full.as_str(), "{record}");
+    assert_eq!(record["node"], "b");
+    same(&c_node.image("off", &incremental), &v1);
+
+    // Deleted on b: gone from a within 5 s.
+    std::fs::remove_file(b.image("off", &y)).unwrap();
+    within(
+        Duration::from_secs(5),
+        || !listed(&a, &y) && !listed(&c_node, &y),
+        "b's deletion to show on a and c",
+    );
+
+    // c is killed mid-backup: another node records it error, a collection frees its
+    // chunks.
+    within(
+        Duration::from_secs(10),
+        || c.collect().deleted == 0,
+        "the collections of the deletions to end",
+    );
+    let idle = c.chunks();
+    let doomed = c_node.backup("off", "v3");
+    c_node.wait_state("off", &doomed, "finishing");
+    assert!(c.chunks() > idle, "c uploaded chunks of v3");
+    c_node.kill9();
+    let took = within(
+        Duration::from_secs(60),
+        || a.record("off", &doomed)["status"] == "error",
+        "another node to take c's backup over",
+    );
+    eprintln!("taken over {took:?} after the kill (lease {LEASE} s)");
+    within(
+        Duration::from_secs(15),
+        || c.chunks() == idle,
+        "a collection to free the chunks of c's backup",
+    );
+    assert_eq!(c.collect().deleted, 0);
+
+    // Every available backup verifies, on any node.
+    for (d, id) in [(&a, &full), (&b, &incremental)] {
+        assert_eq!(
+            write_errno(&d.target("off").join("verify"), id.as_bytes()),
+            None,
+            "{}",
+            d.log()
+        );
+    }
+    // (Each node's record of the other's verify is read again within about a second.)
+    within(
+        Duration::from_secs(5),
+        || {
+            b.record("off", &full)["verified_at"].is_string()
+                && a.record("off", &incremental)["verified_at"].is_string()
+        },
+        "the verifies to show on the other nodes",
+    );
+    a.stop_clean();
+    b.stop_clean();
+    // Nothing of the coordination is left but the heartbeat of c (which may come back)
+    // and, beside its record, how c's backup ended.
+    let left: Vec<String> = client()
+        .list(&c.prefix)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key[c.prefix.len()..].to_string())
+        .filter(|n| {
+            n.starts_with("backupfs.") && n != "backupfs.target" && n != "backupfs.keycheck"
+        })
+        .collect();
+    assert_eq!(
+        left,
+        [
+            format!("backupfs.end.{doomed}"),
+            "backupfs.node.c".to_string()
+        ]
+    );
+}
