@@ -412,6 +412,13 @@ impl S3Target {
         Ok((chunks.len(), chunks.iter().map(|(_, s)| s).sum()))
     }
 
+    /// Waits for the collection a removal started in the background, if one runs.
+    pub fn wait_for_collections(&self) {
+        while self.inner.gc_running.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Frees the chunks no backup names (see `Inner::collect_garbage`).
     pub fn collect_garbage(&self) -> Result<GcReport> {
         self.inner.collect_garbage()
