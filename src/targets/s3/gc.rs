@@ -77,6 +77,18 @@ impl Inner {
         // First: from here no upload decides anything, and a backup that finishes while
         // the indexes are listed is among these (its index may be listed or not).
         let _uses = self.chunks.uses.write();
+        // A backup this node was writing that another node took over (this one was
+        // paused past its lease) ended `error` there: it names nothing any more.
+        let ids: Vec<String> = self.writing.lock().keys().cloned().collect();
+        for id in ids {
+            let ended = crate::ids::BackupId::parse(&id)
+                .ok()
+                .and_then(|id| self.catalogue.record(&id).ok())
+                .is_some_and(|r| r.status == crate::targets::record::Status::Error);
+            if ended {
+                self.writing.lock().remove(&id);
+            }
+        }
         let writing: Vec<Arc<Writing>> = self.writing.lock().values().cloned().collect();
         let mut referenced: HashSet<String> = HashSet::new();
         for backup in &writing {
