@@ -74,6 +74,15 @@ Exit status: 0 when the key is written, 1 otherwise (FILE exists, or cannot be w
         /// The key file to create.
         file: PathBuf,
     },
+    /// Free the chunks of an s3 target that no backup names, safely while daemons run.
+    #[command(long_about = cli::gc::GC_ABOUT, after_help = cli::gc::GC_EXAMPLES)]
+    Gc {
+        /// The configuration file.
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// The s3 target to collect.
+        target: String,
+    },
     /// Build a throw-away sandbox, mount it, and walk through a backup and a restore.
     #[command(
         long_about = "Build a throw-away sandbox (two `file` backends, a backup target, three \
@@ -197,6 +206,11 @@ fn run(cli: Cli) -> u8 {
                 1
             }
         },
+        Command::Gc { config, target } => {
+            // Its warnings only: what it found and freed is printed.
+            init_logging("warn");
+            cli::gc::gc_command(&config, &target)
+        }
         Command::Demo { dir } => {
             // As for `mount`: the walk-through thread must inherit the blocked mask.
             if let Err(e) = daemon::block_stop_signals() {

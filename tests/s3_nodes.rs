@@ -5,9 +5,9 @@
 
 mod common;
 
+use backupfs::targets::s3;
 use backupfs::targets::s3::client::{Client, Endpoint};
 use backupfs::targets::s3::sigv4::Credentials;
-use backupfs::targets::s3::{self, S3TargetConfig};
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -103,8 +103,6 @@ fn client() -> Client {
 struct Cluster {
     gold: PathBuf,
     prefix: String,
-    credentials: PathBuf,
-    key: PathBuf,
     configs: Vec<PathBuf>,
 }
 
@@ -150,8 +148,6 @@ fn cluster(sb: &mut Sandbox) -> Cluster {
     Cluster {
         gold,
         prefix,
-        credentials,
-        key,
         configs,
     }
 }
@@ -182,25 +178,21 @@ impl Cluster {
             .len()
     }
 
-    /// A collection by a node of its own (the test's): what it found. Run only when the
-    /// daemons' own collections are done (it would free what they left).
-    fn collect(&self) -> s3::GcReport {
-        let config = S3TargetConfig {
-            kind: Some("s3".to_string()),
-            endpoint: gateway().url.clone(),
-            bucket: BUCKET.to_string(),
-            prefix: self.prefix.clone(),
-            region: "us-east-1".to_string(),
-            credentials: self.credentials.clone(),
-            profile: "default".to_string(),
-            encryption_key: Some(self.key.clone()),
-            encryption: "aes-256-gcm".to_string(),
-            compression: "zstd".to_string(),
-            timeout: 30,
-            keep_last: 0,
-        };
-        let target = s3::open_as("off", &config, "probe", Duration::from_secs(LEASE)).unwrap();
-        target.collect_garbage().unwrap()
+    /// `backupfs gc` with a's configuration (it joins as node `a-gc`): its exit status
+    /// and what it printed.
+    fn gc(&self) -> (i32, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_backupfs"))
+            .args(["gc", "--config"])
+            .arg(&self.configs[0])
+            .arg("off")
+            .output()
+            .unwrap();
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), printed)
     }
 }
 
@@ -289,6 +281,18 @@ fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup
         "a's collection deleted chunks b's backup names"
     );
     assert!(a.log().contains("(node b is backing up: nothing deleted"));
+    // And so does one by hand.
+    let (status, printed) = c.gc();
+    assert_eq!(status, 3, "{printed}");
+    assert!(
+        printed.contains("node b is backing up: run again later"),
+        "{printed}"
+    );
+    assert_eq!(
+        c.chunks(),
+        before,
+        "backupfs gc deleted chunks b's backup names"
+    );
     release_jobs(&release_b);
     assert_eq!(b.wait_job("off", &y), "available", "{}", b.log());
     same(&a.image("off", &y), &v2);
@@ -322,7 +326,10 @@ fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup
     // chunks.
     within(
         Duration::from_secs(10),
-        || c.collect().deleted == 0,
+        || {
+            let (status, printed) = c.gc();
+            status == 0 && printed.contains(" 0 deleted (0 bytes), 0 kept")
+        },
         "the collections of the deletions to end",
     );
     let idle = c.chunks();
@@ -341,7 +348,12 @@ fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup
         || c.chunks() == idle,
         "a collection to free the chunks of c's backup",
     );
-    assert_eq!(c.collect().deleted, 0);
+    let (status, printed) = c.gc();
+    assert_eq!(status, 0, "{printed}");
+    assert!(
+        printed.contains(" 0 deleted (0 bytes), 0 kept"),
+        "{printed}"
+    );
 
     // Every available backup verifies, on any node.
     for (d, id) in [(&a, &full), (&b, &incremental)] {

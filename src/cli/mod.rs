@@ -1,8 +1,10 @@
 //! The command-line programs beside the daemon: `status` and `wait` (clients of the mounted
-//! tree), `demo` (a sandbox and a walk-through), the manual page. They live in the binary, not
+//! tree), `gc` (a garbage collection of an s3 target by hand), `demo` (a sandbox and a
+//! walk-through), the manual page. They live in the binary, not
 //! the library: they use only the library's public API and never reach into a daemon.
 
 pub mod demo;
+pub mod gc;
 pub mod man;
 pub mod mount;
 pub mod render;

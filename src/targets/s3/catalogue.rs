@@ -13,7 +13,7 @@ use crate::ids::BackupId;
 use crate::targets::auth::TargetKey;
 use crate::targets::catalogue::Catalogue;
 use crate::targets::lease::Coordinator;
-use crate::targets::record::{Checksums, Record};
+use crate::targets::record::{Checksums, Record, Status};
 use crate::targets::records::{Names, RecordCache, StoreRecords};
 use crate::targets::s3::chunks::ChunkBackend;
 use crate::targets::store::ObjectStore;
@@ -186,11 +186,12 @@ impl Catalogue for StoreCatalogue {
         Ok(self.view.lock().records.records())
     }
 
-    /// From memory; one not there is looked for in the store (a backup another node
-    /// made since the last refresh).
+    /// From memory; one not there, or there as being made or deleted (by another node,
+    /// maybe, which may have finished since the last refresh), is read from the store.
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
         match self.view.lock().records.record(backup_id) {
             Err(TargetError::NotFound(_)) => {}
+            Ok(record) if matches!(record.status, Status::Creating | Status::Deleting) => {}
             found => return found,
         }
         self.reload(backup_id)?;

@@ -287,12 +287,17 @@ fn records_made_changed_and_removed_on_one_node_show_on_another() {
     a.write_record(&record).unwrap();
     b.inner.catalogue.refresh().unwrap();
     assert_eq!(b.record(&id).unwrap().status, record.status);
+    // One being made is read again from the store (the other node may have finished).
     record.status = crate::targets::record::Status::Available;
     a.write_record(&record).unwrap();
-    // A read-change-write reads the store, not what is kept in memory.
-    assert_ne!(b.record(&id).unwrap().status, record.status);
-    b.catalogue().reload(&id).unwrap();
     assert_eq!(b.record(&id).unwrap().status, record.status);
+    // Another change shows at the next refresh; a read-change-write reads the store, not
+    // what is kept in memory.
+    record.name = Some("renamed".to_string());
+    a.write_record(&record).unwrap();
+    assert_eq!(b.record(&id).unwrap().name, None);
+    b.catalogue().reload(&id).unwrap();
+    assert_eq!(b.record(&id).unwrap().name, record.name);
     a.remove_record(&id).unwrap();
     b.inner.catalogue.refresh().unwrap();
     assert!(matches!(b.record(&id), Err(TargetError::NotFound(_))));
