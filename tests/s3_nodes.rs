@@ -394,3 +394,49 @@ fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup
         ]
     );
 }
+
+#[test]
+fn nodes_that_open_an_empty_prefix_at_the_same_moment_all_join_it() {
+    let mut sb = Sandbox::new("s3-nodes-start");
+    let c = cluster(&mut sb);
+    let config = |prefix: &str| s3::S3TargetConfig {
+        kind: Some("s3".to_string()),
+        endpoint: gateway().url.clone(),
+        bucket: BUCKET.to_string(),
+        prefix: prefix.to_string(),
+        region: "us-east-1".to_string(),
+        credentials: sb.path("credentials"),
+        profile: "default".to_string(),
+        encryption_key: Some(sb.path("key")),
+        encryption: "aes-256-gcm".to_string(),
+        compression: "zstd".to_string(),
+        timeout: 30,
+        keep_last: 0,
+    };
+    // Rounds, each on an empty prefix of its own (under the cluster's, removed with it):
+    // the claim's emptiness check must take the others' objects for theirs.
+    // Starts a few milliseconds apart: one node's look falls between another's creates.
+    for round in 0..4u64 {
+        let config = config(&format!("{}{round}-", c.prefix));
+        std::thread::scope(|scope| {
+            let opened: Vec<_> = NODES
+                .iter()
+                .enumerate()
+                .map(|(i, node)| {
+                    let config = &config;
+                    let delay = Duration::from_micros(i as u64 * round * 500);
+                    scope.spawn(move || {
+                        std::thread::sleep(delay);
+                        s3::open_as("off", config, node, Duration::from_secs(LEASE))
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            for (node, opened) in NODES.iter().zip(opened) {
+                let opened = opened.join().unwrap();
+                assert!(opened.is_ok(), "round {round}, node {node}: {opened:?}");
+            }
+        });
+    }
+}

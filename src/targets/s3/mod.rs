@@ -264,11 +264,14 @@ fn claim(
                 .map_err(ClaimFailure::Store)?
                 .into_iter()
                 .map(|o| o.key)
-                // (Another node that starts at this moment writes the key check and its
-                // heartbeat first.)
+                // (Another node that starts at this moment writes the key check and the
+                // marker, which is read below when this node's create of it fails; a node
+                // that has joined, its heartbeat.)
                 .filter(|k| {
                     k.strip_prefix(prefix).is_none_or(|name| {
-                        name != KEYCHECK_OBJECT && !crate::targets::lease::is_coordination(name)
+                        name != KEYCHECK_OBJECT
+                            && name != MARKER_OBJECT
+                            && !crate::targets::lease::is_coordination(name)
                     })
                 })
                 .collect();
