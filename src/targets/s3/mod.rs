@@ -512,8 +512,17 @@ fn background(inner: std::sync::Weak<Inner>) {
             .lock()
             .is_some_and(|at| at.elapsed() >= again);
         if deferred {
-            *inner.gc_deferred.lock() = None;
-            inner.collect_garbage_soon();
+            // Listing every chunk and index again is for when it can free something: while
+            // another node still backs up (one cheap look at the claims), wait on.
+            let busy_elsewhere = inner.catalogue.coordinator().is_some_and(|c| {
+                c.claims()
+                    .map(|claims| claims.iter().any(|(_, beat)| beat.node != c.node()))
+                    .unwrap_or(true)
+            });
+            *inner.gc_deferred.lock() = busy_elsewhere.then(std::time::Instant::now);
+            if !busy_elsewhere {
+                inner.collect_garbage_soon();
+            }
         }
     }
 }
