@@ -50,6 +50,11 @@ use std::time::{Duration, SystemTime};
 /// How often the records in memory are brought in step with the store (other nodes'
 /// backups and deletions show within about that).
 const REFRESH: Duration = Duration::from_secs(1);
+/// Every how many `REFRESH` ticks a node looks for other nodes' heartbeats (a node that
+/// joins is noticed within that, its backups listed a tick later: within 5 s), and
+/// refreshes while it finds none.
+const ALONE_LOOK: u64 = 4;
+const ALONE_REFRESH: u64 = 30;
 
 pub const MARKER_OBJECT: &str = "backupfs.target";
 pub const KEYCHECK_OBJECT: &str = "backupfs.keycheck";
@@ -486,23 +491,12 @@ impl Inner {
 /// another node's backup in progress is tried again now and then.
 fn background(inner: std::sync::Weak<Inner>) {
     let mut failing = false;
-    loop {
+    let mut others = true;
+    for tick in 1u64.. {
         std::thread::sleep(REFRESH);
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        match inner.catalogue.refresh() {
-            Ok(()) => failing = false,
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(
-                        backup_target = inner.name,
-                        "cannot read the records of other nodes (tried again every second): {e}"
-                    );
-                }
-                failing = true;
-            }
-        }
         let again = inner
             .catalogue
             .coordinator()
@@ -522,6 +516,29 @@ fn background(inner: std::sync::Weak<Inner>) {
             *inner.gc_deferred.lock() = busy_elsewhere.then(std::time::Instant::now);
             if !busy_elsewhere {
                 inner.collect_garbage_soon();
+            }
+        }
+        // Alone on the target (no other node's heartbeat, looked for every few seconds),
+        // the records in memory are this node's own writes: a LIST now and then will do.
+        if tick.is_multiple_of(ALONE_LOOK) {
+            others = inner
+                .catalogue
+                .coordinator()
+                .is_none_or(|c| c.others_present());
+        }
+        if !others && !tick.is_multiple_of(ALONE_REFRESH) {
+            continue;
+        }
+        match inner.catalogue.refresh() {
+            Ok(()) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(
+                        backup_target = inner.name,
+                        "cannot read the records of other nodes (tried again every second): {e}"
+                    );
+                }
+                failing = true;
             }
         }
     }
