@@ -440,3 +440,49 @@ fn nodes_that_open_an_empty_prefix_at_the_same_moment_all_join_it() {
         });
     }
 }
+
+#[test]
+fn a_node_paused_past_its_lease_writes_no_index_and_collects_again_once_resumed() {
+    let mut sb = Sandbox::new("s3-nodes-pause");
+    let c = cluster(&mut sb);
+    random_volume(&c.gold, "v1", 8);
+    random_volume(&c.gold, "v2", 8);
+    let release = sb.path("release");
+    let a = c.start(&mut sb, 0, &pause_env("finishing", &release));
+    let b = c.start(&mut sb, 1, &[]);
+    let other = b.backup("off", "v2");
+    assert_eq!(b.wait_job("off", &other), "available", "{}", b.log());
+    let before = c.chunks();
+    let id = a.backup("off", "v1");
+    a.wait_state("off", &id, "finishing");
+    assert!(c.chunks() > before, "a uploaded chunks of v1");
+    a.signal(libc::SIGSTOP);
+    let took = within(
+        Duration::from_secs(60),
+        || b.record("off", &id)["status"] == "error",
+        "b to take a's backup over",
+    );
+    eprintln!("taken over {took:?} after the pause (lease {LEASE} s)");
+    within(
+        Duration::from_secs(15),
+        || c.chunks() == before,
+        "b's collection to free a's chunks",
+    );
+    // Resumed with its job free to finish: it finds its claim lapsed, stops, and writes
+    // no index naming the chunks that went.
+    release_jobs(&release);
+    a.signal(libc::SIGCONT);
+    assert_eq!(a.wait_job("off", &id), "error", "{}", a.log());
+    let index = client().list(&format!("{}index.{id}", c.prefix)).unwrap();
+    assert!(index.is_empty(), "{index:?}");
+    // Its own collections are not held back by the backup it lost: a deletion on a
+    // frees the chunks.
+    std::fs::remove_file(a.image("off", &other)).unwrap();
+    within(
+        Duration::from_secs(15),
+        || c.chunks() == 0,
+        "a's collection to free the deleted backup's chunks",
+    );
+    a.stop_clean();
+    b.stop_clean();
+}

@@ -3,10 +3,11 @@
 //! `sums.<id>` (the checksums), each written whole by one PUT, encoded and checked by the
 //! record layer every catalogue shares (`targets::records`). Records are kept in memory
 //! (`ls` never waits for the gateway) and kept in step with the other nodes that serve the
-//! target: `refresh`, every second in the background, lists the records with their entity
-//! tags (one LIST) and reads again only those that changed, appeared or went; a
-//! read-change-write reads its record from the store first (`reload`, under the record's
-//! lock). Never removes an object it did not name.
+//! target: `refresh`, in the background (every second while other nodes are about), lists
+//! the records with their entity tags (one LIST) and reads again only those that changed,
+//! appeared or went; a read-change-write reads its record from the store first (`reload`,
+//! under the record's lock), and so does a lookup of a record not in memory or in memory
+//! as `creating` or `deleting`. Never removes an object it did not name.
 
 use crate::copy::SumKind;
 use crate::ids::BackupId;
