@@ -58,7 +58,7 @@ impl StoreRecords {
         PathBuf::from(format!("{}/{name}", self.store.describe()))
     }
 
-    fn io(&self, op: &'static str, name: &str, source: std::io::Error) -> TargetError {
+    pub(super) fn io(&self, op: &'static str, name: &str, source: std::io::Error) -> TargetError {
         TargetError::Io {
             op,
             path: self.path(name),
@@ -256,6 +256,9 @@ pub struct RecordCache {
     names: Names,
     entries:
         parking_lot::Mutex<std::collections::BTreeMap<String, std::result::Result<Record, String>>>,
+    /// Bumped by every change made through this cache: a [`RecordCache::reload`] that
+    /// began before one is not applied (it would bring back what was just changed).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl RecordCache {
@@ -263,6 +266,76 @@ impl RecordCache {
         RecordCache {
             names,
             entries: Default::default(),
+            generation: Default::default(),
+        }
+    }
+
+    fn changed(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Reads every record object again (where other nodes write records too): the cache
+    /// becomes what the store holds, unless a change went through the cache meanwhile
+    /// (false then; the next reload brings it). A record newly unreadable is logged.
+    /// Every readable record as read, oldest first, and whether the cache took them.
+    pub fn reload(&self, objects: &StoreRecords, target: &str) -> Result<(Vec<Record>, bool)> {
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+        let names = objects
+            .store
+            .list(self.names.record_prefix)
+            .map_err(|e| objects.io("list", "", e))?;
+        let mut fresh = std::collections::BTreeMap::new();
+        for name in names {
+            let Some(id) = self.names.record_id(&name) else {
+                continue;
+            };
+            let parsed = match objects.load(&name) {
+                Ok(record) => Ok(record),
+                Err(TargetError::NotFound(_)) => continue,
+                Err(TargetError::BadRecord { message, .. }) => Err(message),
+                Err(e) => return Err(e),
+            };
+            fresh.insert(id.to_string(), parsed);
+        }
+        let mut records: Vec<Record> = fresh
+            .values()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        sort(&mut records);
+        let mut entries = self.entries.lock();
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
+            return Ok((records, false));
+        }
+        for (id, parsed) in &fresh {
+            if let Err(message) = parsed
+                && !matches!(entries.get(id), Some(Err(known)) if known == message)
+            {
+                tracing::warn!(
+                    backup_target = target,
+                    "skipping unreadable record {}: {message}",
+                    self.names.record(id)
+                );
+            }
+        }
+        *entries = fresh;
+        Ok((records, true))
+    }
+
+    /// The record of `backup_id` as just read from the store (`NotFound`: it is gone).
+    pub fn update(&self, backup_id: &BackupId, read: &Result<Record>) {
+        let mut entries = self.entries.lock();
+        match read {
+            Ok(record) => {
+                entries.insert(backup_id.to_string(), Ok(record.clone()));
+            }
+            Err(TargetError::NotFound(_)) => {
+                entries.remove(backup_id.as_str());
+            }
+            Err(TargetError::BadRecord { message, .. }) => {
+                entries.insert(backup_id.to_string(), Err(message.clone()));
+            }
+            Err(_) => {}
         }
     }
 
@@ -320,12 +393,14 @@ impl RecordCache {
 
     /// The record as stored (see [`StoreRecords::write_record`]).
     pub fn insert(&self, record: Record) {
+        self.changed();
         self.entries
             .lock()
             .insert(record.id.to_string(), Ok(record));
     }
 
     pub fn remove(&self, backup_id: &BackupId) {
+        self.changed();
         self.entries.lock().remove(backup_id.as_str());
     }
 }

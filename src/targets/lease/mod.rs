@@ -448,6 +448,19 @@ impl Coordinator {
         Ok(out)
     }
 
+    /// Whether no daemon but this one may be writing for a backup of `volume` of
+    /// `backend`: no claim on it, or this daemon's own (held, or taken over from a node
+    /// whose claim lapsed), or one a dead process of this machine left. What another client still writes for it then is a dead or
+    /// fenced node's, which may be cut off.
+    pub fn volume_is_ours_or_free(&self, backend: &str, volume: &str) -> io::Result<bool> {
+        let object = claim_object(backend, volume);
+        Ok(match self.store.get(&object, CAP)? {
+            None => true,
+            Some(bytes) => serde_json::from_slice::<Beat>(&bytes)
+                .is_ok_and(|beat| beat.holder == self.holder || holder_is_dead(&beat.holder)),
+        })
+    }
+
     /// The backups some node's backup in progress builds on.
     pub fn parents_in_use(&self) -> io::Result<HashSet<String>> {
         Ok(self

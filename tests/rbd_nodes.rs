@@ -1,0 +1,399 @@
+//! Several nodes, one RBD target: three daemons (own mountpoints, state directories and
+//! runtime directories; one configuration but `node` and `state_dir`) serve one target in
+//! a namespace of the test cluster, as three Cinder backup hosts would.
+
+mod common;
+
+use common::ceph::{self, CephCluster, POOL};
+use common::*;
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const LEASE: u64 = 3;
+const NODES: [&str; 3] = ["a", "b", "c"];
+
+fn namespace(cluster: &CephCluster, name: &str) -> String {
+    cluster.rbd(&["namespace", "create", "--pool", POOL, "--namespace", name]);
+    format!("{POOL}/{name}")
+}
+
+fn split(spec: &str) -> (&str, &str) {
+    spec.split_once('/').unwrap_or((spec, ""))
+}
+
+fn images(cluster: &CephCluster, spec: &str) -> Vec<String> {
+    let (pool, namespace) = split(spec);
+    let out = cluster.rbd(&["ls", "--pool", pool, "--namespace", namespace]);
+    let mut names: Vec<String> = out.lines().map(str::to_string).collect();
+    names.sort();
+    names
+}
+
+fn snapshots(cluster: &CephCluster, spec: &str, image: &str) -> Vec<String> {
+    let out = cluster.rbd(&["snap", "ls", "--format", "json", &format!("{spec}/{image}")]);
+    let list: serde_json::Value = serde_json::from_str(&out).expect("rbd snap ls is JSON");
+    list.as_array()
+        .map(|s| {
+            s.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn head(cluster: &CephCluster, spec: &str, image: &str) -> String {
+    cluster
+        .rbd(&[
+            "image-meta",
+            "get",
+            &format!("{spec}/{image}"),
+            "backupfs.head",
+        ])
+        .trim()
+        .to_string()
+}
+
+fn objects(cluster: &CephCluster, spec: &str) -> Vec<String> {
+    let (pool, namespace) = split(spec);
+    let out = ceph::run(
+        &cluster.conf,
+        60,
+        "rados",
+        &["ls", "--pool", pool, "--namespace", namespace],
+    );
+    let mut names: Vec<String> = out.lines().map(str::to_string).collect();
+    names.sort();
+    names
+}
+
+/// Every record in the pool, as RADOS holds it: id → status.
+fn statuses(cluster: &CephCluster, spec: &str) -> HashMap<String, String> {
+    let (pool, namespace) = split(spec);
+    objects(cluster, spec)
+        .iter()
+        .filter_map(|name| name.strip_prefix("backupfs.record."))
+        .map(|id| {
+            let text = ceph::run(
+                &cluster.conf,
+                60,
+                "rados",
+                &[
+                    "get",
+                    "--pool",
+                    pool,
+                    "--namespace",
+                    namespace,
+                    &format!("backupfs.record.{id}"),
+                    "/dev/stdout",
+                ],
+            );
+            let record: serde_json::Value = serde_json::from_str(&text).expect("a record");
+            (
+                id.to_string(),
+                record["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// What the target's namespace holds that no available record owns (series images,
+/// snapshots, catalogue and coordination objects), once every node has stopped: must be
+/// nothing. The records of failed backups stay (the operator's to remove), their data not.
+fn unowned(cluster: &CephCluster, spec: &str) -> Vec<String> {
+    let statuses = statuses(cluster, spec);
+    let available = |id: &str| statuses.get(id).is_some_and(|s| s == "available");
+    let mut found = Vec::new();
+    for image in images(cluster, spec) {
+        let mut held = 0;
+        for snapshot in snapshots(cluster, spec, &image) {
+            match snapshot.strip_prefix("backup-") {
+                Some(id) if available(id) => held += 1,
+                _ => found.push(format!("{image}@{snapshot}")),
+            }
+        }
+        if held == 0 && !available(&head(cluster, spec, &image)) {
+            found.push(format!("image {image}"));
+        }
+    }
+    for object in objects(cluster, spec) {
+        let owned = if let Some(id) = object.strip_prefix("backupfs.record.") {
+            statuses.contains_key(id) && statuses[id] != "creating"
+        } else if let Some(id) = object.strip_prefix("backupfs.sums.") {
+            available(id)
+        } else if let Some(id) = object.strip_prefix("backupfs.end.") {
+            statuses.contains_key(id)
+        } else {
+            // (A killed node's heartbeat stays: the node may come back.)
+            object == "backupfs.target"
+                || object == "backupfs.lock"
+                || object == "backupfs.node.a"
+                || object.starts_with("rbd_")
+        };
+        if !owned {
+            found.push(format!("object {object}"));
+        }
+    }
+    found
+}
+
+#[track_caller]
+fn within(limit: Duration, mut cond: impl FnMut() -> bool, what: &str) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
+/// Writes random bytes at `offset` of image `spec/image` in place, as a VM would:
+/// `rbd import-diff` of a diff in format v1 (doc/dev/rbd-diff.rst) of one write.
+fn rbd_write(sb: &Sandbox, cluster: &CephCluster, spec: &str, image: &str, offset: u64, len: u64) {
+    let size = cluster.rbd(&["info", "--format", "json", &format!("{spec}/{image}")]);
+    let size: serde_json::Value = serde_json::from_str(&size).expect("rbd info is JSON");
+    let size = size["size"].as_u64().expect("rbd info names the size");
+    let random = sb.path(&format!("{image}-{offset}.data"));
+    ok(&format!(
+        "head -c {len} /dev/urandom > '{}'",
+        random.display()
+    ));
+    let data = std::fs::read(&random).unwrap();
+    let mut diff = b"rbd diff v1\n".to_vec();
+    diff.push(b's');
+    diff.extend_from_slice(&size.to_le_bytes());
+    diff.push(b'w');
+    diff.extend_from_slice(&offset.to_le_bytes());
+    diff.extend_from_slice(&len.to_le_bytes());
+    diff.extend_from_slice(&data);
+    diff.push(b'e');
+    let file = sb.path(&format!("{image}-{offset}.diff"));
+    std::fs::write(&file, diff).unwrap();
+    cluster.rbd(&[
+        "import-diff",
+        "--no-progress",
+        &file.to_string_lossy(),
+        &format!("{spec}/{image}"),
+    ]);
+}
+
+fn listed(d: &Daemon, id: &str) -> bool {
+    std::fs::read_dir(d.target("rbd"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy() == format!("{id}.img"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
+    let cluster = ceph::cluster();
+    let sb = Sandbox::new("rbd-nodes");
+    let volumes = namespace(&cluster, "nodes-volumes");
+    let backups = namespace(&cluster, "nodes-backups");
+    let client = cluster.client("cinder");
+    let v1 = sb.path("v1.raw");
+    ok(&format!("head -c 16M /dev/urandom > '{}'", v1.display()));
+    cluster.import(&volumes, "volume-v1", &v1);
+    let v2 = sb.path("v2.raw");
+    ok(&format!("head -c 4M /dev/urandom > '{}'", v2.display()));
+    cluster.import(&volumes, "volume-v2", &v2);
+    let release = sb.path("release");
+    release_jobs(&release);
+    // All three start at the same moment on an empty target namespace; a holds its jobs
+    // at `finishing` whenever the release file is gone.
+    let mut starting = Vec::new();
+    for node in NODES {
+        let state = sb.mkdir(&format!("state-{node}"));
+        let config = sb.path(&format!("{node}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{}\"\nnode = \"{node}\"\nlease_seconds = {LEASE}\n\
+                 [backends.ceph]\ndriver = \"rbd\"\nceph_conf = \"{}\"\nclient = \"{}\"\ntimeout = 5\n\
+                 pools = {{ volumes = \"{volumes}\", backups = \"{backups}\" }}\n\
+                 [targets.rbd]\nbackend = \"ceph\"\npool = \"backups\"\n",
+                state.display(),
+                client.conf.display(),
+                client.name,
+            ),
+        )
+        .unwrap();
+        let mnt = sb.mkdir(&format!("mnt-{node}"));
+        let run = sb.path(&format!("run-{node}"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_backupfs"));
+        command
+            .arg("mount")
+            .arg(&mnt)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("BACKUPFS_TEST_PAUSE")
+            .env_remove("BACKUPFS_TEST_RELEASE")
+            .env("RUNTIME_DIRECTORY", &run);
+        if node == "a" {
+            command.envs(pause_env("finishing", &release));
+        }
+        let log = sb.path(&format!("{node}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        starting.push(Daemon {
+            child,
+            mnt,
+            log,
+            runtime_dir: run,
+        });
+    }
+    for d in &mut starting {
+        within(
+            Duration::from_secs(60),
+            || {
+                if let Ok(Some(status)) = d.child.try_wait() {
+                    panic!("backupfs exited ({status}); log:\n{}", d.log());
+                }
+                d.log().contains("backupfs mounted") && std::fs::read_dir(d.target("rbd")).is_ok()
+            },
+            "every node to mount",
+        );
+    }
+    let mut daemons = starting.into_iter();
+    let (a, b, c) = (
+        daemons.next().unwrap(),
+        daemons.next().unwrap(),
+        daemons.next().unwrap(),
+    );
+    assert!(objects(&cluster, &backups).contains(&"backupfs.target".to_string()));
+
+    // Made on a, listed on b and c within 5 s, read byte-exact on c, restored by b.
+    let v1_sum = sha256(&v1);
+    let full = a.backup("rbd", "v1");
+    assert_eq!(a.wait_job("rbd", &full), "available", "{}", a.log());
+    let seen = within(
+        Duration::from_secs(5),
+        || listed(&b, &full) && listed(&c, &full),
+        "b and c to list a's backup",
+    );
+    eprintln!("listed on the other nodes after {seen:?}");
+    assert_eq!(sha256(&c.image("rbd", &full)), v1_sum);
+    assert_eq!(b.record("rbd", &full)["node"], "a");
+    ok(&format!(
+        "cp --sparse=always '{}' '{}'",
+        b.image("rbd", &full).display(),
+        b.volume("ceph", "r1").display()
+    ));
+    assert_eq!(cluster.export_sha256(&volumes, "volume-r1"), v1_sum);
+
+    // An incremental on b continues the series a began.
+    rbd_write(&sb, &cluster, &volumes, "volume-v1", 3 << 20, 2 << 20);
+    let v1_sum = cluster.export_sha256(&volumes, "volume-v1");
+    let incremental = b.backup("rbd", "v1 incremental");
+    assert_eq!(b.wait_job("rbd", &incremental), "available", "{}", b.log());
+    let record = c.record("rbd", &incremental);
+    assert_eq!(record["parent_id"], full.as_str(), "{record}");
+    assert_eq!(record["node"], "b");
+    let series = format!("backupfs-series-{full}");
+    assert_eq!(images(&cluster, &backups), std::slice::from_ref(&series));
+    within(
+        Duration::from_secs(5),
+        || listed(&a, &incremental),
+        "a to list b's backup",
+    );
+    assert_eq!(sha256(&a.image("rbd", &incremental)), v1_sum);
+    let other = c.backup("rbd", "v2");
+    assert_eq!(c.wait_job("rbd", &other), "available", "{}", c.log());
+
+    // a makes the next incremental into the series and holds it, its changes written
+    // into the head: the volume is EBUSY on the other nodes; the oldest backup of the
+    // series is deleted on c meanwhile (gone everywhere within 5 s), its parent is not.
+    std::fs::remove_file(&release).unwrap();
+    rbd_write(&sb, &cluster, &volumes, "volume-v1", 9 << 20, 1 << 20);
+    let held = a.backup("rbd", "v1 incremental");
+    a.wait_state("rbd", &held, "finishing");
+    assert_eq!(head(&cluster, &backups, &series), held);
+    assert_eq!(b.request("rbd", "v1"), Some(libc::EBUSY), "{}", b.log());
+    assert_eq!(c.request("rbd", "v1 incremental"), Some(libc::EBUSY));
+    std::fs::remove_file(c.image("rbd", &full)).unwrap();
+    within(
+        Duration::from_secs(5),
+        || !listed(&a, &full) && !listed(&b, &full),
+        "the deletion to show everywhere",
+    );
+    assert_eq!(
+        errno_of(std::fs::remove_file(c.image("rbd", &incremental))),
+        Some(libc::EBUSY),
+        "the parent of a backup in progress: {}",
+        c.log()
+    );
+    assert!(!snapshots(&cluster, &backups, &series).contains(&format!("backup-{full}")));
+    assert_eq!(
+        head(&cluster, &backups, &series),
+        held,
+        "a's head untouched"
+    );
+
+    // a is killed mid-backup: once its lease lapses another node records the backup
+    // `error`, rolls the head back and removes its source snapshot.
+    a.kill9();
+    let took = within(
+        Duration::from_secs(120),
+        || statuses(&cluster, &backups).get(&held).map(String::as_str) == Some("error"),
+        "another node to take a's backup over",
+    );
+    eprintln!("taken over {took:?} after the kill (lease {LEASE} s)");
+    let record = b.record("rbd", &held);
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(error.contains("node a stopped renewing"), "{record}");
+    assert_eq!(
+        head(&cluster, &backups, &series),
+        incremental,
+        "rolled back"
+    );
+    assert!(
+        !objects(&cluster, &backups).iter().any(|o| o.contains(&held)
+            && !o.starts_with("backupfs.record.")
+            && !o.starts_with("backupfs.end."))
+            && !objects(&cluster, &backups)
+                .iter()
+                .any(|o| o.starts_with("backupfs.claim.")),
+        "{:?}",
+        objects(&cluster, &backups)
+    );
+    let source: Vec<String> = ["volume-v1", "volume-v2"]
+        .iter()
+        .flat_map(|v| snapshots(&cluster, &volumes, v))
+        .filter(|s| s.contains(&held))
+        .collect();
+    assert_eq!(
+        source,
+        Vec::<String>::new(),
+        "the source snapshot of a's job"
+    );
+
+    // The volume is free again: the next incremental builds on the newest available
+    // backup, whichever node made it.
+    let v1_sum = cluster.export_sha256(&volumes, "volume-v1");
+    let again = c.backup("rbd", "v1 incremental");
+    assert_eq!(c.wait_job("rbd", &again), "available", "{}", c.log());
+    assert_eq!(c.record("rbd", &again)["parent_id"], incremental.as_str());
+    assert_eq!(sha256(&b.image("rbd", &again)), v1_sum);
+
+    // Every available backup verifies, on any node.
+    for id in [&incremental, &other, &again] {
+        assert_eq!(
+            write_errno(&b.target("rbd").join("verify"), id.as_bytes()),
+            None,
+            "{}",
+            b.log()
+        );
+        assert!(b.record("rbd", id)["verified_at"].is_string(), "{id}");
+    }
+    b.stop_clean();
+    c.stop_clean();
+    assert_eq!(unowned(&cluster, &backups), Vec::<String>::new());
+}
