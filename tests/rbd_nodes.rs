@@ -7,6 +7,7 @@ mod common;
 use common::ceph::{self, CephCluster, POOL};
 use common::*;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,16 @@ const NODES: [&str; 3] = ["a", "b", "c"];
 fn namespace(cluster: &CephCluster, name: &str) -> String {
     cluster.rbd(&["namespace", "create", "--pool", POOL, "--namespace", name]);
     format!("{POOL}/{name}")
+}
+
+/// `rbd import` of a file as image `name` in `spec` (`pool/namespace`).
+fn import(cluster: &CephCluster, spec: &str, name: &str, file: &std::path::Path) {
+    cluster.rbd(&[
+        "import",
+        "--no-progress",
+        &file.to_string_lossy(),
+        &format!("{spec}/{name}"),
+    ]);
 }
 
 fn split(spec: &str) -> (&str, &str) {
@@ -177,6 +188,23 @@ fn rbd_write(sb: &Sandbox, cluster: &CephCluster, spec: &str, image: &str, offse
     ]);
 }
 
+/// `backupfs mount` as `node` (configuration `<node>.toml`): the command, the mountpoint,
+/// the runtime directory.
+fn mount_command(sb: &Sandbox, node: &str) -> (Command, PathBuf, PathBuf) {
+    let mnt = sb.path(&format!("mnt-{node}"));
+    let run = sb.path(&format!("run-{node}"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_backupfs"));
+    command
+        .arg("mount")
+        .arg(&mnt)
+        .arg("--config")
+        .arg(sb.path(&format!("{node}.toml")))
+        .env_remove("BACKUPFS_TEST_PAUSE")
+        .env_remove("BACKUPFS_TEST_RELEASE")
+        .env("RUNTIME_DIRECTORY", &run);
+    (command, mnt, run)
+}
+
 fn listed(d: &Daemon, id: &str) -> bool {
     std::fs::read_dir(d.target("rbd"))
         .map(|entries| {
@@ -190,26 +218,22 @@ fn listed(d: &Daemon, id: &str) -> bool {
 #[test]
 fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     let cluster = ceph::cluster();
-    let sb = Sandbox::new("rbd-nodes");
+    let mut sb = Sandbox::new("rbd-nodes");
     let volumes = namespace(&cluster, "nodes-volumes");
     let backups = namespace(&cluster, "nodes-backups");
     let client = cluster.client("cinder");
     let v1 = sb.path("v1.raw");
     ok(&format!("head -c 16M /dev/urandom > '{}'", v1.display()));
-    cluster.import(&volumes, "volume-v1", &v1);
+    import(&cluster, &volumes, "volume-v1", &v1);
     let v2 = sb.path("v2.raw");
     ok(&format!("head -c 4M /dev/urandom > '{}'", v2.display()));
-    cluster.import(&volumes, "volume-v2", &v2);
-    let release = sb.path("release");
-    release_jobs(&release);
-    // All three start at the same moment on an empty target namespace; a holds its jobs
-    // at `finishing` whenever the release file is gone.
+    import(&cluster, &volumes, "volume-v2", &v2);
+    // All three start at the same moment on an empty target namespace.
     let mut starting = Vec::new();
     for node in NODES {
         let state = sb.mkdir(&format!("state-{node}"));
-        let config = sb.path(&format!("{node}.toml"));
         std::fs::write(
-            &config,
+            sb.path(&format!("{node}.toml")),
             format!(
                 "state_dir = \"{}\"\nnode = \"{node}\"\nlease_seconds = {LEASE}\n\
                  [backends.ceph]\ndriver = \"rbd\"\nceph_conf = \"{}\"\nclient = \"{}\"\ntimeout = 5\n\
@@ -221,20 +245,8 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
             ),
         )
         .unwrap();
-        let mnt = sb.mkdir(&format!("mnt-{node}"));
-        let run = sb.path(&format!("run-{node}"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_backupfs"));
-        command
-            .arg("mount")
-            .arg(&mnt)
-            .arg("--config")
-            .arg(&config)
-            .env_remove("BACKUPFS_TEST_PAUSE")
-            .env_remove("BACKUPFS_TEST_RELEASE")
-            .env("RUNTIME_DIRECTORY", &run);
-        if node == "a" {
-            command.envs(pause_env("finishing", &release));
-        }
+        let (mut command, mnt, run) = mount_command(&sb, node);
+        std::fs::create_dir_all(&mnt).unwrap();
         let log = sb.path(&format!("{node}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = command
@@ -308,13 +320,27 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     let other = c.backup("rbd", "v2");
     assert_eq!(c.wait_job("rbd", &other), "available", "{}", c.log());
 
-    // a makes the next incremental into the series and holds it, its changes written
-    // into the head: the volume is EBUSY on the other nodes; the oldest backup of the
-    // series is deleted on c meanwhile (gone everywhere within 5 s), its parent is not.
-    std::fs::remove_file(&release).unwrap();
-    rbd_write(&sb, &cluster, &volumes, "volume-v1", 9 << 20, 1 << 20);
+    // a comes back slowed down (1 MB/s) and makes the next incremental into the series:
+    // caught mid-copy (the head open for writing, its exclusive lock held), the volume
+    // is EBUSY on the other nodes; the oldest backup of the series is deleted on c
+    // meanwhile (gone everywhere within 5 s, a left writing), its parent is not.
+    a.stop_clean();
+    let text = std::fs::read_to_string(sb.path("a.toml")).unwrap();
+    std::fs::write(
+        sb.path("a.toml"),
+        format!("copy_bps_limit = 1000000\n{text}"),
+    )
+    .unwrap();
+    let (command, mnt, run) = mount_command(&sb, "a");
+    let a = sb.start_daemon_command(command, &mnt, &run);
+    rbd_write(&sb, &cluster, &volumes, "volume-v1", 2 << 20, 12 << 20);
     let held = a.backup("rbd", "v1 incremental");
-    a.wait_state("rbd", &held, "finishing");
+    let copying = || {
+        a.jobs("rbd")
+            .lines()
+            .any(|l| l.starts_with(&held) && l.contains(" copying ") && !l.contains(" 0/"))
+    };
+    within(Duration::from_secs(30), copying, "a's copy to start");
     assert_eq!(head(&cluster, &backups, &series), held);
     assert_eq!(b.request("rbd", "v1"), Some(libc::EBUSY), "{}", b.log());
     assert_eq!(c.request("rbd", "v1 incremental"), Some(libc::EBUSY));
@@ -336,6 +362,7 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
         held,
         "a's head untouched"
     );
+    assert!(copying(), "a still writes: {}", a.jobs("rbd"));
 
     // a is killed mid-backup: once its lease lapses another node records the backup
     // `error`, rolls the head back and removes its source snapshot.
@@ -353,6 +380,15 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
         head(&cluster, &backups, &series),
         incremental,
         "rolled back"
+    );
+    // a's client still held the head's exclusive lock: the taker broke it (which
+    // blocklists a), and only then rolled the head back.
+    assert!(
+        b.log().contains("breaking the exclusive lock")
+            || c.log().contains("breaking the exclusive lock"),
+        "{}\n{}",
+        b.log(),
+        c.log()
     );
     assert!(
         !objects(&cluster, &backups).iter().any(|o| o.contains(&held)
