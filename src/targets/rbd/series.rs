@@ -77,8 +77,9 @@ impl RbdTarget {
         let settled = match BackupId::parse(&head) {
             Ok(id) => match self.catalogue.record(&id) {
                 Ok(record) => record.status != super::super::record::Status::Creating,
-                // No record owns what the head holds: nothing to keep.
-                Err(TargetError::NotFound(_)) => false,
+                // Data without a record (written through this type alone, or a record
+                // removed by hand): as before nodes, its snapshot keeps it.
+                Err(TargetError::NotFound(_)) => true,
                 Err(e) => return Err(e),
             },
             Err(_) => false,
