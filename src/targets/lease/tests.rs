@@ -172,4 +172,7 @@ fn node_names_are_host_names() {
     assert!(is_coordination("backupfs.claim.files.v1"));
     assert!(is_coordination(".backupfs.node.a.1234.tmp"));
     assert!(!is_coordination("backup-x.json"));
+    // An RBD target's lock object of earlier versions is not a record lock.
+    assert!(!is_coordination("backupfs.lock"));
+    assert!(is_coordination("backupfs.lock.backupfs-series-x"));
 }

@@ -90,14 +90,14 @@ pub const RADOS_NAMES: Names = Names {
 
 impl RbdCatalogue {
     fn locked_out(&self) -> TargetError {
-        TargetError::ServedAlone {
+        TargetError::Locked {
             target: self.target.clone(),
             path: PathBuf::from(format!("{}/{LOCK_OBJECT}", self.io.location())),
         }
     }
 
     /// Our shared hold of the target's lock is still renewed: no daemon of an earlier
-    /// version (which would serve the target alone) can have taken it.
+    /// version (which would serve the target alone) can have taken it meanwhile.
     fn check_lock(&self) -> Result<()> {
         if self.lock.is_held() {
             Ok(())
