@@ -127,7 +127,20 @@ fn unowned(cluster: &CephCluster, spec: &str) -> Vec<String> {
             found.push(format!("image {image}"));
         }
     }
+    // Data objects of an image that is gone (a fenced writer's late writes) are data too.
+    let prefixes: Vec<String> = images(cluster, spec)
+        .iter()
+        .map(|image| {
+            let info = cluster.rbd(&["info", "--format", "json", &format!("{spec}/{image}")]);
+            let info: serde_json::Value = serde_json::from_str(&info).expect("rbd info is JSON");
+            format!("{}.", info["block_name_prefix"].as_str().unwrap())
+        })
+        .collect();
     for object in objects(cluster, spec) {
+        if object.starts_with("rbd_data.") && !prefixes.iter().any(|p| object.starts_with(p)) {
+            found.push(format!("object {object}"));
+            continue;
+        }
         let owned = if let Some(id) = object.strip_prefix("backupfs.record.") {
             statuses.contains_key(id) && statuses[id] != "creating"
         } else if let Some(id) = object.strip_prefix("backupfs.sums.") {
@@ -188,6 +201,27 @@ fn rbd_write(sb: &Sandbox, cluster: &CephCluster, spec: &str, image: &str, offse
     ]);
 }
 
+/// A configuration per node, `<node>.toml`: the same but `node` and `state_dir`.
+fn write_configs(sb: &Sandbox, cluster: &CephCluster, volumes: &str, backups: &str, extra: &str) {
+    let client = cluster.client("cinder");
+    for node in NODES {
+        let state = sb.mkdir(&format!("state-{node}"));
+        std::fs::write(
+            sb.path(&format!("{node}.toml")),
+            format!(
+                "state_dir = \"{}\"\nnode = \"{node}\"\nlease_seconds = {LEASE}\n{extra}\n\
+                 [backends.ceph]\ndriver = \"rbd\"\nceph_conf = \"{}\"\nclient = \"{}\"\ntimeout = 5\n\
+                 pools = {{ volumes = \"{volumes}\", backups = \"{backups}\" }}\n\
+                 [targets.rbd]\nbackend = \"ceph\"\npool = \"backups\"\n",
+                state.display(),
+                client.conf.display(),
+                client.name,
+            ),
+        )
+        .unwrap();
+    }
+}
+
 /// `backupfs mount` as `node` (configuration `<node>.toml`): the command, the mountpoint,
 /// the runtime directory.
 fn mount_command(sb: &Sandbox, node: &str) -> (Command, PathBuf, PathBuf) {
@@ -221,30 +255,16 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     let mut sb = Sandbox::new("rbd-nodes");
     let volumes = namespace(&cluster, "nodes-volumes");
     let backups = namespace(&cluster, "nodes-backups");
-    let client = cluster.client("cinder");
     let v1 = sb.path("v1.raw");
     ok(&format!("head -c 16M /dev/urandom > '{}'", v1.display()));
     import(&cluster, &volumes, "volume-v1", &v1);
     let v2 = sb.path("v2.raw");
     ok(&format!("head -c 4M /dev/urandom > '{}'", v2.display()));
     import(&cluster, &volumes, "volume-v2", &v2);
+    write_configs(&sb, &cluster, &volumes, &backups, "");
     // All three start at the same moment on an empty target namespace.
     let mut starting = Vec::new();
     for node in NODES {
-        let state = sb.mkdir(&format!("state-{node}"));
-        std::fs::write(
-            sb.path(&format!("{node}.toml")),
-            format!(
-                "state_dir = \"{}\"\nnode = \"{node}\"\nlease_seconds = {LEASE}\n\
-                 [backends.ceph]\ndriver = \"rbd\"\nceph_conf = \"{}\"\nclient = \"{}\"\ntimeout = 5\n\
-                 pools = {{ volumes = \"{volumes}\", backups = \"{backups}\" }}\n\
-                 [targets.rbd]\nbackend = \"ceph\"\npool = \"backups\"\n",
-                state.display(),
-                client.conf.display(),
-                client.name,
-            ),
-        )
-        .unwrap();
         let (mut command, mnt, run) = mount_command(&sb, node);
         std::fs::create_dir_all(&mnt).unwrap();
         let log = sb.path(&format!("{node}.log"));
@@ -431,5 +451,81 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     }
     b.stop_clean();
     c.stop_clean();
+    assert_eq!(unowned(&cluster, &backups), Vec::<String>::new());
+}
+
+#[test]
+fn a_node_paused_past_its_lease_is_fenced_by_a_broken_lock_and_writes_nothing_after() {
+    let cluster = ceph::cluster();
+    let mut sb = Sandbox::new("rbd-nodes-pause");
+    let volumes = namespace(&cluster, "pause-volumes");
+    let backups = namespace(&cluster, "pause-backups");
+    let v1 = sb.path("v1.raw");
+    ok(&format!("head -c 12M /dev/urandom > '{}'", v1.display()));
+    import(&cluster, &volumes, "volume-v1", &v1);
+    // a copies at 1 MB/s: caught mid-copy, its new series image open for writing.
+    write_configs(&sb, &cluster, &volumes, &backups, "");
+    let text = std::fs::read_to_string(sb.path("a.toml")).unwrap();
+    std::fs::write(
+        sb.path("a.toml"),
+        format!("copy_bps_limit = 1000000\n{text}"),
+    )
+    .unwrap();
+    let (command, mnt, run) = mount_command(&sb, "a");
+    let a = sb.start_daemon_command(command, &mnt, &run);
+    let (command, mnt, run) = mount_command(&sb, "b");
+    let b = sb.start_daemon_command(command, &mnt, &run);
+    let id = a.backup("rbd", "v1");
+    within(
+        Duration::from_secs(30),
+        || {
+            a.jobs("rbd")
+                .lines()
+                .any(|l| l.starts_with(&id) && l.contains(" copying ") && !l.contains(" 0/"))
+        },
+        "a's copy to start",
+    );
+    let series = format!("backupfs-series-{id}");
+    assert_eq!(images(&cluster, &backups), std::slice::from_ref(&series));
+    a.stop_all_threads();
+    let took = within(
+        Duration::from_secs(120),
+        || statuses(&cluster, &backups).get(&id).map(String::as_str) == Some("error"),
+        "b to take the paused node's backup over",
+    );
+    eprintln!("taken over {took:?} after the pause (lease {LEASE} s)");
+    assert!(
+        b.log().contains("breaking the exclusive lock"),
+        "{}",
+        b.log()
+    );
+    assert_eq!(images(&cluster, &backups), Vec::<String>::new());
+    // Resumed: a's client is blocklisted, so nothing it still sends lands; its job ends
+    // `error`, and the image b removed stays gone.
+    a.signal(libc::SIGCONT);
+    assert_eq!(a.wait_job("rbd", &id), "error", "{}", a.log());
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        images(&cluster, &backups),
+        Vec::<String>::new(),
+        "{}",
+        a.log()
+    );
+    assert_eq!(statuses(&cluster, &backups)[&id], "error");
+    let record = b.record("rbd", &id);
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("node a stopped renewing"),
+        "{record}"
+    );
+    // The volume is free again, on the other node.
+    let again = b.backup("rbd", "v1");
+    assert_eq!(b.wait_job("rbd", &again), "available", "{}", b.log());
+    assert_eq!(sha256(&b.image("rbd", &again)), sha256(&v1));
+    // A fenced node's client stays blocklisted: it is restarted (here: killed).
+    a.kill9();
+    b.stop_clean();
     assert_eq!(unowned(&cluster, &backups), Vec::<String>::new());
 }
