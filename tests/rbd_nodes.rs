@@ -4,6 +4,10 @@
 
 mod common;
 
+use backupfs::ids::BackupId;
+use backupfs::targets::BackupTarget;
+use backupfs::targets::rbd::RbdTarget;
+use backupfs::volume::rbd::{PoolSpec, Timeouts, connection};
 use common::ceph::{self, CephCluster, POOL};
 use common::*;
 use std::collections::HashMap;
@@ -384,6 +388,11 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     );
     assert!(copying(), "a still writes: {}", a.jobs("rbd"));
 
+    let temporary = snapshots(&cluster, &volumes, "volume-v1");
+    assert!(
+        temporary.iter().any(|s| s.contains(&held)),
+        "a's job reads a snapshot of the source: {temporary:?}"
+    );
     // a is killed mid-backup: once its lease lapses another node records the backup
     // `error`, rolls the head back and removes its source snapshot.
     a.kill9();
@@ -528,4 +537,80 @@ fn a_node_paused_past_its_lease_is_fenced_by_a_broken_lock_and_writes_nothing_af
     a.kill9();
     b.stop_clean();
     assert_eq!(unowned(&cluster, &backups), Vec::<String>::new());
+}
+
+/// A deterministic pattern: `len` bytes from `seed`.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut lcg = Lcg(seed);
+    (0..len).map(|_| lcg.next() as u8).collect()
+}
+
+fn read_all(target: &RbdTarget, id: &BackupId, size: usize) -> Vec<u8> {
+    let attachment = target.open_data(id).unwrap();
+    let mut buf = vec![0u8; size];
+    attachment.device.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+#[test]
+fn a_series_head_deleted_on_one_node_while_another_continues_the_series_keeps_both_right() {
+    let cluster = ceph::cluster();
+    let spec_text = namespace(&cluster, "nodes-series");
+    let client = cluster.client("cinder");
+    let timeouts = Timeouts {
+        connect: Duration::from_secs(30),
+        mon_op: Duration::from_secs(30),
+        osd_op: Duration::from_secs(30),
+    };
+    let connection = connection::connect(&client.conf, &client.name, timeouts).unwrap();
+    let spec = PoolSpec::parse(&spec_text).unwrap();
+    let lease = Duration::from_secs(LEASE);
+    let one = RbdTarget::open("series", connection.clone(), &spec, "one", lease).unwrap();
+    let two = RbdTarget::open("series", connection.clone(), &spec, "two", lease).unwrap();
+    let size = 8 << 20;
+    let write = |target: &RbdTarget, id: &BackupId, base: Option<&BackupId>, data: &[u8], at| {
+        let new = target.create_data(id, size as u64, base).unwrap();
+        assert_eq!(new.shared, base.is_some());
+        new.attachment.device.write_at(data, at).unwrap();
+        new.attachment.device.flush().unwrap();
+        drop(new);
+        target.finish_data(id).unwrap();
+        target.settle_data(id).unwrap();
+    };
+    let mut old = vec![0u8; size];
+    old.copy_from_slice(&pattern(1, size));
+    let w = BackupId::new();
+    write(&one, &w, None, &old, 0);
+    let series = format!("backupfs-series-{w}");
+    // Each round: the series' newest backup X (the head) is deleted on node two while
+    // node one continues the series from the older W (the newest it still lists).
+    for round in 0..3u64 {
+        let x = BackupId::new();
+        write(&one, &x, Some(&w), &pattern(10 + round, 1 << 20), 1 << 20);
+        let y = BackupId::new();
+        let changed = pattern(20 + round, 64 << 10);
+        std::thread::scope(|s| {
+            s.spawn(|| two.remove_data(&x).unwrap());
+            s.spawn(|| write(&one, &y, Some(&w), &changed, 3 << 20));
+        });
+        let mut expected = old.clone();
+        expected[3 << 20..(3 << 20) + changed.len()].copy_from_slice(&changed);
+        assert!(read_all(&two, &y, size) == expected, "round {round}: Y");
+        assert!(read_all(&two, &w, size) == old, "round {round}: W");
+        assert!(two.open_data(&x).is_err(), "round {round}: X is gone");
+        assert_eq!(head(&cluster, &spec_text, &series), y.to_string());
+        // Y goes too (on node two): the head is W again for the next round.
+        two.remove_data(&y).unwrap();
+        assert_eq!(head(&cluster, &spec_text, &series), w.to_string());
+    }
+    assert_eq!(
+        snapshots(&cluster, &spec_text, &series),
+        [format!("backup-{w}")]
+    );
+    one.remove_data(&w).unwrap();
+    assert_eq!(images(&cluster, &spec_text), Vec::<String>::new());
+    drop((one, two));
+    drop(connection);
+    // librados must not outlive the cluster the harness stops at exit.
+    connection::disconnect_all();
 }
