@@ -142,14 +142,17 @@ pub fn read_marker(io: &IoCtx) -> std::result::Result<Option<Marker>, ClaimError
 /// our lock and the nodes' coordination objects (nodes that start at once on an empty
 /// pool write their heartbeats before one of them claims it). Writes nothing.
 pub fn inspect(io: &IoCtx, target: &str) -> std::result::Result<PoolState, ClaimError> {
-    if let Some(marker) = read_marker(io)? {
+    let claimed = |marker: Marker| {
         if marker.target != target {
             return Err(ClaimError::OtherTarget {
                 owner: marker.target,
                 created_at: marker.created_at,
             });
         }
-        return Ok(PoolState::Claimed(marker));
+        Ok(PoolState::Claimed(marker))
+    };
+    if let Some(marker) = read_marker(io)? {
+        return claimed(marker);
     }
     let mut found: Vec<String> = io
         .list_images()
@@ -158,6 +161,12 @@ pub fn inspect(io: &IoCtx, target: &str) -> std::result::Result<PoolState, Claim
         .map(|name| format!("image {name}"))
         .collect();
     let objects = io.list_objects("").map_err(claim_io)?;
+    // Claimed by another node between the two looks (nodes starting at once): read.
+    if objects.iter().any(|name| name == MARKER_OBJECT)
+        && let Some(marker) = read_marker(io)?
+    {
+        return claimed(marker);
+    }
     found.extend(
         objects
             .into_iter()

@@ -8,9 +8,10 @@ use super::*;
 
 impl RbdTarget {
     /// Runs `f` holding the series' lock: this daemon's first, then every node's (the
-    /// object `backupfs.lock.<image>`, see `lease::Coordinator::lock_record`). Only short
-    /// changes of metadata and snapshots run under it, never a copy: a lock object left
-    /// unchanged for a lease is broken by the others.
+    /// object `backupfs.lock.<image>`, see `lease::Coordinator::lock_record`), renewed
+    /// every `lease / 6` while `f` runs (a rollback of a big image takes long; a lock
+    /// object left unchanged for a lease is broken by the others). Changes of metadata,
+    /// snapshots and rollbacks run under it, never a copy.
     pub(super) fn with_series<T>(
         &self,
         image_name: &str,
@@ -23,7 +24,7 @@ impl RbdTarget {
             .or_default()
             .clone();
         let _local = local.lock();
-        let _remote = self
+        let remote = self
             .catalogue
             .coordinator
             .lock_record(image_name)
@@ -36,7 +37,27 @@ impl RbdTarget {
                 )),
                 source: std::io::Error::new(std::io::ErrorKind::ResourceBusy, e.to_string()),
             })?;
-        f()
+        // Renewed while held: a rollback of a big image outlasts a lease.
+        let every = self.catalogue.coordinator.lease() / 6;
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let renewer = s.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::park_timeout(every);
+                    if !done.load(std::sync::atomic::Ordering::SeqCst) && !remote.renew() {
+                        tracing::error!(
+                            backup_target = self.name,
+                            "{image_name}: another node broke this node's hold of the series' lock"
+                        );
+                        return;
+                    }
+                }
+            });
+            let result = f();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            renewer.thread().unpark();
+            result
+        })
     }
 
     /// The series image holding a backup's data; one this daemon does not know (another
