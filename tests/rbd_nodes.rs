@@ -555,6 +555,7 @@ fn read_all(target: &RbdTarget, id: &BackupId, size: usize) -> Vec<u8> {
 #[test]
 fn a_series_head_deleted_on_one_node_while_another_continues_the_series_keeps_both_right() {
     let cluster = ceph::cluster();
+    let sb = Sandbox::new("rbd-nodes-series");
     let spec_text = namespace(&cluster, "nodes-series");
     let client = cluster.client("cinder");
     let timeouts = Timeouts {
@@ -582,6 +583,37 @@ fn a_series_head_deleted_on_one_node_while_another_continues_the_series_keeps_bo
     let w = BackupId::new();
     write(&one, &w, None, &old, 0);
     let series = format!("backupfs-series-{w}");
+    // The series' lock is every node's: while another node holds it (its object planted
+    // here), a removal waits; it goes on once the object goes.
+    let doomed = BackupId::new();
+    write(&one, &doomed, Some(&w), &pattern(5, 4096), 0);
+    let (pool, ns) = split(&spec_text);
+    let lock_object = format!("backupfs.lock.{series}");
+    let holder = sb.path("holder.json");
+    std::fs::write(
+        &holder,
+        "{\"node\":\"elsewhere\",\"holder\":\"other-boot.1.1.x\",\"beat\":1}\n",
+    )
+    .unwrap();
+    let rados = |args: &[&str]| {
+        let mut all = vec!["--pool", pool, "--namespace", ns];
+        all.extend_from_slice(args);
+        ceph::run(&cluster.conf, 60, "rados", &all)
+    };
+    rados(&["put", &lock_object, &holder.to_string_lossy()]);
+    std::thread::scope(|s| {
+        let removal = s.spawn(|| two.remove_data(&doomed).unwrap());
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            !removal.is_finished(),
+            "the removal waits for the series' lock"
+        );
+        assert!(snapshots(&cluster, &spec_text, &series).contains(&format!("backup-{doomed}")));
+        rados(&["rm", &lock_object]);
+        removal.join().unwrap();
+    });
+    assert!(!snapshots(&cluster, &spec_text, &series).contains(&format!("backup-{doomed}")));
+    assert_eq!(head(&cluster, &spec_text, &series), w.to_string());
     // Each round: the series' newest backup X (the head) is deleted on node two while
     // node one continues the series from the older W (the newest it still lists).
     for round in 0..3u64 {
