@@ -28,14 +28,21 @@ impl RbdTarget {
             .catalogue
             .coordinator
             .lock_record(image_name)
-            .map_err(|e| TargetError::Io {
-                op: "lock the series",
-                path: PathBuf::from(format!(
-                    "rbd:{}/{}{image_name}",
-                    self.io.location(),
-                    super::super::lease::LOCK_PREFIX
-                )),
-                source: std::io::Error::new(std::io::ErrorKind::ResourceBusy, e.to_string()),
+            .map_err(|e| {
+                // (The errno is what the caller answers with: EBUSY for a busy lock.)
+                tracing::warn!(backup_target = self.name, "{image_name}: {e}");
+                TargetError::Io {
+                    op: "lock the series",
+                    path: PathBuf::from(format!(
+                        "rbd:{}/{}{image_name}",
+                        self.io.location(),
+                        super::super::lease::LOCK_PREFIX
+                    )),
+                    source: match e {
+                        LeaseError::Io { source, .. } => source,
+                        _ => std::io::Error::from_raw_os_error(libc::EBUSY),
+                    },
+                }
             })?;
         // Renewed while held: a rollback of a big image outlasts a lease.
         let every = self.catalogue.coordinator.lease() / 6;
