@@ -608,3 +608,28 @@ impl BackupTarget for RbdTarget {
         pool_free_space(&self.connection, &self.spec.pool).map_err(target_error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_old_lock_object_and_the_nodes_objects_are_ours_and_apart() {
+        for name in [
+            LOCK_OBJECT,
+            MARKER_OBJECT,
+            "backupfs.node.a",
+            "backupfs.claim.ceph.v1",
+            "backupfs.end.0c1e2f3a-aaaa-4bbb-8ccc-123456789abc",
+            "backupfs.lock.0c1e2f3a-aaaa-4bbb-8ccc-123456789abc",
+            "backupfs.lock.backupfs-series-0c1e2f3a-aaaa-4bbb-8ccc-123456789abc",
+        ] {
+            assert!(is_ours(name), "{name}");
+        }
+        assert!(!is_ours("backupfs.lockx"));
+        assert!(!is_ours("someones-object"));
+        // A listing of the record locks' prefix never sees the old lock object.
+        assert!(!LOCK_OBJECT.starts_with(super::super::lease::LOCK_PREFIX));
+        assert!(!super::super::lease::is_coordination(LOCK_OBJECT));
+    }
+}
