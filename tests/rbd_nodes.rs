@@ -533,8 +533,17 @@ fn a_node_paused_past_its_lease_is_fenced_by_a_broken_lock_and_writes_nothing_af
     let again = b.backup("rbd", "v1");
     assert_eq!(b.wait_job("rbd", &again), "available", "{}", b.log());
     assert_eq!(sha256(&b.image("rbd", &again)), sha256(&v1));
-    // A fenced node's client stays blocklisted: it is restarted (here: killed).
-    a.kill9();
+    // A fenced node's client stays blocklisted: it still stops cleanly, and, restarted
+    // (a new client), serves again at once.
+    a.stop_clean();
+    let (command, mnt, run) = mount_command(&sb, "a");
+    let a = sb.start_daemon_command(command, &mnt, &run);
+    within(
+        Duration::from_secs(5),
+        || listed(&a, &again),
+        "the restarted node to list b's backup",
+    );
+    a.stop_clean();
     b.stop_clean();
     assert_eq!(unowned(&cluster, &backups), Vec::<String>::new());
 }
