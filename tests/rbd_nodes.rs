@@ -448,8 +448,33 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     assert_eq!(c.record("rbd", &again)["parent_id"], incremental.as_str());
     assert_eq!(sha256(&b.image("rbd", &again)), v1_sum);
 
+    // The same volume asked of two nodes at the same moment: one backs it up, the other
+    // is EBUSY.
+    let answers: Vec<Option<i32>> = std::thread::scope(|s| {
+        let on_b = s.spawn(|| b.request("rbd", "v2 incremental"));
+        let on_c = s.spawn(|| c.request("rbd", "v2 incremental"));
+        vec![on_b.join().unwrap(), on_c.join().unwrap()]
+    });
+    assert!(
+        answers.contains(&None) && answers.contains(&Some(libc::EBUSY)),
+        "{answers:?}"
+    );
+    let winner = if answers[0].is_none() { &b } else { &c };
+    let v2_backup = winner
+        .jobs("rbd")
+        .lines()
+        .find(|l| !l.starts_with(&other) && l.contains("v2"))
+        .map(|l| l.split(' ').next().unwrap().to_string());
+    let v2_backup = v2_backup.unwrap_or_else(|| panic!("{}", winner.jobs("rbd")));
+    assert_eq!(winner.wait_job("rbd", &v2_backup), "available");
+    assert_eq!(
+        winner.record("rbd", &v2_backup)["parent_id"],
+        other.as_str(),
+        "c made the parent"
+    );
+
     // Every available backup verifies, on any node.
-    for id in [&incremental, &other, &again] {
+    for id in [&incremental, &other, &again, &v2_backup] {
         assert_eq!(
             write_errno(&b.target("rbd").join("verify"), id.as_bytes()),
             None,
