@@ -220,8 +220,14 @@ pub fn open(config: &Config) -> Result<Opened> {
                             .pool(&pool_target.backend, &pool_target.pool)
                             .map_err(invalid)?;
                         Arc::new(
-                            crate::targets::rbd::RbdTarget::open(name, connection, &spec)?
-                                .with_key(key),
+                            crate::targets::rbd::RbdTarget::open(
+                                name,
+                                connection,
+                                &spec,
+                                &config.node_name(),
+                                config.lease(),
+                            )?
+                            .with_key(key),
                         )
                     }
                     // Refused by the check: backups are files.

@@ -62,9 +62,10 @@ fn catalogue_objects(cluster: &CephCluster, spec: &str) -> Vec<String> {
         "rados",
         &["ls", "--pool", pool, "--namespace", namespace],
     );
+    // (Not the heartbeat of the node that runs: it goes when the daemon stops.)
     let mut names: Vec<String> = out
         .lines()
-        .filter(|n| n.starts_with("backupfs."))
+        .filter(|n| n.starts_with("backupfs.") && !n.starts_with("backupfs.node."))
         .map(str::to_string)
         .collect();
     names.sort();
@@ -798,12 +799,15 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
     };
     let connection = connection::connect(&client.conf, &client.name, timeouts).unwrap();
     let spec = PoolSpec::parse(&spec_text).unwrap();
-    let target = RbdTarget::open("series", connection.clone(), &spec).unwrap();
-    // One daemon per target: a second opener is refused while the first holds it.
-    assert!(matches!(
-        RbdTarget::open("series", connection.clone(), &spec),
-        Err(backupfs::targets::TargetError::Locked { .. })
-    ));
+    let lease = Duration::from_secs(30);
+    let target = RbdTarget::open("series", connection.clone(), &spec, "n1", lease).unwrap();
+    // Another node serves it alongside; a daemon of an earlier version (which held the
+    // lock `backupfs` on `backupfs.lock` exclusively, to serve it alone) is refused.
+    let second = RbdTarget::open("series", connection.clone(), &spec, "n2", lease).unwrap();
+    let io = spec.open(&connection).unwrap();
+    let old = io.lock_exclusive("backupfs.lock", "backupfs", "earlier", lease);
+    assert!(old.unwrap_err().is_busy());
+    drop(second);
 
     let size = 24 * MIB as usize;
     let mut volume = vec![0u8; size];
@@ -931,9 +935,23 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
     );
     assert_eq!(target.data_ids().unwrap(), Vec::<String>::new());
     drop(target);
-    // The lock went with it.
-    let again = RbdTarget::open("series", connection.clone(), &spec).unwrap();
+    // The lock went with it; a daemon of an earlier version that holds it now keeps
+    // this one out, with a message that says so.
+    let old = io
+        .lock_exclusive("backupfs.lock", "backupfs", "earlier", lease)
+        .unwrap();
+    let refused = RbdTarget::open("series", connection.clone(), &spec, "n1", lease)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(refused, backupfs::targets::TargetError::ServedAlone { .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("earlier version"), "{refused}");
+    drop(old);
+    let again = RbdTarget::open("series", connection.clone(), &spec, "n1", lease).unwrap();
     drop(again);
+    drop(io);
     drop(connection);
     // librados must not outlive the cluster the harness stops at exit.
     connection::disconnect_all();

@@ -569,6 +569,9 @@ impl Inner {
         size: u64,
         parent: Option<Record>,
     ) -> Result<(Attachment, Option<Record>)> {
+        // A node resumed after a pause past its lease makes no data another node has
+        // already cleaned up for it (an RBD series head it would write over).
+        self.still_holds(job)?;
         let Some(parent) = parent else {
             return Ok((
                 target.create_data(&job.backup_id, size, None)?.attachment,

@@ -125,7 +125,8 @@ impl Inner {
             "Available backups that a verify found damaged.",
         );
         for (name, target) in &self.targets {
-            let Ok(records) = target.records() else {
+            // (What a listing shows: a moment old where other nodes write the catalogue.)
+            let Ok(records) = target.listed_records() else {
                 continue;
             };
             let mut by_status: BTreeMap<&'static str, u64> = BTreeMap::new();

@@ -422,11 +422,11 @@ impl Engine {
     }
 
     pub fn records(&self, target: &str) -> Result<Vec<Record>> {
-        Ok(self.target(target)?.records()?)
+        Ok(self.target(target)?.listed_records()?)
     }
 
     pub fn record(&self, target: &str, backup_id: &BackupId) -> Result<Record> {
-        Ok(self.target(target)?.record(backup_id)?)
+        Ok(self.target(target)?.listed_record(backup_id)?)
     }
 
     /// An available backup's image, for reading; its blocks are checked against their

@@ -34,7 +34,9 @@ pub fn errno(e: &EngineError) -> Errno {
         EngineError::Volume(v) => volume(v),
         EngineError::Target(t) => match t {
             TargetError::NotFound(_) => Errno::ENOENT,
-            TargetError::Locked { .. } | TargetError::NodeTaken { .. } => Errno::EBUSY,
+            TargetError::Locked { .. }
+            | TargetError::NodeTaken { .. }
+            | TargetError::ServedAlone { .. } => Errno::EBUSY,
             TargetError::BadRecord { .. } | TargetError::Claim { .. } => Errno::EIO,
             TargetError::Volume(v) => volume(v),
             TargetError::Io { source, .. } => os(source),

@@ -42,6 +42,18 @@ pub trait Catalogue: Send + Sync {
     fn reload(&self, _backup_id: &BackupId) -> Result<()> {
         Ok(())
     }
+    /// [`Catalogue::records`] for a listing (`ls` of the mount): where other nodes write
+    /// the catalogue too, a catalogue may answer from what it read a moment ago (at most
+    /// a few seconds), so that a listing need not wait for the storage. Never for a
+    /// decision: those read [`Catalogue::records`].
+    fn listed_records(&self) -> Result<Vec<Record>> {
+        self.records()
+    }
+    /// [`Catalogue::record`] for a listing or a lookup (see `listed_records`); one not
+    /// known yet is read from the storage.
+    fn listed_record(&self, backup_id: &BackupId) -> Result<Record> {
+        self.record(backup_id)
+    }
     /// Replaces the record durably and atomically: a crash leaves the old or the new one.
     fn write_record(&self, record: &Record) -> Result<()>;
     fn remove_record(&self, backup_id: &BackupId) -> Result<()>;

@@ -45,6 +45,10 @@ pub enum TargetError {
         node: String,
         path: PathBuf,
     },
+    #[error(
+        "target {target} is served by a backupfs of an earlier version, which lets one daemon alone serve a target (it holds the lock {path}): stop it, then start backupfs of this version on every node that serves the target"
+    )]
+    ServedAlone { target: String, path: PathBuf },
     #[error("record {path}: {message}")]
     BadRecord { path: PathBuf, message: String },
     #[error("pool {path} {source}")]
@@ -153,6 +157,15 @@ pub trait BackupTarget: Send + Sync {
 
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
         self.catalogue().record(backup_id)
+    }
+
+    /// For a listing, a moment old at most (see `Catalogue::listed_records`).
+    fn listed_records(&self) -> Result<Vec<Record>> {
+        self.catalogue().listed_records()
+    }
+
+    fn listed_record(&self, backup_id: &BackupId) -> Result<Record> {
+        self.catalogue().listed_record(backup_id)
     }
 
     fn write_record(&self, record: &Record) -> Result<()> {

@@ -58,7 +58,7 @@ impl StoreRecords {
         PathBuf::from(format!("{}/{name}", self.store.describe()))
     }
 
-    fn io(&self, op: &'static str, name: &str, source: std::io::Error) -> TargetError {
+    pub(super) fn io(&self, op: &'static str, name: &str, source: std::io::Error) -> TargetError {
         TargetError::Io {
             op,
             path: self.path(name),
@@ -256,6 +256,9 @@ pub struct RecordCache {
     names: Names,
     entries:
         parking_lot::Mutex<std::collections::BTreeMap<String, std::result::Result<Record, String>>>,
+    /// Bumped by every change made through this cache: a [`RecordCache::reload`] that
+    /// began before one is not applied (it would bring back what was just changed).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl RecordCache {
@@ -263,6 +266,76 @@ impl RecordCache {
         RecordCache {
             names,
             entries: Default::default(),
+            generation: Default::default(),
+        }
+    }
+
+    fn changed(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Reads every record object again (where other nodes write records too): the cache
+    /// becomes what the store holds, unless a change went through the cache meanwhile
+    /// (false then; the next reload brings it). A record newly unreadable is logged.
+    /// Every readable record as read, oldest first, and whether the cache took them.
+    pub fn reload(&self, objects: &StoreRecords, target: &str) -> Result<(Vec<Record>, bool)> {
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+        let names = objects
+            .store
+            .list(self.names.record_prefix)
+            .map_err(|e| objects.io("list", "", e))?;
+        let mut fresh = std::collections::BTreeMap::new();
+        for name in names {
+            let Some(id) = self.names.record_id(&name) else {
+                continue;
+            };
+            let parsed = match objects.load(&name) {
+                Ok(record) => Ok(record),
+                Err(TargetError::NotFound(_)) => continue,
+                Err(TargetError::BadRecord { message, .. }) => Err(message),
+                Err(e) => return Err(e),
+            };
+            fresh.insert(id.to_string(), parsed);
+        }
+        let mut records: Vec<Record> = fresh
+            .values()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        sort(&mut records);
+        let mut entries = self.entries.lock();
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
+            return Ok((records, false));
+        }
+        for (id, parsed) in &fresh {
+            if let Err(message) = parsed
+                && !matches!(entries.get(id), Some(Err(known)) if known == message)
+            {
+                tracing::warn!(
+                    backup_target = target,
+                    "skipping unreadable record {}: {message}",
+                    self.names.record(id)
+                );
+            }
+        }
+        *entries = fresh;
+        Ok((records, true))
+    }
+
+    /// The record of `backup_id` as just read from the store (`NotFound`: it is gone).
+    pub fn update(&self, backup_id: &BackupId, read: &Result<Record>) {
+        let mut entries = self.entries.lock();
+        match read {
+            Ok(record) => {
+                entries.insert(backup_id.to_string(), Ok(record.clone()));
+            }
+            Err(TargetError::NotFound(_)) => {
+                entries.remove(backup_id.as_str());
+            }
+            Err(TargetError::BadRecord { message, .. }) => {
+                entries.insert(backup_id.to_string(), Err(message.clone()));
+            }
+            Err(_) => {}
         }
     }
 
@@ -320,12 +393,14 @@ impl RecordCache {
 
     /// The record as stored (see [`StoreRecords::write_record`]).
     pub fn insert(&self, record: Record) {
+        self.changed();
         self.entries
             .lock()
             .insert(record.id.to_string(), Ok(record));
     }
 
     pub fn remove(&self, backup_id: &BackupId) {
+        self.changed();
         self.entries.lock().remove(backup_id.as_str());
     }
 }
@@ -345,4 +420,106 @@ fn available_memory() -> u64 {
             kib.checked_mul(1024)
         })
         .unwrap_or(1 << 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::targets::store::MemStore;
+
+    const A: &str = "0c1e2f3a-aaaa-4bbb-8ccc-123456789abc";
+    const B: &str = "6b0c2f1e-1111-4222-8333-444455556666";
+    const NAMES: Names = Names {
+        record_prefix: "r.",
+        record_suffix: "",
+        sums_prefix: "s.",
+        sums_suffix: "",
+    };
+
+    fn record(id: &str) -> Record {
+        serde_json::from_value(serde_json::json!({
+            "format": 1, "id": id, "volume_id": "v", "backend": "b", "pool": "p",
+            "target": "t", "status": "available", "size": 1 << 20,
+            "created_at": "2026-01-01T00:00:00.000Z", "completed_at": null, "name": null,
+            "snapshot_used": false, "parent_id": null, "checksums": null, "error": null,
+        }))
+        .unwrap()
+    }
+
+    /// A store that runs `during_list` whenever it is listed.
+    struct Meddling {
+        inner: Arc<dyn crate::targets::store::ObjectStore>,
+        during_list: Box<dyn Fn() + Send + Sync>,
+    }
+
+    impl crate::targets::store::ObjectStore for Meddling {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn get(&self, name: &str, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
+            self.inner.get(name, cap)
+        }
+        fn put(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+            self.inner.put(name, bytes)
+        }
+        fn put_if_absent(&self, name: &str, bytes: &[u8]) -> std::io::Result<bool> {
+            self.inner.put_if_absent(name, bytes)
+        }
+        fn delete(&self, name: &str) -> std::io::Result<()> {
+            self.inner.delete(name)
+        }
+        fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+            (self.during_list)();
+            self.inner.list(prefix)
+        }
+    }
+
+    #[test]
+    fn a_reload_sees_other_writers_records_but_never_undoes_a_change_made_meanwhile() {
+        let store: Arc<dyn crate::targets::store::ObjectStore> = Arc::new(MemStore::default());
+        let objects = StoreRecords {
+            store: store.clone(),
+            names: NAMES,
+            key: None,
+        };
+        let cache = RecordCache::new(NAMES);
+        // Another node writes A: the reload lists it.
+        objects.write_record(&record(A)).unwrap();
+        assert!(cache.reload(&objects, "t").unwrap().1);
+        let ids = |cache: &RecordCache| -> Vec<String> {
+            cache.records().iter().map(|r| r.id.to_string()).collect()
+        };
+        assert_eq!(ids(&cache), [A]);
+        // Another node removes A and writes B: gone and there after the next reload.
+        objects.remove(&NAMES.record(A)).unwrap();
+        objects.write_record(&record(B)).unwrap();
+        assert!(cache.reload(&objects, "t").unwrap().1);
+        assert_eq!(ids(&cache), [B]);
+        // A change through the cache while a reload reads (here: as it lists) is not
+        // undone by what the reload read before it.
+        let cache = Arc::new(cache);
+        let meddling = Meddling {
+            inner: store.clone(),
+            during_list: {
+                let cache = cache.clone();
+                Box::new(move || cache.remove(&BackupId::parse(B).unwrap()))
+            },
+        };
+        let listing = StoreRecords {
+            store: Arc::new(meddling),
+            names: NAMES,
+            key: None,
+        };
+        let (read, kept) = cache.reload(&listing, "t").unwrap();
+        assert!(!kept);
+        assert_eq!(read.len(), 1, "what it read is still returned");
+        assert!(ids(&cache).is_empty(), "the removal made meanwhile stands");
+        assert!(cache.reload(&objects, "t").unwrap().1);
+        assert_eq!(ids(&cache), [B]);
+        // A record read fresh updates the cache; one found gone leaves it.
+        let b = BackupId::parse(B).unwrap();
+        objects.remove(&NAMES.record(B)).unwrap();
+        cache.update(&b, &objects.record(&b));
+        assert!(ids(&cache).is_empty());
+    }
 }

@@ -456,6 +456,19 @@ impl Coordinator {
         Ok(out)
     }
 
+    /// Whether no daemon but this one may be writing for a backup of `volume` of
+    /// `backend`: no claim on it, or this daemon's own (held, or taken over from a node
+    /// whose claim lapsed), or one a dead process of this machine left. What another client still writes for it then is a dead or
+    /// fenced node's, which may be cut off.
+    pub fn volume_is_ours_or_free(&self, backend: &str, volume: &str) -> io::Result<bool> {
+        let object = claim_object(backend, volume);
+        Ok(match self.store.get(&object, CAP)? {
+            None => true,
+            Some(bytes) => serde_json::from_slice::<Beat>(&bytes)
+                .is_ok_and(|beat| beat.holder == self.holder || holder_is_dead(&beat.holder)),
+        })
+    }
+
     /// The backups some node's backup in progress builds on.
     pub fn parents_in_use(&self) -> io::Result<HashSet<String>> {
         Ok(self
@@ -595,7 +608,7 @@ impl Coordinator {
                 return Ok(RecordLock {
                     coordinator: self,
                     object,
-                    bytes,
+                    bytes: Mutex::new(bytes),
                 });
             }
             let current = self
@@ -662,14 +675,38 @@ impl Drop for Coordinator {
 pub struct RecordLock<'a> {
     coordinator: &'a Coordinator,
     object: String,
-    bytes: Vec<u8>,
+    /// What the lock object holds while it is ours.
+    bytes: Mutex<Vec<u8>>,
+}
+
+impl RecordLock<'_> {
+    /// Rewrites the lock object with a new beat, so that nobody finds it unchanged for
+    /// a lease while it is held for long (call every `lease / 6`); false once it is no
+    /// longer ours (broken as stale).
+    pub fn renew(&self) -> bool {
+        let store = &self.coordinator.store;
+        let mut bytes = self.bytes.lock();
+        if store.get(&self.object, CAP).ok().flatten().as_ref() != Some(&*bytes) {
+            return false;
+        }
+        let Ok(mut beat) = serde_json::from_slice::<Beat>(&bytes) else {
+            return false;
+        };
+        beat.beat = beat.beat.wrapping_add(1);
+        let next = encode(&beat);
+        if store.rewrite(&self.object, &next).is_err() {
+            return true;
+        }
+        *bytes = next;
+        true
+    }
 }
 
 impl Drop for RecordLock<'_> {
     fn drop(&mut self) {
         // Only while it is still ours (a lock broken as stale may be another's by now).
         let store = &self.coordinator.store;
-        if store.get(&self.object, CAP).ok().flatten().as_ref() == Some(&self.bytes) {
+        if store.get(&self.object, CAP).ok().flatten().as_ref() == Some(&*self.bytes.lock()) {
             let _ = store.delete(&self.object);
         }
     }

@@ -172,4 +172,34 @@ fn node_names_are_host_names() {
     assert!(is_coordination("backupfs.claim.files.v1"));
     assert!(is_coordination(".backupfs.node.a.1234.tmp"));
     assert!(!is_coordination("backup-x.json"));
+    // An RBD target's lock object of earlier versions is not a record lock.
+    assert!(!is_coordination("backupfs.lock"));
+    assert!(is_coordination("backupfs.lock.backupfs-series-x"));
+}
+
+#[test]
+fn a_renewed_record_lock_changes_and_one_broken_meanwhile_is_left_to_its_new_holder() {
+    let store = store();
+    let a = Coordinator::join(store.clone(), "a", LEASE).unwrap();
+    let held = a.lock_record("backupfs-series-x").unwrap();
+    let before = store.get("backupfs.lock.backupfs-series-x", CAP).unwrap();
+    assert!(held.renew());
+    let after = store.get("backupfs.lock.backupfs-series-x", CAP).unwrap();
+    assert_ne!(
+        before, after,
+        "a renewal changes the object: nobody finds it stale"
+    );
+    // Broken as stale and taken by another node meanwhile: no longer renewed, not removed.
+    store
+        .put("backupfs.lock.backupfs-series-x", b"{\"other\":1}\n")
+        .unwrap();
+    assert!(!held.renew());
+    drop(held);
+    assert_eq!(
+        store
+            .get("backupfs.lock.backupfs-series-x", CAP)
+            .unwrap()
+            .as_deref(),
+        Some(&b"{\"other\":1}\n"[..])
+    );
 }

@@ -171,6 +171,16 @@ api! {
         *mut libc::timeval,
         u8,
     ) -> c_int;
+    rados fn rados_lock_shared(
+        IoctxHandle,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *mut libc::timeval,
+        u8,
+    ) -> c_int;
     rados fn rados_unlock(IoctxHandle, *const c_char, *const c_char, *const c_char) -> c_int;
     rados fn rados_list_lockers(
         IoctxHandle,

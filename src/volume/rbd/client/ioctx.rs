@@ -449,11 +449,39 @@ impl IoCtx {
         description: &str,
         duration: Duration,
     ) -> Result<ObjectLock> {
+        self.hold_lock(oid, lock_name, cookie, None, description, duration)
+    }
+
+    /// [`lock_exclusive_as`](Self::lock_exclusive_as) in shared mode with `tag`: any
+    /// number of holders with the same tag hold it together; an exclusive holder and
+    /// they exclude each other (`EBUSY`).
+    pub fn lock_shared_as(
+        &self,
+        oid: &str,
+        lock_name: &str,
+        cookie: &str,
+        tag: &str,
+        description: &str,
+        duration: Duration,
+    ) -> Result<ObjectLock> {
+        self.hold_lock(oid, lock_name, cookie, Some(tag), description, duration)
+    }
+
+    fn hold_lock(
+        &self,
+        oid: &str,
+        lock_name: &str,
+        cookie: &str,
+        tag: Option<&str>,
+        description: &str,
+        duration: Duration,
+    ) -> Result<ObjectLock> {
         let lock = LockCall {
             ioctx: self.clone(),
             oid: c_string("lock object", oid)?,
             name: c_string("lock object", lock_name)?,
             cookie: c_string("lock object", cookie)?,
+            tag: tag.map(|t| c_string("lock object", t)).transpose()?,
             description: c_string("lock object", description)?,
             duration,
         };
@@ -631,6 +659,8 @@ struct LockCall {
     oid: CString,
     name: CString,
     cookie: CString,
+    /// Shared with every holder of this tag; exclusive without one.
+    tag: Option<CString>,
     description: CString,
     duration: Duration,
 }
@@ -651,21 +681,33 @@ impl LockCall {
         };
         // SAFETY: valid context and NUL-terminated strings; librados reads the timeval.
         let rc = unsafe {
-            (self.ioctx.api().rados_lock_exclusive)(
-                self.ioctx.inner.handle,
-                self.oid.as_ptr(),
-                self.name.as_ptr(),
-                self.cookie.as_ptr(),
-                self.description.as_ptr(),
-                &mut duration,
-                flags,
-            )
+            match &self.tag {
+                None => (self.ioctx.api().rados_lock_exclusive)(
+                    self.ioctx.inner.handle,
+                    self.oid.as_ptr(),
+                    self.name.as_ptr(),
+                    self.cookie.as_ptr(),
+                    self.description.as_ptr(),
+                    &mut duration,
+                    flags,
+                ),
+                Some(tag) => (self.ioctx.api().rados_lock_shared)(
+                    self.ioctx.inner.handle,
+                    self.oid.as_ptr(),
+                    self.name.as_ptr(),
+                    self.cookie.as_ptr(),
+                    tag.as_ptr(),
+                    self.description.as_ptr(),
+                    &mut duration,
+                    flags,
+                ),
+            }
         };
         check(rc.into(), "lock object", || self.what()).map(|_| ())
     }
 }
 
-/// A held exclusive object lock, renewed in the background; unlocked on drop.
+/// A held object lock (exclusive or shared), renewed in the background; unlocked on drop.
 pub struct ObjectLock {
     lock: LockCall,
     held: Arc<AtomicBool>,
