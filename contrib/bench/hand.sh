@@ -279,8 +279,15 @@ for i in range(have, want - 1):
             os.link(f"{pool}/backup-{seed}.{ext}", f"{pool}/backup-{new}.{ext}")
 PY
         have=$((n - 1))
+        # Restart to the first listing: the daemon's start-up (recovery reads every
+        # record), the mount, one plain `ls` (the pool's pages cached, as after a restart
+        # of the daemon alone).
+        t0=$(now)
         start_daemon
         ls "$MNT/backups/t" >/dev/null
+        restart=$(elapsed "$t0" "$(now)")
+        pls=()
+        for _ in 1 2 3; do timed ls "$MNT/backups/t"; pls+=("$LAST"); done >/dev/null
         drop_caches
         timed ls -l "$MNT/backups/t"; first=$LAST
         # Warm, again: wall time, the CPU it cost the daemon and ls, and (with perf) the
@@ -295,13 +302,20 @@ PY
         if command -v perf >/dev/null; then
             conn=$(mountpoint -d "$MNT" | cut -d: -f2)
             perf record -q -e fuse:fuse_request_send -a -o "$T/req.data" -- ls -l "$MNT/backups/t" >/dev/null 2>&1
-            requests=$(perf script -i "$T/req.data" 2>/dev/null | grep -c "connection $conn req")
-            requests=" requests/backup $(awk -v r="$requests" -v n="$n" 'BEGIN{printf "%.1f", r/n}')"
+            perf script -i "$T/req.data" 2>/dev/null | grep "connection $conn req" >"$T/req.txt" || true
+            requests=$(wc -l <"$T/req.txt")
+            # By kind: LOOKUP, GETATTR, GETXATTR, READDIR(PLUS), ...
+            kinds=$(grep -o '(FUSE_[A-Z_]*)' "$T/req.txt" | tr -d '()' | sed 's/^FUSE_//' | sort | uniq -c |
+                sort -rn | awk '{printf "%s%s %d", (NR>1?", ":""), $2, $1}')
+            requests=" requests/backup $(awk -v r="$requests" -v n="$n" 'BEGIN{printf "%.1f", r/n}') ($kinds)"
         fi
         lines=$(ls -l "$MNT/backups/t" | grep -c '\.img$')
         [ "$lines" = "$n" ] || die "ls -l shows $lines images of $n"
+        rss=$(awk '/^VmRSS:/ {r=$2} /^VmHWM:/ {h=$2} END{printf "%.1f MiB (peak %.1f)", r/1024, h/1024}' "/proc/$DAEMON_PID/status")
         report "ls -l of $n backups: cold, warm; daemon CPU, ls CPU (user+sys)" \
             "${first}s ${second}s; ${cpu}ms, $(awk -v u="$ls_user" -v s="$ls_sys" 'BEGIN{printf "%.0f", (u+s)*1000}')ms;$requests"
+        report "  $n backups: restart to first ls; plain ls (3 warm runs); daemon RSS" \
+            "${restart}s; $(median "${pls[@]}")s (${pls[*]}); $rss"
     done >/dev/null
 fi
 printf '\n'; printf '%s\n' "${ROWS[@]}"

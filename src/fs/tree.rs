@@ -118,14 +118,14 @@ impl Modes {
     }
 }
 
-/// How long the kernel may trust what we said about a node.
+/// How long the kernel may trust what we said about a node (a record's: [`record_ttl`]).
 pub fn ttl(node: &Node) -> Duration {
     match node {
         // Immutable once it exists.
         Node::Image(..) => Duration::from_secs(3600),
         Node::Root | Node::Backups | Node::Volumes => Duration::from_secs(60),
-        // These change with every backup and deletion (a record's status and size, where
-        // latest.img points): always ask. Control files get a new inode per lookup.
+        // These change with every backup and deletion (where latest.img points, what
+        // the status files say): always ask. Control files get a new inode per lookup.
         Node::Record(..)
         | Node::ByVolume(_)
         | Node::ByVolumeDir(..)
@@ -138,16 +138,32 @@ pub fn ttl(node: &Node) -> Duration {
     }
 }
 
-/// How long the kernel may trust that `name` is `node` (a lookup's entry), where that is
-/// longer than [`ttl`]: a record's attributes change with its status, but its name only
-/// goes with a deletion (through the mount the kernel drops the name itself; any other
-/// is seen at the next getattr, which a zero attribute TTL always sends). Without it,
-/// `ls -l` looked every record up three times (stat, and each of two getxattr), a third
-/// of its requests at 20,000 backups (issue 28).
-pub fn entry_ttl(node: &Node) -> Duration {
+/// How long the kernel may keep a record's attributes (its size, the length of the JSON
+/// the mount shows, and its time) and its name. A record still `creating` or `deleting`
+/// is about to change: never. An `available` or `error` one changes only when an
+/// operator sets an attribute (through this mount: the kernel is told at once, see
+/// `Core::record_changed`), a verify notes damage or another node changes it: then
+/// `ls -l` may show the old size for up to this long; what a read of the record returns
+/// is never cached (direct I/O). Without it, `ls -l` asked for every record's
+/// attributes, and looked it up again for each of two `getxattr`: at 20,000 backups it
+/// spent most of its 3-6 s on these round trips (issue 28). With READDIRPLUS the listing
+/// hands over these attributes with the names, so `ls -l` then asks nothing per record.
+pub fn record_ttl(record: &Record) -> Duration {
+    match record.status {
+        Status::Available | Status::Error => Duration::from_secs(1),
+        Status::Creating | Status::Deleting => Duration::ZERO,
+    }
+}
+
+/// How long the kernel may trust that `name` is `node` (a lookup's entry), given how
+/// long it may keep the node's attributes (`attr_ttl`): a record's name only goes with a
+/// deletion (through the mount the kernel drops the name itself; any other is seen at
+/// the next getattr once the attributes expire), so it is kept 1 s even while its
+/// attributes are not.
+pub fn entry_ttl(node: &Node, attr_ttl: Duration) -> Duration {
     match node {
         Node::Record(..) => Duration::from_secs(1),
-        _ => ttl(node),
+        _ => attr_ttl,
     }
 }
 
@@ -298,8 +314,44 @@ pub fn parent(node: &Node) -> Node {
     }
 }
 
+/// A directory's entries as an open handle keeps them: a target's backups (an image, if
+/// available, and a record each) as ids only, 100,000 of them in a few MiB (issue 28).
+pub struct Listing {
+    /// `.`, `..` and the named entries; a target's backups come after them.
+    fixed: Vec<(Node, String)>,
+    target: String,
+    /// (backup, whether this entry is its image rather than its record)
+    backups: Vec<(BackupId, bool)>,
+}
+
+impl Listing {
+    pub fn len(&self) -> usize {
+        self.fixed.len() + self.backups.len()
+    }
+
+    /// Entry `i`: its node and name.
+    pub fn get(&self, i: usize) -> Option<(Node, String)> {
+        if let Some(entry) = self.fixed.get(i) {
+            return Some(entry.clone());
+        }
+        let (id, image) = self.backups.get(i - self.fixed.len())?;
+        Some(if *image {
+            (
+                Node::Image(self.target.clone(), id.clone()),
+                format!("{id}.img"),
+            )
+        } else {
+            (
+                Node::Record(self.target.clone(), id.clone()),
+                format!("{id}.json"),
+            )
+        })
+    }
+}
+
 /// The entries of a directory, `.` and `..` included.
-pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, EngineError> {
+pub fn children(engine: &Engine, dir: &Node) -> Result<Listing, EngineError> {
+    let mut backups = Vec::new();
     let mut out = vec![
         (dir.clone(), ".".to_string()),
         (parent(dir), "..".to_string()),
@@ -329,17 +381,13 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
             out.push((Node::Jobs(t.clone()), JOBS.into()));
             out.push((Node::Verify(t.clone()), VERIFY.into()));
             out.push((Node::ByVolume(t.clone()), BY_VOLUME.into()));
-            for record in engine.records(t)? {
+            let listed = engine.listing(t)?;
+            backups.reserve_exact(2 * listed.len());
+            for record in listed {
                 if record.status == Status::Available {
-                    out.push((
-                        Node::Image(t.clone(), record.id.clone()),
-                        format!("{}.img", record.id),
-                    ));
+                    backups.push((record.id.clone(), true));
                 }
-                out.push((
-                    Node::Record(t.clone(), record.id.clone()),
-                    format!("{}.json", record.id),
-                ));
+                backups.push((record.id, false));
             }
         }
         Node::ByVolume(t) => {
@@ -372,5 +420,13 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
             return Err(EngineError::Invalid("not a directory".into()));
         }
     }
-    Ok(out)
+    let target = match dir {
+        Node::Target(t) => t.clone(),
+        _ => String::new(),
+    };
+    Ok(Listing {
+        fixed: out,
+        target,
+        backups,
+    })
 }
