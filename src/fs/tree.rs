@@ -329,6 +329,11 @@ impl Listing {
         self.fixed.len() + self.backups.len()
     }
 
+    /// Never: `.` and `..` are always there.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Entry `i`: its node and name.
     pub fn get(&self, i: usize) -> Option<(Node, String)> {
         if let Some(entry) = self.fixed.get(i) {

@@ -109,13 +109,13 @@ impl Listed {
 /// (issue 28); 100,000 entries take about 10 MiB.
 #[derive(Default)]
 struct ListingCache {
-    /// By file name: the file's identity, what was read, and the listing that last saw it
-    /// (with that listing's number).
-    entries: parking_lot::Mutex<(
-        std::collections::HashMap<String, (Identity, Listed, u64)>,
-        u64,
-    )>,
+    /// By file name: the file's identity, what was read, and the number of the listing
+    /// that last saw it; and the number of the last listing.
+    entries: parking_lot::Mutex<(std::collections::HashMap<String, Seen>, u64)>,
 }
+
+/// A record file as a listing saw it (see [`ListingCache`]).
+type Seen = (Identity, Listed, u64);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Identity {
@@ -482,6 +482,55 @@ mod tests {
             Err(TargetError::BadRecord { message, .. }) => message,
             other => panic!("not damaged: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_listing_follows_each_record_file_as_it_is_replaced_removed_or_made() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let catalogue = DirCatalogue::open("t", &pool, "n", Duration::from_secs(30)).unwrap();
+        let statuses = || -> Vec<(String, super::super::record::Status)> {
+            let listed = catalogue.listing().unwrap();
+            let full: Vec<Listed> = catalogue
+                .records()
+                .unwrap()
+                .into_iter()
+                .map(Listed::of)
+                .collect();
+            assert_eq!(listed, full, "the listing shows what the records say");
+            listed
+                .into_iter()
+                .map(|l| (l.id.to_string(), l.status))
+                .collect()
+        };
+        use super::super::record::Status::*;
+        let mut a = record(A);
+        catalogue.write_record(&a).unwrap();
+        assert_eq!(statuses(), [(A.to_string(), Available)]);
+        // Replaced by this daemon, and behind its back (another node, in place: the
+        // ctime moves), the next listing reads it again.
+        a.status = Error;
+        catalogue.write_record(&a).unwrap();
+        assert_eq!(statuses(), [(A.to_string(), Error)]);
+        let text = std::fs::read_to_string(pool.join(DIR_NAMES.record(A))).unwrap();
+        std::fs::write(
+            pool.join(DIR_NAMES.record(A)),
+            text.replace("\"error\"", "\"deleting\""),
+        )
+        .unwrap();
+        assert_eq!(statuses(), [(A.to_string(), Deleting)]);
+        let mut b = record(B);
+        b.created_at = "2025-01-01T00:00:00.000Z".to_string();
+        catalogue.write_record(&b).unwrap();
+        assert_eq!(
+            statuses(),
+            [(B.to_string(), Available), (A.to_string(), Deleting)],
+            "oldest first"
+        );
+        catalogue.remove_record(&a.id).unwrap();
+        assert_eq!(statuses(), [(B.to_string(), Available)]);
+        assert_eq!(catalogue.listed.entries.lock().0.len(), 1, "A forgotten");
     }
 
     #[test]
