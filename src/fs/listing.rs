@@ -3,10 +3,10 @@
 //! handed over this way is a reference the kernel takes, counted as a lookup's.
 
 use super::handles::Handle;
-use super::tree::Node;
+use super::tree::{self, Node};
 use super::{BackupFs, guard};
-use crate::targets::record::Record;
 use fuser::{Errno, FileHandle, Generation, INodeNo, ReplyDirectoryPlus};
+use std::time::Duration;
 
 impl BackupFs {
     pub(super) fn list_plus(&self, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
@@ -19,9 +19,6 @@ impl BackupFs {
             let Handle::Dir(entries) = handle.as_ref() else {
                 return reply.error(Errno::ENOTDIR);
             };
-            // A target lists each backup's image and record side by side: one read of
-            // the record serves both.
-            let mut last: Option<Record> = None;
             for i in offset as usize..entries.len() {
                 let Some((node, name)) = entries.get(i) else {
                     break;
@@ -30,13 +27,12 @@ impl BackupFs {
                 let next = i as u64 + 1;
                 if i < 2 {
                     // `.` and `..`: the kernel takes no reference to them.
-                    let attr =
-                        super::tree::attr(node, node.ino(), &core.modes, 0, 0, core.mounted_at);
+                    let attr = tree::attr(node, node.ino(), &core.modes, 0, 0, core.mounted_at);
                     if reply.add(
                         INodeNo(node.ino()),
                         next,
                         &name,
-                        &std::time::Duration::ZERO,
+                        &Duration::ZERO,
                         &attr,
                         Generation(0),
                     ) {
@@ -44,23 +40,30 @@ impl BackupFs {
                     }
                     continue;
                 }
-                let record = match node {
-                    Node::Image(t, id) | Node::Record(t, id) => {
-                        match last.as_ref().filter(|r| r.id == *id) {
-                            Some(record) => Some(record.clone()),
-                            None => match core.engine.record(t, id) {
-                                Ok(record) => {
-                                    last = Some(record.clone());
-                                    Some(record)
-                                }
-                                // Gone since the directory was opened: not listed.
-                                Err(_) => continue,
-                            },
-                        }
+                // A target's backups: their attributes from what the listing read.
+                let found = match (node, entries.listed(i)) {
+                    (Node::Image(t, id), Some(listed)) => {
+                        core.engine.image_allocated(t, id).map(|allocated| {
+                            let attr = tree::attr(
+                                node,
+                                0,
+                                &core.modes,
+                                listed.size,
+                                allocated / 512,
+                                listed.completed,
+                            );
+                            (attr, tree::ttl(node))
+                        })
                     }
-                    _ => None,
+                    (Node::Record(..), Some(listed)) => {
+                        let attr =
+                            tree::attr(node, 0, &core.modes, listed.shown_len, 0, listed.completed);
+                        Ok((attr, tree::status_ttl(listed.status)))
+                    }
+                    _ => core.attr_with(node, 0, None),
                 };
-                let Ok((mut attr, ttl)) = core.attr_with(node, 0, record) else {
+                // Gone since the directory was opened: not listed.
+                let Ok((mut attr, ttl)) = found else {
                     continue;
                 };
                 let ino = core.inodes.lookup(node);

@@ -4,8 +4,10 @@
 
 use crate::engine::{Engine, EngineError};
 use crate::ids::{BackupId, VolumeId};
+use crate::targets::catalogue::Listed;
 use crate::targets::record::{Record, Status};
 use fuser::{FileAttr, FileType, INodeNo};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub const ROOT: u64 = 1;
@@ -149,7 +151,12 @@ pub fn ttl(node: &Node) -> Duration {
 /// spent most of its 3-6 s on these round trips (issue 28). With READDIRPLUS the listing
 /// hands over these attributes with the names, so `ls -l` then asks nothing per record.
 pub fn record_ttl(record: &Record) -> Duration {
-    match record.status {
+    status_ttl(record.status)
+}
+
+/// [`record_ttl`] of a record with `status`.
+pub fn status_ttl(status: Status) -> Duration {
+    match status {
         Status::Available | Status::Error => Duration::from_secs(1),
         Status::Creating | Status::Deleting => Duration::ZERO,
     }
@@ -200,9 +207,7 @@ pub fn attr(
 }
 
 pub fn record_json(record: &Record) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
-    bytes.push(b'\n');
-    bytes
+    record.shown_json()
 }
 
 /// The newest available, undamaged backup of a volume in a target.
@@ -320,8 +325,9 @@ pub struct Listing {
     /// `.`, `..` and the named entries; a target's backups come after them.
     fixed: Vec<(Node, String)>,
     target: String,
-    /// (backup, whether this entry is its image rather than its record)
-    backups: Vec<(BackupId, bool)>,
+    /// (what the catalogue listed of the backup, whether this entry is its image rather
+    /// than its record): a listing with attributes (READDIRPLUS) reads nothing more.
+    backups: Vec<(Arc<Listed>, bool)>,
 }
 
 impl Listing {
@@ -334,12 +340,19 @@ impl Listing {
         self.len() == 0
     }
 
+    /// What the catalogue listed of the backup entry `i` is the image or record of.
+    pub fn listed(&self, i: usize) -> Option<&Listed> {
+        let at = i.checked_sub(self.fixed.len())?;
+        self.backups.get(at).map(|(listed, _)| listed.as_ref())
+    }
+
     /// Entry `i`: its node and name.
     pub fn get(&self, i: usize) -> Option<(Node, String)> {
         if let Some(entry) = self.fixed.get(i) {
             return Some(entry.clone());
         }
-        let (id, image) = self.backups.get(i - self.fixed.len())?;
+        let (listed, image) = self.backups.get(i - self.fixed.len())?;
+        let id = &listed.id;
         Some(if *image {
             (
                 Node::Image(self.target.clone(), id.clone()),
@@ -389,10 +402,11 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Listing, EngineError> {
             let listed = engine.listing(t)?;
             backups.reserve_exact(2 * listed.len());
             for record in listed {
+                let record = Arc::new(record);
                 if record.status == Status::Available {
-                    backups.push((record.id.clone(), true));
+                    backups.push((record.clone(), true));
                 }
-                backups.push((record.id, false));
+                backups.push((record, false));
             }
         }
         Node::ByVolume(t) => {

@@ -82,18 +82,28 @@ pub trait Catalogue: Send + Sync {
     }
 }
 
-/// What a listing shows of a record.
+/// What a listing shows of a record: enough for `ls -l` of the backup's image and
+/// record without reading the record again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
     pub id: BackupId,
     pub status: super::record::Status,
     /// The order of a listing: oldest first, ties by id.
     pub created_at: String,
+    /// The backup's size (its image's).
+    pub size: u64,
+    /// [`Record::completed_time`].
+    pub completed: std::time::SystemTime,
+    /// The length of [`Record::shown_json`].
+    pub shown_len: u64,
 }
 
 impl Listed {
     pub fn of(record: Record) -> Listed {
         Listed {
+            shown_len: record.shown_json().len() as u64,
+            completed: record.completed_time(),
+            size: record.size,
             id: record.id,
             status: record.status,
             created_at: record.created_at,
