@@ -60,6 +60,14 @@ impl BackupFs {
                             tree::attr(node, 0, &core.modes, listed.shown_len, 0, listed.completed);
                         Ok((attr, tree::status_ttl(listed.status)))
                     }
+                    // A backend's volumes: as the driver listed them.
+                    (Node::Volume(..), _) => match entries.volume(i) {
+                        Some((size, allocated, mtime)) => Ok((
+                            tree::attr(node, 0, &core.modes, size, allocated / 512, mtime),
+                            tree::ttl(node),
+                        )),
+                        None => core.attr_with(node, 0, None),
+                    },
                     _ => core.attr_with(node, 0, None),
                 };
                 // Gone since the directory was opened: not listed.

@@ -324,6 +324,10 @@ pub fn parent(node: &Node) -> Node {
 pub struct Listing {
     /// `.`, `..` and the named entries; a target's backups come after them.
     fixed: Vec<(Node, String)>,
+    /// A backend's volumes as the driver listed them (size, allocated bytes, mtime), by
+    /// index in `fixed`: a listing with attributes asks the driver nothing more (an RBD
+    /// volume's `stat` is a round trip to the cluster).
+    volumes: std::collections::HashMap<usize, (u64, u64, SystemTime)>,
     target: String,
     /// (what the catalogue listed of the backup, whether this entry is its image rather
     /// than its record): a listing with attributes (READDIRPLUS) reads nothing more.
@@ -338,6 +342,11 @@ impl Listing {
     /// Never: `.` and `..` are always there.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// What the driver listed of the volume entry `i`: (size, allocated bytes, mtime).
+    pub fn volume(&self, i: usize) -> Option<(u64, u64, SystemTime)> {
+        self.volumes.get(&i).copied()
     }
 
     /// What the catalogue listed of the backup entry `i` is the image or record of.
@@ -370,6 +379,7 @@ impl Listing {
 /// The entries of a directory, `.` and `..` included.
 pub fn children(engine: &Engine, dir: &Node) -> Result<Listing, EngineError> {
     let mut backups = Vec::new();
+    let mut volumes = std::collections::HashMap::new();
     let mut out = vec![
         (dir.clone(), ".".to_string()),
         (parent(dir), "..".to_string()),
@@ -431,6 +441,7 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Listing, EngineError> {
             for volume in engine.volumes(b)? {
                 // Drivers list valid ids only; anything else is not shown.
                 if let Ok(volume_id) = VolumeId::parse(&volume.id) {
+                    volumes.insert(out.len(), (volume.size, volume.allocated, volume.mtime));
                     out.push((Node::Volume(b.clone(), volume_id), volume.id));
                 }
             }
@@ -445,6 +456,7 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Listing, EngineError> {
     };
     Ok(Listing {
         fixed: out,
+        volumes,
         target,
         backups,
     })
