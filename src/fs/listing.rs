@@ -60,19 +60,30 @@ impl BackupFs {
                             tree::attr(node, 0, &core.modes, listed.shown_len, 0, listed.completed);
                         Ok((attr, tree::status_ttl(listed.status)))
                     }
-                    // A backend's volumes: as the driver listed them.
-                    (Node::Volume(..), _) => match entries.volume(i) {
-                        Some((size, allocated, mtime)) => Ok((
+                    // A backend's volumes: as the driver listed them, kept no time, so
+                    // that using one asks (a qcow2 image whose header is refused is
+                    // listed, but its stat fails with EPERM), and a plain `ls` asks the
+                    // driver nothing per volume (an RBD volume's stat is a round trip).
+                    (Node::Volume(..), _) => {
+                        let (size, allocated, mtime) =
+                            entries.volume(i).unwrap_or((0, 0, core.mounted_at));
+                        Ok((
                             tree::attr(node, 0, &core.modes, size, allocated / 512, mtime),
-                            tree::ttl(node),
-                        )),
-                        None => core.attr_with(node, 0, None),
-                    },
+                            Duration::ZERO,
+                        ))
+                    }
                     _ => core.attr_with(node, 0, None),
                 };
-                // Gone since the directory was opened: not listed.
-                let Ok((mut attr, ttl)) = found else {
-                    continue;
+                let (mut attr, ttl) = match found {
+                    Ok(found) => found,
+                    // An image whose data went since the directory was opened: gone.
+                    Err(_) if matches!(node, Node::Image(..)) => continue,
+                    // Listed, but what it is cannot be told now: kept no time, so that
+                    // using it asks again (and gets the error).
+                    Err(_) => (
+                        tree::attr(node, 0, &core.modes, 0, 0, core.mounted_at),
+                        Duration::ZERO,
+                    ),
                 };
                 let ino = core.inodes.lookup(node);
                 attr.ino = INodeNo(ino);

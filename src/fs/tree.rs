@@ -320,13 +320,16 @@ pub fn parent(node: &Node) -> Node {
 }
 
 /// A directory's entries as an open handle keeps them: a target's backups (an image, if
-/// available, and a record each) as ids only, 100,000 of them in a few MiB (issue 28).
+/// available, and a record each) as what the catalogue listed of each, shared by its
+/// two entries (about 200 bytes a backup; nodes and names are made as they are asked
+/// for: issue 28).
 pub struct Listing {
     /// `.`, `..` and the named entries; a target's backups come after them.
     fixed: Vec<(Node, String)>,
     /// A backend's volumes as the driver listed them (size, allocated bytes, mtime), by
     /// index in `fixed`: a listing with attributes asks the driver nothing more (an RBD
-    /// volume's `stat` is a round trip to the cluster).
+    /// volume's `stat` is a round trip to the cluster); they are handed over to be kept
+    /// no time (see `listing.rs`).
     volumes: std::collections::HashMap<usize, (u64, u64, SystemTime)>,
     target: String,
     /// (what the catalogue listed of the backup, whether this entry is its image rather
