@@ -260,7 +260,7 @@ fi
 # ---------------------------------------------------------------- ls -l
 if wants ls; then
     # Records written directly (measurement only): copies of one real backup's record
-    # with new ids; the target has no key, so they read as any record does.
+    # with new ids and times; the target has no key, so they read as any record does.
     head -c 4M /dev/urandom >"$SRC_POOL/volume-vol-small"
     backup vol-small
     SEED=$BACKUP_ID
@@ -270,13 +270,23 @@ if wants ls; then
         log "ls -l with $n backups"
         stop_daemon
         python3 - "$DST_POOL" "$SEED" "$have" "$n" <<'PY'
-import os, sys, uuid
+import datetime, json, os, sys, uuid
 pool, seed, have, want = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 text = open(f"{pool}/backup-{seed}.json").read()
+times = json.loads(text)
+# Made one a minute, the newest 3 hours ago: none is among the recent jobs that `jobs`
+# keeps after a restart (2 hours), as with backups that accumulated over months.
+now = datetime.datetime.now(datetime.timezone.utc)
+def stamp(i):
+    at = now - datetime.timedelta(hours=3, minutes=want - i)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
 for i in range(have, want - 1):
     new = str(uuid.UUID(int=i + 1))
+    when = stamp(i)
     with open(f"{pool}/backup-{new}.json", "w") as f:
-        f.write(text.replace(seed, new))
+        f.write(text.replace(seed, new)
+                .replace(times["created_at"], when)
+                .replace(times["completed_at"], when))
     for ext in ("img", "sums", "leaves"):
         if os.path.exists(f"{pool}/backup-{seed}.{ext}"):
             os.link(f"{pool}/backup-{seed}.{ext}", f"{pool}/backup-{new}.{ext}")
