@@ -54,7 +54,8 @@ fn ls_l_of_many_backups_shows_each_image_and_record_with_its_current_size() {
         let text = std::fs::read(target.join(format!("{id}.json"))).expect("record");
         assert_eq!(record.1, text.len() as u64, "{id}.json");
     }
-    // The record's own attributes (user.backupfs.*) still answer, other names do not.
+    // The record's own attributes (user.backupfs.*) still answer; other namespaces are
+    // not supported (`ls -l` then stops asking for them).
     let image = d.image("hdd", &ids[0].0);
     let size = ok(&format!(
         "getfattr --only-values -n user.backupfs.size '{}'",
@@ -67,12 +68,13 @@ fn ls_l_of_many_backups_shows_each_image_and_record_with_its_current_size() {
     ));
     assert!(!other.status.success());
     assert!(
-        String::from_utf8_lossy(&other.stderr).contains("No such attribute"),
+        String::from_utf8_lossy(&other.stderr).contains("Operation not supported"),
         "{other:?}"
     );
 
     // A record grows when an attribute is set: `ls -l` right after shows the new size
-    // (a record's attributes are never cached, only its name is).
+    // (the kernel keeps a record's attributes 1 s, and is told to forget them when it
+    // changes through the mount).
     let record = target.join(format!("{}.json", ids[0].0));
     let before = std::fs::metadata(&record).expect("stat").len();
     ok(&format!(
@@ -87,6 +89,23 @@ fn ls_l_of_many_backups_shows_each_image_and_record_with_its_current_size() {
         .find(|(name, _)| *name == format!("{}.json", ids[0].0))
         .expect("listed");
     assert_eq!(shown.1, text.len() as u64);
+    assert_eq!(
+        std::fs::metadata(&record).expect("stat").len(),
+        text.len() as u64
+    );
+
+    // A verify rewrites the record (`verified_at`): a stat right after the verify ends
+    // shows the new size, though a listing just before handed the old one to the kernel.
+    let (checked, _) = &ids[2];
+    let record = target.join(format!("{checked}.json"));
+    let before = std::fs::metadata(&record).expect("stat").len();
+    listed(&target);
+    assert_eq!(
+        write_errno(&target.join("verify"), format!("{checked}\n").as_bytes()),
+        None
+    );
+    let text = std::fs::read(&record).expect("record");
+    assert_ne!(text.len() as u64, before, "the verify changed the record");
     assert_eq!(
         std::fs::metadata(&record).expect("stat").len(),
         text.len() as u64

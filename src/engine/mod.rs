@@ -425,6 +425,11 @@ impl Engine {
         Ok(self.target(target)?.listed_records()?)
     }
 
+    /// What a listing of the target shows of each record, in the order of `records`.
+    pub fn listing(&self, target: &str) -> Result<Vec<crate::targets::catalogue::Listed>> {
+        Ok(self.target(target)?.listing()?)
+    }
+
     pub fn record(&self, target: &str, backup_id: &BackupId) -> Result<Record> {
         Ok(self.target(target)?.listed_record(backup_id)?)
     }

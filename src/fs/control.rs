@@ -134,6 +134,7 @@ impl ControlFile {
                     return file.refuse_now(&format!("backup of {}", parsed.volume_id), &e, reply);
                 }
             };
+            notice_end(&core, &target, &job);
             set(&answer, format!("{}\n", job.backup_id));
             if !parsed.wait {
                 return reply.written(written);
@@ -183,6 +184,7 @@ impl ControlFile {
                 Ok(job) => job,
                 Err(e) => return file.refuse_now(&format!("verify of {backup_id}"), &e, reply),
             };
+            notice_end(&core, &target, &job);
             job.on_end(move |outcome| match outcome {
                 Ok(()) => {
                     set(&answer, format!("ok {backup_id}\n"));
@@ -207,4 +209,12 @@ impl ControlFile {
             });
         });
     }
+}
+
+/// When `job` ends its record has changed: the kernel is told before any waiter is
+/// answered (waiters are called in the order they came), so a `stat` after `wait` shows
+/// the record as it ended.
+fn notice_end(core: &Arc<Core>, target: &str, job: &crate::engine::Job) {
+    let (core, target, backup_id) = (core.clone(), target.to_string(), job.backup_id.clone());
+    job.on_end(move |_| core.record_changed(&target, &backup_id));
 }

@@ -87,17 +87,19 @@ impl Core {
     }
 
     pub(super) fn attr(&self, node: &Node, ino: u64) -> Result<FileAttr, EngineError> {
-        self.attr_with(node, ino, None)
+        self.attr_with(node, ino, None).map(|(attr, _)| attr)
     }
 
-    /// The attributes of `node`, from `record` when the caller has just read the node's
-    /// record (a lookup), else from a fresh read.
+    /// The attributes of `node` and how long the kernel may keep them, from `record`
+    /// when the caller has just read the node's record (a lookup, a directory listing),
+    /// else from a fresh read.
     pub(super) fn attr_with(
         &self,
         node: &Node,
         ino: u64,
         record: Option<Record>,
-    ) -> Result<FileAttr, EngineError> {
+    ) -> Result<(FileAttr, std::time::Duration), EngineError> {
+        let mut ttl = tree::ttl(node);
         let (size, blocks, mtime) = match node {
             Node::Image(t, id) => {
                 let record = match record {
@@ -112,6 +114,7 @@ impl Core {
                     Some(record) => record,
                     None => self.engine.record(t, id)?,
                 };
+                ttl = tree::record_ttl(&record);
                 let size = tree::record_json(&record).len() as u64;
                 (size, 0, record.completed_time())
             }
@@ -126,12 +129,12 @@ impl Core {
             }
             _ => (0, 0, self.mounted_at),
         };
-        Ok(tree::attr(node, ino, &self.modes, size, blocks, mtime))
+        Ok((tree::attr(node, ino, &self.modes, size, blocks, mtime), ttl))
     }
 
     pub(super) fn reply_attr(&self, node: &Node, ino: u64, reply: ReplyAttr) {
-        match self.attr(node, ino) {
-            Ok(attr) => reply.attr(&tree::ttl(node), &attr),
+        match self.attr_with(node, ino, None) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -140,14 +143,9 @@ impl Core {
     /// kernel takes a reference to it.
     pub(super) fn reply_entry(&self, node: &Node, record: Option<Record>, reply: ReplyEntry) {
         match self.attr_with(node, 0, record) {
-            Ok(mut attr) => {
+            Ok((mut attr, ttl)) => {
                 attr.ino = INodeNo(self.inodes.lookup(node));
-                reply.entry_with_ttls(
-                    &tree::ttl(node),
-                    &tree::entry_ttl(node),
-                    &attr,
-                    Generation(0),
-                );
+                reply.entry_with_ttls(&ttl, &tree::entry_ttl(node, ttl), &attr, Generation(0));
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -252,11 +250,15 @@ impl Core {
                     }
                 };
                 let id = BackupId::parse(stem).map_err(|e| EngineError::Invalid(e.to_string()))?;
-                if image {
+                let result = if image {
                     self.engine.delete_backup(t, &id)
                 } else {
                     self.engine.delete_record(t, &id)
-                }
+                };
+                // The kernel drops the name removed; the record's, when an image goes,
+                // is checked at its next stat (which then fails).
+                self.record_changed(t, &id);
+                result
             }
             Node::Backend(b) => Err(EngineError::NotPermitted(format!(
                 "volumes are never deleted through backupfs ({b}/{name})"
@@ -269,6 +271,18 @@ impl Core {
 }
 
 impl Core {
+    /// The record of backup `id` in target `t` changed (an attribute set, its job ended,
+    /// the backup deleted): the kernel forgets the record's attributes it keeps
+    /// ([`tree::record_ttl`]), so the next `stat` asks. Does not wait for anything.
+    pub(super) fn record_changed(&self, t: &str, id: &BackupId) {
+        let Some(notifier) = self.stores.notifier() else {
+            return;
+        };
+        let ino = Node::Record(t.to_string(), id.clone()).ino();
+        // ENOENT: the kernel holds nothing of it.
+        let _ = notifier.inval_inode(INodeNo(ino), -1, 0);
+    }
+
     /// Sets (or with None removes) an operator's extended attribute of a backup image;
     /// the `user.backupfs.*` ones are the record's own and read-only.
     pub(super) fn set_xattr(
@@ -303,9 +317,12 @@ impl Core {
             libc::XATTR_REPLACE => crate::engine::XattrMode::Replace,
             _ => return Err(Errno::EINVAL),
         };
-        self.engine
+        let result = self
+            .engine
             .set_xattr(&t, &id, name, value, mode)
-            .map_err(|e| refuse(&format!("setxattr {name} of {id}"), &e))
+            .map_err(|e| refuse(&format!("setxattr {name} of {id}"), &e));
+        self.record_changed(&t, &id);
+        result
     }
 }
 

@@ -5,7 +5,6 @@
 //! beyond the caps is refused before any work is done for it.
 
 use super::control::ControlFile;
-use super::tree::Node;
 use crate::engine::{BackupImage, Engine, EngineError, RestoreSession, VolumeWriter};
 use crate::ids::VolumeId;
 use crate::volume::Attachment;
@@ -22,7 +21,7 @@ pub(super) enum Handle {
     Text(Vec<u8>),
     Image(BackupImage),
     Volume(VolumeHandle),
-    Dir(Vec<(Node, String)>),
+    Dir(super::tree::Listing),
 }
 
 /// What a volume handle has attached.

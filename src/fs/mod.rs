@@ -9,6 +9,7 @@ mod errno;
 mod handles;
 mod inodes;
 mod io;
+mod listing;
 mod open;
 mod pool;
 mod store;
@@ -21,8 +22,8 @@ use errno::errno;
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use handles::{Handle, Limits, Table};
 use inodes::Inodes;
@@ -36,6 +37,16 @@ use tree::{Modes, Node};
 
 /// Threads for slow requests (see `pool`).
 const SLOW_THREADS: usize = 8;
+
+/// Entries of a listing past which its release gives freed memory back to the system.
+const LARGE_LISTING: usize = 10_000;
+
+/// Returns the free memory of every malloc arena to the system (glibc keeps what its
+/// threads freed: start-up reads every record, a listing of a target every id).
+fn give_back_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe { libc::malloc_trim(0) };
+}
 
 /// Runs a handler; a panic is logged and the dropped reply answers EIO.
 fn guard(op: &str, f: impl FnOnce()) {
@@ -109,6 +120,12 @@ impl Filesystem for BackupFs {
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_MAX_PAGES,
+            // Listings hand over each entry's attributes with its name (`readdirplus`):
+            // `ls -l` then asks nothing per entry. AUTO: the kernel asks for them only for
+            // the first batch of a listing and once its entries are looked at, so a plain
+            // `ls` costs what plain READDIR costs.
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
         ] {
             if config.add_capabilities(wanted).is_err() {
                 debug!("kernel lacks {wanted:?}");
@@ -119,6 +136,8 @@ impl Filesystem for BackupFs {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
+        // Start-up (recovery) read every record of every target, and freed them.
+        self.core.pool.run(give_back_memory);
         Ok(())
     }
 
@@ -439,13 +458,27 @@ impl Filesystem for BackupFs {
                 return reply.error(Errno::ENOTDIR);
             };
             // Plain readdir gives the kernel no reference: it looks names up before use.
-            for (i, (node, name)) in entries.iter().enumerate().skip(offset as usize) {
+            for i in offset as usize..entries.len() {
+                let Some((node, name)) = entries.get(i) else {
+                    break;
+                };
                 if reply.add(INodeNo(node.ino()), i as u64 + 1, node.kind(), name) {
                     break;
                 }
             }
             reply.ok()
         })
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        self.list_plus(fh, offset, reply)
     }
 
     fn releasedir(
@@ -456,8 +489,16 @@ impl Filesystem for BackupFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.core.handles.remove(fh.0);
+        let handle = self.core.handles.remove(fh.0);
         reply.ok();
+        // A listing of many backups left megabytes free in this thread's malloc arena,
+        // which glibc keeps: given back (issue 28).
+        if let Some(Handle::Dir(listing)) = handle.as_deref()
+            && listing.len() > LARGE_LISTING
+        {
+            drop(handle);
+            self.core.pool.run(give_back_memory);
+        }
     }
 
     fn fsyncdir(

@@ -40,6 +40,11 @@ impl StoreQueue {
         self.notifier.clone()
     }
 
+    /// The session's notifier, once the session exists.
+    pub fn notifier(&self) -> Option<&Notifier> {
+        self.notifier.get()
+    }
+
     /// Offers a checked block of inode `ino` at `offset` to the kernel's cache.
     pub fn offer(&self, ino: u64, offset: u64, data: Arc<AlignedBuf>) {
         if self.notifier.get().is_none() {

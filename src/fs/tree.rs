@@ -4,8 +4,10 @@
 
 use crate::engine::{Engine, EngineError};
 use crate::ids::{BackupId, VolumeId};
+use crate::targets::catalogue::Listed;
 use crate::targets::record::{Record, Status};
 use fuser::{FileAttr, FileType, INodeNo};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub const ROOT: u64 = 1;
@@ -118,14 +120,14 @@ impl Modes {
     }
 }
 
-/// How long the kernel may trust what we said about a node.
+/// How long the kernel may trust what we said about a node (a record's: [`record_ttl`]).
 pub fn ttl(node: &Node) -> Duration {
     match node {
         // Immutable once it exists.
         Node::Image(..) => Duration::from_secs(3600),
         Node::Root | Node::Backups | Node::Volumes => Duration::from_secs(60),
-        // These change with every backup and deletion (a record's status and size, where
-        // latest.img points): always ask. Control files get a new inode per lookup.
+        // These change with every backup and deletion (where latest.img points, what
+        // the status files say): always ask. Control files get a new inode per lookup.
         Node::Record(..)
         | Node::ByVolume(_)
         | Node::ByVolumeDir(..)
@@ -138,16 +140,37 @@ pub fn ttl(node: &Node) -> Duration {
     }
 }
 
-/// How long the kernel may trust that `name` is `node` (a lookup's entry), where that is
-/// longer than [`ttl`]: a record's attributes change with its status, but its name only
-/// goes with a deletion (through the mount the kernel drops the name itself; any other
-/// is seen at the next getattr, which a zero attribute TTL always sends). Without it,
-/// `ls -l` looked every record up three times (stat, and each of two getxattr), a third
-/// of its requests at 20,000 backups (issue 28).
-pub fn entry_ttl(node: &Node) -> Duration {
+/// How long the kernel may keep a record's attributes (its size, the length of the JSON
+/// the mount shows, and its time) and its name. A record still `creating` or `deleting`
+/// is about to change: never. An `available` or `error` one changes only when an
+/// operator sets an attribute (through this mount: the kernel is told at once, see
+/// `Core::record_changed`), a verify notes damage or another node changes it: then
+/// `ls -l` may show the old size for up to this long; what a read of the record returns
+/// is never cached (direct I/O). Without it, `ls -l` asked for every record's
+/// attributes, and looked it up again for each of two `getxattr`: at 20,000 backups it
+/// spent most of its 3-6 s on these round trips (issue 28). With READDIRPLUS the listing
+/// hands over these attributes with the names, so `ls -l` then asks nothing per record.
+pub fn record_ttl(record: &Record) -> Duration {
+    status_ttl(record.status)
+}
+
+/// [`record_ttl`] of a record with `status`.
+pub fn status_ttl(status: Status) -> Duration {
+    match status {
+        Status::Available | Status::Error => Duration::from_secs(1),
+        Status::Creating | Status::Deleting => Duration::ZERO,
+    }
+}
+
+/// How long the kernel may trust that `name` is `node` (a lookup's entry), given how
+/// long it may keep the node's attributes (`attr_ttl`): a record's name only goes with a
+/// deletion (through the mount the kernel drops the name itself; any other is seen at
+/// the next getattr once the attributes expire), so it is kept 1 s even while its
+/// attributes are not.
+pub fn entry_ttl(node: &Node, attr_ttl: Duration) -> Duration {
     match node {
         Node::Record(..) => Duration::from_secs(1),
-        _ => ttl(node),
+        _ => attr_ttl,
     }
 }
 
@@ -184,9 +207,7 @@ pub fn attr(
 }
 
 pub fn record_json(record: &Record) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
-    bytes.push(b'\n');
-    bytes
+    record.shown_json()
 }
 
 /// The newest available, undamaged backup of a volume in a target.
@@ -298,8 +319,70 @@ pub fn parent(node: &Node) -> Node {
     }
 }
 
+/// A directory's entries as an open handle keeps them: a target's backups (an image, if
+/// available, and a record each) as what the catalogue listed of each, shared by its
+/// two entries (about 200 bytes a backup; nodes and names are made as they are asked
+/// for: issue 28).
+pub struct Listing {
+    /// `.`, `..` and the named entries; a target's backups come after them.
+    fixed: Vec<(Node, String)>,
+    /// A backend's volumes as the driver listed them (size, allocated bytes, mtime), by
+    /// index in `fixed`: a listing with attributes asks the driver nothing more (an RBD
+    /// volume's `stat` is a round trip to the cluster); they are handed over to be kept
+    /// no time (see `listing.rs`).
+    volumes: std::collections::HashMap<usize, (u64, u64, SystemTime)>,
+    target: String,
+    /// (what the catalogue listed of the backup, whether this entry is its image rather
+    /// than its record): a listing with attributes (READDIRPLUS) reads nothing more.
+    backups: Vec<(Arc<Listed>, bool)>,
+}
+
+impl Listing {
+    pub fn len(&self) -> usize {
+        self.fixed.len() + self.backups.len()
+    }
+
+    /// Never: `.` and `..` are always there.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What the driver listed of the volume entry `i`: (size, allocated bytes, mtime).
+    pub fn volume(&self, i: usize) -> Option<(u64, u64, SystemTime)> {
+        self.volumes.get(&i).copied()
+    }
+
+    /// What the catalogue listed of the backup entry `i` is the image or record of.
+    pub fn listed(&self, i: usize) -> Option<&Listed> {
+        let at = i.checked_sub(self.fixed.len())?;
+        self.backups.get(at).map(|(listed, _)| listed.as_ref())
+    }
+
+    /// Entry `i`: its node and name.
+    pub fn get(&self, i: usize) -> Option<(Node, String)> {
+        if let Some(entry) = self.fixed.get(i) {
+            return Some(entry.clone());
+        }
+        let (listed, image) = self.backups.get(i - self.fixed.len())?;
+        let id = &listed.id;
+        Some(if *image {
+            (
+                Node::Image(self.target.clone(), id.clone()),
+                format!("{id}.img"),
+            )
+        } else {
+            (
+                Node::Record(self.target.clone(), id.clone()),
+                format!("{id}.json"),
+            )
+        })
+    }
+}
+
 /// The entries of a directory, `.` and `..` included.
-pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, EngineError> {
+pub fn children(engine: &Engine, dir: &Node) -> Result<Listing, EngineError> {
+    let mut backups = Vec::new();
+    let mut volumes = std::collections::HashMap::new();
     let mut out = vec![
         (dir.clone(), ".".to_string()),
         (parent(dir), "..".to_string()),
@@ -329,17 +412,14 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
             out.push((Node::Jobs(t.clone()), JOBS.into()));
             out.push((Node::Verify(t.clone()), VERIFY.into()));
             out.push((Node::ByVolume(t.clone()), BY_VOLUME.into()));
-            for record in engine.records(t)? {
+            let listed = engine.listing(t)?;
+            backups.reserve_exact(2 * listed.len());
+            for record in listed {
+                let record = Arc::new(record);
                 if record.status == Status::Available {
-                    out.push((
-                        Node::Image(t.clone(), record.id.clone()),
-                        format!("{}.img", record.id),
-                    ));
+                    backups.push((record.clone(), true));
                 }
-                out.push((
-                    Node::Record(t.clone(), record.id.clone()),
-                    format!("{}.json", record.id),
-                ));
+                backups.push((record, false));
             }
         }
         Node::ByVolume(t) => {
@@ -364,6 +444,7 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
             for volume in engine.volumes(b)? {
                 // Drivers list valid ids only; anything else is not shown.
                 if let Ok(volume_id) = VolumeId::parse(&volume.id) {
+                    volumes.insert(out.len(), (volume.size, volume.allocated, volume.mtime));
                     out.push((Node::Volume(b.clone(), volume_id), volume.id));
                 }
             }
@@ -372,5 +453,14 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Vec<(Node, String)>, Engi
             return Err(EngineError::Invalid("not a directory".into()));
         }
     }
-    Ok(out)
+    let target = match dir {
+        Node::Target(t) => t.clone(),
+        _ => String::new(),
+    };
+    Ok(Listing {
+        fixed: out,
+        volumes,
+        target,
+        backups,
+    })
 }

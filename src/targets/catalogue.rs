@@ -35,6 +35,11 @@ pub trait Catalogue: Send + Sync {
     fn describe(&self) -> String;
     /// Every record, oldest first; unreadable ones are skipped (and logged).
     fn records(&self) -> Result<Vec<Record>>;
+    /// What a listing of the target shows of every record (id, status), in the order of
+    /// [`Catalogue::records`], without holding every record whole.
+    fn listing(&self) -> Result<Vec<Listed>> {
+        Ok(self.records()?.into_iter().map(Listed::of).collect())
+    }
     fn record(&self, backup_id: &BackupId) -> Result<Record>;
     /// Reads the record from the storage again, where the catalogue keeps records in
     /// memory (another node may have changed it): before a read-change-write, under the
@@ -95,6 +100,72 @@ pub trait Catalogue: Send + Sync {
     }
 }
 
+/// What a listing shows of a record: enough for `ls -l` of the backup's image and
+/// record without reading the record again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub id: BackupId,
+    pub status: super::record::Status,
+    /// The order of a listing: oldest first, ties by id.
+    pub created_at: String,
+    /// The backup's size (its image's).
+    pub size: u64,
+    /// [`Record::completed_time`].
+    pub completed: std::time::SystemTime,
+    /// The length of [`Record::shown_json`].
+    pub shown_len: u64,
+}
+
+impl Listed {
+    pub fn of(record: Record) -> Listed {
+        Listed {
+            shown_len: record.shown_json().len() as u64,
+            completed: record.completed_time(),
+            size: record.size,
+            id: record.id,
+            status: record.status,
+            created_at: record.created_at,
+        }
+    }
+}
+
+/// What a directory catalogue's listing read of each record file, by name, with the
+/// file's identity when it was read: a record is only ever replaced whole (a new file
+/// renamed or exchanged over the name: another inode, and the ctime no writer sets), so
+/// while the identity holds what was read holds. `ls` of 100,000 backups then costs a
+/// listing of the directory and a `stat` per record, not a read and a parse of each
+/// (issue 28); each entry takes about 300 bytes.
+#[derive(Default)]
+struct ListingCache {
+    /// By file name: the file's identity, what was read, and the number of the listing
+    /// that last saw it; and the number of the last listing.
+    entries: parking_lot::Mutex<(std::collections::HashMap<String, Seen>, u64)>,
+}
+
+/// A record file as a listing saw it (see [`ListingCache`]).
+type Seen = (Identity, Listed, u64);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Identity {
+    fn of(stat: &nix::sys::stat::FileStat) -> Identity {
+        Identity {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+            size: stat.st_size,
+            mtime: (stat.st_mtime, stat.st_mtime_nsec),
+            ctime: (stat.st_ctime, stat.st_ctime_nsec),
+        }
+    }
+}
+
 /// A catalogue in a pool directory: `backup-<id>.json` and `backup-<id>.sums` (objects
 /// of a [`DirStore`]: each written as a temporary file, fsynced, renamed, and the
 /// directory fsynced; see `records`), and `backup-<id>.leaves`, written in place while the
@@ -105,6 +176,7 @@ pub struct DirCatalogue {
     records: StoreRecords,
     /// This node's part in serving the target with other nodes (its heartbeat, claims).
     coordinator: Coordinator,
+    listed: ListingCache,
 }
 
 /// The names of a directory catalogue's objects.
@@ -146,6 +218,7 @@ impl DirCatalogue {
                 key: None,
             },
             coordinator,
+            listed: ListingCache::default(),
         })
     }
 
@@ -167,6 +240,47 @@ impl Catalogue for DirCatalogue {
 
     fn records(&self) -> Result<Vec<Record>> {
         self.records.records(&self.target)
+    }
+
+    fn listing(&self) -> Result<Vec<Listed>> {
+        let dir = self.open_dir()?;
+        let names = dir
+            .names_where(|name| DIR_NAMES.record_id(name).is_some())
+            .map_err(|e| TargetError::io("list", &self.dir, e))?;
+        let mut cache = self.listed.entries.lock();
+        let (entries, round) = &mut *cache;
+        *round += 1;
+        let mut listed = Vec::with_capacity(names.len());
+        for name in names {
+            // Gone meanwhile, or not a file (the read says why): as `records` does.
+            let identity = dir.stat(&name).ok().map(|stat| Identity::of(&stat));
+            if let (Some(now), Some(known)) = (identity, entries.get_mut(&name))
+                && known.0 == now
+            {
+                known.2 = *round;
+                listed.push(known.1.clone());
+                continue;
+            }
+            match self.records.load(&name) {
+                Ok(record) => {
+                    let entry = Listed::of(record);
+                    listed.push(entry.clone());
+                    if let Some(now) = identity {
+                        entries.insert(name, (now, entry, *round));
+                    }
+                }
+                Err(TargetError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!("target {}: skipping unreadable record: {e}", self.target)
+                }
+            }
+        }
+        // Records gone since the last listing are forgotten.
+        let round = *round;
+        entries.retain(|_, entry| entry.2 == round);
+        drop(cache);
+        listed.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+        Ok(listed)
     }
 
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
@@ -396,6 +510,55 @@ mod tests {
             Err(TargetError::BadRecord { message, .. }) => message,
             other => panic!("not damaged: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_listing_follows_each_record_file_as_it_is_replaced_removed_or_made() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let catalogue = DirCatalogue::open("t", &pool, "n", Duration::from_secs(30)).unwrap();
+        let statuses = || -> Vec<(String, super::super::record::Status)> {
+            let listed = catalogue.listing().unwrap();
+            let full: Vec<Listed> = catalogue
+                .records()
+                .unwrap()
+                .into_iter()
+                .map(Listed::of)
+                .collect();
+            assert_eq!(listed, full, "the listing shows what the records say");
+            listed
+                .into_iter()
+                .map(|l| (l.id.to_string(), l.status))
+                .collect()
+        };
+        use super::super::record::Status::*;
+        let mut a = record(A);
+        catalogue.write_record(&a).unwrap();
+        assert_eq!(statuses(), [(A.to_string(), Available)]);
+        // Replaced by this daemon, and behind its back (another node, in place: the
+        // ctime moves), the next listing reads it again.
+        a.status = Error;
+        catalogue.write_record(&a).unwrap();
+        assert_eq!(statuses(), [(A.to_string(), Error)]);
+        let text = std::fs::read_to_string(pool.join(DIR_NAMES.record(A))).unwrap();
+        std::fs::write(
+            pool.join(DIR_NAMES.record(A)),
+            text.replace("\"error\"", "\"deleting\""),
+        )
+        .unwrap();
+        assert_eq!(statuses(), [(A.to_string(), Deleting)]);
+        let mut b = record(B);
+        b.created_at = "2025-01-01T00:00:00.000Z".to_string();
+        catalogue.write_record(&b).unwrap();
+        assert_eq!(
+            statuses(),
+            [(B.to_string(), Available), (A.to_string(), Deleting)],
+            "oldest first"
+        );
+        catalogue.remove_record(&a.id).unwrap();
+        assert_eq!(statuses(), [(B.to_string(), Available)]);
+        assert_eq!(catalogue.listed.entries.lock().0.len(), 1, "A forgotten");
     }
 
     #[test]

@@ -155,6 +155,10 @@ pub trait BackupTarget: Send + Sync {
         self.catalogue().records()
     }
 
+    fn listing(&self) -> Result<Vec<catalogue::Listed>> {
+        self.catalogue().listing()
+    }
+
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
         self.catalogue().record(backup_id)
     }

@@ -203,6 +203,13 @@ impl Record {
         serde_json::to_vec(&fields).ok()
     }
 
+    /// The record as the mount shows it (`<id>.json`): pretty JSON and a newline.
+    pub fn shown_json(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
+        bytes.push(b'\n');
+        bytes
+    }
+
     pub fn completed_time(&self) -> SystemTime {
         self.completed_at
             .as_deref()

@@ -225,13 +225,23 @@ impl Dir {
     /// The names in the directory (but `.` and `..`), read through its descriptor; a name
     /// that is not UTF-8 comes lossily converted (so it matches none of ours).
     pub fn names(&self) -> io::Result<Vec<String>> {
+        self.names_where(|_| true)
+    }
+
+    /// The names [`Dir::names`] gives that `keep` keeps, filtered as they are read (a
+    /// pool of 100,000 backups holds 400,000 names, a quarter of them records).
+    pub fn names_where(&self, keep: impl Fn(&str) -> bool) -> io::Result<Vec<String>> {
         let mut listing = nix::dir::Dir::from_fd(self.reopen()?).map_err(nix_io)?;
         let mut names = Vec::new();
         for entry in listing.iter() {
             let entry = entry.map_err(nix_io)?;
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
-            if name != "." && name != ".." {
-                names.push(name.to_string_lossy().into_owned());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let name = name.to_string_lossy();
+            if keep(&name) {
+                names.push(name.into_owned());
             }
         }
         Ok(names)
