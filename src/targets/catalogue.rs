@@ -36,9 +36,10 @@ pub trait Catalogue: Send + Sync {
     /// Every record, oldest first; unreadable ones are skipped (and logged).
     fn records(&self) -> Result<Vec<Record>>;
     /// What a listing of the target shows of every record (id, status), in the order of
-    /// [`Catalogue::records`], without holding every record whole.
+    /// [`Catalogue::records`], without holding every record whole; a moment old at most
+    /// where other nodes write (as [`Catalogue::listed_records`]).
     fn listing(&self) -> Result<Vec<Listed>> {
-        Ok(self.records()?.into_iter().map(Listed::of).collect())
+        Ok(self.listed_records()?.into_iter().map(Listed::of).collect())
     }
     fn record(&self, backup_id: &BackupId) -> Result<Record>;
     /// Reads the record from the storage again, where the catalogue keeps records in
