@@ -20,12 +20,13 @@ impl Inner {
                     continue;
                 }
             };
-            for mut record in records {
+            for record in &records {
                 // Another node's backups are its own (or, if it is gone, taken over once
                 // its claim lapses: `reap`).
-                if !self.made_here(&record) {
+                if !self.made_here(record) {
                     continue;
                 }
+                let mut record = record.clone();
                 let driver = self
                     .backends
                     .get(&record.backend)
@@ -78,8 +79,9 @@ impl Inner {
                     }
                 }
             }
-            // Deletions cut short are finished as the janitor finishes them.
-            self.finish_leftovers(name, target.as_ref());
+            // Deletions cut short are finished as the janitor finishes them (over the
+            // records as read above: each is read again before it changes).
+            self.finish_leftovers_of(name, target.as_ref(), &records);
             if let Err(e) = target.catalogue().remove_temporaries() {
                 error!(backup_target = name, "cannot remove temporary files: {e}");
             }
@@ -242,10 +244,17 @@ impl Inner {
         let now = SystemTime::now();
         let mut recent: Vec<Arc<Job>> = Vec::new();
         for target in self.targets.values() {
-            let Ok(records) = target.records() else {
+            // The listing first (it reads a record once, then only when its file
+            // changes), and whole records only for what ended recently.
+            let Ok(listed) = target.listing() else {
                 continue;
             };
-            for record in records.into_iter().filter(|r| self.made_here(r)) {
+            let ended_recently = listed.into_iter().filter(|l| {
+                matches!(l.status, Status::Available | Status::Error)
+                    && now.duration_since(l.completed).unwrap_or(Duration::ZERO) < ENDED_JOB_TTL
+            });
+            let records = ended_recently.filter_map(|l| target.record(&l.id).ok());
+            for record in records.filter(|r| self.made_here(r)) {
                 let ended = match record.status {
                     Status::Available => Phase::Available,
                     Status::Error => Phase::Error,
