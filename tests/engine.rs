@@ -834,9 +834,11 @@ fn a_snapshot_an_older_record_names_only_by_snapshot_used_is_named_then_removed(
     drop(engine);
     let snapshot = record.temporary_snapshot.clone().expect("named");
     assert_eq!(world.volumes.snapshots(VOLUMES), vec![snapshot.clone()]);
-    // Records made before `temporary_snapshot` said only `snapshot_used`.
+    // Records made before `temporary_snapshot` said only `snapshot_used` (and named no
+    // node: nodes came later; a record naming its node names its snapshot too).
     assert!(record.snapshot_used);
     record.temporary_snapshot = None;
+    record.node = None;
     world.put_record(&record);
 
     // Start-up looks for it; it cannot go yet, so the record names it from now on.

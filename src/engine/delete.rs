@@ -128,7 +128,7 @@ impl Inner {
     /// The janitor's round for one target: finishes deletions and removes temporary
     /// snapshots that an earlier attempt could not, for jobs that are not running.
     pub(super) fn finish_leftovers(&self, target_name: &str, target: &dyn BackupTarget) {
-        match target.records() {
+        match super::recovery::needing_care(target) {
             Ok(records) => self.finish_leftovers_of(target_name, target, &records),
             Err(e) => warn!(
                 backup_target = target_name,
@@ -137,9 +137,9 @@ impl Inner {
         }
     }
 
-    /// [`finish_leftovers`](Self::finish_leftovers) over `records`, the catalogue as read
-    /// once for the whole round (at 100,000 backups a read of every record costs seconds):
-    /// each record is read again, under its lock, before anything changes.
+    /// [`finish_leftovers`](Self::finish_leftovers) over `records`: the records that need
+    /// care ([`Record::needs_care`]: every one this round acts on), as read once for the
+    /// whole round; each is read again, under its lock, before anything changes.
     pub(super) fn finish_leftovers_of(
         &self,
         target_name: &str,

@@ -13,7 +13,7 @@ impl Inner {
     /// snapshot; `deleting` ones are finished; temporary snapshots still named go.
     pub(super) fn recover(&self) {
         for (name, target) in &self.targets {
-            let records = match target.records() {
+            let records = match needing_care(target.as_ref()) {
                 Ok(records) => records,
                 Err(e) => {
                     error!(backup_target = name, "cannot read the catalogue: {e}");
@@ -62,7 +62,11 @@ impl Inner {
                         // snapshot is looked for (and, if it cannot go, named from now on).
                         let named = record.temporary_snapshot.is_some();
                         // (A base kept for incremental backups is not a leftover.)
-                        if record.snapshot_used && !named && record.base_snapshot.is_none() {
+                        if record.snapshot_used
+                            && !named
+                            && record.base_snapshot.is_none()
+                            && record.node.is_none()
+                        {
                             record.temporary_snapshot = Some(legacy_snapshot_name(&record.id));
                         }
                         if let Some(driver) = driver
@@ -286,4 +290,24 @@ impl Inner {
         recent.sort_by_key(|job| job.ended_at());
         self.state.lock().jobs = recent;
     }
+}
+
+/// The records start-up and the janitor may have work for ([`Record::needs_care`]), read
+/// whole, oldest first: the rest are only listed (at 100,000 backups, holding every record
+/// whole would cost seconds and a hundred MiB on every round).
+pub(super) fn needing_care(target: &dyn BackupTarget) -> crate::targets::Result<Vec<Record>> {
+    let listed = target.listing()?;
+    Ok(listed
+        .into_iter()
+        .filter(|l| l.needs_care)
+        .filter_map(|l| match target.record(&l.id) {
+            Ok(record) => Some(record),
+            // Gone since the listing: nothing left to do.
+            Err(crate::targets::TargetError::NotFound(_)) => None,
+            Err(e) => {
+                warn!(backup_id = %l.id, "skipping an unreadable record: {e}");
+                None
+            }
+        })
+        .collect())
 }

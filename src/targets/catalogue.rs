@@ -115,12 +115,16 @@ pub struct Listed {
     pub completed: std::time::SystemTime,
     /// The length of [`Record::shown_json`].
     pub shown_len: u64,
+    /// The record names work that start-up or the janitor may have to finish (see
+    /// [`Record::needs_care`]); the others are never read whole by them.
+    pub needs_care: bool,
 }
 
 impl Listed {
     pub fn of(record: Record) -> Listed {
         Listed {
             shown_len: record.shown_json().len() as u64,
+            needs_care: record.needs_care(),
             completed: record.completed_time(),
             size: record.size,
             id: record.id,

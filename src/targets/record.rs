@@ -153,6 +153,17 @@ impl Checksums {
 }
 
 impl Record {
+    /// Whether start-up recovery or the janitor may have work for this record: it is being
+    /// made or deleted, names a temporary or base snapshot, or comes from before records
+    /// named their snapshot and nodes had names (its snapshot is looked for by its old
+    /// name). Only these are read whole on those rounds.
+    pub fn needs_care(&self) -> bool {
+        matches!(self.status, Status::Creating | Status::Deleting)
+            || self.temporary_snapshot.is_some()
+            || self.base_snapshot.is_some()
+            || (self.snapshot_used && self.node.is_none())
+    }
+
     /// The scalar fields, as `getfattr` shows them (`user.backupfs.<field>`).
     pub fn scalar_fields(&self) -> Vec<(&'static str, String)> {
         let opt = |v: &Option<String>| v.clone().unwrap_or_default();
@@ -328,5 +339,43 @@ mod tests {
             Some(UNIX_EPOCH + Duration::from_secs(951_868_799))
         );
         assert_eq!(parse_rfc3339("2000-02-29 23:59:59"), None);
+    }
+
+    #[test]
+    fn only_records_that_name_work_need_care() {
+        let plain: Record = serde_json::from_value(serde_json::json!({
+            "format": 1, "id": "0b6a1f40-64b0-4a7e-9d2a-7f1c3a5e9d10",
+            "volume_id": "5f0c2b1e-3a4d-4c6b-8e9f-0a1b2c3d4e5f", "backend": "ssd",
+            "pool": "p", "target": "hdd", "status": "available", "size": 4096,
+            "created_at": "2026-11-18T11:06:40.250Z", "completed_at": null, "name": null,
+            "snapshot_used": true, "parent_id": null, "checksums": null, "error": null,
+            "node": "a"
+        }))
+        .unwrap();
+        assert!(!plain.needs_care(), "a finished backup of a named node");
+        let cases: [(&str, fn(&mut Record)); 6] = [
+            ("creating", |r| r.status = Status::Creating),
+            ("deleting", |r| r.status = Status::Deleting),
+            ("temporary snapshot", |r| {
+                r.temporary_snapshot = Some("s".into())
+            }),
+            ("base snapshot", |r| r.base_snapshot = Some("s".into())),
+            ("older record: snapshot only by snapshot_used", |r| {
+                r.node = None
+            }),
+            ("error that still names its snapshot", |r| {
+                r.status = Status::Error;
+                r.temporary_snapshot = Some("s".into())
+            }),
+        ];
+        for (what, change) in cases {
+            let mut record = plain.clone();
+            change(&mut record);
+            assert!(record.needs_care(), "{what}");
+        }
+        let mut older_without_snapshot = plain.clone();
+        older_without_snapshot.node = None;
+        older_without_snapshot.snapshot_used = false;
+        assert!(!older_without_snapshot.needs_care());
     }
 }
