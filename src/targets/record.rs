@@ -353,7 +353,8 @@ mod tests {
         }))
         .unwrap();
         assert!(!plain.needs_care(), "a finished backup of a named node");
-        let cases: [(&str, fn(&mut Record)); 6] = [
+        type Change = fn(&mut Record);
+        let cases: [(&str, Change); 6] = [
             ("creating", |r| r.status = Status::Creating),
             ("deleting", |r| r.status = Status::Deleting),
             ("temporary snapshot", |r| {
