@@ -52,7 +52,9 @@ impl BackupFs {
                                 allocated / 512,
                                 listed.completed,
                             );
-                            (attr, tree::ttl(node))
+                            // One time serves the name and the attributes here: the
+                            // name's (a deletion elsewhere must show within seconds).
+                            (attr, tree::ttl(node).min(tree::NAME_TTL))
                         })
                     }
                     (Node::Record(..), Some(listed)) => {

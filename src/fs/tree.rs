@@ -163,16 +163,21 @@ pub fn status_ttl(status: Status) -> Duration {
 }
 
 /// How long the kernel may trust that `name` is `node` (a lookup's entry), given how
-/// long it may keep the node's attributes (`attr_ttl`): a record's name only goes with a
-/// deletion (through the mount the kernel drops the name itself; any other is seen at
-/// the next getattr once the attributes expire), so it is kept 1 s even while its
-/// attributes are not.
+/// long it may keep the node's attributes (`attr_ttl`). A backup's names (its image's
+/// and its record's) only go with a deletion: through this mount the kernel drops the
+/// name itself, but a deletion on another node (or by the janitor) is seen only when the
+/// name is looked up again. So they are kept 1 s, whatever their attributes: an image's
+/// attributes never change (an hour), but its name must be gone from every node within
+/// seconds of its deletion (docs/operating.md, "Several nodes on one target").
 pub fn entry_ttl(node: &Node, attr_ttl: Duration) -> Duration {
     match node {
-        Node::Record(..) => Duration::from_secs(1),
+        Node::Record(..) | Node::Image(..) => NAME_TTL,
         _ => attr_ttl,
     }
 }
+
+/// How long the kernel keeps a backup's names ([`entry_ttl`]).
+pub const NAME_TTL: Duration = Duration::from_secs(1);
 
 /// The attributes of `node`, known to the kernel as inode `ino`.
 pub fn attr(
