@@ -529,13 +529,73 @@ pub fn loops_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn detach_loop_device(dev: &str) {
-    let _ = timed(Duration::from_secs(30), "losetup")
-        .arg("-d")
-        .arg(dev)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+/// `struct loop_info64` (linux/loop.h), as `LOOP_GET_STATUS64` fills it (the kernel's
+/// layout: all of it is written, the device and inode are read).
+#[repr(C)]
+#[allow(dead_code)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+
+/// The file a loop device is bound to: its path (as sysfs names it, without
+/// " (deleted)"), device and inode; None if the device is not bound.
+fn loop_backing(dev: &str, device: &File) -> Option<(PathBuf, u64, u64)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero loop_info64 is valid (integers and byte arrays).
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one loop_info64 through the pointer, which
+    // points at `info`.
+    if unsafe { libc::ioctl(device.as_raw_fd(), LOOP_GET_STATUS64, &mut info) } != 0 {
+        return None;
+    }
+    let name = dev.trim_start_matches("/dev/");
+    let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    let backing = backing.trim_end_matches('\n');
+    let backing = backing.strip_suffix(" (deleted)").unwrap_or(backing);
+    Some((PathBuf::from(backing), info.lo_device, info.lo_inode))
+}
+
+/// Detaches loop device `dev` only if it is bound to a file at or below `dir`. The check
+/// and the detach go through one open descriptor of the device: while it is open, a
+/// bound device cannot be cleared and bound to another file (the kernel clears it at the
+/// last close). A detach by name (`losetup -d /dev/loopN`) after a check of sysfs could
+/// clear a device that was ours when looked at, let go since (a lazy unmount finishing,
+/// an autoclear), and just taken by another test: its mount right after mkfs then read
+/// nothing ("can't read superblock on /dev/loop0").
+pub fn detach_loop_device(dev: &str, dir: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(device) = File::open(dev) else {
+        return;
+    };
+    let Some((path, device_no, inode)) = loop_backing(dev, &device) else {
+        return;
+    };
+    if !path.starts_with(dir) {
+        return;
+    }
+    // The path names the file the device holds (not one made there since).
+    if let Ok(meta) = std::fs::metadata(&path)
+        && (meta.dev(), meta.ino()) != (device_no, inode)
+    {
+        return;
+    }
+    // SAFETY: LOOP_CLR_FD takes no argument; the descriptor is open. Cleared now, or at
+    // the last close where the device is still in use (a lazily unmounted filesystem).
+    unsafe { libc::ioctl(device.as_raw_fd(), LOOP_CLR_FD, 0) };
 }
 
 /// Processes (other than this one) whose command line names a path at or below `dir`:
@@ -598,7 +658,7 @@ pub fn undo_everything_under(dir: &Path) {
     }
     unmount_all_under(dir);
     for dev in loops_under(dir) {
-        detach_loop_device(&dev);
+        detach_loop_device(&dev, dir);
     }
     // A loop device mounted under `dir` is detached only once that mount has gone.
     unmount_all_under(dir);
@@ -832,12 +892,14 @@ impl Sandbox {
     /// only asks for it, and the kernel lets go at the last close (udev may be probing
     /// the device), while backupfs rightly refuses a volume a loop device still holds.
     pub fn detach_loop(&mut self, dev: &str) {
-        ok(&format!("losetup -d {dev}"));
-        self.loops.retain(|d| d != dev);
         let name = dev.trim_start_matches("/dev/");
         let backing = PathBuf::from(format!("/sys/block/{name}/loop/backing_file"));
+        let file = std::fs::read_to_string(&backing).expect("a device of this sandbox");
+        detach_loop_device(dev, &self.dir);
+        self.loops.retain(|d| d != dev);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while backing.exists() {
+        // Until it holds our file no more (another test may have taken it since).
+        while std::fs::read_to_string(&backing).is_ok_and(|f| f == file) {
             assert!(
                 Instant::now() < deadline,
                 "{dev} still holds its file after 10 s"
@@ -1009,9 +1071,8 @@ impl Drop for Sandbox {
         }
         // Only devices still backed by a file of this sandbox: one released meanwhile may
         // have been taken by another test, whose device this is now.
-        let ours = loops_under(&self.dir);
-        for dev in self.loops.iter().rev().filter(|dev| ours.contains(dev)) {
-            detach_loop_device(dev);
+        for dev in self.loops.iter().rev() {
+            detach_loop_device(dev, &self.dir);
         }
         undo_everything_under(&self.dir);
         if mounts_under(&self.dir).is_empty() {
