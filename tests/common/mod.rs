@@ -358,13 +358,16 @@ pub fn files_mentioning(dir: &Path, id: &str) -> Vec<PathBuf> {
 }
 
 /// The file holding the record of `backup_id` in a target's pool: the JSON object whose
-/// `id` it is (found by content, whatever the file is called).
+/// `id` it is (found by content, whatever the file is called), not the temporary of a
+/// rewrite in flight (whose name starts with a dot, as every temporary's does).
 #[track_caller]
 pub fn record_file(pool: &Path, backup_id: &str) -> PathBuf {
     let found: Vec<PathBuf> = files_under(pool)
         .into_iter()
         .filter(|f| {
-            std::fs::metadata(f).is_ok_and(|m| m.len() <= 1 << 20)
+            !f.file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b"."))
+                && std::fs::metadata(f).is_ok_and(|m| m.len() <= 1 << 20)
                 && std::fs::read(f)
                     .ok()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
