@@ -658,7 +658,7 @@ fn kill9_writer() {
     };
     let (mode, id) = job.split_once(':').unwrap();
     let ready = PathBuf::from(std::env::var("BACKUPFS_KILL9_READY").unwrap());
-    let dir = PathBuf::from(std::env::args().last().unwrap());
+    let dir = PathBuf::from(std::env::args().next_back().unwrap());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     for n in 0.. {
         if mode == "records" {

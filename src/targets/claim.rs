@@ -557,8 +557,9 @@ mod tests {
             use nix::mount::{MsFlags, mount};
             // SAFETY: unshare(2) takes flags only; CLONE_NEWNS gives this thread its
             // own copy of the mounts.
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNS) };
             assert_eq!(
-                unsafe { libc::unshare(libc::CLONE_NEWNS) },
+                unshared,
                 0,
                 "unshare (the lib's tests run as root): {}",
                 std::io::Error::last_os_error()
