@@ -511,6 +511,24 @@ mod tests {
     }
 
     #[test]
+    fn the_block_cache_holds_each_block_once_and_a_put_drops_no_other() {
+        let cache = BlockCache::default();
+        let block = |n: usize| Arc::new(AlignedBuf::new(4096 * n).unwrap());
+        cache.put("x", 0, block(1));
+        cache.put("y", 0, block(2));
+        cache.put("x", 1, block(3));
+        // The same block number of another backup, another block of the same backup.
+        for (id, b, len) in [("x", 0, 4096), ("y", 0, 2 * 4096), ("x", 1, 3 * 4096)] {
+            assert_eq!(cache.get(id, b).map(|d| d.len()), Some(len), "{id} {b}");
+        }
+        // Put again, a block replaces its entry: one entry each, so 16 distinct blocks
+        // fit (a duplicate would push the oldest out).
+        cache.put("x", 0, block(4));
+        assert_eq!(cache.blocks.lock().len(), 3);
+        assert_eq!(cache.get("x", 0).map(|d| d.len()), Some(4 * 4096));
+    }
+
+    #[test]
     fn checked_blocks_are_dropped_at_the_last_close_of_their_image() {
         let block = CHECKSUM_BLOCK as usize;
         let data: Vec<u8> = (0..2 * block).map(|i| (i * 7 % 251) as u8).collect();
