@@ -482,6 +482,7 @@ impl BlockDevice for CheckedImage<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
 
     #[test]
     fn the_checksum_cache_is_bounded_and_keeps_the_most_recent() {
@@ -636,5 +637,67 @@ mod tests {
             image.damaged_blocks(&Progress::default(), &cancel).unwrap(),
             vec![2]
         );
+    }
+
+    /// A device in memory that counts its reads.
+    struct CountedReads(crate::volume::device::memory::MemDevice, Arc<AtomicU64>);
+
+    impl BlockDevice for CountedReads {
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+        fn size(&self) -> std::io::Result<u64> {
+            self.0.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn grow(&self, size: u64) -> std::io::Result<()> {
+            self.0.grow(size)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+        fn discard(&self, range: std::ops::Range<u64>) -> std::io::Result<()> {
+            self.0.discard(range)
+        }
+    }
+
+    #[test]
+    fn a_run_of_whole_blocks_is_read_at_once_and_checked_block_by_block() {
+        let block = CHECKSUM_BLOCK as usize;
+        let data: Vec<u8> = (0..5 * block + 100).map(|i| (i * 13 % 251) as u8).collect();
+        let kind = SumKind::CURRENT;
+        let sums: Vec<u64> = data.chunks(block).map(|b| kind.block_sum(b)).collect();
+        let device = crate::volume::device::memory::MemDevice::new(data.len() as u64);
+        device.fill(0, &data);
+        let reads = Arc::new(AtomicU64::new(0));
+        let image = BackupImage::new(
+            &BackupId::new(),
+            data.len() as u64,
+            data.len() as u64,
+            Attachment::new(CountedReads(device, reads.clone())),
+            Arc::new(sums),
+            kind,
+            true,
+            Arc::new(BlockCache::default()),
+        );
+        // Blocks 1, 2 and 3 whole (not up to the image's end): one read.
+        let mut buf = vec![0u8; 3 * block];
+        assert_eq!(image.read_at(&mut buf, block as u64).unwrap(), 3 * block);
+        assert_eq!(buf, data[block..4 * block]);
+        assert_eq!(reads.load(Ordering::Relaxed), 1, "one read for the run");
+        // From block 4 to the end (the last block is short): one read again.
+        let mut buf = vec![0u8; block + 100];
+        assert_eq!(
+            image.read_at(&mut buf, 4 * block as u64).unwrap(),
+            block + 100
+        );
+        assert_eq!(buf, data[4 * block..]);
+        assert_eq!(reads.load(Ordering::Relaxed), 2);
     }
 }
