@@ -245,6 +245,15 @@ fn a_checked_image_is_a_read_only_device_whose_data_is_what_the_sums_say() {
         checked.data_extents(3 * mib + 10..size + mib).unwrap(),
         vec![3 * mib + 10..size]
     );
+    // Seeks follow the sums too: the zero block is a hole, the lost one data.
+    assert_eq!(checked.seek_data(0).unwrap(), Some(0));
+    assert_eq!(checked.seek_data(mib + 10).unwrap(), Some(2 * mib));
+    assert_eq!(checked.seek_data(size - 1).unwrap(), Some(size - 1));
+    assert_eq!(checked.seek_data(size).unwrap(), None);
+    assert_eq!(checked.seek_hole(10).unwrap(), Some(mib));
+    assert_eq!(checked.seek_hole(mib + 10).unwrap(), Some(mib + 10));
+    assert_eq!(checked.seek_hole(2 * mib).unwrap(), Some(size));
+    assert_eq!(checked.seek_hole(size).unwrap(), None);
     // Reads are checked: good blocks read as stored, the lost one fails.
     let mut buf = vec![0u8; 2 * block];
     assert_eq!(checked.read_at(&mut buf, 0).unwrap(), 2 * block);
@@ -270,6 +279,14 @@ fn a_checked_image_is_a_read_only_device_whose_data_is_what_the_sums_say() {
     assert_ne!(
         CheckedImage(&unchecked).data_extents(0..size).unwrap(),
         vec![0..mib, 2 * mib..size]
+    );
+    assert_eq!(
+        CheckedImage(&unchecked).seek_data(mib + 10).unwrap(),
+        Some(3 * mib)
+    );
+    assert_eq!(
+        CheckedImage(&unchecked).seek_hole(2 * mib).unwrap(),
+        Some(2 * mib)
     );
 }
 
