@@ -430,6 +430,44 @@ fn a_wedged_daemon_fails_the_test_instead_of_hanging_the_suite() {
 }
 
 #[test]
+fn clean_up_never_detaches_a_loop_device_another_test_took_since() {
+    // `a` let go of its loop device (a lazy unmount finishing, an autoclear) and `b` took
+    // it: a's clean-up, which saw the device as its own a moment before, leaves it alone
+    // (detached by name, b's mount right after mkfs failed: "can't read superblock").
+    let a = Sandbox::new("loops-a");
+    let b = Sandbox::new("loops-b");
+    let (file_a, file_b) = (a.path("a.img"), b.path("b.img"));
+    for file in [&file_a, &file_b] {
+        std::fs::File::create(file)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    // The same device for both, by number: retried if another test takes it between.
+    let mut taken = None;
+    for _ in 0..20 {
+        let dev = ok(&format!("losetup -f --show '{}'", file_a.display()))
+            .trim()
+            .to_string();
+        assert_eq!(loops_under(&a.dir), vec![dev.clone()]);
+        ok(&format!("losetup -d {dev}"));
+        if sh(&format!("losetup {dev} '{}'", file_b.display()))
+            .status
+            .success()
+        {
+            taken = Some(dev);
+            break;
+        }
+    }
+    let dev = taken.expect("a loop device taken twice in a row");
+    detach_loop_device(&dev, &a.dir);
+    undo_everything_under(&a.dir);
+    assert_eq!(loops_under(&b.dir), vec![dev.clone()], "b's device is b's");
+    detach_loop_device(&dev, &b.dir);
+    wait_for(|| loops_under(&b.dir).is_empty(), "b's device to be let go");
+}
+
+#[test]
 fn what_a_dead_run_left_is_swept_by_the_next() {
     // This process's own sweep has run (and is not running) once a sandbox exists.
     let _sb = Sandbox::new("sweeper");
@@ -593,5 +631,170 @@ fn kill9_during_a_retention_deletion_is_finished_at_the_next_start() {
         d.image("hdd", &new).display(),
         source.display()
     ));
+    d.stop_clean();
+}
+
+/// Starts this binary's `kill9_writer` (a child of `sb`; its command line names `dir`),
+/// which writes what `mode` says over and over; once `ready` exists it has written once.
+fn start_writer(sb: &mut Sandbox, mode: &str, dir: &Path, id: &str, ready: &Path) -> usize {
+    let mut writer = std::process::Command::new(std::env::current_exe().unwrap());
+    writer
+        .args(["--ignored", "--exact", "kill9_writer", "--nocapture"])
+        .arg(dir)
+        .env("BACKUPFS_KILL9_WRITER", format!("{mode}:{id}"))
+        .env("BACKUPFS_KILL9_READY", ready)
+        .stdout(Stdio::null());
+    let child = sb.spawn(&mut writer);
+    wait_for(|| ready.exists(), "the writer's first write");
+    child
+}
+
+#[test]
+#[ignore = "the writer that the kill9_during_*_writes tests start and kill -9"]
+fn kill9_writer() {
+    use backupfs::targets::{catalogue::DIR_NAMES, claim, records::StoreRecords};
+    let Ok(job) = std::env::var("BACKUPFS_KILL9_WRITER") else {
+        return;
+    };
+    let (mode, id) = job.split_once(':').unwrap();
+    let ready = PathBuf::from(std::env::var("BACKUPFS_KILL9_READY").unwrap());
+    let dir = PathBuf::from(std::env::args().next_back().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for n in 0.. {
+        if mode == "records" {
+            let store = backupfs::targets::store::DirStore::open(&dir).unwrap();
+            let records = StoreRecords {
+                store: std::sync::Arc::new(store),
+                names: DIR_NAMES,
+                key: None,
+            };
+            let mut record = records
+                .record(&backupfs::ids::BackupId::parse(id).unwrap())
+                .unwrap();
+            record.name = Some(format!("kill9-{id}-{n}"));
+            records.write_record(&record).unwrap();
+        } else {
+            let pool = dir.join(n.to_string());
+            std::fs::create_dir(&pool).unwrap();
+            claim::claim(&pool, "hdd").unwrap();
+        }
+        if n == 0 {
+            std::fs::write(&ready, b"").unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "never killed");
+    }
+}
+
+#[test]
+fn kill9_during_record_writes_leaves_the_old_or_the_new_record_never_a_torn_one() {
+    use backupfs::targets::{catalogue::DIR_NAMES, claim, records::StoreRecords};
+    let mut sb = Sandbox::new("kill9-record");
+    let l = layout(&mut sb, None, Some(Fs::Xfs), "");
+    random_volume(&l.gold, "v", 4);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    let sum = sha256(&d.image("hdd", &id));
+    d.stop_clean();
+    let records = StoreRecords {
+        store: std::sync::Arc::new(backupfs::targets::store::DirStore::open(&l.backups).unwrap()),
+        names: DIR_NAMES,
+        key: None,
+    };
+    let backup = backupfs::ids::BackupId::parse(&id).unwrap();
+    let as_made = serde_json::to_value(records.record(&backup).unwrap()).unwrap();
+    let mut lcg = Lcg(27);
+    let mut name = String::new();
+    for round in 0..12 {
+        let ready = sb.path(&format!("ready-{round}"));
+        let writer = start_writer(&mut sb, "records", &l.backups, &id, &ready);
+        std::thread::sleep(std::time::Duration::from_micros(lcg.below(20_000)));
+        sb.release(writer);
+        // A whole record, the writer's last or the one before it: never a part of one.
+        let record = records
+            .record(&backup)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(
+            record.defect.is_none(),
+            "round {round}: {:?}",
+            record.defect
+        );
+        name = record.name.clone().unwrap();
+        assert!(name.starts_with(&format!("kill9-{id}-")), "{name}");
+        let mut read = serde_json::to_value(&record).unwrap();
+        read["name"] = as_made["name"].clone();
+        assert_eq!(read, as_made, "round {round}: only the name changes");
+    }
+    let temporaries = || -> Vec<String> {
+        let mut names = names_in(&l.backups);
+        names.retain(|n| n.starts_with(".backup-") && claim::is_temporary(n));
+        names
+    };
+    eprintln!("temporaries the kills left: {:?}", temporaries());
+    // The daemon starts clean: the record as last written, its data, no temporary.
+    let d = sb.start_daemon(&l.config);
+    assert_eq!(d.record("hdd", &id)["status"], "available");
+    assert_eq!(d.record("hdd", &id)["name"], name.as_str());
+    assert_eq!(sha256(&d.image("hdd", &id)), sum);
+    assert_eq!(temporaries(), Vec::<String>::new(), "log:\n{}", d.log());
+    d.stop_clean();
+}
+
+#[test]
+fn kill9_during_claim_writes_leaves_a_pool_claimed_or_claimable_and_the_daemon_starts() {
+    use backupfs::targets::claim::{self, PoolState};
+    let mut sb = Sandbox::new("kill9-claim");
+    let l = layout(&mut sb, None, None, "");
+    let pools = sb.mkdir("hdd/claims");
+    let mut lcg = Lcg(28);
+    // The daemon starts on the first pool whose claim a kill cut short, else the last.
+    let (mut unfinished, mut first_cut, mut last) = (0, None, None);
+    for round in 0..8 {
+        let dir = pools.join(round.to_string());
+        std::fs::create_dir(&dir).unwrap();
+        let ready = sb.path(&format!("ready-{round}"));
+        let writer = start_writer(&mut sb, "claims", &dir, "", &ready);
+        std::thread::sleep(std::time::Duration::from_micros(lcg.below(20_000)));
+        sb.release(writer);
+        let mut made = names_in(&dir);
+        made.sort_by_key(|n| n.parse::<u64>().unwrap());
+        let (cut, done) = made.split_last().unwrap();
+        // Every claim before the kill is whole; the one it cut is not made yet (no
+        // marker, at most its temporary) or whole: never a marker that cannot be read.
+        for name in done {
+            let state = claim::inspect(&dir.join(name), "hdd").unwrap();
+            assert!(matches!(state, PoolState::Claimed(_)), "{name}: {state:?}");
+        }
+        let cut = dir.join(cut);
+        match claim::inspect(&cut, "hdd") {
+            Ok(PoolState::Claimed(_)) => {}
+            // Nothing, or the marker's temporary (an earlier backupfs's file, to claim).
+            Ok(PoolState::Empty | PoolState::Legacy { backups: 0 }) if first_cut.is_none() => {
+                unfinished += 1;
+                first_cut = Some(cut);
+                continue;
+            }
+            Ok(PoolState::Empty | PoolState::Legacy { backups: 0 }) => unfinished += 1,
+            other => panic!("round {round}: {other:?}: {:?}", names_in(&cut)),
+        }
+        assert!(claim::claim(&cut, "hdd").is_ok(), "{:?}", names_in(&cut));
+        last = Some(cut);
+    }
+    eprintln!("kills that found a claim unfinished: {unfinished} of 8");
+    let cut = first_cut.or(last).unwrap();
+    std::fs::remove_dir(&l.backups).unwrap();
+    std::fs::rename(&cut, &l.backups).unwrap();
+    random_volume(&l.gold, "v", 2);
+    let d = sb.start_daemon(&l.config);
+    let id = d.backup("hdd", "v wait");
+    assert_eq!(d.record("hdd", &id)["status"], "available");
+    assert!(matches!(
+        claim::inspect(&l.backups, "hdd"),
+        Ok(PoolState::Claimed(_))
+    ));
+    assert!(
+        claim::foreign_files(&l.backups).is_empty(),
+        "{:?}",
+        names_in(&l.backups)
+    );
     d.stop_clean();
 }

@@ -288,6 +288,25 @@ fn a_full_backup_reads_back_as_the_volume_and_stores_only_its_data() {
 }
 
 #[test]
+fn an_incremental_to_a_target_that_cannot_share_data_is_a_whole_copy() {
+    // Without reflinks a new backup's data starts empty, not as its parent's: the
+    // incremental asked for is a full backup, or every unchanged block would be lost.
+    let mut world = World::new();
+    world.volumes = MemDriver::new(&[VOLUMES]);
+    world.driver = MemDriver::with_sharing(&[BACKUPS], false);
+    sample_volume(&world, "vol-a", 2);
+    let engine = world.engine();
+    let first = backup(&engine, "vol-a", true);
+    world
+        .volumes
+        .write(VOLUMES, "vol-a", 4 * MIB + 8192, &pattern(4096, 22));
+    let second = backup(&engine, "vol-a", true);
+    assert_eq!(second.parent_id, None, "{second:?}");
+    assert_eq!(image(&engine, &second.id), world.volume("vol-a"));
+    assert_ne!(image(&engine, &first.id), world.volume("vol-a"));
+}
+
+#[test]
 fn incremental_backups_write_only_what_changed_and_keep_one_base_snapshot() {
     let world = World::new();
     sample_volume(&world, "vol-a", 2);

@@ -255,7 +255,7 @@ fn rbd_volumes_are_listed_read_sought_and_backed_up_to_file_and_rbd_targets() {
 }
 
 #[test]
-fn restores_cross_every_pair_file_to_rbd_rbd_to_file_qcow2_to_rbd_and_rbd_to_rbd() {
+fn restores_cross_every_pair_file_to_rbd_rbd_to_file_qcow2_to_rbd_rbd_to_rbd_and_rbd_to_qcow2() {
     let cluster = ceph::cluster();
     let mut sb = Sandbox::new("rbd-cross");
     let s = setup(&mut sb, &cluster, "cross", "");
@@ -327,6 +327,21 @@ fn restores_cross_every_pair_file_to_rbd_rbd_to_file_qcow2_to_rbd_and_rbd_to_rbd
         cluster.export_sha256(&s.volumes, "volume-to-rbd-3"),
         rbd_sum,
         "what Ceph itself reads"
+    );
+    // rbd → qcow2: a backup stored on the RBD target onto a new qcow2 volume, which
+    // qemu itself reads back byte for byte at the source's size.
+    restore(d.image("rbd", &rbd_on_rbd), "q", "to-qcow2", &rbd_sum);
+    let made = s.qcow2.join("volume-to-qcow2");
+    let made_raw = sb.path("to-qcow2.raw");
+    ok(&format!(
+        "qemu-img check -q -U '{m}' && qemu-img convert -U -f qcow2 -O raw '{m}' '{}'",
+        made_raw.display(),
+        m = made.display(),
+    ));
+    assert_eq!(
+        sha256(&made_raw),
+        rbd_sum,
+        "what qemu reads of the qcow2 volume"
     );
     // Restoring over an existing, larger image: O_TRUNC zeroes it (thin), the copy
     // writes the backup, and the tail past it reads as zeros.

@@ -470,4 +470,199 @@ mod tests {
         // Every block with data is read (the holes past the base are not).
         assert!(outcome.bytes_read >= base_len, "{}", outcome.bytes_read);
     }
+
+    /// A base of `size` bytes (its pattern, then zeros from `zeros_from`), its checksums,
+    /// and a copy of it grown to `len` as the destination of an incremental.
+    fn base_case(size: u64, zeros_from: u64, len: u64) -> (MemDevice, Vec<u64>, MemDevice) {
+        let base = MemDevice::new(size);
+        base.fill(0, &pattern(zeros_from as usize, 21));
+        base.fill(zeros_from, &vec![0u8; (size - zeros_from) as usize]);
+        let sums: Vec<u64> = base
+            .contents()
+            .chunks(MIB as usize)
+            .map(|b| SumKind::CURRENT.block_sum(b))
+            .collect();
+        let dst = MemDevice::new(size);
+        dst.fill(0, &base.contents());
+        dst.grow(len).unwrap();
+        (base, sums, dst)
+    }
+
+    /// A source that reads as `base` grown to `len`, with `changes` (offset, length)
+    /// written over it.
+    fn changed_source(base: &MemDevice, len: u64, changes: &[(u64, u64)]) -> MemDevice {
+        let src = MemDevice::new(len);
+        src.fill(0, &base.contents());
+        for (i, &(at, n)) in changes.iter().enumerate() {
+            src.fill(at, &pattern(n as usize, 30 + i as u8));
+        }
+        src
+    }
+
+    fn block_sums(device: &MemDevice) -> Vec<u64> {
+        device
+            .contents()
+            .chunks(MIB as usize)
+            .map(|b| SumKind::CURRENT.block_sum(b))
+            .collect()
+    }
+
+    #[test]
+    fn an_incremental_copy_reads_exactly_the_blocks_its_changes_touch_and_no_neighbour() {
+        // Chunks are 2 MiB (MemDevice's request size): a change in block 2 is followed by
+        // unchanged block 3 in its chunk; a change starts exactly where block 6 ends; the
+        // last block (9) ends exactly at the base's end and is unchanged. No leaf sums:
+        // a block a change touches is read whole, and only those.
+        let (base, sums, dst) = base_case(10 * MIB, 10 * MIB, 10 * MIB);
+        let changes = [(2 * MIB + 4096, 8192), (7 * MIB, LEAF)];
+        let src = changed_source(&base, 10 * MIB, &changes);
+        let ranges: Vec<_> = changes.iter().map(|&(at, n)| at..at + n).collect();
+        let outcome = incremental(
+            &src,
+            &dst,
+            10 * MIB,
+            Base {
+                sums: &sums,
+                size: 10 * MIB,
+                changed: Some(&ranges),
+                kind: SumKind::CURRENT,
+            },
+            None,
+        );
+        assert_eq!(dst.contents(), src.contents());
+        assert_eq!(outcome.checksums, block_sums(&src));
+        assert_eq!(outcome.bytes_read, 2 * MIB, "blocks 2 and 7, nothing else");
+        assert_eq!(outcome.changed_bytes, 8192 + LEAF);
+    }
+
+    #[test]
+    fn with_leaf_sums_a_change_in_the_block_ending_at_the_bases_end_reads_only_its_leaf() {
+        let (base, sums, dst) = base_case(10 * MIB, 10 * MIB, 10 * MIB);
+        let file = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &leaves_of(&base), 0).unwrap();
+        let changes = [(9 * MIB + 5 * LEAF + 100, 300)];
+        let src = changed_source(&base, 10 * MIB, &changes);
+        let ranges: Vec<_> = changes.iter().map(|&(at, n)| at..at + n).collect();
+        let outcome = incremental(
+            &src,
+            &dst,
+            10 * MIB,
+            Base {
+                sums: &sums,
+                size: 10 * MIB,
+                changed: Some(&ranges),
+                kind: SumKind::CURRENT,
+            },
+            Some(&file),
+        );
+        assert_eq!(dst.contents(), src.contents());
+        assert_eq!(outcome.checksums, block_sums(&src));
+        assert_eq!(contents(&file), leaves_of(&src));
+        assert_eq!(
+            outcome.bytes_read, LEAF,
+            "one leaf of block 9, not the block"
+        );
+    }
+
+    #[test]
+    fn a_base_of_no_whole_blocks_grown_by_a_hole_gets_the_checksum_of_its_grown_last_block() {
+        // A file volume of 10 MiB + 100 bytes, grown (sparse) to 11 MiB: the extent maps
+        // of the two snapshots differ nowhere (a hole is a hole), so no range is changed,
+        // yet block 10 is now a whole block and its checksum is no longer the base's.
+        let size = 10 * MIB + 100;
+        let (base, sums, dst) = base_case(size, size, 11 * MIB);
+        let src = changed_source(&base, 11 * MIB, &[]);
+        let outcome = incremental(
+            &src,
+            &dst,
+            11 * MIB,
+            Base {
+                sums: &sums,
+                size,
+                changed: Some(&[]),
+                kind: SumKind::CURRENT,
+            },
+            None,
+        );
+        assert_eq!(dst.contents(), src.contents());
+        assert_ne!(sums[10], block_sums(&src)[10], "the case needs a new sum");
+        assert_eq!(outcome.checksums, block_sums(&src));
+        assert_eq!(outcome.changed_bytes, 0);
+    }
+
+    #[test]
+    fn compared_by_checksums_everything_from_a_short_last_block_of_the_base_on_is_new() {
+        // The base's last block is 100 bytes of zeros (its leaf sums are zeros, and make
+        // its checksum); the volume grew, with data in that block past the base's end.
+        let size = 10 * MIB + 100;
+        let (base, sums, dst) = base_case(size, 10 * MIB, 12 * MIB);
+        let file = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &leaves_of(&base), 0).unwrap();
+        let src = changed_source(&base, 12 * MIB, &[(10 * MIB + 3 * LEAF, 5000)]);
+        let outcome = incremental(
+            &src,
+            &dst,
+            12 * MIB,
+            Base {
+                sums: &sums,
+                size,
+                changed: None,
+                kind: SumKind::CURRENT,
+            },
+            Some(&file),
+        );
+        assert_eq!(dst.contents(), src.contents());
+        assert_eq!(outcome.checksums, block_sums(&src));
+        assert_eq!(contents(&file), leaves_of(&src));
+        // Blocks 10 and 11 lie (partly) past the base: written and counted whole, never
+        // compared leaf by leaf with what the base's short block held.
+        assert_eq!(outcome.changed_bytes, 2 * MIB);
+    }
+
+    #[test]
+    fn compared_by_checksums_an_unchanged_blocks_leaf_sums_entry_is_not_rewritten() {
+        // The leaf-sums file keeps the base's entries where a block is unchanged (no
+        // write, and its blocks stay shared with the parent's): given a file that cannot
+        // be written, an incremental of an unchanged volume still has whole leaf sums.
+        // The last block is short (10 MiB + 100 bytes).
+        let size = 10 * MIB + 100;
+        let (base, sums, dst) = base_case(size, size, size);
+        let scratch = tempfile::tempdir().unwrap();
+        let path = scratch.path().join("leaves");
+        std::fs::write(&path, leaves_of(&base)).unwrap();
+        let read_only = File::open(&path).unwrap();
+        let src = changed_source(&base, size, &[]);
+        let outcome = incremental(
+            &src,
+            &dst,
+            size,
+            Base {
+                sums: &sums,
+                size,
+                changed: None,
+                kind: SumKind::CURRENT,
+            },
+            Some(&read_only),
+        );
+        assert_eq!(dst.contents(), src.contents());
+        assert_eq!(outcome.checksums, sums);
+        assert_eq!(outcome.changed_bytes, 0);
+        assert!(outcome.leaves_whole, "an entry was rewritten");
+        // The same with one changed leaf: its entry must be written, and cannot be.
+        let src = changed_source(&base, size, &[(4 * MIB + LEAF, 10)]);
+        let outcome = incremental(
+            &src,
+            &dst,
+            size,
+            Base {
+                sums: &sums,
+                size,
+                changed: None,
+                kind: SumKind::CURRENT,
+            },
+            Some(&read_only),
+        );
+        assert_eq!(dst.contents(), src.contents());
+        assert!(!outcome.leaves_whole, "a changed entry was kept");
+    }
 }

@@ -259,9 +259,16 @@ fn write_new(dir: &Path, marker: &Marker) -> Result<(), ClaimError> {
     match result {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            // Someone claimed it first: fine if for the same target.
-            inspect(dir, &marker.target)?;
+            // Someone claimed it first: fine if for the same target (another target's
+            // marker, or one that cannot be read, is refused by `inspect`). A name that
+            // was there at the link and is gone now claims nothing: an error, never a
+            // start on a pool without a marker.
+            if !matches!(inspect(dir, &marker.target)?, PoolState::Claimed(_)) {
+                return Err(e.into());
+            }
         }
+        // Anything else (a full disk, an I/O error) is the start's error too: taken for
+        // a concurrent claim, it would let the daemon go on with no marker written.
         Err(e) => return Err(e.into()),
     }
     Ok(pool.sync()?)
@@ -537,5 +544,64 @@ mod tests {
         ));
         assert_eq!(read_marker(pool).unwrap(), Some(first));
         assert!(foreign_files(pool).is_empty(), "no temporary is left");
+    }
+
+    #[test]
+    fn a_marker_that_cannot_be_linked_in_is_the_claims_error_not_a_concurrent_claim() {
+        // A tmpfs of two inodes (its root and the marker's temporary): tmpfs counts a
+        // hard link as an inode, so link(2) fails with ENOSPC, as on a full pool. The
+        // mount lives in a mount namespace of this thread alone and goes with it.
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().to_path_buf();
+        let outcome = std::thread::spawn(move || {
+            use nix::mount::{MsFlags, mount};
+            // SAFETY: unshare(2) takes flags only; CLONE_NEWNS gives this thread its
+            // own copy of the mounts.
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+            assert_eq!(
+                unshared,
+                0,
+                "unshare (the lib's tests run as root): {}",
+                std::io::Error::last_os_error()
+            );
+            // Private, so the tmpfs never propagates to the host's mounts.
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .unwrap();
+            mount(
+                Some("tmpfs"),
+                &pool,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("nr_inodes=2,mode=0700"),
+            )
+            .unwrap();
+            let claimed = claim(&pool, "t");
+            let left = entries(&pool).unwrap();
+            (
+                claimed.map(|_| ()).map_err(|e| match e {
+                    ClaimError::Io(e) => e.raw_os_error(),
+                    other => panic!("{other}"),
+                }),
+                left,
+            )
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            outcome.0,
+            Err(Some(libc::ENOSPC)),
+            "the link's error is returned"
+        );
+        assert!(
+            outcome.1.is_empty(),
+            "no marker, no temporary: {:?}",
+            outcome.1
+        );
     }
 }

@@ -11,6 +11,9 @@
 #![allow(dead_code)]
 
 pub mod ceph;
+mod loops;
+
+pub use loops::{detach_loop_device, loops_under};
 
 use std::ffi::CString;
 use std::fs::File;
@@ -358,13 +361,16 @@ pub fn files_mentioning(dir: &Path, id: &str) -> Vec<PathBuf> {
 }
 
 /// The file holding the record of `backup_id` in a target's pool: the JSON object whose
-/// `id` it is (found by content, whatever the file is called).
+/// `id` it is (found by content, whatever the file is called), not the temporary of a
+/// rewrite in flight (whose name starts with a dot, as every temporary's does).
 #[track_caller]
 pub fn record_file(pool: &Path, backup_id: &str) -> PathBuf {
     let found: Vec<PathBuf> = files_under(pool)
         .into_iter()
         .filter(|f| {
-            std::fs::metadata(f).is_ok_and(|m| m.len() <= 1 << 20)
+            !f.file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b"."))
+                && std::fs::metadata(f).is_ok_and(|m| m.len() <= 1 << 20)
                 && std::fs::read(f)
                     .ok()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -510,34 +516,6 @@ fn abort_fuse_connection(device: &str) {
     let _ = std::fs::write(&abort, b"1");
 }
 
-/// Loop devices whose backing file is at or below `dir`.
-pub fn loops_under(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            let backing = backing.trim_end_matches('\n');
-            let backing = backing.strip_suffix(" (deleted)").unwrap_or(backing);
-            Path::new(backing)
-                .starts_with(dir)
-                .then(|| format!("/dev/{name}"))
-        })
-        .collect()
-}
-
-fn detach_loop_device(dev: &str) {
-    let _ = timed(Duration::from_secs(30), "losetup")
-        .arg("-d")
-        .arg(dev)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
 /// Processes (other than this one) whose command line names a path at or below `dir`:
 /// what a test started there (daemons, qemu-storage-daemons, lock holders, shells).
 pub fn processes_under(dir: &Path) -> Vec<i32> {
@@ -598,7 +576,7 @@ pub fn undo_everything_under(dir: &Path) {
     }
     unmount_all_under(dir);
     for dev in loops_under(dir) {
-        detach_loop_device(&dev);
+        detach_loop_device(&dev, dir);
     }
     // A loop device mounted under `dir` is detached only once that mount has gone.
     unmount_all_under(dir);
@@ -832,12 +810,14 @@ impl Sandbox {
     /// only asks for it, and the kernel lets go at the last close (udev may be probing
     /// the device), while backupfs rightly refuses a volume a loop device still holds.
     pub fn detach_loop(&mut self, dev: &str) {
-        ok(&format!("losetup -d {dev}"));
-        self.loops.retain(|d| d != dev);
         let name = dev.trim_start_matches("/dev/");
         let backing = PathBuf::from(format!("/sys/block/{name}/loop/backing_file"));
+        let file = std::fs::read_to_string(&backing).expect("a device of this sandbox");
+        detach_loop_device(dev, &self.dir);
+        self.loops.retain(|d| d != dev);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while backing.exists() {
+        // Until it holds our file no more (another test may have taken it since).
+        while std::fs::read_to_string(&backing).is_ok_and(|f| f == file) {
             assert!(
                 Instant::now() < deadline,
                 "{dev} still holds its file after 10 s"
@@ -1009,9 +989,8 @@ impl Drop for Sandbox {
         }
         // Only devices still backed by a file of this sandbox: one released meanwhile may
         // have been taken by another test, whose device this is now.
-        let ours = loops_under(&self.dir);
-        for dev in self.loops.iter().rev().filter(|dev| ours.contains(dev)) {
-            detach_loop_device(dev);
+        for dev in self.loops.iter().rev() {
+            detach_loop_device(dev, &self.dir);
         }
         undo_everything_under(&self.dir);
         if mounts_under(&self.dir).is_empty() {
