@@ -780,6 +780,77 @@ fn a_cluster_stopped_mid_copy_fails_the_job_with_etimedout_and_the_mount_keeps_a
     d.stop_clean();
 }
 
+/// Issue 27, item 10: the whole cluster gone (its monitor too, not only the OSD) while a
+/// backup copies from it: the job fails with ETIMEDOUT within the documented bound
+/// (docs/ceph.md: about three `timeout`s), the mount answers at once meanwhile, and
+/// requests to the gone backend fail within `timeout`; once the cluster is back, the
+/// backend answers again.
+#[test]
+fn a_cluster_gone_monitor_and_osd_mid_copy_fails_the_job_within_the_bound() {
+    let cluster = ceph::cluster_exclusive();
+    let mut sb = Sandbox::new("rbd-gone");
+    let s = setup(&mut sb, &cluster, "gone", "copy_bps_limit = 4000000");
+    let raw = sb.path("v.raw");
+    ok(&format!("head -c 64M /dev/urandom > '{}'", raw.display()));
+    import(&cluster, &s.volumes, "volume-far", &raw);
+    let d = sb.start_daemon(&s.config);
+    let request = d.target("files").join("request");
+    let waiting = std::thread::spawn(move || write_errno(&request, b"far wait\n"));
+    wait_for(
+        || {
+            d.jobs("files")
+                .lines()
+                .any(|l| l.contains(" far copying ") && !l.contains(" 0/"))
+        },
+        "the copy to start",
+    );
+    cluster.stop_osd();
+    cluster.stop_mon();
+    let stopped = Instant::now();
+    for (what, script) in [
+        ("ls", format!("ls '{}'", d.mnt.display())),
+        (
+            "cat jobs",
+            format!("cat '{}'", d.target("files").join("jobs").display()),
+        ),
+    ] {
+        let t0 = Instant::now();
+        ok(&script);
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "{what} took {:?} with the cluster gone",
+            t0.elapsed()
+        );
+    }
+    let t0 = Instant::now();
+    let listing = sh(&format!("ls '{}'", d.mnt.join("volumes/ceph").display()));
+    let first = t0.elapsed();
+    assert!(!listing.status.success(), "{listing:?}");
+    assert!(
+        first < Duration::from_secs(TIMEOUT + 2),
+        "ls of the gone backend took {first:?}"
+    );
+    let errno = waiting.join().expect("the waiting request");
+    let failed_after = stopped.elapsed();
+    eprintln!("the job failed {failed_after:?} after the cluster went; ls failed in {first:?}");
+    assert_eq!(errno, Some(libc::ETIMEDOUT), "log:\n{}", d.log());
+    assert!(
+        failed_after < Duration::from_secs(4 * TIMEOUT),
+        "the job failed {failed_after:?} after the cluster went, timeout = {TIMEOUT} s"
+    );
+    cluster.start_mon();
+    cluster.start_osd();
+    wait_for(
+        || {
+            sh(&format!("ls '{}'", d.mnt.join("volumes/ceph").display()))
+                .status
+                .success()
+        },
+        "the backend to answer again",
+    );
+    d.stop_clean();
+}
+
 /// Deterministic bytes, different for each seed.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -94,6 +94,9 @@ impl std::ops::Deref for Exclusive {
 impl Drop for Exclusive {
     /// A test that failed with the OSD stopped must not leave it stopped for the rest.
     fn drop(&mut self) {
+        if !self.running("mon.a") {
+            spawn_daemon(&self.dir, &self.daemons, "mon.a", "ceph-mon", &["-i", "a"]);
+        }
         if !self.osd_running() {
             spawn_daemon(&self.dir, &self.daemons, "osd.0", "ceph-osd", &["-i", "0"]);
             if let Err(last) = try_wait_healthy(&self.conf, Duration::from_secs(120)) {
@@ -105,7 +108,32 @@ impl Drop for Exclusive {
 
 impl Exclusive {
     fn osd_running(&self) -> bool {
-        self.daemons.lock().iter().any(|(name, _)| name == "osd.0")
+        self.running("osd.0")
+    }
+
+    fn running(&self, daemon: &str) -> bool {
+        self.daemons.lock().iter().any(|(name, _)| name == daemon)
+    }
+
+    /// Stops the monitor (SIGTERM) and waits for the process to end: with the OSD
+    /// stopped too, the whole cluster is gone for its clients.
+    pub fn stop_mon(&self) {
+        let t0 = Instant::now();
+        let mut daemons = self.daemons.lock();
+        if let Some(index) = daemons.iter().position(|(name, _)| name == "mon.a") {
+            let (name, child) = daemons.remove(index);
+            stop_child(&name, child);
+        }
+        drop(daemons);
+        write_pids(&self.daemons.lock());
+        eprintln!("mon.a stopped in {:.1}s", t0.elapsed().as_secs_f64());
+    }
+
+    /// Starts the monitor again (the OSD, if stopped, with `start_osd`).
+    pub fn start_mon(&self) {
+        if !self.running("mon.a") {
+            spawn_daemon(&self.dir, &self.daemons, "mon.a", "ceph-mon", &["-i", "a"]);
+        }
     }
 
     /// Stops the OSD (SIGTERM, as a crash of its host would look to clients once the
