@@ -5,6 +5,7 @@
 use super::{EngineError, Result};
 use crate::config::Config;
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -44,12 +45,20 @@ pub(super) fn take_state_lock(config: &Config) -> Result<nix::fcntl::Flock<File>
         )
     })?;
     let lock_path = config.state_dir.join("backupfs.lock");
+    // Never a link (it would have us truncate and write whatever it names) nor anything
+    // but a regular file (a FIFO would hang the start): checked on what was opened.
     let state_lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(&lock_path)
+        .and_then(|file| match file.metadata()?.file_type().is_file() {
+            true => Ok(file),
+            false => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        })
         .map_err(|source| EngineError::io(format!("open {}", lock_path.display()), source))?;
     // A holder that still serves its mount is not about to let go: refused at once. The
     // wait below is for one that is stopping (right after an `umount`).
