@@ -6,8 +6,8 @@
 #
 #   contrib/bench/s3_rss.sh [--volumes N] [--size-mib M] [--runs R]   # 4, 1024, 1
 #
-# Starts its own Ceph cluster with radosgw (contrib/ceph-cluster.sh, ports 3397/6797/
-# 7497) and stops it at the end; builds the release binary. Needs curl (bucket creation,
+# Starts its own Ceph cluster with radosgw (contrib/ceph-cluster.sh, ports 3395/6795/
+# 7495: none a test uses) and stops it at the end; builds the release binary. Needs curl (bucket creation,
 # SigV4), and what contrib/ceph-cluster.sh needs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,8 +41,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 CLUSTER=$T/cluster
-contrib/ceph-cluster.sh start "$CLUSTER" --mon-port 3397 --mon-port-v1 6797 --rgw-port 7497 >/dev/null
-ENDPOINT=http://127.0.0.1:7497
+contrib/ceph-cluster.sh start "$CLUSTER" --mon-port 3395 --mon-port-v1 6795 --rgw-port 7495 >/dev/null
+ENDPOINT=http://127.0.0.1:7495
 BUCKET=rss-$(date +%s)
 curl -sf -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" --aws-sigv4 "aws:amz:us-east-1:s3" \
     --user TESTACCESSKEY:TESTSECRETKEY \
