@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LEASE: u64 = 3;
 
@@ -81,27 +81,6 @@ fn start(sb: &mut Sandbox, c: &Cluster, i: usize, env: &[(&str, &str)]) -> Daemo
     sb.start_daemon_command(command, &mnt, &run)
 }
 
-fn listed(d: &Daemon, id: &str) -> bool {
-    std::fs::read_dir(d.target("hdd"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.file_name().to_string_lossy() == format!("{id}.img"))
-        })
-        .unwrap_or(false)
-}
-
-/// Waits at most `limit` for `cond`; how long it took.
-#[track_caller]
-fn within(limit: Duration, mut cond: impl FnMut() -> bool, what: &str) -> Duration {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    started.elapsed()
-}
-
 /// What the target pool holds besides records, sums and images that available records
 /// own, and the marker: must be nothing once every node is idle.
 fn unowned(backups: &Path) -> Vec<String> {
@@ -171,7 +150,7 @@ fn three_nodes_serve_one_target_every_backup_from_every_node() {
         });
     }
     for d in &mut children {
-        within(
+        wait_for_limit(
             Duration::from_secs(60),
             || {
                 if let Ok(Some(status)) = d.child.try_wait() {
@@ -189,9 +168,9 @@ fn three_nodes_serve_one_target_every_backup_from_every_node() {
     // Made on a, listed on b and c within 5 s, read and restored there.
     let full = a.backup("hdd", "v1");
     assert_eq!(a.wait_job("hdd", &full), "available", "{}", a.log());
-    let seen = within(
+    let seen = wait_for_limit(
         Duration::from_secs(5),
-        || listed(b, &full) && listed(c_node, &full),
+        || b.lists("hdd", &full) && c_node.lists("hdd", &full),
         "b and c to list a's backup",
     );
     eprintln!("listed on the other nodes after {seen:?}");
@@ -236,7 +215,7 @@ fn three_nodes_serve_one_target_every_backup_from_every_node() {
         "{}",
         c_node.log()
     );
-    assert!(listed(&b, &incremental));
+    assert!(b.lists("hdd", &incremental));
     release_jobs(&release);
     assert_eq!(a.wait_job("hdd", &held), "available", "{}", a.log());
     assert_eq!(a.record("hdd", &held)["parent_id"], incremental.as_str());
@@ -247,13 +226,13 @@ fn three_nodes_serve_one_target_every_backup_from_every_node() {
     // then hold its name.)
     assert!(a.image("hdd", &full).exists() && b.image("hdd", &full).exists());
     std::fs::remove_file(c_node.image("hdd", &full)).unwrap();
-    within(
+    wait_for_limit(
         Duration::from_secs(5),
         // Not listed, and not there to `stat` either: names a node listed (and so
         // holds in its kernel) go too.
         || {
-            !listed(&a, &full)
-                && !listed(&b, &full)
+            !a.lists("hdd", &full)
+                && !b.lists("hdd", &full)
                 && !a.image("hdd", &full).exists()
                 && !b.image("hdd", &full).exists()
         },
@@ -306,7 +285,7 @@ fn a_node_killed_mid_backup_is_taken_over_by_another_once_its_claim_lapses() {
     );
     assert_eq!(claims(&c.backups).len(), 1);
     a.kill9();
-    let took = within(
+    let took = wait_for_limit(
         Duration::from_secs(120),
         || stored_record(&c.backups, &id)["status"] == "error",
         "another node to take the backup over",
@@ -318,7 +297,7 @@ fn a_node_killed_mid_backup_is_taken_over_by_another_once_its_claim_lapses() {
         error.contains("node a stopped renewing its claim") && error.contains("took it over"),
         "{error}"
     );
-    within(
+    wait_for_limit(
         Duration::from_secs(5),
         || data_of(&c.backups, &id).is_empty() && claims(&c.backups).is_empty(),
         "the partial data and the claim to go",
@@ -348,12 +327,12 @@ fn a_node_paused_past_its_lease_is_fenced_and_writes_nothing_the_others_cleaned_
     // A frozen node blocks nobody: another volume is backed up meanwhile.
     let other = b.backup("hdd", "v2");
     assert_eq!(b.wait_job("hdd", &other), "available", "{}", b.log());
-    within(
+    wait_for_limit(
         Duration::from_secs(120),
         || stored_record(&c.backups, &id)["status"] == "error",
         "another node to take the backup over",
     );
-    within(
+    wait_for_limit(
         Duration::from_secs(5),
         || data_of(&c.backups, &id).is_empty(),
         "the partial data to go",
@@ -442,9 +421,9 @@ fn xattrs_set_on_every_node_at_once_are_all_kept() {
     let daemons: Vec<Daemon> = (0..3).map(|i| start(&mut sb, &c, i, &[])).collect();
     let id = daemons[0].backup("hdd", "v1");
     assert_eq!(daemons[0].wait_job("hdd", &id), "available");
-    within(
+    wait_for_limit(
         Duration::from_secs(5),
-        || daemons.iter().all(|d| listed(d, &id)),
+        || daemons.iter().all(|d| d.lists("hdd", &id)),
         "every node to list the backup",
     );
     // A read-change-write of one record from three nodes at once: none writes back a

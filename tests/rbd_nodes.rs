@@ -13,7 +13,7 @@ use common::*;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LEASE: u64 = 3;
 const NODES: [&str; 3] = ["a", "b", "c"];
@@ -165,16 +165,6 @@ fn unowned(cluster: &CephCluster, spec: &str) -> Vec<String> {
     found
 }
 
-#[track_caller]
-fn within(limit: Duration, mut cond: impl FnMut() -> bool, what: &str) -> Duration {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    started.elapsed()
-}
-
 /// Writes random bytes at `offset` of image `spec/image` in place, as a VM would:
 /// `rbd import-diff` of a diff in format v1 (doc/dev/rbd-diff.rst) of one write.
 fn rbd_write(sb: &Sandbox, cluster: &CephCluster, spec: &str, image: &str, offset: u64, len: u64) {
@@ -243,16 +233,6 @@ fn mount_command(sb: &Sandbox, node: &str) -> (Command, PathBuf, PathBuf) {
     (command, mnt, run)
 }
 
-fn listed(d: &Daemon, id: &str) -> bool {
-    std::fs::read_dir(d.target("rbd"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.file_name().to_string_lossy() == format!("{id}.img"))
-        })
-        .unwrap_or(false)
-}
-
 #[test]
 fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     let cluster = ceph::cluster();
@@ -287,7 +267,7 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
         });
     }
     for d in &mut starting {
-        within(
+        wait_for_limit(
             Duration::from_secs(60),
             || {
                 if let Ok(Some(status)) = d.child.try_wait() {
@@ -310,9 +290,9 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     let v1_sum = sha256(&v1);
     let full = a.backup("rbd", "v1");
     assert_eq!(a.wait_job("rbd", &full), "available", "{}", a.log());
-    let seen = within(
+    let seen = wait_for_limit(
         Duration::from_secs(5),
-        || listed(&b, &full) && listed(&c, &full),
+        || b.lists("rbd", &full) && c.lists("rbd", &full),
         "b and c to list a's backup",
     );
     eprintln!("listed on the other nodes after {seen:?}");
@@ -335,9 +315,9 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     assert_eq!(record["node"], "b");
     let series = format!("backupfs-series-{full}");
     assert_eq!(images(&cluster, &backups), std::slice::from_ref(&series));
-    within(
+    wait_for_limit(
         Duration::from_secs(5),
-        || listed(&a, &incremental),
+        || a.lists("rbd", &incremental),
         "a to list b's backup",
     );
     assert_eq!(sha256(&a.image("rbd", &incremental)), v1_sum);
@@ -364,14 +344,14 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
             .lines()
             .any(|l| l.starts_with(&held) && l.contains(" copying ") && !l.contains(" 0/"))
     };
-    within(Duration::from_secs(30), copying, "a's copy to start");
+    wait_for_limit(Duration::from_secs(30), copying, "a's copy to start");
     assert_eq!(head(&cluster, &backups, &series), held);
     assert_eq!(b.request("rbd", "v1"), Some(libc::EBUSY), "{}", b.log());
     assert_eq!(c.request("rbd", "v1 incremental"), Some(libc::EBUSY));
     std::fs::remove_file(c.image("rbd", &full)).unwrap();
-    within(
+    wait_for_limit(
         Duration::from_secs(5),
-        || !listed(&a, &full) && !listed(&b, &full),
+        || !a.lists("rbd", &full) && !b.lists("rbd", &full),
         "the deletion to show everywhere",
     );
     assert_eq!(
@@ -396,7 +376,7 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     // a is killed mid-backup: once its lease lapses another node records the backup
     // `error`, rolls the head back and removes its source snapshot.
     a.kill9();
-    let took = within(
+    let took = wait_for_limit(
         Duration::from_secs(120),
         || statuses(&cluster, &backups).get(&held).map(String::as_str) == Some("error"),
         "another node to take a's backup over",
@@ -510,7 +490,7 @@ fn a_node_paused_past_its_lease_is_fenced_by_a_broken_lock_and_writes_nothing_af
     let (command, mnt, run) = mount_command(&sb, "b");
     let b = sb.start_daemon_command(command, &mnt, &run);
     let id = a.backup("rbd", "v1");
-    within(
+    wait_for_limit(
         Duration::from_secs(30),
         || {
             a.jobs("rbd")
@@ -522,7 +502,7 @@ fn a_node_paused_past_its_lease_is_fenced_by_a_broken_lock_and_writes_nothing_af
     let series = format!("backupfs-series-{id}");
     assert_eq!(images(&cluster, &backups), std::slice::from_ref(&series));
     a.stop_all_threads();
-    let took = within(
+    let took = wait_for_limit(
         Duration::from_secs(120),
         || statuses(&cluster, &backups).get(&id).map(String::as_str) == Some("error"),
         "b to take the paused node's backup over",
@@ -563,9 +543,9 @@ fn a_node_paused_past_its_lease_is_fenced_by_a_broken_lock_and_writes_nothing_af
     a.stop_clean();
     let (command, mnt, run) = mount_command(&sb, "a");
     let a = sb.start_daemon_command(command, &mnt, &run);
-    within(
+    wait_for_limit(
         Duration::from_secs(5),
-        || listed(&a, &again),
+        || a.lists("rbd", &again),
         "the restarted node to list b's backup",
     );
     a.stop_clean();

@@ -8,18 +8,18 @@
 
 mod common;
 
+use common::rgw::{self, Gateway};
+
 use backupfs::copy::{self, Base, CopyOptions, CopyOutcome, Progress, Range};
 use backupfs::ids::BackupId;
 use backupfs::targets::BackupTarget;
-use backupfs::targets::s3::client::{Client, Endpoint};
-use backupfs::targets::s3::sigv4::Credentials;
+use backupfs::targets::s3::client::Client;
 use backupfs::targets::s3::{self, S3Error, S3Target, S3TargetConfig};
 use backupfs::volume::device::{BlockDevice, FileDevice};
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -27,77 +27,12 @@ const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 4 * MIB;
 const BUCKET: &str = "backupfs-test";
 
-struct Gateway {
-    url: String,
-    /// The cluster's directory (its `pids` file names the gateway's PID).
-    dir: PathBuf,
-}
-
-static GATEWAY: OnceLock<Gateway> = OnceLock::new();
-/// Tests share the gateway (read); the test that pauses it has it alone (write).
 static ACCESS: RwLock<()> = RwLock::new(());
 
-extern "C" fn stop_cluster() {
-    if let Some(gateway) = GATEWAY.get()
-        && std::env::var_os("BACKUPFS_TEST_S3_DIR").is_none()
-    {
-        let _ = Command::new(script())
-            .arg("stop")
-            .arg(&gateway.dir)
-            .status();
-    }
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ceph-cluster.sh")
-}
-
+/// This binary's gateway: ports of its own (the Ceph harness of tests/rbd.rs uses
+/// 3300/6789, tests/s3_nodes.rs 3396/6796/7496, the scripts' defaults 7480).
 fn gateway() -> &'static Gateway {
-    GATEWAY.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("BACKUPFS_TEST_S3_DIR") {
-            let dir = PathBuf::from(dir);
-            let conf = std::fs::read_to_string(dir.join("ceph.conf")).expect("ceph.conf");
-            let port = conf
-                .lines()
-                .find_map(|l| l.split("endpoint=127.0.0.1:").nth(1))
-                .expect("rgw frontends in ceph.conf")
-                .trim()
-                .to_string();
-            return Gateway {
-                url: format!("http://127.0.0.1:{port}"),
-                dir,
-            };
-        }
-        let dir = std::env::temp_dir().join(format!("backupfs-test-s3-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        // Ports of our own: the Ceph harness of tests/rbd.rs uses 3300/6789, the
-        // scripts' defaults 7480.
-        let t0 = Instant::now();
-        let status = Command::new(script())
-            .args(["start"])
-            .arg(&dir)
-            .args([
-                "--mon-port",
-                "3397",
-                "--mon-port-v1",
-                "6797",
-                "--rgw-port",
-                "7497",
-            ])
-            .status()
-            .expect("contrib/ceph-cluster.sh runs");
-        // SAFETY: registers a plain extern "C" function with no arguments.
-        unsafe { libc::atexit(stop_cluster) };
-        assert!(
-            status.success(),
-            "contrib/ceph-cluster.sh start failed (needs ceph-mon ceph-osd ceph-mgr ceph-common radosgw)"
-        );
-        eprintln!("radosgw up in {:.1}s", t0.elapsed().as_secs_f64());
-        Gateway {
-            url: "http://127.0.0.1:7497".to_string(),
-            dir,
-        }
-    })
+    rgw::gateway("s3", [3397, 6797, 7497])
 }
 
 /// What a test needs: the gateway, shared; a scratch directory with credentials and a
@@ -109,19 +44,7 @@ struct Fixture {
 }
 
 fn client(bucket: &str) -> Client {
-    Client::new(
-        Endpoint {
-            url: gateway().url.clone(),
-            bucket: bucket.to_string(),
-            region: "us-east-1".to_string(),
-        },
-        Credentials {
-            access_key: "TESTACCESSKEY".to_string(),
-            secret_key: "TESTSECRETKEY".to_string(),
-        },
-        Duration::from_secs(30),
-    )
-    .unwrap()
+    rgw::client(gateway(), bucket)
 }
 
 impl Fixture {

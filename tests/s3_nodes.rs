@@ -6,98 +6,26 @@
 mod common;
 
 use backupfs::targets::s3;
-use backupfs::targets::s3::client::{Client, Endpoint};
-use backupfs::targets::s3::sigv4::Credentials;
+use backupfs::targets::s3::client::Client;
+use common::rgw::{self, Gateway};
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LEASE: u64 = 3;
 const BUCKET: &str = "backupfs-test";
 const NODES: [&str; 3] = ["a", "b", "c"];
 
-struct Gateway {
-    url: String,
-    dir: PathBuf,
-}
-
-static GATEWAY: OnceLock<Gateway> = OnceLock::new();
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ceph-cluster.sh")
-}
-
-extern "C" fn stop_cluster() {
-    if let Some(gateway) = GATEWAY.get()
-        && std::env::var_os("BACKUPFS_TEST_S3_DIR").is_none()
-    {
-        let _ = Command::new(script())
-            .arg("stop")
-            .arg(&gateway.dir)
-            .status();
-    }
-}
-
 /// The gateway: its own cluster, on ports neither tests/s3.rs (3397, 6797, 7497) nor the
 /// RBD harness (3300, 6789) use, so those can run at the same time.
 fn gateway() -> &'static Gateway {
-    GATEWAY.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("BACKUPFS_TEST_S3_DIR") {
-            let dir = PathBuf::from(dir);
-            let conf = std::fs::read_to_string(dir.join("ceph.conf")).expect("ceph.conf");
-            let port = conf
-                .lines()
-                .find_map(|l| l.split("endpoint=127.0.0.1:").nth(1))
-                .expect("rgw frontends in ceph.conf")
-                .trim()
-                .to_string();
-            return Gateway {
-                url: format!("http://127.0.0.1:{port}"),
-                dir,
-            };
-        }
-        let dir = std::env::temp_dir().join(format!("backupfs-test-s3n-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let status = Command::new(script())
-            .arg("start")
-            .arg(&dir)
-            .args([
-                "--mon-port",
-                "3396",
-                "--mon-port-v1",
-                "6796",
-                "--rgw-port",
-                "7496",
-            ])
-            .status()
-            .expect("contrib/ceph-cluster.sh runs");
-        // SAFETY: registers a plain extern "C" function with no arguments.
-        unsafe { libc::atexit(stop_cluster) };
-        assert!(status.success(), "contrib/ceph-cluster.sh start failed");
-        Gateway {
-            url: "http://127.0.0.1:7496".to_string(),
-            dir,
-        }
-    })
+    rgw::gateway("s3n", [3396, 6796, 7496])
 }
 
 fn client() -> Client {
-    Client::new(
-        Endpoint {
-            url: gateway().url.clone(),
-            bucket: BUCKET.to_string(),
-            region: "us-east-1".to_string(),
-        },
-        Credentials {
-            access_key: "TESTACCESSKEY".to_string(),
-            secret_key: "TESTSECRETKEY".to_string(),
-        },
-        Duration::from_secs(30),
-    )
-    .unwrap()
+    rgw::client(gateway(), BUCKET)
 }
 
 struct Cluster {
@@ -206,27 +134,6 @@ impl Drop for Cluster {
     }
 }
 
-fn listed(d: &Daemon, id: &str) -> bool {
-    std::fs::read_dir(d.target("off"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.file_name().to_string_lossy() == format!("{id}.img"))
-        })
-        .unwrap_or(false)
-}
-
-/// Waits at most `limit` for `cond`; how long it took.
-#[track_caller]
-fn within(limit: Duration, mut cond: impl FnMut() -> bool, what: &str) -> Duration {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    started.elapsed()
-}
-
 #[track_caller]
 fn same(image: &Path, volume: &Path) {
     ok(&format!("cmp '{}' '{}'", image.display(), volume.display()));
@@ -249,9 +156,9 @@ fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup
     // Made on a: listed on b within 5 s, read byte-exact on c.
     let full = a.backup("off", "v1");
     assert_eq!(a.wait_job("off", &full), "available", "{}", a.log());
-    let seen = within(
+    let seen = wait_for_limit(
         Duration::from_secs(5),
-        || listed(&b, &full) && listed(&c_node, &full),
+        || b.lists("off", &full) && c_node.lists("off", &full),
         "b and c to list a's backup",
     );
     eprintln!("listed on the other nodes after {seen:?}");
@@ -270,7 +177,7 @@ fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup
     let collections = || a.log().matches("garbage collection: ").count();
     let earlier = collections();
     std::fs::remove_file(a.image("off", &x)).unwrap();
-    within(
+    wait_for_limit(
         Duration::from_secs(10),
         || collections() > earlier,
         "a's collection after the deletion",
@@ -304,9 +211,9 @@ fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup
     ));
     let incremental = b.backup("off", "v1 incremental");
     assert_eq!(b.wait_job("off", &incremental), "available", "{}", b.log());
-    within(
+    wait_for_limit(
         Duration::from_secs(5),
-        || listed(&a, &incremental) && listed(&c_node, &incremental),
+        || a.lists("off", &incremental) && c_node.lists("off", &incremental),
         "a and c to list b's incremental",
     );
     let record = a.record("off", &incremental);
@@ -316,15 +223,15 @@ fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup
 
     // Deleted on b: gone from a within 5 s.
     std::fs::remove_file(b.image("off", &y)).unwrap();
-    within(
+    wait_for_limit(
         Duration::from_secs(5),
-        || !listed(&a, &y) && !listed(&c_node, &y),
+        || !a.lists("off", &y) && !c_node.lists("off", &y),
         "b's deletion to show on a and c",
     );
 
     // c is killed mid-backup: another node records it error, a collection frees its
     // chunks.
-    within(
+    wait_for_limit(
         Duration::from_secs(10),
         || {
             let (status, printed) = c.gc();
@@ -337,13 +244,13 @@ fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup
     c_node.wait_state("off", &doomed, "finishing");
     assert!(c.chunks() > idle, "c uploaded chunks of v3");
     c_node.kill9();
-    let took = within(
+    let took = wait_for_limit(
         Duration::from_secs(60),
         || a.record("off", &doomed)["status"] == "error",
         "another node to take c's backup over",
     );
     eprintln!("taken over {took:?} after the kill (lease {LEASE} s)");
-    within(
+    wait_for_limit(
         Duration::from_secs(15),
         || c.chunks() == idle,
         "a collection to free the chunks of c's backup",
@@ -365,7 +272,7 @@ fn three_nodes_share_one_s3_target_and_no_collection_breaks_another_nodes_backup
         );
     }
     // (Each node's record of the other's verify is read again within about a second.)
-    within(
+    wait_for_limit(
         Duration::from_secs(5),
         || {
             b.record("off", &full)["verified_at"].is_string()
@@ -457,13 +364,13 @@ fn a_node_paused_past_its_lease_writes_no_index_and_collects_again_once_resumed(
     a.wait_state("off", &id, "finishing");
     assert!(c.chunks() > before, "a uploaded chunks of v1");
     a.signal(libc::SIGSTOP);
-    let took = within(
+    let took = wait_for_limit(
         Duration::from_secs(60),
         || b.record("off", &id)["status"] == "error",
         "b to take a's backup over",
     );
     eprintln!("taken over {took:?} after the pause (lease {LEASE} s)");
-    within(
+    wait_for_limit(
         Duration::from_secs(15),
         || c.chunks() == before,
         "b's collection to free a's chunks",
@@ -478,7 +385,7 @@ fn a_node_paused_past_its_lease_writes_no_index_and_collects_again_once_resumed(
     // Its own collections are not held back by the backup it lost: a deletion on a
     // frees the chunks.
     std::fs::remove_file(a.image("off", &other)).unwrap();
-    within(
+    wait_for_limit(
         Duration::from_secs(15),
         || c.chunks() == 0,
         "a's collection to free the deleted backup's chunks",

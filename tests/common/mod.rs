@@ -12,6 +12,7 @@
 
 pub mod ceph;
 mod loops;
+pub mod rgw;
 
 pub use loops::{detach_loop_device, loops_under};
 
@@ -287,20 +288,22 @@ pub fn damage_bytes(path: &Path, offset: u64, bytes: &[u8]) {
 }
 
 pub fn wait_for(cond: impl FnMut() -> bool, what: &str) {
-    wait_for_limit(WAIT_TIMEOUT, cond, what)
+    wait_for_limit(WAIT_TIMEOUT, cond, what);
 }
 
+/// Waits at most `limit` for `cond`; how long it took.
 #[track_caller]
-pub fn wait_for_limit(limit: Duration, mut cond: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + limit;
+pub fn wait_for_limit(limit: Duration, mut cond: impl FnMut() -> bool, what: &str) -> Duration {
+    let started = Instant::now();
     while !cond() {
         assert!(
-            Instant::now() < deadline,
-            "timed out after {} s waiting for {what}",
-            limit.as_secs()
+            started.elapsed() < limit,
+            "timed out after {:?} waiting for {what}",
+            limit
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    started.elapsed()
 }
 
 pub fn is_fuse_mount(path: &Path) -> bool {
@@ -1029,6 +1032,17 @@ impl Daemon {
 
     pub fn target(&self, target: &str) -> PathBuf {
         self.mnt.join("backups").join(target)
+    }
+
+    /// Whether a listing of `target` on this mount shows the image of backup `id`.
+    pub fn lists(&self, target: &str, id: &str) -> bool {
+        std::fs::read_dir(self.target(target))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy() == format!("{id}.img"))
+            })
+            .unwrap_or(false)
     }
 
     pub fn volume(&self, backend: &str, volume_id: &str) -> PathBuf {
