@@ -685,25 +685,7 @@ fn kill9_after_available_before_the_snapshot_keeps_the_backup_and_its_first_read
 fn a_cluster_stopped_mid_copy_fails_the_job_with_etimedout_and_the_mount_keeps_answering() {
     let cluster = ceph::cluster_exclusive();
     let mut sb = Sandbox::new("rbd-outage");
-    let s = setup(&mut sb, &cluster, "outage", "copy_bps_limit = 4000000");
-    let raw = sb.path("v.raw");
-    ok(&format!("head -c 64M /dev/urandom > '{}'", raw.display()));
-    import(&cluster, &s.volumes, "volume-far", &raw);
-    let d = sb.start_daemon(&s.config);
-    let request = d.target("files").join("request");
-    let waiting = std::thread::spawn(move || {
-        let t0 = Instant::now();
-        let errno = write_errno(&request, b"far wait\n");
-        (errno, t0.elapsed())
-    });
-    wait_for(
-        || {
-            d.jobs("files")
-                .lines()
-                .any(|l| l.contains(" far copying ") && !l.contains(" 0/"))
-        },
-        "the copy to start",
-    );
+    let (d, waiting) = copying_from_the_cluster(&mut sb, &cluster, "outage");
     cluster.stop_osd();
     let stopped = Instant::now();
     // The mount answers at once while the job waits on the cluster.
@@ -780,6 +762,35 @@ fn a_cluster_stopped_mid_copy_fails_the_job_with_etimedout_and_the_mount_keeps_a
     d.stop_clean();
 }
 
+/// A daemon backing up a 64 MiB RBD volume (`far`, slowed to 4 MB/s) to a file target,
+/// its copy under way: the daemon, and the `wait` request's errno and time, once it ends.
+fn copying_from_the_cluster(
+    sb: &mut Sandbox,
+    cluster: &CephCluster,
+    name: &str,
+) -> (Daemon, std::thread::JoinHandle<(Option<i32>, Duration)>) {
+    let s = setup(sb, cluster, name, "copy_bps_limit = 4000000");
+    let raw = sb.path("v.raw");
+    ok(&format!("head -c 64M /dev/urandom > '{}'", raw.display()));
+    import(cluster, &s.volumes, "volume-far", &raw);
+    let d = sb.start_daemon(&s.config);
+    let request = d.target("files").join("request");
+    let waiting = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let errno = write_errno(&request, b"far wait\n");
+        (errno, t0.elapsed())
+    });
+    wait_for(
+        || {
+            d.jobs("files")
+                .lines()
+                .any(|l| l.contains(" far copying ") && !l.contains(" 0/"))
+        },
+        "the copy to start",
+    );
+    (d, waiting)
+}
+
 /// Issue 27, item 10: the whole cluster gone (its monitor too, not only the OSD) while a
 /// backup copies from it: the job fails with ETIMEDOUT within the documented bound
 /// (docs/ceph.md: about three `timeout`s), the mount answers at once meanwhile, and
@@ -789,21 +800,7 @@ fn a_cluster_stopped_mid_copy_fails_the_job_with_etimedout_and_the_mount_keeps_a
 fn a_cluster_gone_monitor_and_osd_mid_copy_fails_the_job_within_the_bound() {
     let cluster = ceph::cluster_exclusive();
     let mut sb = Sandbox::new("rbd-gone");
-    let s = setup(&mut sb, &cluster, "gone", "copy_bps_limit = 4000000");
-    let raw = sb.path("v.raw");
-    ok(&format!("head -c 64M /dev/urandom > '{}'", raw.display()));
-    import(&cluster, &s.volumes, "volume-far", &raw);
-    let d = sb.start_daemon(&s.config);
-    let request = d.target("files").join("request");
-    let waiting = std::thread::spawn(move || write_errno(&request, b"far wait\n"));
-    wait_for(
-        || {
-            d.jobs("files")
-                .lines()
-                .any(|l| l.contains(" far copying ") && !l.contains(" 0/"))
-        },
-        "the copy to start",
-    );
+    let (d, waiting) = copying_from_the_cluster(&mut sb, &cluster, "gone");
     cluster.stop_osd();
     cluster.stop_mon();
     let stopped = Instant::now();
@@ -830,7 +827,7 @@ fn a_cluster_gone_monitor_and_osd_mid_copy_fails_the_job_within_the_bound() {
         first < Duration::from_secs(TIMEOUT + 2),
         "ls of the gone backend took {first:?}"
     );
-    let errno = waiting.join().expect("the waiting request");
+    let (errno, _) = waiting.join().expect("the waiting request");
     let failed_after = stopped.elapsed();
     eprintln!("the job failed {failed_after:?} after the cluster went; ls failed in {first:?}");
     assert_eq!(errno, Some(libc::ETIMEDOUT), "log:\n{}", d.log());
