@@ -75,6 +75,7 @@ impl Fixture {
         S3TargetConfig {
             kind: Some("s3".to_string()),
             endpoint: gateway().url.clone(),
+            ca_file: None,
             bucket: BUCKET.to_string(),
             prefix: self.prefix.clone(),
             region: "us-east-1".to_string(),
