@@ -7,6 +7,8 @@
 //! --rgw-port N` started (faster when iterating); it is left running.
 
 mod common;
+#[path = "s3/https.rs"]
+mod https;
 
 use common::rgw::{self, Gateway};
 
