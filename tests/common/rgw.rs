@@ -108,6 +108,8 @@ pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
         key.display(),
         pem.display()
     ));
+    // As a ca_file must be (whatever the umask): not writable by group or others.
+    std::fs::set_permissions(&pem, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     pem
 }
 

@@ -114,6 +114,7 @@ fn a_certificate_not_trusted_or_not_for_the_host_fails_check_config_naming_endpo
     // A ca_file that holds no certificate, or is missing, names ca_file.
     let empty = fixture.path("empty.pem");
     std::fs::write(&empty, "").unwrap();
+    std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o644)).unwrap();
     named(
         &refused(&tls.url, &format!("ca_file = \"{}\"\n", empty.display())),
         "ca_file",
@@ -126,6 +127,15 @@ fn a_certificate_not_trusted_or_not_for_the_host_fails_check_config_naming_endpo
         ),
         "ca_file",
         &["none.pem"],
+    );
+    // One that others may write (they would choose whom backupfs trusts).
+    let open = fixture.path("open-ca.pem");
+    std::fs::copy(&tls.ca, &open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+    named(
+        &refused(&tls.url, &format!("ca_file = \"{}\"\n", open.display())),
+        "ca_file",
+        &["not writable by group or others"],
     );
     // And one given with an http:// endpoint.
     named(&refused(&gateway().url, &ca_file), "ca_file", &["http://"]);

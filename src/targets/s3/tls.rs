@@ -3,7 +3,7 @@
 //! tells the operator. It never turns verification off.
 
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// The CA certificates of a `ca_file`, read and checked.
@@ -26,8 +26,9 @@ const CA_FILE_MAX: u64 = 4 << 20;
 /// Reads a PEM file of CA certificates (`ca_file`). Opened as the other files of an s3
 /// target (`credentials`, `encryption_key`) are: following a link (a CA bundle often is
 /// one), non-blocking (a FIFO planted there cannot hang the start), and only a regular
-/// file is read. Other PEM blocks (a key) are passed over; a file without a certificate,
-/// or with one that cannot serve as a root, is refused.
+/// file is read, one that only root or this user can write (it need not be secret).
+/// Other PEM blocks (a key) are passed over; a file without a certificate, or with one
+/// that cannot serve as a root, is refused.
 pub fn read_ca_file(path: &Path) -> Result<CaFile, String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -39,6 +40,16 @@ pub fn read_ca_file(path: &Path) -> Result<CaFile, String> {
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", path.display()));
+    }
+    // Whoever can write it chooses whom backupfs trusts with the target's data.
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.mode() & 0o022 != 0 || (meta.uid() != euid && meta.uid() != 0) {
+        return Err(format!(
+            "{} (owner uid {}, mode {:04o}) must be root's or this user's and not writable by group or others: whoever can write it chooses which certificates are trusted",
+            path.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
     }
     let mut pem = Vec::new();
     file.take(CA_FILE_MAX + 1)
@@ -131,6 +142,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
         read_ca_file(&path)
     }
 
@@ -145,6 +158,28 @@ mod tests {
         );
         let error = read_ca_file(dir.path()).unwrap_err();
         assert!(error.contains("not a regular file"), "{error}");
+    }
+
+    #[test]
+    fn a_ca_file_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "").unwrap();
+        for mode in [0o664, 0o646] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let error = read_ca_file(&path).unwrap_err();
+            assert!(error.contains("not writable by group or others"), "{error}");
+        }
+        // Readable by all is fine: it is no secret (and empty, so refused for that).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = read_ca_file(&path).unwrap_err();
+        assert!(error.contains("holds no certificate"), "{error}");
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let error = read_ca_file(&path).unwrap_err();
+            assert!(error.contains("owner uid 65534"), "{error}");
+        }
     }
 
     #[test]
