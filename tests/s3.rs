@@ -7,6 +7,8 @@
 //! --rgw-port N` started (faster when iterating); it is left running.
 
 mod common;
+#[path = "s3/https.rs"]
+mod https;
 
 use common::rgw::{self, Gateway};
 
@@ -75,6 +77,7 @@ impl Fixture {
         S3TargetConfig {
             kind: Some("s3".to_string()),
             endpoint: gateway().url.clone(),
+            ca_file: None,
             bucket: BUCKET.to_string(),
             prefix: self.prefix.clone(),
             region: "us-east-1".to_string(),

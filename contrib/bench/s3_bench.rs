@@ -41,6 +41,7 @@ fn main() {
     let config = S3TargetConfig {
         kind: Some("s3".to_string()),
         endpoint: endpoint.clone(),
+        ca_file: None,
         bucket: bucket.clone(),
         prefix: prefix.clone(),
         region: "us-east-1".to_string(),
