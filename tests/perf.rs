@@ -157,8 +157,8 @@ fn a_restore_by_cp_sparse_always_or_dd_through_the_mount_lands_exactly_from_cold
     let mut sb = Sandbox::new("perf-restore");
     let l = layout(&mut sb, Some(Fs::Xfs), Some(Fs::Xfs), "");
     // Data at an offset that is no multiple of the 2 MiB read buffer, long enough for
-    // writeback to be started and waited for behind the writer (8 MiB pieces, a 32 MiB
-    // window), then a hole, then a short tail.
+    // writeback to be started behind the writer and its pages dropped a window back (8
+    // MiB pieces, a 32 MiB window), then a hole, then a short tail.
     let volume = sparse_volume(&l.gold, "v", 100, 3, 70);
     ok(&format!(
         "head -c 700000 /dev/urandom | dd of='{}' bs=1 seek=$((97 << 20)) conv=notrunc status=none",

@@ -3,7 +3,7 @@ use super::*;
 const MIB: u64 = 1 << 20;
 
 #[test]
-fn sequential_writes_start_writeback_per_piece_and_wait_a_window_behind() {
+fn sequential_writes_start_writeback_per_piece_and_drop_a_window_behind() {
     let mut writeback = Writeback::default();
     let mut kicks = Vec::new();
     for i in 0..48 {
@@ -19,8 +19,8 @@ fn sequential_writes_start_writeback_per_piece_and_wait_a_window_behind() {
             .chain([24 * MIB..32 * MIB, 32 * MIB..40 * MIB, 40 * MIB..48 * MIB])
             .collect::<Vec<_>>()
     );
-    let waited: Vec<_> = kicks.iter().filter_map(|k| k.waited.clone()).collect();
-    assert_eq!(waited, [0..8 * MIB, 8 * MIB..16 * MIB]);
+    let dropped: Vec<_> = kicks.iter().filter_map(|k| k.dropped.clone()).collect();
+    assert_eq!(dropped, [0..8 * MIB, 8 * MIB..16 * MIB]);
 }
 
 #[test]
@@ -38,7 +38,7 @@ fn a_write_out_of_sequence_starts_a_new_run() {
         writeback.wrote(107 * MIB, 108 * MIB),
         Some(Kick {
             start: 100 * MIB..108 * MIB,
-            waited: None
+            dropped: None
         })
     );
     // Writing the same place again is no progress either.

@@ -1,27 +1,28 @@
 //! Writeback behind a restore's sequential writes to a local volume: started every 8 MiB,
-//! waited for (and the pages dropped) 32 MiB behind, as the backup copier does, so that a
-//! restore through the mount neither piles up dirty pages nor stalls at close.
+//! and the pages already written back dropped 32 MiB behind, so that a restore through the
+//! mount neither stalls at close nor pushes the node's page cache out. Unlike the backup
+//! copier it never waits for the disk: the writer is the operator's `cp`, one write at a
+//! time.
 
 /// Writeback is started for each this many bytes written in sequence.
 const WRITEBACK_PIECE: u64 = 8 << 20;
-/// Written data a restore through the mount may keep dirty before it waits for the disk:
-/// the writes a window behind the newest are waited for.
+/// How far behind the newest write the pages written back are dropped from the page cache.
 const WRITEBACK_WINDOW: u64 = 32 << 20;
 
 /// A run of sequential writes: where it goes on, and what of it is not yet handed to
-/// writeback, or not yet waited for.
+/// writeback, or not yet dropped.
 #[derive(Default)]
 pub(super) struct Writeback {
     next: u64,
     kicked: u64,
-    waited: u64,
+    dropped: u64,
 }
 
 /// What a write made due: writeback to start, and a range to wait for and drop.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Kick {
     pub(super) start: std::ops::Range<u64>,
-    pub(super) waited: Option<std::ops::Range<u64>>,
+    pub(super) dropped: Option<std::ops::Range<u64>>,
 }
 
 impl Writeback {
@@ -32,7 +33,7 @@ impl Writeback {
             *self = Writeback {
                 next: end,
                 kicked: offset,
-                waited: offset,
+                dropped: offset,
             };
             return None;
         }
@@ -43,12 +44,12 @@ impl Writeback {
         let start = self.kicked..end;
         self.kicked = end;
         let behind = end.saturating_sub(WRITEBACK_WINDOW);
-        let waited = (behind > self.waited).then(|| {
-            let old = self.waited..behind;
-            self.waited = behind;
+        let dropped = (behind > self.dropped).then(|| {
+            let old = self.dropped..behind;
+            self.dropped = behind;
             old
         });
-        Some(Kick { start, waited })
+        Some(Kick { start, dropped })
     }
 }
 
