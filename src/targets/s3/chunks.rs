@@ -186,6 +186,11 @@ impl ChunkStore {
         self.cache.lock().chunks.contains_key(name) || self.loading.lock().contains_key(name)
     }
 
+    /// Chunks being fetched now (by readers and their prefetches).
+    pub fn loads_in_flight(&self) -> usize {
+        self.loading.lock().len()
+    }
+
     /// The plaintext of chunk `name`, checked (from the cache, or joined to a load in
     /// flight, or fetched). A chunk that is missing or fails its check is EIO.
     pub fn load(&self, name: &str) -> io::Result<Arc<Vec<u8>>> {
