@@ -5,10 +5,13 @@
 //! writing them. Prints one line per step: `step seconds bytes cpu-seconds` (the CPU
 //! time, user and system, of this process during the step), and `backup ID` (the
 //! incremental). It makes BUCKET if it does not exist. `restore` repeats only the
-//! last two steps, for backup ID already stored (to compare builds on the same objects).
+//! last two steps, for backup ID already stored (to compare builds on the same objects);
+//! `get` only the GET (of a backup a daemon made, restored through its mount). It opens
+//! the target as node `s3-bench`: a daemon on this host may serve it at the same time.
 //!
 //!   s3_bench ENDPOINT BUCKET PREFIX CREDENTIALS KEY VOLUME VOLUME2 OUT
 //!   s3_bench restore ENDPOINT BUCKET PREFIX CREDENTIALS KEY ID OUT
+//!   s3_bench get ENDPOINT BUCKET PREFIX CREDENTIALS KEY ID
 
 use backupfs::copy::{self, Base, CopyOptions, Progress, Range};
 use backupfs::ids::BackupId;
@@ -19,7 +22,7 @@ use backupfs::targets::s3::{self, S3Target, S3TargetConfig};
 use backupfs::volume::device::{BlockDevice, FileDevice};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn device(path: &Path) -> FileDevice {
     FileDevice::new(std::fs::File::open(path).expect("volume"), path)
@@ -54,12 +57,29 @@ fn main() {
     // SAFETY: mallopt only changes an allocator parameter; no other thread runs yet.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [mode, endpoint, bucket, prefix, credentials, key, id, out] = &args[..]
-        && mode == "restore"
+    if let [
+        mode,
+        endpoint,
+        bucket,
+        prefix,
+        credentials,
+        key,
+        id,
+        rest @ ..,
+    ] = &args[..]
+        && (mode == "restore" || mode == "get")
     {
         let config = config(endpoint, bucket, prefix, credentials, key);
         let id = BackupId::parse(id).unwrap_or_else(|e| panic!("{e}"));
-        restore_and_get(&config, &id, out);
+        let target = open(&config);
+        match rest {
+            [out] if mode == "restore" => {
+                restore(&target, &id, out);
+                get_all(&target, &config, &id);
+            }
+            [] if mode == "get" => get_all(&target, &config, &id),
+            _ => usage(),
+        }
         return;
     }
     let [
@@ -73,9 +93,7 @@ fn main() {
         out,
     ] = &args[..]
     else {
-        eprintln!("usage: s3_bench ENDPOINT BUCKET PREFIX CREDENTIALS KEY VOLUME VOLUME2 OUT");
-        eprintln!("       s3_bench restore ENDPOINT BUCKET PREFIX CREDENTIALS KEY ID OUT");
-        std::process::exit(2);
+        usage()
     };
     let config = config(endpoint, bucket, prefix, credentials, key);
     // The bench's own bucket (a target never makes one).
@@ -92,7 +110,7 @@ fn main() {
     )
     .and_then(|client| client.create_bucket().map_err(|e| e.to_string()))
     .unwrap_or_else(|e| panic!("{e}"));
-    let target = s3::open("bench", &config).unwrap_or_else(|e| panic!("{e}"));
+    let target = open(&config);
     let cancel = AtomicBool::new(false);
 
     // Full backup.
@@ -146,7 +164,10 @@ fn main() {
     println!("backup {incremental}");
     drop(target);
 
-    let target = restore_and_get(&config, &incremental, out);
+    // A fresh target: nothing cached.
+    let target = open(&config);
+    restore(&target, &incremental, out);
+    get_all(&target, &config, &incremental);
     let (chunks, stored) = target.stored().unwrap();
     println!("stored {chunks} {stored}");
 }
@@ -174,11 +195,20 @@ fn config(
     }
 }
 
-/// A restore of backup `id` into a new sparse file `out` (a fresh target: nothing
-/// cached), then the same objects fetched in parallel, 8 at a time, nothing else done
-/// with them.
-fn restore_and_get(config: &S3TargetConfig, id: &BackupId, out: &str) -> S3Target {
-    let target = s3::open("bench", config).unwrap_or_else(|e| panic!("{e}"));
+fn usage() -> ! {
+    eprintln!("usage: s3_bench ENDPOINT BUCKET PREFIX CREDENTIALS KEY VOLUME VOLUME2 OUT");
+    eprintln!("       s3_bench restore ENDPOINT BUCKET PREFIX CREDENTIALS KEY ID OUT");
+    eprintln!("       s3_bench get ENDPOINT BUCKET PREFIX CREDENTIALS KEY ID");
+    std::process::exit(2);
+}
+
+fn open(config: &S3TargetConfig) -> S3Target {
+    s3::open_as("bench", config, "s3-bench", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A restore of backup `id` into a new sparse file `out`, through the engine's copier.
+fn restore(target: &S3Target, id: &BackupId, out: &str) {
     let cancel = AtomicBool::new(false);
     let _ = std::fs::remove_file(out);
     let file = std::fs::File::create(out).unwrap();
@@ -201,7 +231,10 @@ fn restore_and_get(config: &S3TargetConfig, id: &BackupId, out: &str) -> S3Targe
     .unwrap();
     let (_, down, _) = target.traffic();
     step.print("restore", down);
+}
 
+/// Backup `id`'s objects fetched in parallel, 8 at a time, nothing else done with them.
+fn get_all(target: &S3Target, config: &S3TargetConfig, id: &BackupId) {
     // The objects the index names, each once (a hole names none).
     let key = TargetKey::load(config.encryption_key.as_deref().unwrap()).unwrap();
     let index_object = format!("index.{id}");
@@ -232,5 +265,4 @@ fn restore_and_get(config: &S3TargetConfig, id: &BackupId, out: &str) -> S3Targe
         }
     });
     step.print("get-all", bytes.load(Ordering::Relaxed));
-    target
 }
