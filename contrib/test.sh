@@ -22,6 +22,8 @@ declare -A needs=(
     # The S3 gateway of tests/s3.rs, started by contrib/ceph-cluster.sh (which also
     # needs curl and uuidgen).
     [radosgw]=radosgw [curl]=curl [uuid-runtime]=uuidgen
+    # The throw-away CA and certificate of its https gateway (tests/common/rgw.rs).
+    [openssl]=openssl
     # promtool checks the metrics file (tests/operator.rs).
     [prometheus]=promtool
 )

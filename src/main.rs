@@ -51,7 +51,8 @@ BACKUPFS_LOG=debug backupfs mount /mnt/backupfs --config ./backupfs.toml"
     #[command(
         long_about = "Check a configuration without mounting: parse it, then check it against the \
 disk (pool directories exist and are readable, no target's pool overlaps a volume pool, \
-admin_group exists, each target's key file is a key that only root can read). Prints `<path>: ok`, \
+admin_group exists, each target's key file is a key that only root can read; each s3 target's files are \
+read and its gateway asked for the bucket, checking an https certificate; nothing is written). Prints `<path>: ok`, \
 then `target <name>: no key: records are not authenticated` for each target without a key, and exits \
 with status 0, or prints every error, one line each naming its key, and exits with status 2."
     )]

@@ -309,6 +309,7 @@ fn nodes_that_open_an_empty_prefix_at_the_same_moment_all_join_it() {
     let config = |prefix: &str| s3::S3TargetConfig {
         kind: Some("s3".to_string()),
         endpoint: gateway().url.clone(),
+        ca_file: None,
         bucket: BUCKET.to_string(),
         prefix: prefix.to_string(),
         region: "us-east-1".to_string(),

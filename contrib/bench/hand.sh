@@ -77,13 +77,15 @@ fi
 
 # ---------------------------------------------------------------- restore
 if wants restore; then
-    r_m=() r_d=()
+    r_m=() r_d=() r_cpu=()
     for r in $(seq "$RUNS"); do
         rm -f "$SRC_POOL"/volume-rest-*
         drop_caches
         [ "$r" = 1 ] && perf_start restore
+        cpu0=$(daemon_cpu_ms)
         timed bash -c "cp --sparse=always '$IMG_MNT' '$MNT/volumes/src/rest-m-$r' && sync -f '$SRC_POOL'"
         r_m+=("$LAST")
+        r_cpu+=("$(($(daemon_cpu_ms) - cpu0))")
         [ "$r" = 1 ] && perf_stop restore
         cmp -s "$SRC_POOL/volume-rest-m-$r" "$SRC_POOL/volume-vol-rand" || die "restore differs"
         drop_caches
@@ -92,7 +94,7 @@ if wants restore; then
     done
     rm -f "$SRC_POOL"/volume-rest-*
     m=$(median "${r_m[@]}") d=$(median "${r_d[@]}")
-    report "restore cp --sparse=always; sync -f: mount ${m}s, direct ${d}s (runs: ${r_m[*]} / ${r_d[*]})" "ratio $(ratio "$d" "$m")"
+    report "restore cp --sparse=always; sync -f: mount ${m}s, direct ${d}s (runs: ${r_m[*]} / ${r_d[*]}; daemon CPU ms: ${r_cpu[*]})" "ratio $(ratio "$d" "$m")"
 fi
 
 # ---------------------------------------------------------------- peak RSS

@@ -182,6 +182,7 @@ fn config(
     S3TargetConfig {
         kind: Some("s3".to_string()),
         endpoint: endpoint.to_string(),
+        ca_file: None,
         bucket: bucket.to_string(),
         prefix: prefix.to_string(),
         region: "us-east-1".to_string(),

@@ -5,9 +5,10 @@
 //! secret.
 
 use super::sigv4::{self, Credentials, EMPTY_SHA256};
+use super::tls::{self, CaFile};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 /// How a bucket is reached.
@@ -35,6 +36,8 @@ pub struct Client {
     host: String,
     credentials: Credentials,
     timeout: Duration,
+    /// The `ca_file` whose certificates alone are trusted (None: the bundled Mozilla roots).
+    ca_file: Option<PathBuf>,
 }
 
 /// How many times a request the gateway answered with a transient failure (500, 502,
@@ -231,11 +234,21 @@ enum Body<'a> {
 
 impl Client {
     /// A client of `endpoint`; every request fails after `timeout` (connecting, sending
-    /// and receiving included).
+    /// and receiving included). https trusts the Mozilla roots bundled with backupfs.
     pub fn new(
         endpoint: Endpoint,
         credentials: Credentials,
         timeout: Duration,
+    ) -> Result<Client, String> {
+        Client::with_ca_file(endpoint, credentials, timeout, None)
+    }
+
+    /// As `new`, but https trusts the certificates of `ca_file` alone when it is given.
+    pub fn with_ca_file(
+        endpoint: Endpoint,
+        credentials: Credentials,
+        timeout: Duration,
+        ca_file: Option<&CaFile>,
     ) -> Result<Client, String> {
         let rest = endpoint
             .url
@@ -267,6 +280,14 @@ impl Client {
             .max_idle_connections(64)
             .max_idle_connections_per_host(64)
             .user_agent("backupfs")
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(match ca_file {
+                        Some(ca_file) => ca_file.root_certs(),
+                        None => ureq::tls::RootCerts::WebPki,
+                    })
+                    .build(),
+            )
             .build();
         let mut endpoint = endpoint;
         endpoint.url = endpoint.url.trim_end_matches('/').to_string();
@@ -276,6 +297,7 @@ impl Client {
             host,
             credentials,
             timeout,
+            ca_file: ca_file.map(|c| c.path.clone()),
         })
     }
 
@@ -438,8 +460,14 @@ impl Client {
         format!("s3://{}/{key}", self.endpoint.bucket)
     }
 
-    /// A transport failure as an errno: a deadline passed is `ETIMEDOUT`.
+    /// A transport failure as an errno: a deadline passed is `ETIMEDOUT`; a failed TLS
+    /// handshake is `EIO` with a message that says what to fix.
     fn transport(&self, e: ureq::Error, what: &str) -> io::Error {
+        if let Some(tls) = tls::failure(&e) {
+            let url = &self.endpoint.url;
+            let problem = tls::problem(tls, self.ca_file.as_deref());
+            return errno(libc::EIO, format!("{what} {url}: {problem}"));
+        }
         let code = match &e {
             ureq::Error::Timeout(_) => libc::ETIMEDOUT,
             ureq::Error::Io(io) => match io.kind() {

@@ -1,5 +1,6 @@
 //! The keys of a `[targets.<name>]` table with `kind = "s3"`, and their validation; every
-//! error names its key. Reading files (credentials, key) is left to `open`.
+//! error names its key. Reading files (credentials, key, CA certificates) and asking the
+//! gateway is left to `open` and `probe`.
 
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -12,6 +13,10 @@ pub struct S3TargetConfig {
     pub kind: Option<String>,
     /// `http://host:port` or `https://host:port`.
     pub endpoint: String,
+    /// A PEM file of the CA certificates that alone are trusted for an https `endpoint`
+    /// (a private CA); without it, the Mozilla roots bundled with backupfs.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Must exist; never made by backupfs.
     pub bucket: String,
     /// Objects live under it (`site-a/`); empty: the bucket's root.
@@ -98,6 +103,20 @@ impl S3TargetConfig {
                 self.endpoint
             )),
         }
+        if let Some(path) = &self.ca_file {
+            if self.endpoint.starts_with("http://") {
+                errors.push(format!(
+                    "{}: set with an http:// endpoint, which uses no certificates: give the endpoint as https:// or leave ca_file out",
+                    key("ca_file")
+                ));
+            } else if !path.is_absolute() {
+                errors.push(format!(
+                    "{}: {} is not an absolute path",
+                    key("ca_file"),
+                    path.display()
+                ));
+            }
+        }
         if !valid_bucket(&self.bucket) {
             errors.push(format!(
                 "{}: {:?} is not an S3 bucket name (3-63 lower-case letters, digits, '.', '-')",
@@ -181,8 +200,9 @@ impl S3TargetConfig {
 }
 
 /// The checks of every `kind = "s3"` target of a configuration (what `check-config`
-/// reports, each naming its key): its own keys, `key` (an s3 target's records are sealed
-/// with a key derived from its `encryption_key`), and two s3 targets over the same objects.
+/// reports, each naming its key): its own keys, then its files and its gateway (`probe`,
+/// which writes nothing), `key` (an s3 target's records are sealed with a key derived
+/// from its `encryption_key`), and two s3 targets over the same objects.
 pub fn check(config: &crate::config::Config, errors: &mut Vec<crate::config::ConfigError>) {
     use crate::registry::TargetKind;
     let invalid =
@@ -196,12 +216,23 @@ pub fn check(config: &crate::config::Config, errors: &mut Vec<crate::config::Con
         })
         .collect();
     for (name, s3) in &s3_targets {
-        for problem in s3.validate(name) {
+        let problems = s3.validate(name);
+        for problem in &problems {
             let (key, message) = problem
                 .split_once(": ")
                 .map(|(k, m)| (k.to_string(), m.to_string()))
                 .unwrap_or((format!("targets.{name}"), problem.clone()));
             errors.push(invalid(key, message));
+        }
+        // Its files and the gateway, read-only: a bad certificate, credentials or bucket
+        // shows here, not only when the daemon starts.
+        if problems.is_empty()
+            && let Err(e) = super::probe(name, s3)
+        {
+            errors.push(match e {
+                super::S3Error::Config { key, message } => invalid(key, message),
+                other => invalid(format!("targets.{name}"), other.to_string()),
+            });
         }
         if config.targets[*name].key.is_some() {
             errors.push(invalid(
@@ -265,6 +296,37 @@ mod tests {
         assert!(a.overlaps(&b));
         b.bucket = "other".into();
         assert!(!a.overlaps(&b));
+    }
+
+    #[test]
+    fn ca_file_is_optional_and_taken_for_an_https_endpoint() {
+        assert_eq!(parse(GOOD).unwrap().ca_file, None);
+        let config = parse(&format!("{GOOD}\nca_file = \"/etc/backupfs/rgw-ca.pem\"\n")).unwrap();
+        assert_eq!(
+            config.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/backupfs/rgw-ca.pem"))
+        );
+        assert_eq!(config.validate("t"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn ca_file_with_an_http_endpoint_or_a_relative_path_is_refused_naming_it() {
+        let mut config = parse(GOOD).unwrap();
+        config.ca_file = Some("/etc/backupfs/rgw-ca.pem".into());
+        config.endpoint = "http://rgw.example:7480".into();
+        let errors = config.validate("t");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("targets.t.ca_file:") && errors[0].contains("http://"),
+            "{errors:?}"
+        );
+        config.endpoint = "https://rgw.example:7480".into();
+        config.ca_file = Some("rgw-ca.pem".into());
+        let errors = config.validate("t");
+        assert!(
+            errors.len() == 1 && errors[0].starts_with("targets.t.ca_file:"),
+            "{errors:?}"
+        );
     }
 
     #[test]

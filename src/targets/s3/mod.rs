@@ -24,6 +24,7 @@ pub mod config;
 pub mod device;
 mod gc;
 pub mod sigv4;
+pub mod tls;
 
 pub use config::S3TargetConfig;
 
@@ -138,7 +139,8 @@ pub fn open(name: &str, config: &S3TargetConfig) -> std::result::Result<S3Target
 }
 
 /// Opens target `name` as `config` says, as node `node`: checks the keys, reads the
-/// credentials and the key, checks the bucket, claims the prefix if it is empty (a prefix
+/// credentials, the key and the CA file, checks the bucket (over https, the gateway's
+/// certificate), claims the prefix if it is empty (a prefix
 /// holding anything else without our marker is refused), checks the key against the
 /// target's, joins the nodes that serve it (refused while a live daemon serves it under
 /// the same node name), reads the catalogue.
@@ -149,53 +151,7 @@ pub fn open_as(
     lease: Duration,
 ) -> std::result::Result<S3Target, S3Error> {
     let key_of = |k: &str| format!("targets.{name}.{k}");
-    if let Some(first) = config.validate(name).into_iter().next() {
-        let (key, message) = first
-            .split_once(": ")
-            .map(|(k, m)| (k.to_string(), m.to_string()))
-            .unwrap_or((key_of("?"), first.clone()));
-        return Err(S3Error::Config { key, message });
-    }
-    let credentials =
-        client::read_credentials(&config.credentials, &config.profile).map_err(|message| {
-            S3Error::Config {
-                key: key_of("credentials"),
-                message,
-            }
-        })?;
-    let key = match (&config.encryption_key, config.encryption.as_str()) {
-        (Some(path), "aes-256-gcm") => Some(Arc::new(TargetKey::load(path).map_err(|e| {
-            S3Error::Config {
-                key: key_of("encryption_key"),
-                message: e.to_string(),
-            }
-        })?)),
-        _ => None,
-    };
-    let client = client::Client::new(
-        client::Endpoint {
-            url: config.endpoint.clone(),
-            bucket: config.bucket.clone(),
-            region: config.region.clone(),
-        },
-        credentials,
-        Duration::from_secs(config.timeout),
-    )
-    .map_err(|message| S3Error::Config {
-        key: key_of("endpoint"),
-        message,
-    })?;
-    if let Err(e) = client.head_bucket() {
-        let key = match client::errno_of(&e) {
-            Some(libc::ENOENT) => "bucket",
-            Some(libc::EACCES) => "credentials",
-            _ => "endpoint",
-        };
-        return Err(S3Error::Config {
-            key: key_of(key),
-            message: e.to_string(),
-        });
-    }
+    let (client, key) = connect(name, config)?;
     let client = Arc::new(client);
     let store = Arc::new(S3Store::new(client.clone(), &config.prefix));
     let keys = Keys::new(key.as_deref(), config.compression == "zstd");
@@ -228,6 +184,79 @@ pub fn open_as(
             },
         })?;
     Ok(S3Target::assemble(name, store, keys, key, coordinator)?)
+}
+
+/// What `check-config` asks of an `s3` target, and nothing more (it writes nothing):
+/// its keys, its files (credentials, `encryption_key`, `ca_file`) read, and the gateway
+/// reached over them (its TLS certificate, the credentials, the bucket). Each failure
+/// names its key.
+pub fn probe(name: &str, config: &S3TargetConfig) -> std::result::Result<(), S3Error> {
+    connect(name, config).map(drop)
+}
+
+/// The keys checked, the files read and the bucket asked for: a client of it, and the
+/// target key (None with `encryption = "none"`).
+fn connect(
+    name: &str,
+    config: &S3TargetConfig,
+) -> std::result::Result<(client::Client, Option<Arc<TargetKey>>), S3Error> {
+    let key_of = |k: &str| format!("targets.{name}.{k}");
+    if let Some(first) = config.validate(name).into_iter().next() {
+        let (key, message) = first
+            .split_once(": ")
+            .map(|(k, m)| (k.to_string(), m.to_string()))
+            .unwrap_or((key_of("?"), first.clone()));
+        return Err(S3Error::Config { key, message });
+    }
+    let credentials =
+        client::read_credentials(&config.credentials, &config.profile).map_err(|message| {
+            S3Error::Config {
+                key: key_of("credentials"),
+                message,
+            }
+        })?;
+    let key = match (&config.encryption_key, config.encryption.as_str()) {
+        (Some(path), "aes-256-gcm") => Some(Arc::new(TargetKey::load(path).map_err(|e| {
+            S3Error::Config {
+                key: key_of("encryption_key"),
+                message: e.to_string(),
+            }
+        })?)),
+        _ => None,
+    };
+    let ca_file = match &config.ca_file {
+        Some(path) => Some(tls::read_ca_file(path).map_err(|message| S3Error::Config {
+            key: key_of("ca_file"),
+            message,
+        })?),
+        None => None,
+    };
+    let client = client::Client::with_ca_file(
+        client::Endpoint {
+            url: config.endpoint.clone(),
+            bucket: config.bucket.clone(),
+            region: config.region.clone(),
+        },
+        credentials,
+        Duration::from_secs(config.timeout),
+        ca_file.as_ref(),
+    )
+    .map_err(|message| S3Error::Config {
+        key: key_of("endpoint"),
+        message,
+    })?;
+    if let Err(e) = client.head_bucket() {
+        let key = match client::errno_of(&e) {
+            Some(libc::ENOENT) => "bucket",
+            Some(libc::EACCES) => "credentials",
+            _ => "endpoint",
+        };
+        return Err(S3Error::Config {
+            key: key_of(key),
+            message: e.to_string(),
+        });
+    }
+    Ok((client, key))
 }
 
 enum ClaimFailure {
