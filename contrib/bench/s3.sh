@@ -3,8 +3,10 @@
 # backup of a volume (half random, a quarter text, a quarter hole), an incremental one
 # after a 1 % change (scattered 1 MiB pieces), and a restore of the incremental; then the
 # same chunk objects fetched in parallel without backupfs (the bound a restore can
-# reach). Both restores are compared with the volume. Prints a table of seconds and
-# ratios, and the bytes each stored.
+# reach). Then as an operator does it: the release daemon mounted, a backup of the
+# changed volume requested, and its image copied out of the mount with `cp` (then
+# `sync`), against the parallel GET of that backup's objects. Every restore is compared
+# with the volume. Prints a table of seconds and ratios, and the bytes each stored.
 #
 #   contrib/bench/s3.sh                          # starts and stops its own cluster
 #   contrib/bench/s3.sh --dir DIR                # a cluster contrib/ceph-cluster.sh
@@ -33,16 +35,24 @@ for program in restic jq bc radosgw-admin; do
 done
 
 if [ "$PROFILE" = release ]; then
-    cargo build --release --quiet --example s3_bench
-    BENCH=target/release/examples/s3_bench
+    cargo build --release --quiet --bin backupfs --example s3_bench
+    BENCH=target/release/examples/s3_bench BIN=target/release/backupfs
 else
-    cargo build --quiet --example s3_bench
-    BENCH=target/debug/examples/s3_bench
+    cargo build --quiet --bin backupfs --example s3_bench
+    BENCH=target/debug/examples/s3_bench BIN=target/debug/backupfs
 fi
 
 WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/backupfs-s3-bench.XXXXXX")
-OWN= OURS= THEIRS=
+OWN= OURS= THEIRS= DAEMON_PID=
+MNT=$WORK/mnt
 cleanup() {
+    if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
+        kill -TERM "$DAEMON_PID"
+        for _ in $(seq 150); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$DAEMON_PID" 2>/dev/null && kill -KILL "$DAEMON_PID"
+        wait "$DAEMON_PID" 2>/dev/null || true
+    fi
+    if awk -v m="$MNT" '$2 == m {f=1} END{exit !f}' /proc/mounts; then umount -l "$MNT"; fi
     if [ -n "$OWN" ]; then
         contrib/ceph-cluster.sh stop "$OWN" >/dev/null 2>&1 || true
     else
@@ -101,6 +111,7 @@ TIMED=()
 cmp "$WORK/backupfs-out" "$VOL2" || { echo "s3.sh: backupfs' restore differs" >&2; exit 1; }
 ours() { awk -v s="$1" '$1 == s { print $2 }' "$WORK/ours.txt"; }
 
+
 # restic, on a bucket of its own on the same gateway
 REPO=s3:$ENDPOINT/$THEIRS
 restic -r "$REPO" init -q >/dev/null
@@ -118,6 +129,44 @@ stored() {
 }
 B_STORED=$(stored "$OURS") R_STORED=$(stored "$THEIRS")
 
+# Through the mount: the daemon backs the changed volume up (under a prefix of its own,
+# after the bytes stored were counted),
+# then `cp` copies the image out, and `sync` writes it (the library's restore ends with
+# an fsync too); the image's pages are dropped first (nothing read before is cached).
+mkdir -p "$MNT" "$WORK/state" "$WORK/pool"
+cp --sparse=always "$VOL2" "$WORK/pool/volume-v2"
+cat > "$WORK/backupfs.toml" <<EOF
+state_dir = "$WORK/state"
+[backends.src]
+driver = "file"
+pools = { p = "$WORK/pool" }
+[targets.bench]
+kind = "s3"
+endpoint = "$ENDPOINT"
+bucket = "$OURS"
+prefix = "mount/"
+credentials = "$WORK/credentials"
+encryption_key = "$WORK/key"
+EOF
+BACKUPFS_LOG=warn "$BIN" mount "$MNT" --config "$WORK/backupfs.toml" </dev/null \
+    >>"$WORK/daemon.log" 2>&1 &
+DAEMON_PID=$!
+for _ in $(seq 600); do
+    awk -v m="$MNT" '$2 == m && $3 ~ /^fuse/ {f=1} END{exit !f}' /proc/mounts && break
+    kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$WORK/daemon.log" >&2; exit 1; }
+    sleep 0.05
+done
+exec 3<>"$MNT/backups/bench/request"; echo "v2 wait" >&3; read -r MOUNT_ID <&3; exec 3>&-
+IMG=$MNT/backups/bench/$MOUNT_ID.img
+[ -f "$IMG" ] || { echo "s3.sh: the backup through the mount failed: $MOUNT_ID" >&2; exit 1; }
+dd if="$IMG" iflag=nocache count=0 status=none
+t0=$(now); cp "$IMG" "$WORK/mount-out"; sync -f "$WORK/mount-out"; t1=$(now)
+M_CP=$(secs "$t0" "$t1")
+cmp "$WORK/mount-out" "$VOL2" || { echo "s3.sh: the restore through the mount differs" >&2; exit 1; }
+rm -f "$WORK/mount-out"
+M_GET=$("$BENCH" get "$ENDPOINT" "$OURS" mount/ "$WORK/credentials" "$WORK/key" "$MOUNT_ID" \
+    | awk '$1 == "get-all" { print $2 }')
+
 printf '%-28s %10s %10s %8s\n' "${SIZE_MIB} MiB volume" backupfs restic ratio
 for step in full incremental restore; do
     case $step in
@@ -128,7 +177,10 @@ for step in full incremental restore; do
 done
 printf '%-28s %9.2fs %10s %7.2fx\n' "parallel GET of the chunks" "$(ours get-all)" "" \
     "$(echo "$(ours get-all) / $(ours restore)" | bc -l)"
+printf '%-28s %9.2fs %10s\n' "restore by cp from the mount" "$M_CP" ""
+printf '%-28s %9.2fs %10s %7.2fx\n' "parallel GET of its chunks" "$M_GET" "" \
+    "$(echo "$M_GET / $M_CP" | bc -l)"
 printf '%-28s %10s %10s\n' "stored bytes" "$B_STORED" "$R_STORED"
 [ -s "$WORK/rss.txt" ] && printf '%-28s %9s KiB\n' "backupfs peak RSS (one pass)" "$(tail -1 "$WORK/rss.txt")"
 echo "ratio: restic's time / backupfs' (above 1: backupfs faster); for the parallel GET:"
-echo "its time / backupfs' restore (the share of the raw fetch speed a restore reaches)."
+echo "its time / the restore above it (the share of the raw fetch speed a restore reaches)."

@@ -186,6 +186,11 @@ impl ChunkStore {
         self.cache.lock().chunks.contains_key(name) || self.loading.lock().contains_key(name)
     }
 
+    /// Chunks being fetched now (by readers and their prefetches).
+    pub fn loads_in_flight(&self) -> usize {
+        self.loading.lock().len()
+    }
+
     /// The plaintext of chunk `name`, checked (from the cache, or joined to a load in
     /// flight, or fetched). A chunk that is missing or fails its check is EIO.
     pub fn load(&self, name: &str) -> io::Result<Arc<Vec<u8>>> {
@@ -215,8 +220,12 @@ impl ChunkStore {
                     cache.order.push_back(name.to_string());
                 }
                 while cache.order.len() > CACHE_CHUNKS {
-                    if let Some(old) = cache.order.pop_front() {
-                        cache.chunks.remove(&old);
+                    if let Some(old) = cache.order.pop_front()
+                        && let Some(chunk) = cache.chunks.remove(&old)
+                        && let Ok(buffer) = Arc::try_unwrap(chunk)
+                    {
+                        // Nobody reads it any more: the next fetch receives into it.
+                        super::buffers::give_back(buffer);
                     }
                 }
             }
@@ -261,7 +270,7 @@ impl ChunkStore {
         };
         self.downloaded_bytes
             .fetch_add(object.len() as u64, Ordering::Relaxed);
-        match self.keys.open_chunk(name, &object) {
+        match self.keys.open_chunk_owned(name, object) {
             Ok(plaintext) => {
                 self.known.lock().insert(name);
                 Ok(Arc::new(plaintext))

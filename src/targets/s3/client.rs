@@ -426,14 +426,18 @@ impl Client {
                 Err(e) => return Err(self.transport(e, &what())),
             }
         } else {
-            // One byte over the cap tells a bigger object from one of exactly `cap`.
+            // One byte over the cap tells a bigger object from one of exactly `cap`. A
+            // chunk's lands in a kept buffer (`buffers`: no fresh pages per chunk).
+            let mut body = super::buffers::for_object(cap);
             match response
                 .body_mut()
                 .with_config()
                 .limit(cap.saturating_add(1))
-                .read_to_vec()
+                .reader()
+                .read_to_end(&mut body)
+                .map_err(ureq::Error::from)
             {
-                Ok(body) => body,
+                Ok(_) => body,
                 Err(ureq::Error::BodyExceedsLimit(_)) => {
                     return Err(errno(
                         libc::EFBIG,

@@ -20,8 +20,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 /// one the copier is done with, not one whose next piece is on its way (pushed out, it
 /// is stored twice, the first copy garbage).
 const STAGED_CHUNKS: usize = 8;
-/// Chunks a sequential reader fetches ahead of itself.
-const PREFETCH: u64 = 4;
+/// How far ahead of the furthest chunk read a sequential reader fetches: with the
+/// copier's six chunks in progress, within the chunk cache (16), so that nothing fetched
+/// is pushed out before it is read.
+const AHEAD: u64 = 8;
+/// Chunk GETs a target keeps in flight for its sequential readers, their own reads
+/// counted: what the parallel GET of contrib/bench/s3.sh keeps, which a restore must
+/// match (a copier's workers alone have fewer in flight: they also decrypt and write).
+const IN_FLIGHT: usize = 8;
 
 fn hints() -> IoHints {
     IoHints {
@@ -382,18 +388,22 @@ impl ChunkReader {
         }
     }
 
-    /// Starts fetching the chunks after `i` (bounded: `PREFETCH` at a time per reader);
-    /// what they fetch waits in the chunk cache. Failures are left to the real read.
+    /// Starts fetching the chunks after `i` (at most `AHEAD` of them, while the target
+    /// has fewer than `IN_FLIGHT` loads under way); what they fetch waits in the chunk
+    /// cache. Failures are left to the real read.
     fn prefetch(&self, i: u64) {
         let last = chunk_count(self.index.size);
-        for ahead in i + 1..(i + 1 + PREFETCH).min(last) {
+        for ahead in i + 1..(i + 1 + AHEAD).min(last) {
             let Some(name) = self.index.chunk(ahead) else {
                 continue;
             };
             if self.chunks.is_at_hand(&name) {
                 continue;
             }
-            if self.prefetching.fetch_add(1, Ordering::AcqRel) >= PREFETCH as usize {
+            if self.chunks.loads_in_flight() >= IN_FLIGHT {
+                return;
+            }
+            if self.prefetching.fetch_add(1, Ordering::AcqRel) >= AHEAD as usize {
                 self.prefetching.fetch_sub(1, Ordering::AcqRel);
                 return;
             }

@@ -15,6 +15,7 @@
 //! - `backupfs.node.*`, `backupfs.claim.*`, `backupfs.end.*`, `backupfs.lock.*`,
 //!   `backupfs.gc.*`: the coordination of the nodes that serve the target (`lease`).
 
+mod buffers;
 pub mod catalogue;
 pub mod chunk;
 pub mod chunks;
