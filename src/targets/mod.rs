@@ -7,6 +7,7 @@ pub mod auth;
 pub mod catalogue;
 pub mod claim;
 pub mod lease;
+pub mod listing;
 pub mod rbd;
 pub mod record;
 pub mod records;
@@ -155,7 +156,7 @@ pub trait BackupTarget: Send + Sync {
         self.catalogue().records()
     }
 
-    fn listing(&self) -> Result<Vec<catalogue::Listed>> {
+    fn listing(&self) -> Result<catalogue::Listing> {
         self.catalogue().listing()
     }
 
@@ -214,10 +215,16 @@ pub trait BackupTarget: Send + Sync {
     /// gone): never removed, named in the log at start-up.
     fn strays(&self) -> Result<Vec<String>> {
         let mut strays = self.catalogue().foreign();
+        // The listing's ids first (no read of 100,000 records at every start: issue 28);
+        // a record it does not show may still be there, unreadable: read to tell.
+        let listing = self.listing()?;
+        let mut listed: Vec<&str> = listing.iter().map(|l| l.id.as_str()).collect();
+        listed.sort_unstable();
         for id in self.data_ids()? {
-            let owned = BackupId::parse(&id)
-                .map(|id| !matches!(self.record(&id), Err(TargetError::NotFound(_))))
-                .unwrap_or(false);
+            let owned = listed.binary_search(&id.as_str()).is_ok()
+                || BackupId::parse(&id)
+                    .map(|id| !matches!(self.record(&id), Err(TargetError::NotFound(_))))
+                    .unwrap_or(false);
             if !owned {
                 strays.push(format!("the data of backup {id}"));
             }
@@ -306,12 +313,7 @@ impl BackupTarget for VolumeTarget {
     }
 
     fn data_ids(&self) -> Result<Vec<String>> {
-        Ok(self
-            .driver
-            .list(&self.pool)?
-            .into_iter()
-            .map(|v| v.id)
-            .collect())
+        Ok(self.driver.list_ids(&self.pool)?)
     }
 
     fn allocated(&self, backup_id: &BackupId) -> Result<u64> {
