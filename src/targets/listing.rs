@@ -109,6 +109,27 @@ struct Known {
     files: Vec<File>,
 }
 
+impl Known {
+    /// The files of `ids` (sorted, each one of `files` and unchanged) and their records,
+    /// to go on with (room for `all`).
+    fn unchanged(&self, ids: &[BackupId], all: usize) -> (Vec<File>, Vec<Listed>) {
+        let mut files = Vec::with_capacity(all);
+        let mut listing = Vec::with_capacity(all);
+        let mut known = self.files.iter();
+        for id in ids {
+            if let Some(file) = known.find(|f| f.id == *id) {
+                listing.push(self.listing[file.at as usize].clone());
+                files.push(File {
+                    id: id.clone(),
+                    identity: file.identity,
+                    at: 0,
+                });
+            }
+        }
+        (files, listing)
+    }
+}
+
 /// A record file as a listing saw it: the id its name gives, its identity (None: it
 /// could not be had, so the record is read again next time), and where in the
 /// [`Listing`] its record is.
@@ -136,38 +157,47 @@ impl ListingCache {
         ids.dedup();
         let mut known = self.last.lock();
         // Both in the order of the ids (as `known.files`); each file's record is at the
-        // same index of `listing` until it is sorted.
-        let mut files = Vec::with_capacity(ids.len());
-        let mut listing: Vec<Listed> = Vec::with_capacity(ids.len());
-        let mut unchanged = ids.len() == known.files.len();
+        // same index of `listing` until it is sorted. Nothing is built while every file
+        // so far is as the last listing saw it: an unchanged target costs the ids and
+        // the `stat`s, and hands out the same listing.
+        let mut built: Option<(Vec<File>, Vec<Listed>)> = None;
         let mut next_known = 0;
-        for id in ids {
-            let identity = stat(&id);
+        for (k, id) in ids.iter().enumerate() {
+            let identity = stat(id);
             // One pass over the last listing's files, in step.
-            while known.files.get(next_known).is_some_and(|f| f.id < id) {
+            while known.files.get(next_known).is_some_and(|f| f.id < *id) {
                 next_known += 1;
             }
-            let before = known.files.get(next_known).filter(|f| f.id == id);
-            if let (Some(now), Some(before)) = (identity, before)
-                && before.identity == Some(now)
-            {
-                listing.push(known.listing[before.at as usize].clone());
-            } else {
-                unchanged = false;
-                let Some(listed) = read(&id) else {
-                    continue;
-                };
-                listing.push(listed);
+            let before = known
+                .files
+                .get(next_known)
+                .filter(|f| f.id == *id && f.identity.is_some() && f.identity == identity);
+            if before.is_some() && built.is_none() {
+                continue;
+            }
+            let (files, listing) =
+                built.get_or_insert_with(|| known.unchanged(&ids[..k], ids.len()));
+            match before {
+                Some(before) => listing.push(known.listing[before.at as usize].clone()),
+                None => {
+                    let Some(listed) = read(id) else {
+                        continue;
+                    };
+                    listing.push(listed);
+                }
             }
             files.push(File {
-                id,
+                id: id.clone(),
                 identity,
                 at: 0,
             });
         }
-        if unchanged {
-            return known.listing.clone();
-        }
+        let (mut files, mut listing) = match built {
+            Some(built) => built,
+            None if ids.len() == known.files.len() => return known.listing.clone(),
+            // Only removals.
+            None => known.unchanged(&ids, ids.len()),
+        };
         // Oldest first: sort the listing in place, and tell each file where its record went.
         let mut order: Vec<u32> = (0..listing.len() as u32).collect();
         order.sort_unstable_by(|&a, &b| {
@@ -178,8 +208,8 @@ impl ListingCache {
         for (to, &from) in order.iter().enumerate() {
             files[from as usize].at = to as u32;
         }
-        // `order` becomes where each entry (in file order) goes, then is followed cycle by
-        // cycle, swapping entries into place.
+        // Where each entry (in file order) goes, followed cycle by cycle, swapping
+        // entries into place.
         let mut to: Vec<u32> = files.iter().map(|f| f.at).collect();
         drop(order);
         for i in 0..listing.len() {
@@ -320,6 +350,11 @@ mod tests {
         let again = list(&cache, &files, &mut reads);
         assert!(Arc::ptr_eq(&changed, &again));
         assert_eq!(reads, 503);
+        // Removals alone: nothing read.
+        files.remove(&0);
+        files.remove(&901);
+        let fewer = list(&cache, &files, &mut reads);
+        assert_eq!((shown(&fewer), reads), (expected(&files), 503));
     }
 
     #[test]
