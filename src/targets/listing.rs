@@ -14,7 +14,7 @@ use std::time::SystemTime;
 pub type Listing = Arc<Vec<Listed>>;
 
 /// What a listing shows of a record: enough for `ls -l` of the backup's image and
-/// record without reading the record again. About 120 bytes, none on the heap.
+/// record without reading the record again. 112 bytes, none on the heap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
     pub id: BackupId,
@@ -95,8 +95,8 @@ impl std::fmt::Debug for Stamp {
 /// or exchanged over the name: another inode, and the ctime no writer sets), so while the
 /// identity holds what was read holds. `ls` of 100,000 backups then costs a listing of
 /// the directory and a `stat` per record, not a read and a parse of each (issue 28).
-/// It holds the last [`Listing`] (about 120 bytes a record) and a [`File`] per record
-/// file (about 110 bytes); a listing that finds nothing changed hands out the same one.
+/// It holds the last [`Listing`] (112 bytes a record) and a [`File`] per record
+/// file (104 bytes); a listing that finds nothing changed hands out the same one.
 #[derive(Default)]
 pub struct ListingCache {
     last: parking_lot::Mutex<Known>,
