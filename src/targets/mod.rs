@@ -328,3 +328,42 @@ impl BackupTarget for VolumeTarget {
         self.driver.capabilities(&self.pool).shares_data
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::memory::MemDriver;
+    use std::time::Duration;
+
+    const A: &str = "0c1e2f3a-aaaa-4bbb-8ccc-123456789abc";
+    const B: &str = "6b0c2f1e-1111-4222-8333-444455556666";
+    const C: &str = "7d0c2f1e-1111-4222-8333-444455556666";
+
+    #[test]
+    fn strays_are_the_data_no_record_owns_and_an_unreadable_record_still_owns_its_data() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let catalogue =
+            catalogue::DirCatalogue::open("t", &pool, "n", Duration::from_secs(30)).unwrap();
+        let driver = MemDriver::new(&["b"]);
+        for id in [A, B, C] {
+            driver.create("b", id, 1 << 20).unwrap();
+        }
+        let record: Record = serde_json::from_value(serde_json::json!({
+            "format": 1, "id": A, "volume_id": "v", "backend": "x", "pool": "p",
+            "target": "t", "status": "available", "size": 1 << 20,
+            "created_at": "2026-01-01T00:00:00.000Z", "completed_at": null, "name": null,
+            "snapshot_used": false, "parent_id": null, "checksums": null, "error": null,
+        }))
+        .unwrap();
+        catalogue.write_record(&record).unwrap();
+        std::fs::write(pool.join(catalogue::DIR_NAMES.record(C)), b"{ not a record").unwrap();
+        let target = VolumeTarget::new("t", driver, "b", Box::new(catalogue));
+        assert_eq!(
+            target.strays().unwrap(),
+            [format!("the data of backup {B}")],
+            "A is listed, C's record is there but cannot be read"
+        );
+    }
+}
