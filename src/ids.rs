@@ -20,7 +20,9 @@ pub fn is_valid_id(name: &str) -> bool {
 
 /// A backup ID is a UUID the daemon made, in its lowercase hyphenated form.
 pub fn is_backup_id(text: &str) -> bool {
-    uuid::Uuid::try_parse(text).is_ok_and(|id| id.hyphenated().to_string() == text)
+    // Checked for every record name of a listing: no string made.
+    let mut form = [0; BACKUP_ID_LEN];
+    uuid::Uuid::try_parse(text).is_ok_and(|id| *id.hyphenated().encode_lower(&mut form) == *text)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
