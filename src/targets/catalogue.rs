@@ -38,8 +38,10 @@ pub trait Catalogue: Send + Sync {
     /// Every record, oldest first; unreadable ones are skipped (and logged).
     fn records(&self) -> Result<Vec<Record>>;
     /// What a listing of the target shows of every record (id, status), in the order of
-    /// [`Catalogue::records`], without holding every record whole; a moment old at most
-    /// where other nodes write (as [`Catalogue::listed_records`]).
+    /// [`Catalogue::records`], without holding every record whole (a directory
+    /// catalogue's is shared by every caller while the target is unchanged: see
+    /// [`ListingCache`]); a moment old at most where other nodes write (as
+    /// [`Catalogue::listed_records`]).
     fn listing(&self) -> Result<Listing> {
         Ok(Arc::new(
             self.listed_records()?.into_iter().map(Listed::of).collect(),
