@@ -56,7 +56,7 @@ impl Listed {
 const STAMP_LEN: usize = 40;
 
 /// A record's `created_at` as the record writes it, held in place: the first
-/// [`STAMP_LEN`] bytes (at a character boundary) of one that is longer, which no record
+/// 40 bytes (at a character boundary) of one that is longer, which no record
 /// backupfs wrote is.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Stamp {
@@ -95,7 +95,7 @@ impl std::fmt::Debug for Stamp {
 /// or exchanged over the name: another inode, and the ctime no writer sets), so while the
 /// identity holds what was read holds. `ls` of 100,000 backups then costs a listing of
 /// the directory and a `stat` per record, not a read and a parse of each (issue 28).
-/// It holds the last [`Listing`] (112 bytes a record) and a [`File`] per record
+/// It holds the last [`Listing`] (112 bytes a record) and a file entry per record
 /// file (104 bytes); a listing that finds nothing changed hands out the same one.
 #[derive(Default)]
 pub struct ListingCache {
