@@ -174,6 +174,8 @@ PY
         start_daemon
         ls "$MNT/backups/t" >/dev/null
         restart=$(elapsed "$t0" "$(now)")
+        # The peak of start-up and the first listing, before any `ls -l`.
+        start_peak=$(awk '/^VmHWM:/ {printf "%.1f", $2/1024}' "/proc/$DAEMON_PID/status")
         pls=()
         for _ in 1 2 3; do timed ls "$MNT/backups/t"; pls+=("$LAST"); done >/dev/null
         drop_caches
@@ -203,7 +205,7 @@ PY
         report "ls -l of $n backups: cold, warm; daemon CPU, ls CPU (user+sys)" \
             "${first}s ${second}s; ${cpu}ms, $(awk -v u="$ls_user" -v s="$ls_sys" 'BEGIN{printf "%.0f", (u+s)*1000}')ms;$requests"
         report "  $n backups: restart to first ls; plain ls (3 warm runs); daemon RSS" \
-            "${restart}s; $(median "${pls[@]}")s (${pls[*]}); $rss"
+            "${restart}s; $(median "${pls[@]}")s (${pls[*]}); $rss; peak by the first ls ${start_peak} MiB"
     done >/dev/null
 fi
 printf '\n'; printf '%s\n' "${ROWS[@]}"

@@ -307,7 +307,7 @@ impl Engine {
     }
 
     /// What a listing of the target shows of each record, in the order of `records`.
-    pub fn listing(&self, target: &str) -> Result<Vec<crate::targets::catalogue::Listed>> {
+    pub fn listing(&self, target: &str) -> Result<crate::targets::catalogue::Listing> {
         Ok(self.target(target)?.listing()?)
     }
 

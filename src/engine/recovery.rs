@@ -253,7 +253,7 @@ impl Inner {
             let Ok(listed) = target.listing() else {
                 continue;
             };
-            let ended_recently = listed.into_iter().filter(|l| {
+            let ended_recently = listed.iter().filter(|l| {
                 matches!(l.status, Status::Available | Status::Error)
                     && now.duration_since(l.completed).unwrap_or(Duration::ZERO) < ENDED_JOB_TTL
             });
@@ -298,7 +298,7 @@ impl Inner {
 pub(super) fn needing_care(target: &dyn BackupTarget) -> crate::targets::Result<Vec<Record>> {
     let listed = target.listing()?;
     Ok(listed
-        .into_iter()
+        .iter()
         .filter(|l| l.needs_care)
         .filter_map(|l| match target.record(&l.id) {
             Ok(record) => Some(record),

@@ -14,28 +14,84 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const FRESH: u64 = 1 << 62;
 
 struct Entry {
-    node: Node,
+    node: Stored,
     lookups: u64,
 }
 
+/// A node as the table keeps it: a backup's image or record (nearly every entry after
+/// `ls -l` of a target of many backups) as its target's number and its id, 40 bytes and
+/// nothing on the heap; any other node boxed (issue 28).
+enum Stored {
+    Backup {
+        target: u16,
+        image: bool,
+        id: crate::ids::BackupId,
+    },
+    Other(Box<Node>),
+}
+
+#[derive(Default)]
+struct Table {
+    entries: HashMap<u64, Entry>,
+    /// The names of the targets `Stored::Backup` numbers.
+    targets: Vec<String>,
+}
+
+impl Table {
+    fn store(&mut self, node: &Node) -> Stored {
+        let (Node::Image(target, id) | Node::Record(target, id)) = node else {
+            return Stored::Other(Box::new(node.clone()));
+        };
+        let at = match self.targets.iter().position(|t| t == target) {
+            Some(at) => at,
+            None => {
+                self.targets.push(target.clone());
+                self.targets.len() - 1
+            }
+        };
+        match u16::try_from(at) {
+            Ok(target) => Stored::Backup {
+                target,
+                image: matches!(node, Node::Image(..)),
+                id: id.clone(),
+            },
+            Err(_) => Stored::Other(Box::new(node.clone())),
+        }
+    }
+
+    fn node(&self, stored: &Stored) -> Node {
+        match stored {
+            Stored::Backup { target, image, id } => {
+                let target = self.targets[usize::from(*target)].clone();
+                if *image {
+                    Node::Image(target, id.clone())
+                } else {
+                    Node::Record(target, id.clone())
+                }
+            }
+            Stored::Other(node) => node.as_ref().clone(),
+        }
+    }
+}
+
 pub struct Inodes {
-    entries: Mutex<HashMap<u64, Entry>>,
+    table: Mutex<Table>,
     next_fresh: AtomicU64,
 }
 
 impl Default for Inodes {
     fn default() -> Self {
-        let mut entries = HashMap::new();
+        let mut table = Table::default();
         // The root is never forgotten.
-        entries.insert(
+        table.entries.insert(
             tree::ROOT,
             Entry {
-                node: Node::Root,
+                node: Stored::Other(Box::new(Node::Root)),
                 lookups: u64::MAX,
             },
         );
         Inodes {
-            entries: Mutex::new(entries),
+            table: Mutex::new(table),
             next_fresh: AtomicU64::new(1),
         }
     }
@@ -48,7 +104,8 @@ pub fn is_fresh_per_lookup(node: &Node) -> bool {
 
 impl Inodes {
     pub fn get(&self, ino: u64) -> Option<Node> {
-        self.entries.lock().get(&ino).map(|e| e.node.clone())
+        let table = self.table.lock();
+        table.entries.get(&ino).map(|e| table.node(&e.node))
     }
 
     /// The inode number the kernel will know `node` by, taking one reference.
@@ -58,29 +115,30 @@ impl Inodes {
         } else {
             node.ino()
         };
-        let mut entries = self.entries.lock();
-        let entry = entries.entry(ino).or_insert_with(|| Entry {
-            node: node.clone(),
-            lookups: 0,
-        });
-        entry.lookups = entry.lookups.saturating_add(1);
+        let mut table = self.table.lock();
+        if let Some(entry) = table.entries.get_mut(&ino) {
+            entry.lookups = entry.lookups.saturating_add(1);
+        } else {
+            let node = table.store(node);
+            table.entries.insert(ino, Entry { node, lookups: 1 });
+        }
         ino
     }
 
     /// The kernel dropped `n` references to `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
-        let mut entries = self.entries.lock();
-        if let Some(entry) = entries.get_mut(&ino) {
+        let mut table = self.table.lock();
+        if let Some(entry) = table.entries.get_mut(&ino) {
             entry.lookups = entry.lookups.saturating_sub(n);
             if entry.lookups == 0 {
-                entries.remove(&ino);
+                table.entries.remove(&ino);
             }
         }
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.entries.lock().len()
+        self.table.lock().entries.len()
     }
 }
 
@@ -102,6 +160,26 @@ mod tests {
         assert_eq!(inodes.len(), 1, "only the root");
         inodes.forget(tree::ROOT, 5);
         assert!(inodes.get(tree::ROOT).is_some());
+    }
+
+    #[test]
+    fn backups_are_kept_in_place_and_given_back_as_the_nodes_they_were() {
+        let inodes = Inodes::default();
+        let id = crate::ids::BackupId::new();
+        let nodes = [
+            Node::Image("t".into(), id.clone()),
+            Node::Record("t".into(), id.clone()),
+            Node::Image("u".into(), id.clone()),
+            Node::Record("u".into(), id),
+            Node::Target("t".into()),
+        ];
+        let numbers: Vec<u64> = nodes.iter().map(|n| inodes.lookup(n)).collect();
+        for (node, ino) in nodes.iter().zip(&numbers) {
+            assert_eq!(inodes.get(*ino).as_ref(), Some(node));
+            assert_eq!(*ino, node.ino());
+        }
+        assert_eq!(inodes.table.lock().targets, ["t", "u"]);
+        assert!(std::mem::size_of::<Entry>() <= 48, "an entry stays small");
     }
 
     #[test]

@@ -7,7 +7,6 @@ use crate::ids::{BackupId, VolumeId};
 use crate::targets::catalogue::Listed;
 use crate::targets::record::{Record, Status};
 use fuser::{FileAttr, FileType, INodeNo};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub const ROOT: u64 = 1;
@@ -325,9 +324,9 @@ pub fn parent(node: &Node) -> Node {
 }
 
 /// A directory's entries as an open handle keeps them: a target's backups (an image, if
-/// available, and a record each) as what the catalogue listed of each, shared by its
-/// two entries (about 200 bytes a backup; nodes and names are made as they are asked
-/// for: issue 28).
+/// available, and a record each) as the catalogue's listing (shared with every other
+/// holder of the same listing) and 4 bytes an entry; nodes and names are made as they
+/// are asked for (issue 28).
 pub struct Listing {
     /// `.`, `..` and the named entries; a target's backups come after them.
     fixed: Vec<(Node, String)>,
@@ -337,9 +336,35 @@ pub struct Listing {
     /// no time (see `listing.rs`).
     volumes: std::collections::HashMap<usize, (u64, u64, SystemTime)>,
     target: String,
-    /// (what the catalogue listed of the backup, whether this entry is its image rather
-    /// than its record): a listing with attributes (READDIRPLUS) reads nothing more.
-    backups: Vec<(Arc<Listed>, bool)>,
+    /// What the catalogue listed of the target's backups: a listing with attributes
+    /// (READDIRPLUS) reads nothing more.
+    listed: crate::targets::catalogue::Listing,
+    /// The backup entries, each a backup in `listed` and whether it is its image rather
+    /// than its record.
+    backups: Vec<Backup>,
+}
+
+/// A backup entry of a [`Listing`]: the index of the backup in the listing, times two,
+/// plus one for its image (one for its record is even).
+#[derive(Clone, Copy)]
+struct Backup(u32);
+
+impl Backup {
+    fn image(at: u32) -> Backup {
+        Backup(at << 1 | 1)
+    }
+
+    fn record(at: u32) -> Backup {
+        Backup(at << 1)
+    }
+
+    fn at(self) -> usize {
+        (self.0 >> 1) as usize
+    }
+
+    fn is_image(self) -> bool {
+        self.0 & 1 == 1
+    }
 }
 
 impl Listing {
@@ -360,7 +385,8 @@ impl Listing {
     /// What the catalogue listed of the backup entry `i` is the image or record of.
     pub fn listed(&self, i: usize) -> Option<&Listed> {
         let at = i.checked_sub(self.fixed.len())?;
-        self.backups.get(at).map(|(listed, _)| listed.as_ref())
+        let backup = self.backups.get(at)?;
+        self.listed.get(backup.at())
     }
 
     /// Entry `i`: its node and name.
@@ -368,9 +394,9 @@ impl Listing {
         if let Some(entry) = self.fixed.get(i) {
             return Some(entry.clone());
         }
-        let (listed, image) = self.backups.get(i - self.fixed.len())?;
-        let id = &listed.id;
-        Some(if *image {
+        let backup = self.backups.get(i - self.fixed.len())?;
+        let id = &self.listed.get(backup.at())?.id;
+        Some(if backup.is_image() {
             (
                 Node::Image(self.target.clone(), id.clone()),
                 format!("{id}.img"),
@@ -387,6 +413,7 @@ impl Listing {
 /// The entries of a directory, `.` and `..` included.
 pub fn children(engine: &Engine, dir: &Node) -> Result<Listing, EngineError> {
     let mut backups = Vec::new();
+    let mut listed = crate::targets::catalogue::Listing::default();
     let mut volumes = std::collections::HashMap::new();
     let mut out = vec![
         (dir.clone(), ".".to_string()),
@@ -417,15 +444,16 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Listing, EngineError> {
             out.push((Node::Jobs(t.clone()), JOBS.into()));
             out.push((Node::Verify(t.clone()), VERIFY.into()));
             out.push((Node::ByVolume(t.clone()), BY_VOLUME.into()));
-            let listed = engine.listing(t)?;
-            backups.reserve_exact(2 * listed.len());
-            for record in listed {
-                let record = Arc::new(record);
+            let all = engine.listing(t)?;
+            backups.reserve_exact(2 * all.len());
+            for (at, record) in all.iter().enumerate() {
+                let at = at as u32;
                 if record.status == Status::Available {
-                    backups.push((record.clone(), true));
+                    backups.push(Backup::image(at));
                 }
-                backups.push((record, false));
+                backups.push(Backup::record(at));
             }
+            listed = all;
         }
         Node::ByVolume(t) => {
             let records = engine.records(t)?;
@@ -466,6 +494,7 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Listing, EngineError> {
         fixed: out,
         volumes,
         target,
+        listed,
         backups,
     })
 }

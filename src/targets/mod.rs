@@ -7,6 +7,7 @@ pub mod auth;
 pub mod catalogue;
 pub mod claim;
 pub mod lease;
+pub mod listing;
 pub mod rbd;
 pub mod record;
 pub mod records;
@@ -155,7 +156,7 @@ pub trait BackupTarget: Send + Sync {
         self.catalogue().records()
     }
 
-    fn listing(&self) -> Result<Vec<catalogue::Listed>> {
+    fn listing(&self) -> Result<catalogue::Listing> {
         self.catalogue().listing()
     }
 
@@ -214,10 +215,16 @@ pub trait BackupTarget: Send + Sync {
     /// gone): never removed, named in the log at start-up.
     fn strays(&self) -> Result<Vec<String>> {
         let mut strays = self.catalogue().foreign();
+        // The listing's ids first (no read of 100,000 records at every start: issue 28);
+        // a record it does not show may still be there, unreadable: read to tell.
+        let listing = self.listing()?;
+        let mut listed: Vec<&str> = listing.iter().map(|l| l.id.as_str()).collect();
+        listed.sort_unstable();
         for id in self.data_ids()? {
-            let owned = BackupId::parse(&id)
-                .map(|id| !matches!(self.record(&id), Err(TargetError::NotFound(_))))
-                .unwrap_or(false);
+            let owned = listed.binary_search(&id.as_str()).is_ok()
+                || BackupId::parse(&id)
+                    .map(|id| !matches!(self.record(&id), Err(TargetError::NotFound(_))))
+                    .unwrap_or(false);
             if !owned {
                 strays.push(format!("the data of backup {id}"));
             }
@@ -306,12 +313,7 @@ impl BackupTarget for VolumeTarget {
     }
 
     fn data_ids(&self) -> Result<Vec<String>> {
-        Ok(self
-            .driver
-            .list(&self.pool)?
-            .into_iter()
-            .map(|v| v.id)
-            .collect())
+        Ok(self.driver.list_ids(&self.pool)?)
     }
 
     fn allocated(&self, backup_id: &BackupId) -> Result<u64> {
@@ -324,5 +326,44 @@ impl BackupTarget for VolumeTarget {
 
     fn shares_data(&self) -> bool {
         self.driver.capabilities(&self.pool).shares_data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::memory::MemDriver;
+    use std::time::Duration;
+
+    const A: &str = "0c1e2f3a-aaaa-4bbb-8ccc-123456789abc";
+    const B: &str = "6b0c2f1e-1111-4222-8333-444455556666";
+    const C: &str = "7d0c2f1e-1111-4222-8333-444455556666";
+
+    #[test]
+    fn strays_are_the_data_no_record_owns_and_an_unreadable_record_still_owns_its_data() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let catalogue =
+            catalogue::DirCatalogue::open("t", &pool, "n", Duration::from_secs(30)).unwrap();
+        let driver = MemDriver::new(&["b"]);
+        for id in [A, B, C] {
+            driver.create("b", id, 1 << 20).unwrap();
+        }
+        let record: Record = serde_json::from_value(serde_json::json!({
+            "format": 1, "id": A, "volume_id": "v", "backend": "x", "pool": "p",
+            "target": "t", "status": "available", "size": 1 << 20,
+            "created_at": "2026-01-01T00:00:00.000Z", "completed_at": null, "name": null,
+            "snapshot_used": false, "parent_id": null, "checksums": null, "error": null,
+        }))
+        .unwrap();
+        catalogue.write_record(&record).unwrap();
+        std::fs::write(pool.join(catalogue::DIR_NAMES.record(C)), b"{ not a record").unwrap();
+        let target = VolumeTarget::new("t", driver, "b", Box::new(catalogue));
+        assert_eq!(
+            target.strays().unwrap(),
+            [format!("the data of backup {B}")],
+            "A is listed, C's record is there but cannot be read"
+        );
     }
 }

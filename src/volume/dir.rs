@@ -231,20 +231,29 @@ impl Dir {
     /// The names [`Dir::names`] gives that `keep` keeps, filtered as they are read (a
     /// pool of 100,000 backups holds 400,000 names, a quarter of them records).
     pub fn names_where(&self, keep: impl Fn(&str) -> bool) -> io::Result<Vec<String>> {
-        let mut listing = nix::dir::Dir::from_fd(self.reopen()?).map_err(nix_io)?;
         let mut names = Vec::new();
+        self.for_each_name(|name| {
+            if keep(name) {
+                names.push(name.to_string());
+            }
+        })?;
+        Ok(names)
+    }
+
+    /// Calls `each` with every name [`Dir::names`] gives, as it is read, keeping none: a
+    /// caller that wants a few names of a large directory (or a fixed-size value per
+    /// name) holds no string per entry (issue 28).
+    pub fn for_each_name(&self, mut each: impl FnMut(&str)) -> io::Result<()> {
+        let mut listing = nix::dir::Dir::from_fd(self.reopen()?).map_err(nix_io)?;
         for entry in listing.iter() {
             let entry = entry.map_err(nix_io)?;
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if name == "." || name == ".." {
                 continue;
             }
-            let name = name.to_string_lossy();
-            if keep(&name) {
-                names.push(name.into_owned());
-            }
+            each(&name.to_string_lossy());
         }
-        Ok(names)
+        Ok(())
     }
 }
 

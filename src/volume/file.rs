@@ -236,6 +236,10 @@ impl VolumeDriver for FileDriver {
             .collect())
     }
 
+    fn list_ids(&self, pool: &str) -> Result<Vec<String>> {
+        self.pools.list_ids(pool)
+    }
+
     fn stat(&self, pool: &str, volume_id: &str) -> Result<VolumeInfo> {
         let stat = self.pools.stat_object(pool, volume_id)?;
         Ok(Self::info(pool, volume_id, &stat))

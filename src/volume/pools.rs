@@ -200,15 +200,28 @@ impl PoolDirs {
     pub fn overlays(&self, pool: &str, id: &str) -> Result<Vec<String>> {
         let prefix = format!("{}.", self.object_name(pool, id)?);
         let dir = self.open_dir_for(pool, id)?;
-        let names = dir
-            .names()
+        let mut found = dir
+            .names_where(|name| name.starts_with(&prefix) && !name.ends_with(".info"))
             .map_err(|e| VolumeError::io("list", dir.path(), e))?;
-        let mut found: Vec<String> = names
-            .into_iter()
-            .filter(|name| name.starts_with(&prefix) && !name.ends_with(".info"))
-            .collect();
         found.sort();
         Ok(found)
+    }
+
+    /// The ids of [`PoolDirs::list`] as the names give them, sorted: no file is looked at
+    /// (a name that is not a regular file is listed too).
+    pub fn list_ids(&self, pool: &str) -> Result<Vec<String>> {
+        let role = self.role(pool)?;
+        let dir = self.open_dir(pool)?;
+        let mut ids = Vec::new();
+        dir.for_each_name(|name| {
+            if let Some(id) = object_id(role, name) {
+                ids.push(id.to_string());
+            }
+        })
+        .map_err(|e| VolumeError::io("list", dir.path(), e))?;
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
     }
 
     /// [`PoolDirs::list`], with what each file is (from the same look at it).
@@ -216,7 +229,7 @@ impl PoolDirs {
         let role = self.role(pool)?;
         let dir = self.open_dir(pool)?;
         let names = dir
-            .names()
+            .names_where(|name| object_id(role, name).is_some())
             .map_err(|e| VolumeError::io("list", dir.path(), e))?;
         let mut found = Vec::new();
         for name in names {
