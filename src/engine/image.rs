@@ -72,11 +72,65 @@ type CachedBlock = ((String, u64), Arc<AlignedBuf>);
 #[derive(Default)]
 pub(super) struct BlockCache {
     blocks: Mutex<VecDeque<CachedBlock>>,
+    /// Blocks being read now, for reads that cover them in part: a second such read
+    /// waits for the first instead of reading the block again. A reader whose requests
+    /// are not aligned to blocks (the kernel's readahead after a 512 KiB start) covers
+    /// every block with two requests answered at once by two threads (issue 29: each
+    /// block was read, decrypted from the chunk cache and checked twice).
+    reading: Mutex<std::collections::HashMap<(String, u64), Arc<Reading>>>,
     /// How many `BackupImage`s of each backup are open.
     open: Mutex<std::collections::HashMap<String, usize>>,
 }
 
+/// A block being read: done once its reader put it in the cache or gave up.
+#[derive(Default)]
+struct Reading {
+    done: Mutex<bool>,
+    ready: parking_lot::Condvar,
+}
+
+/// Held by the one reader of a block; dropping it wakes the others.
+struct ReadingClaim<'a> {
+    cache: &'a BlockCache,
+    key: (String, u64),
+    reading: Arc<Reading>,
+}
+
+impl Drop for ReadingClaim<'_> {
+    fn drop(&mut self) {
+        self.cache.reading.lock().remove(&self.key);
+        *self.reading.done.lock() = true;
+        self.reading.ready.notify_all();
+    }
+}
+
 impl BlockCache {
+    /// The claim to read `block`, or None after waiting for another reader of it
+    /// (then look in the cache again: it failed if the block is not there).
+    fn claim(&self, backup_id: &str, block: u64) -> Option<ReadingClaim<'_>> {
+        let key = (backup_id.to_string(), block);
+        let theirs = {
+            let mut reading = self.reading.lock();
+            match reading.get(&key) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = Arc::new(Reading::default());
+                    reading.insert(key.clone(), r.clone());
+                    return Some(ReadingClaim {
+                        cache: self,
+                        key,
+                        reading: r,
+                    });
+                }
+            }
+        };
+        let mut done = theirs.done.lock();
+        while !*done {
+            theirs.ready.wait(&mut done);
+        }
+        None
+    }
+
     fn get(&self, backup_id: &str, block: u64) -> Option<Arc<AlignedBuf>> {
         let mut blocks = self.blocks.lock();
         let at = blocks
@@ -224,9 +278,27 @@ impl BackupImage {
     /// the checked blocks in memory). Read into an aligned buffer: the backing file may be
     /// open with O_DIRECT.
     fn checked_block(&self, block: u64) -> Result<(Arc<AlignedBuf>, bool)> {
-        if let Some(data) = self.blocks.get(&self.backup_id, block) {
-            return Ok((data, false));
-        }
+        // Once another reader of the block finished, it is in the cache; if that reader
+        // failed, this one reads it itself (and fails or succeeds on its own).
+        let mut waited = false;
+        let _claim = loop {
+            if let Some(data) = self.blocks.get(&self.backup_id, block) {
+                return Ok((data, false));
+            }
+            if waited {
+                break None;
+            }
+            match self.blocks.claim(&self.backup_id, block) {
+                Some(claim) => {
+                    // Put in the cache between the look and the claim.
+                    if let Some(data) = self.blocks.get(&self.backup_id, block) {
+                        return Ok((data, false));
+                    }
+                    break Some(claim);
+                }
+                None => waited = true,
+            }
+        };
         let (start, end) = self.block_range(block);
         let mut data = AlignedBuf::new((end - start) as usize)
             .map_err(|source| EngineError::io(format!("read backup {}", self.backup_id), source))?;

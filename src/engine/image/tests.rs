@@ -323,3 +323,72 @@ fn a_run_of_whole_blocks_is_read_at_once_and_checked_block_by_block() {
     assert_eq!(buf, data[4 * block..]);
     assert_eq!(reads.load(Ordering::Relaxed), 2);
 }
+
+/// `CountedReads` that takes a while for each read.
+struct SlowReads(CountedReads);
+
+impl BlockDevice for SlowReads {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let n = self.0.read_at(buf, offset)?;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        Ok(n)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn grow(&self, size: u64) -> std::io::Result<()> {
+        self.0.grow(size)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn discard(&self, range: std::ops::Range<u64>) -> std::io::Result<()> {
+        self.0.discard(range)
+    }
+}
+
+#[test]
+fn two_reads_of_parts_of_one_block_at_once_read_it_once() {
+    // What the kernel's readahead does once its requests are not aligned to blocks:
+    // two threads each answer a request covering half of the same block.
+    let block = CHECKSUM_BLOCK as usize;
+    let data: Vec<u8> = (0..2 * block).map(|i| (i * 13 % 251) as u8).collect();
+    let kind = SumKind::CURRENT;
+    let sums: Vec<u64> = data.chunks(block).map(|b| kind.block_sum(b)).collect();
+    let device = crate::volume::device::memory::MemDevice::new(data.len() as u64);
+    device.fill(0, &data);
+    let reads = Arc::new(AtomicU64::new(0));
+    let image = BackupImage::new(
+        &BackupId::new(),
+        data.len() as u64,
+        data.len() as u64,
+        Attachment::new(SlowReads(CountedReads(device, reads.clone()))),
+        Arc::new(sums),
+        kind,
+        true,
+        Arc::new(BlockCache::default()),
+    );
+    let half = block / 2;
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            let mut buf = vec![0u8; half];
+            image.read_at(&mut buf, half as u64).unwrap();
+            buf
+        });
+        // The second starts while the first is reading the block.
+        while reads.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let mut buf = vec![0u8; half];
+        image.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data[..half]);
+        assert_eq!(first.join().unwrap(), data[half..block]);
+    });
+    assert_eq!(reads.load(Ordering::Relaxed), 1, "the block was read once");
+}

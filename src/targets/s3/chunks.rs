@@ -15,8 +15,10 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Decrypted chunks kept for readers: 16 × 4 MiB.
-const CACHE_CHUNKS: usize = 16;
+/// Decrypted chunks kept for readers: 20 × 4 MiB. A sequential reader's window ahead
+/// (`device::AHEAD`, 16) and the copier's chunks in progress behind it fit: a chunk read
+/// to its end leaves at once (`release`), so the cache holds mostly what is still ahead.
+const CACHE_CHUNKS: usize = 20;
 /// Names known to be stored (uploaded or seen), so that dedup costs no request.
 const KNOWN_NAMES: usize = 1 << 16;
 
@@ -184,6 +186,21 @@ impl ChunkStore {
     /// Whether chunk `name` is in the cache or being fetched (a prefetch need not start).
     pub fn is_at_hand(&self, name: &str) -> bool {
         self.cache.lock().chunks.contains_key(name) || self.loading.lock().contains_key(name)
+    }
+
+    /// Lets chunk `name` go from the cache (a sequential reader read all of it): its
+    /// buffer goes back for the next fetch unless someone still holds it. A later read
+    /// of it fetches it again.
+    pub fn release(&self, name: &str) {
+        let mut cache = self.cache.lock();
+        let Some(chunk) = cache.chunks.remove(name) else {
+            return;
+        };
+        cache.order.retain(|n| n != name);
+        drop(cache);
+        if let Ok(buffer) = Arc::try_unwrap(chunk) {
+            super::buffers::give_back(buffer);
+        }
     }
 
     /// Chunks being fetched now (by readers and their prefetches).

@@ -20,10 +20,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 /// one the copier is done with, not one whose next piece is on its way (pushed out, it
 /// is stored twice, the first copy garbage).
 const STAGED_CHUNKS: usize = 8;
-/// How far ahead of the furthest chunk read a sequential reader fetches: with the
-/// copier's six chunks in progress, within the chunk cache (16), so that nothing fetched
-/// is pushed out before it is read.
-const AHEAD: u64 = 8;
+/// How far ahead of the furthest chunk read a sequential reader fetches (chunk
+/// positions, holes included). Wider than `IN_FLIGHT`: GETs finish out of order, and a
+/// window of 8 positions kept only 5 of them in flight on average behind a `cp` of an
+/// image through the mount (contrib/bench/README.md, issue 29). With the copier's six
+/// chunks in progress, within the chunk cache (20), as chunks read to their end leave it
+/// at once, so that nothing fetched is pushed out before it is read.
+const AHEAD: u64 = 12;
 /// Chunk GETs a target keeps in flight for its sequential readers, their own reads
 /// counted: what the parallel GET of contrib/bench/s3.sh keeps, which a restore must
 /// match (a copier's workers alone have fewer in flight: they also decrypt and write).
@@ -58,6 +61,21 @@ fn copy_out(plaintext: &[u8], i: u64, piece: &Range<u64>, out: &mut [u8]) {
         out[..have].copy_from_slice(&plaintext[from..from + have]);
     }
     out[have..len].fill(0);
+}
+
+/// What a sequential reader's window counts a chunk read by: 64 pieces of a 4 MiB chunk.
+const GRANULE: u64 = CHUNK_SIZE / 64;
+
+/// The bits of the granules that `start..end` (offsets in a chunk of `len` bytes) covers
+/// wholly; the chunk's last granule counts as whole up to `len`.
+fn granules(start: u64, end: u64, len: u64) -> u64 {
+    let first = start.div_ceil(GRANULE);
+    let last = if end >= len {
+        len.div_ceil(GRANULE)
+    } else {
+        end / GRANULE
+    };
+    (first..last).fold(0, |bits, g| bits | 1 << g)
 }
 
 /// The extents of an index that hold data (chunks that are not holes), within `range`.
@@ -375,6 +393,10 @@ pub struct ChunkReader {
     /// The chunk after the last one read: a read there is sequential.
     next: AtomicU64,
     prefetching: Arc<AtomicUsize>,
+    /// What was read so far of chunks being read (chunk → a bit per `GRANULE`): a chunk
+    /// read to its end leaves the cache at once, instead of holding room the window
+    /// ahead needs. Bits, not a byte count: a piece read twice counts once.
+    read: Mutex<HashMap<u64, u64>>,
 }
 
 impl ChunkReader {
@@ -385,6 +407,39 @@ impl ChunkReader {
             describe,
             next: AtomicU64::new(u64::MAX),
             prefetching: Arc::new(AtomicUsize::new(0)),
+            read: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Notes `piece` (image offsets) of chunk `i` (named `name`) read; once all of it
+    /// was read, lets it go from the cache, unless the window ahead names the same chunk
+    /// (a repeated block: dedup).
+    fn count_read(&self, i: u64, name: &str, piece: &Range<u64>) {
+        let len = chunk_range(i, self.index.size).end - i * CHUNK_SIZE;
+        let bits = granules(
+            piece.start - i * CHUNK_SIZE,
+            piece.end - i * CHUNK_SIZE,
+            len,
+        );
+        let all = granules(0, len, len);
+        {
+            let mut read = self.read.lock();
+            // Pieces read long ago and never finished (a random reader): forgotten.
+            if read.len() > 4 * AHEAD as usize {
+                read.clear();
+            }
+            let done = read.entry(i).or_default();
+            *done |= bits;
+            if *done != all {
+                return;
+            }
+            read.remove(&i);
+        }
+        let last = chunk_count(self.index.size);
+        let again = (i + 1..(i + 1 + AHEAD).min(last))
+            .any(|j| self.index.chunk(j).as_deref() == Some(name));
+        if !again {
+            self.chunks.release(name);
         }
     }
 
@@ -453,6 +508,8 @@ impl BlockDevice for ChunkReader {
                 Some(name) => {
                     let plaintext = self.chunks.load(&name)?;
                     copy_out(&plaintext, i, &piece, out);
+                    drop(plaintext);
+                    self.count_read(i, &name, &piece);
                 }
             }
         }
@@ -498,5 +555,18 @@ mod tests {
         let mut out = [9u8; 8];
         copy_out(b"abc", 0, &(1..9), &mut out);
         assert_eq!(&out, b"bc\0\0\0\0\0\0");
+    }
+
+    #[test]
+    fn granules_count_whole_pieces_once() {
+        let g = GRANULE;
+        assert_eq!(granules(0, g, CHUNK_SIZE), 1);
+        // A piece that covers a granule in part does not count it.
+        assert_eq!(granules(1, 2 * g, CHUNK_SIZE), 0b10);
+        assert_eq!(granules(0, 2 * g - 1, CHUNK_SIZE), 0b1);
+        assert_eq!(granules(0, CHUNK_SIZE, CHUNK_SIZE), u64::MAX);
+        // A short last chunk: its end counts its last granule whole.
+        assert_eq!(granules(g, g + 10, g + 10), 0b10);
+        assert_eq!(granules(0, g + 10, g + 10), 0b11);
     }
 }

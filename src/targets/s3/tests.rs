@@ -303,3 +303,45 @@ fn records_made_changed_and_removed_on_one_node_show_on_another() {
     assert!(matches!(b.record(&id), Err(TargetError::NotFound(_))));
     assert!(b.records().unwrap().is_empty());
 }
+
+#[test]
+fn a_chunk_read_to_its_end_leaves_the_cache_unless_read_again_soon() {
+    let (target, _store) = S3Target::in_memory(key());
+    // Chunks: a, b, a again (dedup), c.
+    let a = noise(1, CHUNK as usize);
+    let data = [
+        a.clone(),
+        noise(2, CHUNK as usize),
+        a.clone(),
+        noise(3, CHUNK as usize),
+    ]
+    .concat();
+    let id = backup(&target, &data);
+    let chunks = target.inner.chunks.clone();
+    let name_of = |i: usize| {
+        chunks
+            .keys
+            .chunk_name(&data[i * CHUNK as usize..(i + 1) * CHUNK as usize])
+    };
+    let attachment = target.open_data(&id).unwrap();
+    let device = attachment.device.as_ref();
+    let mut piece = vec![0u8; MIB as usize];
+    let mut read_at = |offset: u64| {
+        device.read_at(&mut piece, offset).unwrap();
+        assert!(piece[..] == data[offset as usize..(offset + MIB) as usize]);
+    };
+    // Chunk 1 (b) in 1 MiB pieces, one of them twice: three quarters read, still kept.
+    for offset in [CHUNK, CHUNK + MIB, CHUNK + MIB, CHUNK + 2 * MIB] {
+        read_at(offset);
+    }
+    assert!(chunks.is_at_hand(&name_of(1)), "read in part: kept");
+    read_at(CHUNK + 3 * MIB);
+    assert!(!chunks.is_at_hand(&name_of(1)), "read to its end: let go");
+    // Chunk 0 (a) read whole is kept: chunk 2, ahead, is the same chunk.
+    for offset in (0..CHUNK).step_by(MIB as usize) {
+        read_at(offset);
+    }
+    assert!(chunks.is_at_hand(&name_of(0)), "needed again ahead: kept");
+    // Read again, a chunk that was let go is fetched again and reads the same.
+    read_at(CHUNK + MIB);
+}
