@@ -158,8 +158,12 @@ fn every_read_checked(kind: SumKind) {
     );
 }
 
-/// A device in memory that counts its reads.
-struct CountedReads(crate::volume::device::memory::MemDevice, Arc<AtomicU64>);
+/// A device in memory that counts its reads, each taking the given time.
+struct CountedReads(
+    crate::volume::device::memory::MemDevice,
+    Arc<AtomicU64>,
+    std::time::Duration,
+);
 
 impl BlockDevice for CountedReads {
     fn describe(&self) -> String {
@@ -170,7 +174,9 @@ impl BlockDevice for CountedReads {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         self.1.fetch_add(1, Ordering::Relaxed);
-        self.0.read_at(buf, offset)
+        let n = self.0.read_at(buf, offset)?;
+        std::thread::sleep(self.2);
+        Ok(n)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.0.write_at(buf, offset)
@@ -212,7 +218,7 @@ fn a_checked_image_is_a_read_only_device_whose_data_is_what_the_sums_say() {
             &id,
             data.len() as u64,
             data.len() as u64,
-            Attachment::new(CountedReads(device, Arc::default())),
+            Attachment::new(CountedReads(device, Arc::default(), Default::default())),
             Arc::new(sums.clone()),
             kind,
             verify,
@@ -303,7 +309,7 @@ fn a_run_of_whole_blocks_is_read_at_once_and_checked_block_by_block() {
         &BackupId::new(),
         data.len() as u64,
         data.len() as u64,
-        Attachment::new(CountedReads(device, reads.clone())),
+        Attachment::new(CountedReads(device, reads.clone(), Default::default())),
         Arc::new(sums),
         kind,
         true,
@@ -324,35 +330,6 @@ fn a_run_of_whole_blocks_is_read_at_once_and_checked_block_by_block() {
     assert_eq!(reads.load(Ordering::Relaxed), 2);
 }
 
-/// `CountedReads` that takes a while for each read.
-struct SlowReads(CountedReads);
-
-impl BlockDevice for SlowReads {
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-    fn size(&self) -> std::io::Result<u64> {
-        self.0.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        let n = self.0.read_at(buf, offset)?;
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        Ok(n)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn grow(&self, size: u64) -> std::io::Result<()> {
-        self.0.grow(size)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-    fn discard(&self, range: std::ops::Range<u64>) -> std::io::Result<()> {
-        self.0.discard(range)
-    }
-}
-
 #[test]
 fn two_reads_of_parts_of_one_block_at_once_read_it_once() {
     // What the kernel's readahead does once its requests are not aligned to blocks:
@@ -368,7 +345,11 @@ fn two_reads_of_parts_of_one_block_at_once_read_it_once() {
         &BackupId::new(),
         data.len() as u64,
         data.len() as u64,
-        Attachment::new(SlowReads(CountedReads(device, reads.clone()))),
+        Attachment::new(CountedReads(
+            device,
+            reads.clone(),
+            std::time::Duration::from_millis(200),
+        )),
         Arc::new(sums),
         kind,
         true,
