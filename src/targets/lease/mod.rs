@@ -124,6 +124,12 @@ pub struct Claim {
     renewed: Mutex<Instant>,
     /// Another node decided this backup's end: nothing more is written for it.
     lost: AtomicBool,
+    /// Released: the claim object is gone for good. Held while the object is written or
+    /// removed, so that a renewal that found the claim just before its release (the
+    /// nodes' round copies the claims, then writes each) cannot write the object back
+    /// after the release removed it: that left a claim no one renews, and the volume
+    /// refused with EBUSY by the very node that had finished its backup.
+    released: Mutex<bool>,
 }
 
 impl Claim {
@@ -302,6 +308,7 @@ impl Coordinator {
             beat: AtomicU64::new(0),
             renewed: Mutex::new(Instant::now()),
             lost: AtomicBool::new(false),
+            released: Mutex::new(false),
         });
         let bytes = self.claim_bytes(&claim, 0);
         if self
@@ -337,6 +344,10 @@ impl Coordinator {
     }
 
     fn renew_claim(&self, claim: &Claim) -> Result<(), LeaseError> {
+        let released = claim.released.lock();
+        if *released {
+            return Ok(());
+        }
         if !claim.valid(self.lease) {
             claim.lost.store(true, Ordering::Relaxed);
             return Err(LeaseError::Busy(format!(
@@ -429,6 +440,8 @@ impl Coordinator {
     /// the node that took it over.
     pub fn release(&self, claim: &Claim) {
         self.claims.lock().remove(&claim.object);
+        let mut released = claim.released.lock();
+        *released = true;
         if claim.is_lost() {
             return;
         }

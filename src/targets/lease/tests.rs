@@ -58,6 +58,25 @@ fn a_node_name_is_served_by_one_live_daemon() {
 }
 
 #[test]
+fn a_renewal_that_found_a_claim_before_its_release_does_not_write_it_back() {
+    let store = store();
+    let a = Coordinator::join(store.clone(), "a", LEASE).unwrap();
+    let claim = a.claim("files", "v1", "b1").unwrap();
+    // The nodes' round copied the claims, then the backup ended and let go of its claim,
+    // then the round wrote the claims it had copied.
+    a.release(&claim);
+    assert!(store.get(&claim.object, CAP).unwrap().is_none());
+    a.renew_claim(&claim).unwrap();
+    assert!(
+        store.get(&claim.object, CAP).unwrap().is_none(),
+        "a released claim was written back"
+    );
+    // The next backup of the volume, on this node or another, is not refused.
+    let next = a.claim("files", "v1", "b2").unwrap();
+    a.release(&next);
+}
+
+#[test]
 fn one_claim_per_volume_across_nodes_and_a_lapsed_one_is_taken_over_once() {
     let store = store();
     let a = Coordinator::join(store.clone(), "a", LEASE).unwrap();
