@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod engine;
 pub mod fs;
 pub mod ids;
+pub mod operator_file;
 pub mod registry;
 pub mod targets;
 pub mod volume;

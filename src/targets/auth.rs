@@ -6,7 +6,7 @@
 use super::record::{Checksums, Record, Status};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -111,18 +111,12 @@ impl TargetKey {
             path: path.to_path_buf(),
             source,
         };
-        // O_NONBLOCK: a FIFO planted at the path must not hang the start.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-            .open(path)
-            .map_err(io)?;
-        let meta = file.metadata().map_err(io)?;
-        if !meta.file_type().is_file() {
-            return Err(KeyError::NotRegular {
+        let (file, meta) = crate::operator_file::open(path).map_err(|e| match e {
+            crate::operator_file::OpenError::Io(e) => io(e),
+            crate::operator_file::OpenError::NotRegular => KeyError::NotRegular {
                 path: path.to_path_buf(),
-            });
-        }
+            },
+        })?;
         let mode = meta.mode() & 0o7777;
         if mode & 0o077 != 0 {
             return Err(KeyError::Exposed {
@@ -138,10 +132,11 @@ impl TargetKey {
                 euid,
             });
         }
-        let mut text = String::new();
-        file.take(KEY_FILE_MAX)
-            .read_to_string(&mut text)
-            .map_err(|_| KeyError::Format {
+        let text = crate::operator_file::read_capped(file, KEY_FILE_MAX)
+            .ok()
+            .flatten()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or_else(|| KeyError::Format {
                 path: path.to_path_buf(),
             })?;
         parse_key(text.trim_end_matches('\n'))

@@ -159,14 +159,11 @@ fn parse_list(xml: &str) -> io::Result<(Vec<Listed>, Option<String>)> {
 /// Reads an AWS-style credentials file (`[profile]` sections of `key = value` lines) and
 /// returns the access key pair of `profile`. The file must be a regular file of the
 /// user running backupfs that group and others cannot read or write (it is a secret).
+/// The most a credentials file may hold.
+const CREDENTIALS_MAX: u64 = 64 << 10;
+
 pub fn read_credentials(path: &Path, profile: &str) -> Result<Credentials, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
+    let (file, meta) = crate::operator_file::open_named(path)?;
     if meta.mode() & 0o077 != 0 {
         return Err(format!(
             "{} has mode {:04o}: credentials must not be readable or writable by group or others (chmod 600)",
@@ -174,10 +171,8 @@ pub fn read_credentials(path: &Path, profile: &str) -> Result<Credentials, Strin
             meta.mode() & 0o7777
         ));
     }
-    let mut text = String::new();
-    file.take(64 << 10)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = crate::operator_file::read_named(path, file, CREDENTIALS_MAX)?;
+    let text = String::from_utf8(text).map_err(|_| format!("{} is not text", path.display()))?;
     parse_credentials(&text, profile).ok_or_else(|| {
         format!(
             "{} has no profile [{profile}] with aws_access_key_id and aws_secret_access_key",

@@ -2,8 +2,7 @@
 //! in place of the Mozilla roots bundled with backupfs), and what a failed TLS handshake
 //! tells the operator. It never turns verification off.
 
-use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The CA certificates of a `ca_file`, read and checked.
@@ -30,17 +29,7 @@ const CA_FILE_MAX: u64 = 4 << 20;
 /// Other PEM blocks (a key) are passed over; a file without a certificate, or with one
 /// that cannot serve as a root, is refused.
 pub fn read_ca_file(path: &Path) -> Result<CaFile, String> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
+    let (file, meta) = crate::operator_file::open_named(path)?;
     // Whoever can write it chooses whom backupfs trusts with the target's data.
     let euid = nix::unistd::geteuid().as_raw();
     if meta.mode() & 0o022 != 0 || (meta.uid() != euid && meta.uid() != 0) {
@@ -51,17 +40,7 @@ pub fn read_ca_file(path: &Path) -> Result<CaFile, String> {
             meta.mode() & 0o7777
         ));
     }
-    let mut pem = Vec::new();
-    file.take(CA_FILE_MAX + 1)
-        .read_to_end(&mut pem)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if pem.len() as u64 > CA_FILE_MAX {
-        return Err(format!(
-            "{} is larger than {} MiB: not a file of CA certificates",
-            path.display(),
-            CA_FILE_MAX >> 20
-        ));
-    }
+    let pem = crate::operator_file::read_named(path, file, CA_FILE_MAX)?;
     // ureq's own root store passes over a certificate it cannot parse; this one says so.
     let mut roots = rustls::RootCertStore::empty();
     let mut certificates = Vec::new();
