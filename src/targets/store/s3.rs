@@ -4,7 +4,7 @@
 //! answering); what the gateway said is logged, since an errno cannot carry it.
 
 use super::{ObjectStore, bad_name, valid_name};
-use crate::targets::s3::client::{Client, errno_of};
+use crate::targets::s3::client::{Client, Listed, errno_of};
 use std::io;
 use std::sync::Arc;
 
@@ -36,21 +36,22 @@ impl S3Store {
 
     /// The objects whose names start with `prefix`, with their sizes in bytes.
     pub fn list_sizes(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
-        Ok(self
-            .client
-            .list(&self.key(prefix))
-            .map_err(plain)?
-            .into_iter()
-            .filter_map(|o| {
-                let name = o.key.strip_prefix(&self.prefix)?.to_string();
-                valid_name(&name).then_some((name, o.size))
-            })
-            .collect())
+        self.listed(prefix, |o| o.size)
     }
 
     /// The objects whose names start with `prefix`, with their entity tags (a tag changes
     /// when the object is rewritten with other bytes).
     pub fn list_tags(&self, prefix: &str) -> io::Result<Vec<(String, String)>> {
+        self.listed(prefix, |o| o.etag)
+    }
+
+    /// The objects whose names start with `prefix`, under their names in the store (the
+    /// bucket's prefix taken off; other keys left out), with what `what` takes of each.
+    fn listed<T>(
+        &self,
+        prefix: &str,
+        what: impl Fn(Listed) -> T,
+    ) -> io::Result<Vec<(String, T)>> {
         Ok(self
             .client
             .list(&self.key(prefix))
@@ -58,7 +59,7 @@ impl S3Store {
             .into_iter()
             .filter_map(|o| {
                 let name = o.key.strip_prefix(&self.prefix)?.to_string();
-                valid_name(&name).then_some((name, o.etag))
+                valid_name(&name).then(|| (name, what(o)))
             })
             .collect())
     }
