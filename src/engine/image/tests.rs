@@ -296,25 +296,32 @@ fn a_checked_image_is_a_read_only_device_whose_data_is_what_the_sums_say() {
     );
 }
 
-#[test]
-fn a_run_of_whole_blocks_is_read_at_once_and_checked_block_by_block() {
+/// A checked image of `data` whose every device read is counted and takes `delay`.
+fn counted_image(data: &[u8], delay: std::time::Duration) -> (BackupImage, Arc<AtomicU64>) {
     let block = CHECKSUM_BLOCK as usize;
-    let data: Vec<u8> = (0..5 * block + 100).map(|i| (i * 13 % 251) as u8).collect();
     let kind = SumKind::CURRENT;
     let sums: Vec<u64> = data.chunks(block).map(|b| kind.block_sum(b)).collect();
     let device = crate::volume::device::memory::MemDevice::new(data.len() as u64);
-    device.fill(0, &data);
+    device.fill(0, data);
     let reads = Arc::new(AtomicU64::new(0));
     let image = BackupImage::new(
         &BackupId::new(),
         data.len() as u64,
         data.len() as u64,
-        Attachment::new(CountedReads(device, reads.clone(), Default::default())),
+        Attachment::new(CountedReads(device, reads.clone(), delay)),
         Arc::new(sums),
         kind,
         true,
         Arc::new(BlockCache::default()),
     );
+    (image, reads)
+}
+
+#[test]
+fn a_run_of_whole_blocks_is_read_at_once_and_checked_block_by_block() {
+    let block = CHECKSUM_BLOCK as usize;
+    let data: Vec<u8> = (0..5 * block + 100).map(|i| (i * 13 % 251) as u8).collect();
+    let (image, reads) = counted_image(&data, Default::default());
     // Blocks 1, 2 and 3 whole (not up to the image's end): one read.
     let mut buf = vec![0u8; 3 * block];
     assert_eq!(image.read_at(&mut buf, block as u64).unwrap(), 3 * block);
@@ -336,25 +343,7 @@ fn two_reads_of_parts_of_one_block_at_once_read_it_once() {
     // two threads each answer a request covering half of the same block.
     let block = CHECKSUM_BLOCK as usize;
     let data: Vec<u8> = (0..2 * block).map(|i| (i * 13 % 251) as u8).collect();
-    let kind = SumKind::CURRENT;
-    let sums: Vec<u64> = data.chunks(block).map(|b| kind.block_sum(b)).collect();
-    let device = crate::volume::device::memory::MemDevice::new(data.len() as u64);
-    device.fill(0, &data);
-    let reads = Arc::new(AtomicU64::new(0));
-    let image = BackupImage::new(
-        &BackupId::new(),
-        data.len() as u64,
-        data.len() as u64,
-        Attachment::new(CountedReads(
-            device,
-            reads.clone(),
-            std::time::Duration::from_millis(200),
-        )),
-        Arc::new(sums),
-        kind,
-        true,
-        Arc::new(BlockCache::default()),
-    );
+    let (image, reads) = counted_image(&data, std::time::Duration::from_millis(200));
     let half = block / 2;
     std::thread::scope(|s| {
         let first = s.spawn(|| {

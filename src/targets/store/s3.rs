@@ -47,11 +47,7 @@ impl S3Store {
 
     /// The objects whose names start with `prefix`, under their names in the store (the
     /// bucket's prefix taken off; other keys left out), with what `what` takes of each.
-    fn listed<T>(
-        &self,
-        prefix: &str,
-        what: impl Fn(Listed) -> T,
-    ) -> io::Result<Vec<(String, T)>> {
+    fn listed<T>(&self, prefix: &str, what: impl Fn(Listed) -> T) -> io::Result<Vec<(String, T)>> {
         Ok(self
             .client
             .list(&self.key(prefix))
