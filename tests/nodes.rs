@@ -128,38 +128,12 @@ fn three_nodes_serve_one_target_every_backup_from_every_node() {
     let spawned: Vec<(Command, PathBuf, PathBuf)> = (0..3)
         .map(|i| command(&sb, &c.configs[i], NODES[i], &[]))
         .collect();
-    let mut children = Vec::new();
-    for (mut command, mnt, run) in spawned {
-        std::fs::create_dir_all(&mnt).unwrap();
-        let log = sb.path(&format!(
-            "{}.log",
-            mnt.file_name().unwrap().to_string_lossy()
-        ));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = command
-            .stdin(std::process::Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        children.push(Daemon {
-            child,
-            mnt,
-            log,
-            runtime_dir: run,
-        });
-    }
+    let mut children: Vec<Daemon> = spawned
+        .into_iter()
+        .map(|(command, mnt, run)| sb.spawn_daemon_command(command, &mnt, &run))
+        .collect();
     for d in &mut children {
-        wait_for_limit(
-            Duration::from_secs(60),
-            || {
-                if let Ok(Some(status)) = d.child.try_wait() {
-                    panic!("backupfs exited ({status}); log:\n{}", d.log());
-                }
-                d.log().contains("backupfs mounted") && std::fs::read_dir(d.target("hdd")).is_ok()
-            },
-            "every node to mount",
-        );
+        d.wait_mounted();
     }
     let [a, b, c_node] = [&children[0], &children[1], &children[2]];
     let marker = std::fs::read_to_string(c.backups.join(".backupfs-target")).unwrap();

@@ -249,34 +249,11 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     // All three start at the same moment on an empty target namespace.
     let mut starting = Vec::new();
     for node in NODES {
-        let (mut command, mnt, run) = mount_command(&sb, node);
-        std::fs::create_dir_all(&mnt).unwrap();
-        let log = sb.path(&format!("{node}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = command
-            .stdin(std::process::Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        starting.push(Daemon {
-            child,
-            mnt,
-            log,
-            runtime_dir: run,
-        });
+        let (command, mnt, run) = mount_command(&sb, node);
+        starting.push(sb.spawn_daemon_command(command, &mnt, &run));
     }
     for d in &mut starting {
-        wait_for_limit(
-            Duration::from_secs(60),
-            || {
-                if let Ok(Some(status)) = d.child.try_wait() {
-                    panic!("backupfs exited ({status}); log:\n{}", d.log());
-                }
-                d.log().contains("backupfs mounted") && std::fs::read_dir(d.target("rbd")).is_ok()
-            },
-            "every node to mount",
-        );
+        d.wait_mounted();
     }
     let mut daemons = starting.into_iter();
     let (a, b, c) = (

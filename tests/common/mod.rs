@@ -928,6 +928,20 @@ impl Sandbox {
     #[track_caller]
     pub fn start_daemon_command(
         &mut self,
+        command: Command,
+        mnt: &Path,
+        runtime_dir: &Path,
+    ) -> Daemon {
+        let mut daemon = self.spawn_daemon_command(command, mnt, runtime_dir);
+        daemon.wait_mounted();
+        daemon
+    }
+
+    /// `start_daemon_command` without the wait: for daemons that must start at the same
+    /// moment (then `Daemon::wait_mounted` each).
+    #[track_caller]
+    pub fn spawn_daemon_command(
+        &mut self,
         mut command: Command,
         mnt: &Path,
         runtime_dir: &Path,
@@ -948,29 +962,12 @@ impl Sandbox {
             .stderr(log_file)
             .spawn()
             .expect("backupfs starts");
-        let mut daemon = Daemon {
+        Daemon {
             child,
             mnt: mnt.to_path_buf(),
             log,
             runtime_dir: runtime_dir.to_path_buf(),
-        };
-        // A stale mount is a fuse mount too, and may answer from its caches: wait for this
-        // daemon to say it has mounted, and for a listing only a live daemon can give.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !(daemon.log().contains("backupfs mounted")
-            && std::fs::read_dir(mnt.join("backups")).is_ok())
-        {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("backupfs exited ({status}); log:\n{}", daemon.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "backupfs did not mount; log:\n{}",
-                daemon.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        daemon
     }
 }
 
@@ -1022,6 +1019,27 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Waits for this daemon's tree. A stale mount is a fuse mount too, and may answer
+    /// from its caches: waits for the daemon to say it has mounted, and for a listing only
+    /// a live daemon can give.
+    #[track_caller]
+    pub fn wait_mounted(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(self.log().contains("backupfs mounted")
+            && std::fs::read_dir(self.mnt.join("backups")).is_ok())
+        {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("backupfs exited ({status}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backupfs did not mount; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
