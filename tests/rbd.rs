@@ -34,25 +34,6 @@ fn import(cluster: &CephCluster, spec: &str, name: &str, file: &Path) {
     ]);
 }
 
-/// The image names of `spec`.
-fn images(cluster: &CephCluster, spec: &str) -> Vec<String> {
-    let (pool, namespace) = spec.split_once('/').unwrap_or((spec, ""));
-    let out = cluster.rbd(&["ls", "--pool", pool, "--namespace", namespace]);
-    out.lines().map(str::to_string).collect()
-}
-
-fn snapshots(cluster: &CephCluster, spec: &str, image: &str) -> Vec<String> {
-    let out = cluster.rbd(&["snap", "ls", "--format", "json", &format!("{spec}/{image}")]);
-    let list: serde_json::Value = serde_json::from_str(&out).expect("rbd snap ls is JSON");
-    list.as_array()
-        .map(|s| {
-            s.iter()
-                .filter_map(|s| s["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The RADOS objects of `spec` whose names start with `backupfs.`.
 fn catalogue_objects(cluster: &CephCluster, spec: &str) -> Vec<String> {
     let (pool, namespace) = spec.split_once('/').unwrap_or((spec, ""));
@@ -205,14 +186,14 @@ fn rbd_volumes_are_listed_read_sought_and_backed_up_to_file_and_rbd_targets() {
     // What the target's pool holds: a series image with the backup's snapshot, the
     // catalogue objects. Never `volume-<id>`.
     let series = format!("backupfs-series-{to_rbd}");
-    assert_eq!(images(&cluster, &s.backups), std::slice::from_ref(&series));
+    assert_eq!(cluster.images(&s.backups), std::slice::from_ref(&series));
     // The snapshot is taken once the backup is available, after `wait` has answered.
     let snapshot = [format!("backup-{to_rbd}")];
     let deadline = Instant::now() + Duration::from_secs(10);
-    while snapshots(&cluster, &s.backups, &series) != snapshot && Instant::now() < deadline {
+    while cluster.snapshots(&s.backups, &series) != snapshot && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(snapshots(&cluster, &s.backups, &series), snapshot);
+    assert_eq!(cluster.snapshots(&s.backups, &series), snapshot);
     assert_eq!(
         cluster.export_sha256(&s.backups, &format!("{series}@backup-{to_rbd}")),
         sum
@@ -241,7 +222,7 @@ fn rbd_volumes_are_listed_read_sought_and_backed_up_to_file_and_rbd_targets() {
 
     // Deleting removes the snapshot, then the series image and the catalogue objects.
     std::fs::remove_file(&image).unwrap();
-    assert_eq!(images(&cluster, &s.backups), Vec::<String>::new());
+    assert_eq!(cluster.images(&s.backups), Vec::<String>::new());
     assert_eq!(
         catalogue_objects(&cluster, &s.backups),
         ["backupfs.lock", "backupfs.target"]
@@ -396,7 +377,7 @@ fn an_in_use_rbd_volume_is_backed_up_from_a_snapshot_that_is_removed_and_refuses
         assert!(record["temporary_snapshot"].is_null(), "{record}");
         assert_eq!(sha256(&d.image(target, &id)), sum);
         assert_eq!(
-            snapshots(&cluster, &s.volumes, "volume-busy"),
+            cluster.snapshots(&s.volumes, "volume-busy"),
             Vec::<String>::new(),
             "the temporary snapshot is removed"
         );
@@ -463,11 +444,7 @@ fn target_pools_shared_with_volumes_holding_foreign_images_or_missing_are_refuse
         err.contains("targets.rbd.pool") && err.contains("someones-disk"),
         "names the key and the image: {err}"
     );
-    assert_eq!(
-        images(&cluster, &other),
-        ["someones-disk"],
-        "nothing written"
-    );
+    assert_eq!(cluster.images(&other), ["someones-disk"], "nothing written");
     assert_eq!(catalogue_objects(&cluster, &other), Vec::<String>::new());
 
     let empty = namespace(&cluster, "refuse-empty");
@@ -568,9 +545,9 @@ fn kill9_mid_copy_to_an_rbd_target_leaves_no_image_snapshot_or_half_made_record(
         "the copy to start",
     );
     let series = format!("backupfs-series-{id}");
-    assert!(images(&cluster, &s.backups).contains(&series));
+    assert!(cluster.images(&s.backups).contains(&series));
     // The temporary snapshot, named as Cinder's RBD driver deletes with its volume.
-    let temporary = snapshots(&cluster, &s.volumes, "volume-victim");
+    let temporary = cluster.snapshots(&s.volumes, "volume-victim");
     assert_eq!(temporary.len(), 1, "{temporary:?}");
     assert!(
         temporary[0].starts_with(&format!("backup.{id}.snap.")),
@@ -590,12 +567,12 @@ fn kill9_mid_copy_to_an_rbd_target_leaves_no_image_snapshot_or_half_made_record(
     );
     assert!(!d.image("rbd", &id).exists());
     assert_eq!(
-        images(&cluster, &s.backups),
+        cluster.images(&s.backups),
         [format!("backupfs-series-{earlier}")],
         "the half-made image is gone, the earlier backup stays"
     );
     assert_eq!(
-        snapshots(&cluster, &s.volumes, "volume-victim"),
+        cluster.snapshots(&s.volumes, "volume-victim"),
         Vec::<String>::new(),
         "the source's temporary snapshot is gone"
     );
@@ -631,16 +608,13 @@ fn kill9_after_available_before_the_snapshot_keeps_the_backup_and_its_first_read
         || d.log().contains("job holding at settling"),
         "the job to hold before the snapshot",
     );
-    assert_eq!(
-        snapshots(&cluster, &s.backups, &series),
-        Vec::<String>::new()
-    );
+    assert_eq!(cluster.snapshots(&s.backups, &series), Vec::<String>::new());
     d.kill9();
 
     let d = sb.start_daemon(&s.config);
     assert_eq!(d.record("rbd", &id)["status"], "available");
     assert_eq!(
-        snapshots(&cluster, &s.backups, &series),
+        cluster.snapshots(&s.backups, &series),
         Vec::<String>::new(),
         "the head holds the backup"
     );
@@ -650,7 +624,7 @@ fn kill9_after_available_before_the_snapshot_keeps_the_backup_and_its_first_read
         "read whole after the crash"
     );
     assert_eq!(
-        snapshots(&cluster, &s.backups, &series),
+        cluster.snapshots(&s.backups, &series),
         [format!("backup-{id}")],
         "the first reader took the snapshot"
     );
@@ -917,13 +891,10 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
     // it, and the first reader takes the snapshot, so that it never reads a head that a
     // later backup writes.
     let series = format!("backupfs-series-{first}");
-    assert_eq!(
-        snapshots(&cluster, &spec_text, &series),
-        Vec::<String>::new()
-    );
+    assert_eq!(cluster.snapshots(&spec_text, &series), Vec::<String>::new());
     assert!(read_all(&target, &first) == volume, "read from the head");
     assert_eq!(
-        snapshots(&cluster, &spec_text, &series),
+        cluster.snapshots(&spec_text, &series),
         [format!("backup-{first}")],
         "the reader took the snapshot"
     );
@@ -967,14 +938,11 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
     target.remove_data(&cut).unwrap();
 
     assert_eq!(
-        images(&cluster, &spec_text),
+        cluster.images(&spec_text),
         std::slice::from_ref(&series),
         "one image"
     );
-    assert_eq!(
-        snapshots(&cluster, &spec_text, &series).len(),
-        expected.len()
-    );
+    assert_eq!(cluster.snapshots(&spec_text, &series).len(), expected.len());
     for (id, data) in &expected {
         assert!(
             read_all(&target, id) == *data,
@@ -1012,7 +980,7 @@ fn an_rbd_target_shares_a_series_between_backups_and_deletes_any_of_them_in_any_
         assert_eq!(ids, left, "the target lists exactly the survivors");
     }
     assert_eq!(
-        images(&cluster, &spec_text),
+        cluster.images(&spec_text),
         Vec::<String>::new(),
         "the last one takes the image"
     );
@@ -1086,7 +1054,7 @@ fn deleting_the_oldest_middle_or_newest_of_an_rbd_series_keeps_every_other_backu
         let raw = sb.path(&format!("{volume_id}.raw"));
         sparse_file(&raw, 16, &[(1, 2)]);
         import(&cluster, &s.volumes, &image, &raw);
-        let series_before = images(&cluster, &s.backups).len();
+        let series_before = cluster.images(&s.backups).len();
         let mut made: Vec<(String, String)> = Vec::new();
         for round in 0..3u64 {
             if round > 0 {
@@ -1115,7 +1083,7 @@ fn deleting_the_oldest_middle_or_newest_of_an_rbd_series_keeps_every_other_backu
             made.push((id, sum));
         }
         assert_eq!(
-            images(&cluster, &s.backups).len(),
+            cluster.images(&s.backups).len(),
             series_before + 1,
             "{position}: the three backups share one series image"
         );
@@ -1166,13 +1134,13 @@ fn an_rbd_volumes_snapshots_go_with_the_backup_holding_the_base_and_with_a_faile
         .unwrap_or_default()
         .to_string();
     assert_eq!(
-        snapshots(&cluster, &s.volumes, "volume-v"),
+        cluster.snapshots(&s.volumes, "volume-v"),
         std::slice::from_ref(&base),
         "{record}"
     );
     std::fs::remove_file(d.image("rbd", &second)).unwrap();
     assert_eq!(
-        snapshots(&cluster, &s.volumes, "volume-v"),
+        cluster.snapshots(&s.volumes, "volume-v"),
         Vec::<String>::new(),
         "the base went with its backup: {}",
         d.log()
@@ -1187,10 +1155,10 @@ fn an_rbd_volumes_snapshots_go_with_the_backup_holding_the_base_and_with_a_faile
         || d.log().contains("holding at snapshotting"),
         "the snapshot to be taken",
     );
-    assert_eq!(snapshots(&cluster, &s.volumes, "volume-v").len(), 1);
+    assert_eq!(cluster.snapshots(&s.volumes, "volume-v").len(), 1);
     assert!(d.stop().success());
     assert_eq!(
-        snapshots(&cluster, &s.volumes, "volume-v"),
+        cluster.snapshots(&s.volumes, "volume-v"),
         Vec::<String>::new(),
         "the temporary snapshot went with the failure"
     );
@@ -1306,16 +1274,13 @@ fn cinders_rbd_driver_deletes_an_incrementally_backed_up_volume_whole_and_one_ma
         .to_string();
     assert!(is_cinder_style(&base, &second), "{record}");
     assert_eq!(
-        snapshots(&cluster, &pool, &image),
+        cluster.snapshots(&pool, &image),
         std::slice::from_ref(&base),
         "one base per volume, named as Cinder's backup snapshots are"
     );
 
     cinder_delete_volume(&sb, &cluster, &pool, &volume_id);
-    assert!(
-        !images(&cluster, &pool).contains(&image),
-        "the image is gone"
-    );
+    assert!(!cluster.images(&pool).contains(&image), "the image is gone");
     assert!(
         !trash(&cluster, &pool).contains(&image),
         "nothing of the volume is left in the RBD trash"
@@ -1346,10 +1311,10 @@ fn cinders_rbd_driver_deletes_an_incrementally_backed_up_volume_whole_and_one_ma
         .as_str()
         .unwrap_or_default()
         .to_string();
-    assert_eq!(snapshots(&cluster, &pool, &image), [base]);
+    assert_eq!(cluster.snapshots(&pool, &image), [base]);
     d.stop_clean();
     cinder_delete_volume(&sb, &cluster, &pool, &volume_id);
-    assert!(!images(&cluster, &pool).contains(&image));
+    assert!(!cluster.images(&pool).contains(&image));
     assert!(!trash(&cluster, &pool).contains(&image));
     // With the volume gone for good, the record forgets its base at the next start, once.
     let d = sb.start_daemon(&s.config);
@@ -1416,7 +1381,7 @@ fn a_planted_record_never_makes_backupfs_delete_another_images_or_a_foreign_snap
 
     // Start-up removes the temporary snapshots records name.
     let d = sb.start_daemon(&s.config);
-    let mut left = snapshots(&cluster, &s.volumes, "volume-victim");
+    let mut left = cluster.snapshots(&s.volumes, "volume-victim");
     left.sort();
     let mut planted = planted_snapshots.to_vec();
     planted.sort();

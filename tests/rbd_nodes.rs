@@ -37,26 +37,6 @@ fn split(spec: &str) -> (&str, &str) {
     spec.split_once('/').unwrap_or((spec, ""))
 }
 
-fn images(cluster: &CephCluster, spec: &str) -> Vec<String> {
-    let (pool, namespace) = split(spec);
-    let out = cluster.rbd(&["ls", "--pool", pool, "--namespace", namespace]);
-    let mut names: Vec<String> = out.lines().map(str::to_string).collect();
-    names.sort();
-    names
-}
-
-fn snapshots(cluster: &CephCluster, spec: &str, image: &str) -> Vec<String> {
-    let out = cluster.rbd(&["snap", "ls", "--format", "json", &format!("{spec}/{image}")]);
-    let list: serde_json::Value = serde_json::from_str(&out).expect("rbd snap ls is JSON");
-    list.as_array()
-        .map(|s| {
-            s.iter()
-                .filter_map(|s| s["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn head(cluster: &CephCluster, spec: &str, image: &str) -> String {
     cluster
         .rbd(&[
@@ -119,9 +99,9 @@ fn unowned(cluster: &CephCluster, spec: &str) -> Vec<String> {
     let statuses = statuses(cluster, spec);
     let available = |id: &str| statuses.get(id).is_some_and(|s| s == "available");
     let mut found = Vec::new();
-    for image in images(cluster, spec) {
+    for image in cluster.images(spec) {
         let mut held = 0;
-        for snapshot in snapshots(cluster, spec, &image) {
+        for snapshot in cluster.snapshots(spec, &image) {
             match snapshot.strip_prefix("backup-") {
                 Some(id) if available(id) => held += 1,
                 _ => found.push(format!("{image}@{snapshot}")),
@@ -132,7 +112,8 @@ fn unowned(cluster: &CephCluster, spec: &str) -> Vec<String> {
         }
     }
     // Data objects of an image that is gone (a fenced writer's late writes) are data too.
-    let prefixes: Vec<String> = images(cluster, spec)
+    let prefixes: Vec<String> = cluster
+        .images(spec)
         .iter()
         .map(|image| {
             let info = cluster.rbd(&["info", "--format", "json", &format!("{spec}/{image}")]);
@@ -291,7 +272,7 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     assert_eq!(record["parent_id"], full.as_str(), "{record}");
     assert_eq!(record["node"], "b");
     let series = format!("backupfs-series-{full}");
-    assert_eq!(images(&cluster, &backups), std::slice::from_ref(&series));
+    assert_eq!(cluster.images(&backups), std::slice::from_ref(&series));
     wait_for_limit(
         Duration::from_secs(5),
         || a.lists("rbd", &incremental),
@@ -337,7 +318,11 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
         "the parent of a backup in progress: {}",
         c.log()
     );
-    assert!(!snapshots(&cluster, &backups, &series).contains(&format!("backup-{full}")));
+    assert!(
+        !cluster
+            .snapshots(&backups, &series)
+            .contains(&format!("backup-{full}"))
+    );
     assert_eq!(
         head(&cluster, &backups, &series),
         held,
@@ -345,7 +330,7 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     );
     assert!(copying(), "a still writes: {}", a.jobs("rbd"));
 
-    let temporary = snapshots(&cluster, &volumes, "volume-v1");
+    let temporary = cluster.snapshots(&volumes, "volume-v1");
     assert!(
         temporary.iter().any(|s| s.contains(&held)),
         "a's job reads a snapshot of the source: {temporary:?}"
@@ -388,7 +373,7 @@ fn three_nodes_serve_one_rbd_target_and_take_over_a_killed_nodes_backup() {
     );
     let source: Vec<String> = ["volume-v1", "volume-v2"]
         .iter()
-        .flat_map(|v| snapshots(&cluster, &volumes, v))
+        .flat_map(|v| cluster.snapshots(&volumes, v))
         .filter(|s| s.contains(&held))
         .collect();
     assert_eq!(
@@ -477,7 +462,7 @@ fn a_node_paused_past_its_lease_is_fenced_by_a_broken_lock_and_writes_nothing_af
         "a's copy to start",
     );
     let series = format!("backupfs-series-{id}");
-    assert_eq!(images(&cluster, &backups), std::slice::from_ref(&series));
+    assert_eq!(cluster.images(&backups), std::slice::from_ref(&series));
     a.stop_all_threads();
     let took = wait_for_limit(
         Duration::from_secs(120),
@@ -490,14 +475,14 @@ fn a_node_paused_past_its_lease_is_fenced_by_a_broken_lock_and_writes_nothing_af
         "{}",
         b.log()
     );
-    assert_eq!(images(&cluster, &backups), Vec::<String>::new());
+    assert_eq!(cluster.images(&backups), Vec::<String>::new());
     // Resumed: a's client is blocklisted, so nothing it still sends lands; its job ends
     // `error`, and the image b removed stays gone.
     a.signal(libc::SIGCONT);
     assert_eq!(a.wait_job("rbd", &id), "error", "{}", a.log());
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
-        images(&cluster, &backups),
+        cluster.images(&backups),
         Vec::<String>::new(),
         "{}",
         a.log()
@@ -599,11 +584,19 @@ fn a_series_head_deleted_on_one_node_while_another_continues_the_series_keeps_bo
             !removal.is_finished(),
             "the removal waits for the series' lock"
         );
-        assert!(snapshots(&cluster, &spec_text, &series).contains(&format!("backup-{doomed}")));
+        assert!(
+            cluster
+                .snapshots(&spec_text, &series)
+                .contains(&format!("backup-{doomed}"))
+        );
         rados(&["rm", &lock_object]);
         removal.join().unwrap();
     });
-    assert!(!snapshots(&cluster, &spec_text, &series).contains(&format!("backup-{doomed}")));
+    assert!(
+        !cluster
+            .snapshots(&spec_text, &series)
+            .contains(&format!("backup-{doomed}"))
+    );
     assert_eq!(head(&cluster, &spec_text, &series), w.to_string());
     // Each round: the series' newest backup X (the head) is deleted on node two while
     // node one continues the series from the older W (the newest it still lists).
@@ -627,11 +620,11 @@ fn a_series_head_deleted_on_one_node_while_another_continues_the_series_keeps_bo
         assert_eq!(head(&cluster, &spec_text, &series), w.to_string());
     }
     assert_eq!(
-        snapshots(&cluster, &spec_text, &series),
+        cluster.snapshots(&spec_text, &series),
         [format!("backup-{w}")]
     );
     one.remove_data(&w).unwrap();
-    assert_eq!(images(&cluster, &spec_text), Vec::<String>::new());
+    assert_eq!(cluster.images(&spec_text), Vec::<String>::new());
     drop((one, two));
     drop(connection);
     // librados must not outlive the cluster the harness stops at exit.

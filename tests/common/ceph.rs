@@ -763,6 +763,28 @@ impl CephCluster {
         run(&self.conf, 120, "rbd", args)
     }
 
+    /// The image names of `spec` (`pool` or `pool/namespace`), sorted.
+    pub fn images(&self, spec: &str) -> Vec<String> {
+        let (pool, namespace) = spec.split_once('/').unwrap_or((spec, ""));
+        let out = self.rbd(&["ls", "--pool", pool, "--namespace", namespace]);
+        let mut names: Vec<String> = out.lines().map(str::to_string).collect();
+        names.sort();
+        names
+    }
+
+    /// The snapshot names of image `image` of `spec`.
+    pub fn snapshots(&self, spec: &str, image: &str) -> Vec<String> {
+        let out = self.rbd(&["snap", "ls", "--format", "json", &format!("{spec}/{image}")]);
+        let list: serde_json::Value = serde_json::from_str(&out).expect("rbd snap ls is JSON");
+        list.as_array()
+            .map(|s| {
+                s.iter()
+                    .filter_map(|s| s["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// `rbd import` of a file as a new image.
     pub fn import(&self, pool: &str, image: &str, file: &Path) {
         self.rbd(&[
