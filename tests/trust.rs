@@ -917,7 +917,8 @@ fn slow_releases_and_waits_never_stall_the_mount() {
     let d = sb.start_daemon_env(&config, &env);
     let pid = d.child.id();
     // Six readers of qcow2 volumes whose qemu-storage-daemon then hangs (SIGSTOP): their
-    // close waits for it.
+    // next read and their close wait for it. Six reads that hang are more than the read
+    // pool's threads and the session's together.
     let mut closers = Vec::new();
     for i in 0..6 {
         let node = d.volume("qc", &format!("q{i}"));
@@ -932,6 +933,7 @@ fn slow_releases_and_waits_never_stall_the_mount() {
                      os.pread(fd, 4096, 0)\n\
                      open(sys.argv[2], 'w').close()\n\
                      while not os.path.exists(sys.argv[3]): time.sleep(0.05)\n\
+                     os.pread(fd, 4096, 8 << 20)\n\
                      os.close(fd)\n",
                 )
                 .arg(&node)
@@ -965,12 +967,16 @@ fn slow_releases_and_waits_never_stall_the_mount() {
         );
     }
     std::thread::sleep(Duration::from_millis(500));
-    // The mount still answers at once.
+    // The mount still answers at once, a restore's writes included.
     for script in [
         format!("ls '{}'", d.mnt.join("backups/hdd").display()),
         format!("cat '{}'", d.target("hdd").join("jobs").display()),
         format!("ls '{}'", d.mnt.join("volumes/ssd").display()),
         format!("stat '{}'", d.volume("ssd", "f0").display()),
+        format!(
+            "dd if=/dev/urandom of='{}' bs=64k count=16 status=none",
+            d.volume("ssd", "restored").display()
+        ),
     ] {
         let started = Instant::now();
         let out = run_timeout(
@@ -982,6 +988,10 @@ fn slow_releases_and_waits_never_stall_the_mount() {
             "{script} did not answer within 10 s ({:?})",
             started.elapsed()
         );
+    }
+    // ... while the readers still wait.
+    for closer in &mut closers {
+        assert!(closer.try_wait().unwrap().is_none(), "a read did not hang");
     }
     for qsd in &qsds {
         let _ = kill(Pid::from_raw(*qsd as i32), Signal::SIGCONT);

@@ -29,6 +29,8 @@ pub(crate) struct Core {
     pub(super) modes: Modes,
     pub(super) mounted_at: SystemTime,
     pub(super) pool: pool::Pool,
+    /// Reads of images and volumes (they wait on storage).
+    pub(super) reads: pool::Pool,
     pub(super) stores: super::store::StoreQueue,
 }
 

@@ -19,7 +19,7 @@ const COPY_RANGE_MAX: u64 = 1 << 30;
 const READ_BUFFER_LEN: usize = 2 << 20;
 
 thread_local! {
-    /// The buffer image reads are served from, one per session thread.
+    /// The buffer image reads are served from, one per read thread.
     static READ_BUFFER: std::cell::RefCell<Option<AlignedBuf>> =
         const { std::cell::RefCell::new(None) };
 }
@@ -48,57 +48,17 @@ impl BackupFs {
                     reply.data(&bytes[start..end])
                 }
                 Handle::Dir(_) => reply.error(Errno::EISDIR),
-                Handle::Image(image) => READ_BUFFER.with(|cell| {
-                    let mut slot = cell.borrow_mut();
-                    // One aligned buffer per session thread: the backing file may be read
-                    // with O_DIRECT, and the buffer is not zeroed for every request. One
-                    // huge page: the O_DIRECT read into it is a few segments, and the
-                    // kernel pins it once per reply instead of per 4 KiB page
-                    // (contrib/bench/README.md, issue 28). The four threads keep 8 MiB.
-                    if slot.as_ref().is_none_or(|b| b.len() < size as usize) {
-                        *slot = AlignedBuf::new((size as usize).max(READ_BUFFER_LEN)).ok();
-                    }
-                    let Some(buf) = slot.as_mut() else {
-                        return reply.error(Errno::ENOMEM);
-                    };
-                    let buf = &mut buf[..size as usize];
-                    let mut checked = Vec::new();
-                    match image.read_at_with(buf, offset, &mut |at, data| checked.push((at, data)))
-                    {
-                        Ok(n) => reply.data(&buf[..n]),
-                        Err(e) => {
-                            // Before the answer: the restore this reader feeds (ending once
-                            // it gives up) must find it.
-                            core.engine.image_read_failed(fh.0, req.pid(), &e);
-                            return reply
-                                .error(refuse(&format!("read of backup {}", image.backup_id), &e));
-                        }
-                    }
-                    // After the answer: the pages of the read were locked until then.
-                    for (at, data) in checked {
-                        core.stores.offer(ino.0, at, data);
-                    }
-                }),
-                Handle::Volume(volume) => {
-                    let attached = match volume.attached(&core.engine) {
-                        Ok(attached) => attached,
-                        Err(e) => return reply.error(refuse("read of a volume", &e)),
-                    };
-                    let device = match attached.device() {
-                        Ok(device) => device,
-                        Err(e) => return reply.error(errno(&e)),
-                    };
-                    let mut buf = vec![0u8; size as usize];
-                    match device.read_at(&mut buf, offset) {
-                        Ok(done) => reply.data(&buf[..done]),
-                        Err(e) => {
-                            warn!(
-                                "read of volume {}/{} at {offset} failed: {e}",
-                                volume.backend, volume.volume_id
-                            );
-                            reply.error(Errno::from(e))
-                        }
-                    }
+                // Reads wait on storage: they are answered from the read pool, so that
+                // the session's threads are free for what must not queue behind them (a
+                // restore's `cp` has one write in flight, and waited for a thread while
+                // all four read its source: 0.6 ms a write, issue 28).
+                Handle::Image(_) | Handle::Volume(_) => {
+                    let (core, pid) = (core.clone(), req.pid());
+                    self.core.reads.run(move || {
+                        guard("read", || {
+                            read_storage(&core, &handle, pid, ino, fh, offset, size, reply)
+                        })
+                    });
                 }
             }
         })
@@ -309,5 +269,74 @@ impl BackupFs {
                 Err(e) => reply.error(refuse("server-side copy", &e)),
             }
         })
+    }
+}
+
+/// A read of an image (every block checked on its way out) or of a volume, on the read
+/// pool.
+#[allow(clippy::too_many_arguments)]
+fn read_storage(
+    core: &std::sync::Arc<core::Core>,
+    handle: &Handle,
+    pid: u32,
+    ino: INodeNo,
+    fh: FileHandle,
+    offset: u64,
+    size: u32,
+    reply: ReplyData,
+) {
+    match handle {
+        Handle::Image(image) => READ_BUFFER.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            // One aligned buffer per read thread: the backing file may be read with
+            // O_DIRECT, and the buffer is not zeroed for every request. One huge page: the
+            // O_DIRECT read into it is a few segments, and the kernel pins it once per
+            // reply instead of per 4 KiB page (contrib/bench/README.md, issue 28). The
+            // four threads keep 8 MiB.
+            if slot.as_ref().is_none_or(|b| b.len() < size as usize) {
+                *slot = AlignedBuf::new((size as usize).max(READ_BUFFER_LEN)).ok();
+            }
+            let Some(buf) = slot.as_mut() else {
+                return reply.error(Errno::ENOMEM);
+            };
+            let buf = &mut buf[..size as usize];
+            let mut checked = Vec::new();
+            match image.read_at_with(buf, offset, &mut |at, data| checked.push((at, data))) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => {
+                    // Before the answer: the restore this reader feeds (ending once it
+                    // gives up) must find it.
+                    core.engine.image_read_failed(fh.0, pid, &e);
+                    return reply.error(refuse(&format!("read of backup {}", image.backup_id), &e));
+                }
+            }
+            // After the answer: the pages of the read were locked until then.
+            for (at, data) in checked {
+                core.stores.offer(ino.0, at, data);
+            }
+        }),
+        Handle::Volume(volume) => {
+            let attached = match volume.attached(&core.engine) {
+                Ok(attached) => attached,
+                Err(e) => return reply.error(refuse("read of a volume", &e)),
+            };
+            let device = match attached.device() {
+                Ok(device) => device,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let mut buf = vec![0u8; size as usize];
+            match device.read_at(&mut buf, offset) {
+                Ok(done) => reply.data(&buf[..done]),
+                Err(e) => {
+                    warn!(
+                        "read of volume {}/{} at {offset} failed: {e}",
+                        volume.backend, volume.volume_id
+                    );
+                    reply.error(Errno::from(e))
+                }
+            }
+        }
+        // Only images and volumes are sent here.
+        _ => reply.error(Errno::EIO),
     }
 }

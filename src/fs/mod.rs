@@ -37,6 +37,9 @@ use tree::{Modes, Node};
 
 /// Threads for slow requests (see `pool`).
 const SLOW_THREADS: usize = 8;
+/// Threads for reads of images and volumes (see `pool`): as many reads in flight as the
+/// session had threads before it handed them over, each with its read buffer.
+const READ_THREADS: usize = 4;
 
 /// Entries of a listing past which its release gives freed memory back to the system.
 const LARGE_LISTING: usize = 10_000;
@@ -94,7 +97,8 @@ impl BackupFs {
                 handles: Table::new(limits),
                 modes,
                 mounted_at: SystemTime::now(),
-                pool: pool::Pool::new(SLOW_THREADS)?,
+                pool: pool::Pool::new("fuse-slow", SLOW_THREADS)?,
+                reads: pool::Pool::new("fuse-read", READ_THREADS)?,
                 stores: store::StoreQueue::new()?,
             }),
         })

@@ -1,8 +1,9 @@
-//! A fixed pool of threads for FUSE requests whose answer may take a while (attaching or
-//! detaching a volume, zeroing it, deleting a backup, a server-side copy), so that the
-//! session's own threads keep answering `ls` and `cat jobs`. Bounded: a burst of slow
-//! requests queues here instead of starting a thread each. Waiting for a job takes no
-//! thread at all (the job calls back).
+//! A fixed pool of threads for FUSE requests whose answer waits on storage, so that the
+//! session's own threads keep answering `ls`, `cat jobs` and a restore's writes. The mount
+//! has two: one for slow requests (attaching or detaching a volume, zeroing it, deleting
+//! a backup, a server-side copy) and one for reads of images and volumes, so that neither
+//! queues behind the other. Bounded: a burst queues here instead of starting a thread
+//! each. Waiting for a job takes no thread at all (the job calls back).
 
 use parking_lot::Mutex;
 use std::panic::AssertUnwindSafe;
@@ -16,20 +17,22 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(threads: usize) -> std::io::Result<Pool> {
+    /// `threads` threads named `<name>-<i>`.
+    pub fn new(name: &str, threads: usize) -> std::io::Result<Pool> {
         let (sender, receiver) = mpsc::channel::<Task>();
         let receiver = std::sync::Arc::new(Mutex::new(receiver));
         for i in 0..threads {
             let receiver = receiver.clone();
+            let name = name.to_string();
             std::thread::Builder::new()
-                .name(format!("fuse-slow-{i}"))
+                .name(format!("{name}-{i}"))
                 .spawn(move || {
                     loop {
                         let task = receiver.lock().recv();
                         let Ok(task) = task else { return };
                         // A panic is answered EIO by the dropped reply; the thread lives on.
                         if std::panic::catch_unwind(AssertUnwindSafe(task)).is_err() {
-                            error!("bug: a slow FUSE request panicked; answered EIO");
+                            error!("bug: a FUSE request panicked on {name}-{i}; answered EIO");
                         }
                     }
                 })?;
@@ -56,7 +59,7 @@ mod tests {
 
     #[test]
     fn tasks_run_and_a_panic_does_not_stop_the_pool() {
-        let pool = Pool::new(2).unwrap();
+        let pool = Pool::new("test", 2).unwrap();
         let done = Arc::new(AtomicUsize::new(0));
         pool.run(|| panic!("a bug"));
         for _ in 0..10 {

@@ -13,7 +13,7 @@ use tracing::debug;
 
 /// Blocks waiting to be stored, at most: each holds a checked 1 MiB block, so this bounds
 /// the memory the queue keeps (8 MiB; 32 was 32 MiB more at the peak, issue 28). The
-/// session's four threads each offer one block per read, which the store thread passes on
+/// four read threads each offer one block per read, which the store thread passes on
 /// in a fraction of the time the read took.
 const QUEUED: usize = 8;
 
