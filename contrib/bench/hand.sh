@@ -2,9 +2,10 @@
 # backupfs benchmark of the paths an operator takes by hand (project issue 28): warm
 # `cat` of an image, a restore by `cp --sparse=always`, the daemon's peak RSS under
 # concurrent backups, and `ls -l` of a target holding many backups. See
-# contrib/bench/README.md, "hand.sh".
+# contrib/bench/README.md, "hand.sh". `halves` (not in the default set) times the two
+# halves of a restore apart: the image's cold read, and the writes from a warm source.
 #
-#   contrib/bench/hand.sh [--only warm,restore,rss,ls] [--runs N] [--counts "5000 20000"]
+#   contrib/bench/hand.sh [--only warm,restore,halves,rss,ls] [--runs N] [--counts "5000 20000"]
 #                         [--no-build] [--bin PATH] [--perf DIR]
 #
 # Run as root. Two XFS filesystems on loop devices (source pool, target pool), the daemon
@@ -26,7 +27,7 @@ CONC_N=8
 CONC_MB=256
 FS_MB=12288
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
     case "$1" in
     --only) ONLY=$2; shift 2 ;;
@@ -45,7 +46,7 @@ BENCH=hand
 # shellcheck source=contrib/bench/sandbox.sh
 . "$(dirname "$0")/sandbox.sh"
 
-if wants warm || wants restore; then
+if wants warm || wants restore || wants halves; then
     log "writing a ${IMG_MB} MiB random volume and backing it up"
     head -c "${IMG_MB}M" /dev/urandom >"$SRC_POOL/volume-vol-rand"
     backup vol-rand
@@ -95,6 +96,32 @@ if wants restore; then
     rm -f "$SRC_POOL"/volume-rest-*
     m=$(median "${r_m[@]}") d=$(median "${r_d[@]}")
     report "restore cp --sparse=always; sync -f: mount ${m}s, direct ${d}s (runs: ${r_m[*]} / ${r_d[*]}; daemon CPU ms: ${r_cpu[*]})" "ratio $(ratio "$d" "$m")"
+fi
+
+# ---------------------------------------------------------------- a restore's halves
+if wants halves; then
+    h_rm=() h_rd=() h_wm=() h_wd=()
+    for _ in $(seq "$RUNS"); do
+        drop_caches
+        timed cat "$IMG_MNT" >/dev/null; h_rm+=("$LAST")
+        drop_caches
+        timed cat "$IMG_DIRECT" >/dev/null; h_rd+=("$LAST")
+        rm -f "$SRC_POOL"/volume-half-*
+        drop_caches
+        cat "$IMG_DIRECT" >/dev/null
+        timed bash -c "cp --sparse=always '$IMG_DIRECT' '$MNT/volumes/src/half-m' && sync -f '$SRC_POOL'"
+        h_wm+=("$LAST")
+        rm -f "$SRC_POOL"/volume-half-*
+        drop_caches
+        cat "$IMG_DIRECT" >/dev/null
+        timed bash -c "cp --sparse=always '$IMG_DIRECT' '$SRC_POOL/volume-half-d' && sync -f '$SRC_POOL'"
+        h_wd+=("$LAST")
+    done
+    rm -f "$SRC_POOL"/volume-half-*
+    report "restore's read half: cold cat, mount $(median "${h_rm[@]}")s, backing file $(median "${h_rd[@]}")s (runs: ${h_rm[*]} / ${h_rd[*]})" \
+        "ratio $(ratio "$(median "${h_rd[@]}")" "$(median "${h_rm[@]}")")"
+    report "restore's write half: cp from a warm source; sync -f, mount $(median "${h_wm[@]}")s, direct $(median "${h_wd[@]}")s (runs: ${h_wm[*]} / ${h_wd[*]})" \
+        "ratio $(ratio "$(median "${h_wd[@]}")" "$(median "${h_wm[@]}")")"
 fi
 
 # ---------------------------------------------------------------- peak RSS
