@@ -523,33 +523,24 @@ impl Inner {
         if !request.incremental || !target.shares_data() {
             return info.allocated;
         }
-        let has_parent = target.records().is_ok_and(|records| {
-            records
-                .iter()
-                .any(|r| r.is_sound() && r.volume_id.as_str() == info.id && r.backend == backend)
-        });
+        let has_parent = target
+            .newest_sound(&request.volume_id, Some(backend), true)
+            .is_ok_and(|parent| parent.is_some());
         if has_parent { 0 } else { info.allocated }
     }
 
     /// The parent of an incremental backup: the newest available backup of the same volume
     /// (same backend) on this target that no verify found damaged.
     fn parent_of(&self, target: &dyn BackupTarget, job: &Job) -> Option<Record> {
-        let records = match target.records() {
-            Ok(records) => records,
+        // Read are the volume's newest backups only, not the whole catalogue (issue 28).
+        // The job's own record is `creating`: never sound.
+        let parent = match target.newest_sound(&job.volume_id, Some(&job.backend), true) {
+            Ok(parent) => parent,
             Err(e) => {
                 warn!(backup_id = %job.backup_id, "incremental: cannot read the catalogue ({e}): full backup");
                 return None;
             }
         };
-        let parent = records
-            .into_iter()
-            .filter(|r| {
-                r.is_sound()
-                    && r.volume_id == job.volume_id
-                    && r.backend == job.backend
-                    && r.id != job.backup_id
-            })
-            .max_by_key(|r| r.completed_time());
         if parent.is_none() {
             info!(
                 backup_id = %job.backup_id,

@@ -10,7 +10,9 @@ impl Inner {
     /// One base per volume and target: once `record` keeps its snapshot as the base, the
     /// older ones go (named as temporary first, so that a crash cannot forget them).
     pub(super) fn drop_older_bases(&self, target: &dyn BackupTarget, record: &Record) {
-        if let Ok(records) = target.records() {
+        // The volume's records that keep a base, not the whole catalogue (issue 28).
+        if let Ok(records) = target.volume_records(&record.volume_id, true, &|l| l.base, &|_| false)
+        {
             self.drop_older_bases_of(target, record, &records);
         }
     }
@@ -67,7 +69,13 @@ impl Inner {
         if keep == 0 {
             return;
         }
-        let Ok(records) = target.records() else {
+        // The volume's available backups, not the whole catalogue (issue 28).
+        let Ok(records) = target.volume_records(
+            &record.volume_id,
+            true,
+            &|l| l.status == Status::Available,
+            &|_| false,
+        ) else {
             return;
         };
         let mut backups: Vec<Record> = records

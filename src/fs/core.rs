@@ -125,7 +125,9 @@ impl Core {
                 (info.size, info.allocated / 512, info.mtime)
             }
             Node::Latest(t, v) => {
-                let id = tree::latest_backup(&self.engine.records(t)?, v)
+                let id = self
+                    .engine
+                    .latest_backup(t, v)?
                     .ok_or_else(|| EngineError::NotFound(format!("no backup of {v}")))?;
                 (format!("../../{id}.img").len() as u64, 0, self.mounted_at)
             }

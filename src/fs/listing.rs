@@ -58,8 +58,14 @@ impl BackupFs {
                         })
                     }
                     (Node::Record(..), Some(listed)) => {
-                        let attr =
-                            tree::attr(node, 0, &core.modes, listed.shown_len, 0, listed.completed);
+                        let attr = tree::attr(
+                            node,
+                            0,
+                            &core.modes,
+                            u64::from(listed.shown_len),
+                            0,
+                            listed.completed,
+                        );
                         Ok((attr, tree::status_ttl(listed.status)))
                     }
                     // A backend's volumes: as the driver listed them, kept no time, so

@@ -239,11 +239,9 @@ impl Filesystem for BackupFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         guard("readlink", || match self.core.node(ino) {
-            Ok(Node::Latest(t, v)) => match self.core.engine.records(&t) {
-                Ok(records) => match tree::latest_backup(&records, &v) {
-                    Some(id) => reply.data(format!("../../{id}.img").as_bytes()),
-                    None => reply.error(Errno::ENOENT),
-                },
+            Ok(Node::Latest(t, v)) => match self.core.engine.latest_backup(&t, &v) {
+                Ok(Some(id)) => reply.data(format!("../../{id}.img").as_bytes()),
+                Ok(None) => reply.error(Errno::ENOENT),
                 Err(e) => reply.error(errno(&e)),
             },
             Ok(_) => reply.error(Errno::EINVAL),

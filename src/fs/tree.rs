@@ -215,22 +215,6 @@ pub fn record_json(record: &Record) -> Vec<u8> {
 }
 
 /// The newest available, undamaged backup of a volume in a target.
-pub fn latest_backup(records: &[Record], volume_id: &VolumeId) -> Option<BackupId> {
-    records
-        .iter()
-        .filter(|r| {
-            // A backup a verify found damaged is nobody's newest.
-            r.is_sound() && r.volume_id == *volume_id
-        })
-        .max_by_key(|r| {
-            (
-                r.completed_time(),
-                crate::targets::record::parse_rfc3339(&r.created_at),
-            )
-        })
-        .map(|r| r.id.clone())
-}
-
 /// Finds the child `name` of `parent`, asking the engine whether it exists; for an image
 /// or a record, also the record that told (read once per lookup: its attributes come
 /// from it too).
@@ -287,11 +271,11 @@ pub fn child(
         },
         Node::ByVolume(t) => {
             let volume_id = VolumeId::parse(name).map_err(|_| missing())?;
-            latest_backup(&engine.records(t)?, &volume_id).ok_or_else(missing)?;
+            engine.latest_backup(t, &volume_id)?.ok_or_else(missing)?;
             Node::ByVolumeDir(t.clone(), volume_id)
         }
         Node::ByVolumeDir(t, v) if name == LATEST => {
-            latest_backup(&engine.records(t)?, v).ok_or_else(missing)?;
+            engine.latest_backup(t, v)?.ok_or_else(missing)?;
             Node::Latest(t.clone(), v.clone())
         }
         Node::Backend(b) => {
@@ -456,16 +440,7 @@ pub fn children(engine: &Engine, dir: &Node) -> Result<Listing, EngineError> {
             listed = all;
         }
         Node::ByVolume(t) => {
-            let records = engine.records(t)?;
-            let mut volumes: Vec<VolumeId> = records
-                .iter()
-                .filter(|r| r.status == Status::Available)
-                .map(|r| r.volume_id.clone())
-                .collect();
-            volumes.sort();
-            volumes.dedup();
-            volumes.retain(|v| latest_backup(&records, v).is_some());
-            for v in volumes {
+            for v in engine.volumes_backed_up(t)? {
                 let name = v.to_string();
                 out.push((Node::ByVolumeDir(t.clone(), v), name));
             }

@@ -47,6 +47,13 @@ pub trait Catalogue: Send + Sync {
             self.listed_records()?.into_iter().map(Listed::of).collect(),
         ))
     }
+    /// [`Catalogue::listing`] as the storage holds the records now, as
+    /// [`Catalogue::records`] reads them: for a decision.
+    fn fresh_listing(&self) -> Result<Listing> {
+        Ok(Arc::new(
+            self.records()?.into_iter().map(Listed::of).collect(),
+        ))
+    }
     fn record(&self, backup_id: &BackupId) -> Result<Record>;
     /// Reads the record from the storage again, where the catalogue keeps records in
     /// memory (another node may have changed it): before a read-change-write, under the
@@ -181,6 +188,12 @@ impl Catalogue for DirCatalogue {
 
     fn records(&self) -> Result<Vec<Record>> {
         self.records.records(&self.target)
+    }
+
+    /// The listing is as fresh as a read of every record: a record file that changed is
+    /// another file (see [`ListingCache`]).
+    fn fresh_listing(&self) -> Result<Listing> {
+        self.listing()
     }
 
     fn listing(&self) -> Result<Listing> {

@@ -14,7 +14,8 @@ use std::time::SystemTime;
 pub type Listing = Arc<Vec<Listed>>;
 
 /// What a listing shows of a record: enough for `ls -l` of the backup's image and
-/// record without reading the record again. 112 bytes, none on the heap.
+/// record without reading the record again, and to find a volume's backups without
+/// reading the others. 120 bytes, none on the heap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
     pub id: BackupId,
@@ -25,18 +26,27 @@ pub struct Listed {
     pub size: u64,
     /// [`Record::completed_time`].
     pub completed: SystemTime,
-    /// The length of [`Record::shown_json`].
-    pub shown_len: u64,
+    /// The length of [`Record::shown_json`] (a few KiB).
+    pub shown_len: u32,
     /// The record names work that start-up or the janitor may have to finish (see
     /// [`Record::needs_care`]); the others are never read whole by them.
     pub needs_care: bool,
+    /// [`Record::is_damaged`].
+    pub damaged: bool,
+    /// The record keeps a base snapshot of its volume.
+    pub base: bool,
+    /// The record's volume, as [`volume_key`] gives it.
+    pub volume: u64,
 }
 
 impl Listed {
     pub fn of(record: Record) -> Listed {
         Listed {
-            shown_len: record.shown_json().len() as u64,
+            shown_len: u32::try_from(record.shown_json().len()).unwrap_or(u32::MAX),
             needs_care: record.needs_care(),
+            damaged: record.is_damaged(),
+            base: record.base_snapshot.is_some(),
+            volume: volume_key(record.volume_id.as_str()),
             completed: record.completed_time(),
             size: record.size,
             id: record.id,
@@ -49,6 +59,28 @@ impl Listed {
     pub fn order(&self) -> (&str, &str) {
         (self.created_at.as_str(), self.id.as_str())
     }
+
+    /// Available, and no verify found it damaged (as [`Record::is_sound`]).
+    pub fn is_sound(&self) -> bool {
+        self.status == Status::Available && !self.damaged
+    }
+
+    /// Which of a volume's backups is its newest: the last completed (then the last
+    /// created, then by id).
+    pub fn recency(&self) -> (SystemTime, &str, &str) {
+        (self.completed, self.created_at.as_str(), self.id.as_str())
+    }
+}
+
+/// A volume id's key in listings, so that a volume's backups are found without reading
+/// every record: a hash keyed anew by each process (whoever names volumes cannot make two
+/// share one on purpose). Two ids may still share a key: what a key finds is read and its
+/// volume id compared.
+pub fn volume_key(volume_id: &str) -> u64 {
+    use std::hash::BuildHasher;
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEYS.get_or_init(Default::default).hash_one(volume_id)
 }
 
 /// Bytes of a record's `created_at` a listing keeps (one backupfs writes has 24,
@@ -95,7 +127,7 @@ impl std::fmt::Debug for Stamp {
 /// or exchanged over the name: another inode, and the ctime no writer sets), so while the
 /// identity holds what was read holds. `ls` of 100,000 backups then costs a listing of
 /// the directory and a `stat` per record, not a read and a parse of each (issue 28).
-/// It holds the last [`Listing`] (112 bytes a record) and a file entry per record
+/// It holds the last [`Listing`] (120 bytes a record) and a file entry per record
 /// file (104 bytes); a listing that finds nothing changed hands out the same one.
 #[derive(Default)]
 pub struct ListingCache {
@@ -290,11 +322,22 @@ mod tests {
                 completed: UNIX_EPOCH + Duration::from_secs(files[n].0),
                 shown_len: 1,
                 needs_care: false,
+                damaged: false,
+                base: false,
+                volume: volume_key("v"),
             })
         };
         // In the directory's order (none in particular): here, the reverse of the ids'.
         let ids = files.keys().rev().map(|&n| id(n)).collect();
         cache.list(ids, &stat, &mut read)
+    }
+
+    #[test]
+    fn an_entry_holds_nothing_on_the_heap_and_stays_small() {
+        // 100,000 backups: 12 MiB of listing (issue 28).
+        assert_eq!(std::mem::size_of::<Listed>(), 120);
+        assert_eq!(volume_key("vol-1"), volume_key("vol-1"));
+        assert_ne!(volume_key("vol-1"), volume_key("vol-2"));
     }
 
     fn expected(files: &Files) -> Vec<(BackupId, u64)> {

@@ -18,6 +18,7 @@ use crate::copy::SumKind;
 use crate::ids::BackupId;
 use crate::volume::{Access, Attachment, VolumeDriver, VolumeError};
 use catalogue::Catalogue;
+use listing::Listed;
 use record::{Checksums, Record};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -162,6 +163,67 @@ pub trait BackupTarget: Send + Sync {
 
     fn record(&self, backup_id: &BackupId) -> Result<Record> {
         self.catalogue().record(backup_id)
+    }
+
+    /// The records of `volume_id` whose listing entries pass `wanted`, newest first
+    /// ([`Listed::recency`]). A listing names the candidates by a key of the volume id
+    /// ([`listing::volume_key`]), so that only those are read, each compared with
+    /// `volume_id`: a volume's backups cost what they are, not what the target holds
+    /// (issue 28). `fresh`: as the storage holds them now (for a decision, as
+    /// [`BackupTarget::records`]), else a moment old at most (for `ls`, as
+    /// `listed_records`). Stops once `enough` says so of what it found.
+    fn volume_records(
+        &self,
+        volume_id: &crate::ids::VolumeId,
+        fresh: bool,
+        wanted: &dyn Fn(&Listed) -> bool,
+        enough: &dyn Fn(&[Record]) -> bool,
+    ) -> Result<Vec<Record>> {
+        let listing = if fresh {
+            self.catalogue().fresh_listing()?
+        } else {
+            self.listing()?
+        };
+        let key = listing::volume_key(volume_id.as_str());
+        let mut candidates: Vec<&Listed> = listing
+            .iter()
+            .filter(|l| l.volume == key && wanted(l))
+            .collect();
+        candidates.sort_unstable_by(|a, b| b.recency().cmp(&a.recency()));
+        let mut found = Vec::new();
+        for listed in candidates {
+            if enough(&found) {
+                break;
+            }
+            let read = if fresh {
+                self.record(&listed.id)
+            } else {
+                self.listed_record(&listed.id)
+            };
+            match read {
+                Ok(record) if record.volume_id == *volume_id => found.push(record),
+                // Another volume's key, gone since the listing, or a record that cannot be
+                // trusted (skipped, as by `records`).
+                Ok(_) | Err(TargetError::NotFound(_) | TargetError::BadRecord { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(found)
+    }
+
+    /// The newest sound backup (available, no damage found) of `volume_id`, of `backend`
+    /// if given: an incremental's parent, `by-volume/<volume-id>/latest.img`.
+    fn newest_sound(
+        &self,
+        volume_id: &crate::ids::VolumeId,
+        backend: Option<&str>,
+        fresh: bool,
+    ) -> Result<Option<Record>> {
+        let fits = |r: &Record| r.is_sound() && backend.is_none_or(|b| r.backend == b);
+        let found = self.volume_records(volume_id, fresh, &Listed::is_sound, &|found| {
+            found.iter().any(fits)
+        })?;
+        Ok(found.into_iter().find(|r| fits(r)))
     }
 
     /// For a listing, a moment old at most (see `Catalogue::listed_records`).
@@ -365,5 +427,69 @@ mod tests {
             [format!("the data of backup {B}")],
             "A is listed, C's record is there but cannot be read"
         );
+    }
+
+    #[test]
+    fn a_volumes_newest_sound_backup_is_found_among_its_own_records_only() {
+        let scratch = tempfile::tempdir().unwrap();
+        let pool = scratch.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let catalogue =
+            catalogue::DirCatalogue::open("t", &pool, "n", Duration::from_secs(30)).unwrap();
+        let ids = [
+            A,
+            B,
+            C,
+            "8e0c2f1e-1111-4222-8333-444455556666",
+            "9f0c2f1e-1111-4222-8333-444455556666",
+        ];
+        // (volume, backend, status, hour completed, damaged)
+        let made = [
+            ("v", "x", "available", 1, false),
+            ("v", "x", "available", 2, true),
+            ("v", "y", "available", 3, false),
+            ("v", "x", "error", 4, false),
+            ("w", "x", "available", 5, false),
+        ];
+        for (id, (volume, backend, status, hour, damaged)) in ids.iter().zip(made) {
+            let at = format!("2026-01-01T0{hour}:00:00.000Z");
+            let record: Record = serde_json::from_value(serde_json::json!({
+                "format": 1, "id": id, "volume_id": volume, "backend": backend, "pool": "p",
+                "target": "t", "status": status, "size": 1 << 20, "created_at": at,
+                "completed_at": at, "name": null, "snapshot_used": false, "parent_id": null,
+                "checksums": { "algorithm": "xxh3-64", "block_size": crate::copy::CHECKSUM_BLOCK,
+                    "blocks": (1u64 << 20).div_ceil(crate::copy::CHECKSUM_BLOCK),
+                    "file": format!("backup-{id}.sums"), "digest": "0" },
+                "error": null,
+                "damaged_blocks": if damaged { serde_json::json!([3]) } else { serde_json::json!(null) },
+            }))
+            .unwrap();
+            catalogue.write_record(&record).unwrap();
+        }
+        let target = VolumeTarget::new("t", MemDriver::new(&["b"]), "b", Box::new(catalogue));
+        let v = crate::ids::VolumeId::parse("v").unwrap();
+        let newest = |volume: &crate::ids::VolumeId, backend: Option<&str>, fresh: bool| {
+            target
+                .newest_sound(volume, backend, fresh)
+                .unwrap()
+                .map(|r| r.id.to_string())
+        };
+        for fresh in [true, false] {
+            // Not the damaged one, not the failed one, not another backend's.
+            assert_eq!(newest(&v, Some("x"), fresh).as_deref(), Some(A));
+            assert_eq!(newest(&v, None, fresh).as_deref(), Some(C));
+            assert_eq!(newest(&v, Some("z"), fresh), None);
+            let w = crate::ids::VolumeId::parse("w").unwrap();
+            assert_eq!(newest(&w, None, fresh).as_deref(), Some(ids[4]));
+            let u = crate::ids::VolumeId::parse("u").unwrap();
+            assert_eq!(newest(&u, None, fresh), None);
+        }
+        let all: Vec<String> = target
+            .volume_records(&v, true, &|_| true, &|_| false)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(all, [ids[3], C, B, A], "v's records, newest first");
     }
 }
