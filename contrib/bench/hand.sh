@@ -228,11 +228,25 @@ PY
         fi
         lines=$(ls -l "$MNT/backups/t" | grep -c '\.img$')
         [ "$lines" = "$n" ] || die "ls -l shows $lines images of $n"
+        # The operator's way to the newest backup of a volume (README): `ls by-volume`,
+        # then `readlink` of its latest.img (a lookup of the volume and of latest.img).
+        timed ls "$MNT/backups/t/by-volume"; byvol_ls=$LAST
+        timed readlink "$MNT/backups/t/by-volume/vol-small/latest.img"; byvol_latest=$LAST
         rss=$(awk '/^VmRSS:/ {r=$2} /^VmHWM:/ {h=$2} END{printf "%.1f MiB (peak %.1f)", r/1024, h/1024}' "/proc/$DAEMON_PID/status")
+        # One more backup of the volume (an incremental: its parent is found among the
+        # n): its time, and the daemon's peak during it alone.
+        echo 5 >"/proc/$DAEMON_PID/clear_refs"
+        timed backup "vol-small incremental"; one_backup=$LAST
+        have=$((have + 1))
+        one_peak=$(awk '/^VmHWM:/ {printf "%.1f", $2/1024}' "/proc/$DAEMON_PID/status")
         report "ls -l of $n backups: cold, warm; daemon CPU, ls CPU (user+sys)" \
             "${first}s ${second}s; ${cpu}ms, $(awk -v u="$ls_user" -v s="$ls_sys" 'BEGIN{printf "%.0f", (u+s)*1000}')ms;$requests"
         report "  $n backups: restart to first ls; plain ls (3 warm runs); daemon RSS" \
             "${restart}s; $(median "${pls[@]}")s (${pls[*]}); $rss; peak by the first ls ${start_peak} MiB"
+        report "  $n backups of one volume: ls by-volume; readlink by-volume/VOL/latest.img" \
+            "${byvol_ls}s; ${byvol_latest}s"
+        report "  $n backups: one more backup of the volume (4 MiB, incremental); the daemon's peak during it" \
+            "${one_backup}s; ${one_peak} MiB"
     done >/dev/null
 fi
 printf '\n'; printf '%s\n' "${ROWS[@]}"
