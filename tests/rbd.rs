@@ -1230,15 +1230,7 @@ print('deleted', name)
 
 /// The names in `rbd trash ls` of a pool.
 fn trash(cluster: &CephCluster, pool: &str) -> Vec<String> {
-    let out = cluster.rbd(&["trash", "ls", "--format", "json", "--pool", pool]);
-    let list: serde_json::Value = serde_json::from_str(&out).expect("rbd trash ls is JSON");
-    list.as_array()
-        .map(|s| {
-            s.iter()
-                .filter_map(|s| s["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
+    common::ceph::json_names(&cluster.rbd(&["trash", "ls", "--format", "json", "--pool", pool]))
 }
 
 /// Whether `name` is `backup.<backup_id>.snap.<unix seconds>`.

@@ -317,37 +317,7 @@ impl Engine {
     /// The volumes that have a sound backup on the target (`by-volume/`), sorted: one
     /// record read per volume, not one per backup.
     pub fn volumes_backed_up(&self, target: &str) -> Result<Vec<VolumeId>> {
-        let target = self.target(target)?;
-        let listing = target.listing()?;
-        let mut sound: Vec<&crate::targets::listing::Listed> =
-            listing.iter().filter(|l| l.is_sound()).collect();
-        // By volume key, newest first within each.
-        sound.sort_unstable_by(|a, b| (a.volume, b.recency()).cmp(&(b.volume, a.recency())));
-        let mut volumes = Vec::new();
-        let mut named: Option<u64> = None;
-        for listed in sound {
-            if named == Some(listed.volume) {
-                continue;
-            }
-            let record = match target.listed_record(&listed.id) {
-                Ok(record) => record,
-                Err(
-                    crate::targets::TargetError::NotFound(_)
-                    | crate::targets::TargetError::BadRecord { .. },
-                ) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            // Two volumes whose ids share a key show as the one with the newest backup.
-            if record.is_sound()
-                && crate::targets::listing::volume_key(record.volume_id.as_str()) == listed.volume
-            {
-                named = Some(listed.volume);
-                volumes.push(record.volume_id);
-            }
-        }
-        volumes.sort();
-        volumes.dedup();
-        Ok(volumes)
+        Ok(self.target(target)?.volumes_with_sound_backups()?)
     }
 
     /// What a listing of the target shows of each record, in the order of `records`.

@@ -195,20 +195,55 @@ pub trait BackupTarget: Send + Sync {
             if enough(&found) {
                 break;
             }
-            let read = if fresh {
-                self.record(&listed.id)
-            } else {
-                self.listed_record(&listed.id)
-            };
-            match read {
-                Ok(record) if record.volume_id == *volume_id => found.push(record),
-                // Another volume's key, gone since the listing, or a record that cannot be
-                // trusted (skipped, as by `records`).
-                Ok(_) | Err(TargetError::NotFound(_) | TargetError::BadRecord { .. }) => {}
-                Err(e) => return Err(e),
+            match self.listed_entry(listed, fresh)? {
+                Some(record) if record.volume_id == *volume_id => found.push(record),
+                // Another volume's key.
+                _ => {}
             }
         }
         Ok(found)
+    }
+
+    /// The record of a listing entry, read (`fresh`: from the storage); None when it is
+    /// gone since the listing or cannot be trusted (skipped, as by `records`).
+    fn listed_entry(&self, listed: &Listed, fresh: bool) -> Result<Option<Record>> {
+        let read = if fresh {
+            self.record(&listed.id)
+        } else {
+            self.listed_record(&listed.id)
+        };
+        match read {
+            Ok(record) => Ok(Some(record)),
+            Err(TargetError::NotFound(_) | TargetError::BadRecord { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The volumes with a sound backup here (`by-volume/`), sorted, as a listing a moment
+    /// old sees them: one record read per volume (its newest), not one per backup. Two
+    /// volumes whose ids share a key show as the one with the newest backup.
+    fn volumes_with_sound_backups(&self) -> Result<Vec<crate::ids::VolumeId>> {
+        let listing = self.listing()?;
+        let mut sound: Vec<&Listed> = listing.iter().filter(|l| l.is_sound()).collect();
+        // By volume key, newest first within each.
+        sound.sort_unstable_by(|a, b| (a.volume, b.recency()).cmp(&(b.volume, a.recency())));
+        let mut volumes = Vec::new();
+        let mut named: Option<u64> = None;
+        for listed in sound {
+            if named == Some(listed.volume) {
+                continue;
+            }
+            if let Some(record) = self.listed_entry(listed, false)?
+                && record.is_sound()
+                && listing::volume_key(record.volume_id.as_str()) == listed.volume
+            {
+                named = Some(listed.volume);
+                volumes.push(record.volume_id);
+            }
+        }
+        volumes.sort();
+        volumes.dedup();
+        Ok(volumes)
     }
 
     /// The newest sound backup (available, no damage found) of `volume_id`, of `backend`
@@ -491,5 +526,12 @@ mod tests {
             .map(|r| r.id.to_string())
             .collect();
         assert_eq!(all, [ids[3], C, B, A], "v's records, newest first");
+        let volumes: Vec<String> = target
+            .volumes_with_sound_backups()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.to_string())
+            .collect();
+        assert_eq!(volumes, ["v", "w"]);
     }
 }

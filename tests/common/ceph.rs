@@ -775,14 +775,7 @@ impl CephCluster {
     /// The snapshot names of image `image` of `spec`.
     pub fn snapshots(&self, spec: &str, image: &str) -> Vec<String> {
         let out = self.rbd(&["snap", "ls", "--format", "json", &format!("{spec}/{image}")]);
-        let list: serde_json::Value = serde_json::from_str(&out).expect("rbd snap ls is JSON");
-        list.as_array()
-            .map(|s| {
-                s.iter()
-                    .filter_map(|s| s["name"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
+        json_names(&out)
     }
 
     /// `rbd import` of a file as a new image.
@@ -876,4 +869,16 @@ impl Drop for Watch {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `name` of each object of a JSON array, as `rbd ... --format json` lists them.
+pub fn json_names(out: &str) -> Vec<String> {
+    let list: serde_json::Value = serde_json::from_str(out).expect("rbd lists in JSON");
+    list.as_array()
+        .map(|s| {
+            s.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
