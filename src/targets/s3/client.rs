@@ -157,8 +157,9 @@ fn parse_list(xml: &str) -> io::Result<(Vec<Listed>, Option<String>)> {
 }
 
 /// Reads an AWS-style credentials file (`[profile]` sections of `key = value` lines) and
-/// returns the access key pair of `profile`. The file must be a regular file of the
-/// user running backupfs that group and others cannot read or write (it is a secret).
+/// returns the access key pair of `profile`. The file must be a regular file of root or
+/// the user running backupfs that group and others cannot read or write (it is a secret,
+/// and whoever can write it chooses the account, so where the backups go).
 /// The most a credentials file may hold.
 const CREDENTIALS_MAX: u64 = 64 << 10;
 
@@ -169,6 +170,14 @@ pub fn read_credentials(path: &Path, profile: &str) -> Result<Credentials, Strin
             "{} has mode {:04o}: credentials must not be readable or writable by group or others (chmod 600)",
             path.display(),
             meta.mode() & 0o7777
+        ));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(format!(
+            "{} is owned by uid {}: credentials must be root's or this user's (uid {euid}): whoever can write them chooses the account the backups go to",
+            path.display(),
+            meta.uid()
         ));
     }
     let text = crate::operator_file::read_named(path, file, CREDENTIALS_MAX)?;
@@ -666,6 +675,28 @@ mod tests {
         );
         let last = "<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>";
         assert_eq!(parse_list(last).unwrap(), (vec![], None));
+    }
+
+    #[test]
+    fn credentials_owned_by_another_user_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials");
+        std::fs::write(
+            &path,
+            "[default]\naws_access_key_id=A\naws_secret_access_key=S\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let me = nix::unistd::geteuid();
+        assert!(read_credentials(&path, "default").is_ok());
+        if !me.is_root() {
+            return; // only root can give the file away
+        }
+        let other = nix::unistd::Uid::from_raw(65534);
+        nix::unistd::chown(&path, Some(other), None).unwrap();
+        let refused = read_credentials(&path, "default").unwrap_err();
+        assert!(refused.contains("owned by uid 65534"), "{refused}");
     }
 
     #[test]
